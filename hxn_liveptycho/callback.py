@@ -1,0 +1,156 @@
+"""LivePtycho: the RunEngine-facing face of the live reconstruction.
+
+    RE.subscribe(LivePtycho())
+
+It is an :class:`event_model.DocumentRouter` rather than bluesky's
+``CallbackBase`` because the router converts ``event`` ↔ ``event_page`` for us
+(we implement only the paged form) and is the base bluesky's own newer
+callbacks (``TiledWriter``) use. Each document is handed to the
+:class:`~hxn_liveptycho.engine.Engine` with one queue put: the RunEngine's
+thread never waits for reconstruction, Tiled or the network, and nothing
+raised here ever reaches the RunEngine (a callback exception aborts a scan).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from event_model import DocumentRouter
+
+from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.engine import Engine
+from hxn_liveptycho.session import SinkFactory
+from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.store.server import TiledConnection
+
+logger = logging.getLogger(__name__)
+
+
+class LivePtycho(DocumentRouter):
+    """Reconstruct every ptychography run live; subscribe one instance to the RunEngine.
+
+    Parameters
+    ----------
+    settings:
+        Endpoints, Tiled location and run selection; ``Settings()`` reads
+        ``LIVEPTYCHO_*`` environment variables.
+    overrides:
+        :class:`~hxn_liveptycho.scan.ScanConfig` fields to force on every run
+        (``{"roi": {"size": 256}, "recon": {"iterations": 300}}``); change them
+        later with :meth:`configure`.
+    sink_factory:
+        Where results go; by default a Tiled container (an embedded server is
+        started when ``settings.tiled_uri`` is unset).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        sink_factory: SinkFactory | None = None,
+        **settings_fields: Any,
+    ) -> None:
+        super().__init__()
+        self.settings = settings or Settings(**settings_fields)
+        self._overrides: dict[str, Any] = dict(overrides or {})
+        self.enabled = True
+        self.counters = Counters(["documents", "callback_errors", "ignored_while_disabled"])
+        self.tiled: TiledConnection | None = None
+        if sink_factory is None:
+            self.tiled = TiledConnection(self.settings)
+            self.tiled.connect_in_background()
+            sink_factory = self.tiled.sink_factory
+        self.engine = Engine(
+            self.settings, sink_factory=sink_factory, overrides=lambda: dict(self._overrides)
+        )
+        self._worst_call_s = 0.0
+
+    def __call__(self, name: str, doc: dict, validate: bool = False) -> None:  # type: ignore[override]
+        """Dispatch one document; log and count anything that goes wrong, never raise."""
+        began = time.perf_counter()
+        try:
+            super().__call__(name, doc, validate=validate)
+        except Exception:
+            self.counters.add("callback_errors")
+            logger.exception("LivePtycho could not take the %r document", name)
+        finally:
+            self._worst_call_s = max(self._worst_call_s, time.perf_counter() - began)
+        return None
+
+    def _hand_over(self, name: str, doc: dict) -> None:
+        self.counters.add("documents")
+        self.engine.submit(name, doc)
+
+    def start(self, doc: dict) -> None:
+        if not self.enabled:
+            self.counters.add("ignored_while_disabled")
+            logger.info("LivePtycho is disabled: scan %s not reconstructed", doc.get("scan_id"))
+            return
+        self._hand_over("start", doc)
+
+    def descriptor(self, doc: dict) -> None:
+        self._hand_over("descriptor", doc)
+
+    def event_page(self, doc: dict) -> None:
+        self._hand_over("event_page", doc)
+
+    def stop(self, doc: dict) -> None:
+        self._hand_over("stop", doc)
+
+    # ---- controls ----------------------------------------------------------------------
+    def configure(self, **overrides: Any) -> None:
+        """Replace the overrides applied to the *next* runs (running ones keep theirs)."""
+        self._overrides = dict(overrides)
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Leave new runs alone; runs already being reconstructed carry on."""
+        self.enabled = False
+
+    def status(self) -> dict[str, Any]:
+        info = self.engine.status()
+        info["callback"] = {
+            **self.counters.snapshot(),
+            "enabled": self.enabled,
+            "worst_call_ms": round(self._worst_call_s * 1e3, 3),
+        }
+        if self.tiled is not None:
+            info["tiled"] = self.tiled.describe()
+        return info
+
+    def stop_run(self, uid: str | None = None) -> bool:
+        """Stop a running reconstruction (the newest if ``uid`` is None); it is written as 'aborted'."""
+        sessions = [s for s in self.engine.sessions() if not s.finished]
+        if uid is not None:
+            sessions = [s for s in sessions if s.uid == uid]
+        if not sessions:
+            return False
+        sessions[-1].cancel("stopped by the user")
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every run handed over so far is reconstructed and written."""
+        return self.engine.wait_idle(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop receivers and sessions (each writes what it has), then the embedded Tiled."""
+        self.engine.close(timeout)
+        if self.tiled is not None:
+            self.tiled.close()
+
+    def __enter__(self) -> LivePtycho:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir

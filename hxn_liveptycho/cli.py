@@ -1,0 +1,135 @@
+"""``liveptycho``: the command line (demo now; serve, replay and status as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hxn_liveptycho import __version__
+
+
+def _configure_logging(verbose: int) -> None:
+    """Our own loggers at INFO (DEBUG with -vv); everybody else's at WARNING."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    logging.getLogger("hxn_liveptycho").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+
+class _Progress:
+    """One status line, rewritten in place on a terminal, appended otherwise."""
+
+    def __init__(self, stream: Any = sys.stderr) -> None:
+        self.stream = stream
+        self.began = time.monotonic()
+        self.tty = stream.isatty()
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        runs = status.get("runs") or []
+        elapsed = time.monotonic() - self.began
+        if not runs:
+            line = f"[{elapsed:5.1f} s] waiting for the run"
+        else:
+            run = runs[-1]
+            err = run.get("error_metric")
+            line = (
+                f"[{elapsed:5.1f} s] scan {run['scan_id']} {run['status']}: "
+                f"{run['positions']}/{run.get('expected_positions', '?')} positions, "
+                f"iteration {run['iteration']}"
+                + (f", data mismatch {err:.4f}" if err is not None else "")
+            )
+        end = "\r" if self.tty else "\n"
+        self.stream.write(line.ljust(100) + end)
+        self.stream.flush()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.demo import run_demo
+    from hxn_liveptycho.sim import SimulatedBeamline
+
+    beamline = SimulatedBeamline(x_num=args.points, y_num=args.points)
+    out = Path(args.out)
+
+    def keep_serving(live: Any) -> None:
+        if not args.keep_serving:
+            return
+        print(f"Tiled is serving at {live.tiled.uri}  (Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+    result = run_demo(
+        out,
+        beamline=beamline,
+        iterations=args.iterations,
+        array_backend=args.backend,
+        tiled_uri=args.tiled_uri,
+        progress=_Progress(),
+        keep=keep_serving,
+    )
+    print()
+    print(f"scan finished: {result.exit_status}; reconstruction {result.status} "
+          f"after {result.iterations} iterations in {result.seconds:.1f} s")
+    print(f"raw run uid:       {result.raw_uid}")
+    print(f"Tiled server:      {result.tiled_uri}")
+    print(f"processed result:  {result.container_path}  (metadata raw_uid == raw run uid)")
+    if result.object_error is not None:
+        print(f"object error vs phantom: {result.object_error:.3f} (normalised, well-lit region)")
+    for picture in result.pictures:
+        print(f"picture:           {picture}")
+    print(f"Tiled data kept in {out / 'data'}; read it back with tiled.client.from_uri(...)")
+    return 0 if result.status == "complete" else 1
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.docs_reference import configuration_reference
+
+    print(configuration_reference())
+    return 0
+
+
+def _status_json(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.settings import Settings
+
+    print(json.dumps(Settings().model_dump(mode="json"), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liveptycho", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=1, help="-vv: debug")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="simulated HXN scan → live reconstruction → local Tiled")
+    demo.add_argument("--out", default="demo-output", help="folder for pictures and Tiled data")
+    demo.add_argument("--points", type=int, default=20, help="scan points per axis")
+    demo.add_argument("--iterations", type=int, default=100, help="iterations after the scan")
+    demo.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
+    demo.add_argument("--tiled-uri", default=None, help="write to this Tiled server instead")
+    demo.add_argument("--keep-serving", action="store_true", help="keep Tiled up afterwards")
+    demo.set_defaults(func=_demo)
+
+    ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    ref.set_defaults(func=_config_reference)
+
+    settings = sub.add_parser("settings", help="print the settings read from LIVEPTYCHO_*")
+    settings.set_defaults(func=_status_json)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Engine: routes documents and detector streams to per-run sessions, off the RunEngine's thread.
+
+Documents (from the callback or, later, a network subscriber) and stream
+events (from the Eiger and PandA receivers) share one ordered queue, so a
+detector series armed after a run's ``start`` is always seen after that
+``start``: the series is bound to the newest run still taking data. The
+dispatcher thread does bookkeeping only; each run's heavy work happens in
+its own :class:`~hxn_liveptycho.session.RunSession` thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.session import RunSession, SinkFactory
+from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.streams import EigerFrame, EigerReceiver, PandaReceiver
+
+logger = logging.getLogger(__name__)
+
+#: How many finished sessions stay visible in status().
+_HISTORY = 32
+_STOP = object()
+
+
+def run_selection(start: Mapping[str, Any], settings: Settings) -> str | None:
+    """Why a run is *not* reconstructed, or None when it is (the metadata flag wins)."""
+    flag = start.get(settings.metadata_flag)
+    if flag is not None:
+        return None if flag else f"start[{settings.metadata_flag!r}] is false"
+    plan_name = start.get("plan_name")
+    if plan_name in settings.plan_names:
+        return None
+    return (
+        f"plan {plan_name!r} is not in plan_names {list(settings.plan_names)} "
+        f"and start[{settings.metadata_flag!r}] is not set"
+    )
+
+
+class Engine:
+    """Owns the receivers, the dispatcher thread and the sessions of every run."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sink_factory: SinkFactory,
+        overrides: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
+        self.settings = settings
+        self._sink_factory = sink_factory
+        self._overrides = overrides
+        self.counters = Counters(
+            ["documents", "runs_started", "runs_skipped", "frames_routed", "orphan_frames",
+             "orphan_samples", "backpressure_waits"]
+        )
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._in_flight = threading.BoundedSemaphore(settings.max_frames_in_flight)
+        self._sessions: OrderedDict[str, RunSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self._series_owner: dict[str, RunSession | None] = {"eiger": None, "panda": None}
+        self._descriptor_runs: dict[str, str] = {}
+        self._dispatcher = threading.Thread(target=self._dispatch, name="liveptycho-engine", daemon=True)
+        self._receivers: list[Any] = []
+        self._closed = False
+        self._dispatcher.start()
+        try:
+            self._start_receivers()
+        except Exception:
+            self.close()
+            raise
+
+    # ---- inputs ----------------------------------------------------------------------
+    def submit(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Hand over one document; never blocks (the queue is unbounded, documents are small)."""
+        self._queue.put(("doc", name, doc))
+
+    def _start_receivers(self) -> None:
+        s = self.settings
+        if s.eiger_endpoint:
+            eiger = EigerReceiver(
+                s.eiger_endpoint,
+                on_series_start=lambda series, header: self._put_stream("series_start", "eiger", header),
+                on_frame=self._on_frame,
+                on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
+                socket_type=s.eiger_socket,
+            )
+            self._receivers.append(eiger)
+        if s.panda_endpoint:
+            panda = PandaReceiver(
+                s.panda_endpoint,
+                on_start=lambda msg: self._put_stream("series_start", "panda", msg),
+                on_samples=lambda samples, first: self._put_stream("samples", "panda", (samples, first)),
+                on_stop=lambda msg: self._put_stream("series_end", "panda", msg),
+            )
+            self._receivers.append(panda)
+        for receiver in self._receivers:
+            receiver.start()
+
+    def _put_stream(self, kind: str, source: str, payload: Any) -> None:
+        self._queue.put((kind, source, payload))
+
+    def _on_frame(self, frame: EigerFrame) -> None:
+        """Receiver thread: wait (counted) rather than drop when sessions fall behind."""
+        if not self._in_flight.acquire(blocking=False):
+            self.counters.add("backpressure_waits")
+            while not self._in_flight.acquire(timeout=1.0):
+                if self._closed:
+                    return
+        self._queue.put(("frame", "eiger", frame))
+
+    # ---- the dispatcher thread -------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            kind, source, payload = item
+            if kind == "flush":
+                payload.set()
+                continue
+            try:
+                if kind == "doc":
+                    self._route_document(source, payload)
+                else:
+                    self._route_stream(kind, source, payload)
+            except Exception:
+                logger.exception("could not route %s from %s", kind, source)
+            finally:
+                if kind == "frame":
+                    self._in_flight.release()
+
+    def _route_document(self, name: str, doc: Mapping[str, Any]) -> None:
+        self.counters.add("documents")
+        if name == "start":
+            self._start_run(doc)
+            return
+        run_uid = doc.get("run_start")
+        if run_uid is None and name in ("event", "event_page"):
+            run_uid = self._descriptor_runs.get(doc.get("descriptor", ""))
+        session = self._sessions.get(run_uid) if run_uid else None
+        if session is None or session.finished:
+            return
+        if name == "descriptor":
+            self._descriptor_runs[doc["uid"]] = run_uid
+        session.put_document(name, doc)
+
+    def _start_run(self, start: Mapping[str, Any]) -> None:
+        reason = run_selection(start, self.settings)
+        if reason is not None:
+            self.counters.add("runs_skipped")
+            logger.info("scan %s (%s) not reconstructed: %s", start.get("scan_id"),
+                        str(start.get("uid", ""))[:8], reason)
+            return
+        session = RunSession(
+            start,
+            settings=self.settings,
+            overrides={**self.settings.overrides, **self._overrides()},
+            sink_factory=self._sink_factory,
+        )
+        with self._lock:
+            self._sessions[session.uid] = session
+            while len(self._sessions) > _HISTORY:
+                oldest_uid, oldest = next(iter(self._sessions.items()))
+                if not oldest.finished:
+                    break
+                del self._sessions[oldest_uid]
+        self.counters.add("runs_started")
+        logger.info("scan %s (%s): live reconstruction started", session.scan_id, session.uid[:8])
+        session.begin()
+
+    def _newest_open_session(self) -> RunSession | None:
+        for session in reversed(self._sessions.values()):
+            if session.accepting_streams:
+                return session
+        return None
+
+    def _route_stream(self, kind: str, source: str, payload: Any) -> None:
+        if kind == "series_start":
+            owner = self._newest_open_session()
+            self._series_owner[source] = owner
+            if owner is None:
+                logger.warning("%s series armed while no ptychography run is open; ignored", source)
+                return
+            owner.put_series_start(source, payload or {})
+            return
+        owner = self._series_owner.get(source)
+        if owner is None:
+            owner = self._newest_open_session()
+            self._series_owner[source] = owner
+        if kind == "frame":
+            if owner is None:
+                self.counters.add("orphan_frames")
+                return
+            self.counters.add("frames_routed")
+            frame: EigerFrame = payload
+            owner.put_frame(frame.frame, frame.data)
+        elif kind == "samples":
+            if owner is None:
+                self.counters.add("orphan_samples")
+                return
+            samples, first = payload
+            owner.put_samples({k: np.asarray(v) for k, v in samples.items()}, first)
+        elif kind == "series_end":
+            if owner is not None:
+                owner.put_series_end(source)
+            self._series_owner[source] = None
+
+    # ---- queries and shutdown --------------------------------------------------------
+    def sessions(self) -> list[RunSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def session(self, uid: str) -> RunSession | None:
+        with self._lock:
+            return self._sessions.get(uid)
+
+    def status(self) -> dict[str, Any]:
+        receivers = {
+            getattr(r, "name", type(r).__name__): r.counters.snapshot() for r in self._receivers
+        }
+        return {
+            "engine": self.counters.snapshot(),
+            "receivers": receivers,
+            "runs": [s.summary() for s in self.sessions()],
+        }
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every queued item is routed and every session has finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        flushed = threading.Event()
+        self._queue.put(("flush", "", flushed))
+        if not flushed.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            return False
+        for session in self.sessions():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not session.join(remaining):
+                return False
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the receivers, let running sessions write what they have, stop the dispatcher."""
+        if self._closed:
+            return
+        self._closed = True
+        for receiver in self._receivers:
+            try:
+                receiver.stop()
+            except Exception:
+                logger.exception("could not stop receiver %r", receiver)
+        for session in self.sessions():
+            if not session.finished:
+                session.cancel("engine closed")
+        deadline = time.monotonic() + timeout
+        for session in self.sessions():
+            session.join(max(0.0, deadline - time.monotonic()))
+        self._queue.put(_STOP)
+        self._dispatcher.join(max(0.1, deadline - time.monotonic()))

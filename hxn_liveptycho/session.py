@@ -1,0 +1,458 @@
+"""RunSession: one run's lifecycle, from its start document to its final write.
+
+A session owns one thread. That thread takes in documents, detector frames and
+encoder samples from an unbounded inbox, configures itself as soon as the
+documents say enough (the baseline carries the energy), pairs frames with
+positions, grows the solver's active set, iterates, and hands snapshots to the
+result sink. Data keeps flowing into the solver between iterations, so the
+first picture appears while the scan is still running.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from hxn_liveptycho.assemble import Assembler, PairedFrame
+from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
+from hxn_liveptycho.geometry import CanvasGeometry
+from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
+from hxn_liveptycho.recon.backend import get_array_module, to_host
+from hxn_liveptycho.recon.iterative import StreamingSolver
+from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
+from hxn_liveptycho.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class RunStatus(enum.StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    SKIPPED = "skipped"
+
+
+FINAL_STATUSES = frozenset(
+    {RunStatus.COMPLETE, RunStatus.FAILED, RunStatus.ABORTED, RunStatus.SKIPPED}
+)
+
+
+@runtime_checkable
+class ResultSink(Protocol):
+    """Where a session's results go (Tiled in production; anything with these methods)."""
+
+    def open(self, config: ScanConfig, metadata: Mapping[str, Any]) -> None: ...
+
+    def live(self, snapshot: Mapping[str, Any]) -> None: ...
+
+    def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+SinkFactory = Callable[[], ResultSink]
+
+
+class _RunLogger(logging.LoggerAdapter):
+    """Prefixes every line with the run's scan id and uid, like ophyd-async's device logs."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[scan {self.extra['scan_id']} {self.extra['uid'][:8]}] {msg}", kwargs
+
+
+class RunSession:
+    """Reconstructs one run; every public method is safe to call from any thread."""
+
+    def __init__(
+        self,
+        start: Mapping[str, Any],
+        *,
+        settings: Settings,
+        overrides: Mapping[str, Any],
+        sink_factory: SinkFactory,
+    ) -> None:
+        self.start_doc = dict(start)
+        self.uid: str = start.get("uid", "")
+        self.scan_id = start.get("scan_id")
+        self.settings = settings
+        self.overrides = dict(overrides)
+        self.log = _RunLogger(logger, {"uid": self.uid, "scan_id": self.scan_id})
+        self.counters = Counters(
+            ["documents", "frames_received", "frames_used", "masked_pixels", "snapshots"]
+        )
+        self.status = RunStatus.WAITING
+        self.error: str | None = None
+        self.config: ScanConfig | None = None
+        self.iteration = 0
+        self.last_error: float | None = None
+        self._sink_factory = sink_factory
+        self._sink: ResultSink | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._descriptors: dict[str, Mapping[str, Any]] = {}
+        self._baseline: dict[str, Any] = {}
+        self._stop_doc: Mapping[str, Any] | None = None
+        self._stop_seen_at: float | None = None
+        self._streams_open = {"eiger": False, "panda": False}
+        self._streams_seen = {"eiger": False, "panda": False}
+        self._series_header: dict[str, Any] = {}
+        self._early_frames: list[tuple[int, np.ndarray]] = []
+        self._early_samples: list[tuple[dict[str, np.ndarray], int]] = []
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._assembler: Assembler | None = None
+        self._solver: StreamingSolver | None = None
+        self._geometry: CanvasGeometry | None = None
+        self._window: tuple[slice, slice] | None = None
+        self._pending_frames: list[PairedFrame] = []
+        self._post_scan_iterations = 0
+        self._last_live = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name=f"liveptycho-{self.scan_id}-{self.uid[:8]}", daemon=True
+        )
+
+    # ---- inputs (any thread) -------------------------------------------------------------
+    def begin(self) -> None:
+        self._thread.start()
+
+    def put_document(self, name: str, doc: Mapping[str, Any]) -> None:
+        self._inbox.put(("doc", (name, doc)))
+
+    def put_series_start(self, source: str, header: Mapping[str, Any]) -> None:
+        self._inbox.put(("series_start", (source, dict(header))))
+
+    def put_frame(self, index: int, data: np.ndarray) -> None:
+        self._inbox.put(("frame", (index, data)))
+
+    def put_samples(self, samples: Mapping[str, np.ndarray], starting_sample: int) -> None:
+        self._inbox.put(("samples", (dict(samples), starting_sample)))
+
+    def put_series_end(self, source: str) -> None:
+        self._inbox.put(("series_end", source))
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop early: whatever was reconstructed so far is written with status 'aborted'."""
+        self._inbox.put(("cancel", reason))
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def accepting_streams(self) -> bool:
+        """Whether a newly armed detector series may still belong to this run."""
+        return self._stop_doc is None and not self._done.is_set()
+
+    def summary(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "uid": self.uid,
+            "scan_id": self.scan_id,
+            "status": str(self.status),
+            "iteration": self.iteration,
+            "error_metric": self.last_error,
+            "positions": 0 if self._solver is None else self._solver.n_positions,
+            "counters": self.counters.snapshot(),
+        }
+        if self.error:
+            info["error"] = self.error
+        if self.config is not None:
+            info["expected_positions"] = self.config.num_points
+        return info
+
+    # ---- the session thread ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # the session's last line of defence; the RE never sees it
+            self.log.exception("reconstruction failed")
+            self._finish(RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._done.set()
+
+    def _loop(self) -> None:
+        while True:
+            idle = self._solver is None or self._solver.n_positions == 0
+            self._drain(block=idle)
+            if self.status in FINAL_STATUSES:
+                return
+            if self._cancel.is_set():
+                self._finish(RunStatus.ABORTED, self.error or "cancelled")
+                return
+            self._feed_solver()
+            if self._solver is not None and self._solver.n_positions:
+                self._step()
+            if self._data_complete() and self._ready_to_finish():
+                status = RunStatus.COMPLETE
+                if self._stop_doc is not None and self._stop_doc.get("exit_status") != "success":
+                    status = RunStatus.ABORTED
+                self._finish(status, None)
+                return
+
+    def _drain(self, *, block: bool) -> None:
+        timeout = 0.2 if block else None
+        try:
+            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "doc":
+            name, doc = payload
+            self.counters.add("documents")
+            self._on_document(name, doc)
+        elif kind == "frame":
+            index, data = payload
+            self.counters.add("frames_received")
+            if self._assembler is None:
+                self._early_frames.append((index, data))
+            else:
+                self._assembler.add_frame(index, data)
+        elif kind == "samples":
+            samples, starting = payload
+            if self._assembler is None:
+                self._early_samples.append((samples, starting))
+            else:
+                self._assembler.add_samples(samples, starting)
+        elif kind == "series_start":
+            source, header = payload
+            self._streams_open[source] = True
+            self._streams_seen[source] = True
+            if source == "eiger":
+                self._series_header = header
+                if self._assembler is not None:
+                    self._assembler.frame_time_s = header.get("frame_time")
+        elif kind == "series_end":
+            self._streams_open[payload] = False
+            if payload == "panda" and self._assembler is not None:
+                self._assembler.positions_ended()
+        elif kind == "cancel":
+            self.error = str(payload)
+
+    def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
+        if name == "descriptor":
+            self._descriptors[doc["uid"]] = doc
+        elif name == "event_page":
+            descriptor = self._descriptors.get(doc.get("descriptor", ""), {})
+            if descriptor.get("name") == "baseline" and not self._baseline:
+                self._baseline = {k: v[0] for k, v in doc.get("data", {}).items() if v}
+        elif name == "stop":
+            self._stop_doc = doc
+            self._stop_seen_at = time.monotonic()
+            self.log.info("run stopped (%s); finishing the reconstruction", doc.get("exit_status"))
+        if self.config is None and (name in ("event_page", "stop") or self._early_frames):
+            self._try_configure(final=name == "stop")
+
+    def _try_configure(self, *, final: bool) -> None:
+        waiting_for_baseline = not self._baseline and not final and "energy_kev" not in self.overrides
+        if waiting_for_baseline:
+            return
+        try:
+            config = scan_config_from_documents(
+                self.start_doc,
+                descriptors=list(self._descriptors.values()),
+                baseline=self._baseline,
+                overrides=self.overrides,
+            )
+        except NotPtychographyError as exc:
+            if final or self._baseline:
+                raise LivePtychoError(f"cannot configure the reconstruction: {exc}") from exc
+            return
+        self._configure(config)
+
+    def _configure(self, config: ScanConfig) -> None:
+        self.config = config
+        self._geometry = CanvasGeometry.from_scan(config)
+        self._assembler = Assembler(config.encoder, expected_frames=config.num_points)
+        self._assembler.frame_time_s = self._series_header.get("frame_time")
+        for samples, starting in self._early_samples:
+            self._assembler.add_samples(samples, starting)
+        for index, data in self._early_frames:
+            self._assembler.add_frame(index, data)
+        if self._streams_seen["panda"] and not self._streams_open["panda"]:
+            self._assembler.positions_ended()
+        self._early_frames.clear()
+        self._early_samples.clear()
+        self._sink = self._sink_factory()
+        self._sink.open(config, self._metadata(RunStatus.RUNNING))
+        self.status = RunStatus.RUNNING
+        self.log.info(
+            "configured: %d x %d points, %.3f keV, z = %.3f m, pixel %.2f nm, canvas %s",
+            config.grid.x_num, config.grid.y_num, config.energy_kev, config.distance_m,
+            config.pixel_size_m * 1e9, self._geometry.canvas_shape,
+        )
+
+    def _feed_solver(self) -> None:
+        if self._assembler is None or self.config is None or self._geometry is None:
+            return
+        self._pending_frames.extend(self._assembler.pop_ready())
+        if not self._pending_frames:
+            return
+        roi = self.config.roi
+        if self._window is None:
+            frame_shape = self._pending_frames[0].data.shape
+            center = self._roi_center(roi.center_y, roi.center_x)
+            self._window = crop_window(frame_shape, center, roi.size)
+        amplitudes = np.empty((len(self._pending_frames), roi.size, roi.size), dtype=np.float32)
+        for k, paired in enumerate(self._pending_frames):
+            amplitudes[k], n_bad = to_amplitude(paired.data, self._window)
+            if n_bad:
+                self.counters.add("masked_pixels", n_bad)
+        positions_um = np.array([(p.y_um, p.x_um) for p in self._pending_frames])
+        indices = np.array([p.index for p in self._pending_frames])
+        if self._solver is None:
+            xp = get_array_module(self.settings.array_backend)
+            self._solver = StreamingSolver(
+                probe=initial_probe(
+                    amplitudes,
+                    footprint_px=self.config.probe_footprint_px,
+                    defocus_sign=self.config.probe.defocus_sign,
+                ),
+                canvas_shape=self._geometry.canvas_shape,
+                params=self.config.recon,
+                xp=xp,
+            )
+            self.log.info("solver started on %s with %d frames", xp.__name__, len(indices))
+        self._solver.add(amplitudes, self._geometry.to_pixels(positions_um))
+        if self._sink is not None and hasattr(self._sink, "diffraction"):
+            self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
+        self.counters.add("frames_used", len(indices))
+        self._pending_frames.clear()
+
+    def _roi_center(self, center_y: float | None, center_x: float | None) -> tuple[float, float]:
+        header = self._series_header
+        if center_y is None and "beam_center_y" in header:
+            center_y = float(header["beam_center_y"])
+        if center_x is None and "beam_center_x" in header:
+            center_x = float(header["beam_center_x"])
+        if center_y is None or center_x is None:
+            estimate = beam_center(np.stack([p.data for p in self._pending_frames[:64]]))
+            center_y = estimate[0] if center_y is None else center_y
+            center_x = estimate[1] if center_x is None else center_x
+            self.log.info("beam centre from the data: (%.1f, %.1f)", center_y, center_x)
+        return center_y, center_x
+
+    def _step(self) -> None:
+        assert self._solver is not None and self.config is not None
+        self.last_error = self._solver.iterate(1)
+        self.iteration = self._solver.iteration
+        if self._data_complete():
+            self._post_scan_iterations += 1
+        now = time.monotonic()
+        if now - self._last_live >= self.settings.live_interval_s and self._sink is not None:
+            self._last_live = now
+            self._sink.live(self._snapshot())
+            self.counters.add("snapshots")
+
+    def _data_complete(self) -> bool:
+        """No more frames will come: the run stopped and both streams ended (or timed out)."""
+        if self._stop_doc is None:
+            return False
+        streams_done = not any(self._streams_open.values())
+        if self._assembler is not None and self._assembler.counters.get("frames") >= (
+            self.config.num_points if self.config else 0
+        ) and self._stop_doc.get("exit_status") == "success":
+            streams_done = streams_done or not self._streams_open["eiger"]
+        waited = time.monotonic() - (self._stop_seen_at or 0.0)
+        if self._stop_doc.get("exit_status") != "success":
+            return streams_done or waited > 1.0
+        return streams_done or waited > self.settings.stream_timeout_s
+
+    def _ready_to_finish(self) -> bool:
+        if self.config is None:
+            return True
+        if self._assembler is not None:
+            self._pending_frames.extend(self._assembler.pop_ready())
+            if self._pending_frames:
+                return False
+        if self._solver is None or self._solver.n_positions == 0:
+            return True
+        return self._post_scan_iterations >= self.config.recon.iterations
+
+    def _snapshot(self) -> dict[str, Any]:
+        assert self._solver is not None
+        snap = self._solver.snapshot()
+        snap["error_history"] = np.asarray(self._solver.error_history, dtype=np.float64)
+        if self._geometry is not None:
+            snap["positions_m"] = self._geometry.pixels_to_metres(self._solver.positions_px)
+        return snap
+
+    def _metadata(self, status: RunStatus) -> dict[str, Any]:
+        config = self.config
+        md: dict[str, Any] = {
+            "raw_uid": self.uid,
+            "scan_id": self.scan_id,
+            "raw_start_time": self.start_doc.get("time"),
+            "plan_name": self.start_doc.get("plan_name"),
+            "status": str(status),
+            "mode": "iterative",
+            "counters": self.counters.snapshot(),
+        }
+        if config is not None:
+            md.update(
+                energy_kev=config.energy_kev,
+                wavelength_m=config.wavelength_m,
+                distance_m=config.distance_m,
+                pixel_size_m=config.pixel_size_m,
+                algorithm=config.recon.algorithm,
+                config=config.model_dump(mode="json"),
+            )
+        if self._geometry is not None:
+            md["canvas"] = {
+                "origin_um": list(self._geometry.origin_um),
+                "pixel_size_m": self._geometry.pixel_size_m,
+                "window": self._geometry.window,
+                "shape": list(self._geometry.canvas_shape),
+            }
+        if self._assembler is not None:
+            md["counters"].update(
+                {f"assembler_{k}": v for k, v in self._assembler.counters.snapshot().items()}
+            )
+            md["counters"].update(self._assembler.unpaired_report())
+        if self.error:
+            md["error"] = self.error
+        md["iteration"] = self.iteration
+        return md
+
+    def _finish(self, status: RunStatus, error: str | None) -> None:
+        """Write whatever exists, with its status; a failure is recorded where users look."""
+        if error:
+            self.error = error
+        self.status = status
+        try:
+            if self._sink is None:
+                self._sink = self._sink_factory()
+                self._sink.open(self.config, self._metadata(status))
+            snapshot = self._snapshot() if self._solver is not None else {}
+            unpaired = self._assembler.unpaired_report() if self._assembler else {}
+            if any(unpaired.values()):
+                self.log.warning("unpaired at the end: %s", unpaired)
+            self._sink.final(snapshot, self._metadata(status))
+        except Exception:
+            self.log.exception("final write failed")
+            self.status = RunStatus.FAILED
+        finally:
+            if self._sink is not None:
+                self._sink.close(timeout=60.0)
+        self.log.info(
+            "%s after %d iterations (data mismatch %s)", self.status, self.iteration, self.last_error
+        )

@@ -1,0 +1,69 @@
+"""Deployment settings: where data comes from and where results go.
+
+Read from ``LIVEPTYCHO_*`` environment variables (nested fields with ``__``),
+so a beamline profile, ``liveptycho serve`` and queueserver share one source
+of truth. Scan-specific choices live in :class:`~hxn_liveptycho.scan.ScanConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PLAN_NAMES = ("fly2dpd", "fly2d", "FlyPlan2D", "hxn_fly2d_panda")
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "hxn_liveptycho"
+
+
+class Settings(BaseSettings):
+    """Where LivePtycho listens and writes; every field has an env var ``LIVEPTYCHO_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LIVEPTYCHO_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    tiled_uri: str | None = Field(
+        default=None, description="Tiled server URL; None starts an embedded server."
+    )
+    tiled_api_key: SecretStr | None = Field(default=None, description="API key for tiled_uri.")
+    catalog_path: str = Field(
+        default="processed/liveptycho", description="Container path for processed runs."
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Embedded Tiled storage and local backups of results Tiled refused.",
+    )
+    eiger_endpoint: str | None = Field(
+        default=None, description="Eiger SIMPLON stream (e.g. tcp://xf03id-eiger:9999)."
+    )
+    eiger_socket: Literal["sub", "pull"] = Field(
+        default="sub", description="'pull' straight from a detector, 'sub' from a proxy."
+    )
+    panda_endpoint: str | None = Field(default=None, description="PandA position publisher.")
+    plan_names: tuple[str, ...] = Field(
+        default=DEFAULT_PLAN_NAMES, description="Plans reconstructed without a metadata flag."
+    )
+    metadata_flag: str = Field(
+        default="ptychography",
+        description="Start-document key: True forces a run in, False keeps it out.",
+    )
+    array_backend: Literal["auto", "numpy", "cupy"] = Field(
+        default="auto", description="Array module of the solver: CuPy on a GPU when present."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="ScanConfig fields applied to every run."
+    )
+    live_interval_s: float = Field(
+        default=2.0, gt=0.0, description="Least time between live snapshots written to Tiled."
+    )
+    stream_timeout_s: float = Field(
+        default=15.0, gt=0.0, description="How long after 'stop' to wait for late frames."
+    )
+    max_frames_in_flight: int = Field(
+        default=4096, ge=16, description="Frames received but not yet taken by a session."
+    )
