@@ -19,7 +19,6 @@ RunEngine, is the reference. Run::
 Target: median < 1 ms and worst < 10 ms per document.
 """
 
-# ruff: noqa: T201  (a benchmark script reports on stdout)
 from __future__ import annotations
 
 import argparse
@@ -98,8 +97,10 @@ def table(live: Timed, reference: Timed) -> str:
         "| no-op median µs | no-op p99 µs | no-op max µs | median ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = [(phase, name, live.ns[(phase, name)], reference.ns.get((phase, name), []))
-            for phase, name in sorted(live.ns)]
+    rows = [
+        (phase, name, live.ns[(phase, name)], reference.ns.get((phase, name), []))
+        for phase, name in sorted(live.ns)
+    ]
     rows.append(("**all**", "**all**", live.all_ns(), reference.all_ns()))
     for phase, name, ours, theirs in rows:
         n, med, p99, worst = _stats(ours)
@@ -152,9 +153,13 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
             count_md = {
                 "ptychography": True,
                 "motors": ["zpssx", "zpssy"],
-                "scan": {"type": "2D_FLY_PANDA", "detector_distance": bl.distance_m,
-                         "scan_input": [*bl.scan_input(), 0.0], "detectors": ["eiger2"],
-                         "energy": bl.energy_kev},
+                "scan": {
+                    "type": "2D_FLY_PANDA",
+                    "detector_distance": bl.distance_m,
+                    "scan_input": [*bl.scan_input(), 0.0],
+                    "detectors": ["eiger2"],
+                    "energy": bl.energy_kev,
+                },
             }
             for timed in (timed_live, timed_noop):
                 timed.phase = f"count({count_events})"
@@ -173,16 +178,26 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
     print()
     print(f"date: {datetime.date.today().isoformat()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"device: {platform.machine()} {cpu_name()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"scans: {fly_scans} x fly2dpd {points}x{points} + count({count_events}), "
-          f"exit statuses {statuses}, {scans_s:.1f} s")
+    print(
+        f"device: {platform.machine()} {cpu_name()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print(
+        f"scans: {fly_scans} x fly2dpd {points}x{points} + count({count_events}), "
+        f"exit statuses {statuses}, {scans_s:.1f} s"
+    )
     runs = status["runs"]
-    print("reconstructions: " + ", ".join(
-        f"scan {r['scan_id']} {r['status']} ({r['positions']} positions, {r['iteration']} it)"
-        for r in runs))
-    print(f"LivePtycho's own worst call: {status['callback']['worst_call_ms']} ms, "
-          f"callback errors: {status['callback']['callback_errors']}")
+    print(
+        "reconstructions: "
+        + ", ".join(
+            f"scan {r['scan_id']} {r['status']} ({r['positions']} positions, {r['iteration']} it)"
+            for r in runs
+        )
+    )
+    print(
+        f"LivePtycho's own worst call: {status['callback']['worst_call_ms']} ms, "
+        f"callback errors: {status['callback']['callback_errors']}"
+    )
     print()
     print(table(timed_live, timed_noop))
     everything = timed_live.all_ns()
@@ -190,8 +205,10 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
     worst_ms = max(everything) / 1e6
     ok = median_ms < TARGET_MEDIAN_MS and worst_ms < TARGET_WORST_MS
     print()
-    print(f"overall: median {median_ms * 1e3:.1f} µs (target < {TARGET_MEDIAN_MS} ms), "
-          f"worst {worst_ms:.2f} ms (target < {TARGET_WORST_MS} ms): {'PASS' if ok else 'FAIL'}")
+    print(
+        f"overall: median {median_ms * 1e3:.1f} µs (target < {TARGET_MEDIAN_MS} ms), "
+        f"worst {worst_ms:.2f} ms (target < {TARGET_WORST_MS} ms): {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok and all(s == "success" for s in statuses) else 1
 
 

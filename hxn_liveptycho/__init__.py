@@ -1,7 +1,7 @@
 """Live ptychographic reconstruction for the HXN nanoprobe, as a Bluesky callback.
 
-    from hxn_liveptycho import LivePtycho
-    RE.subscribe(LivePtycho())
+from hxn_liveptycho import LivePtycho
+RE.subscribe(LivePtycho())
 """
 
 from __future__ import annotations

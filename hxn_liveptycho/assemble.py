@@ -32,16 +32,16 @@ class PairedFrame:
 
 
 class _GrowingArray:
-    """A float64 vector that grows by appending chunks, with amortised copies."""
+    """A float64 vector written by sample number; never-written samples stay NaN."""
 
     def __init__(self) -> None:
-        self._buffer = np.empty(1024, dtype=np.float64)
+        self._buffer = np.full(1024, np.nan)
         self.size = 0
 
     def write(self, start: int, values: np.ndarray) -> None:
         end = start + values.size
         if end > self._buffer.size:
-            grown = np.empty(max(end, 2 * self._buffer.size), dtype=np.float64)
+            grown = np.full(max(end, 2 * self._buffer.size), np.nan)
             grown[: self.size] = self._buffer[: self.size]
             self._buffer = grown
         self._buffer[start:end] = values
@@ -111,7 +111,11 @@ class Assembler:
             n_frames = self.expected_frames or self.counters.get("frames")
             if n_frames:
                 ratio, how = min(self._x.size, self._y.size) / n_frames, "sample count at the end"
-        if ratio is None or round(ratio) < 1 or abs(ratio - round(ratio)) > _RATIO_TOLERANCE * ratio:
+        if (
+            ratio is None
+            or round(ratio) < 1
+            or abs(ratio - round(ratio)) > _RATIO_TOLERANCE * ratio
+        ):
             return None
         self.upsample = round(ratio)
         logger.info("encoder samples per frame: %d (from the %s)", self.upsample, how)
@@ -132,6 +136,8 @@ class Assembler:
         out = []
         for index in ready:
             window = slice(index * upsample, (index + 1) * upsample)
+            if np.isnan(x[window]).any() or np.isnan(y[window]).any():
+                continue  # a lost PandA message: the frame waits; reported if it never pairs
             x_um = float(x[window].mean()) * enc.x_ratio * enc.x_direction
             y_um = float(y[window].mean()) * enc.y_ratio * enc.y_direction
             out.append(PairedFrame(index, self._frames.pop(index), y_um, x_um))
@@ -141,8 +147,13 @@ class Assembler:
 
     def unpaired_report(self) -> dict[str, int]:
         """What never paired: frames that lack a position, positions that lack a frame."""
-        upsample = self.upsample or 1
-        n_positions = min(self._x.size, self._y.size) // upsample
+        if self.upsample is None:
+            return {
+                "frames_without_position": len(self._frames),
+                "positions_without_frame": 0,
+                "samples_unassigned": min(self._x.size, self._y.size),
+            }
+        n_positions = min(self._x.size, self._y.size) // self.upsample
         return {
             "frames_without_position": len(self._frames),
             "positions_without_frame": max(0, n_positions - len(self._paired)),

@@ -126,7 +126,7 @@ class LivePtycho(DocumentRouter):
         return info
 
     def stop_run(self, uid: str | None = None) -> bool:
-        """Stop a running reconstruction (the newest if ``uid`` is None); it is written as 'aborted'."""
+        """Stop a running reconstruction (the newest if ``uid`` is None); it ends 'aborted'."""
         sessions = [s for s in self.engine.sessions() if not s.finished]
         if uid is not None:
             sessions = [s for s in sessions if s.uid == uid]

@@ -75,8 +75,10 @@ def _demo(args: argparse.Namespace) -> int:
         keep=keep_serving,
     )
     print()
-    print(f"scan finished: {result.exit_status}; reconstruction {result.status} "
-          f"after {result.iterations} iterations in {result.seconds:.1f} s")
+    print(
+        f"scan finished: {result.exit_status}; reconstruction {result.status} "
+        f"after {result.iterations} iterations in {result.seconds:.1f} s"
+    )
     print(f"raw run uid:       {result.raw_uid}")
     print(f"Tiled server:      {result.tiled_uri}")
     print(f"processed result:  {result.container_path}  (metadata raw_uid == raw run uid)")

@@ -71,9 +71,7 @@ def aligned_pair(
     bl = sample.beamline
     dx_um = bl.pixel_size_m * 1e6
     n = bl.window
-    offset = np.rint(
-        (sample.origin_um - np.asarray(canvas_origin_um)) / dx_um + n / 2
-    ).astype(int)
+    offset = np.rint((sample.origin_um - np.asarray(canvas_origin_um)) / dx_um + n / 2).astype(int)
     truth_tl = sample.positions_px
     lo = np.maximum(np.floor(truth_tl.min(axis=0)).astype(int), 0)
     hi = np.minimum(np.ceil(truth_tl.max(axis=0)).astype(int) + n, sample.object.shape)
@@ -194,7 +192,9 @@ def write_pictures(
     import matplotlib.pyplot as plt
 
     aligned, _ = register_object(truth, estimate, mask)
-    scale = np.vdot(aligned[mask], truth[mask]) / max(np.vdot(aligned[mask], aligned[mask]).real, 1e-30)
+    scale = np.vdot(aligned[mask], truth[mask]) / max(
+        np.vdot(aligned[mask], aligned[mask]).real, 1e-30
+    )
     aligned = np.where(mask, scale * aligned, 0.5 * scale * aligned)
     path = out_dir / "reconstruction.png"
     fig, axes = plt.subplots(2, 3, figsize=(12, 8), constrained_layout=True)

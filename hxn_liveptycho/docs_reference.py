@@ -6,6 +6,8 @@ differ, so the documented defaults are always the code's.
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -33,6 +35,13 @@ def _default(field) -> str:  # type: ignore[no-untyped-def]
     return f"`{value!r}`"
 
 
+def _type_name(annotation: object) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(f"`{v!r}`" for v in get_args(annotation))
+    name = getattr(annotation, "__name__", None) or str(annotation)
+    return name.replace("|", "or").replace("typing.", "").replace("pydantic.types.", "")
+
+
 def configuration_reference() -> str:
     lines = [
         "# Configuration reference",
@@ -42,11 +51,16 @@ def configuration_reference() -> str:
         "",
     ]
     for title, model, blurb in _SECTIONS:
-        lines += [f"## {title}", "", blurb, "", "| field | type | default | meaning |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            blurb,
+            "",
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for name, field in model.model_fields.items():
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            annotation = annotation.replace("|", "or").replace("typing.", "")
+            annotation = _type_name(field.annotation)
             description = (field.description or "").replace("|", "/")
             lines.append(f"| `{name}` | {annotation} | {_default(field)} | {description} |")
         lines.append("")

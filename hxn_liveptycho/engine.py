@@ -60,8 +60,15 @@ class Engine:
         self._sink_factory = sink_factory
         self._overrides = overrides
         self.counters = Counters(
-            ["documents", "runs_started", "runs_skipped", "frames_routed", "orphan_frames",
-             "orphan_samples", "backpressure_waits"]
+            [
+                "documents",
+                "runs_started",
+                "runs_skipped",
+                "frames_routed",
+                "orphan_frames",
+                "orphan_samples",
+                "backpressure_waits",
+            ]
         )
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = threading.BoundedSemaphore(settings.max_frames_in_flight)
@@ -69,7 +76,9 @@ class Engine:
         self._lock = threading.Lock()
         self._series_owner: dict[str, RunSession | None] = {"eiger": None, "panda": None}
         self._descriptor_runs: dict[str, str] = {}
-        self._dispatcher = threading.Thread(target=self._dispatch, name="liveptycho-engine", daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="liveptycho-engine", daemon=True
+        )
         self._receivers: list[Any] = []
         self._closed = False
         self._dispatcher.start()
@@ -89,7 +98,9 @@ class Engine:
         if s.eiger_endpoint:
             eiger = EigerReceiver(
                 s.eiger_endpoint,
-                on_series_start=lambda series, header: self._put_stream("series_start", "eiger", header),
+                on_series_start=lambda series, header: self._put_stream(
+                    "series_start", "eiger", header
+                ),
                 on_frame=self._on_frame,
                 on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
                 socket_type=s.eiger_socket,
@@ -99,7 +110,9 @@ class Engine:
             panda = PandaReceiver(
                 s.panda_endpoint,
                 on_start=lambda msg: self._put_stream("series_start", "panda", msg),
-                on_samples=lambda samples, first: self._put_stream("samples", "panda", (samples, first)),
+                on_samples=lambda samples, first: self._put_stream(
+                    "samples", "panda", (samples, first)
+                ),
                 on_stop=lambda msg: self._put_stream("series_end", "panda", msg),
             )
             self._receivers.append(panda)
@@ -155,11 +168,19 @@ class Engine:
         session.put_document(name, doc)
 
     def _start_run(self, start: Mapping[str, Any]) -> None:
+        if not start.get("uid"):
+            self.counters.add("runs_skipped")
+            logger.warning("start document without a uid: run not reconstructed")
+            return
         reason = run_selection(start, self.settings)
         if reason is not None:
             self.counters.add("runs_skipped")
-            logger.info("scan %s (%s) not reconstructed: %s", start.get("scan_id"),
-                        str(start.get("uid", ""))[:8], reason)
+            logger.info(
+                "scan %s (%s) not reconstructed: %s",
+                start.get("scan_id"),
+                str(start.get("uid", ""))[:8],
+                reason,
+            )
             return
         session = RunSession(
             start,

@@ -29,7 +29,9 @@ def beam_center(frames: np.ndarray) -> tuple[float, float]:
     )
 
 
-def crop_window(shape: tuple[int, int], center: tuple[float, float], size: int) -> tuple[slice, slice]:
+def crop_window(
+    shape: tuple[int, int], center: tuple[float, float], size: int
+) -> tuple[slice, slice]:
     """The ``size``-square window centred on ``center``; it must lie inside the frame."""
     top = round(center[0]) - size // 2
     left = round(center[1]) - size // 2

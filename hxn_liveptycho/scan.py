@@ -68,11 +68,15 @@ class EncoderConfig(_Frozen):
     """How PandA encoder samples become positions in micrometres.
 
     HXN's legacy convention: ``ratio = -scale_factor / 10000`` (counts → µm) and a
-    direction of −1 on both axes, so ``position_um = counts * ratio * direction``.
+    direction of -1 on both axes, so ``position_um = counts * ratio * direction``.
     """
 
-    x_channel: str = Field(default="/INENC2.VAL.Value", description="PandA dataset of the x encoder.")
-    y_channel: str = Field(default="/INENC3.VAL.Value", description="PandA dataset of the y encoder.")
+    x_channel: str = Field(
+        default="/INENC2.VAL.Value", description="PandA dataset of the x encoder."
+    )
+    y_channel: str = Field(
+        default="/INENC3.VAL.Value", description="PandA dataset of the y encoder."
+    )
     time_channel: str | None = Field(
         default="/PCAP.TS_TRIG.Value",
         description="PandA dataset of sample times (s); with the detector's frame time it "
@@ -93,7 +97,9 @@ class RoiConfig(_Frozen):
     """The detector crop fed to the solver: a square of ``size`` pixels around a centre."""
 
     size: int = Field(default=128, ge=16, description="Crop edge in detector pixels.")
-    center_y: float | None = Field(default=None, description="Beam centre row; None: from the data.")
+    center_y: float | None = Field(
+        default=None, description="Beam centre row; None: from the data."
+    )
     center_x: float | None = Field(default=None, description="Beam centre column; None: from data.")
 
 
@@ -153,8 +159,10 @@ class ScanConfig(_Frozen):
     def step_um(self) -> float:
         """Mean commanded step of the raster (the larger of the two axes)."""
         g = self.grid
-        steps = [abs(g.x_end_um - g.x_start_um) / max(g.x_num - 1, 1),
-                 abs(g.y_end_um - g.y_start_um) / max(g.y_num - 1, 1)]
+        steps = [
+            abs(g.x_end_um - g.x_start_um) / max(g.x_num - 1, 1),
+            abs(g.y_end_um - g.y_start_um) / max(g.y_num - 1, 1),
+        ]
         return g.step_um or max(steps)
 
     @property
@@ -184,25 +192,44 @@ def _grid_from_start(start: Mapping[str, Any], missing: list[str]) -> dict[str, 
             missing.append("scan.scan_input[6]")
             return None
         x0, x1, nx, y0, y1, ny = scan_input[:6]
-        return {"kind": "fly2d_panda", "x_start_um": x0, "x_end_um": x1, "x_num": int(nx),
-                "y_start_um": y0, "y_end_um": y1, "y_num": int(ny)}
+        return {
+            "kind": "fly2d_panda",
+            "x_start_um": x0,
+            "x_end_um": x1,
+            "x_num": int(nx),
+            "y_start_um": y0,
+            "y_end_um": y1,
+            "y_num": int(ny),
+        }
     if plan_name == "FlyPlan2D":
         keys = ("scan_start1", "scan_end1", "num1", "scan_start2", "scan_end2", "num2")
         absent = [f"plan_args.{k}" for k in keys if k not in plan_args]
         if absent:
             missing.extend(absent)
             return None
-        return {"kind": "flyplan2d", "x_start_um": plan_args["scan_start1"],
-                "x_end_um": plan_args["scan_end1"], "x_num": int(plan_args["num1"]),
-                "y_start_um": plan_args["scan_start2"], "y_end_um": plan_args["scan_end2"],
-                "y_num": int(plan_args["num2"])}
+        return {
+            "kind": "flyplan2d",
+            "x_start_um": plan_args["scan_start1"],
+            "x_end_um": plan_args["scan_end1"],
+            "x_num": int(plan_args["num1"]),
+            "y_start_um": plan_args["scan_start2"],
+            "y_end_um": plan_args["scan_end2"],
+            "y_num": int(plan_args["num2"]),
+        }
     if plan_name in ("rel_spiral_fermat", "fermat"):
         missing.append("spiral scans (rel_spiral_fermat) are not reconstructed live yet")
         return None
     args = plan_args.get("args")
     if isinstance(args, list | tuple) and len(args) >= 8:
-        return {"kind": "mesh", "x_start_um": args[1], "x_end_um": args[2], "x_num": int(args[3]),
-                "y_start_um": args[5], "y_end_um": args[6], "y_num": int(args[7])}
+        return {
+            "kind": "mesh",
+            "x_start_um": args[1],
+            "x_end_um": args[2],
+            "x_num": int(args[3]),
+            "y_start_um": args[5],
+            "y_end_um": args[6],
+            "y_num": int(args[7]),
+        }
     missing.append("scan.scan_input (2D_FLY_PANDA) or plan_args (FlyPlan2D / mesh)")
     return None
 

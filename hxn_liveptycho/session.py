@@ -25,7 +25,7 @@ from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.geometry import CanvasGeometry
 from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
-from hxn_liveptycho.recon.backend import get_array_module, to_host
+from hxn_liveptycho.recon.backend import get_array_module
 from hxn_liveptycho.recon.iterative import StreamingSolver
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
@@ -263,7 +263,9 @@ class RunSession:
             self._try_configure(final=name == "stop")
 
     def _try_configure(self, *, final: bool) -> None:
-        waiting_for_baseline = not self._baseline and not final and "energy_kev" not in self.overrides
+        waiting_for_baseline = (
+            not self._baseline and not final and "energy_kev" not in self.overrides
+        )
         if waiting_for_baseline:
             return
         try:
@@ -297,8 +299,12 @@ class RunSession:
         self.status = RunStatus.RUNNING
         self.log.info(
             "configured: %d x %d points, %.3f keV, z = %.3f m, pixel %.2f nm, canvas %s",
-            config.grid.x_num, config.grid.y_num, config.energy_kev, config.distance_m,
-            config.pixel_size_m * 1e9, self._geometry.canvas_shape,
+            config.grid.x_num,
+            config.grid.y_num,
+            config.energy_kev,
+            config.distance_m,
+            config.pixel_size_m * 1e9,
+            self._geometry.canvas_shape,
         )
 
     def _feed_solver(self) -> None:
@@ -368,9 +374,12 @@ class RunSession:
         if self._stop_doc is None:
             return False
         streams_done = not any(self._streams_open.values())
-        if self._assembler is not None and self._assembler.counters.get("frames") >= (
-            self.config.num_points if self.config else 0
-        ) and self._stop_doc.get("exit_status") == "success":
+        if (
+            self._assembler is not None
+            and self._assembler.counters.get("frames")
+            >= (self.config.num_points if self.config else 0)
+            and self._stop_doc.get("exit_status") == "success"
+        ):
             streams_done = streams_done or not self._streams_open["eiger"]
         waited = time.monotonic() - (self._stop_seen_at or 0.0)
         if self._stop_doc.get("exit_status") != "success":
@@ -452,7 +461,14 @@ class RunSession:
             self.status = RunStatus.FAILED
         finally:
             if self._sink is not None:
-                self._sink.close(timeout=60.0)
+                try:
+                    self._sink.close(timeout=self.settings.tiled_write_timeout_s)
+                except Exception:
+                    self.log.exception("closing the result sink failed")
+                    self.status = RunStatus.FAILED
         self.log.info(
-            "%s after %d iterations (data mismatch %s)", self.status, self.iteration, self.last_error
+            "%s after %d iterations (data mismatch %s)",
+            self.status,
+            self.iteration,
+            self.last_error,
         )

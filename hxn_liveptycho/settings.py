@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     stream_timeout_s: float = Field(
         default=15.0, gt=0.0, description="How long after 'stop' to wait for late frames."
     )
+    tiled_write_timeout_s: float = Field(
+        default=120.0, gt=0.0, description="How long a run's final write to Tiled may take."
+    )
     max_frames_in_flight: int = Field(
         default=4096, ge=16, description="Frames received but not yet taken by a session."
     )

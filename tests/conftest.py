@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Tiled server, a real RunEngine, simulated HXN detectors on real sockets."""
+"""Shared fixtures: a real Tiled server, a real RunEngine, simulated HXN detectors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from typing import Any
 
 import pytest
 
+#: tiled's single-user API key is process-wide: every in-process server in the tests shares one.
+TILED_API_KEY = "liveptychotestkey0123"
+
 
 @pytest.fixture(scope="session")
 def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real Tiled server (SQLite + files) for the whole session: it takes seconds to start."""
     from tiled.server import SimpleTiledServer
 
-    server = SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled"))
+    server = SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled"), api_key=TILED_API_KEY)
     yield server
     server.close()
 
@@ -29,7 +32,9 @@ def RE() -> Iterator[Any]:
     yield engine
     if engine.state != "idle":
         engine.halt()
+    engine.loop.call_soon_threadsafe(engine.loop.stop)
     engine._th.join(timeout=10)
+    engine.loop.close()
 
 
 @pytest.fixture
@@ -50,7 +55,8 @@ def no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
     leaked = [
-        t for t in threading.enumerate()
+        t
+        for t in threading.enumerate()
         if t not in before and t.is_alive() and t.name.startswith(("liveptycho", "sim-hxn"))
     ]
     for thread in leaked:

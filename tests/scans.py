@@ -6,7 +6,13 @@ from typing import Any
 
 from hxn_liveptycho.callback import LivePtycho
 from hxn_liveptycho.settings import Settings
-from hxn_liveptycho.sim import SimHXNFlyer, SimulatedBeamline, SimulatedSample, baseline_motors, fly2dpd
+from hxn_liveptycho.sim import (
+    SimHXNFlyer,
+    SimulatedBeamline,
+    SimulatedSample,
+    baseline_motors,
+    fly2dpd,
+)
 
 SMALL = SimulatedBeamline(x_num=8, y_num=8, photons_per_frame=2e5)
 
@@ -28,8 +34,16 @@ def make_live(RE: Any, eiger: Any, panda: Any, tmp_path: Any, **fields: Any) -> 
     return live
 
 
-def fly(RE: Any, eiger: Any, panda: Any, sample: SimulatedSample, *, dwell: float = 0.005,
-        md: dict[str, Any] | None = None, **flyer_kw: Any) -> Any:
+def fly(
+    RE: Any,
+    eiger: Any,
+    panda: Any,
+    sample: SimulatedSample,
+    *,
+    dwell: float = 0.005,
+    md: dict[str, Any] | None = None,
+    **flyer_kw: Any,
+) -> Any:
     """Run one fly scan of ``sample`` and return the RunEngine's result."""
     flyer = SimHXNFlyer(eiger, panda, sample, dwell=dwell, **flyer_kw)
     return RE(fly2dpd(flyer, baseline=baseline_motors(sample.beamline.energy_kev), md=md))

@@ -1,13 +1,13 @@
-"""End to end: a real RunEngine flies the simulated HXN scan, LivePtycho reconstructs it into Tiled."""
+"""End to end: a real RunEngine flies the simulated HXN scan; LivePtycho reconstructs it."""
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TILED_API_KEY
 from scans import SMALL, fly, make_live, processed
 
 from hxn_liveptycho.demo import final_object_error
@@ -43,10 +43,17 @@ class _LivePoller(threading.Thread):
 
 
 def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors, tmp_path):
-    """The whole path on embedded defaults: container found by raw_uid, complete, object within 0.15."""
+    """Embedded defaults: container found by raw_uid, complete, object within 0.15."""
     eiger, panda = hxn_detectors
     sample = SimulatedSample(SimulatedBeamline(x_num=14, y_num=14))
-    live = make_live(RE, eiger, panda, tmp_path, overrides={"recon": {"iterations": 60}})
+    live = make_live(
+        RE,
+        eiger,
+        panda,
+        tmp_path,
+        overrides={"recon": {"iterations": 60}},
+        tiled_api_key=TILED_API_KEY,  # the embedded server must not revoke the shared one's key
+    )
     try:
         assert live.tiled is not None and live.tiled.embedded
         live.tiled.client()  # the embedded server is up before the scan starts
@@ -70,7 +77,9 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         assert md["config"]["recon"]["algorithm"] == "epie"
         assert md["iteration"] >= 60
         assert {"live", "final", "diffraction"} <= set(node)
-        assert {"object", "object_amplitude", "object_phase", "probe", "error_history"} <= set(node["live"])
+        assert {"object", "object_amplitude", "object_phase", "probe", "error_history"} <= set(
+            node["live"]
+        )
         final = node["final"]
         assert final["object"].read().dtype == np.complex64
         assert final["probe"].read().shape == (128, 128)
@@ -81,7 +90,9 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         assert amplitude.dtype == np.uint8 and amplitude.shape == (sample.num_points, 128, 128)
         assert diffraction["positions_m"].read().shape == (sample.num_points, 2)
         # Encoder positions (metres) agree with where the simulated stage really was.
-        np.testing.assert_allclose(diffraction["positions_m"].read() * 1e6, sample.positions_um, atol=0.01)
+        np.testing.assert_allclose(
+            diffraction["positions_m"].read() * 1e6, sample.positions_um, atol=0.01
+        )
         assert poller.seen_live_while_running, "no live object appeared in Tiled while running"
         # Metric: ||gt - c T(rec)|| / ||gt|| over pixels lit >= 30 % of the peak summed probe
         # intensity (eroded 2 px), T = sub-pixel registration + linear phase-ramp removal,
@@ -125,7 +136,7 @@ def _abort_after(RE: Any, seconds: float) -> threading.Timer:
 
 
 def test_aborted_run_ends_its_session_cleanly(RE, hxn_detectors, tmp_path, tiled_server):
-    """A scan aborted mid-way keeps what arrived: its container says 'aborted' and holds the object."""
+    """An aborted scan keeps what arrived: its container says 'aborted' and holds the object."""
     from bluesky.utils import RunEngineInterrupted
 
     eiger, panda = hxn_detectors
@@ -151,12 +162,18 @@ def test_aborted_run_ends_its_session_cleanly(RE, hxn_detectors, tmp_path, tiled
         live.close()
 
 
-def test_session_failure_is_recorded_and_scan_succeeds(RE, hxn_detectors, tmp_path, tiled_server, caplog):
-    """A session that cannot work (ROI larger than the detector) fails loudly in Tiled, not in the RE."""
+def test_session_failure_is_recorded_and_scan_succeeds(
+    RE, hxn_detectors, tmp_path, tiled_server, caplog
+):
+    """A session that cannot work (ROI larger than the frame) fails in Tiled, not in the RE."""
     eiger, panda = hxn_detectors
     sample = SimulatedSample(SMALL)
     live = make_live(
-        RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri,
+        RE,
+        eiger,
+        panda,
+        tmp_path,
+        tiled_uri=tiled_server.uri,
         overrides={"roi": {"size": 512}, "recon": {"iterations": 5}},
     )
     try:

@@ -170,8 +170,15 @@ def test_flyplan2d_plan_args() -> None:
     """Older FlyPlan2D runs: scan_start1/scan_end1/num1 (x), scan_start2/scan_end2/num2 (y)."""
     md = hxn_start_md(
         plan_name="FlyPlan2D",
-        plan_args={"scan_start1": -3.0, "scan_end1": 3.0, "num1": 61,
-                   "scan_start2": 0.0, "scan_end2": 2.0, "num2": 11, "exposure_time": 0.02},
+        plan_args={
+            "scan_start1": -3.0,
+            "scan_end1": 3.0,
+            "num1": 61,
+            "scan_start2": 0.0,
+            "scan_end2": 2.0,
+            "num2": 11,
+            "exposure_time": 0.02,
+        },
         scan={"detector_distance": 0.5, "detectors": ["merlin1"]},
     )
     config = make_run(md, baseline={"dcm_th": 10.0}, primary_keys=("merlin1",)).config()
@@ -183,8 +190,11 @@ def test_flyplan2d_plan_args() -> None:
 
 def test_flyplan2d_missing_args_are_named() -> None:
     """A FlyPlan2D start lacking plan_args names each absent key."""
-    md = hxn_start_md(plan_name="FlyPlan2D", plan_args={"scan_start1": 0.0, "num1": 3},
-                      scan={"detector_distance": 0.5, "detectors": ["eiger2"]})
+    md = hxn_start_md(
+        plan_name="FlyPlan2D",
+        plan_args={"scan_start1": 0.0, "num1": 3},
+        scan={"detector_distance": 0.5, "detectors": ["eiger2"]},
+    )
     with pytest.raises(NotPtychographyError) as info:
         make_run(md, baseline={"dcm_th": 10.0}).config()
     message = str(info.value)
@@ -212,9 +222,11 @@ def test_generic_mesh_plan_args() -> None:
 
 def test_fermat_spiral_is_refused_with_a_reason() -> None:
     """Spiral scans are named as not reconstructed live (rather than misread as a raster)."""
-    md = hxn_start_md(plan_name="rel_spiral_fermat",
-                      plan_args={"x_range": 2.0, "y_range": 2.0, "dr": 0.1},
-                      scan={"detector_distance": 1.2, "detectors": ["eiger2"]})
+    md = hxn_start_md(
+        plan_name="rel_spiral_fermat",
+        plan_args={"x_range": 2.0, "y_range": 2.0, "dr": 0.1},
+        scan={"detector_distance": 1.2, "detectors": ["eiger2"]},
+    )
     with pytest.raises(NotPtychographyError, match="spiral"):
         make_run(md, baseline={"dcm_th": 10.0}).config()
 

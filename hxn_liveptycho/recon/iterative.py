@@ -25,7 +25,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.backend import array_namespace, fft2, ifft2, to_host
 
 __all__ = ["IterativeParams", "StreamingSolver"]
@@ -38,11 +37,10 @@ class IterativeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    algorithm: Literal["epie", "dm"] = Field(
+    algorithm: Literal["epie"] = Field(
         "epie",
-        description="'epie': mini-batch parallel rPIE/ePIE (fast, robust). 'dm' (difference "
-        "map) is reserved: plain DM drifts on data that integer positions cannot fit exactly "
-        "(sub-pixel scans), so it waits for sub-pixel shifts in the solver.",
+        description="'epie': mini-batch parallel rPIE/ePIE (fast, robust). DM and LSQ-ML "
+        "are not implemented yet and are refused by validation.",
     )
     iterations: int = Field(
         100, ge=0, description="Iterations the session runs after the last frame arrived."
@@ -119,10 +117,6 @@ class StreamingSolver:
         valid_mask: Any | None = None,
     ) -> None:
         self.params = params if params is not None else IterativeParams()
-        if self.params.algorithm != "epie":
-            raise ConfigurationError(
-                f"algorithm {self.params.algorithm!r} is not implemented yet; use 'epie'"
-            )
         xp = array_namespace(probe) if xp is None else xp
         self._xp = xp
         probe = xp.array(probe, dtype=xp.complex64, copy=True)

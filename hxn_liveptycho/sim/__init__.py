@@ -1,15 +1,28 @@
-"""Simulated HXN: a phantom in a focused beam, and ophyd devices that publish real wire formats."""
+"""Simulated HXN: a phantom in a focused beam, and ophyd devices that publish real wire formats.
 
-from hxn_liveptycho.sim.devices import SimEiger, SimHXNFlyer, SimPanda, baseline_motors
-from hxn_liveptycho.sim.plans import fly2dpd
-from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
+Names are imported lazily, so the physics (``sim.sample``, ``sim.optics``) loads
+without ophyd or ZMQ, e.g. on a GPU node that only benchmarks the solver.
+"""
 
-__all__ = [
-    "SimEiger",
-    "SimHXNFlyer",
-    "SimPanda",
-    "SimulatedBeamline",
-    "SimulatedSample",
-    "baseline_motors",
-    "fly2dpd",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SimEiger": "devices",
+    "SimHXNFlyer": "devices",
+    "SimPanda": "devices",
+    "baseline_motors": "devices",
+    "fly2dpd": "plans",
+    "SimulatedBeamline": "sample",
+    "SimulatedSample": "sample",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -32,8 +32,14 @@ TS_CHANNEL = "/PCAP.TS_TRIG.Value"
 class SimEiger(Device):
     """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 flavour)."""
 
-    def __init__(self, *, endpoint: str = "tcp://127.0.0.1:*", encoding: str = "bs32-lz4<",
-                 name: str = "eiger2", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str = "tcp://127.0.0.1:*",
+        encoding: str = "bs32-lz4<",
+        name: str = "eiger2",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(name=name, **kwargs)
         self.publisher = EigerPublisher(endpoint, encoding=encoding)
         self._series = 0
@@ -59,7 +65,9 @@ class SimEiger(Device):
             "wavelength": bl.wavelength_m * 1e10,
             "description": "Dectris EIGER2 Si 1M (simulated)",
         }
-        self.publisher.start_series(self._series, shape=bl.detector_shape, dtype="uint32", header=header)
+        self.publisher.start_series(
+            self._series, shape=bl.detector_shape, dtype="uint32", header=header
+        )
         return self._series
 
     def send(self, series: int, index: int, frame: np.ndarray) -> None:
@@ -75,7 +83,9 @@ class SimEiger(Device):
 class SimPanda(Device):
     """A PandA whose position capture goes out on its JSON publisher."""
 
-    def __init__(self, *, endpoint: str = "tcp://127.0.0.1:*", name: str = "panda1", **kwargs: Any) -> None:
+    def __init__(
+        self, *, endpoint: str = "tcp://127.0.0.1:*", name: str = "panda1", **kwargs: Any
+    ) -> None:
         super().__init__(name=name, **kwargs)
         self.publisher = PandaPublisher(endpoint)
 
@@ -94,8 +104,16 @@ class SimHXNFlyer:
     point, one row at a time, while the RunEngine waits on ``complete``.
     """
 
-    def __init__(self, eiger: SimEiger, panda: SimPanda, sample: SimulatedSample, *,
-                 dwell: float = 0.01, name: str = "fly_panda", max_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        eiger: SimEiger,
+        panda: SimPanda,
+        sample: SimulatedSample,
+        *,
+        dwell: float = 0.01,
+        name: str = "fly_panda",
+        max_frames: int | None = None,
+    ) -> None:
         self.name = name
         self.parent = None
         self.eiger = eiger
@@ -114,7 +132,9 @@ class SimHXNFlyer:
         self._complete = Status(obj=self)
         series = self.eiger.arm(self.sample, frame_time=self.dwell)
         self.panda.publisher.start()
-        self._thread = threading.Thread(target=self._acquire, args=(series,), name="sim-hxn-fly", daemon=True)
+        self._thread = threading.Thread(
+            target=self._acquire, args=(series,), name="sim-hxn-fly", daemon=True
+        )
         self._thread.start()
         status = Status(obj=self)
         status.set_finished()
@@ -124,7 +144,11 @@ class SimHXNFlyer:
         try:
             rng = np.random.default_rng(self.sample.beamline.seed + series)
             bl = self.sample.beamline
-            n = self.sample.num_points if self.max_frames is None else min(self.max_frames, self.sample.num_points)
+            n = (
+                self.sample.num_points
+                if self.max_frames is None
+                else min(self.max_frames, self.sample.num_points)
+            )
             sample_number = 0
             for row_start in range(0, n, bl.x_num):
                 began = time.monotonic()
@@ -141,7 +165,8 @@ class SimHXNFlyer:
                 x_all, y_all = np.concatenate(xs), np.concatenate(ys)
                 ts = (sample_number + np.arange(x_all.size)) * self.dwell / bl.samples_per_frame
                 self.panda.publisher.send_samples(
-                    {X_CHANNEL: x_all, Y_CHANNEL: y_all, TS_CHANNEL: ts}, frame_number=row_start // bl.x_num
+                    {X_CHANNEL: x_all, Y_CHANNEL: y_all, TS_CHANNEL: ts},
+                    frame_number=row_start // bl.x_num,
                 )
                 sample_number += x_all.size
                 time.sleep(max(0.0, self.dwell * len(row) - (time.monotonic() - began)))

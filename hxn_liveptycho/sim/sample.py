@@ -74,11 +74,16 @@ class SimulatedSample:
     def __post_init__(self) -> None:
         bl = self.beamline
         rng = np.random.default_rng(bl.seed)
-        x0, x1, nx, y0, y1, ny = bl.scan_input()
+        x0, _, nx, y0, _, ny = bl.scan_input()
         iy, ix = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
         step = bl.step_um
         jitter = bl.jitter_px * bl.pixel_size_m * 1e6
-        y = y0 + iy * step + rng.normal(0.0, jitter, (ny, nx)) + rng.normal(0.0, jitter / 2, (ny, 1))
+        y = (
+            y0
+            + iy * step
+            + rng.normal(0.0, jitter, (ny, nx))
+            + rng.normal(0.0, jitter / 2, (ny, 1))
+        )
         x = x0 + ix * step + rng.normal(0.0, jitter, (ny, nx))
         #: Actual positions of the probe centre, (N, 2) (y, x) in µm.
         self.positions_um = np.stack([y.ravel(), x.ravel()], axis=1)
@@ -86,14 +91,17 @@ class SimulatedSample:
         n = bl.window
         self.origin_um = self.positions_um.min(axis=0) - (n / 2 + 4) * dx_um
         extent = self.positions_um.max(axis=0) - self.origin_um
-        shape = tuple(int(math.ceil(e / dx_um)) + n // 2 + 8 for e in extent)
+        shape = tuple(math.ceil(e / dx_um) + n // 2 + 8 for e in extent)
         self.object = make_object(shape)  # type: ignore[arg-type]
         self.probe = make_probe(n, pixel_size_m=bl.pixel_size_m, wavelength_m=bl.wavelength_m)
         #: Top-left corners of each probe window in object pixels (what a solver must find).
         self.positions_px = (self.positions_um - self.origin_um) / dx_um - n / 2
         self.intensities = simulate_diffraction(
-            self.object, self.probe, self.positions_px,
-            photons_per_frame=bl.photons_per_frame, rng=rng,
+            self.object,
+            self.probe,
+            self.positions_px,
+            photons_per_frame=bl.photons_per_frame,
+            rng=rng,
         )
 
     @property
@@ -111,7 +119,9 @@ class SimulatedSample:
             frame[row, col] = np.iinfo(np.uint32).max
         return frame
 
-    def encoder_samples(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def encoder_samples(
+        self, index: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The PandA's encoder counts during frame ``index``: x moves through the exposure."""
         bl = self.beamline
         k = bl.samples_per_frame

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.store.tiled import TiledSink
 
@@ -42,6 +43,9 @@ class TiledConnection:
         """Start connecting now, off the caller's thread, so the first run finds Tiled ready."""
 
         def connect() -> None:
+            if not self.reachable():
+                logger.warning("Tiled at %s is not reachable yet", redact(self.uri or ""))
+                return
             try:
                 self.client()
             except Exception as exc:  # the first sink retries and reports it
@@ -64,13 +68,38 @@ class TiledConnection:
 
             directory = self.settings.data_dir / "tiled"
             directory.mkdir(parents=True, exist_ok=True)
-            self._server = SimpleTiledServer(directory=directory)
-            logger.info("embedded Tiled server at %s (data in %s)", redact(self._server.uri), directory)
+            # tiled 0.2's single-user API key is process-wide: a second SimpleTiledServer in
+            # one process silently revokes the first one's key. Reusing a configured key
+            # keeps both working (and gives a stable key across restarts).
+            api_key = self.settings.tiled_api_key
+            if api_key and not api_key.get_secret_value().isalnum():
+                raise ConfigurationError(
+                    "the embedded Tiled server takes only letters and digits in its API key"
+                )
+            self._server = SimpleTiledServer(
+                directory=directory, api_key=api_key.get_secret_value() if api_key else None
+            )
+            logger.info(
+                "embedded Tiled server at %s (data in %s)", redact(self._server.uri), directory
+            )
             return from_uri(self._server.uri)
         api_key = self.settings.tiled_api_key
         return from_uri(
             self.settings.tiled_uri, api_key=api_key.get_secret_value() if api_key else None
         )
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """A quick ``/healthz`` probe, so an outage is noticed in seconds, not after retries."""
+        if self.embedded:
+            return True  # started on demand, in this process
+        import httpx
+
+        parts = urlsplit(self.settings.tiled_uri or "")
+        try:
+            reply = httpx.get(f"{parts.scheme}://{parts.netloc}/healthz", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code < 500
 
     @property
     def uri(self) -> str | None:
@@ -81,14 +110,18 @@ class TiledConnection:
 
     def describe(self) -> dict[str, Any]:
         uri = self.uri
-        return {"uri": redact(uri) if uri else None, "embedded": self.embedded,
-                "catalog_path": self.settings.catalog_path}
+        return {
+            "uri": redact(uri) if uri else None,
+            "embedded": self.embedded,
+            "catalog_path": self.settings.catalog_path,
+        }
 
     def sink_factory(self) -> TiledSink:
         return TiledSink(
             self.client,
             catalog_path=self.settings.catalog_path,
             backup_dir=self.settings.data_dir / "backup",
+            reachable=self.reachable,
         )
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
 
 Live snapshots go through a one-slot mailbox: a newer one replaces an older one
 not yet written (counted as ``live_superseded``), so a slow server never slows
-the solver. The final write retries; if Tiled still refuses it, everything is
-saved to ``<backup_dir>/<key>.npz`` (+ ``.json``) and the log says where.
+the solver. The final write goes through Tiled's own retries; if Tiled still
+refuses it, everything is saved to ``<backup_dir>/<key>.npz`` (+ ``.json``) and the log says where.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 ClientFactory = Callable[[], Any]
 
-_RETRIES = 4
 _OBJECT_KEYS = ("object", "object_amplitude", "object_phase", "probe", "error_history")
 
 
@@ -58,12 +57,12 @@ class TiledSink:
         *,
         catalog_path: str,
         backup_dir: Path,
-        retry_delay_s: float = 0.5,
+        reachable: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client_factory = client_factory
+        self._reachable = reachable
         self._catalog_path = [p for p in catalog_path.split("/") if p]
         self._backup_dir = Path(backup_dir)
-        self._retry_delay_s = retry_delay_s
         self.counters = Counters(["live_written", "live_superseded", "write_errors"])
         self.key: str | None = None
         self.container_path: str | None = None
@@ -96,7 +95,9 @@ class TiledSink:
             self._live_slot = snapshot
             self._cond.notify()
 
-    def diffraction(self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray) -> None:
+    def diffraction(
+        self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray
+    ) -> None:
         """Keep the measured data of this run; it is written with the final result."""
         with self._cond:
             self._diffraction.append(
@@ -119,7 +120,7 @@ class TiledSink:
 
     # ---- the writer thread -----------------------------------------------------------
     def _work(self) -> None:
-        self._container = self._retry("create the container", self._create_container)
+        self._container = self._attempt("create the container", self._create_container)
         while True:
             with self._cond:
                 while self._live_slot is None and self._final is None and not self._closing:
@@ -130,6 +131,8 @@ class TiledSink:
             if final is not None:
                 self._write_final(*final)
                 return
+            if live is not None and self._container is None:
+                self.counters.add("live_skipped")
             if live is not None and self._container is not None:
                 try:
                     self._write_live(live)
@@ -140,15 +143,22 @@ class TiledSink:
             if closing:
                 return
 
-    def _retry(self, what: str, action: Callable[[], Any]) -> Any:
-        for attempt in range(1, _RETRIES + 1):
-            try:
-                return action()
-            except Exception as exc:
-                self.counters.add("write_errors")
-                logger.warning("Tiled: could not %s (attempt %d/%d): %s", what, attempt, _RETRIES, exc)
-                time.sleep(self._retry_delay_s * attempt)
-        return None
+    def _attempt(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run one Tiled operation; None if Tiled is down or refused it (logged, counted).
+
+        Tiled's client already retries connection errors and 5xx replies; a
+        quick health probe first keeps an outage from costing those retries.
+        """
+        if not self._reachable():
+            self.counters.add("write_errors")
+            logger.warning("Tiled is unreachable: could not %s for %s", what, self.container_path)
+            return None
+        try:
+            return action()
+        except Exception as exc:
+            self.counters.add("write_errors")
+            logger.warning("Tiled: could not %s for %s: %s", what, self.container_path, exc)
+            return None
 
     def _create_container(self) -> Any:
         node = self._client_factory()
@@ -213,20 +223,16 @@ class TiledSink:
                 amplitude_u8, scale, positions = diffraction
                 if "amplitude" not in group:
                     group.write_array(
-                        amplitude_u8, key="amplitude",
+                        amplitude_u8,
+                        key="amplitude",
                         metadata={"scale": scale, "units": "sqrt(counts) = value * scale"},
                     )
                     group.write_array(positions, key="positions_m")
             self._container.update_metadata(metadata=metadata)
+            return True
 
-        if self._retry("write the final result", write) is None and not self._final_written():
+        if self._attempt("write the final result", write) is None:
             self._backup(arrays, diffraction, metadata)
-
-    def _final_written(self) -> bool:
-        try:
-            return self._container is not None and "final" in self._container
-        except Exception:
-            return False
 
     def _stacked_diffraction(self) -> tuple[np.ndarray, float, np.ndarray] | None:
         with self._cond:
@@ -242,7 +248,9 @@ class TiledSink:
         quantised = np.clip(np.rint(amplitudes / scale), 0, 255).astype(np.uint8)
         return quantised, scale, positions
 
-    def _backup(self, arrays: Mapping[str, np.ndarray], diffraction: Any, metadata: Mapping[str, Any]) -> None:
+    def _backup(
+        self, arrays: Mapping[str, np.ndarray], diffraction: Any, metadata: Mapping[str, Any]
+    ) -> None:
         self._backup_dir.mkdir(parents=True, exist_ok=True)
         path = self._backup_dir / f"{self.key}.npz"
         payload = dict(arrays)

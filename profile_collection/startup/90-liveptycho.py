@@ -52,7 +52,8 @@ def _start_live_ptycho():
     where = live.tiled.describe()["uri"] if live.tiled is not None else "a custom sink"
     _liveptycho_log.info(
         "live ptychography subscribed (token %s); results go to %s under %s",
-        token, where or "an embedded Tiled server in " + str(live.settings.data_dir),
+        token,
+        where or "an embedded Tiled server in " + str(live.settings.data_dir),
         live.settings.catalog_path,
     )
     return live, token
