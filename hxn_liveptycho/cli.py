@@ -70,6 +70,7 @@ def _demo(args: argparse.Namespace) -> int:
         beamline=beamline,
         iterations=args.iterations,
         array_backend=args.backend,
+        encoding=args.encoding,
         tiled_uri=args.tiled_uri,
         progress=_Progress(),
         keep=keep_serving,
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--points", type=int, default=20, help="scan points per axis")
     demo.add_argument("--iterations", type=int, default=100, help="iterations after the scan")
     demo.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="auto")
+    demo.add_argument(
+        "--encoding", default="bs32-lz4<", help="Eiger stream encoding: bs32-lz4<, lz4< or raw"
+    )
     demo.add_argument("--tiled-uri", default=None, help="write to this Tiled server instead")
     demo.add_argument("--keep-serving", action="store_true", help="keep Tiled up afterwards")
     demo.set_defaults(func=_demo)

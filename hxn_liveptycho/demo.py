@@ -92,6 +92,7 @@ def run_demo(
     array_backend: str = "auto",
     tiled_uri: str | None = None,
     dwell: float = 0.01,
+    encoding: str = "bs32-lz4<",
     progress: Callable[[dict[str, Any]], None] | None = None,
     keep: Callable[[LivePtycho], None] | None = None,
 ) -> DemoResult:
@@ -103,7 +104,7 @@ def run_demo(
     bl = beamline or SimulatedBeamline()
     logger.info("simulating a %d x %d point scan", bl.x_num, bl.y_num)
     sample = SimulatedSample(bl)
-    eiger = SimEiger()
+    eiger = SimEiger(encoding=encoding)
     panda = SimPanda()
     settings = Settings(
         eiger_endpoint=eiger.endpoint,

@@ -208,3 +208,24 @@ def test_unreachable_tiled_keeps_results_in_a_local_backup(RE, hxn_detectors, tm
         assert live.status()["runs"][0]["status"] == "complete"
     finally:
         live.close()
+
+
+def test_raw_encoded_stream_is_reconstructed(RE, tmp_path, tiled_server):
+    """The uncompressed 'raw' Eiger encoding (used by replay) goes through the same live path."""
+    from tiled.client import from_uri
+
+    from hxn_liveptycho.sim import SimEiger, SimPanda
+
+    eiger, panda = SimEiger(encoding="raw"), SimPanda()
+    sample = SimulatedSample(SMALL)
+    live = make_live(RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri)
+    try:
+        result = fly(RE, eiger, panda, sample)
+        assert live.wait(timeout=60)
+        node = processed(from_uri(tiled_server.uri), result.run_start_uids[0])
+        assert node.metadata["status"] == "complete"
+        assert node.metadata["counters"]["frames_used"] == sample.num_points
+    finally:
+        live.close()
+        eiger.close()
+        panda.close()
