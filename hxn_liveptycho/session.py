@@ -370,21 +370,18 @@ class RunSession:
             self.counters.add("snapshots")
 
     def _data_complete(self) -> bool:
-        """No more frames will come: the run stopped and both streams ended (or timed out)."""
+        """No more frames will come: the run stopped and both streams ended (or timed out).
+
+        An aborted or failed run waits only a second for stragglers; a successful
+        one waits up to ``stream_timeout_s`` for the detectors' end-of-series.
+        """
         if self._stop_doc is None:
             return False
-        streams_done = not any(self._streams_open.values())
-        if (
-            self._assembler is not None
-            and self._assembler.counters.get("frames")
-            >= (self.config.num_points if self.config else 0)
-            and self._stop_doc.get("exit_status") == "success"
-        ):
-            streams_done = streams_done or not self._streams_open["eiger"]
+        if not any(self._streams_open.values()):
+            return True
         waited = time.monotonic() - (self._stop_seen_at or 0.0)
-        if self._stop_doc.get("exit_status") != "success":
-            return streams_done or waited > 1.0
-        return streams_done or waited > self.settings.stream_timeout_s
+        limit = 1.0 if self._stop_doc.get("exit_status") != "success" else None
+        return waited > (limit or self.settings.stream_timeout_s)
 
     def _ready_to_finish(self) -> bool:
         if self.config is None:
