@@ -1,0 +1,137 @@
+"""Our streaming solver against pty-chi 2.2.0, on the same simulated data, in the same run.
+
+Run on the lent GPU machine from the repository root, with the ``ptychi`` and
+``pydantic`` wheels carried (see docs/benchmarks.md):
+
+    PYTHONPATH=. python3 benchmarks/recon_vs_ptychi.py --positions 1024 4096 --epochs 100
+
+Data: :class:`~hxn_liveptycho.sim.sample.SimulatedSample` with 256² frames,
+a jittered raster of step 20 px (±3 px jitter), 5·10⁵ photons per frame with
+Poisson noise. Both solvers start from the same probe guess and a flat object,
+see every position once per epoch, keep all data on the GPU, and are timed
+after a warm-up with the device synchronised. The object error is the same
+metric for both (:func:`hxn_liveptycho.recon.metrics.object_error` over the
+well-lit region: sub-pixel registration, phase-ramp removal, best complex scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.recon.backend import to_host
+from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
+from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
+
+#: Which pty-chi options class matches each of our algorithms.
+PTYCHI_OPTIONS = {"epie": "EPIEOptions", "dm": "DMOptions", "lsqml": "LSQMLOptions"}
+
+
+def simulate(positions: int) -> SimulatedSample:
+    side = round(float(np.sqrt(positions)))
+    bl = replace(
+        SimulatedBeamline(), window=256, step_px=20.0, jitter_px=3.0, x_num=side, y_num=side
+    )
+    return SimulatedSample(bl)
+
+
+def error_against(sample: SimulatedSample, obj: np.ndarray, offset: int) -> float:
+    h, w = sample.object.shape
+    mask = illuminated_mask(sample.positions_px, sample.probe, sample.object.shape)
+    return object_error(sample.object, obj[offset : offset + h, offset : offset + w], mask)
+
+
+def run_ours(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int) -> dict:
+    import cupy as cp
+
+    params = IterativeParams(algorithm=algorithm, batch_size=96)
+    amplitudes = cp.asarray(np.sqrt(sample.intensities))
+    canvas = tuple(s + 8 for s in sample.object.shape)
+    solver = StreamingSolver(probe=cp.asarray(probe), canvas_shape=canvas, params=params, xp=cp)
+    solver.add(amplitudes, sample.positions_px + 4)
+    solver.iterate(2)
+    cp.cuda.Device().synchronize()
+    began = time.perf_counter()
+    solver.iterate(epochs - 2)
+    cp.cuda.Device().synchronize()
+    seconds = (time.perf_counter() - began) / (epochs - 2)
+    return {"s_per_epoch": seconds, "error": error_against(sample, to_host(solver.object), 4)}
+
+
+def run_ptychi(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int) -> dict:
+    import ptychi.api as api
+    import torch
+    from ptychi.api.task import PtychographyTask
+
+    options = getattr(api, PTYCHI_OPTIONS[algorithm])()
+    n = sample.beamline.window
+    shape = sample.object.shape
+    options.data_options.data = sample.intensities
+    options.data_options.save_data_on_device = True
+    options.object_options.initial_guess = torch.ones((1, *shape), dtype=torch.complex64)
+    options.object_options.pixel_size_m = sample.beamline.pixel_size_m
+    options.probe_options.initial_guess = torch.as_tensor(probe)[None, None]
+    origin = np.round(np.asarray(shape) / 2.0) - 0.5
+    centres = sample.positions_px + n / 2.0 - 0.5
+    options.probe_position_options.position_y_px = centres[:, 0] - origin[0]
+    options.probe_position_options.position_x_px = centres[:, 1] - origin[1]
+    options.probe_position_options.optimizable = False
+    options.reconstructor_options.batch_size = 96
+    options.reconstructor_options.num_epochs = epochs
+    task = PtychographyTask(options)
+    task.run(2)
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    task.run(epochs - 2)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - began) / (epochs - 2)
+    obj = task.get_data_to_cpu("object", as_numpy=True)[0]
+    return {"s_per_epoch": seconds, "error": error_against(sample, obj, 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--algorithms", nargs="+", default=["epie"])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    for positions in args.positions:
+        sample = simulate(positions)
+        amplitudes = np.sqrt(sample.intensities)
+        probe = initial_probe(amplitudes, footprint_px=3 * sample.beamline.step_px)
+        for algorithm in args.algorithms:
+            row: dict[str, Any] = {"positions": sample.num_points, "algorithm": algorithm}
+            row["ours"] = run_ours(sample, probe, algorithm, args.epochs)
+            try:
+                row["ptychi"] = run_ptychi(sample, probe, algorithm, args.epochs)
+                row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
+            except Exception as exc:  # report pty-chi's failure, keep our figures
+                row["ptychi"] = {"failed": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    header = ["positions", "algorithm", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
+    print("\n| " + " | ".join([*header, "ours error", "pty-chi error"]) + " |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["ptychi"]
+        print(
+            f"| {r['positions']} | {r['algorithm']} | {r['ours']['s_per_epoch']:.4f} "
+            f"| {p.get('s_per_epoch', float('nan')):.4f} | {r.get('speedup', float('nan')):.1f}x "
+            f"| {r['ours']['error']:.3f} | {p.get('error', float('nan')):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
