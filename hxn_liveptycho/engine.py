@@ -95,6 +95,14 @@ class Engine:
 
     def _start_receivers(self) -> None:
         s = self.settings
+        curve = {
+            name: key.get_secret_value() if key else None
+            for name, key in (
+                ("curve_server_key", s.curve_server_key),
+                ("curve_public_key", s.curve_public_key),
+                ("curve_secret_key", s.curve_secret_key),
+            )
+        }
         if s.eiger_endpoint:
             eiger = EigerReceiver(
                 s.eiger_endpoint,
@@ -104,6 +112,9 @@ class Engine:
                 on_frame=self._on_frame,
                 on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
                 socket_type=s.eiger_socket,
+                flavour=s.eiger_flavour,
+                channel=s.eiger_channel,
+                **curve,
             )
             self._receivers.append(eiger)
         if s.panda_endpoint:

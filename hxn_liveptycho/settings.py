@@ -44,6 +44,21 @@ class Settings(BaseSettings):
     eiger_socket: Literal["sub", "pull"] = Field(
         default="sub", description="'pull' straight from a detector, 'sub' from a proxy."
     )
+    eiger_flavour: Literal["auto", "v1", "v2"] = Field(
+        default="auto", description="SIMPLON stream flavour: JSON v1, CBOR v2, or per message."
+    )
+    eiger_channel: str | None = Field(
+        default="threshold_1", description="v2 image channel to reconstruct (None: the first)."
+    )
+    curve_server_key: SecretStr | None = Field(
+        default=None, description="CurveZMQ: the stream server's public key (Z85 or base64)."
+    )
+    curve_public_key: SecretStr | None = Field(
+        default=None, description="CurveZMQ: this client's public key (all three keys or none)."
+    )
+    curve_secret_key: SecretStr | None = Field(
+        default=None, description="CurveZMQ: this client's secret key."
+    )
     panda_endpoint: str | None = Field(default=None, description="PandA position publisher.")
     plan_names: tuple[str, ...] = Field(
         default=DEFAULT_PLAN_NAMES, description="Plans reconstructed without a metadata flag."

@@ -408,6 +408,11 @@ def _malformed_messages(good: np.ndarray) -> dict[str, list[bytes]]:
             b"{}",
         ],
         "json-array": [b"[1, 2, 3]"],
+        "huge-shape": [
+            parts[0],
+            json.dumps({**description, "shape": [1 << 16, 1 << 16]}).encode(),
+            *parts[2:],
+        ],
     }
 
 

@@ -210,15 +210,36 @@ def test_unreachable_tiled_keeps_results_in_a_local_backup(RE, hxn_detectors, tm
         live.close()
 
 
-def test_raw_encoded_stream_is_reconstructed(RE, tmp_path, tiled_server):
-    """The uncompressed 'raw' Eiger encoding (used by replay) goes through the same live path."""
+@pytest.mark.parametrize(
+    ("flavour", "encoding", "curve"),
+    [("v1", "raw", False), ("v2", "bs16-lz4<", False), ("v2", "bs32-lz4<", True)],
+)
+def test_other_stream_flavours_are_reconstructed(
+    RE, tmp_path, tiled_server, flavour, encoding, curve
+):
+    """Raw (replay's) v1, CBOR v2 and a CurveZMQ-protected stream go through the same live path."""
+    import zmq
     from tiled.client import from_uri
 
     from hxn_liveptycho.sim import SimEiger, SimPanda
 
-    eiger, panda = SimEiger(encoding="raw"), SimPanda()
+    server_public, server_secret = zmq.curve_keypair() if curve else (None, None)
+    eiger = SimEiger(
+        encoding=encoding,
+        flavour=flavour,
+        curve_secret_key=server_secret.decode() if curve else None,
+    )
+    panda = SimPanda()
+    keys = {}
+    if curve:
+        client_public, client_secret = zmq.curve_keypair()
+        keys = {
+            "curve_server_key": server_public.decode(),
+            "curve_public_key": client_public.decode(),
+            "curve_secret_key": client_secret.decode(),
+        }
     sample = SimulatedSample(SMALL)
-    live = make_live(RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri)
+    live = make_live(RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri, **keys)
     try:
         result = fly(RE, eiger, panda, sample)
         assert live.wait(timeout=60)

@@ -30,18 +30,25 @@ TS_CHANNEL = "/PCAP.TS_TRIG.Value"
 
 
 class SimEiger(Device):
-    """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 flavour)."""
+    """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 or CBOR v2)."""
 
     def __init__(
         self,
         *,
         endpoint: str = "tcp://127.0.0.1:*",
         encoding: str = "bs32-lz4<",
+        flavour: str = "v1",
+        curve_secret_key: str | None = None,
         name: str = "eiger2",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.publisher = EigerPublisher(endpoint, encoding=encoding)
+        self.publisher = EigerPublisher(
+            endpoint,
+            encoding=encoding,
+            flavour=flavour,  # type: ignore[arg-type]
+            curve_secret_key=curve_secret_key,
+        )
         self._series = 0
 
     @property

@@ -8,6 +8,8 @@ a count and a logged traceback.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import zmq
+from zmq.utils import z85
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
@@ -25,10 +28,64 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 50
 
 
+#: The Z85 alphabet (ZMQ RFC 32): CurveZMQ's printable key form.
+_Z85_CHARS = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
+
+
+def curve_key(value: str | bytes, field: str) -> bytes:
+    """A CurveZMQ key given as Z85 (40 characters) or base64 (44), returned as Z85 bytes.
+
+    A key in any other form is a ConfigurationError that names ``field`` (the key
+    itself is never echoed: it may be a secret).
+    """
+    if isinstance(value, bytes | bytearray):
+        try:
+            text = bytes(value).decode("ascii")
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"{field}: not a Z85 or base64 CurveZMQ key (non-ASCII bytes)"
+            ) from None
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise ConfigurationError(
+            f"{field}: a CurveZMQ key is a Z85 or base64 string, got {type(value).__name__}"
+        )
+    text = text.strip()
+    raw: bytes | None = None
+    if len(text) == 40 and set(text) <= _Z85_CHARS:
+        try:
+            raw = z85.decode(text.encode("ascii"))
+        except Exception:  # a 5-character group above 2**32 does not fit
+            raw = None
+    elif len(text) == 44:
+        for altchars in (b"+/", b"-_"):  # standard or URL-safe alphabet
+            try:
+                raw = base64.b64decode(text.encode("ascii"), altchars=altchars, validate=True)
+                break
+            except (binascii.Error, ValueError):
+                continue
+    if raw is None or len(raw) != 32:
+        raise ConfigurationError(
+            f"{field}: not a CurveZMQ key; expected 32 bytes as Z85 (40 characters) or "
+            f"base64 (44 characters), got {len(text)} characters"
+        )
+    return z85.encode(raw)
+
+
 def curve_options(
-    server_key: str | None, public_key: str | None, secret_key: str | None
+    server_key: str | bytes | None,
+    public_key: str | bytes | None,
+    secret_key: str | bytes | None,
 ) -> dict[int, bytes]:
-    """Socket options for a CurveZMQ client; all three keys or none (HXN's rule)."""
+    """Socket options for a CurveZMQ client; all three keys or none (HXN's rule).
+
+    A partial set raises ConfigurationError naming exactly the missing keys; a key
+    in a wrong format, or a public key that is not the secret key's other half,
+    raises ConfigurationError naming the field.
+    """
     keys = {
         "curve_server_key": server_key,
         "curve_public_key": public_key,
@@ -42,10 +99,25 @@ def curve_options(
             "incomplete CurveZMQ configuration: set all of "
             f"{', '.join(keys)} or none; missing: {', '.join(missing)}"
         )
+    z = {name: curve_key(value, name) for name, value in keys.items()}  # type: ignore[arg-type]
+    if zmq.curve_public(z["curve_secret_key"]) != z["curve_public_key"]:
+        raise ConfigurationError(
+            "curve_public_key is not the public half of curve_secret_key (mismatched key pair)"
+        )
     return {
-        zmq.CURVE_SERVERKEY: server_key.encode("ascii"),  # type: ignore[union-attr]
-        zmq.CURVE_PUBLICKEY: public_key.encode("ascii"),  # type: ignore[union-attr]
-        zmq.CURVE_SECRETKEY: secret_key.encode("ascii"),  # type: ignore[union-attr]
+        zmq.CURVE_SERVERKEY: z["curve_server_key"],
+        zmq.CURVE_PUBLICKEY: z["curve_public_key"],
+        zmq.CURVE_SECRETKEY: z["curve_secret_key"],
+    }
+
+
+def curve_server_options(secret_key: str | bytes | None) -> dict[int, Any]:
+    """Socket options for a CurveZMQ server (a publisher): its secret key, or none for plain."""
+    if not secret_key:
+        return {}
+    return {
+        zmq.CURVE_SERVER: 1,
+        zmq.CURVE_SECRETKEY: curve_key(secret_key, "curve_secret_key"),
     }
 
 
@@ -80,16 +152,24 @@ class ZmqPublisher:
         context: zmq.Context | None,
         sndhwm: int,
         send_timeout: float | None,
+        curve_secret_key: str | bytes | None = None,
     ) -> None:
         if socket_type not in ("pub", "push"):
             raise ConfigurationError(f"socket_type must be 'pub' or 'push', got {socket_type!r}")
         self.socket_type = socket_type
         self._lock = threading.Lock()
         self._subscribers = 0
+        curve = curve_server_options(curve_secret_key)
+        #: The Z85 public key clients need (as curve_server_key), or None without CurveZMQ.
+        self.curve_public_key: str | None = (
+            zmq.curve_public(curve[zmq.CURVE_SECRETKEY]).decode("ascii") if curve else None
+        )
         ctx = context if context is not None else zmq.Context.instance()
         sock = ctx.socket(zmq.XPUB if socket_type == "pub" else zmq.PUSH)
         try:
             sock.setsockopt(zmq.SNDHWM, sndhwm)
+            for option, value in curve.items():
+                sock.setsockopt(option, value)
             if socket_type == "pub":
                 sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             if send_timeout is not None:

@@ -1,6 +1,6 @@
-"""The Eiger's SIMPLON stream interface (JSON multipart, "v1"): publish it and receive it.
+"""The Eiger's SIMPLON stream interface, JSON multipart ("v1") and CBOR ("v2"): publish and receive.
 
-A series on the wire, as Dectris documents it:
+A v1 series on the wire, as Dectris documents it:
 
 - ``dheader-1.0`` {series, header_detail}; for ``basic``/``all`` a second part with
   the detector configuration (beam_center_x, count_time, nimages, ...); for
@@ -10,17 +10,30 @@ A series on the wire, as Dectris documents it:
   ``dconfig-1.0`` {start_time, stop_time, real_time} in ns.
 - ``dseries_end-1.0`` {series}.
 
+A v2 series is three kinds of single-part CBOR messages, ``start``, ``image`` (all
+channels/thresholds of one exposure) and ``end``; :mod:`hxn_liveptycho.streams.cbor`
+describes them. The receiver tells the flavours apart per message (a CBOR map vs
+a JSON object) unless told which to expect, and hands both to the same callbacks.
+
+Series bookkeeping (both flavours): the newest series header defines the current
+series. A detector re-armed mid-run (a new series id, or in v2 a new
+``series_unique_id``) starts a new series; frames or an end of a series that a
+newer header superseded are counted as ``stale_series`` and discarded, so a late
+straggler can never end or pollute the new series.
+
 A detector PUSHes (the client PULLs); at HXN a proxy republishes on PUB and
 clients SUBscribe. Both ends here do either, chosen by ``socket_type``.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +41,7 @@ import numpy as np
 import zmq
 
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
-from hxn_liveptycho.streams import codecs
+from hxn_liveptycho.streams import cbor, codecs
 from hxn_liveptycho.streams._zmq import (
     ZmqPublisher,
     ZmqReceiver,
@@ -51,6 +64,11 @@ _HEADER_ARRAYS = {
 }
 #: How many series a receiver tracks at once (series whose end never came are evicted).
 _MAX_TRACKED_SERIES = 16
+#: How many superseded series ids / unique ids a receiver remembers as stale.
+_MAX_STALE_SERIES = 64
+FLAVOURS = ("v1", "v2")
+#: The channel a single-channel detector (and this simulator by default) names its data.
+DEFAULT_CHANNEL = "threshold_1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +99,18 @@ class _PublishedSeries:
     dtype: np.dtype
     frame_time_ns: int
     count_time_ns: int
+    unique_id: str = ""
+    channels: tuple[str, ...] = (DEFAULT_CHANNEL,)
+    series_date: datetime.datetime | None = None
 
 
 class EigerPublisher:
-    """Publishes Eiger series exactly as a SIMPLON stream interface does (used by the simulator)."""
+    """Publishes Eiger series exactly as a SIMPLON stream interface does (used by the simulator).
+
+    ``flavour`` picks the wire format: ``"v1"`` (JSON multipart) or ``"v2"`` (CBOR).
+    With ``curve_secret_key`` (Z85 or base64) the socket is a CurveZMQ server, as
+    HXN's proxy is; clients then need :attr:`curve_public_key` as their server key.
+    """
 
     def __init__(
         self,
@@ -92,30 +118,38 @@ class EigerPublisher:
         *,
         encoding: str = "bs32-lz4<",
         socket_type: Literal["pub", "push"] = "pub",
-        flavour: Literal["v1"] = "v1",
+        flavour: Literal["v1", "v2"] = "v1",
         context: zmq.Context | None = None,
         sndhwm: int = 0,
         send_timeout: float | None = None,
+        curve_secret_key: str | bytes | None = None,
     ) -> None:
         if encoding not in codecs.ENCODINGS:
             raise ConfigurationError(
                 f"unknown Eiger encoding {encoding!r}; expected one of {codecs.ENCODINGS}"
             )
-        if flavour != "v1":
+        if flavour not in FLAVOURS:
             raise ConfigurationError(
-                f"Eiger stream flavour {flavour!r} is not supported (only 'v1')"
+                f"Eiger stream flavour {flavour!r} is not supported (expected one of {FLAVOURS})"
             )
         self.encoding = encoding
         self.flavour = flavour
         self._series: dict[int, _PublishedSeries] = {}
+        self._unannounced_ids: dict[int, str] = {}
         self._zmq = ZmqPublisher(
             endpoint,
             socket_type=socket_type,
             context=context,
             sndhwm=sndhwm,
             send_timeout=send_timeout,
+            curve_secret_key=curve_secret_key,
         )
         self.endpoint = self._zmq.endpoint
+
+    @property
+    def curve_public_key(self) -> str | None:
+        """The Z85 public key a CurveZMQ client needs as its server key (None without Curve)."""
+        return self._zmq.curve_public_key
 
     def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
         """Wait until ``count`` SUB sockets have subscribed (PUB only; ZMQ's slow joiner)."""
@@ -132,50 +166,121 @@ class EigerPublisher:
         flatfield: np.ndarray | None = None,
         pixel_mask: np.ndarray | None = None,
         countrate_table: np.ndarray | None = None,
+        channels: Sequence[str] | None = None,
+        series_unique_id: str | None = None,
     ) -> None:
-        """Send ``dheader-1.0``; ``header`` (Dectris config names and units) overrides defaults."""
+        """Send the series header (v1 ``dheader-1.0``, v2 ``start``).
+
+        ``header`` overrides the default configuration; v1 names (``nimages``,
+        ``photon_energy``, ``x_pixel_size``, ``detector_distance``, ...) are
+        translated to their v2 names under v2. ``channels`` (v2; default
+        ``["threshold_1"]``) lists the thresholds each image carries;
+        ``series_unique_id`` (v2) defaults to a fresh UUID.
+        """
         if header_detail not in HEADER_DETAILS:
             raise ValueError(
                 f"header_detail must be one of {HEADER_DETAILS}, got {header_detail!r}"
             )
+        names = tuple(channels) if channels is not None else (DEFAULT_CHANNEL,)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"channels must be non-empty names, got {channels!r}")
+        if self.flavour == "v1" and len(names) > 1:
+            raise ValueError("SIMPLON v1 carries one channel per image; use flavour='v2'")
         height, width = (int(n) for n in shape)
         pixel_dtype = np.dtype(dtype)
-        config = _default_config(width, height, pixel_dtype)
-        config.update(header or {})
-        self._series[series] = _PublishedSeries(
+        if self.flavour == "v2":
+            config = _default_config_v2(width, height, pixel_dtype, names)
+            config.update(_v2_names(header or {}, names))
+        else:
+            config = _default_config(width, height, pixel_dtype)
+            config.update(header or {})
+        published = _PublishedSeries(
             shape=(height, width),
             dtype=pixel_dtype,
             frame_time_ns=round(float(config["frame_time"]) * 1e9),
             count_time_ns=round(float(config["count_time"]) * 1e9),
+            unique_id=(series_unique_id or self._unannounced_ids.get(series) or str(uuid.uuid4())),
+            channels=names,
+            series_date=datetime.datetime.now(datetime.UTC),
         )
+        self._series[series] = published
+        self._unannounced_ids.pop(series, None)
+        arrays = {
+            "flatfield": flatfield if flatfield is not None else np.ones((height, width)),
+            "pixel_mask": pixel_mask if pixel_mask is not None else np.zeros((height, width)),
+            "countrate_table": countrate_table,
+        }
+        if self.flavour == "v2":
+            self._zmq.send_parts(
+                [_start_message_v2(series, published, config, header_detail, arrays)]
+            )
+            return
         parts = [_dumps({"htype": "dheader-1.0", "series": series, "header_detail": header_detail})]
         if header_detail in ("basic", "all"):
             parts.append(_dumps(config))
         if header_detail == "all":
-            arrays = {
-                "dflatfield-1.0": (flatfield, np.ones((height, width), np.float32), np.float32),
-                "dpixelmask-1.0": (pixel_mask, np.zeros((height, width), np.uint32), np.uint32),
-                "dcountrate_table-1.0": (countrate_table, _default_countrate_table(), np.float32),
+            details = {
+                "dflatfield-1.0": (arrays["flatfield"], np.float32),
+                "dpixelmask-1.0": (arrays["pixel_mask"], np.uint32),
+                "dcountrate_table-1.0": (
+                    countrate_table if countrate_table is not None else _default_countrate_table(),
+                    np.float32,
+                ),
             }
-            for htype, (given, default, kind) in arrays.items():
-                parts.extend(_array_parts(htype, given if given is not None else default, kind))
+            for htype, (array, kind) in details.items():
+                parts.extend(_array_parts(htype, array, kind))
         self._zmq.send_parts(parts)
 
-    def send_frame(self, series: int, frame: int, data: np.ndarray) -> None:
-        """Encode (in C) and send one image as the 4-part dimage message."""
-        data = np.asarray(data)
-        if data.ndim != 2:
-            raise ValueError(f"an Eiger frame is 2-D, got shape {data.shape}")
+    def send_frame(
+        self, series: int, frame: int, data: np.ndarray | Mapping[str, np.ndarray]
+    ) -> None:
+        """Encode (in C) and send one image: v1 the 4-part dimage message, v2 one CBOR ``image``.
+
+        Under v2 ``data`` may map channel names to arrays (several thresholds in
+        one image); a bare array goes out as the series' first channel.
+        """
         known = self._series.get(series)
-        if known is not None and data.shape != known.shape:
-            raise ValueError(
-                f"frame shape {data.shape} differs from series {series} shape {known.shape}"
-            )
-        blob = codecs.encode(data, self.encoding)
-        height, width = data.shape
+        if isinstance(data, Mapping):
+            if self.flavour == "v1":
+                raise ValueError("SIMPLON v1 carries one channel per image; use flavour='v2'")
+            channels = {str(name): np.asarray(array) for name, array in data.items()}
+            if not channels:
+                raise ValueError("an image needs at least one channel")
+        else:
+            name = known.channels[0] if known else DEFAULT_CHANNEL
+            channels = {name: np.asarray(data)}
+        for name, array in channels.items():
+            if array.ndim != 2:
+                raise ValueError(f"an Eiger frame is 2-D, got shape {array.shape} ({name})")
+            if known is not None and array.shape != known.shape:
+                raise ValueError(
+                    f"frame shape {array.shape} differs from series {series} shape {known.shape}"
+                )
         frame_time = known.frame_time_ns if known else 0
         count_time = known.count_time_ns if known else 0
         start = frame * frame_time
+        if self.flavour == "v2":
+            message = {
+                "type": "image",
+                "series_id": series,
+                "series_unique_id": self._unique_id(series),
+                "series_date": known.series_date if known else None,
+                "image_id": frame,
+                "real_time": [count_time, 1_000_000_000],
+                "start_time": [start, 1_000_000_000],
+                "stop_time": [start + count_time, 1_000_000_000],
+                "data": {
+                    name: cbor.encode_array(array, self.encoding)
+                    for name, array in channels.items()
+                },
+            }
+            if message["series_date"] is None:
+                del message["series_date"]
+            self._zmq.send_parts([cbor.dumps(message)])
+            return
+        (data,) = channels.values()
+        blob = codecs.encode(data, self.encoding)
+        height, width = data.shape
         self._zmq.send_parts(
             [
                 _dumps(
@@ -208,13 +313,26 @@ class EigerPublisher:
         )
 
     def end_series(self, series: int) -> None:
-        """Send ``dseries_end-1.0``."""
+        """Send the series end (v1 ``dseries_end-1.0``, v2 ``end``)."""
+        if self.flavour == "v2":
+            unique_id = self._unique_id(series)
+            self._zmq.send_parts(
+                [cbor.dumps({"type": "end", "series_id": series, "series_unique_id": unique_id})]
+            )
+        else:
+            self._zmq.send_parts([_dumps({"htype": "dseries_end-1.0", "series": series})])
         self._series.pop(series, None)
-        self._zmq.send_parts([_dumps({"htype": "dseries_end-1.0", "series": series})])
+        self._unannounced_ids.pop(series, None)
 
     def close(self, linger: float = 2.0) -> None:
         """Close the socket; queued messages get ``linger`` seconds to leave."""
         self._zmq.close(linger)
+
+    def _unique_id(self, series: int) -> str:
+        known = self._series.get(series)
+        if known is not None:
+            return known.unique_id
+        return self._unannounced_ids.setdefault(series, str(uuid.uuid4()))
 
     def __enter__(self) -> EigerPublisher:
         return self
@@ -256,6 +374,100 @@ def _default_config(width: int, height: int, dtype: np.dtype) -> dict[str, Any]:
     }
 
 
+def _default_config_v2(
+    width: int, height: int, dtype: np.dtype, channels: Sequence[str]
+) -> dict[str, Any]:
+    """The same EIGER2 configuration under the v2 start-message names (s, m, eV, Å, pixels)."""
+    energy_ev = 12000.0
+    config: dict[str, Any] = {
+        "arm_date": datetime.datetime.now(datetime.UTC),
+        "beam_center_x": width / 2,
+        "beam_center_y": height / 2,
+        "channels": list(channels),
+        "count_time": 0.01,
+        "countrate_correction_enabled": True,
+        "detector_description": "Dectris EIGER2 Si (simulated)",
+        "detector_serial_number": "E-00-0000 (simulated)",
+        "detector_translation": [0.0, 0.0, 0.5],
+        "flatfield_enabled": True,
+        "frame_time": 0.01,
+        "image_size_x": width,
+        "image_size_y": height,
+        "incident_energy": energy_ev,
+        "incident_wavelength": 12398.42 / energy_ev,
+        "number_of_images": 1,
+        "pixel_mask_enabled": True,
+        "pixel_size_x": 75e-6,
+        "pixel_size_y": 75e-6,
+        "sensor_material": "Si",
+        "sensor_thickness": 0.00045,
+        "threshold_energy": {name: energy_ev / 2 for name in channels},
+        "virtual_pixel_interpolation_enabled": True,
+    }
+    if dtype.kind == "u":
+        config["saturation_value"] = int(np.iinfo(dtype).max) - 1
+    return config
+
+
+#: v1 configuration names -> v2 start-message names (same units).
+_V1_TO_V2 = {
+    "nimages": "number_of_images",
+    "photon_energy": "incident_energy",
+    "wavelength": "incident_wavelength",
+    "x_pixel_size": "pixel_size_x",
+    "y_pixel_size": "pixel_size_y",
+    "x_pixels_in_detector": "image_size_x",
+    "y_pixels_in_detector": "image_size_y",
+    "description": "detector_description",
+    "detector_number": "detector_serial_number",
+    "countrate_correction_applied": "countrate_correction_enabled",
+    "flatfield_correction_applied": "flatfield_enabled",
+    "pixel_mask_applied": "pixel_mask_enabled",
+    "virtual_pixel_correction_applied": "virtual_pixel_interpolation_enabled",
+}
+
+
+def _v2_names(header: Mapping[str, Any], channels: Sequence[str]) -> dict[str, Any]:
+    """Header overrides under v2 names; v1 names are translated, others pass through."""
+    out: dict[str, Any] = {}
+    for key, value in header.items():
+        if key == "detector_distance":
+            out["detector_translation"] = [0.0, 0.0, float(value)]
+        elif key == "threshold_energy" and not isinstance(value, Mapping):
+            out["threshold_energy"] = {name: float(value) for name in channels}
+        else:
+            out[_V1_TO_V2.get(key, key)] = value
+    if "incident_energy" in out and "incident_wavelength" not in out:
+        out["incident_wavelength"] = 12398.42 / float(out["incident_energy"])
+    return out
+
+
+def _start_message_v2(
+    series: int,
+    published: _PublishedSeries,
+    config: Mapping[str, Any],
+    header_detail: str,
+    arrays: Mapping[str, np.ndarray | None],
+) -> bytes:
+    message: dict[str, Any] = {
+        "type": "start",
+        "series_id": series,
+        "series_unique_id": published.unique_id,
+        **config,
+    }
+    message["channels"] = list(published.channels)
+    if header_detail == "all":
+        flat = np.asarray(arrays["flatfield"], dtype=np.float32)
+        mask = np.asarray(arrays["pixel_mask"], dtype=np.uint32)
+        table = arrays["countrate_table"]
+        if table is None:
+            table = np.arange(1000, dtype=np.uint32)
+        message["flatfield"] = {name: cbor.encode_array(flat) for name in published.channels}
+        message["pixel_mask"] = {name: cbor.encode_array(mask) for name in published.channels}
+        message["countrate_correction_lookup_table"] = cbor.encode_typed_array(np.asarray(table))
+    return cbor.dumps(message)
+
+
 def _default_countrate_table() -> np.ndarray:
     """An identity count-rate correction table (2 rows: measured, corrected)."""
     counts = np.arange(1000, dtype=np.float32)
@@ -277,6 +489,7 @@ class _SeriesTrack:
     """Which frames of one series arrived, to count gaps and duplicates."""
 
     announced: bool
+    unique_id: str | None = None
     seen: set[int] = field(default_factory=set)
     next_frame: int = 0
     gaps: int = 0
@@ -285,6 +498,13 @@ class _SeriesTrack:
 
 class EigerReceiver:
     """Receives an Eiger stream on a background thread and hands decoded frames to callbacks.
+
+    ``flavour`` is ``"auto"`` (each message is looked at: a CBOR map is v2, a
+    JSON multipart is v1), ``"v1"`` or ``"v2"``. Under v2, ``channel`` names the
+    threshold delivered (None: the first channel of each image); other channels
+    are counted (``other_channels``), and an image without the configured channel
+    is malformed. CurveZMQ needs all of ``curve_server_key``, ``curve_public_key``
+    and ``curve_secret_key`` (Z85 or base64), or none.
 
     Callbacks run on the receiver thread, in wire order: keep them short (put
     the frame on a queue). A malformed message is counted in ``counters``
@@ -303,6 +523,8 @@ class EigerReceiver:
             "gaps",
             "late",
             "nonstandard",
+            "stale_series",
+            "other_channels",
         ),
     )
 
@@ -317,14 +539,30 @@ class EigerReceiver:
         rcvhwm: int = 0,
         name: str = "eiger",
         context: zmq.Context | None = None,
-        curve_server_key: str | None = None,
-        curve_public_key: str | None = None,
-        curve_secret_key: str | None = None,
+        curve_server_key: str | bytes | None = None,
+        curve_public_key: str | bytes | None = None,
+        curve_secret_key: str | bytes | None = None,
+        flavour: Literal["auto", "v1", "v2"] = "auto",
+        channel: str | None = DEFAULT_CHANNEL,
     ) -> None:
+        if flavour not in ("auto", *FLAVOURS):
+            raise ConfigurationError(
+                f"Eiger stream flavour {flavour!r} is not supported "
+                f"(expected 'auto' or one of {FLAVOURS})"
+            )
+        if channel is not None and (not isinstance(channel, str) or not channel):
+            raise ConfigurationError(f"channel must be a channel name or None, got {channel!r}")
+        self.flavour = flavour
+        self.channel = channel
         self._on_series_start = on_series_start
         self._on_frame = on_frame
         self._on_series_end = on_series_end
         self._series: dict[int, _SeriesTrack] = {}
+        #: (series id, unique id) of the newest header: what "current" means.
+        self._current: tuple[int, str | None] | None = None
+        self._stale_ids: dict[int, None] = {}
+        self._stale_unique_ids: dict[str, None] = {}
+        self._stale_warned: dict[int, None] = {}
         self._zmq = _EigerSocket(
             self,
             endpoint,
@@ -361,6 +599,15 @@ class EigerReceiver:
     # -- message handling (receiver thread) -----------------------------------------
 
     def _handle(self, parts: list[zmq.Frame]) -> None:
+        flavour = self.flavour
+        if flavour == "auto":
+            flavour = "v2" if cbor.looks_like_v2(_buffer(parts[0])) else "v1"
+        if flavour == "v2":
+            self._handle_v2(parts)
+        else:
+            self._handle_v1(parts)
+
+    def _handle_v1(self, parts: list[zmq.Frame]) -> None:
         first = json_part(parts[0], "part 1")
         htype = first.get("htype")
         if htype is None and "frame" in first:
@@ -396,11 +643,7 @@ class EigerReceiver:
         if len(parts) > needed:
             info["header_appendix"] = parts[needed].bytes.decode("utf-8", "replace")
         info["header_detail"] = detail
-        if series in self._series:
-            logger.warning(
-                "%s: header for series %d seen again; restarting its frame count", self.name, series
-            )
-        self._track(series, announced=True)
+        self._begin_series(series, None)
         self.counters.add("headers")
         self._zmq.call(self._on_series_start, series, info)
 
@@ -412,6 +655,8 @@ class EigerReceiver:
             raise DecodeError(
                 f"{what}: {len(parts)} parts, needs dimage, dimage_d, blob[, dconfig]"
             )
+        if self._discard_stale(series, None, f"frame {frame}"):
+            return
         data = _decode_image(parts[1], parts[2], what)
         if len(parts) >= 4:
             config = json_part(parts[3], f"{what} part 4 (dconfig)")
@@ -421,13 +666,126 @@ class EigerReceiver:
                 )
         else:
             self.counters.add("nonstandard")
-        if not self._accept_frame(series, frame):
+        self._deliver(series, frame, None, data)
+
+    def _handle_end(self, parts: list[zmq.Frame], first: dict[str, Any]) -> None:
+        series = int_field(first, "series", "dseries_end-1.0")
+        if self._discard_stale(series, None, "series end"):
+            return
+        self._end_series(series)
+
+    # -- v2 (CBOR) --------------------------------------------------------------------
+
+    def _handle_v2(self, parts: list[zmq.Frame]) -> None:
+        if len(parts) != 1:
+            raise DecodeError(
+                f"v2 message has {len(parts)} parts; SIMPLON stream v2 sends one CBOR item"
+            )
+        message = cbor.loads(_buffer(parts[0]))
+        series, unique_id = message.series_id, message.series_unique_id
+        if message.type == "start":
+            info = cbor.start_info(message)
+            self._begin_series(series, unique_id)
+            self.counters.add("headers")
+            self._zmq.call(self._on_series_start, series, info)
+        elif message.type == "image":
+            frame = message.image_id
+            assert frame is not None
+            if self._discard_stale(series, unique_id, f"image {frame}"):
+                return
+            channels = message.channels
+            wanted = self.channel if self.channel is not None else channels[0]
+            data = cbor.decode_channel(message, wanted)
+            if len(channels) > 1:
+                self.counters.add("other_channels", len(channels) - 1)
+            self._deliver(series, frame, unique_id, data)
+        else:
+            if self._discard_stale(series, unique_id, "series end"):
+                return
+            self._end_series(series)
+
+    # -- series, gap and duplicate bookkeeping ----------------------------------------
+
+    def _deliver(self, series: int, frame: int, unique_id: str | None, data: np.ndarray) -> None:
+        if not self._accept_frame(series, frame, unique_id):
             return
         self.counters.add("frames")
         self._zmq.call(self._on_frame, EigerFrame(series=series, frame=frame, data=data))
 
-    def _handle_end(self, parts: list[zmq.Frame], first: dict[str, Any]) -> None:
-        series = int_field(first, "series", "dseries_end-1.0")
+    def _begin_series(self, series: int, unique_id: str | None) -> None:
+        """A header: it becomes the current series; every other series is superseded (stale)."""
+        key = (series, unique_id)
+        superseded: dict[tuple[int, str | None], _SeriesTrack | None] = {
+            (number, track.unique_id): track
+            for number, track in self._series.items()
+            if (number, track.unique_id) != key
+        }
+        if self._current is not None and self._current != key:
+            superseded.setdefault(self._current, None)
+        for (number, old_unique), track in superseded.items():
+            if number != series:
+                _remember(self._stale_ids, number)
+                self._series.pop(number, None)
+            if old_unique is not None and old_unique != unique_id:
+                _remember(self._stale_unique_ids, old_unique)
+            if track is not None and track.seen:
+                logger.warning(
+                    "%s: series %d (%d frames) superseded by a header for series %d before its "
+                    "end (detector re-armed?); its late frames will be discarded",
+                    self.name,
+                    number,
+                    len(track.seen),
+                    series,
+                )
+        self._stale_ids.pop(series, None)
+        self._stale_warned.pop(series, None)
+        if unique_id is not None:
+            self._stale_unique_ids.pop(unique_id, None)
+        self._current = key
+        existing = self._series.get(series)
+        if existing is not None and existing.unique_id == unique_id:
+            if not existing.announced:
+                # Frames overtook their header: keep counting from what already arrived.
+                existing.announced = True
+                return
+            logger.warning(
+                "%s: header for series %d seen again; restarting its frame count", self.name, series
+            )
+        self._track(series, announced=True, unique_id=unique_id)
+
+    def _is_stale(self, series: int, unique_id: str | None) -> bool:
+        """True for a message of a series that a newer header superseded."""
+        if unique_id is not None and unique_id in self._stale_unique_ids:
+            return True
+        if self._current is None:
+            return False
+        current, current_unique = self._current
+        if series == current:
+            return (
+                unique_id is not None and current_unique is not None and unique_id != current_unique
+            )
+        if series in self._stale_ids:
+            return True
+        return series < current and series not in self._series
+
+    def _discard_stale(self, series: int, unique_id: str | None, what: str) -> bool:
+        """Count and drop a message of a superseded series; False if it is not stale."""
+        if not self._is_stale(series, unique_id):
+            return False
+        self.counters.add("stale_series")
+        if series not in self._stale_warned:
+            _remember(self._stale_warned, series)
+            logger.warning(
+                "%s: %s of series %d arrived after a newer series header (current: %s); "
+                "discarded (further ones are only counted)",
+                self.name,
+                what,
+                series,
+                self._current[0] if self._current else None,
+            )
+        return True
+
+    def _end_series(self, series: int) -> None:
         track = self._series.pop(series, None)
         if track is None:
             logger.info("%s: series %d ended (no frames or header seen)", self.name, series)
@@ -443,21 +801,19 @@ class EigerReceiver:
         self.counters.add("series_end")
         self._zmq.call(self._on_series_end, series)
 
-    # -- gap and duplicate bookkeeping ------------------------------------------------
-
-    def _track(self, series: int, *, announced: bool) -> _SeriesTrack:
-        track = _SeriesTrack(announced=announced)
+    def _track(self, series: int, *, announced: bool, unique_id: str | None = None) -> _SeriesTrack:
+        track = _SeriesTrack(announced=announced, unique_id=unique_id)
         self._series.pop(series, None)
         self._series[series] = track
         while len(self._series) > _MAX_TRACKED_SERIES:
             del self._series[next(iter(self._series))]
         return track
 
-    def _accept_frame(self, series: int, frame: int) -> bool:
+    def _accept_frame(self, series: int, frame: int, unique_id: str | None = None) -> bool:
         """Count unknown series, gaps, late and duplicate frames; False drops a duplicate."""
         track = self._series.get(series)
         if track is None:
-            track = self._track(series, announced=False)
+            track = self._track(series, announced=False, unique_id=unique_id)
             logger.warning(
                 "%s: frame %d of series %d arrived without a series header",
                 self.name,
@@ -493,6 +849,18 @@ class EigerReceiver:
         return True
 
 
+def _remember(bounded: dict[Any, None], key: Any) -> None:
+    """Add ``key`` to an insertion-ordered set that keeps the newest _MAX_STALE_SERIES."""
+    bounded.pop(key, None)
+    bounded[key] = None
+    while len(bounded) > _MAX_STALE_SERIES:
+        del bounded[next(iter(bounded))]
+
+
+def _buffer(part: zmq.Frame | bytes) -> memoryview:
+    return part.buffer if isinstance(part, zmq.Frame) else memoryview(part)
+
+
 class _EigerSocket(ZmqReceiver):
     """The socket thread behind an EigerReceiver."""
 
@@ -514,6 +882,10 @@ def _decode_image(description_part: zmq.Frame, blob_part: zmq.Frame, what: str) 
             f"{what}: part 2 htype is {description.get('htype')!r}, expected 'dimage_d-1.0'"
         )
     width, height = _wire_shape(description.get("shape"), what)
+    if width * height > cbor.MAX_ELEMENTS:
+        raise DecodeError(
+            f"{what}: shape [{width}, {height}] exceeds {cbor.MAX_ELEMENTS} pixels (corrupt header)"
+        )
     encoding = description.get("encoding")
     pixel_type = description.get("type")
     if not isinstance(pixel_type, str):
