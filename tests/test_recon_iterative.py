@@ -159,7 +159,7 @@ def test_bad_calls_raise_clear_errors(scan):
     with pytest.raises(ValueError, match="do not match"):
         s.add(scan.amplitudes[:3], scan.positions[:2])
     with pytest.raises(pydantic.ValidationError, match="epie"):
-        IterativeParams(algorithm="dm")
+        IterativeParams(algorithm="pie")
     with pytest.raises(ValueError):
         StreamingSolver(probe=scan.probe_guess, canvas_shape=(N - 1, 200))
     with pytest.raises(ValueError):

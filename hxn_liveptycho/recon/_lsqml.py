@@ -1,0 +1,90 @@
+"""Pieces of LSQ-ML (Odstrčil, Menzel & Guizar-Sicairos, Opt. Express 26, 3108 (2018)).
+
+Maximum-likelihood ptychography solved as a sequence of least-squares
+problems: (1) the far-field update of each exit wave that most increases the
+likelihood of its frame under the chosen noise model; (2) object and probe
+update directions from those exit-wave updates (preconditioned by the summed
+illumination); (3) per-position step lengths for the object and the probe by
+a small least-squares fit of the exit-wave update with the two directions.
+All functions are batched over positions and written over ``xp``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+__all__ = ["far_field_factor", "optimal_steps"]
+
+#: Newton iterations for the Poisson step length (the 1-D problem is smooth and convex).
+_NEWTON_STEPS = 4
+#: Largest Poisson far-field step (1 would put |Psi|^2 at I_meas^2 / I_model).
+_MAX_POISSON_STEP = 0.99
+
+
+def far_field_factor(
+    inten: Any, amps: Any, valid: Any | None, noise: str, xp: types.ModuleType
+) -> Any:
+    """Real factor ``g`` (B, n, n) so the far-field update of every mode is ``g * Psi_k``.
+
+    ``inten`` is the model intensity ``sum_k |Psi_k|^2``, ``amps`` the measured
+    amplitudes. Gaussian noise on amplitudes: the projection,
+    ``g = A / sqrt(I) - 1``. Poisson noise: the likelihood gradient direction
+    ``-xi Psi`` with ``xi = 1 - A^2 / I``, times the step ``a_j`` (one per frame)
+    that maximises the frame's Poisson likelihood along it, found by a few
+    Newton steps on ``sum [xi I (1 - a xi) - A^2 xi / (1 - a xi)] = 0``.
+    Invalid detector pixels get ``g = 0`` (the model is kept there).
+    """
+    safe = xp.maximum(inten, 1e-12)
+    if noise == "gaussian":
+        g = amps / xp.sqrt(safe) - 1.0
+    else:
+        meas = amps * amps
+        xi = 1.0 - meas / safe
+        if valid is not None:
+            xi = xi * valid
+        xi_i = xi * inten
+        xi2_i = xi * xi_i
+        a = xp.zeros((inten.shape[0], 1, 1), dtype=xp.float32)
+        for _ in range(_NEWTON_STEPS):
+            d = 1.0 - a * xi  # > 0 for a < 1, since xi <= 1
+            grad = xp.sum(xi_i - a * xi2_i - meas * xi / d, axis=(-2, -1), keepdims=True)
+            hess = xp.sum(xi2_i + meas * xi * xi / (d * d), axis=(-2, -1), keepdims=True)
+            a = xp.clip(a + grad / xp.maximum(hess, 1e-30), 0.0, _MAX_POISSON_STEP)
+        g = -a * xi
+    if valid is not None:
+        g = g * valid
+    return g.astype(xp.float32)
+
+
+def optimal_steps(
+    u: Any, v: Any | None, chi: Any, reg: float, xp: types.ModuleType
+) -> tuple[Any, Any | None]:
+    """Per-position steps (alpha_O, alpha_P) minimising ``||chi - a_O u - a_P v||^2``.
+
+    ``u`` = P dO (the exit-wave change of a unit object step), ``v`` = dP O
+    (of a unit probe step), ``chi`` the wanted exit-wave update, all
+    (B, K, n, n); sums run over modes and pixels. The 2 x 2 normal equations
+    (real parts, as in the paper) get ``reg`` times the batch-mean diagonal
+    added, which keeps badly determined steps small. Steps are clipped to
+    [0, 2]. ``v`` None: object step only.
+    """
+    axes = (1, 2, 3)
+
+    def dot(a: Any, b: Any) -> Any:
+        return xp.sum((xp.conj(a) * b).real, axis=axes)
+
+    a11 = dot(u, u)
+    b1 = dot(u, chi)
+    a11 = a11 + reg * xp.mean(a11) + 1e-30
+    if v is None:
+        return xp.clip(b1 / a11, 0.0, 2.0), None
+    a22 = dot(v, v)
+    a12 = dot(u, v)
+    b2 = dot(v, chi)
+    a22 = a22 + reg * xp.mean(a22) + 1e-30
+    det = a11 * a22 - a12 * a12
+    det = xp.where(xp.abs(det) > 1e-30, det, 1e-30)
+    alpha_o = (a22 * b1 - a12 * b2) / det
+    alpha_p = (a11 * b2 - a12 * b1) / det
+    return xp.clip(alpha_o, 0.0, 2.0), xp.clip(alpha_p, 0.0, 2.0)
