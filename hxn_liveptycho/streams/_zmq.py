@@ -126,7 +126,7 @@ def json_part(part: zmq.Frame | bytes, what: str) -> dict[str, Any]:
     raw = part.bytes if isinstance(part, zmq.Frame) else bytes(part)
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, huge integers
         raise DecodeError(f"{what} is not valid JSON ({len(raw)} bytes): {exc}") from exc
     if not isinstance(value, dict):
         raise DecodeError(f"{what} is JSON {type(value).__name__}, expected an object")

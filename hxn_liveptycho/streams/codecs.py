@@ -51,6 +51,10 @@ def encode(array: np.ndarray, encoding: str) -> bytes:
     return _encode_bslz4(data, BSLZ4_ELEMENT_SIZE[encoding])
 
 
+#: The bslz4/lz4 framing stores block sizes in 4 bytes: no frame may exceed that.
+_MAX_FRAME_BYTES = 2**32 - 1
+
+
 def decode(
     blob: bytes | memoryview,
     *,
@@ -61,6 +65,11 @@ def decode(
     """Decode one frame to a writable native-endian array of ``shape`` (numpy order)."""
     wire_dtype, shape = _check_target(encoding, shape, dtype)
     expected = math.prod(shape) * wire_dtype.itemsize
+    if expected > _MAX_FRAME_BYTES:
+        raise DecodeError(
+            f"{encoding}: a {wire_dtype.name} {shape} frame is {expected} bytes, "
+            f"over the {_MAX_FRAME_BYTES} bytes the framing can describe"
+        )
     if expected == 0:
         return np.zeros(shape, dtype=wire_dtype.newbyteorder("="))
     view = memoryview(blob).cast("B")
@@ -154,14 +163,14 @@ def _check_target(
         raise DecodeError("pixel type is missing")
     try:
         wire_dtype = np.dtype(dtype)
-    except TypeError as exc:
+    except Exception as exc:  # numpy raises TypeError, ValueError or SyntaxError here
         raise DecodeError(f"unknown pixel type {dtype!r}") from exc
     if wire_dtype.kind not in "uif":
         raise DecodeError(f"pixel type {wire_dtype} is not numeric")
     wire_dtype = wire_dtype.newbyteorder("<")
     try:
         dims = tuple(int(n) for n in shape)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"frame shape {shape!r} is not a sequence of integers") from exc
     if len(dims) != 2 or any(n < 0 for n in dims):
         raise DecodeError(f"frame shape {shape!r} is not (height, width) with sizes >= 0")

@@ -303,7 +303,7 @@ def _decode_channel(entry: dict[str, Any], what: str) -> np.ndarray:
     declared = entry.get("dtype")
     try:
         kind = np.dtype(declared).kind if isinstance(declared, str) else ""
-    except TypeError:
+    except Exception:  # numpy raises TypeError, ValueError or SyntaxError for bad names
         kind = ""
     if kind not in ("f", "i", "u", "b"):
         raise DecodeError(f"{what}: unsupported dtype {declared!r}")
@@ -315,8 +315,10 @@ def _decode_channel(entry: dict[str, Any], what: str) -> np.ndarray:
         raise DecodeError(f"{what}: size={size} but {len(values)} samples")
     try:
         samples = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"{what}: samples are not numbers: {exc}") from exc
     if samples.ndim != 1:
         raise DecodeError(f"{what}: samples are nested, expected a flat list")
+    if not np.isfinite(samples).all():
+        raise DecodeError(f"{what}: samples include null, NaN or infinite values")
     return samples
