@@ -394,6 +394,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         socket_type="pull",
         rcvhwm=args.hwm,
         name="ingest-bench",
+        decode_threads=args.decode_threads,
     )
     receiver.start()
     try:
@@ -461,6 +462,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "target_fps": case.target_fps,
         "meets_target": fps >= case.target_fps,
         "crop": args.crop,
+        "decode_threads": args.decode_threads,
         "crop_mode": args.crop_mode,
     }
 
@@ -505,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=8, help="distinct frames each publisher cycles")
     parser.add_argument("--hwm", type=int, default=64, help="ZMQ high-water marks (messages)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--decode-threads", type=int, default=0, help="receiver decode pool (0: inline)"
+    )
     args = parser.parse_args(argv)
     if args.publishers < 1 or args.frames < 2:
         parser.error("need at least 1 publisher and 2 frames")

@@ -113,6 +113,7 @@ class Engine:
                 on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
                 socket_type=s.eiger_socket,
                 flavour=s.eiger_flavour,
+                decode_threads=s.eiger_decode_threads,
                 channel=s.eiger_channel,
                 **curve,
             )

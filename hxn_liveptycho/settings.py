@@ -7,6 +7,7 @@ of truth. Scan-specific choices live in :class:`~hxn_liveptycho.scan.ScanConfig`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,12 @@ class Settings(BaseSettings):
     )
     curve_secret_key: SecretStr | None = Field(
         default=None, description="CurveZMQ: this client's secret key."
+    )
+    eiger_decode_threads: int = Field(
+        default_factory=lambda: max(0, min(8, (os.cpu_count() or 1) - 2)),
+        ge=0,
+        description="Threads decoding Eiger frames (0: on the socket thread); default: "
+        "cores - 2, at most 8.",
     )
     panda_endpoint: str | None = Field(default=None, description="PandA position publisher.")
     plan_names: tuple[str, ...] = Field(

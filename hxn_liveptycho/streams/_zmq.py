@@ -351,9 +351,11 @@ class ZmqReceiver:
             if deadline is None and self._stopping.is_set():
                 return
 
-    def _handle_safely(self, parts: list[zmq.Frame]) -> None:
+    def _handle_safely(
+        self, parts: list[zmq.Frame], handler: Callable[[list[zmq.Frame]], None] | None = None
+    ) -> None:
         try:
-            self.handle_message(parts)
+            (handler or self.handle_message)(parts)
         except DecodeError as exc:
             self.counters.add("malformed")
             logger.warning("%s: malformed message dropped: %s", self.name, exc)

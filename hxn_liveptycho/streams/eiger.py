@@ -31,9 +31,12 @@ import datetime
 import hashlib
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -544,7 +547,10 @@ class EigerReceiver:
         curve_secret_key: str | bytes | None = None,
         flavour: Literal["auto", "v1", "v2"] = "auto",
         channel: str | None = DEFAULT_CHANNEL,
+        decode_threads: int = 0,
     ) -> None:
+        if decode_threads < 0:
+            raise ConfigurationError(f"decode_threads must be >= 0, got {decode_threads}")
         if flavour not in ("auto", *FLAVOURS):
             raise ConfigurationError(
                 f"Eiger stream flavour {flavour!r} is not supported "
@@ -575,18 +581,27 @@ class EigerReceiver:
         self.counters = self._zmq.counters
         self.endpoint = endpoint
         self.name = name
+        self._pipeline = _DecodePipeline(self, decode_threads) if decode_threads else None
 
     @property
     def running(self) -> bool:
         return self._zmq.running
 
     def start(self) -> None:
-        """Start receiving on a background thread."""
+        """Start receiving on a background thread (and the decode pool, if any)."""
+        if self._pipeline is not None:
+            self._pipeline.start()
         self._zmq.start()
 
     def stop(self, timeout: float = 5.0, *, drain: bool = True) -> bool:
-        """Stop the thread and close the socket; True if it ended within ``timeout``."""
-        return self._zmq.stop(timeout, drain=drain)
+        """Stop the thread and close the socket; True if it ended within ``timeout``.
+
+        With a decode pool, frames already received are decoded and delivered first.
+        """
+        stopped = self._zmq.stop(timeout, drain=drain)
+        if self._pipeline is not None:
+            stopped = self._pipeline.stop(timeout) and stopped
+        return stopped
 
     def __enter__(self) -> EigerReceiver:
         if not self.running:
@@ -597,6 +612,36 @@ class EigerReceiver:
         self.stop()
 
     # -- message handling (receiver thread) -----------------------------------------
+
+    def _predecode(self, parts: list[zmq.Frame]) -> Any:
+        """Pool worker: the image pixels of one message (or the error), None if not an image.
+
+        Pure: it reads the message only. Parsing errors other than in the pixels
+        are left for the ordered handling, which reports them as usual.
+        """
+        try:
+            if cbor.looks_like_v2(_buffer(parts[0])) and self.flavour != "v1":
+                message = cbor.loads(_buffer(parts[0]))
+                if message.type != "image":
+                    return None
+                wanted = self.channel if self.channel is not None else message.channels[0]
+                return cbor.decode_channel(message, wanted)
+            first = json_part(parts[0], "part 1")
+            if first.get("htype", "dimage-1.0") != "dimage-1.0" or len(parts) < 3:
+                return None
+            what = f"image series {first.get('series')} frame {first.get('frame')}"
+            return _decode_image(parts[1], parts[2], what)
+        except Exception as exc:
+            return exc
+
+    def _pixels(self, parts: list[zmq.Frame], decode: Callable[[], np.ndarray]) -> np.ndarray:
+        """The pre-decoded pixels of this message when a pool made them, else decode now."""
+        prepared = self._pipeline.prepared if self._pipeline is not None else None
+        if prepared is None or prepared[0] != id(parts) or prepared[1] is None:
+            return decode()
+        if isinstance(prepared[1], Exception):
+            raise prepared[1]
+        return prepared[1]
 
     def _handle(self, parts: list[zmq.Frame]) -> None:
         flavour = self.flavour
@@ -657,7 +702,7 @@ class EigerReceiver:
             )
         if self._discard_stale(series, None, f"frame {frame}"):
             return
-        data = _decode_image(parts[1], parts[2], what)
+        data = self._pixels(parts, lambda: _decode_image(parts[1], parts[2], what))
         if len(parts) >= 4:
             config = json_part(parts[3], f"{what} part 4 (dconfig)")
             if config.get("htype") != "dconfig-1.0":
@@ -695,7 +740,7 @@ class EigerReceiver:
                 return
             channels = message.channels
             wanted = self.channel if self.channel is not None else channels[0]
-            data = cbor.decode_channel(message, wanted)
+            data = self._pixels(parts, lambda: cbor.decode_channel(message, wanted))
             if len(channels) > 1:
                 self.counters.add("other_channels", len(channels) - 1)
             self._deliver(series, frame, unique_id, data)
@@ -871,7 +916,61 @@ class _EigerSocket(ZmqReceiver):
         super().__init__(endpoint, **kwargs)
 
     def handle_message(self, parts: list[zmq.Frame]) -> None:
-        self._owner._handle(parts)
+        pipeline = self._owner._pipeline
+        if pipeline is None:
+            self._owner._handle(parts)
+        else:
+            pipeline.submit(parts)
+
+
+class _DecodePipeline:
+    """Decodes frames on a thread pool and delivers them in arrival order.
+
+    The socket thread only receives; pixel decoding (C codecs that release the
+    GIL) runs on ``threads`` workers; one delivery thread then runs the usual
+    handling -- series bookkeeping, counters, callbacks -- message by message in
+    the order they arrived, using the pre-decoded pixels. The queue between
+    them is bounded, so a slow consumer backs up into ZMQ's buffers instead of
+    dropping anything.
+    """
+
+    _STOP = object()
+
+    def __init__(self, owner: EigerReceiver, threads: int) -> None:
+        self._owner = owner
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{owner.name}-decode")
+        self._ordered: queue.Queue[Any] = queue.Queue(maxsize=4 * threads)
+        self._thread = threading.Thread(
+            target=self._deliver, name=f"{owner.name}-deliver", daemon=True
+        )
+        #: The pixels pre-decoded for the message being handled (delivery thread only).
+        self.prepared: tuple[int, Any] | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, parts: list[zmq.Frame]) -> None:
+        self._ordered.put((parts, self._pool.submit(self._owner._predecode, parts)))
+
+    def stop(self, timeout: float) -> bool:
+        if self._thread.is_alive():
+            self._ordered.put(self._STOP)
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+        return not self._thread.is_alive()
+
+    def _deliver(self) -> None:
+        socket = self._owner._zmq
+        while True:
+            item = self._ordered.get()
+            if item is self._STOP:
+                return
+            parts, future = item
+            self.prepared = (id(parts), future.result())
+            try:
+                socket._handle_safely(parts, self._owner._handle)
+            finally:
+                self.prepared = None
 
 
 def _decode_image(description_part: zmq.Frame, blob_part: zmq.Frame, what: str) -> np.ndarray:
