@@ -70,3 +70,40 @@ def test_negative_pool_size_is_refused():
             on_series_end=lambda s: None,
             decode_threads=-1,
         )
+
+
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_transform_is_applied_once_per_frame(decode_threads):
+    """An ROI transform runs exactly once per frame, inline or on the pool, before delivery."""
+    calls: list[int] = []
+    received: list = []
+    done = threading.Event()
+
+    def crop(pixels: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        return pixels[10:20, 5:15].copy()
+
+    publisher = EigerPublisher("tcp://127.0.0.1:*", socket_type="push")
+    receiver = EigerReceiver(
+        publisher.endpoint,
+        socket_type="pull",
+        on_series_start=lambda series, header: None,
+        on_frame=received.append,
+        on_series_end=lambda series: done.set(),
+        decode_threads=decode_threads,
+        transform=crop,
+    )
+    receiver.start()
+    frame = np.arange(96 * 80, dtype=np.uint32).reshape(96, 80)
+    try:
+        publisher.start_series(1, shape=(96, 80), dtype="uint32")
+        for index in range(5):
+            publisher.send_frame(1, index, frame)
+        publisher.end_series(1)
+        assert done.wait(10)
+    finally:
+        receiver.stop()
+        publisher.close()
+    assert len(calls) == 5
+    assert [f.data.shape for f in received] == [(10, 10)] * 5
+    np.testing.assert_array_equal(received[0].data, frame[10:20, 5:15])

@@ -62,7 +62,13 @@ def decode(
     shape: tuple[int, int],
     dtype: np.dtype | str,
 ) -> np.ndarray:
-    """Decode one frame to a writable native-endian array of ``shape`` (numpy order)."""
+    """Decode one frame to a native-endian array of ``shape`` (numpy order).
+
+    Compressed frames come back as a read-only view of the decompressor's
+    output (no second copy: at Eiger rates that copy, made under the GIL,
+    would cap a decode pool); ``raw`` frames are copied out of the message.
+    Copy the result before modifying it.
+    """
     wire_dtype, shape = _check_target(encoding, shape, dtype)
     expected = math.prod(shape) * wire_dtype.itemsize
     if expected > _MAX_FRAME_BYTES:
@@ -92,11 +98,10 @@ def decode(
             f"{encoding}: decoded {len(raw)} bytes, expected {expected} "
             f"for {wire_dtype.name} {shape}"
         )
-    return (
-        np.frombuffer(raw, dtype=wire_dtype)
-        .reshape(shape)
-        .astype(wire_dtype.newbyteorder("="), copy=True)
-    )
+    pixels = np.frombuffer(raw, dtype=wire_dtype).reshape(shape)
+    if encoding == "raw" or not wire_dtype.isnative:
+        return pixels.astype(wire_dtype.newbyteorder("="), copy=True)
+    return pixels
 
 
 def bslz4_header(blob: bytes | memoryview) -> tuple[int, int]:

@@ -548,6 +548,7 @@ class EigerReceiver:
         flavour: Literal["auto", "v1", "v2"] = "auto",
         channel: str | None = DEFAULT_CHANNEL,
         decode_threads: int = 0,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if decode_threads < 0:
             raise ConfigurationError(f"decode_threads must be >= 0, got {decode_threads}")
@@ -581,6 +582,8 @@ class EigerReceiver:
         self.counters = self._zmq.counters
         self.endpoint = endpoint
         self.name = name
+        #: Applied to each decoded frame (e.g. an ROI crop), on the decode pool when there is one.
+        self.transform = transform
         self._pipeline = _DecodePipeline(self, decode_threads) if decode_threads else None
 
     @property
@@ -625,20 +628,23 @@ class EigerReceiver:
                 if message.type != "image":
                     return None
                 wanted = self.channel if self.channel is not None else message.channels[0]
-                return cbor.decode_channel(message, wanted)
+                return self._transformed(cbor.decode_channel(message, wanted))
             first = json_part(parts[0], "part 1")
             if first.get("htype", "dimage-1.0") != "dimage-1.0" or len(parts) < 3:
                 return None
             what = f"image series {first.get('series')} frame {first.get('frame')}"
-            return _decode_image(parts[1], parts[2], what)
+            return self._transformed(_decode_image(parts[1], parts[2], what))
         except Exception as exc:
             return exc
+
+    def _transformed(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels if self.transform is None else self.transform(pixels)
 
     def _pixels(self, parts: list[zmq.Frame], decode: Callable[[], np.ndarray]) -> np.ndarray:
         """The pre-decoded pixels of this message when a pool made them, else decode now."""
         prepared = self._pipeline.prepared if self._pipeline is not None else None
         if prepared is None or prepared[0] != id(parts) or prepared[1] is None:
-            return decode()
+            return self._transformed(decode())
         if isinstance(prepared[1], Exception):
             raise prepared[1]
         return prepared[1]
