@@ -336,6 +336,7 @@ class RunSession:
                 canvas_shape=self._geometry.canvas_shape,
                 params=self.config.recon,
                 xp=xp,
+                expected_positions=self.config.num_points,
             )
             self.log.info("solver started on %s with %d frames", xp.__name__, len(indices))
         self._solver.add(amplitudes, self._geometry.to_pixels(positions_um))
