@@ -40,12 +40,9 @@ class RunStatus(enum.StrEnum):
     COMPLETE = "complete"
     FAILED = "failed"
     ABORTED = "aborted"
-    SKIPPED = "skipped"
 
 
-FINAL_STATUSES = frozenset(
-    {RunStatus.COMPLETE, RunStatus.FAILED, RunStatus.ABORTED, RunStatus.SKIPPED}
-)
+FINAL_STATUSES = frozenset({RunStatus.COMPLETE, RunStatus.FAILED, RunStatus.ABORTED})
 
 
 @runtime_checkable
@@ -55,6 +52,10 @@ class ResultSink(Protocol):
     def open(self, config: ScanConfig, metadata: Mapping[str, Any]) -> None: ...
 
     def live(self, snapshot: Mapping[str, Any]) -> None: ...
+
+    def diffraction(
+        self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray
+    ) -> None: ...
 
     def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None: ...
 
@@ -340,7 +341,7 @@ class RunSession:
             )
             self.log.info("solver started on %s with %d frames", xp.__name__, len(indices))
         self._solver.add(amplitudes, self._geometry.to_pixels(positions_um))
-        if self._sink is not None and hasattr(self._sink, "diffraction"):
+        if self._sink is not None:
             self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
         self.counters.add("frames_used", len(indices))
         self._pending_frames.clear()

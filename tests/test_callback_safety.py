@@ -65,6 +65,9 @@ class EvilSink:
     def live(self, snapshot: Any) -> None:
         self._boom("live")
 
+    def diffraction(self, indices: Any, amplitudes: Any, positions_m: Any) -> None:
+        self._boom("diffraction")
+
     def final(self, snapshot: Any, metadata: Any) -> None:
         self._boom("final")
 
