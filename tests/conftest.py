@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,7 +62,3 @@ def no_leaked_threads() -> Iterator[None]:
         thread.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    Path(config.rootpath, "tests", "artifacts").mkdir(exist_ok=True)
