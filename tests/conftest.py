@@ -62,3 +62,47 @@ def no_leaked_threads() -> Iterator[None]:
         thread.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
+
+
+@pytest.fixture
+def no_leaked_receiver_threads() -> Iterator[None]:
+    """Every stream test must stop the receivers it started."""
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.endswith("-receiver")]
+    assert leaked == []
+
+
+@pytest.fixture
+def collector() -> Any:
+    """Records the receiver callbacks of one test."""
+    from eiger_helpers import Collector
+
+    return Collector()
+
+
+@pytest.fixture
+def raw_push() -> Iterator[tuple[Any, str]]:
+    """A bare ZMQ PUSH socket, as a detector's stream interface is, on a random port."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close(linger=0)
+
+
+@pytest.fixture
+def pull_receiver(collector: Any, raw_push: tuple[Any, str]) -> Iterator[Any]:
+    """An EigerReceiver (flavour auto-detected) PULLing from the bare PUSH socket."""
+    from hxn_liveptycho.streams import EigerReceiver
+
+    receiver = EigerReceiver(
+        raw_push[1],
+        on_series_start=collector.on_series_start,
+        on_frame=collector.on_frame,
+        on_series_end=collector.on_series_end,
+        socket_type="pull",
+    )
+    receiver.start()
+    yield receiver
+    assert receiver.stop(timeout=5.0)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import base64
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import zmq
-from test_eiger_stream import Collector, wait_until
+from eiger_helpers import Collector, wait_until
 from zmq.utils import z85
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerPublisher, EigerReceiver
 from hxn_liveptycho.streams._zmq import curve_key
 
-pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+pytestmark = [
+    pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ"),
+    pytest.mark.usefixtures("no_leaked_receiver_threads"),
+]
 
 KEY_NAMES = ("curve_server_key", "curve_public_key", "curve_secret_key")
 
@@ -25,19 +26,6 @@ KEY_NAMES = ("curve_server_key", "curve_public_key", "curve_secret_key")
 def as_base64(key: bytes) -> str:
     """A Z85 key re-written in base64 (44 characters), the other form users paste."""
     return base64.b64encode(z85.decode(key)).decode("ascii")
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_receiver_threads() -> Iterator[None]:
-    """Every test must stop what it started."""
-    yield
-    leaked = [t.name for t in threading.enumerate() if t.name.endswith("-receiver")]
-    assert leaked == []
-
-
-@pytest.fixture
-def collector() -> Collector:
-    return Collector()
 
 
 def _receiver(

@@ -14,66 +14,18 @@ import bitshuffle
 import numpy as np
 import pytest
 import zmq
+from eiger_helpers import Collector, wait_until
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerFrame, EigerPublisher, EigerReceiver, encode
 
 TRANSPORTS = [("pub", "sub"), ("push", "pull")]
 
-
-class Collector:
-    """Records every callback in arrival order, thread-safely."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def on_series_start(self, series: int, info: dict) -> None:
-        with self._lock:
-            self.events.append(("start", (series, info)))
-
-    def on_frame(self, frame: EigerFrame) -> None:
-        with self._lock:
-            self.events.append(("frame", frame))
-
-    def on_series_end(self, series: int) -> None:
-        with self._lock:
-            self.events.append(("end", series))
-
-    def of(self, kind: str) -> list[Any]:
-        with self._lock:
-            return [value for k, value in self.events if k == kind]
-
-    def kinds(self) -> list[str]:
-        with self._lock:
-            return [k for k, _ in self.events]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+pytestmark = pytest.mark.usefixtures("no_leaked_receiver_threads")
 
 
 def poisson_frame(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).poisson(3.0, shape).astype(dtype)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_receiver_threads() -> Iterator[None]:
-    """Every test must stop what it started."""
-    yield
-    leaked = [t.name for t in threading.enumerate() if t.name.endswith("-receiver")]
-    assert leaked == []
-
-
-@pytest.fixture
-def collector() -> Collector:
-    return Collector()
 
 
 @pytest.fixture
@@ -104,32 +56,6 @@ def make_pair(
     for publisher, receiver in made:
         assert receiver.stop(timeout=5.0)
         publisher.close(linger=0)
-
-
-@pytest.fixture
-def raw_push() -> Iterator[tuple[zmq.Socket, str]]:
-    """A bare ZMQ PUSH socket (like a detector's stream interface) on a random port."""
-    sock = zmq.Context.instance().socket(zmq.PUSH)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close(linger=0)
-
-
-@pytest.fixture
-def pull_receiver(
-    collector: Collector, raw_push: tuple[zmq.Socket, str]
-) -> Iterator[EigerReceiver]:
-    """An EigerReceiver PULLing from the bare PUSH socket."""
-    receiver = EigerReceiver(
-        raw_push[1],
-        on_series_start=collector.on_series_start,
-        on_frame=collector.on_frame,
-        on_series_end=collector.on_series_end,
-        socket_type="pull",
-    )
-    receiver.start()
-    yield receiver
-    assert receiver.stop(timeout=5.0)
 
 
 @pytest.mark.parametrize(("out", "into"), TRANSPORTS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 from cbor2 import CBORTag
-from test_eiger_stream import Collector, wait_until
+from eiger_helpers import Collector, wait_until
 
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams import EigerPublisher, EigerReceiver, cbor
@@ -22,6 +21,7 @@ from hxn_liveptycho.streams.codecs import ENCODINGS
 
 DTYPES = ("uint8", "uint16", "uint32")
 TYPED_TAG = {"uint8": 64, "uint16": 69, "uint32": 70}
+pytestmark = pytest.mark.usefixtures("no_leaked_receiver_threads")
 SHAPE = (48, 64)  # a whole number of 4-byte elements for every dtype and every bslz4 flavour
 
 
@@ -30,19 +30,6 @@ def counts_frame(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
     frame = np.random.default_rng(seed).poisson(3.0, shape).astype(dtype)
     frame[shape[0] // 2, shape[1] // 3] = np.iinfo(dtype).max
     return frame
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_receiver_threads() -> Iterator[None]:
-    """Every test must stop what it started."""
-    yield
-    leaked = [t.name for t in threading.enumerate() if t.name.endswith("-receiver")]
-    assert leaked == []
-
-
-@pytest.fixture
-def collector() -> Collector:
-    return Collector()
 
 
 @pytest.fixture
@@ -79,32 +66,6 @@ def make_pair(
     for publisher, receiver in made:
         assert receiver.stop(timeout=5.0)
         publisher.close(linger=0)
-
-
-@pytest.fixture
-def raw_push() -> Iterator[tuple[zmq.Socket, str]]:
-    """A bare ZMQ PUSH socket, as a detector's stream interface is."""
-    sock = zmq.Context.instance().socket(zmq.PUSH)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close(linger=0)
-
-
-@pytest.fixture
-def pull_receiver(
-    collector: Collector, raw_push: tuple[zmq.Socket, str]
-) -> Iterator[EigerReceiver]:
-    """An auto-detecting EigerReceiver PULLing from the bare PUSH socket."""
-    receiver = EigerReceiver(
-        raw_push[1],
-        on_series_start=collector.on_series_start,
-        on_frame=collector.on_frame,
-        on_series_end=collector.on_series_end,
-        socket_type="pull",
-    )
-    receiver.start()
-    yield receiver
-    assert receiver.stop(timeout=5.0)
 
 
 # -- round trips ------------------------------------------------------------------------
