@@ -5,38 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pydantic
 import pytest
+from recon_helpers import N, SimulatedScan
 
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon.backend import fft2
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
-from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.sim import optics, phantom
 
-N = 64
 ITERATIONS = 60
 #: (true mode powers) of the partially coherent beam.
 MODE_POWERS = (1.0, 0.3, 0.1)
 
 
-class Scan:
+class Scan(SimulatedScan):
     """A 15 x 15 scan on WHOLE pixels, ~75 % overlap, Poisson noise; single and 3-mode beams."""
 
     def __init__(self) -> None:
-        lam = optics.wavelength_m(12.0)
-        dx = optics.sample_pixel_size_m(lam, 0.5, N, 75e-6)
-        self.probe = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, rng=1)
-        # Initial guess: nominal optics, no aberrations, wrong defocus.
-        self.probe_guess = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, footprint_px=29)
-        self.subpixel_positions = phantom.scan_positions(15, 15, 5.0, jitter_px=0.5, rng=2) + 4
-        self.positions = np.rint(self.subpixel_positions)
-        top = self.positions.max(axis=0)
-        self.canvas = (int(top[0]) + N + 6, int(top[1]) + N + 6)
-        self.obj = phantom.make_object(self.canvas)
-        frames = phantom.simulate_diffraction(
-            self.obj, self.probe, self.positions, photons_per_frame=1e5, rng=3
-        )
-        self.amplitudes = np.sqrt(frames)
-        self.mask = illuminated_mask(self.positions, self.probe, self.canvas)
+        super().__init__(whole_pixels=True)
         # Three incoherent modes: the probe and two orthogonalised copies shifted by 3 px
         # (a source extended in x and y), powers 1 : 0.3 : 0.1; 1e7 photons per frame so
         # the incoherence, not the noise, limits a one-mode model.
@@ -58,9 +43,6 @@ class Scan:
         inten *= 1e7 / inten.sum(axis=(1, 2)).mean()
         rng = np.random.default_rng(5)
         self.mode_amplitudes = np.sqrt(rng.poisson(inten).astype(np.float32))
-
-    def error(self, solver: StreamingSolver) -> float:
-        return object_error(self.obj, solver.snapshot()["object"], self.mask)
 
     def solve(
         self, params: IterativeParams, iterations: int = ITERATIONS, *, modes: bool = False

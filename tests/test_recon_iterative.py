@@ -7,38 +7,17 @@ import importlib.util
 import numpy as np
 import pydantic
 import pytest
+from recon_helpers import N, SimulatedScan
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import backend
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
-from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
-from hxn_liveptycho.sim import optics, phantom
 
-N = 64
 ITERATIONS = 60
 
 
-class Scan:
-    """A 15 x 15 fly scan, ~75 % linear overlap, 1e5 photons/frame with Poisson noise."""
-
-    def __init__(self) -> None:
-        lam = optics.wavelength_m(12.0)
-        dx = optics.sample_pixel_size_m(lam, 0.5, N, 75e-6)
-        self.probe = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, rng=1)
-        # Initial guess: nominal optics, no aberrations, wrong defocus (beam 0.45 n, not 0.28 n).
-        self.probe_guess = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, footprint_px=29)
-        self.positions = phantom.scan_positions(15, 15, 5.0, jitter_px=0.5, rng=2) + 4
-        top = self.positions.max(axis=0)
-        self.canvas = (int(top[0]) + N + 6, int(top[1]) + N + 6)
-        self.obj = phantom.make_object(self.canvas)
-        frames = phantom.simulate_diffraction(
-            self.obj, self.probe, self.positions, photons_per_frame=1e5, rng=3
-        )
-        self.amplitudes = np.sqrt(frames)
-        self.mask = illuminated_mask(self.positions, self.probe, self.canvas)
-
-    def error(self, solver: StreamingSolver) -> float:
-        return object_error(self.obj, solver.snapshot()["object"], self.mask)
+class Scan(SimulatedScan):
+    """A 15 x 15 fly scan at sub-pixel positions, 1e5 photons/frame with Poisson noise."""
 
 
 @pytest.fixture(scope="module")

@@ -5,50 +5,34 @@ from __future__ import annotations
 import numpy as np
 import pydantic
 import pytest
+from recon_helpers import SimulatedScan
 
 from hxn_liveptycho.recon._positions import constrain_drift, fraction_ramps, unshift_sum
 from hxn_liveptycho.recon.backend import fft2, ifft2
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
-from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
-from hxn_liveptycho.sim import optics, phantom
+from hxn_liveptycho.sim import phantom
 
-N = 64
 ITERATIONS = 60
 #: Standard deviation (px, per axis) of the error added to the true positions.
 POSITION_ERROR_PX = 1.5
 
 
-class Scan:
+class Scan(SimulatedScan):
     """15 x 15 fly scan at sub-pixel positions (the truth), 1e5 photons, Poisson noise; the
     'measured' positions are the truth plus Gaussian errors of 1.5 px per axis."""
 
     def __init__(self) -> None:
-        lam = optics.wavelength_m(12.0)
-        dx = optics.sample_pixel_size_m(lam, 0.5, N, 75e-6)
-        self.dx, self.lam = dx, lam
-        self.probe = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, rng=1)
-        self.probe_guess = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, footprint_px=29)
-        self.true = phantom.scan_positions(15, 15, 5.0, jitter_px=0.5, rng=2) + 8
-        top = self.true.max(axis=0)
-        self.canvas = (int(top[0]) + N + 10, int(top[1]) + N + 10)
-        self.obj = phantom.make_object(self.canvas)
-        frames = phantom.simulate_diffraction(
-            self.obj, self.probe, self.true, photons_per_frame=1e5, rng=3
-        )
-        self.amplitudes = np.sqrt(frames)
+        super().__init__(offset=8, pad=10)
+        self.true = self.positions
         self.measured = self.true + np.random.default_rng(7).normal(
             0.0, POSITION_ERROR_PX, self.true.shape
         )
-        self.mask = illuminated_mask(self.true, self.probe, self.canvas)
 
     def position_rms(self, positions: np.ndarray, rows: slice = slice(None)) -> float:
         """RMS distance to the truth (px) after removing the mean offset."""
         d = positions[rows] - self.true[rows]
         d = d - d.mean(axis=0)
         return float(np.sqrt(np.mean(np.sum(d**2, axis=1))))
-
-    def error(self, solver: StreamingSolver) -> float:
-        return object_error(self.obj, solver.snapshot()["object"], self.mask)
 
     def solve(self, params: IterativeParams, positions: np.ndarray) -> StreamingSolver:
         s = StreamingSolver(probe=self.probe_guess, canvas_shape=self.canvas, params=params)

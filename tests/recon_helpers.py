@@ -1,0 +1,44 @@
+"""The simulated scan the solver tests share: one recipe, so every test sees the same physics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hxn_liveptycho.recon.iterative import StreamingSolver
+from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
+from hxn_liveptycho.sim import optics, phantom
+
+N = 64
+
+
+class SimulatedScan:
+    """A 15 x 15 fly scan, ~75 % linear overlap, 1e5 photons/frame with Poisson noise.
+
+    The probe guess has the nominal optics without aberrations and the wrong
+    defocus (beam 0.45 n, not 0.28 n). ``offset`` moves the scan into the
+    canvas, ``pad`` is the canvas margin past the last window, and
+    ``whole_pixels`` rounds the positions before the data are simulated.
+    """
+
+    def __init__(self, *, offset: float = 4, pad: int = 6, whole_pixels: bool = False) -> None:
+        self.lam = optics.wavelength_m(12.0)
+        self.dx = optics.sample_pixel_size_m(self.lam, 0.5, N, 75e-6)
+        self.probe = optics.make_probe(N, pixel_size_m=self.dx, wavelength_m=self.lam, rng=1)
+        self.probe_guess = optics.make_probe(
+            N, pixel_size_m=self.dx, wavelength_m=self.lam, footprint_px=29
+        )
+        self.subpixel_positions = phantom.scan_positions(15, 15, 5.0, jitter_px=0.5, rng=2) + offset
+        self.positions = (
+            np.rint(self.subpixel_positions) if whole_pixels else self.subpixel_positions
+        )
+        top = self.positions.max(axis=0)
+        self.canvas = (int(top[0]) + N + pad, int(top[1]) + N + pad)
+        self.obj = phantom.make_object(self.canvas)
+        frames = phantom.simulate_diffraction(
+            self.obj, self.probe, self.positions, photons_per_frame=1e5, rng=3
+        )
+        self.amplitudes = np.sqrt(frames)
+        self.mask = illuminated_mask(self.positions, self.probe, self.canvas)
+
+    def error(self, solver: StreamingSolver) -> float:
+        return object_error(self.obj, solver.snapshot()["object"], self.mask)
