@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -53,6 +54,7 @@ from hxn_liveptycho.recon._positions import (
     shifted_probes,
     unshift_sum,
 )
+from hxn_liveptycho.recon._windows import gather_windows, scatter_add_windows
 from hxn_liveptycho.recon.backend import array_namespace, fft2, ifft2, is_cupy, to_host
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
@@ -267,6 +269,27 @@ class IterativeParams(BaseModel):
         return {self.algorithm} if self.schedule is None else {a for a, _ in self.schedule}
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """Positions updated together: their active-set rows, window corners and bounding box."""
+
+    rows: Any  # (B,) int64 on xp
+    corners: Any  # (B, 2) int32 on xp: each window's top-left canvas pixel
+    box: tuple[int, int, int, int]  # (y0, x0, y1, x1) on the host: the windows' bounding box
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        return self.box[0], self.box[1]
+
+    @property
+    def box_shape(self) -> tuple[int, int]:
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+    @property
+    def box_slices(self) -> tuple[slice, slice]:
+        return slice(self.box[0], self.box[2]), slice(self.box[1], self.box[3])
+
+
 def _grow(buf: Any, needed: int, xp: types.ModuleType, *, exact: bool = False) -> Any:
     """Return ``buf`` with room for ``needed`` rows (capacity doubles unless ``exact``,
     old rows kept)."""
@@ -362,10 +385,6 @@ class StreamingSolver:
             self._valid = xp.fft.ifftshift(vm)
         else:
             self._valid = None
-        # Flat offsets of one window relative to its top-left pixel on the canvas.
-        iy = xp.arange(n, dtype=xp.int64)[:, None]
-        ix = xp.arange(n, dtype=xp.int64)[None, :]
-        self._window = (iy * w + ix).ravel()
         self._amps = xp.zeros((0, n, n), dtype=xp.float32)
         # Positions (y, x) of the window's top-left corner, float64 on xp: the current
         # (refined) ones and the measured ones (after clipping into the canvas). The
@@ -373,6 +392,7 @@ class StreamingSolver:
         self._pos = xp.zeros((0, 2), dtype=xp.float64)
         self._meas = xp.zeros((0, 2), dtype=xp.float64)
         self._shift = xp.zeros((0, 2), dtype=xp.float64)  # refinement: this pass's estimates
+        self._pos_host = np.zeros((0, 2), dtype=np.float64)  # host copy of the active _pos
         # Shift the probe per position only when some position has a fraction (or may get
         # one by refinement): whole-pixel data runs the plain, cheaper model.
         self._subpixel = self.params.position_refinement
@@ -452,8 +472,10 @@ class StreamingSolver:
 
     # ------------------------------------------------------------------ memory
     def _held_arrays(self) -> list[Any]:
-        arrays = [self._object, self._probes, self._window, self._amps, self._pos, self._meas]
+        arrays = [self._object, self._probes, self._amps, self._pos, self._meas]
         arrays += [self._shift, self._amp_power]
+        if self._xp is np:  # on CuPy the host copy of the positions is no device memory
+            arrays.append(self._pos_host)
         arrays += [a for a in (self._valid, self._dm_waves, self._probe_power) if a is not None]
         return arrays
 
@@ -582,6 +604,7 @@ class StreamingSolver:
             stored *= self._valid
         dev = xp.asarray(clipped)
         self._pos[start:stop] = dev
+        self._pos_host = np.concatenate([self._pos_host[:start], clipped])
         self._meas[start:stop] = dev
         self._shift[start:stop] = 0
         power = xp.sum(stored**2)
@@ -598,67 +621,58 @@ class StreamingSolver:
                 self._probes, _ = orthogonalize_modes(self._probes, xp)
         return self._n_active
 
-    # ------------------------------------------------------------------ kernels
-    # Windows are cut from / summed onto the canvas at floor(position). On NumPy a short
-    # loop of slice operations over the batch beats fancy indexing and bincount by 2-5x
-    # (no index arrays, no float64 detour); on CuPy one gather and one bincount kernel
-    # per batch beat B small launches.
-    def _corners(self, sel: np.ndarray) -> Any:
-        """Whole-pixel top-left corners (B, 2) int64 (xp) of active-set indices ``sel``:
-        floor with sub-pixel shifts (the fraction shifts the probe), else rounded."""
-        xp = self._xp
-        idx = sel if xp is np else xp.asarray(sel)
-        whole = xp.floor if self._subpixel else xp.rint
-        return whole(self._pos[idx]).astype(xp.int64)
+    # ------------------------------------------------------------------ batches
+    def _batches(self, order: np.ndarray) -> list[_Batch]:
+        """The active-set rows ``order`` in batches of ``params.batch_size``.
 
-    def _flat_index(self, sel: np.ndarray) -> Any:
-        """(B, n*n) flat canvas indices of the windows of ``sel`` (CuPy path)."""
-        c = self._corners(sel)
-        offsets = c[:, 0] * self._shape[1] + c[:, 1]
-        return offsets[:, None] + self._window[None, :]
+        Window corners come from the host copy of the positions: one upload of
+        rows and corners per pass, none per batch (a per-batch upload would
+        wait for the GPU's queue to drain).
+        """
+        xp, n, size = self._xp, self._n, self.params.batch_size
+        whole = np.floor if self._subpixel else np.rint
+        corners = whole(self._pos_host[order]).astype(np.int32)
+        rows = xp.asarray(order.astype(np.int64))
+        dev_corners = xp.asarray(corners)
+        batches = []
+        for start in range(0, len(order), size):
+            c = corners[start : start + size]
+            lo, hi = c.min(axis=0), c.max(axis=0) + n
+            box = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+            batches.append(
+                _Batch(rows[start : start + size], dev_corners[start : start + size], box)
+            )
+        return batches
 
-    def _gather(self, sel: np.ndarray, canvas: Any | None = None) -> Any:
-        """Windows (B, n, n) of ``canvas`` (default: the object) for active-set indices ``sel``."""
-        xp, n = self._xp, self._n
-        canvas = self._object if canvas is None else canvas
-        if xp is np:
-            return np.stack([canvas[y : y + n, x : x + n] for y, x in self._corners(sel)])
-        return canvas.ravel()[self._flat_index(sel)].reshape(-1, n, n)
+    def _gather(self, batch: _Batch, canvas: Any | None = None) -> Any:
+        """Windows (B, n, n) of the object, or of a ``canvas`` covering the batch's box."""
+        if canvas is None:
+            return gather_windows(self._object, batch.corners, self._n, self._xp)
+        return gather_windows(canvas, batch.corners, self._n, self._xp, batch.origin)
 
-    def _scatter(self, sel: np.ndarray, values: Any, canvas: Any) -> None:
-        """Add windows ``values`` ((B, n, n), or one (n, n) for all) onto ``canvas`` in place."""
-        xp, n = self._xp, self._n
-        if xp is np:
-            one = values.ndim == 2
-            for j, (y, x) in enumerate(self._corners(sel)):
-                canvas[y : y + n, x : x + n] += values if one else values[j]
-            return
-        size = canvas.size
-        idx = self._flat_index(sel).ravel()
-        if values.ndim == 2:
-            values = xp.broadcast_to(values, (len(sel), n, n))
-        if xp.iscomplexobj(values):
-            re = xp.bincount(idx, weights=values.real.ravel(), minlength=size)
-            im = xp.bincount(idx, weights=values.imag.ravel(), minlength=size)
-            canvas += (re + 1j * im).reshape(canvas.shape).astype(canvas.dtype)
-        else:
-            add = xp.bincount(idx, weights=values.ravel(), minlength=size)
-            canvas += add.reshape(canvas.shape).astype(canvas.dtype)
+    def _scatter(self, batch: _Batch, values: Any, canvas: Any, *, whole: bool = False) -> None:
+        """Add windows ``values`` ((B, n, n), or one (n, n) for all) onto ``canvas`` in
+        place: an array covering the batch's box, or (``whole``) the whole canvas."""
+        origin = (0, 0) if whole else batch.origin
+        scatter_add_windows(canvas, batch.corners, values, self._xp, origin)
 
-    def _batch_probes(self, sel: np.ndarray) -> tuple[Any, Any | None]:
-        """``(probes, ramp)`` for the positions ``sel``: the modes shifted by each position's
+    def _box_zeros(self, batch: _Batch, dtype: Any) -> Any:
+        return self._xp.zeros(batch.box_shape, dtype=dtype)
+
+    def _batch_probes(self, batch: _Batch) -> tuple[Any, Any | None]:
+        """``(probes, ramp)`` for the positions of ``batch``: the modes shifted by each position's
         sub-pixel fraction (B, K, n, n) and the ramps (B, n, n) that did it; on whole-pixel
         data the shared modes (K, n, n) and None."""
         if not self._subpixel:
             return self._probes, None
         xp = self._xp
-        ramp = self._batch_ramp(sel)
+        ramp = self._batch_ramp(batch)
         return shifted_probes(fft2(self._probes, xp=xp), ramp, xp), ramp
 
-    def _batch_ramp(self, sel: np.ndarray) -> Any:
-        """Phase ramps (B, n, n) shifting the probe by the fractions of the positions ``sel``."""
+    def _batch_ramp(self, batch: _Batch) -> Any:
+        """Phase ramps (B, n, n) shifting the probe by the fractions of ``batch``'s positions."""
         xp = self._xp
-        pos = self._pos[sel if xp is np else xp.asarray(sel)]
+        pos = self._pos[batch.rows]
         return fraction_ramps(pos - xp.floor(pos), self._n, xp)
 
     @staticmethod
@@ -753,14 +767,13 @@ class StreamingSolver:
 
     # ------------------------------------------------------------------ positions
     def _estimate_shifts(
-        self, sel: np.ndarray, obj: Any, obj_num: Any, illum: Any, refine: bool
+        self, batch: _Batch, obj: Any, obj_num: Any, illum: Any, refine: bool
     ) -> None:
-        """Record the least-squares position shifts of ``sel`` (applied after the pass)."""
+        """Record the least-squares position shifts of ``batch`` (applied after the pass)."""
         if not refine:
             return
         xp = self._xp
-        idx = sel if xp is np else xp.asarray(sel)
-        self._shift[idx] = shift_gradient(obj, obj_num, illum, xp).astype(xp.float64)
+        self._shift[batch.rows] = shift_gradient(obj, obj_num, illum, xp).astype(xp.float64)
 
     def _apply_shifts(self) -> None:
         """Move every active position by its recorded shift, within the bounds, mean fixed."""
@@ -779,20 +792,19 @@ class StreamingSolver:
             xp,
         )
         self._pos[:m] = meas + new
+        self._pos_host = np.array(to_host(self._pos[:m]), dtype=np.float64)
         self._shift[:m] = 0
 
     # ------------------------------------------------------------------ ePIE
-    def _epie_batch(self, sel: np.ndarray, update_probe: bool, refine: bool) -> Any:
-        """One parallel rPIE step on the positions ``sel``; returns their squared error."""
+    def _epie_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
+        """One parallel rPIE step on the positions of ``batch``; returns their squared error."""
         xp, p = self._xp, self.params
-        obj = self._gather(sel)
-        probes, ramp = self._batch_probes(sel)
-        dpsi, err = self._fourier_residual(
-            self._exit_waves(obj, probes), self._amps[xp.asarray(sel)]
-        )
-        # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's footprint.
-        num = xp.zeros(self._shape, dtype=xp.complex64)
-        den = xp.zeros(self._shape, dtype=xp.float32)
+        obj = self._gather(batch)
+        probes, ramp = self._batch_probes(batch)
+        dpsi, err = self._fourier_residual(self._exit_waves(obj, probes), self._amps[batch.rows])
+        # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
+        num = self._box_zeros(batch, xp.complex64)
+        den = self._box_zeros(batch, xp.float32)
         if update_probe:
             # Probe sums first: they need the object before this batch changes it.
             onum = self._probe_numerator(obj, dpsi, ramp)
@@ -800,12 +812,12 @@ class StreamingSolver:
         obj_num = self._object_numerator(dpsi, probes)
         del dpsi
         illum = self._probe_intensity(probes)
-        self._estimate_shifts(sel, obj, obj_num, illum, refine)
-        self._scatter(sel, obj_num, num)
-        self._scatter(sel, illum, den)
+        self._estimate_shifts(batch, obj, obj_num, illum, refine)
+        self._scatter(batch, obj_num, num)
+        self._scatter(batch, illum, den)
         num /= _regularised(den, p.object_reg, xp)
         num *= p.alpha
-        self._object += num
+        self._object[batch.box_slices] += num
         if update_probe:
             onum /= _regularised(oden, p.probe_reg, xp)
             onum *= p.beta
@@ -813,8 +825,8 @@ class StreamingSolver:
         return err
 
     # ------------------------------------------------------------------ LSQ-ML
-    def _lsqml_batch(self, sel: np.ndarray, update_probe: bool, refine: bool) -> Any:
-        """One LSQ-ML step (Odstrčil 2018) on the positions ``sel``; returns their squared error.
+    def _lsqml_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
+        """One LSQ-ML step (Odstrčil 2018) on ``batch``; returns its positions' squared error.
 
         chi = the exit-wave update the noise model asks for; directions
         dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
@@ -823,10 +835,9 @@ class StreamingSolver:
         contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
         """
         xp, p = self._xp, self.params
-        isel = xp.asarray(sel)
-        obj = self._gather(sel)
-        probes, ramp = self._batch_probes(sel)
-        amps = self._amps[isel]
+        obj = self._gather(batch)
+        probes, ramp = self._batch_probes(batch)
+        amps = self._amps[batch.rows]
         f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
         f *= far_field_factor(inten, amps, self._valid, p.noise, xp)[:, None]
         del inten
@@ -834,13 +845,13 @@ class StreamingSolver:
         # Object direction over the batch footprint, and its windows.
         pnum = self._object_numerator(chi, probes)
         illum = self._probe_intensity(probes)
-        self._estimate_shifts(sel, obj, pnum, illum, refine)
-        num = xp.zeros(self._shape, dtype=xp.complex64)
-        den = xp.zeros(self._shape, dtype=xp.float32)
-        self._scatter(sel, pnum, num)
-        self._scatter(sel, illum, den)
+        self._estimate_shifts(batch, obj, pnum, illum, refine)
+        num = self._box_zeros(batch, xp.complex64)
+        den = self._box_zeros(batch, xp.float32)
+        self._scatter(batch, pnum, num)
+        self._scatter(batch, illum, den)
         _regularised(den, p.object_reg, xp)
-        d_obj = self._gather(sel, num) / self._gather(sel, den)
+        d_obj = self._gather(batch, num) / self._gather(batch, den)
         u = self._exit_waves(d_obj, probes)
         if update_probe:
             oden = _regularised(xp.sum(obj.real**2 + obj.imag**2, axis=0), p.probe_reg, xp)
@@ -855,9 +866,9 @@ class StreamingSolver:
         del u, v, chi
         num[...] = 0
         pnum *= (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
-        self._scatter(sel, pnum, num)
+        self._scatter(batch, pnum, num)
         num /= den
-        self._object += num
+        self._object[batch.box_slices] += num
         if update_probe:
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             self._probes += d_probe
@@ -871,10 +882,15 @@ class StreamingSolver:
             # Sized like the frame buffer (the memory check of add() counted it).
             self._dm_waves = xp.zeros((self._amps.shape[0], k, n, n), dtype=xp.complex64)
         self._dm_waves = _grow(self._dm_waves, self._n_active, xp)
-        for start in range(self._dm_ready, self._n_active, self.params.batch_size):
-            sel = np.arange(start, min(start + self.params.batch_size, self._n_active))
-            psi = self._exit_waves(self._gather(sel), self._batch_probes(sel)[0])
-            self._dm_waves[start : start + len(sel)] = fft2(psi, xp=xp, overwrite_x=True)
+        new = np.arange(self._dm_ready, self._n_active)
+        for start, batch in zip(
+            range(self._dm_ready, self._n_active, self.params.batch_size),
+            self._batches(new),
+            strict=True,
+        ):
+            psi = self._exit_waves(self._gather(batch), self._batch_probes(batch)[0])
+            stop = start + int(batch.rows.shape[0])
+            self._dm_waves[start:stop] = fft2(psi, xp=xp, overwrite_x=True)
         self._dm_ready = self._n_active
 
     def _dm_fourier_factor(self, inten: Any, amps: Any) -> Any:
@@ -913,11 +929,12 @@ class StreamingSolver:
         onum = xp.zeros(self._shape, dtype=xp.complex64)
         oden = xp.zeros(self._shape, dtype=xp.float32)
         err = xp.zeros((), dtype=xp.float32)
-        for start in range(0, self._n_active, p.batch_size):
-            stop = min(start + p.batch_size, self._n_active)
-            sel = np.arange(start, stop)
-            obj = self._gather(sel)
-            probes, _ = self._batch_probes(sel)
+        batches = self._batches(np.arange(self._n_active))
+        starts = range(0, self._n_active, p.batch_size)
+        for start, batch in zip(starts, batches, strict=True):
+            stop = start + int(batch.rows.shape[0])
+            obj = self._gather(batch)
+            probes, _ = self._batch_probes(batch)
             amps = self._amps[start:stop]
             phi, _, e = self._far_field(self._exit_waves(obj, probes), amps)
             err = err + e
@@ -931,8 +948,8 @@ class StreamingSolver:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            self._scatter(sel, self._object_numerator(psi, probes), onum)
-            self._scatter(sel, self._probe_intensity(probes), oden)
+            self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
+            self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
@@ -945,11 +962,10 @@ class StreamingSolver:
             # overlap projection; updating both from the old pair oscillates).
             pnum = xp.zeros_like(self._probes)
             pden = xp.zeros((self._n, self._n), dtype=xp.float32)
-            for start in range(0, self._n_active, p.batch_size):
-                stop = min(start + p.batch_size, self._n_active)
-                sel = np.arange(start, stop)
-                obj = self._gather(sel)
-                ramp = self._batch_ramp(sel) if self._subpixel else None
+            for start, batch in zip(starts, batches, strict=True):
+                stop = start + int(batch.rows.shape[0])
+                obj = self._gather(batch)
+                ramp = self._batch_ramp(batch) if self._subpixel else None
                 pnum += self._probe_numerator(obj, ifft2(waves[start:stop], xp=xp), ramp)
                 ointen = obj.real**2 + obj.imag**2
                 if ramp is None:
@@ -989,8 +1005,8 @@ class StreamingSolver:
                 step = self._epie_batch if algorithm == "epie" else self._lsqml_batch
                 err = xp.zeros((), dtype=xp.float32)
                 order = self._rng.permutation(self._n_active)
-                for start in range(0, self._n_active, p.batch_size):
-                    err = err + step(order[start : start + p.batch_size], update_probe, refine)
+                for batch in self._batches(order):
+                    err = err + step(batch, update_probe, refine)
                 if refine:
                     self._apply_shifts()
             if update_probe and p.fix_probe_power:
