@@ -1,17 +1,19 @@
-"""Streaming ePIE on the GPU: NumPy ⇄ CuPy parity, seconds per iteration, and the memory floor.
+"""The solver on the GPU: NumPy ⇄ CuPy parity, seconds per iteration, memory and the floor.
 
 Run on a CUDA machine (the lent H100), from the repository root:
 
     PYTHONPATH=. python benchmarks/recon_gpu.py [--out results.json]
 
 For each case (simulated HXN data: defocused zone-plate probe, phantom
-object, jittered raster, Poisson noise) it times iterations of
-``StreamingSolver`` on CuPy after a warm-up, reports the peak GPU memory of
-the solver, and the memory-traffic floor of one iteration (each frame read
-once plus the object and probe patches read and written once, at the copy
-bandwidth measured in the same run). On the demo-sized case it also runs the
-same iterations on NumPy and reports the relative difference between the two
-objects and both object errors against the phantom.
+object, jittered raster, Poisson noise; ePIE, LSQ-ML and DM with 1 and 3
+probe modes at 1,024 and 4,096 positions of 256²) it times iterations of
+``StreamingSolver`` on CuPy after a warm-up, with the fused kernels
+(:mod:`hxn_liveptycho.recon._fused`) and, for one mode, without them; reports
+CuPy's memory pool after the run (an upper bound of the peak) next to the
+solver's own estimate, and the memory-traffic floors of one iteration at the
+copy bandwidth measured in the same run (:func:`floor_bytes`). On the
+demo-sized cases it also runs the same iterations on NumPy and reports the
+relative difference between the two objects and both object errors.
 """
 
 from __future__ import annotations
@@ -68,40 +70,67 @@ def error_of(sample: SimulatedSample, solver: StreamingSolver) -> float:
     return object_error(sample.object, obj[4 : 4 + h, 4 : 4 + w], mask)
 
 
-def floor_bytes(n_frames: int, window: int) -> int:
-    """Fewest bytes one iteration moves: frames read once; object+probe patches read and written."""
-    frames = n_frames * window * window * 4
-    patches = n_frames * window * window * 8 * 2
-    return frames + patches
+def floor_bytes(n_frames: int, window: int, modes: int) -> dict[str, int]:
+    """Memory-traffic floors of one iteration, in bytes.
+
+    ``data``: each frame read once, object and probe patches read and written
+    once (complex64). ``with_ffts``: plus each exit wave (per mode) written
+    once, and read and written once by each of the two FFTs (what any FFT-based
+    ptychography iteration moves at least).
+    """
+    pix = n_frames * window * window
+    data = pix * 4 + pix * 8 * 2
+    waves = pix * modes * 8 * (1 + 2 + 2)
+    return {"data": data, "with_ffts": data + waves}
 
 
-def run_case(cp: Any, name: str, bl: SimulatedBeamline, iterations: int, parity: bool) -> dict:
-    began = time.perf_counter()
-    sample = SimulatedSample(bl)
-    simulated_s = time.perf_counter() - began
-    params = IterativeParams(batch_size=256 if bl.window <= 128 else 128)
-    pool = cp.get_default_memory_pool()
-    pool.free_all_blocks()
-    cp.cuda.Device().synchronize()
-    solver = make_solver(sample, cp, params)
+def timed(cp: Any, solver: StreamingSolver, iterations: int) -> float:
     solver.iterate(3)  # warm-up: kernels compiled, cuFFT plans made
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
     solver.iterate(iterations)
     cp.cuda.Device().synchronize()
-    per_iteration = (time.perf_counter() - t0) / iterations
-    result = {
+    return (time.perf_counter() - t0) / iterations
+
+
+def run_case(
+    cp: Any,
+    name: str,
+    sample: SimulatedSample,
+    params: IterativeParams,
+    iterations: int,
+    *,
+    parity: bool,
+    reference: bool,
+    error_at: int,
+) -> dict:
+    bl = sample.beamline
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    cp.cuda.Device().synchronize()
+    solver = make_solver(sample, cp, params)
+    result: dict[str, Any] = {
         "case": name,
+        "algorithm": params.algorithm,
+        "modes": params.probe_modes,
+        "batch": params.batch_size,
         "frames": sample.num_points,
         "window": bl.window,
         "canvas": list(solver.object.shape),
-        "simulate_s": round(simulated_s, 1),
-        "gpu_s_per_iteration": per_iteration,
-        "gpu_peak_pool_bytes": int(pool.total_bytes()),
-        "floor_bytes": floor_bytes(sample.num_points, bl.window),
+        "gpu_s_per_iteration": timed(cp, solver, iterations),
+        "gpu_pool_bytes": int(pool.total_bytes()),
+        "solver_peak_estimate_bytes": solver.peak_bytes(),
+        "floor_bytes": floor_bytes(sample.num_points, bl.window, params.probe_modes),
     }
-    solver.iterate(max(0, 100 - iterations - 3))
-    result["gpu_object_error_100"] = error_of(sample, solver)
+    if error_at:
+        solver.iterate(max(0, error_at - iterations - 3))
+        result[f"gpu_object_error_{error_at}"] = error_of(sample, solver)
+    del solver
+    if reference:  # the same solver with the fused kernels off: the xp expressions on CuPy
+        ref = make_solver(sample, cp, params)
+        ref._fused = False
+        result["gpu_unfused_s_per_iteration"] = timed(cp, ref, iterations)
+        del ref
     if parity:
         cpu = make_solver(sample, np, params)
         gpu = make_solver(sample, cp, params)
@@ -119,23 +148,50 @@ def run_case(cp: Any, name: str, bl: SimulatedBeamline, iterations: int, parity:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the small parity cases only")
+    parser.add_argument("--error-at", type=int, default=0, help="object error after N its")
     args = parser.parse_args()
     import cupy as cp
 
     bandwidth = copy_bandwidth(cp)
     demo = SimulatedBeamline()
     big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
-    cases = [
-        ("demo 20x20, 128^2", demo, True),
-        ("1024 frames, 256^2", replace(big, x_num=32, y_num=32), True),
-        ("4096 frames, 256^2", replace(big, x_num=64, y_num=64), False),
-    ]
+    small = SimulatedSample(demo)
+    plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool]] = []
+    for algorithm in ("epie", "lsqml", "dm"):
+        for modes in (1, 3):
+            params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
+            plans.append((f"demo 400x128^2 {algorithm} K={modes}", small, params, True, True))
+    if not args.quick:
+        for side in (32, 64):
+            sample = SimulatedSample(replace(big, x_num=side, y_num=side))
+            for algorithm in ("epie", "lsqml", "dm"):
+                for modes in (1, 3):
+                    params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
+                    name = f"{side * side}x256^2 {algorithm} K={modes}"
+                    plans.append((name, sample, params, False, modes == 1))
     results = []
-    for name, bl, parity in cases:
-        r = run_case(cp, name, bl, args.iterations, parity)
-        r["floor_s"] = r["floor_bytes"] / bandwidth
-        r["ratio_to_floor"] = r["gpu_s_per_iteration"] / r["floor_s"]
+    for name, sample, params, parity, reference in plans:
+        try:
+            r = run_case(
+                cp,
+                name,
+                sample,
+                params,
+                args.iterations,
+                parity=parity,
+                reference=reference,
+                error_at=args.error_at,
+            )
+        except Exception as exc:  # keep the other cases' figures
+            r = {"case": name, "failed": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            continue
+        floors = {k: v / bandwidth for k, v in r["floor_bytes"].items()}
+        r["floor_s"] = floors
+        r["ratio_to_floor"] = {k: r["gpu_s_per_iteration"] / v for k, v in floors.items()}
         results.append(r)
         print(json.dumps(r), flush=True)
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -151,18 +207,24 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     print(f"\ndevice {report['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print("| case | GPU s/iter | CPU s/iter | floor s | ratio | peak pool GiB | err@100 | parity |")
+    print(
+        "| case | GPU s/it | unfused s/it | CPU s/it | floor s (data / +FFTs) | ratio "
+        "| pool GiB | parity |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in results:
+        if "failed" in r:
+            print(f"| {r['case']} | failed: {r['failed'][:80]} |")
+            continue
         cells = [
             r["case"],
             f"{r['gpu_s_per_iteration']:.4f}",
+            f"{r.get('gpu_unfused_s_per_iteration', nan):.4f}",
             f"{r.get('cpu_s_per_iteration', nan):.3f}",
-            f"{r['floor_s']:.5f}",
-            f"{r['ratio_to_floor']:.0f}x",
-            f"{r['gpu_peak_pool_bytes'] / 2**30:.2f}",
-            f"{r['gpu_object_error_100']:.3f}",
+            f"{r['floor_s']['data']:.5f} / {r['floor_s']['with_ffts']:.5f}",
+            f"{r['ratio_to_floor']['data']:.0f}x / {r['ratio_to_floor']['with_ffts']:.1f}x",
+            f"{r['gpu_pool_bytes'] / 2**30:.2f}",
             f"{r.get('parity_rel_diff_20', nan):.1e}",
         ]
         print("| " + " | ".join(cells) + " |")

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import memory
+from hxn_liveptycho.recon._fused import modulus_residual, object_update_sums, regularised_step
 from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._positions import (
@@ -385,6 +386,10 @@ class StreamingSolver:
             self._valid = xp.fft.ifftshift(vm)
         else:
             self._valid = None
+        self._valid_f32 = None if self._valid is None else self._valid.astype(xp.float32)
+        # CuPy: the hot steps of ePIE and LSQ-ML run as fused kernels (recon._fused), the
+        # xp expressions below are their reference and the NumPy path.
+        self._fused = is_cupy(xp)
         self._amps = xp.zeros((0, n, n), dtype=xp.float32)
         # Positions (y, x) of the window's top-left corner, float64 on xp: the current
         # (refined) ones and the measured ones (after clipping into the canvas). The
@@ -801,7 +806,14 @@ class StreamingSolver:
         xp, p = self._xp, self.params
         obj = self._gather(batch)
         probes, ramp = self._batch_probes(batch)
-        dpsi, err = self._fourier_residual(self._exit_waves(obj, probes), self._amps[batch.rows])
+        fused = self._fused and not refine  # refinement needs the object numerator itself
+        if fused:
+            f = fft2(self._exit_waves(obj, probes), xp=xp, overwrite_x=True)
+            err = xp.sum(modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-24))
+            dpsi = ifft2(f, xp=xp, overwrite_x=True)
+        else:
+            psi = self._exit_waves(obj, probes)
+            dpsi, err = self._fourier_residual(psi, self._amps[batch.rows])
         # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
         num = self._box_zeros(batch, xp.complex64)
         den = self._box_zeros(batch, xp.float32)
@@ -809,6 +821,13 @@ class StreamingSolver:
             # Probe sums first: they need the object before this batch changes it.
             onum = self._probe_numerator(obj, dpsi, ramp)
             oden = xp.sum(obj.real**2 + obj.imag**2, axis=0)
+        if fused:
+            object_update_sums(dpsi, probes, batch.corners, batch.origin, num, den)
+            del dpsi
+            regularised_step(self._object[batch.box_slices], num, den, p.object_reg, p.alpha)
+            if update_probe:
+                regularised_step(self._probes, onum, oden, p.probe_reg, p.beta)
+            return err
         obj_num = self._object_numerator(dpsi, probes)
         del dpsi
         illum = self._probe_intensity(probes)
@@ -837,10 +856,14 @@ class StreamingSolver:
         xp, p = self._xp, self.params
         obj = self._gather(batch)
         probes, ramp = self._batch_probes(batch)
-        amps = self._amps[batch.rows]
-        f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
-        f *= far_field_factor(inten, amps, self._valid, p.noise, xp)[:, None]
-        del inten
+        if self._fused and p.noise == "gaussian":  # the Gaussian step is the modulus residual
+            f = fft2(self._exit_waves(obj, probes), xp=xp, overwrite_x=True)
+            err = xp.sum(modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-12))
+        else:
+            amps = self._amps[batch.rows]
+            f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
+            f *= far_field_factor(inten, amps, self._valid, p.noise, xp)[:, None]
+            del inten
         chi = ifft2(f, xp=xp, overwrite_x=True)
         # Object direction over the batch footprint, and its windows.
         pnum = self._object_numerator(chi, probes)
@@ -948,8 +971,11 @@ class StreamingSolver:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
-            self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
+            if self._fused:
+                object_update_sums(psi, probes, batch.corners, (0, 0), onum, oden)
+            else:
+                self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
+                self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
