@@ -107,6 +107,11 @@ class LivePtycho(DocumentRouter):
         """Replace the overrides applied to the *next* runs (running ones keep theirs)."""
         self._overrides = dict(overrides)
 
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """A copy of the overrides the next runs get (``configure`` replaces them)."""
+        return dict(self._overrides)
+
     def enable(self) -> None:
         self.enabled = True
 
@@ -116,6 +121,11 @@ class LivePtycho(DocumentRouter):
 
     def status(self) -> dict[str, Any]:
         info = self.engine.status()
+        # A run's status turns final before its last write to Tiled ends; 'finished' says
+        # when that write is done too (runs dropped from the engine's history are).
+        running = {s.uid for s in self.engine.sessions() if not s.finished}
+        for run in info["runs"]:
+            run["finished"] = run["uid"] not in running
         info["callback"] = {
             **self.counters.snapshot(),
             "enabled": self.enabled,

@@ -1,0 +1,149 @@
+"""Steer a LivePtycho from bluesky-queueserver: functions for ``function_execute``, plan wrappers.
+
+Queueserver looks functions up by name in the worker's namespace and sends
+their return values back to the client as JSON, so the profile binds one
+:class:`LivePtychoControl` to the subscribed callback and puts its
+:meth:`~LivePtychoControl.functions` into the namespace::
+
+    globals().update(LivePtychoControl(live_ptycho).functions())
+
+after which a client calls ``function_execute(BFunc("liveptycho_status"))``.
+Every function returns a JSON-safe mapping and raises a clear error for bad
+arguments (queueserver reports it as the task's ``traceback``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+import bluesky.preprocessors as bpp
+from pydantic import BaseModel
+
+from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.scan import ScanConfig
+
+logger = logging.getLogger(__name__)
+
+#: The prefix of every name this module puts into the queueserver namespace.
+PREFIX = "liveptycho_"
+
+
+def ptychography(
+    plan: Generator[Any, Any, Any],
+    md: Mapping[str, Any] | None = None,
+    *,
+    flag: str = "ptychography",
+) -> Generator[Any, Any, Any]:
+    """Mark every run of ``plan`` for live reconstruction, whatever the plan is called.
+
+    ``flag`` must match ``Settings.metadata_flag``; ``md`` adds metadata of
+    the caller's (it wins over the plan's own, as ``RE(plan, **md)`` does).
+    """
+    return (yield from bpp.inject_md_wrapper(plan, {**(md or {}), flag: True}))
+
+
+def check_overrides(overrides: Mapping[str, Any], model: type[BaseModel] = ScanConfig) -> None:
+    """Reject override keys that ScanConfig does not have, before they fail every later run.
+
+    Values are validated when a run is configured (they combine with what
+    the documents say); names can be checked now.
+    """
+    for key, value in overrides.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            known = ", ".join(sorted(model.model_fields))
+            raise ValueError(f"{model.__name__} has no field {key!r}; known fields: {known}")
+        nested = field.annotation
+        if (
+            isinstance(value, Mapping)
+            and isinstance(nested, type)
+            and issubclass(nested, BaseModel)
+        ):
+            check_overrides(value, nested)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON types: queueserver ships function results as JSON."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class LivePtychoControl:
+    """The queueserver face of one subscribed :class:`LivePtycho` (or of none, if it failed)."""
+
+    def __init__(self, live: LivePtycho | None) -> None:
+        self.live = live
+
+    def _require_live(self) -> LivePtycho:
+        if self.live is None:
+            raise RuntimeError(
+                "live ptychography is not running in this environment; "
+                "the startup log ('hxn_liveptycho.profile') says why"
+            )
+        return self.live
+
+    def status(self) -> dict[str, Any]:
+        """Runs (newest last) with progress, counters, overrides and the Tiled location."""
+        if self.live is None:
+            return {"running": False, "enabled": False, "runs": []}
+        info = self.live.status()
+        info["running"] = True
+        info["enabled"] = self.live.enabled
+        info["overrides"] = self.live.overrides
+        info["settings"] = {
+            "catalog_path": self.live.settings.catalog_path,
+            "metadata_flag": self.live.settings.metadata_flag,
+            "plan_names": list(self.live.settings.plan_names),
+        }
+        return json_safe(info)
+
+    def enable(self) -> dict[str, Any]:
+        """Reconstruct new ptychography runs again."""
+        live = self._require_live()
+        live.enable()
+        logger.info("live ptychography enabled from the queue")
+        return {"enabled": True}
+
+    def disable(self) -> dict[str, Any]:
+        """Leave new runs alone; runs already being reconstructed carry on."""
+        live = self._require_live()
+        live.disable()
+        logger.info("live ptychography disabled from the queue")
+        return {"enabled": False}
+
+    def configure(self, **overrides: Any) -> dict[str, Any]:
+        """Replace the ScanConfig overrides of the *next* runs; no arguments clears them."""
+        live = self._require_live()
+        check_overrides(overrides)
+        live.configure(**overrides)
+        logger.info("live ptychography overrides for the next runs: %s", overrides)
+        return {"overrides": json_safe(live.overrides)}
+
+    def select_model(self, name: str) -> dict[str, Any]:
+        """Use the neural-network model ``name`` for the next runs (kept with the overrides)."""
+        live = self._require_live()
+        overrides = {**live.overrides, "nn_model": name}
+        check_overrides(overrides)
+        live.configure(**overrides)
+        logger.info("live ptychography NN model for the next runs: %s", name)
+        return {"nn_model": name}
+
+    def stop(self, uid: str | None = None) -> dict[str, Any]:
+        """Stop the reconstruction of run ``uid`` (None: the newest running); it ends 'aborted'."""
+        live = self._require_live()
+        stopped = live.stop_run(uid)
+        logger.info("stop of reconstruction %s requested: %s", uid or "(newest)", stopped)
+        return {"stopped": stopped, "uid": uid}
+
+    def functions(self) -> dict[str, Callable[..., dict[str, Any]]]:
+        """The names queueserver users call, each bound to this control."""
+        return {
+            f"{PREFIX}status": self.status,
+            f"{PREFIX}enable": self.enable,
+            f"{PREFIX}disable": self.disable,
+            f"{PREFIX}configure": self.configure,
+            f"{PREFIX}select_model": self.select_model,
+            f"{PREFIX}stop": self.stop,
+        }
