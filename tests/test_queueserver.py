@@ -175,25 +175,16 @@ def _call(RM: Any, name: str, *args: Any, **kwargs: Any) -> Any:
     return result["return_value"]
 
 
-def _run_of(status: dict[str, Any], uid: str) -> dict[str, Any] | None:
-    return next((run for run in status["runs"] if run["uid"] == uid), None)
-
-
-def test_queued_ptycho_plan_is_reconstructed_and_reported(manager, tiled_server):
-    """A plan from the queue is reconstructed into Tiled; liveptycho_status reports that run."""
+def _run_plan(RM: Any, **plan_kwargs: Any) -> str:
+    """Queue and run one small simulated ptychography scan; return its run uid."""
     from bluesky_queueserver_api import BPlan
-    from tiled.client import from_uri
-
-    RM = manager
-    overrides = _call(RM, "liveptycho_configure", recon={"iterations": 10})
-    assert overrides == {"overrides": {"recon": {"iterations": 10}}}
 
     plan = BPlan(
         "ptycho_fly2dpd",
         x_num=SMALL.x_num,
         y_num=SMALL.y_num,
         photons_per_frame=SMALL.photons_per_frame,
-        md={"sample": "queueserver test"},
+        **plan_kwargs,
     )
     assert RM.item_add(plan)["success"]
     RM.queue_start()
@@ -201,15 +192,32 @@ def test_queued_ptycho_plan_is_reconstructed_and_reported(manager, tiled_server)
     item = RM.history_get()["items"][-1]
     assert item["result"]["exit_status"] == "completed", item["result"]
     (uid,) = item["result"]["run_uids"]
+    return str(uid)
 
-    deadline = time.monotonic() + 90
+
+def _wait_until_finished(RM: Any, uid: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Poll liveptycho_status until run ``uid`` is finished (its final write done)."""
+    deadline = time.monotonic() + timeout
     while True:
-        status = _call(RM, "liveptycho_status")
-        run = _run_of(status, uid)
+        runs = {run["uid"]: run for run in _call(RM, "liveptycho_status")["runs"]}
+        run = runs.get(uid)
         if run is not None and run["finished"]:
-            break
+            return run
         assert time.monotonic() < deadline, f"reconstruction of {uid} did not finish: {run}"
         time.sleep(0.5)
+
+
+def test_queued_ptycho_plan_is_reconstructed_and_reported(manager, tiled_server):
+    """A plan from the queue is reconstructed into Tiled; liveptycho_status reports that run."""
+    from tiled.client import from_uri
+
+    RM = manager
+    overrides = _call(RM, "liveptycho_configure", recon={"iterations": 10})
+    assert overrides == {"overrides": {"recon": {"iterations": 10}}}
+
+    uid = _run_plan(RM, md={"sample": "queueserver test"})
+    run = _wait_until_finished(RM, uid)
+    status = _call(RM, "liveptycho_status")
     assert run["status"] == "complete", run
     assert run["iteration"] > 0
     assert status["enabled"] is True
@@ -238,6 +246,40 @@ def test_functions_answer_and_reject_bad_input(manager):
 
     with pytest.raises(RM.RequestFailedError, match="'print' is not allowed"):
         RM.function_execute(BFunc("print", "not a liveptycho function"))
+
+
+def test_stop_ends_a_running_reconstruction_as_aborted(manager, tiled_server):
+    """liveptycho_stop(uid) from the queue stops a reconstruction still iterating; Tiled says so."""
+    from tiled.client import from_uri
+
+    RM = manager
+    _call(RM, "liveptycho_configure", recon={"iterations": 1_000_000})
+    try:
+        uid = _run_plan(RM)
+        assert _call(RM, "liveptycho_stop", uid=uid) == {"stopped": True, "uid": uid}
+        run = _wait_until_finished(RM, uid)
+    finally:
+        _call(RM, "liveptycho_configure")
+    assert run["status"] == "aborted", run
+    assert run["error"] == "stopped by the user"
+    node = processed(from_uri(tiled_server.uri), uid)
+    assert node.metadata["status"] == "aborted"
+    assert "object_phase" in node["final"]
+
+
+def test_ptychography_wrapper_marks_any_plan_for_reconstruction(RE):
+    """ptychography(plan) puts the metadata flag into the start document, caller's md kept."""
+    import bluesky.plans as bp
+    from ophyd.sim import det
+
+    from hxn_liveptycho.control.queueserver import ptychography
+
+    starts: list[dict[str, Any]] = []
+    RE.subscribe(lambda name, doc: starts.append(doc) if name == "start" else None)
+    RE(ptychography(bp.count([det]), {"sample": "Au star"}))
+    assert starts[0]["plan_name"] == "count"
+    assert starts[0]["ptychography"] is True
+    assert starts[0]["sample"] == "Au star"
 
 
 def test_existing_plans_and_devices_file_is_current(tmp_path):
