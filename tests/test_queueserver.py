@@ -244,6 +244,13 @@ def test_functions_answer_and_reject_bad_input(manager):
     assert not result["success"]
     assert "RoiConfig has no field 'sise'" in result["msg"]
 
+    reply = RM.function_execute(BFunc("liveptycho_select_model", "no-such-model"))
+    RM.wait_for_completed_task(reply["task_uid"], timeout=30)
+    result = RM.task_result(reply["task_uid"])["result"]
+    assert not result["success"]
+    assert "no model named 'no-such-model'" in result["msg"]
+    assert "nn" not in _call(RM, "liveptycho_status")["overrides"]
+
     with pytest.raises(RM.RequestFailedError, match="'print' is not allowed"):
         RM.function_execute(BFunc("print", "not a liveptycho function"))
 

@@ -122,13 +122,21 @@ class LivePtychoControl:
         return {"overrides": json_safe(live.overrides)}
 
     def select_model(self, name: str) -> dict[str, Any]:
-        """Use the neural-network model ``name`` for the next runs (kept with the overrides)."""
+        """Run the NN branch of the next runs with model ``name`` (a registry name or .onnx path).
+
+        The name is checked against the model registry now, so a typo fails
+        here rather than in every later run.
+        """
+        from hxn_liveptycho.nn.registry import ModelRegistry  # the NN branch loads lazily
+
         live = self._require_live()
-        overrides = {**live.overrides, "nn_model": name}
+        model = ModelRegistry(live.settings.model_dir).get(name)
+        overrides = live.overrides
+        overrides["nn"] = {**overrides.get("nn", {}), "model": name}
         check_overrides(overrides)
         live.configure(**overrides)
-        logger.info("live ptychography NN model for the next runs: %s", name)
-        return {"nn_model": name}
+        logger.info("live ptychography NN model for the next runs: %s (%s)", name, model.path)
+        return {"nn_model": name, "path": str(model.path), "source": model.source}
 
     def stop(self, uid: str | None = None) -> dict[str, Any]:
         """Stop the reconstruction of run ``uid`` (None: the newest running); it ends 'aborted'."""
