@@ -289,6 +289,16 @@ def test_ptychography_wrapper_marks_any_plan_for_reconstruction(RE):
     assert starts[0]["sample"] == "Au star"
 
 
+def test_functions_without_a_live_ptycho_say_so():
+    """If the profile could not build LivePtycho, status says so and the controls explain why."""
+    from hxn_liveptycho.control.queueserver import LivePtychoControl
+
+    functions = LivePtychoControl(None).functions()
+    assert functions["liveptycho_status"]() == {"running": False, "enabled": False, "runs": []}
+    with pytest.raises(RuntimeError, match="not running in this environment"):
+        functions["liveptycho_enable"]()
+
+
 def test_existing_plans_and_devices_file_is_current(tmp_path):
     """The checked-in existing_plans_and_devices.yaml is what qserver-list-plans-devices makes now.
 
