@@ -105,6 +105,39 @@ def _status_json(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_registry(args: argparse.Namespace) -> Any:
+    from hxn_liveptycho.nn.registry import ModelRegistry
+    from hxn_liveptycho.settings import Settings
+
+    return ModelRegistry(args.model_dir or Settings().model_dir)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    registry = _model_registry(args)
+    print(f"local model directory: {registry.model_dir}")
+    for model in registry.list():
+        card = model.card
+        created = card.created if card else "no card"
+        print(f"{model.name:28s} {model.source:8s} {created:12s} {model.path}")
+    return 0
+
+
+def _models_inspect(args: argparse.Namespace) -> int:
+    model = _model_registry(args).get(args.name)
+    info = model.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("name", "source", "path", "bytes", "sha256"):
+        print(f"{key:8s} {info[key]}")
+    for role in ("graph_inputs", "graph_outputs"):
+        for spec in info[role]:
+            print(f"{role[6:-1]:8s} {spec['name']} {spec['shape']} {spec['type']}")
+    print()
+    print(model.card.to_markdown() if model.card else "(no model card beside the model)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveptycho", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -128,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print the settings read from LIVEPTYCHO_*")
     settings.set_defaults(func=_status_json)
+
+    models = sub.add_parser("models", help="list or inspect the NN branch's models")
+    models.add_argument("--model-dir", type=Path, default=None, help="default: settings")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="shipped and local models").set_defaults(func=_models_list)
+    inspect = models_sub.add_parser("inspect", help="a model's graph I/O and card")
+    inspect.add_argument("name", help="model name or path to an .onnx file")
+    inspect.add_argument("--json", action="store_true", help="machine-readable")
+    inspect.set_defaults(func=_models_inspect)
     return parser
 
 

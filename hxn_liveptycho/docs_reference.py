@@ -11,6 +11,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
 from hxn_liveptycho.settings import Settings
@@ -23,6 +24,7 @@ _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("ScanConfig.roi (RoiConfig)", RoiConfig, "Detector crop."),
     ("ScanConfig.probe (ProbeGuess)", ProbeGuess, "First probe guess."),
     ("ScanConfig.recon (IterativeParams)", IterativeParams, "Iterative solver parameters."),
+    ("ScanConfig.nn (NNParams)", NNParams, "Neural-network branch (mode 'nn' or 'both')."),
 ]
 
 

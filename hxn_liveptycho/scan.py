@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
+from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.recon.iterative import IterativeParams
 
 #: Detector pixel pitch by detector name (Dectris Eigers 75 µm, Merlin/Maxipix 55 µm).
@@ -139,6 +140,12 @@ class ScanConfig(_Frozen):
         default=0.2, ge=0.0, description="Extra canvas per side, as a fraction of the scan range."
     )
     recon: IterativeParams = IterativeParams()
+    mode: Literal["iterative", "nn", "both"] = Field(
+        default="iterative",
+        description="Which branches run: the iterative solver, the single-shot network "
+        "(live mosaic under nn/), or both side by side.",
+    )
+    nn: NNParams = NNParams()
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -24,6 +24,7 @@ from hxn_liveptycho.assemble import Assembler, PairedFrame
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.geometry import CanvasGeometry
+from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
 from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
 from hxn_liveptycho.recon.backend import get_array_module
 from hxn_liveptycho.recon.iterative import StreamingSolver
@@ -56,6 +57,8 @@ class ResultSink(Protocol):
     def diffraction(
         self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray
     ) -> None: ...
+
+    def nn(self, snapshot: Mapping[str, Any]) -> None: ...
 
     def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None: ...
 
@@ -113,6 +116,7 @@ class RunSession:
         self._done = threading.Event()
         self._assembler: Assembler | None = None
         self._solver: StreamingSolver | None = None
+        self._nn: NNBranch | None = None
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
@@ -297,6 +301,10 @@ class RunSession:
         self._early_samples.clear()
         self._sink = self._sink_factory()
         self._sink.open(config, self._metadata(RunStatus.RUNNING))
+        if config.mode != "iterative":
+            self._nn = start_nn_branch(
+                config, self.settings, self._geometry, self._sink.nn, self.log
+            )
         self.status = RunStatus.RUNNING
         self.log.info(
             "configured: %d x %d points, %.3f keV, z = %.3f m, pixel %.2f nm, canvas %s",
@@ -326,6 +334,18 @@ class RunSession:
                 self.counters.add("masked_pixels", n_bad)
         positions_um = np.array([(p.y_um, p.x_um) for p in self._pending_frames])
         indices = np.array([p.index for p in self._pending_frames])
+        positions_px = self._geometry.to_pixels(positions_um)
+        if self._nn is not None:
+            self._nn.submit(amplitudes, positions_px)
+        if self.config.mode != "nn":
+            self._add_to_solver(amplitudes, positions_px)
+        if self._sink is not None:
+            self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
+        self.counters.add("frames_used", len(indices))
+        self._pending_frames.clear()
+
+    def _add_to_solver(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
+        assert self.config is not None and self._geometry is not None
         if self._solver is None:
             xp = get_array_module(self.settings.array_backend)
             self._solver = StreamingSolver(
@@ -339,12 +359,8 @@ class RunSession:
                 xp=xp,
                 expected_positions=self.config.num_points,
             )
-            self.log.info("solver started on %s with %d frames", xp.__name__, len(indices))
-        self._solver.add(amplitudes, self._geometry.to_pixels(positions_um))
-        if self._sink is not None:
-            self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
-        self.counters.add("frames_used", len(indices))
-        self._pending_frames.clear()
+            self.log.info("solver started on %s with %d frames", xp.__name__, len(amplitudes))
+        self._solver.add(amplitudes, positions_px)
 
     def _roi_center(self, center_y: float | None, center_x: float | None) -> tuple[float, float]:
         header = self._series_header
@@ -412,7 +428,7 @@ class RunSession:
             "raw_start_time": self.start_doc.get("time"),
             "plan_name": self.start_doc.get("plan_name"),
             "status": str(status),
-            "mode": "iterative",
+            "mode": config.mode if config is not None else "iterative",
             "counters": self.counters.snapshot(),
         }
         if config is not None:
@@ -436,6 +452,8 @@ class RunSession:
                 {f"assembler_{k}": v for k, v in self._assembler.counters.snapshot().items()}
             )
             md["counters"].update(self._assembler.unpaired_report())
+        if self._nn is not None:
+            md["nn"] = self._nn.describe()
         if self.error:
             md["error"] = self.error
         md["iteration"] = self.iteration
@@ -450,6 +468,10 @@ class RunSession:
             if self._sink is None:
                 self._sink = self._sink_factory()
                 self._sink.open(self.config, self._metadata(status))
+            if self._nn is not None:
+                nn_final = self._nn.close(timeout=self.settings.tiled_write_timeout_s)
+                if nn_final is not None:
+                    self._sink.nn(nn_final)
             snapshot = self._snapshot() if self._solver is not None else {}
             unpaired = self._assembler.unpaired_report() if self._assembler else {}
             if any(unpaired.values()):

@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     array_backend: Literal["auto", "numpy", "cupy"] = Field(
         default="auto", description="Array module of the solver: CuPy on a GPU when present."
     )
+    model_dir: Path = Field(
+        default_factory=lambda: default_data_dir() / "models",
+        description="Local ONNX models (<name>.onnx + <name>.json card); searched before the "
+        "shipped ones.",
+    )
+    nn_backend: Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"] = Field(
+        default="auto",
+        description="Runtime of the NN branch; auto: TensorRT, else ONNX Runtime CUDA, else CPU.",
+    )
+    nn_device: int = Field(default=0, ge=0, description="GPU the NN branch runs on.")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="ScanConfig fields applied to every run."
     )

@@ -6,10 +6,12 @@ Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
     live/          object, object_amplitude, object_phase, probe, error_history
     final/         object, object_amplitude, object_phase, probe, positions_m, error_history
     diffraction/   amplitude (uint8, scale in metadata), positions_m
+    nn/            object, object_amplitude, object_phase, coverage (the NN branch's mosaic)
 
 Live snapshots go through a one-slot mailbox: a newer one replaces an older one
 not yet written (counted as ``live_superseded``), so a slow server never slows
-the solver. The final write goes through Tiled's own retries; if Tiled still
+the solver; the NN branch's mosaic has a mailbox of its own (``nn_superseded``).
+The final write goes through Tiled's own retries; if Tiled still
 refuses it, everything is saved to ``<backup_dir>/<key>.npz`` (+ ``.json``) and the log says where.
 """
 
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 ClientFactory = Callable[[], Any]
 
 _OBJECT_KEYS = ("object", "object_amplitude", "object_phase", "probe", "error_history")
+_NN_KEYS = ("object", "object_amplitude", "object_phase", "coverage")
 
 
 def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -63,7 +66,9 @@ class TiledSink:
         self._reachable = reachable
         self._catalog_path = [p for p in catalog_path.split("/") if p]
         self._backup_dir = Path(backup_dir)
-        self.counters = Counters(["live_written", "live_superseded", "write_errors"])
+        self.counters = Counters(
+            ["live_written", "live_superseded", "nn_written", "nn_superseded", "write_errors"]
+        )
         self.key: str | None = None
         self.container_path: str | None = None
         self.backup_path: Path | None = None
@@ -73,6 +78,9 @@ class TiledSink:
         self._diffraction: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._cond = threading.Condition()
         self._live_slot: Mapping[str, Any] | None = None
+        self._nn_slot: Mapping[str, Any] | None = None
+        self._nn_latest: Mapping[str, Any] | None = None
+        self._nn_arrays: dict[str, Any] = {}
         self._final: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
         self._closing = False
         self._open_requested = False
@@ -93,6 +101,15 @@ class TiledSink:
             if self._live_slot is not None:
                 self.counters.add("live_superseded")
             self._live_slot = snapshot
+            self._cond.notify()
+
+    def nn(self, snapshot: Mapping[str, Any]) -> None:
+        """The NN branch's latest mosaic; like ``live``, a newer one replaces an unwritten one."""
+        with self._cond:
+            if self._nn_slot is not None:
+                self.counters.add("nn_superseded")
+            self._nn_slot = snapshot
+            self._nn_latest = snapshot
             self._cond.notify()
 
     def diffraction(
@@ -123,11 +140,24 @@ class TiledSink:
         self._container = self._attempt("create the container", self._create_container)
         while True:
             with self._cond:
-                while self._live_slot is None and self._final is None and not self._closing:
+                while (
+                    self._live_slot is None
+                    and self._nn_slot is None
+                    and self._final is None
+                    and not self._closing
+                ):
                     self._cond.wait()
                 live, self._live_slot = self._live_slot, None
+                nn, self._nn_slot = self._nn_slot, None
                 final, self._final = self._final, None
                 closing = self._closing
+            if nn is not None and self._container is not None:
+                try:
+                    self._write_nn(nn)
+                    self.counters.add("nn_written")
+                except Exception as exc:
+                    self.counters.add("write_errors")
+                    logger.warning("NN mosaic write to %s failed: %s", self.container_path, exc)
             if final is not None:
                 self._write_final(*final)
                 return
@@ -204,6 +234,25 @@ class TiledSink:
         else:
             client.write(value)
 
+    def _write_nn(self, snapshot: Mapping[str, Any]) -> None:
+        """Overwrite the mosaic in place under ``nn/`` (its canvas never changes shape)."""
+        arrays = _with_object_views(snapshot)
+        if not arrays:
+            return
+        group = self._child("nn")
+        for key in _NN_KEYS:
+            if key not in arrays:
+                continue
+            client = self._nn_arrays.get(key)
+            if client is None:
+                self._nn_arrays[key] = group.write_array(arrays[key], key=key)
+            else:
+                client.write(arrays[key])
+        self._container.update_metadata(
+            metadata={"nn_frames": int(snapshot.get("frames", 0)), "nn_updated": time.time()},
+            drop_revision=True,
+        )
+
     def _write_final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
         metadata = {**_json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
         arrays = _with_object_views(snapshot)
@@ -232,6 +281,8 @@ class TiledSink:
             return True
 
         if self._attempt("write the final result", write) is None:
+            nn = _with_object_views(self._nn_latest or {})
+            arrays = {**arrays, **{f"nn_{k}": v for k, v in nn.items()}}
             self._backup(arrays, diffraction, metadata)
 
     def _stacked_diffraction(self) -> tuple[np.ndarray, float, np.ndarray] | None:

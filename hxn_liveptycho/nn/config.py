@@ -1,0 +1,25 @@
+"""Per-scan choices of the neural-network branch (part of ScanConfig, so runs record them)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_MODEL = "ptychonn-hxn-128"
+
+
+class NNParams(BaseModel):
+    """Which model the NN branch runs and how much it may fall behind."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model name in Settings.model_dir or among the shipped models, or a path "
+        "to an .onnx file.",
+    )
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Frames per inference call.")
+    max_queued_frames: int = Field(
+        default=4096,
+        ge=1,
+        description="Frames waiting for inference; beyond this new frames are dropped (counted).",
+    )

@@ -1,0 +1,90 @@
+"""The live mosaic: single-shot predictions placed at their measured positions and blended.
+
+One frame tells the object only up to a constant phase (the far field does not
+see it) and, after the network's normalisation, up to a scale. Each new patch
+is therefore matched to what the mosaic already holds where they overlap (the
+least-squares complex factor, weighted by both footprints) before it is added,
+so the patches join into one object instead of a quilt of offsets. Blending
+weights are the probe footprint's intensity on the patch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Overlap (as a fraction of a patch's total weight) below which a patch is not matched.
+_MIN_OVERLAP = 0.05
+
+
+class Mosaic:
+    """A growing, weighted blend of complex patches on a fixed canvas (not thread-safe)."""
+
+    def __init__(self, canvas_shape: tuple[int, int], window: int, weight: np.ndarray) -> None:
+        weight = np.asarray(weight, dtype=np.float32)
+        if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
+            raise ValueError(f"weight must be a square patch, got {weight.shape}")
+        if weight.shape[0] > window:
+            raise ValueError(f"patch {weight.shape} is larger than the window {window}")
+        self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
+        self.window = int(window)
+        self.patch = weight.shape[0]
+        #: Patch offset inside the probe window: the network predicts the window's centre.
+        self.inset = (self.window - self.patch) // 2
+        self.weight = weight / max(float(weight.max()), 1e-12)
+        self._num = np.zeros(self.canvas_shape, np.complex64)
+        self._den = np.zeros(self.canvas_shape, np.float32)
+        self.placed = 0
+        self.outside = 0
+
+    def add(self, amplitude: np.ndarray, phase: np.ndarray, top_left_px: np.ndarray) -> None:
+        """Blend patches (k, m, m) whose probe windows start at ``top_left_px`` (k, 2) (y, x)."""
+        pos = np.rint(np.asarray(top_left_px, dtype=np.float64).reshape(-1, 2)).astype(int)
+        pos += self.inset
+        m = self.patch
+        h, w = self.canvas_shape
+        patches = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
+        for patch, (y, x) in zip(patches.astype(np.complex64), pos, strict=True):
+            if y < 0 or x < 0 or y + m > h or x + m > w:
+                self.outside += 1
+                continue
+            num = self._num[y : y + m, x : x + m]
+            den = self._den[y : y + m, x : x + m]
+            overlap = self.weight * den
+            if overlap.sum() > _MIN_OVERLAP * self.weight.sum():
+                current = num / np.maximum(den, 1e-12)
+                match = np.vdot(overlap * patch, current)  # sum(ov conj(p) c)
+                norm = float(np.sum(overlap * np.abs(patch) ** 2))
+                if norm > 0 and abs(match) > 0:
+                    patch = patch * np.complex64(match / norm)
+            num += self.weight * patch
+            den += self.weight
+            self.placed += 1
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """Summed blending weight per canvas pixel (0 where no patch landed)."""
+        return self._den.copy()
+
+    def image(self, min_weight: float = 1e-3) -> np.ndarray:
+        """The blended object, complex64; 0 where the summed weight is below ``min_weight``."""
+        out = np.zeros(self.canvas_shape, np.complex64)
+        lit = self._den >= min_weight
+        out[lit] = self._num[lit] / self._den[lit]
+        return out
+
+
+def footprint_weight(probe: np.ndarray, patch: int, blur_px: float = 2.0) -> np.ndarray:
+    """Blending weight (patch, patch): the probe's intensity, smoothed, on the window's centre.
+
+    The smoothing fills the Fresnel fringes and the central-stop shadow of a
+    defocused zone-plate beam, which the network reconstructs from the light
+    around them.
+    """
+    from scipy import ndimage
+
+    intensity = np.abs(np.asarray(probe)) ** 2
+    n = intensity.shape[-1]
+    lo = (n - patch) // 2
+    smooth = ndimage.gaussian_filter(intensity.astype(np.float64), blur_px)
+    crop = smooth[lo : lo + patch, lo : lo + patch]
+    return (crop / max(float(crop.max()), 1e-30)).astype(np.float32)
