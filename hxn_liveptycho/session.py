@@ -100,6 +100,8 @@ class RunSession:
         self.config: ScanConfig | None = None
         self.iteration = 0
         self.last_error: float | None = None
+        #: The newest snapshot given to the sink; replaced, never mutated (for status pages).
+        self.latest_snapshot: Mapping[str, Any] | None = None
         self._sink_factory = sink_factory
         self._sink: ResultSink | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -176,7 +178,14 @@ class RunSession:
             info["error"] = self.error
         if self.config is not None:
             info["expected_positions"] = self.config.num_points
+        container_path = getattr(self._sink, "container_path", None)
+        if container_path:
+            info["container_path"] = container_path
         return info
+
+    def nn_snapshot(self) -> dict[str, Any] | None:
+        """The NN branch's current mosaic (None without an NN branch), for status pages."""
+        return None if self._nn is None else self._nn.snapshot()
 
     # ---- the session thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -384,7 +393,8 @@ class RunSession:
         now = time.monotonic()
         if now - self._last_live >= self.settings.live_interval_s and self._sink is not None:
             self._last_live = now
-            self._sink.live(self._snapshot())
+            self.latest_snapshot = self._snapshot()
+            self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
 
     def _data_complete(self) -> bool:
@@ -473,6 +483,8 @@ class RunSession:
                 if nn_final is not None:
                     self._sink.nn(nn_final)
             snapshot = self._snapshot() if self._solver is not None else {}
+            if snapshot:
+                self.latest_snapshot = snapshot
             unpaired = self._assembler.unpaired_report() if self._assembler else {}
             if any(unpaired.values()):
                 self.log.warning("unpaired at the end: %s", unpaired)
