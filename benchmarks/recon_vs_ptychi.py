@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.recon._modes import initial_modes
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
@@ -48,10 +49,12 @@ def error_against(sample: SimulatedSample, obj: np.ndarray, offset: int) -> floa
     return object_error(sample.object, obj[offset : offset + h, offset : offset + w], mask)
 
 
-def run_ours(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int) -> dict:
+def run_ours(
+    sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
+) -> dict:
     import cupy as cp
 
-    params = IterativeParams(algorithm=algorithm, batch_size=96)
+    params = IterativeParams(algorithm=algorithm, batch_size=batch, probe_modes=probe.shape[0])
     amplitudes = cp.asarray(np.sqrt(sample.intensities))
     canvas = tuple(s + 8 for s in sample.object.shape)
     solver = StreamingSolver(probe=cp.asarray(probe), canvas_shape=canvas, params=params, xp=cp)
@@ -65,7 +68,9 @@ def run_ours(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs:
     return {"s_per_epoch": seconds, "error": error_against(sample, to_host(solver.object), 4)}
 
 
-def run_ptychi(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int) -> dict:
+def run_ptychi(
+    sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
+) -> dict:
     import ptychi.api as api
     import torch
     from ptychi.api.task import PtychographyTask
@@ -77,13 +82,13 @@ def run_ptychi(sample: SimulatedSample, probe: np.ndarray, algorithm: str, epoch
     options.data_options.save_data_on_device = True
     options.object_options.initial_guess = torch.ones((1, *shape), dtype=torch.complex64)
     options.object_options.pixel_size_m = sample.beamline.pixel_size_m
-    options.probe_options.initial_guess = torch.as_tensor(probe)[None, None]
+    options.probe_options.initial_guess = torch.as_tensor(probe)[None]  # (1 OPR, K, n, n)
     origin = np.round(np.asarray(shape) / 2.0) - 0.5
     centres = sample.positions_px + n / 2.0 - 0.5
     options.probe_position_options.position_y_px = centres[:, 0] - origin[0]
     options.probe_position_options.position_x_px = centres[:, 1] - origin[1]
     options.probe_position_options.optimizable = False
-    options.reconstructor_options.batch_size = 96
+    options.reconstructor_options.batch_size = batch
     options.reconstructor_options.num_epochs = epochs
     task = PtychographyTask(options)
     task.run(2)
@@ -101,33 +106,45 @@ def main() -> None:
     parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--algorithms", nargs="+", default=["epie"])
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--modes", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch", type=int, default=96)
+    parser.add_argument("--out", default=None, help="JSON lines, one row per case as it ends")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for positions in args.positions:
         sample = simulate(positions)
         amplitudes = np.sqrt(sample.intensities)
-        probe = initial_probe(amplitudes, footprint_px=3 * sample.beamline.step_px)
-        for algorithm in args.algorithms:
-            row: dict[str, Any] = {"positions": sample.num_points, "algorithm": algorithm}
-            row["ours"] = run_ours(sample, probe, algorithm, args.epochs)
-            try:
-                row["ptychi"] = run_ptychi(sample, probe, algorithm, args.epochs)
-                row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
-            except Exception as exc:  # report pty-chi's failure, keep our figures
-                row["ptychi"] = {"failed": f"{type(exc).__name__}: {exc}"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-    header = ["positions", "algorithm", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
+        guess = initial_probe(amplitudes, footprint_px=3 * sample.beamline.step_px)
+        for modes in args.modes:
+            # One (K, n, n) starting probe for both: the same modes our solver would make.
+            probe = np.ascontiguousarray(initial_modes(guess.astype(np.complex64), modes, np))
+            for algorithm in args.algorithms:
+                row: dict[str, Any] = {
+                    "positions": sample.num_points,
+                    "algorithm": algorithm,
+                    "modes": modes,
+                    "batch": args.batch,
+                    "epochs": args.epochs,
+                }
+                row["ours"] = run_ours(sample, probe, algorithm, args.epochs, args.batch)
+                try:
+                    row["ptychi"] = run_ptychi(sample, probe, algorithm, args.epochs, args.batch)
+                    row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
+                except Exception as exc:  # report pty-chi's failure, keep our figures
+                    row["ptychi"] = {"failed": f"{type(exc).__name__}: {exc}"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    header = ["positions", "algorithm", "modes", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
     print("\n| " + " | ".join([*header, "ours error", "pty-chi error"]) + " |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["ptychi"]
         print(
-            f"| {r['positions']} | {r['algorithm']} | {r['ours']['s_per_epoch']:.4f} "
+            f"| {r['positions']} | {r['algorithm']} | {r['modes']} "
+            f"| {r['ours']['s_per_epoch']:.4f} "
             f"| {p.get('s_per_epoch', float('nan')):.4f} | {r.get('speedup', float('nan')):.1f}x "
             f"| {r['ours']['error']:.3f} | {p.get('error', float('nan')):.3f} |"
         )

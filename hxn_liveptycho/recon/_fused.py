@@ -31,9 +31,9 @@ def _kernels() -> dict[str, Any]:
     import cupy as cp
 
     modulus = cp.ElementwiseKernel(
-        "raw T f, raw float32 amps, raw int64 rows, raw float32 valid, int32 k_modes, "
+        "raw float32 amps, raw int64 rows, raw float32 valid, int32 k_modes, "
         "int64 nn, bool has_valid, float32 floor",
-        "float32 d2",
+        "float32 d2, raw T f",
         _PIXEL
         + """
         const float a = amps[rows[b] * nn + r];
@@ -81,7 +81,7 @@ def _kernels() -> dict[str, Any]:
         "T num, float32 den, raw float32 den_max, float32 reg, float32 weight",
         "T target",
         """
-        const float d = fmaxf((1.f - reg) * den + reg * den_max[0], 1e-30f);
+        const float d = fmaxf((1.f - reg) * (den + reg * den_max[0]), 1e-30f);
         target += num * (weight / d);
         """,
         "liveptycho_regularised_step",
@@ -101,7 +101,7 @@ def modulus_residual(f: Any, amps: Any, rows: Any, valid: Any | None, floor: flo
     b, k, n = f.shape[0], f.shape[1], f.shape[-1]
     out = cp.empty((b, n, n), dtype=cp.float32)
     mask = valid if valid is not None else cp.ones(1, dtype=cp.float32)
-    _kernels()["modulus"](f, amps, rows, mask, k, n * n, valid is not None, floor, out)
+    _kernels()["modulus"](amps, rows, mask, k, n * n, valid is not None, floor, out, f)
     return out
 
 
@@ -130,7 +130,9 @@ def object_update_sums(
 
 
 def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float) -> None:
-    """``target += weight num / max((1 - reg) den + reg max(den), 1e-30)`` in place."""
+    """``target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)`` in place: the
+    same regularised denominator as the xp path's ``_regularised`` (scale, then add the
+    scaled maximum)."""
     import cupy as cp
 
     _kernels()["step"](num, den, cp.max(den), cp.float32(reg), cp.float32(weight), target)
