@@ -37,38 +37,21 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import zmq
 
-from hxn_liveptycho.errors import ConfigurationError, DecodeError
+from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import cbor, codecs
-from hxn_liveptycho.streams._zmq import (
-    ZmqPublisher,
-    ZmqReceiver,
-    curve_options,
-    int_field,
-    json_part,
-    names,
-)
+from hxn_liveptycho.streams._zmq import ZmqPublisher, ZmqReceiver, curve_options, names
+from hxn_liveptycho.streams.eiger_messages import EigerEvent, parse
+from hxn_liveptycho.streams.eiger_series import EigerSeriesBook
 
 logger = logging.getLogger(__name__)
 
 HEADER_DETAILS = ("none", "basic", "all")
-#: Parts of a dheader-1.0 message per header_detail (an appendix may follow).
-_HEADER_PARTS = {"none": 1, "basic": 2, "all": 8}
-#: The "all" header's detail arrays: htype -> key in the series-start dict.
-_HEADER_ARRAYS = {
-    "dflatfield-1.0": "flatfield",
-    "dpixelmask-1.0": "pixel_mask",
-    "dcountrate_table-1.0": "countrate_table",
-}
-#: How many series a receiver tracks at once (series whose end never came are evicted).
-_MAX_TRACKED_SERIES = 16
-#: How many superseded series ids / unique ids a receiver remembers as stale.
-_MAX_STALE_SERIES = 64
 FLAVOURS = ("v1", "v2")
 #: The channel a single-channel detector (and this simulator by default) names its data.
 DEFAULT_CHANNEL = "threshold_1"
@@ -486,17 +469,33 @@ def _array_parts(htype: str, array: np.ndarray, kind: type) -> list[bytes]:
 
 # -- receiver -----------------------------------------------------------------------------
 
+#: The counters of every Eiger receiver (threaded or multi-process).
+EIGER_COUNTERS = names(
+    ZmqReceiver.counter_names,
+    (
+        "headers",
+        "frames",
+        "series_end",
+        "unknown_series",
+        "duplicates",
+        "gaps",
+        "late",
+        "nonstandard",
+        "stale_series",
+        "other_channels",
+    ),
+)
 
-@dataclass(slots=True)
-class _SeriesTrack:
-    """Which frames of one series arrived, to count gaps and duplicates."""
 
-    announced: bool
-    unique_id: str | None = None
-    seen: set[int] = field(default_factory=set)
-    next_frame: int = 0
-    gaps: int = 0
-    duplicates: int = 0
+def check_receiver_options(flavour: str, channel: str | None) -> None:
+    """Refuse a flavour or channel no receiver understands (ConfigurationError)."""
+    if flavour not in ("auto", *FLAVOURS):
+        raise ConfigurationError(
+            f"Eiger stream flavour {flavour!r} is not supported "
+            f"(expected 'auto' or one of {FLAVOURS})"
+        )
+    if channel is not None and (not isinstance(channel, str) or not channel):
+        raise ConfigurationError(f"channel must be a channel name or None, got {channel!r}")
 
 
 class EigerReceiver:
@@ -515,21 +514,7 @@ class EigerReceiver:
     raises is counted ("callback_errors") and logged.
     """
 
-    counter_names = names(
-        ZmqReceiver.counter_names,
-        (
-            "headers",
-            "frames",
-            "series_end",
-            "unknown_series",
-            "duplicates",
-            "gaps",
-            "late",
-            "nonstandard",
-            "stale_series",
-            "other_channels",
-        ),
-    )
+    counter_names = EIGER_COUNTERS
 
     def __init__(
         self,
@@ -552,24 +537,9 @@ class EigerReceiver:
     ) -> None:
         if decode_threads < 0:
             raise ConfigurationError(f"decode_threads must be >= 0, got {decode_threads}")
-        if flavour not in ("auto", *FLAVOURS):
-            raise ConfigurationError(
-                f"Eiger stream flavour {flavour!r} is not supported "
-                f"(expected 'auto' or one of {FLAVOURS})"
-            )
-        if channel is not None and (not isinstance(channel, str) or not channel):
-            raise ConfigurationError(f"channel must be a channel name or None, got {channel!r}")
+        check_receiver_options(flavour, channel)
         self.flavour = flavour
         self.channel = channel
-        self._on_series_start = on_series_start
-        self._on_frame = on_frame
-        self._on_series_end = on_series_end
-        self._series: dict[int, _SeriesTrack] = {}
-        #: (series id, unique id) of the newest header: what "current" means.
-        self._current: tuple[int, str | None] | None = None
-        self._stale_ids: dict[int, None] = {}
-        self._stale_unique_ids: dict[str, None] = {}
-        self._stale_warned: dict[int, None] = {}
         self._zmq = _EigerSocket(
             self,
             endpoint,
@@ -584,6 +554,15 @@ class EigerReceiver:
         self.name = name
         #: Applied to each decoded frame (e.g. an ROI crop), on the decode pool when there is one.
         self.transform = transform
+        self._book = EigerSeriesBook(
+            name,
+            self.counters,
+            on_series_start=on_series_start,
+            on_frame=on_frame,
+            on_series_end=on_series_end,
+            run_callback=self._zmq.call,
+            make_frame=EigerFrame,
+        )
         self._pipeline = _DecodePipeline(self, decode_threads) if decode_threads else None
 
     @property
@@ -614,308 +593,19 @@ class EigerReceiver:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    # -- message handling (receiver thread) -----------------------------------------
+    # -- message handling -----------------------------------------------------------
 
-    def _predecode(self, parts: list[zmq.Frame]) -> Any:
-        """Pool worker: the image pixels of one message (or the error), None if not an image.
-
-        Pure: it reads the message only. Parsing errors other than in the pixels
-        are left for the ordered handling, which reports them as usual.
-        """
-        try:
-            if cbor.looks_like_v2(_buffer(parts[0])) and self.flavour != "v1":
-                message = cbor.loads(_buffer(parts[0]))
-                if message.type != "image":
-                    return None
-                wanted = self.channel if self.channel is not None else message.channels[0]
-                return self._transformed(cbor.decode_channel(message, wanted))
-            first = json_part(parts[0], "part 1")
-            if first.get("htype", "dimage-1.0") != "dimage-1.0" or len(parts) < 3:
-                return None
-            what = f"image series {first.get('series')} frame {first.get('frame')}"
-            return self._transformed(_decode_image(parts[1], parts[2], what))
-        except Exception as exc:
-            return exc
-
-    def _transformed(self, pixels: np.ndarray) -> np.ndarray:
-        return pixels if self.transform is None else self.transform(pixels)
-
-    def _pixels(self, parts: list[zmq.Frame], decode: Callable[[], np.ndarray]) -> np.ndarray:
-        """The pre-decoded pixels of this message when a pool made them, else decode now."""
-        prepared = self._pipeline.prepared if self._pipeline is not None else None
-        if prepared is None or prepared[0] != id(parts) or prepared[1] is None:
-            return self._transformed(decode())
-        if isinstance(prepared[1], Exception):
-            raise prepared[1]
-        return prepared[1]
+    def _parse(self, parts: list[zmq.Frame]) -> EigerEvent:
+        return parse(parts, flavour=self.flavour, channel=self.channel, transform=self.transform)
 
     def _handle(self, parts: list[zmq.Frame]) -> None:
-        flavour = self.flavour
-        if flavour == "auto":
-            flavour = "v2" if cbor.looks_like_v2(_buffer(parts[0])) else "v1"
-        if flavour == "v2":
-            self._handle_v2(parts)
-        else:
-            self._handle_v1(parts)
-
-    def _handle_v1(self, parts: list[zmq.Frame]) -> None:
-        first = json_part(parts[0], "part 1")
-        htype = first.get("htype")
-        if htype is None and "frame" in first:
-            # HXN's replay tool sends {"frame", "series"} without an htype.
-            self.counters.add("nonstandard")
-            htype = "dimage-1.0"
-        if htype == "dimage-1.0":
-            self._handle_image(parts, first)
-        elif htype == "dheader-1.0":
-            self._handle_header(parts, first)
-        elif htype == "dseries_end-1.0":
-            self._handle_end(parts, first)
-        else:
-            raise DecodeError(f"unknown htype {htype!r} in part 1 ({len(parts)} parts)")
-
-    def _handle_header(self, parts: list[zmq.Frame], first: dict[str, Any]) -> None:
-        series = int_field(first, "series", "dheader-1.0")
-        detail = first.get("header_detail", "none")
-        if detail not in _HEADER_PARTS:
-            raise DecodeError(f"dheader-1.0: unknown header_detail {detail!r}")
-        needed = _HEADER_PARTS[detail]
-        if len(parts) < needed:
-            raise DecodeError(
-                f"dheader-1.0 (series {series}, header_detail={detail!r}) has {len(parts)} parts, "
-                f"needs {needed}"
-            )
-        info: dict[str, Any] = {}
-        if needed >= 2:
-            info.update(json_part(parts[1], "dheader-1.0 part 2 (config)"))
-        for index in range(2, needed, 2):
-            key, array = _decode_header_array(parts[index], parts[index + 1])
-            info[key] = array
-        if len(parts) > needed:
-            info["header_appendix"] = parts[needed].bytes.decode("utf-8", "replace")
-        info["header_detail"] = detail
-        self._begin_series(series, None)
-        self.counters.add("headers")
-        self._zmq.call(self._on_series_start, series, info)
-
-    def _handle_image(self, parts: list[zmq.Frame], first: dict[str, Any]) -> None:
-        series = int_field(first, "series", "dimage-1.0")
-        frame = int_field(first, "frame", "dimage-1.0")
-        what = f"image series {series} frame {frame}"
-        if len(parts) < 3:
-            raise DecodeError(
-                f"{what}: {len(parts)} parts, needs dimage, dimage_d, blob[, dconfig]"
-            )
-        if self._discard_stale(series, None, f"frame {frame}"):
-            return
-        data = self._pixels(parts, lambda: _decode_image(parts[1], parts[2], what))
-        if len(parts) >= 4:
-            config = json_part(parts[3], f"{what} part 4 (dconfig)")
-            if config.get("htype") != "dconfig-1.0":
-                raise DecodeError(
-                    f"{what}: part 4 htype is {config.get('htype')!r}, expected 'dconfig-1.0'"
-                )
-        else:
-            self.counters.add("nonstandard")
-        self._deliver(series, frame, None, data)
-
-    def _handle_end(self, parts: list[zmq.Frame], first: dict[str, Any]) -> None:
-        series = int_field(first, "series", "dseries_end-1.0")
-        if self._discard_stale(series, None, "series end"):
-            return
-        self._end_series(series)
-
-    # -- v2 (CBOR) --------------------------------------------------------------------
-
-    def _handle_v2(self, parts: list[zmq.Frame]) -> None:
-        if len(parts) != 1:
-            raise DecodeError(
-                f"v2 message has {len(parts)} parts; SIMPLON stream v2 sends one CBOR item"
-            )
-        message = cbor.loads(_buffer(parts[0]))
-        series, unique_id = message.series_id, message.series_unique_id
-        if message.type == "start":
-            info = cbor.start_info(message)
-            self._begin_series(series, unique_id)
-            self.counters.add("headers")
-            self._zmq.call(self._on_series_start, series, info)
-        elif message.type == "image":
-            frame = message.image_id
-            assert frame is not None
-            if self._discard_stale(series, unique_id, f"image {frame}"):
-                return
-            channels = message.channels
-            wanted = self.channel if self.channel is not None else channels[0]
-            data = self._pixels(parts, lambda: cbor.decode_channel(message, wanted))
-            if len(channels) > 1:
-                self.counters.add("other_channels", len(channels) - 1)
-            self._deliver(series, frame, unique_id, data)
-        else:
-            if self._discard_stale(series, unique_id, "series end"):
-                return
-            self._end_series(series)
-
-    # -- series, gap and duplicate bookkeeping ----------------------------------------
-
-    def _deliver(self, series: int, frame: int, unique_id: str | None, data: np.ndarray) -> None:
-        if not self._accept_frame(series, frame, unique_id):
-            return
-        self.counters.add("frames")
-        self._zmq.call(self._on_frame, EigerFrame(series=series, frame=frame, data=data))
-
-    def _begin_series(self, series: int, unique_id: str | None) -> None:
-        """A header: it becomes the current series; every other series is superseded (stale)."""
-        key = (series, unique_id)
-        superseded: dict[tuple[int, str | None], _SeriesTrack | None] = {
-            (number, track.unique_id): track
-            for number, track in self._series.items()
-            if (number, track.unique_id) != key
-        }
-        if self._current is not None and self._current != key:
-            superseded.setdefault(self._current, None)
-        for (number, old_unique), track in superseded.items():
-            if number != series:
-                _remember(self._stale_ids, number)
-                self._series.pop(number, None)
-            if old_unique is not None and old_unique != unique_id:
-                _remember(self._stale_unique_ids, old_unique)
-            if track is not None and track.seen:
-                logger.warning(
-                    "%s: series %d (%d frames) superseded by a header for series %d before its "
-                    "end (detector re-armed?); its late frames will be discarded",
-                    self.name,
-                    number,
-                    len(track.seen),
-                    series,
-                )
-        self._stale_ids.pop(series, None)
-        self._stale_warned.pop(series, None)
-        if unique_id is not None:
-            self._stale_unique_ids.pop(unique_id, None)
-        self._current = key
-        existing = self._series.get(series)
-        if existing is not None and existing.unique_id == unique_id:
-            if not existing.announced:
-                # Frames overtook their header: keep counting from what already arrived.
-                existing.announced = True
-                return
-            logger.warning(
-                "%s: header for series %d seen again; restarting its frame count", self.name, series
-            )
-        self._track(series, announced=True, unique_id=unique_id)
-
-    def _is_stale(self, series: int, unique_id: str | None) -> bool:
-        """True for a message of a series that a newer header superseded."""
-        if unique_id is not None and unique_id in self._stale_unique_ids:
-            return True
-        if self._current is None:
-            return False
-        current, current_unique = self._current
-        if series == current:
-            return (
-                unique_id is not None and current_unique is not None and unique_id != current_unique
-            )
-        if series in self._stale_ids:
-            return True
-        return series < current and series not in self._series
-
-    def _discard_stale(self, series: int, unique_id: str | None, what: str) -> bool:
-        """Count and drop a message of a superseded series; False if it is not stale."""
-        if not self._is_stale(series, unique_id):
-            return False
-        self.counters.add("stale_series")
-        if series not in self._stale_warned:
-            _remember(self._stale_warned, series)
-            logger.warning(
-                "%s: %s of series %d arrived after a newer series header (current: %s); "
-                "discarded (further ones are only counted)",
-                self.name,
-                what,
-                series,
-                self._current[0] if self._current else None,
-            )
-        return True
-
-    def _end_series(self, series: int) -> None:
-        track = self._series.pop(series, None)
-        if track is None:
-            logger.info("%s: series %d ended (no frames or header seen)", self.name, series)
-        else:
-            logger.info(
-                "%s: series %d ended: %d frames, %d skipped, %d duplicates",
-                self.name,
-                series,
-                len(track.seen),
-                track.gaps,
-                track.duplicates,
-            )
-        self.counters.add("series_end")
-        self._zmq.call(self._on_series_end, series)
-
-    def _track(self, series: int, *, announced: bool, unique_id: str | None = None) -> _SeriesTrack:
-        track = _SeriesTrack(announced=announced, unique_id=unique_id)
-        self._series.pop(series, None)
-        self._series[series] = track
-        while len(self._series) > _MAX_TRACKED_SERIES:
-            del self._series[next(iter(self._series))]
-        return track
-
-    def _accept_frame(self, series: int, frame: int, unique_id: str | None = None) -> bool:
-        """Count unknown series, gaps, late and duplicate frames; False drops a duplicate."""
-        track = self._series.get(series)
-        if track is None:
-            track = self._track(series, announced=False, unique_id=unique_id)
-            logger.warning(
-                "%s: frame %d of series %d arrived without a series header",
-                self.name,
-                frame,
-                series,
-            )
-        if not track.announced:
-            self.counters.add("unknown_series")
-        if frame in track.seen:
-            track.duplicates += 1
-            self.counters.add("duplicates")
-            logger.warning("%s: duplicate frame %d of series %d dropped", self.name, frame, series)
-            return False
-        if frame > track.next_frame:
-            missing = frame - track.next_frame
-            track.gaps += missing
-            self.counters.add("gaps", missing)
-            logger.warning(
-                "%s: series %d skipped %d frame(s): %d..%d",
-                self.name,
-                series,
-                missing,
-                track.next_frame,
-                frame - 1,
-            )
-        elif frame < track.next_frame:
-            self.counters.add("late")
-            logger.warning(
-                "%s: frame %d of series %d arrived late (out of order)", self.name, frame, series
-            )
-        track.seen.add(frame)
-        track.next_frame = max(track.next_frame, frame + 1)
-        return True
-
-
-def _remember(bounded: dict[Any, None], key: Any) -> None:
-    """Add ``key`` to an insertion-ordered set that keeps the newest _MAX_STALE_SERIES."""
-    bounded.pop(key, None)
-    bounded[key] = None
-    while len(bounded) > _MAX_STALE_SERIES:
-        del bounded[next(iter(bounded))]
-
-
-def _buffer(part: zmq.Frame | bytes) -> memoryview:
-    return part.buffer if isinstance(part, zmq.Frame) else memoryview(part)
+        self._book.apply(self._parse(parts))
 
 
 class _EigerSocket(ZmqReceiver):
     """The socket thread behind an EigerReceiver."""
 
-    counter_names = EigerReceiver.counter_names
+    counter_names = EIGER_COUNTERS
 
     def __init__(self, owner: EigerReceiver, endpoint: str, **kwargs: Any) -> None:
         self._owner = owner
@@ -930,14 +620,13 @@ class _EigerSocket(ZmqReceiver):
 
 
 class _DecodePipeline:
-    """Decodes frames on a thread pool and delivers them in arrival order.
+    """Parses (and decodes) messages on a thread pool and applies them in arrival order.
 
-    The socket thread only receives; pixel decoding (C codecs that release the
-    GIL) runs on ``threads`` workers; one delivery thread then runs the usual
-    handling -- series bookkeeping, counters, callbacks -- message by message in
-    the order they arrived, using the pre-decoded pixels. The queue between
-    them is bounded, so a slow consumer backs up into ZMQ's buffers instead of
-    dropping anything.
+    The socket thread only receives; parsing and pixel decoding (C codecs that
+    release the GIL) run on ``threads`` workers; one delivery thread then
+    applies the parsed events -- series bookkeeping, counters, callbacks --
+    in the order the messages arrived. The queue between them is bounded, so a
+    slow consumer backs up into ZMQ's buffers instead of dropping anything.
     """
 
     _STOP = object()
@@ -949,14 +638,12 @@ class _DecodePipeline:
         self._thread = threading.Thread(
             target=self._deliver, name=f"{owner.name}-deliver", daemon=True
         )
-        #: The pixels pre-decoded for the message being handled (delivery thread only).
-        self.prepared: tuple[int, Any] | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, parts: list[zmq.Frame]) -> None:
-        self._ordered.put((parts, self._pool.submit(self._owner._predecode, parts)))
+        self._ordered.put(self._pool.submit(self._owner._parse, parts))
 
     def stop(self, timeout: float) -> bool:
         if self._thread.is_alive():
@@ -967,68 +654,9 @@ class _DecodePipeline:
 
     def _deliver(self) -> None:
         socket = self._owner._zmq
+        book = self._owner._book
         while True:
             item = self._ordered.get()
             if item is self._STOP:
                 return
-            parts, future = item
-            self.prepared = (id(parts), future.result())
-            try:
-                socket._handle_safely(parts, self._owner._handle)
-            finally:
-                self.prepared = None
-
-
-def _decode_image(description_part: zmq.Frame, blob_part: zmq.Frame, what: str) -> np.ndarray:
-    """Decode the dimage_d-1.0 description and its blob into a (height, width) array."""
-    description = json_part(description_part, f"{what} part 2 (dimage_d)")
-    if description.get("htype") != "dimage_d-1.0":
-        raise DecodeError(
-            f"{what}: part 2 htype is {description.get('htype')!r}, expected 'dimage_d-1.0'"
-        )
-    width, height = _wire_shape(description.get("shape"), what)
-    if width * height > cbor.MAX_ELEMENTS:
-        raise DecodeError(
-            f"{what}: shape [{width}, {height}] exceeds {cbor.MAX_ELEMENTS} pixels (corrupt header)"
-        )
-    encoding = description.get("encoding")
-    pixel_type = description.get("type")
-    if not isinstance(pixel_type, str):
-        raise DecodeError(f"{what}: pixel 'type' {pixel_type!r} is not a type name")
-    blob = blob_part.buffer
-    size = description.get("size")
-    if size is not None and size != len(blob):
-        raise DecodeError(f"{what}: blob has {len(blob)} bytes, dimage_d says size={size}")
-    try:
-        return codecs.decode(blob, encoding=encoding, shape=(height, width), dtype=pixel_type)
-    except DecodeError as exc:
-        raise DecodeError(f"{what}: {exc}") from exc
-
-
-def _wire_shape(shape: Any, what: str) -> tuple[int, int]:
-    """Dectris shapes are [width, height] (fastest axis first)."""
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-    ):
-        raise DecodeError(f"{what}: shape {shape!r} is not [width, height]")
-    return shape[0], shape[1]
-
-
-def _decode_header_array(
-    description_part: zmq.Frame, blob_part: zmq.Frame
-) -> tuple[str, np.ndarray]:
-    """Decode a flatfield / pixel mask / count-rate table of an ``all`` header."""
-    description = json_part(description_part, "dheader-1.0 detail description")
-    htype = description.get("htype")
-    key = _HEADER_ARRAYS.get(htype)
-    if key is None:
-        raise DecodeError(f"dheader-1.0: unexpected detail htype {htype!r}")
-    width, height = _wire_shape(description.get("shape"), htype)
-    try:
-        return key, codecs.decode(
-            blob_part.buffer, encoding="raw", shape=(height, width), dtype=description.get("type")
-        )
-    except DecodeError as exc:
-        raise DecodeError(f"dheader-1.0 {htype}: {exc}") from exc
+            socket._handle_safely([], lambda _, parsed=item: book.apply(parsed.result()))
