@@ -120,6 +120,7 @@ class SimHXNFlyer:
         dwell: float = 0.01,
         name: str = "fly_panda",
         max_frames: int | None = None,
+        record_frames: bool = False,
     ) -> None:
         self.name = name
         self.parent = None
@@ -128,6 +129,10 @@ class SimHXNFlyer:
         self.sample = sample
         self.dwell = dwell
         self.max_frames = max_frames
+        #: Also put each frame into the collected events (``eiger2_image``), so a recorder
+        #: such as TiledWriter archives the run with its frames (see ``hxn_liveptycho.replay``).
+        self.record_frames = record_frames
+        self._frames: list[np.ndarray] = []
         self._thread: threading.Thread | None = None
         self._complete: Status | None = None
         self._published: list[tuple[float, float, float]] = []
@@ -135,6 +140,7 @@ class SimHXNFlyer:
 
     def kickoff(self) -> Status:
         self._published = []
+        self._frames = []
         self._abort.clear()
         self._complete = Status(obj=self)
         series = self.eiger.arm(self.sample, frame_time=self.dwell)
@@ -164,7 +170,10 @@ class SimHXNFlyer:
                 for index in row:
                     if self._abort.is_set():
                         return
-                    self.eiger.send(series, index, self.sample.detector_frame(index))
+                    frame = self.sample.detector_frame(index)
+                    self.eiger.send(series, index, frame)
+                    if self.record_frames:
+                        self._frames.append(frame)
                     x, y = self.sample.encoder_samples(index, rng)
                     xs.append(x)
                     ys.append(y)
@@ -197,26 +206,56 @@ class SimHXNFlyer:
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
         source = f"PANDA:{self.panda.name}"
-        return {
-            "primary": {
-                "inenc2_val": {"source": source, "dtype": "number", "shape": [], "units": "counts"},
-                "inenc3_val": {"source": source, "dtype": "number", "shape": [], "units": "counts"},
-            }
+        keys: dict[str, dict[str, Any]] = {
+            "inenc2_val": {"source": source, "dtype": "number", "shape": [], "units": "counts"},
+            "inenc3_val": {"source": source, "dtype": "number", "shape": [], "units": "counts"},
         }
+        if self.record_frames:
+            keys[f"{self.eiger.name}_image"] = {
+                "source": f"ZMQ:{self.eiger.endpoint}",
+                "dtype": "array",
+                "dtype_numpy": np.dtype("<u4").str,
+                "shape": list(self.sample.beamline.detector_shape),
+                "units": "counts",
+            }
+        return {"primary": keys}
 
     def collect(self) -> Any:
-        for stamp, x, y in self._published:
-            yield {
-                "time": stamp,
-                "data": {"inenc2_val": x, "inenc3_val": y},
-                "timestamps": {"inenc2_val": stamp, "inenc3_val": stamp},
-            }
+        image_key = f"{self.eiger.name}_image"
+        for k, (stamp, x, y) in enumerate(self._published):
+            data: dict[str, Any] = {"inenc2_val": x, "inenc3_val": y}
+            if self.record_frames:
+                data[image_key] = self._frames[k]
+            yield {"time": stamp, "data": data, "timestamps": dict.fromkeys(data, stamp)}
 
     def read_configuration(self) -> dict[str, Any]:
-        return {}
+        """The Eiger's series header values a replay needs (only when frames are recorded)."""
+        if not self.record_frames:
+            return {}
+        now = time.time()
+        return {
+            key: {"value": value, "timestamp": now}
+            for key, value in self._detector_configuration().items()
+        }
 
     def describe_configuration(self) -> dict[str, Any]:
-        return {}
+        if not self.record_frames:
+            return {}
+        source = f"SIM:{self.eiger.name}"
+        return {
+            key: {"source": source, "dtype": "number", "shape": []}
+            for key in self._detector_configuration()
+        }
+
+    def _detector_configuration(self) -> dict[str, float]:
+        bl = self.sample.beamline
+        prefix = self.eiger.name
+        return {
+            f"{prefix}_beam_center_x": float(bl.beam_center[1]),
+            f"{prefix}_beam_center_y": float(bl.beam_center[0]),
+            f"{prefix}_frame_time": self.dwell,
+            f"{prefix}_x_pixel_size": bl.detector_pixel_m,
+        }
 
 
 def baseline_motors(energy_kev: float) -> list[SynAxis]:

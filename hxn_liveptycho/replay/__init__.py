@@ -1,0 +1,23 @@
+"""Replay of archived runs: documents and detector streams, from Tiled or files, into the live path.
+
+from hxn_liveptycho.replay import replay_run
+report = replay_run("replay/clean-12x12", pace="fast")   # in-process LivePtycho
+"""
+
+from hxn_liveptycho.replay.files import load_archive, write_archive
+from hxn_liveptycho.replay.model import FrameSource, RecordedRun, ReplayError
+from hxn_liveptycho.replay.publish import StreamPublishers
+from hxn_liveptycho.replay.runner import ReplayOptions, ReplayReport, load_run, replay_run
+
+__all__ = [
+    "FrameSource",
+    "RecordedRun",
+    "ReplayError",
+    "ReplayOptions",
+    "ReplayReport",
+    "StreamPublishers",
+    "load_archive",
+    "load_run",
+    "replay_run",
+    "write_archive",
+]
