@@ -167,6 +167,11 @@ class EigerSeriesBook:
             self._settle(series, existing, existing.next_frame)
         self._track(series, announced=True, unique_id=unique_id)
 
+    def knows(self, series: int, unique_id: str | None) -> bool:
+        """True when frames of this series are being tracked (announced or not)."""
+        track = self._series.get(series)
+        return track is not None and track.unique_id == unique_id
+
     def is_stale(self, series: int, unique_id: str | None) -> bool:
         """True for a message of a series that a newer header superseded."""
         if unique_id is not None and unique_id in self._stale_unique_ids:
