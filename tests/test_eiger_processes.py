@@ -180,6 +180,7 @@ def test_corrupt_frame_is_counted_and_later_frames_kept() -> None:
     assert counts["malformed"] == threaded_counts["malformed"] == 2
     assert counts["gaps"] == threaded_counts["gaps"] == 1  # frame 4 never delivered
     kept = {f.frame: f.data for f in spread.of("frame")}
+    assert sorted(kept) == sorted(f.frame for f in threaded.of("frame"))
     assert sorted(kept) == [i for i in range(len(data)) if i != 4]
     for index, pixels in kept.items():
         np.testing.assert_array_equal(pixels, data[index])
