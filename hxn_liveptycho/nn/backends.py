@@ -72,6 +72,10 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Idle ONNX Runtime workers spin by default, taking cores from the solver and the
+        # Tiled writer between batches; a live branch must sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
         if device_id is not None:
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -11,6 +11,7 @@ blends the predictions into the mosaic, and publishes it at most every
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -224,6 +225,7 @@ def start_nn_branch(
         device_id=settings.nn_device,
         cache_dir=settings.data_dir / "tensorrt-engines",
         max_batch=config.nn.batch_size,
+        cpu_threads=max(1, (os.cpu_count() or 2) // 2),  # on a CPU, leave half to the rest
     )
     try:
         check_input_shape(model, backend, config.roi.size)

@@ -23,6 +23,16 @@ logger = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).parent / "models"
 
 
+def _inspection_session(path: Path) -> Any:
+    """An ONNX Runtime session only for reading the graph's I/O: no optimisation, one thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @dataclass
 class ModelInfo:
     """One model on disk: where it is, where it came from, and its card if it has one."""
@@ -42,9 +52,7 @@ class ModelInfo:
     def io(self) -> GraphIO:
         """Input and output names: from the card, else the graph's first input and
         outputs named ``amplitude``/``phase`` (or its first two outputs)."""
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        sess = _inspection_session(self.path)
         inputs = [i.name for i in sess.get_inputs()]
         outputs = [o.name for o in sess.get_outputs()]
         if len(inputs) != 1 or len(outputs) < 2:
@@ -60,9 +68,7 @@ class ModelInfo:
 
     def describe(self) -> dict[str, Any]:
         """What ``liveptycho models inspect`` shows: file facts, graph I/O, and the card."""
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        sess = _inspection_session(self.path)
 
         def spec(t: Any) -> dict[str, Any]:
             return {"name": t.name, "shape": list(t.shape), "type": t.type}

@@ -261,6 +261,8 @@ class TiledSink:
         def write() -> None:
             if self._container is None:
                 self._container = self._create_container()
+            if self._nn_latest is not None and not self._nn_arrays:
+                self._write_nn(self._nn_latest)  # Tiled was down while the branch ran
             if arrays:
                 self._write_live(snapshot)
                 final = self._child("final")
