@@ -266,3 +266,15 @@ def test_bad_archives_fail_before_anything_is_published(tmp_path, damage, messag
             pace="fast",
         )
     assert sent == []
+
+
+def test_a_wrong_source_or_option_is_refused_up_front():
+    """A path that is no archive, or an unknown option, fails before anything starts."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ReplayError, match="not a replay archive"):
+        replay_run(ARCHIVES / "no-such-archive", dry_run=True)
+    with pytest.raises(ValidationError, match="pase"):
+        replay_run(CLEAN, dry_run=True, pase="fast")
+    with pytest.raises(ReplayError, match="unknown encoding"):
+        replay_run(CLEAN, dry_run=True, encoding="zstd")

@@ -124,7 +124,8 @@ def load_run(
 ) -> RecordedRun:
     """A run from a file archive (a path) or from Tiled (a uid, or a scan_id: the newest wins)."""
     path = Path(str(source))
-    if isinstance(source, Path) or path.exists():
+    # uids and scan_ids never contain a path separator: anything that does is a file archive.
+    if isinstance(source, Path) or path.exists() or "/" in str(source) or "\\" in str(source):
         return load_archive(path)
     if client is None:
         from hxn_liveptycho.store.server import TiledConnection
@@ -154,8 +155,9 @@ def replay_run(
     run summary returned in ``report.result``. ``option_fields`` are
     :class:`ReplayOptions` fields (``pace="fast"``, ``skip_frames=24``, ...).
     """
-    opts = (options or ReplayOptions()).model_copy(update=option_fields)
-    ReplayOptions.model_validate(opts.model_dump())
+    opts = ReplayOptions.model_validate(
+        {**(options or ReplayOptions()).model_dump(), **option_fields}
+    )
     if opts.encoding not in ENCODINGS:
         raise ReplayError(f"unknown encoding {opts.encoding!r}; expected one of {ENCODINGS}")
     run = (
