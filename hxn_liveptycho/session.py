@@ -181,6 +181,8 @@ class RunSession:
         container_path = getattr(self._sink, "container_path", None)
         if container_path:
             info["container_path"] = container_path
+        if self._nn is not None:
+            info["nn"] = self._nn.counters.snapshot()
         return info
 
     def nn_snapshot(self) -> dict[str, Any] | None:
