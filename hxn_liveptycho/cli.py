@@ -138,6 +138,32 @@ def _models_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.replay import ReplayError
+    from hxn_liveptycho.replay.command import run
+
+    try:
+        report = run(args)
+    except ReplayError as exc:
+        print(f"cannot replay: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if report.eiger_endpoint:
+        print(f"Eiger stream on {report.eiger_endpoint}, PandA on {report.panda_endpoint}")
+    status = (report.result or {}).get("status")
+    return 0 if report.dry_run or status in (None, "complete") else 1
+
+
+def _add_replay_command(sub: Any) -> None:
+    from hxn_liveptycho.replay.command import add_arguments
+
+    replay = sub.add_parser(
+        "replay", help="replay an archived run: documents + Eiger/PandA streams, paced"
+    )
+    add_arguments(replay)
+    replay.set_defaults(func=_replay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveptycho", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -170,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("name", help="model name or path to an .onnx file")
     inspect.add_argument("--json", action="store_true", help="machine-readable")
     inspect.set_defaults(func=_models_inspect)
+    _add_replay_command(sub)
     return parser
 
 
