@@ -137,3 +137,16 @@ def test_shipped_model_mosaic_phase_correlates_with_truth():
     phase = np.angle(mosaic * np.exp(1j * offset))[mask]
     r = float(np.corrcoef(phase, np.angle(truth)[mask])[0, 1])
     assert r >= MIN_PHASE_CORRELATION, f"phase correlation {r:.3f}"
+
+
+def test_docs_show_the_shipped_card_as_it_is():
+    """docs/nn.md embeds the card; regenerate it when the model changes."""
+    from pathlib import Path
+
+    card = ModelRegistry(None).get(MODEL).card
+    assert card is not None
+    embedded = "\n".join(
+        "#" + line if line.startswith("#") else line for line in card.to_markdown().splitlines()
+    )
+    docs = (Path(__file__).parents[1] / "docs" / "nn.md").read_text()
+    assert embedded in docs
