@@ -77,6 +77,8 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 50
 #: How long a worker drains its socket before answering a sync (a busy stream never empties).
 _SYNC_DRAIN_S = 0.1
+#: How long a draining worker's socket must stay empty to count as drained.
+_QUIET_MS = 5
 #: Messages a worker takes from its socket before looking at the parent's requests again.
 _BATCH = 32
 
@@ -167,8 +169,10 @@ class _Worker:
                 raise _ParentGoneError
 
     def _drain(self, deadline: float) -> None:
-        while time.monotonic() < deadline and self._receive(_BATCH) == _BATCH:
-            pass
+        """Handle what is queued, until the socket stayed empty for a moment or ``deadline``."""
+        while time.monotonic() < deadline:
+            if self._receive(_BATCH) == 0 and not self.pull.poll(_QUIET_MS, zmq.POLLIN):
+                return
 
     def _receive(self, limit: int) -> int:
         """Handle up to ``limit`` messages already queued; how many there were."""
@@ -231,6 +235,8 @@ class _Barrier:
     controls: list[EigerEvent]
     waiting: set[int]
     deadline: float
+    #: When the last marker came in.
+    complete_since: float | None = None
 
 
 class EigerProcessReceiver:
@@ -268,6 +274,8 @@ class EigerProcessReceiver:
         reorder_window: int | None = None,
         barrier_timeout: float = 5.0,
         header_wait: float = 0.2,
+        end_wait: float = 0.5,
+        end_quiet: float = 0.05,
         start_timeout: float = 60.0,
     ) -> None:
         if processes < 1:
@@ -297,6 +305,9 @@ class EigerProcessReceiver:
         self.transform = transform
         self.barrier_timeout = barrier_timeout
         self.header_wait = header_wait
+        self.end_wait = end_wait
+        self.end_quiet = end_quiet
+        self._flushing = False
         self.start_timeout = start_timeout
         self.counters = Counters(self.counter_names)
         self._book = EigerSeriesBook(
@@ -456,6 +467,7 @@ class EigerProcessReceiver:
                 worker.gone = True
             if self._barrier is not None:
                 self._barrier.waiting.clear()
+            self._flushing = True
             self._pump(sock)
         except Exception:
             logger.exception("%s: receiver thread failed", self.name)
@@ -531,22 +543,28 @@ class EigerProcessReceiver:
         while progressed:
             progressed = False
             barrier = self._barrier
-            if barrier is not None and not barrier.waiting:
+            if barrier is not None and not barrier.waiting and self._may_close(barrier):
                 self._barrier = None
                 for event in _wire_order(barrier.controls):
                     self._apply(("event", event))
                 progressed = True
                 continue
             for worker in self._workers:
-                while worker.pending and (barrier is None or worker.index in barrier.waiting):
+                while worker.pending:
                     item = worker.pending[0]
-                    if barrier is None and self._awaits_header(worker, item):
-                        break
-                    if barrier is not None and self._follows(item, barrier):
+                    if barrier is None:
+                        if self._awaits_header(worker, item):
+                            break
+                    elif worker.index not in barrier.waiting:
+                        if not self._precedes(item, barrier):
+                            break
+                    elif self._follows(item, barrier):
                         barrier.waiting.discard(worker.index)  # it is past the header already
                         break
                     worker.pending.popleft()
                     progressed = True
+                    if barrier is not None and barrier.complete_since is not None:
+                        barrier.complete_since = time.monotonic()  # an image it waited for
                     if item[0] == "marker":
                         if barrier is not None and item[1] == barrier.token:
                             barrier.waiting.discard(worker.index)
@@ -563,6 +581,46 @@ class EigerProcessReceiver:
                         barrier.waiting.discard(worker.index)
                     break
 
+    def _ending(self, barrier: _Barrier) -> list[tuple[int, str | None]]:
+        """The series this barrier ends (an end without a header of the same series)."""
+        headers = {
+            (c.series, c.unique_id) for c in barrier.controls if isinstance(c, SeriesStartEvent)
+        }
+        return [
+            (c.series, c.unique_id)
+            for c in barrier.controls
+            if isinstance(c, SeriesEndEvent) and (c.series, c.unique_id) not in headers
+        ]
+
+    def _precedes(self, item: tuple[Any, ...], barrier: _Barrier) -> bool:
+        """An image of a series this barrier ends: sent before that end, whatever the marker."""
+        event = item[1] if item[0] == "event" else None
+        return isinstance(event, ImageEvent) and (event.series, event.unique_id) in self._ending(
+            barrier
+        )
+
+    def _may_close(self, barrier: _Barrier) -> bool:
+        """Every marker is in; an end still waits (up to ``end_wait``) for missing frames.
+
+        A frame still in flight to a worker when it answered the sync would
+        otherwise arrive after its series' end: an end waits until no image of
+        its series came for ``end_quiet`` and none is missing (holes below the
+        newest frame, or fewer frames than the header announced).
+        """
+        if self._flushing:
+            return True
+        now = time.monotonic()
+        if barrier.complete_since is None:
+            barrier.complete_since = now
+        if now - barrier.complete_since >= self.end_wait:
+            return True
+        ending = self._ending(barrier)
+        if not ending:
+            return True
+        if now - barrier.complete_since < self.end_quiet:
+            return False
+        return not any(self._book.missing(*key) for key in ending)
+
     def _awaits_header(self, worker: _WorkerHandle, item: tuple[Any, ...]) -> bool:
         """Hold a worker's image of a series not yet announced: its header may be overtaking.
 
@@ -571,7 +629,8 @@ class EigerProcessReceiver:
         """
         event = item[1] if item[0] == "event" else None
         if (
-            self.processes == 1
+            self._flushing
+            or self.processes == 1
             or not isinstance(event, ImageEvent)
             or self._book.knows(event.series, event.unique_id)
             or self._book.is_stale(event.series, event.unique_id)

@@ -53,6 +53,8 @@ class _SeriesTrack:
     unsettled: set[int] = field(default_factory=set)
     gaps: int = 0
     duplicates: int = 0
+    #: Frames the header announced (0: unknown).
+    expected: int = 0
 
 
 class EigerSeriesBook:
@@ -97,6 +99,7 @@ class EigerSeriesBook:
             self._apply_image(event)
         elif isinstance(event, SeriesStartEvent):
             self.begin_series(event.series, event.unique_id)
+            self._series[event.series].expected = _announced_frames(event.info)
             self.counters.add("headers")
             self._call(self._on_series_start, event.series, event.info)
         elif isinstance(event, SeriesEndEvent):
@@ -166,6 +169,13 @@ class EigerSeriesBook:
         if existing is not None:
             self._settle(series, existing, existing.next_frame)
         self._track(series, announced=True, unique_id=unique_id)
+
+    def missing(self, series: int, unique_id: str | None) -> int:
+        """Frames of a tracked series not (yet) here: holes, and short of what its header said."""
+        track = self._series.get(series)
+        if track is None or track.unique_id != unique_id:
+            return 0
+        return max(track.next_frame, track.expected) - len(track.seen)
 
     def knows(self, series: int, unique_id: str | None) -> bool:
         """True when frames of this series are being tracked (announced or not)."""
@@ -282,6 +292,16 @@ class EigerSeriesBook:
                 upto - 1,
             )
         track.settled = upto
+
+
+def _announced_frames(info: dict[str, Any]) -> int:
+    """Images x triggers from a v1 or v2 header; 0 when it does not say."""
+    images = info.get("nimages", info.get("number_of_images"))
+    triggers = info.get("ntrigger", info.get("number_of_triggers", 1))
+    counts = (images, triggers)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        return 0
+    return images * triggers
 
 
 def _remember(bounded: dict[Any, None], key: Any) -> None:
