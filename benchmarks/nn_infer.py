@@ -95,13 +95,12 @@ def gpu_rows_backend(model: Path, kind: str, batches: list[int], repeats: int) -
             import cupy as cp
 
             xd = cp.asarray(x[:, None])
-            stream = backend._stream  # type: ignore[attr-defined]
             out.append(
                 row(
                     kind,
                     "resident",
                     b,
-                    timed(lambda xd=xd: backend.infer_device(xd), repeats, stream.synchronize),
+                    timed(lambda xd=xd: backend.infer_device(xd), repeats, backend.synchronize),
                 )
             )
     return out

@@ -45,7 +45,8 @@ class InferenceBackend(Protocol):
     def close(self) -> None: ...
 
 
-def _as_batch(amplitudes: np.ndarray) -> np.ndarray:
+def as_batch(amplitudes: np.ndarray) -> np.ndarray:
+    """Amplitudes as the contiguous float32 (B, 1, n, n) batch every graph takes."""
     x = np.asarray(amplitudes, dtype=np.float32)
     if x.ndim == 2:
         x = x[None]
@@ -95,7 +96,7 @@ class OnnxRuntimeBackend:
         self.input_hw = (int(shape[-2]), int(shape[-1]))
 
     def infer(self, amplitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amplitude, phase = self._session.run(self._outputs, {self._io.input: _as_batch(amplitudes)})
+        amplitude, phase = self._session.run(self._outputs, {self._io.input: as_batch(amplitudes)})
         return np.asarray(amplitude)[:, 0], np.asarray(phase)[:, 0]
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +93,7 @@ class NNBranch:
         self._publish = publish
         self._mosaic: Mosaic | None = None
         self._cond = threading.Condition()
-        self._queue: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self._queue: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
         self._queued = 0
         self._closing = False
         self._last_publish = 0.0
@@ -168,7 +169,7 @@ class NNBranch:
                 return None
             taken, count = [], 0
             while self._queue and count < self.batch_size:
-                item = self._queue.pop(0)
+                item = self._queue.popleft()
                 taken.append(item)
                 count += len(item[0])
             self._queued -= count

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.nn.backends import GraphIO, _as_batch
+from hxn_liveptycho.nn.backends import GraphIO, as_batch
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class TensorRTBackend:
         return outputs[0], outputs[1]
 
     def infer(self, amplitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = _as_batch(amplitudes)
+        x = as_batch(amplitudes)
         amps, phases = [], []
         with self._device, self._stream:
             for start in range(0, len(x), self.max_batch):
@@ -144,6 +144,10 @@ class TensorRTBackend:
             np.concatenate(amps).astype(np.float32, copy=False),
             np.concatenate(phases).astype(np.float32, copy=False),
         )
+
+    def synchronize(self) -> None:
+        """Wait for the work queued by :meth:`infer_device`."""
+        self._stream.synchronize()
 
     def close(self) -> None:
         self._context = None
