@@ -8,7 +8,11 @@ at the dtype's maximum) as SIMPLON v1 image messages exactly as
 ``EigerReceiver`` (one PULL socket, one thread) whose ``on_frame`` callback
 crops the region of interest and takes the amplitude
 (``preprocess.crop_window`` / ``to_amplitude``, what a run session does) or
-just slices it (``--crop-mode slice``).
+just slices it (``--crop-mode slice``). With ``--processes N`` the receiving
+side is ``EigerProcessReceiver`` instead: N spawned worker processes, each with
+its own PULL socket (the publisher's PUSH deals frames out among them), decode
+and (``--crop-in-pool``) crop; the parent keeps the series bookkeeping and runs
+the callback. Its line then also reports the workers' CPU.
 
 Two cases:
 
@@ -30,6 +34,7 @@ Run from the repository root (carry the repository to another machine the same w
 
     PYTHONPATH=. python benchmarks/ingest.py [--frames 4000] [--publishers 1] [--seconds 20]
         [--cases 1m roi] [--crop 256] [--crop-mode amplitude|slice|none] [--json out.json]
+        [--decode-threads T | --processes N] [--crop-in-pool]
 
 Needs only numpy, pyzmq, bitshuffle, dectris-compression and lz4 besides the
 repository. (The receiver module also imports ``cbor2`` for the v2 CBOR flavour;
@@ -81,6 +86,7 @@ import zmq  # noqa: E402
 
 from hxn_liveptycho.preprocess import crop_window, to_amplitude  # noqa: E402
 from hxn_liveptycho.streams import EigerFrame, EigerReceiver, decode, encode  # noqa: E402
+from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver  # noqa: E402
 
 #: Receiver counters that mean "this message was received and deliberately not delivered".
 COUNTED_NOT_DELIVERED = ("malformed", "duplicates", "stale_series")
@@ -254,6 +260,21 @@ def fan_in_main(hwm: int, endpoints_out: Any) -> None:
 # -- receiving side ----------------------------------------------------------------------------
 
 
+class CropTransform:
+    """The ROI crop (and amplitude) as a picklable object, so worker processes can run it."""
+
+    def __init__(self, window: tuple[slice, slice], mode: str) -> None:
+        self.window = window
+        self.mode = mode
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.mode == "amplitude":
+            return to_amplitude(pixels, self.window)[0]
+        if self.mode == "slice":
+            return pixels[self.window].copy()
+        return pixels
+
+
 class Sink:
     """The receiver's on_frame: crop (and take the amplitude); time first/last; verify a few."""
 
@@ -265,6 +286,7 @@ class Sink:
         self.window = crop_window(
             (case.height, case.width), (case.height / 2, case.width / 2), crop
         )
+        self.transform = CropTransform(self.window, mode)
         self.count = 0
         self.first = self.last = 0.0
         self.verify_left = verify
@@ -274,11 +296,7 @@ class Sink:
         self.cropped_upstream = False
 
     def crop(self, pixels: np.ndarray) -> np.ndarray:
-        if self.mode == "amplitude":
-            return to_amplitude(pixels, self.window)[0]
-        if self.mode == "slice":
-            return pixels[self.window].copy()
-        return pixels
+        return self.transform(pixels)
 
     def on_frame(self, frame: EigerFrame) -> None:
         now = time.perf_counter()
@@ -396,19 +414,33 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         receive_from = endpoint_q.get(timeout=60)
 
     sink = Sink(case, frames, args.crop, args.crop_mode, verify=2 * args.pool)
-    receiver = EigerReceiver(
-        receive_from,
-        on_series_start=lambda series, info: None,
-        on_frame=sink.on_frame,
-        on_series_end=lambda series: None,
-        socket_type="pull",
-        rcvhwm=args.hwm,
-        name="ingest-bench",
-        decode_threads=args.decode_threads,
-        transform=sink.crop if args.crop_in_pool else None,
-    )
+    receiver: EigerReceiver | EigerProcessReceiver
+    if args.processes:
+        receiver = EigerProcessReceiver(
+            receive_from,
+            on_series_start=lambda series, info: None,
+            on_frame=sink.on_frame,
+            on_series_end=lambda series: None,
+            processes=args.processes,
+            rcvhwm=args.hwm,
+            name="ingest-bench",
+            transform=sink.transform if args.crop_in_pool else None,
+        )
+    else:
+        receiver = EigerReceiver(
+            receive_from,
+            on_series_start=lambda series, info: None,
+            on_frame=sink.on_frame,
+            on_series_end=lambda series: None,
+            socket_type="pull",
+            rcvhwm=args.hwm,
+            name="ingest-bench",
+            decode_threads=args.decode_threads,
+            transform=sink.crop if args.crop_in_pool else None,
+        )
     sink.cropped_upstream = args.crop_in_pool
     receiver.start()
+    workers = receiver.worker_pids if isinstance(receiver, EigerProcessReceiver) else []
     try:
         deadline = time.monotonic() + 60
         while args.publishers == 1 and receiver.counters.get("headers") < 1:
@@ -416,6 +448,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the series header never arrived")
             time.sleep(0.01)
         cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        workers_cpu0 = cpu_seconds(workers)
         go.set()
         reports = [sent_q.get(timeout=args.seconds + 120) for _ in children]
         sent = sum(n for _, n, _ in reports)
@@ -428,6 +461,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
                 break
             time.sleep(0.02)
         wall1, cpu1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        workers_cpu1 = cpu_seconds(workers)
     finally:
         stopped = receiver.stop(timeout=10)
         for proc in children:
@@ -464,6 +498,9 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "mb_per_s": fps * nbytes / 1e6,
         "wire_mb_per_s": fps * wire_bytes / 1e6,
         "receiver_process_cores": cpu / (wall1 - wall0),
+        "worker_processes_cores": (workers_cpu1 - workers_cpu0) / (wall1 - wall0),
+        "barrier_timeouts": counts.get("barrier_timeouts", 0),
+        "worker_exits": counts.get("worker_exits", 0),
         "decompress_only_fps": refs["decompress_only_fps"],
         "decode_only_fps": refs["decode_only_fps"],
         "decode_crop_fps": refs["decode_crop_fps"],
@@ -475,9 +512,30 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "meets_target": fps >= case.target_fps,
         "crop": args.crop,
         "decode_threads": args.decode_threads,
+        "processes": args.processes,
         "crop_in_pool": args.crop_in_pool,
         "crop_mode": args.crop_mode,
     }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of running processes (Linux /proc; 0 where unreadable)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def receiver_kind(r: dict[str, Any]) -> str:
+    if r["processes"]:
+        return f"{r['processes']} worker processes"
+    return f"decode threads {r['decode_threads']}"
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -494,11 +552,17 @@ def describe(r: dict[str, Any]) -> str:
             f"+ unaccounted {r['unaccounted']}; callback errors {r['callback_errors']}; "
             f"bit-for-bit checked {r['verified_frames']} frames, "
             f"{r['verify_mismatches']} mismatches",
-            f"   ingest (receive+decode+crop, decode threads {r['decode_threads']}, crop in pool "
+            f"   ingest (receive+decode+crop, {receiver_kind(r)}, crop in pool "
             f"{r['crop_in_pool']}): {r['fps']:,.0f} frames/s, "
             f"{r['mb_per_s']:,.0f} MB/s decompressed ({r['wire_mb_per_s']:,.0f} MB/s on the wire), "
             f"{r['ingest_us_per_frame']:.0f} us/frame, receiver process "
-            f"{r['receiver_process_cores']:.2f} cores busy",
+            f"{r['receiver_process_cores']:.2f} cores busy"
+            + (
+                f" + workers {r['worker_processes_cores']:.2f} cores (barrier timeouts "
+                f"{r['barrier_timeouts']}, worker exits {r['worker_exits']})"
+                if r["processes"]
+                else ""
+            ),
             f"   same run, 1 thread, no ZMQ: C decompress alone {r['decompress_only_fps']:,.0f}, "
             f"decode() {r['decode_only_fps']:,.0f}, decode()+crop "
             f"{r['decode_crop_fps']:,.0f} frames/s",
@@ -525,11 +589,21 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-threads", type=int, default=0, help="receiver decode pool (0: inline)"
     )
     parser.add_argument(
-        "--crop-in-pool", action="store_true", help="crop in the receiver's decode pool"
+        "--crop-in-pool",
+        action="store_true",
+        help="crop in the receiver's decode pool (or its worker processes)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="EigerProcessReceiver with N worker processes (0: the threaded EigerReceiver)",
     )
     args = parser.parse_args(argv)
     if args.publishers < 1 or args.frames < 2:
         parser.error("need at least 1 publisher and 2 frames")
+    if args.processes < 0:
+        parser.error("--processes must be >= 0")
 
     import bitshuffle
     import dectris.compression

@@ -246,7 +246,7 @@ class EigerProcessReceiver:
     ``transform`` runs in the workers, so it must be picklable (a module-level
     function or an object such as a crop spec, not a lambda); ``worker_queue``
     bounds the parsed events in flight per worker; ``reorder_window`` (default
-    ``16 * processes + 64``) is how far frames may overtake each other before a
+    ``1024 * processes``) is how far frames may overtake each other before a
     missing one counts as a gap. Frames are delivered as read-only arrays over
     the received message (copy to modify). Callbacks run on one parent thread.
     """
@@ -318,7 +318,7 @@ class EigerProcessReceiver:
             on_series_end=on_series_end,
             run_callback=self._call,
             make_frame=EigerFrame,
-            reorder_window=16 * processes + 64 if reorder_window is None else reorder_window,
+            reorder_window=1024 * processes if reorder_window is None else reorder_window,
         )
         self._curve = curve_options(curve_server_key, curve_public_key, curve_secret_key)
         self._rcvhwm = rcvhwm
@@ -477,14 +477,14 @@ class EigerProcessReceiver:
     def _request_stop(self, sock: zmq.Socket) -> None:
         drain_s = max(0.0, self._stop_deadline - time.monotonic())
         for worker in self._workers:
-            if not worker.gone:
+            if worker.process.is_alive():
                 self._send(sock, worker, ("stop", self._drain, drain_s))
 
     def _send(self, sock: zmq.Socket, worker: _WorkerHandle, request: tuple[Any, ...]) -> None:
         try:
             sock.send_multipart([_identity(worker.index), _dumps(request)], zmq.NOBLOCK)
-        except zmq.ZMQError:  # EHOSTUNREACH: that worker's link is gone
-            self._lost(worker, "its link to the parent closed")
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that worker's link is gone
+            self._lost(worker, f"cannot reach it: {exc}")
 
     def _receive_available(self, sock: zmq.Socket) -> None:
         for _ in range(256):
@@ -669,7 +669,12 @@ class EigerProcessReceiver:
         )
 
     def _open_barrier(self, sock: zmq.Socket, worker: _WorkerHandle, event: EigerEvent) -> _Barrier:
-        others = {w.index for w in self._workers if w is not worker and not (w.gone or w.said_bye)}
+        # A worker not yet connected has forwarded nothing: nothing of it to wait for.
+        others = {
+            w.index
+            for w in self._workers
+            if w is not worker and w.ready and not (w.gone or w.said_bye)
+        }
         barrier = _Barrier(
             next(self._tokens), [event], others, time.monotonic() + self.barrier_timeout
         )
