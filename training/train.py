@@ -69,7 +69,8 @@ def train(
     n = data["diffraction"].shape[0]
     budget = args.minutes * 60.0
     began = time.monotonic()
-    step, epoch, losses = 0, 0, []
+    step, epoch = 0, 0
+    losses: list[float] = []  # every 50th step's loss (reading it syncs the GPU)
     autocast = device.type == "cuda"
     model.train()
     while True:
@@ -81,7 +82,7 @@ def train(
                     "steps": step,
                     "epochs": epoch,
                     "seconds": round(elapsed, 1),
-                    "final_loss": float(np.mean(losses[-50:])),
+                    "final_loss": float(np.mean(losses[-5:])),
                 }
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
             for group in opt.param_groups:
@@ -100,7 +101,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()) if step % 50 == 0 else losses[-1] if losses else 0.0)
+            if step % 50 == 0:
+                losses.append(float(loss.detach()))
             if step % 500 == 0:
                 logger.info(
                     "step %d epoch %d loss %.4f lr %.2e (%.0f s)",
