@@ -278,3 +278,53 @@ def test_a_wrong_source_or_option_is_refused_up_front():
         replay_run(CLEAN, dry_run=True, pase="fast")
     with pytest.raises(ReplayError, match="unknown encoding"):
         replay_run(CLEAN, dry_run=True, encoding="zstd")
+
+
+def test_documents_go_to_a_serve_proxy_through_bluesky_publisher():
+    """With a 0MQ Publisher as target, the documents arrive in order beside the two streams."""
+    import pickle
+    import time
+
+    import zmq
+    from bluesky.callbacks.zmq import Publisher
+
+    context = zmq.Context.instance()
+    proxy_in = context.socket(zmq.SUB)  # stands in for the proxy's input that serve reads
+    proxy_in.setsockopt(zmq.SUBSCRIBE, b"")
+    port = proxy_in.bind_to_random_port("tcp://127.0.0.1")
+    publisher = Publisher(f"127.0.0.1:{port}", prefix=b"hxn")
+    streams = StreamPublishers(flavour="v2", encoding="bs32-lz4<")
+    receivers = []
+    try:
+        for endpoint in (streams.eiger_endpoint, streams.panda_endpoint):
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.connect(endpoint)
+            receivers.append(sub)
+        # The Publisher's PUB joins asynchronously and drops until then: probe until one lands.
+        deadline = time.monotonic() + 10
+        while not proxy_in.poll(100) and time.monotonic() < deadline:
+            publisher("probe", {})
+        while proxy_in.poll(200):
+            proxy_in.recv()
+        report = replay_run(CLEAN, callback=publisher, publishers=streams, pace="rate", rate_hz=500)
+        names = []
+        while proxy_in.poll(1000):
+            prefix, name, payload = proxy_in.recv().split(b" ", 2)
+            assert prefix == b"hxn"
+            names.append((name.decode(), pickle.loads(payload)))
+        eiger_messages = 0
+        while receivers[0].poll(300):
+            receivers[0].recv_multipart()
+            eiger_messages += 1
+    finally:
+        publisher.close()
+        streams.close()
+        for sock in (proxy_in, *receivers):
+            sock.close(linger=0)
+    assert names[0][0] == "start" and names[-1][0] == "stop"
+    assert names[0][1]["uid"] == report.uid
+    assert len(names) == sum(report.documents.values())
+    assert eiger_messages == report.frames + 2  # start, 144 images, end
+    assert report.frames_per_second is not None and report.frames_per_second <= 520

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from hxn_liveptycho.replay.runner import ReplayOptions, ReplayReport, replay_run
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import ENCODINGS
 
+#: How long a fresh 0MQ Publisher is given to connect before the first document.
+PUBLISHER_JOIN_S = 2.0
 #: Short names for the wire encodings users type.
 ENCODING_ALIASES = {"bslz4": "bs32-lz4<", "bslz4-16": "bs16-lz4<", "lz4": "lz4<", "raw": "raw"}
 
@@ -94,6 +97,10 @@ def run(args: argparse.Namespace) -> ReplayReport:
         from bluesky.callbacks.zmq import Publisher
 
         publisher = Publisher(args.publish, prefix=args.prefix.encode())
+        # A PUB socket drops what it sends before its connection is up (ZMQ's slow joiner,
+        # about half a second on a loaded host); a RunEngine's Publisher lives long enough
+        # not to notice, a fresh one must wait or lose the start document.
+        time.sleep(PUBLISHER_JOIN_S)
         try:
             return replay_run(args.source, callback=publisher, settings=settings, options=options)
         finally:
