@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Threads decoding Eiger frames (0: on the socket thread); default: "
         "cores - 2, at most 8.",
     )
+    eiger_decode_processes: int = Field(
+        default=0,
+        ge=0,
+        description="Worker processes receiving and decoding Eiger frames, each with its own "
+        "PULL socket (needs eiger_socket='pull'); 0: one receiving process.",
+    )
     panda_endpoint: str | None = Field(default=None, description="PandA position publisher.")
     plan_names: tuple[str, ...] = Field(
         default=DEFAULT_PLAN_NAMES, description="Plans reconstructed without a metadata flag."
