@@ -24,6 +24,7 @@ from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.session import RunSession, SinkFactory
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import EigerFrame, EigerReceiver, PandaReceiver
+from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ class Engine:
             )
         }
         if s.eiger_endpoint:
-            eiger = EigerReceiver(
-                s.eiger_endpoint,
+            common: dict[str, Any] = dict(
                 on_series_start=lambda series, header: self._put_stream(
                     "series_start", "eiger", header
                 ),
@@ -113,10 +113,18 @@ class Engine:
                 on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
                 socket_type=s.eiger_socket,
                 flavour=s.eiger_flavour,
-                decode_threads=s.eiger_decode_threads,
                 channel=s.eiger_channel,
                 **curve,
             )
+            eiger: EigerReceiver | EigerProcessReceiver
+            if s.eiger_decode_processes:
+                eiger = EigerProcessReceiver(
+                    s.eiger_endpoint, processes=s.eiger_decode_processes, **common
+                )
+            else:
+                eiger = EigerReceiver(
+                    s.eiger_endpoint, decode_threads=s.eiger_decode_threads, **common
+                )
             self._receivers.append(eiger)
         if s.panda_endpoint:
             panda = PandaReceiver(
