@@ -328,3 +328,46 @@ def test_documents_go_to_a_serve_proxy_through_bluesky_publisher():
     assert len(names) == sum(report.documents.values())
     assert eiger_messages == report.frames + 2  # start, 144 images, end
     assert report.frames_per_second is not None and report.frames_per_second <= 520
+
+
+def test_frames_are_read_a_chunk_at_a_time_while_publishing():
+    """No read is larger than chunk_frames, so a large scan starts sending after one chunk."""
+    import zmq
+
+    reads: list[tuple[int, int]] = []
+    run = load_archive(CLEAN)
+    original = run.frames
+
+    class Counting:
+        shape = original.shape
+        dtype = original.dtype
+
+        def read(self, start: int, stop: int) -> np.ndarray:
+            reads.append((start, stop))
+            return original.read(start, stop)
+
+    run.frames = Counting()
+    context = zmq.Context.instance()
+    with StreamPublishers(encoding="raw") as streams:
+        subs = []
+        for endpoint in (streams.eiger_endpoint, streams.panda_endpoint):
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(endpoint)
+            subs.append(sub)
+        try:
+            report = replay_run(
+                run,
+                callback=lambda name, doc: None,
+                publishers=streams,
+                chunk_frames=16,
+                pace="fast",
+            )
+        finally:
+            for sub in subs:
+                sub.close(linger=0)
+    assert report.frames == 144
+    publishing_reads = reads[2:]  # the first two are validation's first and last frame
+    assert reads[:2] == [(0, 1), (143, 144)]
+    assert max(stop - start for start, stop in publishing_reads) == 16
+    assert publishing_reads[0] == (0, 16) and publishing_reads[-1] == (128, 144)
