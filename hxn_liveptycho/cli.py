@@ -138,6 +138,137 @@ def _models_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``liveptycho serve`` flags → the Settings fields they set (flags win over LIVEPTYCHO_*).
+_SERVE_FLAGS = {
+    "host": "serve_host",
+    "port": "serve_port",
+    "documents": "documents_address",
+    "proxy_in": "documents_proxy_in",
+    "prefix": "documents_prefix",
+    "log_file": "log_file",
+    "tiled_uri": "tiled_uri",
+    "eiger": "eiger_endpoint",
+    "panda": "panda_endpoint",
+    "data_dir": "data_dir",
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.errors import ConfigurationError
+    from hxn_liveptycho.serve import run_serve
+    from hxn_liveptycho.settings import Settings
+
+    fields = {f: getattr(args, flag) for flag, f in _SERVE_FLAGS.items()}
+    try:
+        return run_serve(Settings(**{k: v for k, v in fields.items() if v is not None}))
+    except ConfigurationError as exc:
+        print(f"liveptycho serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve_client(args: argparse.Namespace) -> Any:
+    from hxn_liveptycho.control.client import ServeClient
+    from hxn_liveptycho.settings import Settings
+
+    return ServeClient.from_settings(Settings(), url=args.url, token=args.token)
+
+
+def _client_call(args: argparse.Namespace, call: Any) -> int:
+    from hxn_liveptycho.control.client import ServeError
+
+    try:
+        with _serve_client(args) as client:
+            result = call(client)
+    except (ServeError, ValueError) as exc:
+        print(f"liveptycho {args.command}: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    serve = status.get("serve", {})
+    docs = status.get("documents", {})
+    print(
+        f"serve {serve.get('version')} up {serve.get('uptime_s')} s; documents from "
+        f"{docs.get('address')}: {docs.get('counters')}"
+    )
+    for name, counters in (status.get("receivers") or {}).items():
+        print(f"receiver {name}: {counters}")
+    for run in status.get("runs") or []:
+        err = run.get("error_metric")
+        print(
+            f"scan {run['scan_id']} {run['uid'][:8]} {run['status']}: "
+            f"{run['positions']}/{run.get('expected_positions', '?')} positions, "
+            f"iteration {run['iteration']}"
+            + (f", data mismatch {err:.4g}" if err is not None else "")
+            + (f" ({run['error']})" if run.get("error") else "")
+        )
+
+
+def _status(args: argparse.Namespace) -> int:
+    def call(client: Any) -> Any:
+        status = client.status()
+        if args.json:
+            return status
+        _print_status(status)
+        return None
+
+    return _client_call(args, call)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda client: client.stop(args.uid))
+
+
+def _configure(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.control.client import parse_assignments
+
+    def call(client: Any) -> Any:
+        result = {}
+        if args.model:
+            result = client.select_model(args.model)
+        if args.assignments or args.replace:
+            result = client.configure(parse_assignments(args.assignments), replace=args.replace)
+        return result or client.config()
+
+    return _client_call(args, call)
+
+
+def _add_serve_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the engine as a service fed documents over 0MQ")
+    serve.add_argument("--host", help="API bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="API port (default 8765)")
+    serve.add_argument("--documents", help="0MQ proxy output to subscribe to")
+    serve.add_argument("--proxy-in", help="run bluesky's 0MQ proxy here, publishers connect to")
+    serve.add_argument("--prefix", help="accept only this bluesky Publisher prefix")
+    serve.add_argument("--log-file", type=Path, help="also log to this file")
+    serve.add_argument("--tiled-uri", help="Tiled server (default: embedded)")
+    serve.add_argument("--eiger", help="Eiger stream endpoint")
+    serve.add_argument("--panda", help="PandA stream endpoint")
+    serve.add_argument("--data-dir", type=Path, help="embedded Tiled and backups")
+    serve.set_defaults(func=_serve)
+
+    for name, text, func in (
+        ("status", "status of a running serve", _status),
+        ("stop", "stop a reconstruction on serve (the newest running by default)", _stop),
+        ("configure", "set overrides for the next runs on serve: KEY=VALUE ...", _configure),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--url", help="serve's URL (default from LIVEPTYCHO_SERVE_*)")
+        command.add_argument("--token", help="API token (default LIVEPTYCHO_API_TOKEN)")
+        command.set_defaults(func=func)
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="the full status as JSON")
+        elif name == "stop":
+            command.add_argument("uid", nargs="?", help="run uid or its first 8+ characters")
+        else:
+            command.add_argument("assignments", nargs="*", help="e.g. recon.iterations=50")
+            command.add_argument("--replace", action="store_true", help="replace, not merge")
+            command.add_argument("--model", help="NN model for the next runs")
+
+
 def _replay(args: argparse.Namespace) -> int:
     from hxn_liveptycho.replay import ReplayError
     from hxn_liveptycho.replay.command import run
@@ -196,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("name", help="model name or path to an .onnx file")
     inspect.add_argument("--json", action="store_true", help="machine-readable")
     inspect.set_defaults(func=_models_inspect)
+    _add_serve_commands(sub)
     _add_replay_command(sub)
     return parser
 

@@ -108,3 +108,26 @@ class Settings(BaseSettings):
     max_frames_in_flight: int = Field(
         default=4096, ge=16, description="Frames received but not yet taken by a session."
     )
+    serve_host: str = Field(
+        default="127.0.0.1",
+        description="`liveptycho serve`: HTTP bind address; beyond loopback needs api_token.",
+    )
+    serve_port: int = Field(default=8765, ge=0, le=65535, description="Serve's HTTP port.")
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token the serve API requires (when set)."
+    )
+    log_file: Path | None = Field(
+        default=None, description="Serve also appends its log to this file."
+    )
+    documents_address: str = Field(
+        default="tcp://127.0.0.1:5578",
+        description="0MQ proxy output (PUB) that serve subscribes to for the RE's documents.",
+    )
+    documents_proxy_in: str | None = Field(
+        default=None,
+        description="When set, serve runs bluesky's 0MQ proxy itself: RunEngine Publishers "
+        "connect here, documents_address is its output.",
+    )
+    documents_prefix: str = Field(
+        default="", description="bluesky Publisher prefix to accept (empty: every publisher)."
+    )

@@ -1,0 +1,89 @@
+// Live view: follows serve's server-sent events and swaps pictures when a run's snapshot changes.
+"use strict";
+
+const token = new URLSearchParams(window.location.search).get("token");
+const withToken = (url) => (token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url);
+const shown = {}; // picture kind -> "uid/version" on screen
+
+function text(id, value) {
+  document.getElementById(id).textContent = value;
+}
+
+function describe(run) {
+  const expected = run.expected_positions ?? "?";
+  const error = run.error_metric == null ? "" : `, data mismatch ${Number(run.error_metric).toPrecision(4)}`;
+  const reason = run.error ? ` — ${run.error}` : "";
+  return `${run.status}: ${run.positions}/${expected} positions, iteration ${run.iteration}${error}${reason}`;
+}
+
+function showPictures(run) {
+  for (const figure of document.querySelectorAll("#pictures figure")) {
+    const kind = figure.dataset.kind;
+    if (kind === "mosaic") figure.hidden = !run.has_mosaic;
+    if (figure.hidden || !run.version) continue;
+    const wanted = `${run.uid}/${run.version}`;
+    if (shown[kind] === wanted) continue;
+    const img = figure.querySelector("img");
+    const next = new Image();
+    next.onload = () => {
+      img.src = next.src;
+      img.dataset.version = wanted;
+      shown[kind] = wanted;
+    };
+    next.src = withToken(`api/runs/${run.uid}/images/${kind}.png?v=${encodeURIComponent(run.version)}`);
+  }
+}
+
+function showRuns(runs) {
+  const body = document.querySelector("#runs tbody");
+  body.replaceChildren(
+    ...runs.map((run) => {
+      const row = document.createElement("tr");
+      const cells = [
+        run.scan_id,
+        run.uid.slice(0, 8),
+        run.status,
+        `${run.positions}/${run.expected_positions ?? "?"}`,
+        run.iteration,
+        run.error_metric == null ? "" : Number(run.error_metric).toPrecision(4),
+      ];
+      for (const value of cells) {
+        const cell = document.createElement("td");
+        cell.textContent = value ?? "";
+        row.append(cell);
+      }
+      const link = document.createElement("td");
+      if (run.tiled_url) {
+        const a = document.createElement("a");
+        a.href = run.tiled_url;
+        a.textContent = run.container_path.split("/").pop();
+        link.append(a);
+      }
+      row.append(link);
+      row.classList.add(run.status);
+      return row;
+    }),
+  );
+}
+
+function update(state) {
+  const run = state.runs.find((r) => r.uid === state.current);
+  showRuns(state.runs);
+  if (!run) return;
+  text("run-title", `Scan ${run.scan_id} (${run.uid.slice(0, 8)})`);
+  text("run-progress", describe(run));
+  showPictures(run);
+}
+
+function connect() {
+  const source = new EventSource(withToken("api/events"));
+  source.onopen = () => text("connection", "live");
+  source.onmessage = (message) => update(JSON.parse(message.data));
+  source.addEventListener("closing", () => {
+    text("connection", "serve is shutting down");
+    source.close();
+  });
+  source.onerror = () => text("connection", "reconnecting…"); // EventSource retries by itself
+}
+
+connect();
