@@ -308,6 +308,7 @@ class EigerProcessReceiver:
         self.end_wait = end_wait
         self.end_quiet = end_quiet
         self._flushing = False
+        self._next_liveness_check = 0.0
         self.start_timeout = start_timeout
         self.counters = Counters(self.counter_names)
         self._book = EigerSeriesBook(
@@ -509,6 +510,10 @@ class EigerProcessReceiver:
                 worker.pending.append(message)
 
     def _check_workers(self) -> None:
+        now = time.monotonic()
+        if now < self._next_liveness_check:
+            return
+        self._next_liveness_check = now + _POLL_MS / 1000
         for worker in self._workers:
             if not (worker.gone or worker.said_bye) and not worker.process.is_alive():
                 self._lost(worker, f"it exited with code {worker.process.exitcode}")
