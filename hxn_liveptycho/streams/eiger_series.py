@@ -17,6 +17,7 @@ A frame missing from the wire is one ``gaps`` either way.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,8 +50,8 @@ class _SeriesTrack:
     next_frame: int = 0
     #: Holes below this frame number are counted (as gaps); above it they may still fill.
     settled: int = 0
-    #: Frames seen at or above ``settled``.
-    unsettled: set[int] = field(default_factory=set)
+    #: Frames seen at or above ``settled``, as a min-heap.
+    unsettled: list[int] = field(default_factory=list)
     gaps: int = 0
     duplicates: int = 0
     #: Frames the header announced (0: unknown).
@@ -267,7 +268,7 @@ class EigerSeriesBook:
                 "%s: frame %d of series %d arrived late (out of order)", self.name, frame, series
             )
         else:
-            track.unsettled.add(frame)
+            heapq.heappush(track.unsettled, frame)
         track.seen.add(frame)
         track.next_frame = max(track.next_frame, frame + 1)
         self._settle(series, track, track.next_frame - self.reorder_window)
@@ -277,9 +278,11 @@ class EigerSeriesBook:
         """Count the holes below ``upto`` (frames that can no longer arrive in time) as gaps."""
         if upto <= track.settled:
             return
-        arrived = {n for n in track.unsettled if n < upto}
-        track.unsettled -= arrived
-        missing = (upto - track.settled) - len(arrived)
+        arrived = 0
+        while track.unsettled and track.unsettled[0] < upto:
+            heapq.heappop(track.unsettled)
+            arrived += 1
+        missing = (upto - track.settled) - arrived
         if missing:
             track.gaps += missing
             self.counters.add("gaps", missing)
