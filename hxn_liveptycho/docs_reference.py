@@ -13,11 +13,17 @@ from pydantic_core import PydanticUndefined
 
 from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
 from hxn_liveptycho.settings import Settings
 
 _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Settings", Settings, "Deployment settings; environment variable `LIVEPTYCHO_<FIELD>`."),
+    (
+        "Settings.gpu_placement (GpuPlacement)",
+        GpuPlacement,
+        "GPU per branch; environment variable `LIVEPTYCHO_GPU_PLACEMENT__<FIELD>`.",
+    ),
     ("ScanConfig", ScanConfig, "Per run, derived from the documents; any field can be overridden."),
     ("ScanConfig.grid (ScanGrid)", ScanGrid, "Commanded scan extents."),
     ("ScanConfig.encoder (EncoderConfig)", EncoderConfig, "PandA encoder channels and scaling."),

@@ -28,6 +28,7 @@ from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
 from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
 from hxn_liveptycho.recon.backend import get_array_module
 from hxn_liveptycho.recon.iterative import StreamingSolver
+from hxn_liveptycho.recon.placement import Placement, resolve_placement, visible_gpus
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
 from hxn_liveptycho.settings import Settings
@@ -118,6 +119,8 @@ class RunSession:
         self._done = threading.Event()
         self._assembler: Assembler | None = None
         self._solver: StreamingSolver | None = None
+        self._xp: Any = np
+        self.placement: Placement | None = None
         self._nn: NNBranch | None = None
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
@@ -298,6 +301,15 @@ class RunSession:
         self._configure(config)
 
     def _configure(self, config: ScanConfig) -> None:
+        self._xp = get_array_module(self.settings.array_backend)
+        self.placement = resolve_placement(self.settings.gpu_placement, visible_gpus(self._xp))
+        if self.placement.gpus:
+            self.log.info(
+                "GPUs: iterative solver on %d, NN branch on %d (%d visible)",
+                self.placement.iterative,
+                self.placement.nn,
+                self.placement.gpus,
+            )
         self.config = config
         self._geometry = CanvasGeometry.from_scan(config)
         self._assembler = Assembler(config.encoder, expected_frames=config.num_points)
@@ -314,7 +326,12 @@ class RunSession:
         self._sink.open(config, self._metadata(RunStatus.RUNNING))
         if config.mode != "iterative":
             self._nn = start_nn_branch(
-                config, self.settings, self._geometry, self._sink.nn, self.log
+                config,
+                self.settings,
+                self._geometry,
+                self._sink.nn,
+                self.log,
+                device_id=self.placement.nn or 0,
             )
         self.status = RunStatus.RUNNING
         self.log.info(
@@ -358,7 +375,10 @@ class RunSession:
     def _add_to_solver(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
         assert self.config is not None and self._geometry is not None
         if self._solver is None:
-            xp = get_array_module(self.settings.array_backend)
+            xp = self._xp
+            if self.placement.iterative is not None:
+                # This session's thread does all of the solver's GPU work: make its GPU current.
+                xp.cuda.Device(self.placement.iterative).use()
             self._solver = StreamingSolver(
                 probe=initial_probe(
                     amplitudes,
@@ -441,6 +461,7 @@ class RunSession:
             "plan_name": self.start_doc.get("plan_name"),
             "status": str(status),
             "mode": config.mode if config is not None else "iterative",
+            "placement": None if self.placement is None else self.placement.as_metadata(),
             "counters": self.counters.snapshot(),
         }
         if config is not None:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hxn_liveptycho.recon.placement import GpuPlacement
+
 DEFAULT_PLAN_NAMES = ("fly2dpd", "fly2d", "FlyPlan2D", "hxn_fly2d_panda")
 
 
@@ -92,7 +94,11 @@ class Settings(BaseSettings):
         default="auto",
         description="Runtime of the NN branch; auto: TensorRT, else ONNX Runtime CUDA, else CPU.",
     )
-    nn_device: int = Field(default=0, ge=0, description="GPU the NN branch runs on.")
+    gpu_placement: GpuPlacement = Field(
+        default_factory=GpuPlacement,
+        description="GPU per branch (LIVEPTYCHO_GPU_PLACEMENT__ITERATIVE / __NN): auto puts "
+        "the solver on the first GPU and the NN branch on the second when there are two.",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="ScanConfig fields applied to every run."
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scans import SMALL, fly, make_live, processed
+from tiled.client import from_uri
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import (
@@ -12,6 +14,7 @@ from hxn_liveptycho.recon.placement import (
     resolve_placement,
     visible_gpus,
 )
+from hxn_liveptycho.sim import SimulatedSample
 
 
 @pytest.mark.parametrize(
@@ -64,3 +67,31 @@ def test_numpy_sees_no_gpu_and_needs_no_device_context():
     assert visible_gpus(np) == 0
     with on_device(np, 3):  # ignored on the CPU path
         assert np.ones(2).sum() == 2
+
+
+def test_a_missing_gpu_fails_the_run_at_its_start_not_the_scan(
+    RE, hxn_detectors, tmp_path, tiled_server
+):
+    """An explicit device id this machine lacks: the run fails in Tiled with the reason named,
+    the scan itself succeeds (nothing raised into the RunEngine)."""
+
+    eiger, panda = hxn_detectors
+    live = make_live(
+        RE,
+        eiger,
+        panda,
+        tmp_path,
+        tiled_uri=tiled_server.uri,
+        array_backend="numpy",
+        gpu_placement={"iterative": 1},
+    )
+    try:
+        result = fly(RE, eiger, panda, SimulatedSample(SMALL))
+        assert result.exit_status == "success"
+        assert live.wait(timeout=60)
+        node = processed(from_uri(tiled_server.uri), result.run_start_uids[0])
+        assert node.metadata["status"] == "failed"
+        assert "gpu_placement.iterative = 1" in node.metadata["error"]
+        assert "no GPU visible" in node.metadata["error"]
+    finally:
+        live.close()

@@ -216,14 +216,17 @@ def start_nn_branch(
     geometry: CanvasGeometry,
     publish: Publish,
     log: logging.Logger | logging.LoggerAdapter = logger,
+    *,
+    device_id: int = 0,
 ) -> NNBranch:
-    """Load the run's model on the configured runtime and device; refuse a mismatched one."""
+    """Load the run's model on the configured runtime and GPU ``device_id`` (ignored by a CPU
+    runtime); refuse a mismatched one."""
     model = ModelRegistry(settings.model_dir).get(config.nn.model)
     backend = open_backend(
         model.path,
         model.io(),
         kind=settings.nn_backend,
-        device_id=settings.nn_device,
+        device_id=device_id,
         cache_dir=settings.data_dir / "tensorrt-engines",
         max_batch=config.nn.batch_size,
         cpu_threads=max(1, (os.cpu_count() or 2) // 2),  # on a CPU, leave half to the rest
