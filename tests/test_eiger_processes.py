@@ -270,3 +270,35 @@ def test_sub_socket_and_bad_options_are_refused() -> None:
         )
     with pytest.raises(ConfigurationError, match="flavour"):
         _process_receiver("tcp://127.0.0.1:9", collector, flavour="v3")
+
+
+def test_engine_builds_the_process_receiver_from_settings(tmp_path: Any) -> None:
+    """eiger_decode_processes > 0 gives the engine a multi-process receiver; frames reach it."""
+    from hxn_liveptycho.engine import Engine
+    from hxn_liveptycho.settings import Settings
+
+    publisher = EigerPublisher("tcp://127.0.0.1:*", socket_type="push")
+    settings = Settings(
+        eiger_endpoint=publisher.endpoint,
+        eiger_socket="pull",
+        eiger_decode_processes=2,
+        data_dir=tmp_path,
+    )
+    engine = Engine(settings, sink_factory=lambda *args, **kwargs: None)
+    try:
+        publisher.start_series(1, shape=SHAPE, dtype="uint32")
+        for index, frame in enumerate(_frames(3, "uint32")):
+            publisher.send_frame(1, index, frame)
+        publisher.end_series(1)
+        # No ptychography run is open: the engine counts the frames as orphans.
+        assert wait_until(lambda: engine.counters.get("orphan_frames") == 3, timeout=20)
+        eiger = engine.status()["receivers"]["eiger"]
+        assert eiger["frames"] == 3 and eiger["barriers"] == 2
+    finally:
+        engine.close()
+        publisher.close(linger=0)
+    with pytest.raises(ConfigurationError, match="socket_type='pull'"):
+        Engine(
+            Settings(eiger_endpoint="tcp://127.0.0.1:9", eiger_decode_processes=2),
+            sink_factory=lambda *args, **kwargs: None,
+        )
