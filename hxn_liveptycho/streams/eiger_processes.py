@@ -45,6 +45,7 @@ import signal
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -342,6 +343,8 @@ class EigerProcessReceiver:
             self._socket.setsockopt(zmq.RCVHWM, worker_queue * processes)
             if zmq.has("ipc"):
                 self._ipc_dir = tempfile.mkdtemp(prefix="liveptycho-eiger-")
+                # Removed by stop(); also when a receiver never stopped is collected.
+                weakref.finalize(self, shutil.rmtree, self._ipc_dir, True)
                 self._socket.bind(f"ipc://{self._ipc_dir}/events")
             else:
                 self._socket.bind("tcp://127.0.0.1:*")
