@@ -15,9 +15,9 @@ import numpy as np
 #: Picture name → (colour map, what it shows).
 KINDS: dict[str, tuple[str, str]] = {
     "amplitude": ("gray", "object amplitude"),
-    "phase": ("twilight", "object phase"),
+    "phase": ("viridis", "object phase"),
     "probe": ("magma", "probe amplitude"),
-    "mosaic": ("twilight", "NN mosaic phase"),
+    "mosaic": ("viridis", "NN mosaic phase"),
     "error": ("", "error curve"),
 }
 
@@ -47,12 +47,8 @@ def render_png(kind: str, array: np.ndarray) -> bytes:
         return _error_curve_png(array)
     cmap = KINDS[kind][0]
     finite = array[np.isfinite(array)]
-    if kind in ("phase", "mosaic"):
-        vmin, vmax = -np.pi, np.pi
-    elif finite.size:
-        vmin, vmax = np.percentile(finite, [0.5, 99.5])
-    else:
-        vmin, vmax = 0.0, 1.0
+    # Percentile limits for phases too: a weak phase object spans far less than 2π.
+    vmin, vmax = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
     from matplotlib.image import imsave
 
     buffer = io.BytesIO()

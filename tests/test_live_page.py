@@ -1,0 +1,172 @@
+"""The live page in a real headless Chromium, driven over the Chrome DevTools Protocol.
+
+Chromium comes from Debian (``apt-get install chromium``); ``.ci/run`` installs
+it. Without it the test fails under CI (``CI`` set) and is skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zmq
+from bluesky.callbacks.zmq import Publisher
+from scans import fly
+from serve_helpers import ServeProcess
+
+from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
+
+#: Reads the amplitude picture's pixels back through a canvas and hashes them.
+_PICTURE_STATE = """(() => {
+  const img = document.querySelector('figure[data-kind="amplitude"] img');
+  const progress = document.getElementById('run-progress').textContent;
+  if (!img.complete || !img.naturalWidth) return {progress, hash: null};
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const g = canvas.getContext('2d');
+  g.drawImage(img, 0, 0);
+  const data = g.getImageData(0, 0, canvas.width, canvas.height).data;
+  let hash = 0;
+  for (let i = 0; i < data.length; i++) hash = (hash * 31 + data[i]) >>> 0;
+  const loaded = [...document.querySelectorAll('#pictures figure:not([hidden]) img')]
+    .filter((i) => i.naturalWidth > 0).map((i) => i.alt);
+  return {progress, hash, version: img.dataset.version, loaded};
+})()"""
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
+    pytest.skip("chromium is not installed (apt-get install chromium); CI installs and runs it")
+
+
+class DevTools:
+    """A minimal CDP client: one page target, commands answered in order."""
+
+    def __init__(self, executable: str, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "--window-size=1400,1000",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            assert time.monotonic() < deadline and self.process.poll() is None, "no chromium"
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(t for t in targets if t["type"] == "page")
+        self.socket = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        call_id = next(self._ids)
+        self.socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=30))
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[DevTools]:
+    tools = DevTools(_chromium(), tmp_path / "chromium-profile")
+    yield tools
+    tools.close()
+
+
+class _PageWatcher(threading.Thread):
+    """Samples the page while the scan runs: which amplitude pictures it showed."""
+
+    def __init__(self, browser: DevTools) -> None:
+        super().__init__(name="liveptycho-test-page", daemon=True)
+        self.browser = browser
+        self.stop = threading.Event()
+        self.samples: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            self.samples.append(self.browser.evaluate(_PICTURE_STATE))
+
+
+def test_live_page_shows_pictures_that_change_during_the_scan(
+    browser, tmp_path, tiled_server, hxn_detectors, RE
+):
+    eiger, panda = hxn_detectors
+    serve = ServeProcess(tmp_path, tiled_server.uri, eiger, panda, token="pagetoken", iterations=5)
+    publisher = Publisher(serve.proxy_in)
+    try:
+        serve.wait_ready(eiger, panda)
+        serve.connect(publisher)
+        RE.subscribe(publisher)
+        browser.call("Page.navigate", url=f"{serve.url}/?token=pagetoken")
+        watcher = _PageWatcher(browser)
+        watcher.start()
+        beamline = SimulatedBeamline(x_num=10, y_num=10, photons_per_frame=2e5)
+        result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.05)
+        raw_uid = result.run_start_uids[0]
+        serve.wait_finished(raw_uid)
+        time.sleep(1.5)  # one more event: the final picture and the Tiled link
+        watcher.stop.set()
+        watcher.join(10)
+
+        running = [s for s in watcher.samples if s["hash"] and "running" in s["progress"]]
+        assert len({s["hash"] for s in running}) >= 2, watcher.samples  # changed mid-scan
+        final = browser.evaluate(_PICTURE_STATE)
+        assert final["progress"].startswith("complete: 100/100 positions"), final
+        assert {"object amplitude", "object phase", "probe amplitude", "error curve"} <= set(
+            final["loaded"]
+        )
+        link = browser.evaluate("document.querySelector('#runs tbody a').href")
+        assert "/api/v1/metadata/processed/liveptycho/scan" in link
+
+        shot = browser.call("Page.captureScreenshot", format="png")["data"]
+        picture = tmp_path / "live-page.png"
+        picture.write_bytes(base64.b64decode(shot))
+        kept = Path(os.environ.get("LIVEPTYCHO_TEST_ARTIFACTS", tempfile.gettempdir()))
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copy(picture, kept / "liveptycho-live-page.png")
+        sys.stdout.write(f"\nlive page screenshot: {kept / 'liveptycho-live-page.png'}\n")
+    finally:
+        publisher._socket.setsockopt(zmq.LINGER, 0)  # see tests/test_serve.py
+        publisher.close()
+        serve.close()
