@@ -248,8 +248,10 @@ class EigerProcessReceiver:
     function or an object such as a crop spec, not a lambda); ``worker_queue``
     bounds the parsed events in flight per worker; ``reorder_window`` (default
     ``1024 * processes``) is how far frames may overtake each other before a
-    missing one counts as a gap. Frames are delivered as read-only arrays over
-    the received message (copy to modify). Callbacks run on one parent thread.
+    missing one counts as a gap. ``header_wait``, ``end_wait``/``end_quiet`` and
+    ``barrier_timeout`` (seconds) bound how long ordering may hold events (the
+    module doc says when). Frames are delivered as read-only arrays over the
+    received message (copy to modify). Callbacks run on one parent thread.
     """
 
     counter_names = names(EIGER_COUNTERS, ("barriers", "barrier_timeouts", "worker_exits"))
