@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
@@ -75,6 +76,9 @@ class LivePtychoControl:
 
     def __init__(self, live: LivePtycho | None) -> None:
         self.live = live
+        self._reprocessing: dict[str, dict[str, Any]] = {}
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
     def _require_live(self) -> LivePtycho:
         if self.live is None:
@@ -97,6 +101,8 @@ class LivePtychoControl:
             "metadata_flag": self.live.settings.metadata_flag,
             "plan_names": list(self.live.settings.plan_names),
         }
+        with self._lock:
+            info["reprocessing"] = [dict(job) for job in self._reprocessing.values()]
         return json_safe(info)
 
     def enable(self) -> dict[str, Any]:
@@ -145,6 +151,57 @@ class LivePtychoControl:
         logger.info("stop of reconstruction %s requested: %s", uid or "(newest)", stopped)
         return {"stopped": stopped, "uid": uid}
 
+    def reprocess(self, source: str, **overrides: Any) -> dict[str, Any]:
+        """Reconstruct an archived run again, in the background: ``source`` is a raw run's
+        uid or scan_id in Tiled (the newest run with that scan_id wins) or a replay archive.
+
+        The run's documents and frames are replayed into a LivePtycho of its own with
+        this environment's settings and overrides, plus ``overrides`` for this run only;
+        the result is a new processed container linked by ``raw_uid``. Progress and
+        the outcome appear under ``reprocessing`` in ``liveptycho_status``.
+        """
+        live = self._require_live()
+        check_overrides(overrides)
+        key = str(source)
+        with self._lock:
+            if self._reprocessing.get(key, {}).get("state") == "running":
+                raise RuntimeError(f"{key} is already being reprocessed")
+            job: dict[str, Any] = {"source": key, "state": "running", "overrides": overrides}
+            self._reprocessing[key] = job
+        settings = live.settings.model_copy(update={"overrides": {**live.overrides, **overrides}})
+        worker = threading.Thread(
+            target=self._reprocess, args=(key, settings, job), name=f"liveptycho-reprocess-{key}"
+        )
+        worker.start()
+        self._workers.append(worker)
+        logger.info("reprocessing %s with overrides %s", key, overrides)
+        return {"reprocessing": key, "state": "running"}
+
+    def _reprocess(self, source: str, settings: Any, job: dict[str, Any]) -> None:
+        from hxn_liveptycho.replay import replay_run  # replay pulls in h5py and Tiled readers
+
+        try:
+            report = replay_run(source, settings=settings, pace="fast")
+        except Exception as exc:  # recorded for status; the queue worker carries on
+            logger.exception("reprocessing %s failed", source)
+            update = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            result = report.result or {}
+            update = {
+                "state": "done",
+                "raw_uid": report.uid,
+                "frames": report.frames,
+                "result": result,
+            }
+        with self._lock:
+            job.update(update)
+
+    def wait_reprocessing(self, timeout: float | None = None) -> bool:
+        """Block until every reprocessing started here has ended (tests, clean shutdown)."""
+        for worker in list(self._workers):
+            worker.join(timeout)
+        return not any(w.is_alive() for w in self._workers)
+
     def functions(self) -> dict[str, Callable[..., dict[str, Any]]]:
         """The names queueserver users call, each bound to this control."""
         return {
@@ -154,4 +211,5 @@ class LivePtychoControl:
             f"{PREFIX}configure": self.configure,
             f"{PREFIX}select_model": self.select_model,
             f"{PREFIX}stop": self.stop,
+            f"{PREFIX}reprocess": self.reprocess,
         }
