@@ -186,6 +186,10 @@ class RunSession:
             info["container_path"] = container_path
         if self._nn is not None:
             info["nn"] = self._nn.counters.snapshot()
+        backup = getattr(self._sink, "backup_path", None)
+        if backup is not None:  # Tiled refused the result: say where it is instead
+            info["stored_in"] = "local backup"
+            info["backup_path"] = str(backup)
         return info
 
     def nn_snapshot(self) -> dict[str, Any] | None:
@@ -522,6 +526,11 @@ class RunSession:
                 except Exception:
                     self.log.exception("closing the result sink failed")
                     self.status = RunStatus.FAILED
+                backup = getattr(self._sink, "backup_path", None)
+                if backup is not None:
+                    self.log.warning(
+                        "the result is NOT in Tiled: kept in the local backup %s", backup
+                    )
         self.log.info(
             "%s after %d iterations (data mismatch %s)",
             self.status,

@@ -205,7 +205,11 @@ def test_unreachable_tiled_keeps_results_in_a_local_backup(RE, hxn_detectors, tm
         assert saved["object"].dtype == np.complex64
         assert saved["diffraction_amplitude"].shape == (sample.num_points, 128, 128)
         assert any("saved to" in r.getMessage() for r in caplog.records)
-        assert live.status()["runs"][0]["status"] == "complete"
+        run = live.status()["runs"][0]
+        assert run["status"] == "complete"
+        assert run["stored_in"] == "local backup"
+        assert run["backup_path"] == str(backups[0])
+        assert any("NOT in Tiled" in r.getMessage() for r in caplog.records)
     finally:
         live.close()
 
