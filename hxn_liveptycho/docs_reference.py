@@ -16,6 +16,7 @@ from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
 from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.streams.crop import DetectorCrop
 
 _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Settings", Settings, "Deployment settings; environment variable `LIVEPTYCHO_<FIELD>`."),
@@ -23,6 +24,11 @@ _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
         "Settings.gpu_placement (GpuPlacement)",
         GpuPlacement,
         "GPU per branch; environment variable `LIVEPTYCHO_GPU_PLACEMENT__<FIELD>`.",
+    ),
+    (
+        "Settings.eiger_crop (DetectorCrop)",
+        DetectorCrop,
+        "Fixed detector window cut in the receivers; `LIVEPTYCHO_EIGER_CROP` as JSON.",
     ),
     ("ScanConfig", ScanConfig, "Per run, derived from the documents; any field can be overridden."),
     ("ScanConfig.grid (ScanGrid)", ScanGrid, "Commanded scan extents."),

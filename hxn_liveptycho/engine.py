@@ -114,6 +114,7 @@ class Engine:
                 socket_type=s.eiger_socket,
                 flavour=s.eiger_flavour,
                 channel=s.eiger_channel,
+                transform=None if s.eiger_crop is None else s.eiger_crop.transform(),
                 **curve,
             )
             eiger: EigerReceiver | EigerProcessReceiver

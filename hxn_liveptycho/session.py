@@ -403,6 +403,12 @@ class RunSession:
             center_y = float(header["beam_center_y"])
         if center_x is None and "beam_center_x" in header:
             center_x = float(header["beam_center_x"])
+        crop = self.settings.eiger_crop
+        if crop is not None:  # frames arrive cut to the receiver's window: detector → window px
+            if center_y is not None:
+                center_y -= crop.origin[0]
+            if center_x is not None:
+                center_x -= crop.origin[1]
         if center_y is None or center_x is None:
             estimate = beam_center(np.stack([p.data for p in self._pending_frames[:64]]))
             center_y = estimate[0] if center_y is None else center_y

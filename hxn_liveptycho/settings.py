@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hxn_liveptycho.recon.placement import GpuPlacement
+from hxn_liveptycho.streams.crop import DetectorCrop
 
 DEFAULT_PLAN_NAMES = ("fly2dpd", "fly2d", "FlyPlan2D", "hxn_fly2d_panda")
 
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Worker processes receiving and decoding Eiger frames, each with its own "
         "PULL socket (needs eiger_socket='pull'); 0: one receiving process.",
+    )
+    eiger_crop: DetectorCrop | None = Field(
+        default=None,
+        description="Fixed detector window cut where frames are decoded (decode threads or "
+        "worker processes); each run's ROI is cut from it. None: full frames.",
     )
     panda_endpoint: str | None = Field(default=None, description="PandA position publisher.")
     plan_names: tuple[str, ...] = Field(

@@ -39,6 +39,7 @@ class SimEiger(Device):
         encoding: str = "bs32-lz4<",
         flavour: str = "v1",
         curve_secret_key: str | None = None,
+        socket_type: str = "pub",
         name: str = "eiger2",
         **kwargs: Any,
     ) -> None:
@@ -48,6 +49,7 @@ class SimEiger(Device):
             encoding=encoding,
             flavour=flavour,  # type: ignore[arg-type]
             curve_secret_key=curve_secret_key,
+            socket_type=socket_type,  # type: ignore[arg-type]
         )
         self._series = 0
 
