@@ -14,7 +14,12 @@ Each callback is wrapped in a timer (``time.perf_counter_ns`` around the
 call); a no-op callback wrapped the same way, subscribed to the same
 RunEngine, is the reference. Run::
 
-    /work/venv/bin/python benchmarks/callback_overhead.py
+    /work/venv/bin/python benchmarks/callback_overhead.py [--placement serve]
+
+``--placement serve`` measures the other deployment: the RunEngine's process
+holds only bluesky's 0MQ ``Publisher`` (what the timer wraps), and
+``liveptycho serve`` runs in a subprocess behind ``bluesky-0MQ-proxy``,
+receiving the same detector streams and reconstructing there.
 
 Target: median < 1 ms and worst < 10 ms per document.
 """
@@ -22,16 +27,22 @@ Target: median < 1 ms and worst < 10 ms per document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,34 +123,133 @@ def table(live: Timed, reference: Timed) -> str:
     return "\n".join(lines)
 
 
-def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _ServeEngine:
+    """``liveptycho serve`` in a subprocess; the RunEngine side is bluesky's Publisher."""
+
+    def __init__(self, tmp: Path, eiger: Any, panda: Any, iterations: int) -> None:
+        import httpx
+        from bluesky.callbacks.zmq import Publisher
+
+        port, proxy_in = _free_port(), f"tcp://127.0.0.1:{_free_port()}"
+        env = {
+            **os.environ,
+            "LIVEPTYCHO_ARRAY_BACKEND": "numpy",
+            "LIVEPTYCHO_OVERRIDES": json.dumps({"recon": {"iterations": iterations}}),
+            "LIVEPTYCHO_STREAM_TIMEOUT_S": "2.0",
+        }
+        command = [
+            *(sys.executable, "-m", "hxn_liveptycho.cli", "serve", "--port", str(port)),
+            *("--proxy-in", proxy_in, "--documents", f"tcp://127.0.0.1:{_free_port()}"),
+            *("--eiger", eiger.endpoint, "--panda", panda.endpoint, "--data-dir", str(tmp)),
+        ]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if self.http.get("/api/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        self.publisher = Publisher(proxy_in)
+        while time.monotonic() < deadline:  # 0MQ's slow joiner: send until serve hears one
+            self.publisher("start", {"uid": str(uuid.uuid4()), "time": time.time()})
+            time.sleep(0.2)
+            if self.status()["documents"]["counters"]["documents"] > 0:
+                break
+
+    def status(self) -> dict[str, Any]:
+        reply = self.http.get("/api/status")
+        reply.raise_for_status()
+        return reply.json()
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = [r for r in self.status()["runs"] if r.get("plan_name") != "ping"]
+            if runs and all(r.get("finished") for r in runs):
+                return
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        self.http.close()
+
+
+@contextlib.contextmanager
+def _engine(
+    placement: str, tmp: Path, eiger: Any, panda: Any, iterations: int
+) -> Iterator[tuple[Callable[[str, dict[str, Any]], Any], Callable[[], dict[str, Any]]]]:
+    """(the callback the RunEngine calls, a function returning the engine's status at the end)."""
+    if placement == "serve":
+        serve = _ServeEngine(tmp, eiger, panda, iterations)
+        try:
+            eiger.publisher.wait_for_subscribers(1, timeout=10.0)
+            panda.publisher.wait_for_subscribers(1, timeout=10.0)
+
+            def finished() -> dict[str, Any]:
+                serve.wait(timeout=180)
+                return serve.status()
+
+            yield serve.publisher, finished
+        finally:
+            serve.close()
+        return
+    settings = Settings(
+        eiger_endpoint=eiger.endpoint,
+        panda_endpoint=panda.endpoint,
+        data_dir=tmp,
+        array_backend="numpy",
+        overrides={"recon": {"iterations": iterations}},
+        stream_timeout_s=2.0,
+    )
+    live = LivePtycho(settings)
+    try:
+        assert live.tiled is not None
+        live.tiled.client()  # a profile loaded a while ago: Tiled is up before the scans
+        eiger.publisher.wait_for_subscribers(1, timeout=10.0)
+        panda.publisher.wait_for_subscribers(1, timeout=10.0)
+
+        def finished() -> dict[str, Any]:
+            live.wait(timeout=120)
+            return live.status()
+
+        yield live, finished
+    finally:
+        live.close()
+
+
+def run(fly_scans: int, points: int, count_events: int, iterations: int, placement: str) -> int:
     from bluesky import RunEngine
     from bluesky.plans import count
     from ophyd.sim import det
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory(prefix="liveptycho-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="liveptycho-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         bl = SimulatedBeamline(x_num=points, y_num=points)
         sample = SimulatedSample(bl)
         eiger, panda = SimEiger(), SimPanda()
-        settings = Settings(
-            eiger_endpoint=eiger.endpoint,
-            panda_endpoint=panda.endpoint,
-            data_dir=Path(tmp),
-            array_backend="numpy",
-            overrides={"recon": {"iterations": iterations}},
-            stream_timeout_s=2.0,
+        stack.callback(panda.close)
+        stack.callback(eiger.close)
+        t0 = time.monotonic()
+        callback, finished = stack.enter_context(
+            _engine(placement, Path(tmp), eiger, panda, iterations)
         )
-        live = LivePtycho(settings)
+        print(f"{placement} engine, Tiled and receivers ready in {time.monotonic() - t0:.1f} s")
         RE = RunEngine({}, call_returns_result=True)
         try:
-            assert live.tiled is not None
-            t0 = time.monotonic()
-            live.tiled.client()  # a profile loaded a while ago: Tiled is up before the scans
-            eiger.publisher.wait_for_subscribers(1, timeout=10.0)
-            panda.publisher.wait_for_subscribers(1, timeout=10.0)
-            print(f"embedded Tiled and receivers ready in {time.monotonic() - t0:.1f} s")
-            timed_live, timed_noop = Timed(live), Timed(noop)
+            timed_live, timed_noop = Timed(callback), Timed(noop)
             RE.subscribe(timed_noop)
             RE.subscribe(timed_live)
             began = time.monotonic()
@@ -166,14 +276,10 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
             result = RE(count([det], num=count_events, md=count_md))
             statuses.append(result.exit_status)
             scans_s = time.monotonic() - began
-            live.wait(timeout=120)
-            status = live.status()
+            status = finished()
         finally:
             RE.loop.call_soon_threadsafe(RE.loop.stop)
             RE._th.join(timeout=10)
-            live.close()
-            eiger.close()
-            panda.close()
 
     print()
     print(f"date: {datetime.date.today().isoformat()}")
@@ -186,7 +292,8 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
         f"scans: {fly_scans} x fly2dpd {points}x{points} + count({count_events}), "
         f"exit statuses {statuses}, {scans_s:.1f} s"
     )
-    runs = status["runs"]
+    runs = [r for r in status["runs"] if r.get("plan_name") != "ping"]
+    print(f"placement: {placement}")
     print(
         "reconstructions: "
         + ", ".join(
@@ -194,10 +301,11 @@ def run(fly_scans: int, points: int, count_events: int, iterations: int) -> int:
             for r in runs
         )
     )
-    print(
-        f"LivePtycho's own worst call: {status['callback']['worst_call_ms']} ms, "
-        f"callback errors: {status['callback']['callback_errors']}"
-    )
+    if "callback" in status:
+        print(
+            f"LivePtycho's own worst call: {status['callback']['worst_call_ms']} ms, "
+            f"callback errors: {status['callback']['callback_errors']}"
+        )
     print()
     print(table(timed_live, timed_noop))
     everything = timed_live.all_ns()
@@ -218,8 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=20, help="points per axis of a fly scan")
     parser.add_argument("--count-events", type=int, default=2000, help="events of the count scan")
     parser.add_argument("--iterations", type=int, default=10, help="solver iterations after a scan")
+    parser.add_argument(
+        "--placement",
+        choices=["in-process", "serve"],
+        default="in-process",
+        help="engine in the RunEngine's process, or `liveptycho serve` fed over 0MQ",
+    )
     args = parser.parse_args(argv)
-    return run(args.fly_scans, args.points, args.count_events, args.iterations)
+    return run(args.fly_scans, args.points, args.count_events, args.iterations, args.placement)
 
 
 if __name__ == "__main__":
