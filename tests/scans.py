@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from hxn_liveptycho.callback import LivePtycho
@@ -59,3 +60,29 @@ def processed(client: Any, raw_uid: str, catalog_path: str = "processed/liveptyc
     found = node.search(Eq("raw_uid", raw_uid))
     assert len(found) == 1, f"expected one container for {raw_uid}, found {list(found)}"
     return found.values().first()
+
+
+class RunningPoller(threading.Thread):
+    """Watches Tiled while a run goes on: ``seen_while_running`` turns True once a processed
+    container still marked 'running' holds ``child/array`` (live results, not only final)."""
+
+    def __init__(self, uri: str, child: str, array: str, interval: float = 0.3) -> None:
+        super().__init__(name=f"liveptycho-test-poller-{child}", daemon=True)
+        self.uri, self.child, self.array, self.interval = uri, child, array, interval
+        self.seen_while_running = False
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from tiled.client import from_uri
+        from tiled.queries import Eq
+
+        client = from_uri(self.uri)
+        while not self.stop_event.wait(self.interval):
+            try:
+                running = client["processed"]["liveptycho"].search(Eq("status", "running"))
+                for node in running.values():
+                    if self.child in node and self.array in node[self.child]:
+                        self.seen_while_running = True
+                        return
+            except KeyError:
+                continue

@@ -8,38 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import TILED_API_KEY
-from scans import SMALL, fly, make_live, processed
+from scans import SMALL, RunningPoller, fly, make_live, processed
 
 from hxn_liveptycho.demo import final_object_error
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 
 #: The end-to-end quality bar (issue 1): normalised complex-object error over the well-lit region.
 MAX_OBJECT_ERROR = 0.15
-
-
-class _LivePoller(threading.Thread):
-    """Watches Tiled while the run goes on, recording whether live results showed up mid-run."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(name="liveptycho-test-poller", daemon=True)
-        self.uri = uri
-        self.seen_live_while_running = False
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        from tiled.client import from_uri
-        from tiled.queries import Eq
-
-        client = from_uri(self.uri)
-        while not self.stop_event.wait(0.3):
-            try:
-                running = client["processed"]["liveptycho"].search(Eq("status", "running"))
-                for node in running.values():
-                    if "live" in node and "object" in node["live"]:
-                        self.seen_live_while_running = True
-                        return
-            except KeyError:
-                continue
 
 
 def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors, tmp_path):
@@ -57,7 +32,7 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
     try:
         assert live.tiled is not None and live.tiled.embedded
         live.tiled.client()  # the embedded server is up before the scan starts
-        poller = _LivePoller(live.tiled.uri)
+        poller = RunningPoller(live.tiled.uri, "live", "object")
         poller.start()
         result = fly(RE, eiger, panda, sample, dwell=0.03)
         assert result.exit_status == "success"
@@ -93,7 +68,7 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         np.testing.assert_allclose(
             diffraction["positions_m"].read() * 1e6, sample.positions_um, atol=0.01
         )
-        assert poller.seen_live_while_running, "no live object appeared in Tiled while running"
+        assert poller.seen_while_running, "no live object appeared in Tiled while running"
         # Metric: ||gt - c T(rec)|| / ||gt|| over pixels lit >= 30 % of the peak summed probe
         # intensity (eroded 2 px), T = sub-pixel registration + linear phase-ramp removal,
         # c = best global complex scale (hxn_liveptycho.recon.metrics.object_error).

@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-from scans import SMALL, fly, make_live, processed
+from scans import SMALL, RunningPoller, fly, make_live, processed
 
 from hxn_liveptycho.demo import aligned_pair
 from hxn_liveptycho.sim import SimulatedSample
-
-
-class _NNPoller(threading.Thread):
-    """Records whether the NN mosaic was in Tiled while the run's container said 'running'."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(name="liveptycho-test-nn-poller", daemon=True)
-        self.uri = uri
-        self.seen_while_running = False
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        from tiled.client import from_uri
-        from tiled.queries import Eq
-
-        client = from_uri(self.uri)
-        while not self.stop_event.wait(0.2):
-            try:
-                running = client["processed"]["liveptycho"].search(Eq("status", "running"))
-                for node in running.values():
-                    if "nn" in node and "object_phase" in node["nn"]:
-                        self.seen_while_running = True
-                        return
-            except KeyError:
-                continue
 
 
 def test_both_branches_run_and_the_mosaic_is_live_in_tiled(
@@ -49,7 +22,7 @@ def test_both_branches_run_and_the_mosaic_is_live_in_tiled(
         tiled_uri=tiled_server.uri,
         overrides={"mode": "both", "recon": {"iterations": 10}, "nn": {"batch_size": 16}},
     )
-    poller = _NNPoller(tiled_server.uri)
+    poller = RunningPoller(tiled_server.uri, "nn", "object_phase", interval=0.2)
     poller.start()
     try:
         result = fly(RE, eiger, panda, sample, dwell=0.04)
