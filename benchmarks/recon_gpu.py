@@ -151,6 +151,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the small parity cases only")
     parser.add_argument("--error-at", type=int, default=0, help="object error after N its")
+    parser.add_argument("--algorithms", nargs="+", default=["epie", "lsqml", "dm"])
+    parser.add_argument("--modes", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64], help="big-case grids")
+    parser.add_argument("--no-reference", action="store_true", help="skip the unfused timings")
     args = parser.parse_args()
     import cupy as cp
 
@@ -159,18 +163,20 @@ def main() -> None:
     big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
     small = SimulatedSample(demo)
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool]] = []
-    for algorithm in ("epie", "lsqml", "dm"):
-        for modes in (1, 3):
+    reference = not args.no_reference
+    for algorithm in args.algorithms:
+        for modes in args.modes:
             params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
-            plans.append((f"demo 400x128^2 {algorithm} K={modes}", small, params, True, True))
+            name = f"demo 400x128^2 {algorithm} K={modes}"
+            plans.append((name, small, params, True, reference))
     if not args.quick:
-        for side in (32, 64):
+        for side in args.sides:
             sample = SimulatedSample(replace(big, x_num=side, y_num=side))
-            for algorithm in ("epie", "lsqml", "dm"):
-                for modes in (1, 3):
+            for algorithm in args.algorithms:
+                for modes in args.modes:
                     params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
                     name = f"{side * side}x256^2 {algorithm} K={modes}"
-                    plans.append((name, sample, params, False, modes == 1))
+                    plans.append((name, sample, params, False, reference and modes == 1))
     results = []
     for name, sample, params, parity, reference in plans:
         try:

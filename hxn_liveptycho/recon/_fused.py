@@ -18,7 +18,32 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["modulus_residual", "object_update_sums", "regularised_step"]
+__all__ = [
+    "conj_product",
+    "modulus_residual",
+    "object_update_sums",
+    "power_sum",
+    "probe_gradient",
+    "regularised_step",
+    "shift_spectra",
+    "unshift_sum_spectra",
+]
+
+#: The Fourier frequency (cycles/px, NumPy's fftfreq order) of index ``j`` of an n-point axis.
+_FREQ = "((j) < (n + 1) / 2 ? (float)(j) : (float)((j) - n)) / (float)n"
+
+_RAMP_INDEX = (
+    """
+    const long long y = r / n;
+    const long long x = r - y * n;
+    const float ky = """
+    + _FREQ.replace("j", "y")
+    + """;
+    const float kx = """
+    + _FREQ.replace("j", "x")
+    + """;
+"""
+)
 
 _PIXEL = """
     const long long b = i / nn;
@@ -86,7 +111,86 @@ def _kernels() -> dict[str, Any]:
         """,
         "liveptycho_regularised_step",
     )
-    return {"modulus": modulus, "sums": sums, "step": step}
+    # Sub-pixel probe shifts (the xp reference: recon._positions.shifted_probes / unshift_sum)
+    # with the phase ramps made on the fly instead of held as (B, n, n) arrays.
+    shift = cp.ElementwiseKernel(
+        "raw T ft, raw float32 frac, int32 n, int32 k_modes",
+        "T out",
+        """
+        const long long nn = (long long)n * n;
+        const long long b = i / (k_modes * nn);
+        const long long rest = i - b * k_modes * nn;
+        const long long k = rest / nn;
+        const long long r = rest - k * nn;
+        """
+        + _RAMP_INDEX
+        + """
+        float s, c;
+        sincosf(-6.283185307179586f * (frac[2 * b] * ky + frac[2 * b + 1] * kx), &s, &c);
+        out = ft[k * nn + r] * T(c, s);
+        """,
+        "liveptycho_shift_spectra",
+    )
+    unshift = cp.ElementwiseKernel(
+        "raw T f, raw float32 frac, int32 n, int32 k_modes, int32 batch",
+        "T out",
+        """
+        const long long nn = (long long)n * n;
+        const long long k = i / nn;
+        const long long r = i - k * nn;
+        """
+        + _RAMP_INDEX
+        + """
+        T acc = T(0, 0);
+        for (int b = 0; b < batch; ++b) {
+            float s, c;
+            sincosf(6.283185307179586f * (frac[2 * b] * ky + frac[2 * b + 1] * kx), &s, &c);
+            acc += f[(b * k_modes + k) * nn + r] * T(c, s);
+        }
+        out = acc;
+        """,
+        "liveptycho_unshift_sum_spectra",
+    )
+    conj_prod = cp.ElementwiseKernel(
+        "T o, T d", "T out", "out = conj(o) * d", "liveptycho_conj_prod"
+    )
+    power = cp.ElementwiseKernel(
+        "raw T obj, int32 batch, int64 nn",
+        "float32 out",
+        """
+        float acc = 0.f;
+        for (int b = 0; b < batch; ++b) {
+            const T c = obj[b * nn + i];
+            acc += c.real() * c.real() + c.imag() * c.imag();
+        }
+        out = acc;
+        """,
+        "liveptycho_power_sum",
+    )
+    gradient = cp.ElementwiseKernel(
+        "raw T obj, raw T dpsi, int32 batch, int32 k_modes, int64 nn",
+        "T out",
+        """
+        const long long k = i / nn;
+        const long long r = i - k * nn;
+        T acc = T(0, 0);
+        for (int b = 0; b < batch; ++b) {
+            acc += conj(obj[b * nn + r]) * dpsi[(b * k_modes + k) * nn + r];
+        }
+        out = acc;
+        """,
+        "liveptycho_probe_gradient",
+    )
+    return {
+        "modulus": modulus,
+        "sums": sums,
+        "step": step,
+        "shift": shift,
+        "unshift": unshift,
+        "conj_prod": conj_prod,
+        "power": power,
+        "gradient": gradient,
+    }
 
 
 def modulus_residual(f: Any, amps: Any, rows: Any, valid: Any | None, floor: float) -> Any:
@@ -136,3 +240,50 @@ def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float)
     import cupy as cp
 
     _kernels()["step"](num, den, cp.max(den), cp.float32(reg), cp.float32(weight), target)
+
+
+def shift_spectra(ft: Any, frac: Any) -> Any:
+    """``ft`` (K, n, n) times each position's shift ramp: (B, K, n, n) spectra whose inverse
+    FFTs are the modes shifted by ``frac`` (B, 2) float32 (y, x) px."""
+    import cupy as cp
+
+    k, n = ft.shape[0], ft.shape[-1]
+    out = cp.empty((frac.shape[0], k, n, n), dtype=ft.dtype)
+    _kernels()["shift"](ft, frac, n, k, out)
+    return out
+
+
+def unshift_sum_spectra(f: Any, frac: Any) -> Any:
+    """``sum_b f_b * conj(ramp_b)`` (K, n, n) of spectra ``f`` (B, K, n, n): the adjoint of
+    :func:`shift_spectra`, summed over the batch."""
+    import cupy as cp
+
+    b, k, n = f.shape[0], f.shape[1], f.shape[-1]
+    out = cp.empty((k, n, n), dtype=f.dtype)
+    _kernels()["unshift"](f, frac, n, k, b, out)
+    return out
+
+
+def conj_product(obj: Any, waves: Any) -> Any:
+    """``conj(O_b) w_bk`` (B, K, n, n) for windows ``obj`` (B, n, n) and ``waves`` (B, K, n, n)."""
+    return _kernels()["conj_prod"](obj[:, None], waves)
+
+
+def power_sum(obj: Any) -> Any:
+    """``sum_b |O_b|^2`` (n, n) float32 of windows ``obj`` (B, n, n)."""
+    import cupy as cp
+
+    b, n = obj.shape[0], obj.shape[-1]
+    out = cp.empty((n, n), dtype=cp.float32)
+    _kernels()["power"](obj, b, n * n, out)
+    return out
+
+
+def probe_gradient(obj: Any, dpsi: Any) -> Any:
+    """``sum_b conj(O_b) dpsi_bk`` (K, n, n): the probe numerator on whole-pixel positions."""
+    import cupy as cp
+
+    b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
+    out = cp.empty((k, n, n), dtype=dpsi.dtype)
+    _kernels()["gradient"](obj, dpsi, b, k, n * n, out)
+    return out

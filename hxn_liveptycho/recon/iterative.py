@@ -45,7 +45,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import memory
-from hxn_liveptycho.recon._fused import modulus_residual, object_update_sums, regularised_step
+from hxn_liveptycho.recon._fused import (
+    conj_product,
+    modulus_residual,
+    object_update_sums,
+    power_sum,
+    probe_gradient,
+    regularised_step,
+    shift_spectra,
+    unshift_sum_spectra,
+)
 from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._positions import (
@@ -665,14 +674,25 @@ class StreamingSolver:
         return self._xp.zeros(batch.box_shape, dtype=dtype)
 
     def _batch_probes(self, batch: _Batch) -> tuple[Any, Any | None]:
-        """``(probes, ramp)`` for the positions of ``batch``: the modes shifted by each position's
-        sub-pixel fraction (B, K, n, n) and the ramps (B, n, n) that did it; on whole-pixel
-        data the shared modes (K, n, n) and None."""
+        """``(probes, shift)`` for the positions of ``batch``: the modes shifted by each
+        position's sub-pixel fraction (B, K, n, n) and the shift that did it (the ramps
+        (B, n, n); on the fused path the fractions (B, 2)); on whole-pixel data the shared
+        modes (K, n, n) and None."""
         if not self._subpixel:
             return self._probes, None
         xp = self._xp
+        if self._fused:
+            pos = self._pos[batch.rows]
+            frac = (pos - xp.floor(pos)).astype(xp.float32)
+            return self._shift_modes(fft2(self._probes, xp=xp), frac), frac
         ramp = self._batch_ramp(batch)
-        return shifted_probes(fft2(self._probes, xp=xp), ramp, xp), ramp
+        return self._shift_modes(fft2(self._probes, xp=xp), ramp), ramp
+
+    def _shift_modes(self, modes_ft: Any, shift: Any) -> Any:
+        """Modes given by their spectra (K, n, n), shifted per position: (B, K, n, n)."""
+        if shift.ndim == 2:  # fractions: the fused kernel makes the ramps on the fly
+            return ifft2(shift_spectra(modes_ft, shift), xp=self._xp, overwrite_x=True)
+        return shifted_probes(modes_ft, shift, self._xp)
 
     def _batch_ramp(self, batch: _Batch) -> Any:
         """Phase ramps (B, n, n) shifting the probe by the fractions of ``batch``'s positions."""
@@ -734,14 +754,27 @@ class StreamingSolver:
             out += xp.conj(self._mode(probes, k)) * dpsi[:, k]
         return out
 
-    def _probe_numerator(self, obj: Any, dpsi: Any, ramp: Any | None) -> Any:
+    def _probe_numerator(self, obj: Any, dpsi: Any, shift: Any | None) -> Any:
         """``sum_j shift_{-f_j}(conj(O_j) dpsi_jk)`` (K, n, n): the probe gradient, each
-        position's part shifted back by its fraction (none on whole-pixel data)."""
+        position's part shifted back by its fraction (none on whole-pixel data). ``shift``:
+        ramps (B, n, n), fractions (B, 2) (fused path) or None."""
         xp = self._xp
+        if self._fused:
+            if shift is None:
+                return probe_gradient(obj, dpsi)
+            if shift.ndim == 2:
+                f = fft2(conj_product(obj, dpsi), xp=xp, overwrite_x=True)
+                return ifft2(unshift_sum_spectra(f, shift), xp=xp, overwrite_x=True)
         oc = xp.conj(obj)
-        if ramp is not None:
-            return unshift_sum(oc[:, None] * dpsi, ramp, xp)
+        if shift is not None:
+            return unshift_sum(oc[:, None] * dpsi, shift, xp)
         return xp.stack([xp.sum(oc * dpsi[:, k], axis=0) for k in range(dpsi.shape[1])])
+
+    def _object_power(self, obj: Any) -> Any:
+        """``sum_j |O_j|^2`` (n, n) float32 over the batch's windows."""
+        if self._fused:
+            return power_sum(obj)
+        return self._xp.sum(obj.real**2 + obj.imag**2, axis=0)
 
     def _fix_gauge(self) -> None:
         """Hold the probe power at the data's value by trading scale with the object."""
@@ -820,7 +853,7 @@ class StreamingSolver:
         if update_probe:
             # Probe sums first: they need the object before this batch changes it.
             onum = self._probe_numerator(obj, dpsi, ramp)
-            oden = xp.sum(obj.real**2 + obj.imag**2, axis=0)
+            oden = self._object_power(obj)
         if fused:
             object_update_sums(dpsi, probes, batch.corners, batch.origin, num, den)
             del dpsi
@@ -877,12 +910,12 @@ class StreamingSolver:
         d_obj = self._gather(batch, num) / self._gather(batch, den)
         u = self._exit_waves(d_obj, probes)
         if update_probe:
-            oden = _regularised(xp.sum(obj.real**2 + obj.imag**2, axis=0), p.probe_reg, xp)
+            oden = _regularised(self._object_power(obj), p.probe_reg, xp)
             d_probe = self._probe_numerator(obj, chi, ramp) / oden
             if ramp is None:
                 v = obj[:, None] * d_probe[None]
             else:  # the probe step as each position sees it: shifted by its fraction
-                v = obj[:, None] * shifted_probes(fft2(d_probe, xp=xp), ramp, xp)
+                v = obj[:, None] * self._shift_modes(fft2(d_probe, xp=xp), ramp)
         else:
             v = None
         alpha_o, alpha_p = optimal_steps(u, v, chi, _LSQ_STEP_REG, xp)
