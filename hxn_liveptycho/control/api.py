@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from hxn_liveptycho import __version__
 from hxn_liveptycho.control.render import KINDS, picture_array, render_png
 from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.serve import ServeService
 from hxn_liveptycho.session import RunSession
 
@@ -154,7 +155,7 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
         nn = session.nn_snapshot()
         if nn is not None:
             details["nn_frames"] = nn.get("frames")
-        return json.loads(json.dumps(details, default=str))
+        return json_safe(details)
 
     @app.post("/api/runs/{uid}/stop", dependencies=auth)
     def stop_run(uid: str) -> dict[str, Any]:

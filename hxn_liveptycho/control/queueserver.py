@@ -14,7 +14,6 @@ arguments (queueserver reports it as the task's ``traceback``).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Generator, Mapping
@@ -24,6 +23,7 @@ import bluesky.preprocessors as bpp
 from pydantic import BaseModel
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.scan import ScanConfig
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,6 @@ def check_overrides(overrides: Mapping[str, Any], model: type[BaseModel] = ScanC
             and issubclass(nested, BaseModel)
         ):
             check_overrides(value, nested)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` as plain JSON types: queueserver ships function results as JSON."""
-    return json.loads(json.dumps(value, default=str))
 
 
 class LivePtychoControl:

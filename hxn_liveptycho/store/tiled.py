@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.scan import ScanConfig
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays["object_amplitude"] = np.abs(arrays["object"]).astype(np.float32)
         arrays["object_phase"] = np.angle(arrays["object"]).astype(np.float32)
     return arrays
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 class TiledSink:
@@ -92,7 +89,7 @@ class TiledSink:
         raw_uid = str(metadata.get("raw_uid", ""))
         self.key = f"scan{metadata.get('scan_id')}-{raw_uid[:8]}-{stamp}"
         self.container_path = "/".join([*self._catalog_path, self.key])
-        self._metadata = {"created": datetime.now(UTC).isoformat(), **_json_safe(metadata)}
+        self._metadata = {"created": datetime.now(UTC).isoformat(), **json_safe(metadata)}
         self._open_requested = True
         self._thread.start()
 
@@ -254,7 +251,7 @@ class TiledSink:
         )
 
     def _write_final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
-        metadata = {**_json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
+        metadata = {**json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
         arrays = _with_object_views(snapshot)
         diffraction = self._stacked_diffraction()
 
