@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from hxn_liveptycho.recon._windows import WINDOW_PIXEL_INDEX
+
 __all__ = [
     "conj_product",
     "modulus_residual",
@@ -81,13 +83,8 @@ def _kernels() -> dict[str, Any]:
         "raw T dpsi, raw T probes, raw int32 corners, int32 oy, int32 ox, int32 n, "
         "int32 width, int32 k_modes, bool per_position",
         "raw float32 num, raw float32 den",
-        """
-        const long long nn = (long long)n * n;
-        const long long b = i / nn;
-        const long long r = i - b * nn;
-        const long long y = r / n;
-        const long long x = r - y * n;
-        const long long dst = (corners[2 * b] - oy + y) * width + corners[2 * b + 1] - ox + x;
+        WINDOW_PIXEL_INDEX
+        + """
         float re = 0.f, im = 0.f, illum = 0.f;
         for (int k = 0; k < k_modes; ++k) {
             const T p = probes[(per_position ? b * k_modes + k : k) * nn + r];

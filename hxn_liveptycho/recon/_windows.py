@@ -23,7 +23,9 @@ import numpy as np
 
 __all__ = ["gather_windows", "scatter_add_windows"]
 
-_INDEX = """
+#: CUDA lines giving each window pixel (batch ``b``, in-window offset ``r``) its canvas
+#: address ``dst``, from the corners less the origin (oy, ox); shared with recon._fused.
+WINDOW_PIXEL_INDEX = """
     const long long nn = (long long)n * n;
     const long long b = i / nn;
     const long long r = i - b * nn;
@@ -41,7 +43,7 @@ def _kernels() -> dict[str, Any]:
     gather = cp.ElementwiseKernel(
         "raw T canvas, raw int32 corners, int32 oy, int32 ox, int32 n, int32 width",
         "T out",
-        _INDEX + "out = canvas[dst];",
+        WINDOW_PIXEL_INDEX + "out = canvas[dst];",
         "liveptycho_gather_windows",
     )
     params = "raw T values, raw int32 corners, int32 oy, int32 ox, int32 n, int32 width, bool one"
@@ -49,7 +51,7 @@ def _kernels() -> dict[str, Any]:
     add_complex = cp.ElementwiseKernel(
         params,
         "raw float32 canvas",
-        _INDEX
+        WINDOW_PIXEL_INDEX
         + source
         + """
         atomicAdd(&canvas[2 * dst], values[src].real());
@@ -60,7 +62,7 @@ def _kernels() -> dict[str, Any]:
     add_real = cp.ElementwiseKernel(
         params,
         "raw float32 canvas",
-        _INDEX + source + "atomicAdd(&canvas[dst], values[src]);",
+        WINDOW_PIXEL_INDEX + source + "atomicAdd(&canvas[dst], values[src]);",
         "liveptycho_scatter_add_real",
     )
     return {"gather": gather, "complex": add_complex, "real": add_real}

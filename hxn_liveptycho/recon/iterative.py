@@ -682,8 +682,7 @@ class StreamingSolver:
             return self._probes, None
         xp = self._xp
         if self._fused:
-            pos = self._pos[batch.rows]
-            frac = (pos - xp.floor(pos)).astype(xp.float32)
+            frac = self._batch_fractions(batch).astype(xp.float32)
             return self._shift_modes(fft2(self._probes, xp=xp), frac), frac
         ramp = self._batch_ramp(batch)
         return self._shift_modes(fft2(self._probes, xp=xp), ramp), ramp
@@ -694,11 +693,14 @@ class StreamingSolver:
             return ifft2(shift_spectra(modes_ft, shift), xp=self._xp, overwrite_x=True)
         return shifted_probes(modes_ft, shift, self._xp)
 
+    def _batch_fractions(self, batch: _Batch) -> Any:
+        """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
+        pos = self._pos[batch.rows]
+        return pos - self._xp.floor(pos)
+
     def _batch_ramp(self, batch: _Batch) -> Any:
         """Phase ramps (B, n, n) shifting the probe by the fractions of ``batch``'s positions."""
-        xp = self._xp
-        pos = self._pos[batch.rows]
-        return fraction_ramps(pos - xp.floor(pos), self._n, xp)
+        return fraction_ramps(self._batch_fractions(batch), self._n, self._xp)
 
     @staticmethod
     def _mode(probes: Any, k: int) -> Any:
