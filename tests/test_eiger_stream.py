@@ -14,7 +14,7 @@ import bitshuffle
 import numpy as np
 import pytest
 import zmq
-from eiger_helpers import Collector, wait_until
+from eiger_helpers import Collector, linked_pairs, wait_until
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerFrame, EigerPublisher, EigerReceiver, encode
@@ -32,30 +32,15 @@ def poisson_frame(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
 def make_pair(
     collector: Collector,
 ) -> Iterator[Callable[..., tuple[EigerPublisher, EigerReceiver]]]:
-    """Build a connected publisher/receiver pair; both are closed after the test."""
-    made: list[tuple[EigerPublisher, EigerReceiver]] = []
+    """Build a connected SIMPLON v1 publisher/receiver pair; both are closed after the test."""
+    with linked_pairs(collector) as link:
 
-    def make(
-        out: str = "pub", into: str = "sub", encoding: str = "bs32-lz4<", **receiver_kwargs: Any
-    ) -> tuple[EigerPublisher, EigerReceiver]:
-        publisher = EigerPublisher("tcp://127.0.0.1:*", encoding=encoding, socket_type=out)
-        receiver = EigerReceiver(
-            publisher.endpoint,
-            on_series_start=collector.on_series_start,
-            on_frame=collector.on_frame,
-            on_series_end=collector.on_series_end,
-            socket_type=into,
-            **receiver_kwargs,
-        )
-        made.append((publisher, receiver))
-        receiver.start()
-        assert publisher.wait_for_subscribers(1, timeout=5.0)
-        return publisher, receiver
+        def make(
+            out: str = "pub", into: str = "sub", encoding: str = "bs32-lz4<", **receiver_kwargs: Any
+        ) -> tuple[EigerPublisher, EigerReceiver]:
+            return link("v1", encoding, out, into, **receiver_kwargs)
 
-    yield make
-    for publisher, receiver in made:
-        assert receiver.stop(timeout=5.0)
-        publisher.close(linger=0)
+        yield make
 
 
 @pytest.mark.parametrize(("out", "into"), TRANSPORTS)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 from cbor2 import CBORTag
-from eiger_helpers import Collector, wait_until
+from eiger_helpers import Collector, linked_pairs, wait_until
 
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams import EigerPublisher, EigerReceiver, cbor
@@ -37,35 +37,18 @@ def make_pair(
     collector: Collector,
 ) -> Iterator[Callable[..., tuple[EigerPublisher, EigerReceiver]]]:
     """A connected publisher/receiver pair (PUSH/PULL unless told); closed after the test."""
-    made: list[tuple[EigerPublisher, EigerReceiver]] = []
+    with linked_pairs(collector) as link:
 
-    def make(
-        wire: str = "v2",
-        encoding: str = "bs32-lz4<",
-        out: str = "push",
-        into: str = "pull",
-        **receiver_kwargs: Any,
-    ) -> tuple[EigerPublisher, EigerReceiver]:
-        publisher = EigerPublisher(
-            "tcp://127.0.0.1:*", encoding=encoding, socket_type=out, flavour=wire
-        )
-        receiver = EigerReceiver(
-            publisher.endpoint,
-            on_series_start=collector.on_series_start,
-            on_frame=collector.on_frame,
-            on_series_end=collector.on_series_end,
-            socket_type=into,
-            **receiver_kwargs,
-        )
-        made.append((publisher, receiver))
-        receiver.start()
-        assert publisher.wait_for_subscribers(1, timeout=5.0)
-        return publisher, receiver
+        def make(
+            wire: str = "v2",
+            encoding: str = "bs32-lz4<",
+            out: str = "push",
+            into: str = "pull",
+            **receiver_kwargs: Any,
+        ) -> tuple[EigerPublisher, EigerReceiver]:
+            return link(wire, encoding, out, into, **receiver_kwargs)
 
-    yield make
-    for publisher, receiver in made:
-        assert receiver.stop(timeout=5.0)
-        publisher.close(linger=0)
+        yield make
 
 
 # -- round trips ------------------------------------------------------------------------

