@@ -155,6 +155,11 @@ def main() -> None:
     parser.add_argument("--modes", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64], help="big-case grids")
     parser.add_argument("--no-reference", action="store_true", help="skip the unfused timings")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="parity also on whole-pixel data, LSQ-ML Poisson and ePIE with position refinement",
+    )
     args = parser.parse_args()
     import cupy as cp
 
@@ -169,6 +174,20 @@ def main() -> None:
             params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
             name = f"demo 400x128^2 {algorithm} K={modes}"
             plans.append((name, small, params, True, reference))
+            if args.variants:  # the whole-pixel fused path
+                params = params.model_copy(update={"subpixel_positions": False})
+                plans.append((f"{name} whole-pixel", small, params, True, False))
+    if args.variants:  # paths that stay on the xp reference on CuPy
+        for name, params in (
+            ("lsqml poisson", IterativeParams(algorithm="lsqml", noise="poisson", batch_size=128)),
+            (
+                "epie refine",
+                IterativeParams(
+                    algorithm="epie", position_refinement=True, position_refinement_start=2
+                ),
+            ),
+        ):
+            plans.append((f"demo 400x128^2 {name}", small, params, True, False))
     if not args.quick:
         for side in args.sides:
             sample = SimulatedSample(replace(big, x_num=side, y_num=side))

@@ -6,11 +6,20 @@ chain a dozen of them per step, and a pass over a 4,096-position scan runs
 ~40 batches. These kernels do each step in one pass with the same
 arithmetic as the xp code in :mod:`hxn_liveptycho.recon.iterative`, which
 stays the reference (and the NumPy path): the GPU parity check
-(``benchmarks/recon_gpu.py``) compares the two paths.
+(``benchmarks/recon_gpu.py``) compares the two paths. Steps that end in a
+per-position or per-batch sum are in :mod:`hxn_liveptycho.recon._fused_sums`.
+
+Object windows are read straight from the canvas at each window's corner
+(no (B, n, n) copy of them is made), and the FFT pair of the fast path is
+unnormalised both ways (:func:`~hxn_liveptycho.recon.backend.ifft2_unscaled`):
+the 1/n² of the inverse is folded into the kernel that feeds it, so no FFT
+is followed by a separate scaling pass.
 
 Layouts: far fields and exit-wave changes (B, K, n, n) complex64, C-order;
 probes (K, n, n) shared or (B, K, n, n) per position; amplitudes stored
-(rows, n, n) float32, addressed through the batch's active-set ``rows``.
+(rows, n, n) float32, addressed through the batch's active-set ``rows``;
+shift tables (B, 2, n) complex64: each position's phase ramp along y and
+along x (the ramp is separable, so a pixel's factor is one product).
 """
 
 from __future__ import annotations
@@ -18,38 +27,30 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from hxn_liveptycho.recon._windows import WINDOW_PIXEL_INDEX
-
 __all__ = [
-    "conj_product",
-    "modulus_residual",
-    "object_update_sums",
-    "power_sum",
-    "probe_gradient",
+    "batch_sum",
+    "exit_waves",
+    "ramp_table",
     "regularised_step",
+    "scaled_copy",
     "shift_spectra",
     "unshift_sum_spectra",
+    "window_sums",
 ]
 
 #: The Fourier frequency (cycles/px, NumPy's fftfreq order) of index ``j`` of an n-point axis.
 _FREQ = "((j) < (n + 1) / 2 ? (float)(j) : (float)((j) - n)) / (float)n"
 
-_RAMP_INDEX = (
-    """
+#: Batch index ``b``, mode ``k`` and in-window pixel ``r`` = (y, x) of element ``i`` of a
+#: (B, K, n, n) array.
+_WAVE_INDEX = """
+    const long long nn = (long long)n * n;
+    const long long b = i / (k_modes * nn);
+    const long long rest = i - b * k_modes * nn;
+    const long long k = rest / nn;
+    const long long r = rest - k * nn;
     const long long y = r / n;
     const long long x = r - y * n;
-    const float ky = """
-    + _FREQ.replace("j", "y")
-    + """;
-    const float kx = """
-    + _FREQ.replace("j", "x")
-    + """;
-"""
-)
-
-_PIXEL = """
-    const long long b = i / nn;
-    const long long r = i - b * nn;
 """
 
 
@@ -57,47 +58,115 @@ _PIXEL = """
 def _kernels() -> dict[str, Any]:
     import cupy as cp
 
-    modulus = cp.ElementwiseKernel(
-        "raw float32 amps, raw int64 rows, raw float32 valid, int32 k_modes, "
-        "int64 nn, bool has_valid, float32 floor",
-        "float32 d2, raw T f",
-        _PIXEL
+    waves = cp.ElementwiseKernel(
+        "raw T canvas, raw T probes, raw int32 corners, int32 n, int32 width, int32 k_modes, "
+        "bool per_position",
+        "T out",
+        _WAVE_INDEX
         + """
-        const float a = amps[rows[b] * nn + r];
-        float inten = 0.f;
-        for (int k = 0; k < k_modes; ++k) {
-            const T c = f[(b * k_modes + k) * nn + r];
-            inten += c.real() * c.real() + c.imag() * c.imag();
-        }
-        const float v = has_valid ? valid[r] : 1.f;
-        const float dev = (sqrtf(inten) - a) * v;
-        d2 = dev * dev;
-        const float g = v * (a / sqrtf(fmaxf(inten, floor)) - 1.f);
-        for (int k = 0; k < k_modes; ++k) {
-            f[(b * k_modes + k) * nn + r] *= g;
-        }
+        const T o = canvas[(corners[2 * b] + y) * (long long)width + corners[2 * b + 1] + x];
+        out = o * probes[(per_position ? b * k_modes + k : k) * nn + r];
         """,
-        "liveptycho_modulus_residual",
+        "liveptycho_exit_waves",
     )
-    sums = cp.ElementwiseKernel(
-        "raw T dpsi, raw T probes, raw int32 corners, int32 oy, int32 ox, int32 n, "
-        "int32 width, int32 k_modes, bool per_position",
-        "raw float32 num, raw float32 den",
-        WINDOW_PIXEL_INDEX
+    table = cp.ElementwiseKernel(
+        "raw float32 frac, int32 n",
+        "T out",
+        """
+        const long long b = i / (2 * n);
+        const int axis = (i / n) % 2;
+        const int j = i % n;
+        const float k = """
+        + _FREQ
+        + """;
+        float s, c;
+        sincosf(-6.283185307179586f * frac[2 * b + axis] * k, &s, &c);
+        out = T(c, s);
+        """,
+        "liveptycho_ramp_table",
+    )
+    shift = cp.ElementwiseKernel(
+        "raw T ft, raw T table, int32 n, int32 k_modes, float32 scale",
+        "T out",
+        _WAVE_INDEX
         + """
+        out = ft[k * nn + r] * (table[2 * b * n + y] * table[(2 * b + 1) * n + x] * scale);
+        """,
+        "liveptycho_shift_spectra",
+    )
+    # Sum over the batch, in chunks of positions (one thread per chunk and pixel, so the
+    # grid stays large for one mode), each chunk's part added atomically.
+    unshift = cp.ElementwiseKernel(
+        "raw T f, raw T table, int32 n, int32 channels, int32 batch, int32 chunk, "
+        "bool has_table, float32 scale",
+        "raw float32 out",
+        """
+        const long long nn = (long long)n * n;
+        const long long c = i / (channels * nn);
+        const long long rest = i - c * channels * nn;
+        const long long k = rest / nn;
+        const long long r = rest - k * nn;
+        const long long y = r / n;
+        const long long x = r - y * n;
+        const int stop = min(batch, (int)(c + 1) * chunk);
+        T acc = T(0, 0);
+        for (int b = c * chunk; b < stop; ++b) {
+            const T v = f[(b * channels + k) * nn + r];
+            acc += has_table ? v * conj(table[2 * b * n + y] * table[(2 * b + 1) * n + x]) : v;
+        }
+        atomicAdd(&out[2 * rest], acc.real() * scale);
+        atomicAdd(&out[2 * rest + 1], acc.imag() * scale);
+        """,
+        "liveptycho_unshift_sum_spectra",
+    )
+    # One thread per window pixel: reads the exit-wave changes and the probes once for
+    # the object sums, the probe terms and the object power together.
+    sums = cp.ElementwiseKernel(
+        "raw T dpsi, raw T probes, raw T canvas, raw int32 corners, int32 oy, int32 ox, "
+        "int32 n, int32 box_width, int32 width, int32 k_modes, bool per_position, "
+        "raw float32 weights, bool has_weights, bool do_num, bool do_den, int32 channels, "
+        "bool do_power",
+        "raw float32 num, raw float32 den, raw T terms, raw float32 power",
+        """
+        const long long nn = (long long)n * n;
+        const long long b = i / nn;
+        const long long r = i - b * nn;
+        const long long y = r / n;
+        const long long x = r - y * n;
+        const long long gy = corners[2 * b] + y;
+        const long long gx = corners[2 * b + 1] + x;
+        const T o = (channels > 0 || do_power) ? canvas[gy * width + gx] : T(0, 0);
+        const float o2 = o.real() * o.real() + o.imag() * o.imag();
         float re = 0.f, im = 0.f, illum = 0.f;
         for (int k = 0; k < k_modes; ++k) {
-            const T p = probes[(per_position ? b * k_modes + k : k) * nn + r];
             const T d = dpsi[(b * k_modes + k) * nn + r];
-            re += p.real() * d.real() + p.imag() * d.imag();
-            im += p.real() * d.imag() - p.imag() * d.real();
-            illum += p.real() * p.real() + p.imag() * p.imag();
+            if (do_num) {
+                const T p = probes[(per_position ? b * k_modes + k : k) * nn + r];
+                re += p.real() * d.real() + p.imag() * d.imag();
+                im += p.real() * d.imag() - p.imag() * d.real();
+                illum += p.real() * p.real() + p.imag() * p.imag();
+            }
+            if (channels > 0) {
+                terms[(b * channels + k) * nn + r] = conj(o) * d;
+            }
         }
-        atomicAdd(&num[2 * dst], re);
-        atomicAdd(&num[2 * dst + 1], im);
-        atomicAdd(&den[dst], illum);
+        if (channels > k_modes) {
+            terms[(b * channels + k_modes) * nn + r] = T(o2, 0.f);
+        }
+        if (do_num) {
+            const float w = has_weights ? weights[b] : 1.f;
+            const long long dst = (gy - oy) * box_width + gx - ox;
+            atomicAdd(&num[2 * dst], w * re);
+            atomicAdd(&num[2 * dst + 1], w * im);
+            if (do_den) {
+                atomicAdd(&den[dst], illum);
+            }
+        }
+        if (do_power) {
+            atomicAdd(&power[r], o2);
+        }
         """,
-        "liveptycho_object_update_sums",
+        "liveptycho_window_sums",
     )
     step = cp.ElementwiseKernel(
         "T num, float32 den, raw float32 den_max, float32 reg, float32 weight",
@@ -108,126 +177,151 @@ def _kernels() -> dict[str, Any]:
         """,
         "liveptycho_regularised_step",
     )
-    # Sub-pixel probe shifts (the xp reference: recon._positions.shifted_probes / unshift_sum)
-    # with the phase ramps made on the fly instead of held as (B, n, n) arrays.
-    shift = cp.ElementwiseKernel(
-        "raw T ft, raw float32 frac, int32 n, int32 k_modes",
-        "T out",
-        """
-        const long long nn = (long long)n * n;
-        const long long b = i / (k_modes * nn);
-        const long long rest = i - b * k_modes * nn;
-        const long long k = rest / nn;
-        const long long r = rest - k * nn;
-        """
-        + _RAMP_INDEX
-        + """
-        float s, c;
-        sincosf(-6.283185307179586f * (frac[2 * b] * ky + frac[2 * b + 1] * kx), &s, &c);
-        out = ft[k * nn + r] * T(c, s);
-        """,
-        "liveptycho_shift_spectra",
-    )
-    unshift = cp.ElementwiseKernel(
-        "raw T f, raw float32 frac, int32 n, int32 k_modes, int32 batch",
-        "T out",
-        """
-        const long long nn = (long long)n * n;
-        const long long k = i / nn;
-        const long long r = i - k * nn;
-        """
-        + _RAMP_INDEX
-        + """
-        T acc = T(0, 0);
-        for (int b = 0; b < batch; ++b) {
-            float s, c;
-            sincosf(6.283185307179586f * (frac[2 * b] * ky + frac[2 * b + 1] * kx), &s, &c);
-            acc += f[(b * k_modes + k) * nn + r] * T(c, s);
-        }
-        out = acc;
-        """,
-        "liveptycho_unshift_sum_spectra",
-    )
-    conj_prod = cp.ElementwiseKernel(
-        "T o, T d", "T out", "out = conj(o) * d", "liveptycho_conj_prod"
-    )
-    power = cp.ElementwiseKernel(
-        "raw T obj, int32 batch, int64 nn",
-        "float32 out",
-        """
-        float acc = 0.f;
-        for (int b = 0; b < batch; ++b) {
-            const T c = obj[b * nn + i];
-            acc += c.real() * c.real() + c.imag() * c.imag();
-        }
-        out = acc;
-        """,
-        "liveptycho_power_sum",
-    )
-    gradient = cp.ElementwiseKernel(
-        "raw T obj, raw T dpsi, int32 batch, int32 k_modes, int64 nn",
-        "T out",
-        """
-        const long long k = i / nn;
-        const long long r = i - k * nn;
-        T acc = T(0, 0);
-        for (int b = 0; b < batch; ++b) {
-            acc += conj(obj[b * nn + r]) * dpsi[(b * k_modes + k) * nn + r];
-        }
-        out = acc;
-        """,
-        "liveptycho_probe_gradient",
+    scaled = cp.ElementwiseKernel(
+        "T x, float32 scale", "T out", "out = x * scale", "liveptycho_scale"
     )
     return {
-        "modulus": modulus,
-        "sums": sums,
-        "step": step,
+        "waves": waves,
+        "table": table,
         "shift": shift,
         "unshift": unshift,
-        "conj_prod": conj_prod,
-        "power": power,
-        "gradient": gradient,
+        "sums": sums,
+        "step": step,
+        "scaled": scaled,
     }
 
 
-def modulus_residual(f: Any, amps: Any, rows: Any, valid: Any | None, floor: float) -> Any:
-    """In place: far fields ``f`` (B, K, n, n) become ``f * v (A / sqrt(max(I, floor)) - 1)``.
-
-    ``I = sum_k |f_k|^2``, ``v`` the valid-pixel mask (float32, FFT order).
-    Returns the per-pixel squared amplitude error ``(v (sqrt(I) - A))^2``
-    (B, n, n): its sum is the batch's error.
-    """
+def _dummy(dtype: Any) -> Any:
     import cupy as cp
 
-    b, k, n = f.shape[0], f.shape[1], f.shape[-1]
-    out = cp.empty((b, n, n), dtype=cp.float32)
-    mask = valid if valid is not None else cp.ones(1, dtype=cp.float32)
-    _kernels()["modulus"](amps, rows, mask, k, n * n, valid is not None, floor, out, f)
+    return cp.empty(1, dtype=dtype)
+
+
+def exit_waves(canvas: Any, corners: Any, probes: Any) -> Any:
+    """``O[window_b] * P_bk`` (B, K, n, n), the windows read from ``canvas`` at ``corners``
+    (B, 2) int32; ``probes`` shared (K, n, n) or per position (B, K, n, n)."""
+    import cupy as cp
+
+    k, n = probes.shape[-3], probes.shape[-1]
+    out = cp.empty((corners.shape[0], k, n, n), dtype=canvas.dtype)
+    if out.size:
+        _kernels()["waves"](canvas, probes, corners, n, canvas.shape[1], k, probes.ndim == 4, out)
     return out
 
 
-def object_update_sums(
-    dpsi: Any, probes: Any, corners: Any, origin: tuple[int, int], num: Any, den: Any
-) -> None:
-    """Add ``sum_k conj(P_k) dpsi_k`` onto ``num`` (complex64) and ``sum_k |P_k|^2`` onto
-    ``den`` (float32) at each window of the batch, canvases covering the batch's box."""
+def ramp_table(frac: Any, n: int) -> Any:
+    """Phase ramps (B, 2, n) complex64, ``exp(-2 pi i f k)`` along y and x, for the
+    sub-pixel fractions ``frac`` (B, 2) float32: the table of :func:`shift_spectra`."""
+    import cupy as cp
+
+    out = cp.empty((frac.shape[0], 2, n), dtype=cp.complex64)
+    _kernels()["table"](frac, n, out)
+    return out
+
+
+def shift_spectra(ft: Any, table: Any, scale: float) -> Any:
+    """``scale ft`` (K, n, n) times each position's ramp: (B, K, n, n) spectra whose
+    inverse FFTs are the modes shifted by the positions' fractions (pass ``1/n²`` with
+    an unscaled inverse FFT)."""
+    import cupy as cp
+
+    k, n = ft.shape[0], ft.shape[-1]
+    out = cp.empty((table.shape[0], k, n, n), dtype=ft.dtype)
+    _kernels()["shift"](ft, table, n, k, cp.float32(scale), out)
+    return out
+
+
+def _sum_over_batch(f: Any, table: Any | None, scale: float, chunk: int = 16) -> Any:
+    import cupy as cp
+
+    b, c, n = f.shape[0], f.shape[1], f.shape[-1]
+    out = cp.zeros((c, n, n), dtype=f.dtype)
+    chunks = max(1, -(-b // chunk))
+    has_table = table is not None
+    _kernels()["unshift"](
+        f,
+        table if has_table else _dummy(cp.complex64),
+        n,
+        c,
+        b,
+        chunk,
+        has_table,
+        cp.float32(scale),
+        out.view(cp.float32),
+        size=chunks * c * n * n,
+    )
+    return out
+
+
+def unshift_sum_spectra(f: Any, table: Any, scale: float = 1.0) -> Any:
+    """``scale sum_b f_b conj(ramp_b)`` (C, n, n) of spectra ``f`` (B, C, n, n): the adjoint
+    of :func:`shift_spectra`, summed over the batch."""
+    return _sum_over_batch(f, table, scale)
+
+
+def batch_sum(f: Any) -> Any:
+    """``sum_b f_b`` (C, n, n) of ``f`` (B, C, n, n) complex64."""
+    return _sum_over_batch(f, None, 1.0)
+
+
+def window_sums(
+    dpsi: Any,
+    probes: Any,
+    canvas: Any,
+    corners: Any,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    num: Any | None = None,
+    den: Any | None = None,
+    weights: Any | None = None,
+    terms_channels: int = 0,
+    power: Any | None = None,
+) -> Any | None:
+    """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass.
+
+    * ``num`` (complex64) / ``den`` (float32) canvases covering the box at ``origin``:
+      ``num += w_b sum_k conj(P_k) dpsi_k`` and ``den += sum_k |P_k|^2`` at each window
+      (``w_b``: ``weights`` (B,) float32, or 1); ``den`` None skips the illumination;
+    * ``terms_channels`` K: returns the probe terms ``conj(O_b) dpsi_bk`` (B, K, n, n);
+      K + 1: plus ``|O_b|^2`` as channel K (B, K + 1, n, n);
+    * ``power`` (n, n) float32: ``power += sum_b |O_b|^2``.
+
+    ``O_b`` is the window of ``canvas`` at ``corners`` (the object before this update).
+    """
     import cupy as cp
 
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
+    terms = (
+        cp.empty((b, terms_channels, n, n), dtype=dpsi.dtype)
+        if terms_channels
+        else _dummy(cp.complex64)
+    )
+    f32 = _dummy(cp.float32)
     _kernels()["sums"](
         dpsi,
         probes,
+        canvas,
         corners,
         origin[0],
         origin[1],
         n,
-        num.shape[1],
+        num.shape[1] if num is not None else 0,
+        canvas.shape[1],
         k,
         probes.ndim == 4,
-        num.view(cp.float32),
-        den,
+        weights if weights is not None else f32,
+        weights is not None,
+        num is not None,
+        den is not None,
+        terms_channels,
+        power is not None,
+        num.view(cp.float32) if num is not None else f32,
+        den if den is not None else f32,
+        terms,
+        power if power is not None else f32,
         size=b * n * n,
     )
+    return terms if terms_channels else None
 
 
 def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float) -> None:
@@ -239,48 +333,8 @@ def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float)
     _kernels()["step"](num, den, cp.max(den), cp.float32(reg), cp.float32(weight), target)
 
 
-def shift_spectra(ft: Any, frac: Any) -> Any:
-    """``ft`` (K, n, n) times each position's shift ramp: (B, K, n, n) spectra whose inverse
-    FFTs are the modes shifted by ``frac`` (B, 2) float32 (y, x) px."""
+def scaled_copy(x: Any, scale: float) -> Any:
+    """``scale * x`` as a new array (one pass)."""
     import cupy as cp
 
-    k, n = ft.shape[0], ft.shape[-1]
-    out = cp.empty((frac.shape[0], k, n, n), dtype=ft.dtype)
-    _kernels()["shift"](ft, frac, n, k, out)
-    return out
-
-
-def unshift_sum_spectra(f: Any, frac: Any) -> Any:
-    """``sum_b f_b * conj(ramp_b)`` (K, n, n) of spectra ``f`` (B, K, n, n): the adjoint of
-    :func:`shift_spectra`, summed over the batch."""
-    import cupy as cp
-
-    b, k, n = f.shape[0], f.shape[1], f.shape[-1]
-    out = cp.empty((k, n, n), dtype=f.dtype)
-    _kernels()["unshift"](f, frac, n, k, b, out)
-    return out
-
-
-def conj_product(obj: Any, waves: Any) -> Any:
-    """``conj(O_b) w_bk`` (B, K, n, n) for windows ``obj`` (B, n, n) and ``waves`` (B, K, n, n)."""
-    return _kernels()["conj_prod"](obj[:, None], waves)
-
-
-def power_sum(obj: Any) -> Any:
-    """``sum_b |O_b|^2`` (n, n) float32 of windows ``obj`` (B, n, n)."""
-    import cupy as cp
-
-    b, n = obj.shape[0], obj.shape[-1]
-    out = cp.empty((n, n), dtype=cp.float32)
-    _kernels()["power"](obj, b, n * n, out)
-    return out
-
-
-def probe_gradient(obj: Any, dpsi: Any) -> Any:
-    """``sum_b conj(O_b) dpsi_bk`` (K, n, n): the probe numerator on whole-pixel positions."""
-    import cupy as cp
-
-    b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
-    out = cp.empty((k, n, n), dtype=dpsi.dtype)
-    _kernels()["gradient"](obj, dpsi, b, k, n * n, out)
-    return out
+    return _kernels()["scaled"](x, cp.float32(scale))

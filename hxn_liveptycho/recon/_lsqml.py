@@ -14,7 +14,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
-__all__ = ["far_field_factor", "optimal_steps"]
+__all__ = ["far_field_factor", "optimal_steps", "steps_from_sums"]
 
 #: Newton iterations for the Poisson step length (the 1-D problem is smooth and convex).
 _NEWTON_STEPS = 4
@@ -64,24 +64,36 @@ def optimal_steps(
 
     ``u`` = P dO (the exit-wave change of a unit object step), ``v`` = dP O
     (of a unit probe step), ``chi`` the wanted exit-wave update, all
-    (B, K, n, n); sums run over modes and pixels. The 2 x 2 normal equations
-    (real parts, as in the paper) get ``reg`` times the batch-mean diagonal
-    added, which keeps badly determined steps small. Steps are clipped to
-    [0, 2]. ``v`` None: object step only.
+    (B, K, n, n); sums run over modes and pixels (:func:`steps_from_sums`
+    solves them). ``v`` None: object step only.
     """
     axes = (1, 2, 3)
 
     def dot(a: Any, b: Any) -> Any:
         return xp.sum((xp.conj(a) * b).real, axis=axes)
 
-    a11 = dot(u, u)
-    b1 = dot(u, chi)
-    a11 = a11 + reg * xp.mean(a11) + 1e-30
     if v is None:
+        zero = xp.zeros(u.shape[0], dtype=xp.float32)
+        sums = xp.stack([dot(u, u), zero, zero, dot(u, chi), zero], axis=1)
+    else:
+        sums = xp.stack([dot(u, u), dot(u, v), dot(v, v), dot(u, chi), dot(v, chi)], axis=1)
+    return steps_from_sums(sums, reg, v is not None, xp)
+
+
+def steps_from_sums(
+    sums: Any, reg: float, with_probe: bool, xp: types.ModuleType
+) -> tuple[Any, Any | None]:
+    """The steps of :func:`optimal_steps` from the sums (B, 5) ``(a11, a12, a22, b1, b2)``
+    = ``(|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi)`` per position.
+
+    The 2 x 2 normal equations (real parts, as in the paper) get ``reg`` times
+    the batch-mean diagonal added, which keeps badly determined steps small.
+    Steps are clipped to [0, 2]. ``with_probe`` False: object step only.
+    """
+    a11, a12, a22, b1, b2 = (sums[:, i] for i in range(5))
+    a11 = a11 + reg * xp.mean(a11) + 1e-30
+    if not with_probe:
         return xp.clip(b1 / a11, 0.0, 2.0), None
-    a22 = dot(v, v)
-    a12 = dot(u, v)
-    b2 = dot(v, chi)
     a22 = a22 + reg * xp.mean(a22) + 1e-30
     det = a11 * a22 - a12 * a12
     det = xp.where(xp.abs(det) > 1e-30, det, 1e-30)

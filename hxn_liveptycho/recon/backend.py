@@ -16,7 +16,15 @@ import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
 
-__all__ = ["array_namespace", "fft2", "get_array_module", "ifft2", "is_cupy", "to_host"]
+__all__ = [
+    "array_namespace",
+    "fft2",
+    "get_array_module",
+    "ifft2",
+    "ifft2_unscaled",
+    "is_cupy",
+    "to_host",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +122,20 @@ def ifft2(x: Any, /, *, xp: types.ModuleType | None = None, overwrite_x: bool = 
     import cupyx.scipy.fft
 
     return cupyx.scipy.fft.ifft2(x, axes=(-2, -1), overwrite_x=overwrite_x)
+
+
+def ifft2_unscaled(
+    x: Any, /, *, xp: types.ModuleType | None = None, overwrite_x: bool = False
+) -> Any:
+    """:func:`ifft2` without the 1/N² factor (``norm="forward"``): the caller folds the
+    factor into the kernel that made ``x``, which saves cuFFT's separate scaling pass."""
+    xp = array_namespace(x) if xp is None else xp
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft.ifft2(
+            x, axes=(-2, -1), norm="forward", workers=-1, overwrite_x=overwrite_x
+        )
+    import cupyx.scipy.fft
+
+    return cupyx.scipy.fft.ifft2(x, axes=(-2, -1), norm="forward", overwrite_x=overwrite_x)

@@ -46,16 +46,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon._fused import (
-    conj_product,
-    modulus_residual,
-    object_update_sums,
-    power_sum,
-    probe_gradient,
+    batch_sum,
+    exit_waves,
+    ramp_table,
     regularised_step,
+    scaled_copy,
     shift_spectra,
     unshift_sum_spectra,
+    window_sums,
 )
-from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
+from hxn_liveptycho.recon._fused_sums import dm_fourier_step, lsqml_step_sums, modulus_residual
+from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps, steps_from_sums
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._positions import (
     constrain_drift,
@@ -65,7 +66,14 @@ from hxn_liveptycho.recon._positions import (
     unshift_sum,
 )
 from hxn_liveptycho.recon._windows import gather_windows, scatter_add_windows
-from hxn_liveptycho.recon.backend import array_namespace, fft2, ifft2, is_cupy, to_host
+from hxn_liveptycho.recon.backend import (
+    array_namespace,
+    fft2,
+    ifft2,
+    ifft2_unscaled,
+    is_cupy,
+    to_host,
+)
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
 
@@ -673,25 +681,36 @@ class StreamingSolver:
     def _box_zeros(self, batch: _Batch, dtype: Any) -> Any:
         return self._xp.zeros(batch.box_shape, dtype=dtype)
 
-    def _batch_probes(self, batch: _Batch) -> tuple[Any, Any | None]:
+    def _batch_probes(self, batch: _Batch, fused: bool) -> tuple[Any, Any | None]:
         """``(probes, shift)`` for the positions of ``batch``: the modes shifted by each
         position's sub-pixel fraction (B, K, n, n) and the shift that did it (the ramps
-        (B, n, n); on the fused path the fractions (B, 2)); on whole-pixel data the shared
-        modes (K, n, n) and None."""
+        (B, n, n); with ``fused``, the separable ramp table (B, 2, n) of the fused
+        kernels); on whole-pixel data the shared modes (K, n, n) and None."""
         if not self._subpixel:
             return self._probes, None
         xp = self._xp
-        if self._fused:
-            frac = self._batch_fractions(batch).astype(xp.float32)
-            return self._shift_modes(fft2(self._probes, xp=xp), frac), frac
-        ramp = self._batch_ramp(batch)
-        return self._shift_modes(fft2(self._probes, xp=xp), ramp), ramp
+        shift = self._batch_table(batch) if fused else self._batch_ramp(batch)
+        return self._shift_modes(fft2(self._probes, xp=xp), shift, fused), shift
 
-    def _shift_modes(self, modes_ft: Any, shift: Any) -> Any:
+    def _shift_modes(self, modes_ft: Any, shift: Any, fused: bool) -> Any:
         """Modes given by their spectra (K, n, n), shifted per position: (B, K, n, n)."""
-        if shift.ndim == 2:  # fractions: the fused kernel makes the ramps on the fly
-            return ifft2(shift_spectra(modes_ft, shift), xp=self._xp, overwrite_x=True)
+        if fused:
+            spectra = shift_spectra(modes_ft, shift, 1.0 / self._n**2)
+            return ifft2_unscaled(spectra, xp=self._xp, overwrite_x=True)
         return shifted_probes(modes_ft, shift, self._xp)
+
+    def _batch_table(self, batch: _Batch) -> Any:
+        """The fused kernels' ramp table (B, 2, n) for ``batch``'s sub-pixel fractions."""
+        return ramp_table(self._batch_fractions(batch).astype(self._xp.float32), self._n)
+
+    def _probe_from_terms(self, terms: Any, table: Any | None) -> Any:
+        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
+        (B, C, n, n) (``window_sums``); a plain sum over the batch on whole-pixel data."""
+        if table is None:
+            return batch_sum(terms)
+        xp = self._xp
+        spectra = unshift_sum_spectra(fft2(terms, xp=xp, overwrite_x=True), table, self._n**-2)
+        return ifft2_unscaled(spectra, xp=xp, overwrite_x=True)
 
     def _batch_fractions(self, batch: _Batch) -> Any:
         """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
@@ -759,14 +778,8 @@ class StreamingSolver:
     def _probe_numerator(self, obj: Any, dpsi: Any, shift: Any | None) -> Any:
         """``sum_j shift_{-f_j}(conj(O_j) dpsi_jk)`` (K, n, n): the probe gradient, each
         position's part shifted back by its fraction (none on whole-pixel data). ``shift``:
-        ramps (B, n, n), fractions (B, 2) (fused path) or None."""
+        ramps (B, n, n) or None."""
         xp = self._xp
-        if self._fused:
-            if shift is None:
-                return probe_gradient(obj, dpsi)
-            if shift.ndim == 2:
-                f = fft2(conj_product(obj, dpsi), xp=xp, overwrite_x=True)
-                return ifft2(unshift_sum_spectra(f, shift), xp=xp, overwrite_x=True)
         oc = xp.conj(obj)
         if shift is not None:
             return unshift_sum(oc[:, None] * dpsi, shift, xp)
@@ -774,8 +787,6 @@ class StreamingSolver:
 
     def _object_power(self, obj: Any) -> Any:
         """``sum_j |O_j|^2`` (n, n) float32 over the batch's windows."""
-        if self._fused:
-            return power_sum(obj)
         return self._xp.sum(obj.real**2 + obj.imag**2, axis=0)
 
     def _fix_gauge(self) -> None:
@@ -839,16 +850,13 @@ class StreamingSolver:
     def _epie_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
         """One parallel rPIE step on the positions of ``batch``; returns their squared error."""
         xp, p = self._xp, self.params
-        obj = self._gather(batch)
-        probes, ramp = self._batch_probes(batch)
         fused = self._fused and not refine  # refinement needs the object numerator itself
+        probes, ramp = self._batch_probes(batch, fused)
         if fused:
-            f = fft2(self._exit_waves(obj, probes), xp=xp, overwrite_x=True)
-            err = xp.sum(modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-24))
-            dpsi = ifft2(f, xp=xp, overwrite_x=True)
-        else:
-            psi = self._exit_waves(obj, probes)
-            dpsi, err = self._fourier_residual(psi, self._amps[batch.rows])
+            return self._epie_fused(batch, probes, ramp, update_probe)
+        obj = self._gather(batch)
+        psi = self._exit_waves(obj, probes)
+        dpsi, err = self._fourier_residual(psi, self._amps[batch.rows])
         # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
         num = self._box_zeros(batch, xp.complex64)
         den = self._box_zeros(batch, xp.float32)
@@ -856,13 +864,6 @@ class StreamingSolver:
             # Probe sums first: they need the object before this batch changes it.
             onum = self._probe_numerator(obj, dpsi, ramp)
             oden = self._object_power(obj)
-        if fused:
-            object_update_sums(dpsi, probes, batch.corners, batch.origin, num, den)
-            del dpsi
-            regularised_step(self._object[batch.box_slices], num, den, p.object_reg, p.alpha)
-            if update_probe:
-                regularised_step(self._probes, onum, oden, p.probe_reg, p.beta)
-            return err
         obj_num = self._object_numerator(dpsi, probes)
         del dpsi
         illum = self._probe_intensity(probes)
@@ -878,6 +879,33 @@ class StreamingSolver:
             self._probes += onum
         return err
 
+    def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
+        """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
+        xp, p, n = self._xp, self.params, self._n
+        f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
+        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-24, n**-2)
+        dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
+        num = self._box_zeros(batch, xp.complex64)
+        den = self._box_zeros(batch, xp.float32)
+        oden = xp.zeros((n, n), dtype=xp.float32) if update_probe else None
+        terms = window_sums(
+            dpsi,
+            probes,
+            self._object,
+            batch.corners,
+            origin=batch.origin,
+            num=num,
+            den=den,
+            terms_channels=dpsi.shape[1] if update_probe else 0,
+            power=oden,
+        )
+        del dpsi
+        regularised_step(self._object[batch.box_slices], num, den, p.object_reg, p.alpha)
+        if update_probe:
+            onum = self._probe_from_terms(terms, table)
+            regularised_step(self._probes, onum, oden, p.probe_reg, p.beta)
+        return err
+
     # ------------------------------------------------------------------ LSQ-ML
     def _lsqml_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
         """One LSQ-ML step (Odstrčil 2018) on ``batch``; returns its positions' squared error.
@@ -889,16 +917,17 @@ class StreamingSolver:
         contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
         """
         xp, p = self._xp, self.params
+        # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
+        # object numerator itself.
+        fused = self._fused and p.noise == "gaussian" and not refine
+        probes, ramp = self._batch_probes(batch, fused)
+        if fused:
+            return self._lsqml_fused(batch, probes, ramp, update_probe)
         obj = self._gather(batch)
-        probes, ramp = self._batch_probes(batch)
-        if self._fused and p.noise == "gaussian":  # the Gaussian step is the modulus residual
-            f = fft2(self._exit_waves(obj, probes), xp=xp, overwrite_x=True)
-            err = xp.sum(modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-12))
-        else:
-            amps = self._amps[batch.rows]
-            f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
-            f *= far_field_factor(inten, amps, self._valid, p.noise, xp)[:, None]
-            del inten
+        amps = self._amps[batch.rows]
+        f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
+        f *= far_field_factor(inten, amps, self._valid, p.noise, xp)[:, None]
+        del inten
         chi = ifft2(f, xp=xp, overwrite_x=True)
         # Object direction over the batch footprint, and its windows.
         pnum = self._object_numerator(chi, probes)
@@ -917,7 +946,7 @@ class StreamingSolver:
             if ramp is None:
                 v = obj[:, None] * d_probe[None]
             else:  # the probe step as each position sees it: shifted by its fraction
-                v = obj[:, None] * self._shift_modes(fft2(d_probe, xp=xp), ramp)
+                v = obj[:, None] * self._shift_modes(fft2(d_probe, xp=xp), ramp, False)
         else:
             v = None
         alpha_o, alpha_p = optimal_steps(u, v, chi, _LSQ_STEP_REG, xp)
@@ -928,6 +957,56 @@ class StreamingSolver:
         num /= den
         self._object[batch.box_slices] += num
         if update_probe:
+            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            self._probes += d_probe
+        return err
+
+    def _lsqml_fused(
+        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool
+    ) -> Any:
+        """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
+        step-length sums and the weighted object sums are one pass each over the batch."""
+        xp, p, n = self._xp, self.params, self._n
+        f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
+        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-12, n**-2)
+        chi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
+        num = self._box_zeros(batch, xp.complex64)
+        den = self._box_zeros(batch, xp.float32)
+        oden = xp.zeros((n, n), dtype=xp.float32) if update_probe else None
+        terms = window_sums(
+            chi,
+            probes,
+            self._object,
+            batch.corners,
+            origin=batch.origin,
+            num=num,
+            den=den,
+            terms_channels=chi.shape[1] if update_probe else 0,
+            power=oden,
+        )
+        _regularised(den, p.object_reg, xp)
+        d_probe = seen = None
+        if update_probe:
+            d_probe = self._probe_from_terms(terms, table) / _regularised(oden, p.probe_reg, xp)
+            del terms
+            # The probe step as each position sees it: shifted by its fraction.
+            seen = (
+                d_probe if table is None else self._shift_modes(fft2(d_probe, xp=xp), table, True)
+            )
+        sums = lsqml_step_sums(
+            chi, probes, seen, self._object, num, den, batch.corners, batch.origin
+        )
+        del seen
+        alpha_o, alpha_p = steps_from_sums(sums, _LSQ_STEP_REG, update_probe, xp)
+        num[...] = 0
+        weights = (p.alpha * alpha_o).astype(xp.float32)
+        window_sums(
+            chi, probes, self._object, batch.corners, origin=batch.origin, num=num, weights=weights
+        )
+        del chi
+        num /= den
+        self._object[batch.box_slices] += num
+        if d_probe is not None:
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             self._probes += d_probe
         return err
@@ -946,7 +1025,11 @@ class StreamingSolver:
             self._batches(new),
             strict=True,
         ):
-            psi = self._exit_waves(self._gather(batch), self._batch_probes(batch)[0])
+            probes = self._batch_probes(batch, self._fused)[0]
+            if self._fused:
+                psi = exit_waves(self._object, batch.corners, probes)
+            else:
+                psi = self._exit_waves(self._gather(batch), probes)
             stop = start + int(batch.rows.shape[0])
             self._dm_waves[start:stop] = fft2(psi, xp=xp, overwrite_x=True)
         self._dm_ready = self._n_active
@@ -991,8 +1074,11 @@ class StreamingSolver:
         starts = range(0, self._n_active, p.batch_size)
         for start, batch in zip(starts, batches, strict=True):
             stop = start + int(batch.rows.shape[0])
+            probes, _ = self._batch_probes(batch, self._fused)
+            if self._fused:
+                err = err + self._dm_fused_batch(batch, probes, waves[start:stop], onum, oden)
+                continue
             obj = self._gather(batch)
-            probes, _ = self._batch_probes(batch)
             amps = self._amps[start:stop]
             phi, _, e = self._far_field(self._exit_waves(obj, probes), amps)
             err = err + e
@@ -1006,11 +1092,8 @@ class StreamingSolver:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            if self._fused:
-                object_update_sums(psi, probes, batch.corners, (0, 0), onum, oden)
-            else:
-                self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
-                self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
+            self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
+            self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
@@ -1018,7 +1101,9 @@ class StreamingSolver:
         self._object += onum
         self._object /= oden
         del onum, oden
-        if update_probe:
+        if update_probe and self._fused:
+            pnum, pden = self._dm_fused_probe_sums(batches)
+        elif update_probe:
             # The probe from the same waves and the NEW object (one alternating step of the
             # overlap projection; updating both from the old pair oscillates).
             pnum = xp.zeros_like(self._probes)
@@ -1033,9 +1118,61 @@ class StreamingSolver:
                     pden += xp.sum(ointen, axis=0)
                 else:  # DM's probe is a projection, not a step: its weights are shifted too
                     pden += unshift_sum(ointen[:, None], ramp, xp)[0].real
+        if update_probe:
             d = p.probe_reg * xp.max(pden) + 1e-30
             self._probes = ((pnum + d * self._probes) / (pden + d)).astype(xp.complex64)
         return err
+
+    def _dm_fused_batch(self, batch: _Batch, probes: Any, waves: Any, onum: Any, oden: Any) -> Any:
+        """DM's Fourier step and overlap sums for ``batch`` in fused kernels; ``waves``: the
+        batch's stored exit waves (updated in place). Returns the batch's squared error."""
+        xp, p = self._xp, self.params
+        phi = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
+        err = dm_fourier_step(
+            phi,
+            waves,
+            self._amps,
+            batch.rows,
+            self._valid_f32,
+            p.dm_fourier_relax,
+            p.dm_beta,
+            self._n**-2,
+        )
+        psi = ifft2_unscaled(phi, xp=xp, overwrite_x=True)
+        window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden)
+        return err
+
+    def _dm_fused_probe_sums(self, batches: list[_Batch]) -> tuple[Any, Any]:
+        """DM's probe numerator (K, n, n) and weights (n, n) from the stored waves and the
+        current object, in fused kernels. With sub-pixel shifts the terms ``conj(O) psi_k``
+        and ``|O|^2`` are shifted back together and summed in Fourier space over all
+        batches, with one inverse FFT at the end."""
+        xp, n, k = self._xp, self._n, self._probes.shape[0]
+        waves = self._dm_waves
+        pnum = xp.zeros_like(self._probes)
+        pden = xp.zeros((n, n), dtype=xp.float32)
+        spectra = xp.zeros((k + 1, n, n), dtype=xp.complex64) if self._subpixel else None
+        start = 0
+        for batch in batches:
+            stop = start + int(batch.rows.shape[0])
+            scaled = scaled_copy(waves[start:stop], n**-2)
+            psi = ifft2_unscaled(scaled, xp=xp, overwrite_x=True)
+            start = stop
+            if spectra is None:
+                terms = window_sums(
+                    psi, self._probes, self._object, batch.corners, terms_channels=k, power=pden
+                )
+                pnum += batch_sum(terms)
+                continue
+            terms = window_sums(
+                psi, self._probes, self._object, batch.corners, terms_channels=k + 1
+            )
+            f = fft2(terms, xp=xp, overwrite_x=True)
+            spectra += unshift_sum_spectra(f, self._batch_table(batch), n**-2)
+        if spectra is not None:
+            both = ifft2_unscaled(spectra, xp=xp, overwrite_x=True)
+            pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
+        return pnum, pden
 
     # ------------------------------------------------------------------ driver
     def iterate(self, n: int = 1) -> float:

@@ -1,0 +1,292 @@
+"""Fused CuPy kernels whose step ends in a sum: the modulus step with its error, LSQ-ML's
+step-length sums and DM's relaxed Fourier step.
+
+Each is one pass over the batch's far fields or exit waves: the per-pixel work
+of :mod:`hxn_liveptycho.recon.iterative`'s xp reference, with the sums made
+in the same kernel (a block-wide reduction, one atomic add per block and
+sum) instead of an intermediate array and a separate reduction. Grids are
+(blocks per position, positions); the per-position sums land in a (B, S)
+float32 array, the batch error in a 0-d one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+__all__ = ["dm_fourier_step", "lsqml_step_sums", "modulus_residual"]
+
+_THREADS = 256
+#: Blocks per position: enough to fill the GPU at batch 32+ with 256² frames.
+_BLOCKS_PER_POSITION = 32
+
+_SOURCE = r"""
+#include <cupy/complex.cuh>
+typedef complex<float> cf;
+
+// Adds v[0..S) of every thread of the block into out[0..S) (one atomic per sum and block).
+template <int S>
+__device__ void block_add(float* v, float* out) {
+    __shared__ float part[S][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int s = 0; s < S; ++s) {
+        float x = v[s];
+        for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffff, x, off);
+        if (lane == 0) part[s][warp] = x;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int s = 0; s < S; ++s) {
+            float x = lane < blockDim.x / 32 ? part[s][lane] : 0.f;
+            for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffff, x, off);
+            if (lane == 0) atomicAdd(&out[s], x);
+        }
+    }
+}
+
+// f (B, K, n, n) <- f * scale * v (A / sqrt(max(I, floor)) - 1); err += sum (v (sqrt(I) - A))^2.
+extern "C" __global__ void liveptycho_modulus(
+    cf* f, const float* amps, const long long* rows, const float* valid, int has_valid,
+    int k_modes, int nn, float floor, float scale, float* err) {
+    const long long b = blockIdx.y;
+    const float* a_row = amps + rows[b] * (long long)nn;
+    float acc[1] = {0.f};
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < nn; r += blockDim.x * gridDim.x) {
+        const float a = a_row[r];
+        float inten = 0.f;
+        for (int k = 0; k < k_modes; ++k) {
+            const cf c = f[(b * k_modes + k) * nn + r];
+            inten += c.real() * c.real() + c.imag() * c.imag();
+        }
+        const float v = has_valid ? valid[r] : 1.f;
+        const float dev = (sqrtf(inten) - a) * v;
+        acc[0] += dev * dev;
+        const float g = scale * v * (a / sqrtf(fmaxf(inten, floor)) - 1.f);
+        for (int k = 0; k < k_modes; ++k) f[(b * k_modes + k) * nn + r] *= g;
+    }
+    block_add<1>(acc, err);
+}
+
+// Per position: a11 = |u|^2, a12 = Re u* v, a22 = |v|^2, b1 = Re u* chi, b2 = Re v* chi with
+// u = P dO (dO = num / den on the batch's box), v = O dP (O from the canvas), summed over
+// modes and pixels, into out (B, 5). dprobes_mode: 0 none, 1 shared (K, n, n), 2 (B, K, n, n).
+extern "C" __global__ void liveptycho_lsqml_sums(
+    const cf* chi, const cf* probes, const cf* dprobes, const cf* canvas, const cf* num,
+    const float* den, const int* corners, int oy, int ox, int n, int box_width, int width,
+    int k_modes, int probes_per_position, int dprobes_mode, float* out) {
+    const long long b = blockIdx.y;
+    const int nn = n * n;
+    float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < nn; r += blockDim.x * gridDim.x) {
+        const int y = r / n, x = r - (r / n) * n;
+        const long long gy = corners[2 * b] + y, gx = corners[2 * b + 1] + x;
+        const long long dst = (gy - oy) * box_width + gx - ox;
+        const cf d_obj = num[dst] / den[dst];
+        const cf o = dprobes_mode ? canvas[gy * width + gx] : cf(0.f, 0.f);
+        for (int k = 0; k < k_modes; ++k) {
+            const long long w = (b * k_modes + k) * nn + r;
+            const cf p = probes[probes_per_position ? w : (long long)k * nn + r];
+            const cf c = chi[w];
+            const cf u = p * d_obj;
+            acc[0] += u.real() * u.real() + u.imag() * u.imag();
+            acc[3] += u.real() * c.real() + u.imag() * c.imag();
+            if (dprobes_mode) {
+                const cf v = o * dprobes[dprobes_mode == 2 ? w : (long long)k * nn + r];
+                acc[1] += u.real() * v.real() + u.imag() * v.imag();
+                acc[2] += v.real() * v.real() + v.imag() * v.imag();
+                acc[4] += v.real() * c.real() + v.imag() * c.imag();
+            }
+        }
+    }
+    block_add<5>(acc, out + 5 * b);
+}
+
+// DM, pass 1 per position: mis = sum (v (|2 phi - psi| - A))^2, sum A^2, and the error of
+// phi, sum (v (|phi| - A))^2, into out (B, 3); |.| over modes.
+extern "C" __global__ void liveptycho_dm_sums(
+    const cf* phi, const cf* old, const float* amps, const long long* rows, const float* valid,
+    int has_valid, int k_modes, int nn, float* out) {
+    const long long b = blockIdx.y;
+    const float* a_row = amps + rows[b] * (long long)nn;
+    float acc[3] = {0.f, 0.f, 0.f};
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < nn; r += blockDim.x * gridDim.x) {
+        const float a = a_row[r];
+        float ri = 0.f, ip = 0.f;
+        for (int k = 0; k < k_modes; ++k) {
+            const long long w = (b * k_modes + k) * nn + r;
+            const cf p = phi[w];
+            const cf refl = 2.f * p - old[w];
+            ri += refl.real() * refl.real() + refl.imag() * refl.imag();
+            ip += p.real() * p.real() + p.imag() * p.imag();
+        }
+        const float v = has_valid ? valid[r] : 1.f;
+        const float dev = (sqrtf(fmaxf(ri, 1e-24f)) - a) * v;
+        const float e = (sqrtf(ip) - a) * v;
+        acc[0] += dev * dev;
+        acc[1] += a * a;
+        acc[2] += e * e;
+    }
+    block_add<3>(acc, out + 3 * b);
+}
+
+// DM, pass 2: psi <- psi + beta (g (2 phi - psi) - phi) with the relaxed modulus factor g;
+// the new psi is stored in old and, times scale, in phi (the input of the inverse FFT).
+extern "C" __global__ void liveptycho_dm_update(
+    cf* phi, cf* old, const float* amps, const long long* rows, const float* valid,
+    int has_valid, const float* sums, int k_modes, int nn, float relax2, float beta,
+    float scale) {
+    const long long b = blockIdx.y;
+    const float* a_row = amps + rows[b] * (long long)nn;
+    const float mis = sums[3 * b], amp2 = sums[3 * b + 1];
+    const float keep = relax2 > 0.f ? sqrtf(fminf(relax2 * amp2 / fmaxf(mis, 1e-30f), 1.f)) : 0.f;
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < nn; r += blockDim.x * gridDim.x) {
+        const float a = a_row[r];
+        float ri = 0.f;
+        for (int k = 0; k < k_modes; ++k) {
+            const long long w = (b * k_modes + k) * nn + r;
+            const cf refl = 2.f * phi[w] - old[w];
+            ri += refl.real() * refl.real() + refl.imag() * refl.imag();
+        }
+        const float v = has_valid ? valid[r] : 1.f;
+        const float mag = sqrtf(fmaxf(ri, 1e-24f));
+        const float dev = (mag - a) * v * (1.f - keep);
+        const float g = (mag - dev) / mag;
+        for (int k = 0; k < k_modes; ++k) {
+            const long long w = (b * k_modes + k) * nn + r;
+            const cf p = phi[w], o = old[w];
+            const cf psi = o + beta * (g * (2.f * p - o) - p);
+            old[w] = psi;
+            phi[w] = psi * scale;
+        }
+    }
+}
+"""
+
+
+@functools.cache
+def _module() -> Any:
+    import cupy as cp
+
+    return cp.RawModule(code=_SOURCE, options=("-std=c++17",))
+
+
+def _launch(name: str, positions: int, nn: int, args: tuple) -> None:
+    """Run kernel ``name`` on a (blocks, positions) grid; Python scalars go in as the
+    kernels' 32-bit ``int`` and ``float`` (CuPy would pass 64-bit ones)."""
+    blocks = min(_BLOCKS_PER_POSITION, -(-nn // _THREADS))
+    typed = tuple(
+        np.int32(a) if isinstance(a, bool | int) else np.float32(a) if isinstance(a, float) else a
+        for a in args
+    )
+    if positions:
+        _module().get_function(name)((blocks, positions), (_THREADS,), typed)
+
+
+def _mask(valid: Any | None) -> tuple[Any, int]:
+    import cupy as cp
+
+    return (valid, 1) if valid is not None else (cp.ones(1, dtype=cp.float32), 0)
+
+
+def modulus_residual(
+    f: Any, amps: Any, rows: Any, valid: Any | None, floor: float, scale: float = 1.0
+) -> Any:
+    """In place: far fields ``f`` (B, K, n, n) become ``scale f v (A / sqrt(max(I, floor))
+    - 1)``, ``I = sum_k |f_k|^2``, ``v`` the valid-pixel mask (float32, FFT order).
+    Returns the batch's squared amplitude error ``sum (v (sqrt(I) - A))^2`` (0-d)."""
+    import cupy as cp
+
+    b, k, nn = f.shape[0], f.shape[1], f.shape[-1] * f.shape[-2]
+    err = cp.zeros((), dtype=cp.float32)
+    mask, has = _mask(valid)
+    args = (f, amps, rows, mask, has, k, nn, cp.float32(floor), cp.float32(scale), err)
+    _launch("liveptycho_modulus", b, nn, args)
+    return err
+
+
+def lsqml_step_sums(
+    chi: Any,
+    probes: Any,
+    dprobes: Any | None,
+    canvas: Any,
+    num: Any,
+    den: Any,
+    corners: Any,
+    origin: tuple[int, int],
+) -> Any:
+    """The normal-equation sums (B, 5) ``(a11, a12, a22, b1, b2)`` of LSQ-ML's step fit.
+
+    ``u = P dO`` with ``dO = num / den`` read on the batch's box (at ``origin``), ``v =
+    O dP`` with ``O`` the canvas window and ``dprobes`` the probe step (shared (K, n, n),
+    per position (B, K, n, n), or None: object step only, v = 0); sums over modes and
+    pixels of ``|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi``.
+    """
+    import cupy as cp
+
+    b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
+    out = cp.zeros((b, 5), dtype=cp.float32)
+    mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    args = (
+        chi,
+        probes,
+        dprobes if dprobes is not None else probes,
+        canvas,
+        num,
+        den,
+        corners,
+        origin[0],
+        origin[1],
+        n,
+        num.shape[1],
+        canvas.shape[1],
+        k,
+        int(probes.ndim == 4),
+        mode,
+        out,
+    )
+    _launch("liveptycho_lsqml_sums", b, n * n, args)
+    return out
+
+
+def dm_fourier_step(
+    phi: Any,
+    waves: Any,
+    amps: Any,
+    rows: Any,
+    valid: Any | None,
+    relax: float,
+    beta: float,
+    scale: float,
+) -> Any:
+    """DM's relaxed Fourier step on a batch, in place; returns the error of ``phi`` (0-d).
+
+    ``phi`` (B, K, n, n): far fields of ``P O_j`` (the overlap projection); ``waves``: the
+    stored far-field exit waves of the same positions. ``waves`` becomes ``psi + beta
+    (P_F(2 phi - psi) - phi)`` and ``phi`` that times ``scale`` (ready for an unscaled
+    inverse FFT). ``P_F`` is the projection relaxed by ``relax`` (see
+    ``StreamingSolver._dm_fourier_factor``).
+    """
+    import cupy as cp
+
+    b, k, nn = phi.shape[0], phi.shape[1], phi.shape[-1] * phi.shape[-2]
+    sums = cp.zeros((b, 3), dtype=cp.float32)
+    mask, has = _mask(valid)
+    _launch("liveptycho_dm_sums", b, nn, (phi, waves, amps, rows, mask, has, k, nn, sums))
+    args = (
+        phi,
+        waves,
+        amps,
+        rows,
+        mask,
+        has,
+        sums,
+        k,
+        nn,
+        cp.float32(relax * relax),
+        cp.float32(beta),
+        cp.float32(scale),
+    )
+    _launch("liveptycho_dm_update", b, nn, args)
+    return cp.sum(sums[:, 2])
