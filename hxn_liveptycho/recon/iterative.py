@@ -294,6 +294,7 @@ class _Batch:
     rows: Any  # (B,) int64 on xp
     corners: Any  # (B, 2) int32 on xp: each window's top-left canvas pixel
     box: tuple[int, int, int, int]  # (y0, x0, y1, x1) on the host: the windows' bounding box
+    table: Any | None = None  # fused path, sub-pixel data: the shift ramp table (B, 2, n)
 
     @property
     def origin(self) -> tuple[int, int]:
@@ -656,13 +657,18 @@ class StreamingSolver:
         corners = whole(self._pos_host[order]).astype(np.int32)
         rows = xp.asarray(order.astype(np.int64))
         dev_corners = xp.asarray(corners)
+        table = None
+        if self._fused and self._subpixel:  # the fractions' ramps, one launch for the pass
+            fractions = (self._pos_host[order] - corners).astype(np.float32)
+            table = ramp_table(xp.asarray(fractions), n)
         batches = []
         for start in range(0, len(order), size):
             c = corners[start : start + size]
             lo, hi = c.min(axis=0), c.max(axis=0) + n
             box = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+            part = slice(start, start + size)
             batches.append(
-                _Batch(rows[start : start + size], dev_corners[start : start + size], box)
+                _Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
             )
         return batches
 
@@ -701,6 +707,8 @@ class StreamingSolver:
 
     def _batch_table(self, batch: _Batch) -> Any:
         """The fused kernels' ramp table (B, 2, n) for ``batch``'s sub-pixel fractions."""
+        if batch.table is not None:
+            return batch.table
         return ramp_table(self._batch_fractions(batch).astype(self._xp.float32), self._n)
 
     def _probe_from_terms(self, terms: Any, table: Any | None) -> Any:
