@@ -28,9 +28,12 @@ import functools
 from typing import Any
 
 __all__ = [
+    "add_ratio",
+    "add_scaled",
     "batch_sum",
     "exit_waves",
     "ramp_table",
+    "regularise",
     "regularised_step",
     "scaled_copy",
     "shift_spectra",
@@ -180,6 +183,18 @@ def _kernels() -> dict[str, Any]:
     scaled = cp.ElementwiseKernel(
         "T x, float32 scale", "T out", "out = x * scale", "liveptycho_scale"
     )
+    regularise = cp.ElementwiseKernel(
+        "raw float32 den_max, float32 reg",
+        "float32 den",
+        "den = fmaxf((1.f - reg) * (den + reg * den_max[0]), 1e-30f);",
+        "liveptycho_regularise",
+    )
+    add_ratio = cp.ElementwiseKernel(
+        "T num, float32 den", "T target", "target += num / den", "liveptycho_add_ratio"
+    )
+    add_scaled = cp.ElementwiseKernel(
+        "T x, raw float32 scale", "T target", "target += x * scale[0]", "liveptycho_add_scaled"
+    )
     return {
         "waves": waves,
         "table": table,
@@ -188,6 +203,9 @@ def _kernels() -> dict[str, Any]:
         "sums": sums,
         "step": step,
         "scaled": scaled,
+        "regularise": regularise,
+        "add_ratio": add_ratio,
+        "add_scaled": add_scaled,
     }
 
 
@@ -331,6 +349,25 @@ def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float)
     import cupy as cp
 
     _kernels()["step"](num, den, cp.max(den), cp.float32(reg), cp.float32(weight), target)
+
+
+def regularise(den: Any, reg: float) -> Any:
+    """``den <- max((1 - reg) (den + reg max(den)), 1e-30)`` in place (the xp path's
+    ``_regularised`` in one pass); returns ``den``."""
+    import cupy as cp
+
+    _kernels()["regularise"](cp.max(den), cp.float32(reg), den)
+    return den
+
+
+def add_ratio(target: Any, num: Any, den: Any) -> None:
+    """``target += num / den`` in place."""
+    _kernels()["add_ratio"](num, den, target)
+
+
+def add_scaled(target: Any, x: Any, scale: Any) -> None:
+    """``target += x * scale`` in place, ``scale`` a 0-d float32 device array."""
+    _kernels()["add_scaled"](x, scale, target)
 
 
 def scaled_copy(x: Any, scale: float) -> Any:

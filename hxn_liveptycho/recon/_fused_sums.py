@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dm_fourier_step", "lsqml_step_sums", "modulus_residual"]
+__all__ = ["dm_fourier_step", "lsqml_step_sums", "lsqml_steps", "modulus_residual"]
 
 _THREADS = 256
 #: Blocks per position: enough to fill the GPU at batch 32+ with 256² frames.
@@ -103,6 +103,48 @@ extern "C" __global__ void liveptycho_lsqml_sums(
     block_add<5>(acc, out + 5 * b);
 }
 
+// LSQ-ML's 2 x 2 solves of one batch in one block (lsqml_steps): the normal equations of
+// sums (B, 5) with reg times the batch-mean diagonal added, steps clipped to [0, 2];
+// weights[b] = alpha alpha_O,b and probe_scale[0] = beta mean_b alpha_P,b.
+extern "C" __global__ void liveptycho_lsqml_steps(
+    const float* sums, int batch, float reg, float alpha, float beta, int with_probe,
+    float* weights, float* probe_scale) {
+    __shared__ float mean[2];
+    __shared__ float total[1];
+    if (threadIdx.x < 2) mean[threadIdx.x] = 0.f;
+    if (threadIdx.x == 0) total[0] = 0.f;
+    __syncthreads();
+    float diag[2] = {0.f, 0.f};
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+        diag[0] += sums[5 * b];
+        diag[1] += sums[5 * b + 2];
+    }
+    block_add<2>(diag, mean);
+    __syncthreads();
+    const float a11_reg = reg * mean[0] / batch + 1e-30f;
+    const float a22_reg = reg * mean[1] / batch + 1e-30f;
+    float step_p[1] = {0.f};
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+        const float* s = sums + 5 * b;
+        const float a11 = s[0] + a11_reg;
+        float ao, ap = 0.f;
+        if (with_probe) {
+            const float a22 = s[2] + a22_reg;
+            float det = a11 * a22 - s[1] * s[1];
+            det = fabsf(det) > 1e-30f ? det : 1e-30f;
+            ao = (a22 * s[3] - s[1] * s[4]) / det;
+            ap = fminf(fmaxf((a11 * s[4] - s[1] * s[3]) / det, 0.f), 2.f);
+        } else {
+            ao = s[3] / a11;
+        }
+        weights[b] = alpha * fminf(fmaxf(ao, 0.f), 2.f);
+        step_p[0] += ap;
+    }
+    block_add<1>(step_p, total);
+    __syncthreads();
+    if (threadIdx.x == 0) probe_scale[0] = beta * total[0] / batch;
+}
+
 // DM, pass 1 per position: mis = sum (v (|2 phi - psi| - A))^2, sum A^2, and the error of
 // phi, sum (v (|phi| - A))^2, into out (B, 3); |.| over modes.
 extern "C" __global__ void liveptycho_dm_sums(
@@ -172,16 +214,20 @@ def _module() -> Any:
     return cp.RawModule(code=_SOURCE, options=("-std=c++17",))
 
 
-def _launch(name: str, positions: int, nn: int, args: tuple) -> None:
-    """Run kernel ``name`` on a (blocks, positions) grid; Python scalars go in as the
-    kernels' 32-bit ``int`` and ``float`` (CuPy would pass 64-bit ones)."""
-    blocks = min(_BLOCKS_PER_POSITION, -(-nn // _THREADS))
-    typed = tuple(
+def _typed(args: tuple) -> tuple:
+    """Python scalars as the kernels' 32-bit ``int`` and ``float`` (CuPy would pass
+    64-bit ones)."""
+    return tuple(
         np.int32(a) if isinstance(a, bool | int) else np.float32(a) if isinstance(a, float) else a
         for a in args
     )
+
+
+def _launch(name: str, positions: int, nn: int, args: tuple) -> None:
+    """Run kernel ``name`` on a (blocks, positions) grid."""
+    blocks = min(_BLOCKS_PER_POSITION, -(-nn // _THREADS))
     if positions:
-        _module().get_function(name)((blocks, positions), (_THREADS,), typed)
+        _module().get_function(name)((blocks, positions), (_THREADS,), _typed(args))
 
 
 def _mask(valid: Any | None) -> tuple[Any, int]:
@@ -248,6 +294,22 @@ def lsqml_step_sums(
     )
     _launch("liveptycho_lsqml_sums", b, n * n, args)
     return out
+
+
+def lsqml_steps(
+    sums: Any, reg: float, alpha: float, beta: float, with_probe: bool
+) -> tuple[Any, Any]:
+    """:func:`~hxn_liveptycho.recon._lsqml.steps_from_sums` and the step multipliers in one
+    launch: returns the object weights ``alpha * alpha_O`` (B,) and the probe factor
+    ``beta * mean(alpha_P)`` (0-d; 0 without ``with_probe``), float32 on the device."""
+    import cupy as cp
+
+    b = sums.shape[0]
+    weights = cp.empty(b, dtype=cp.float32)
+    scale = cp.zeros((), dtype=cp.float32)
+    args = (sums, b, float(reg), float(alpha), float(beta), with_probe, weights, scale)
+    _module().get_function("liveptycho_lsqml_steps")((1,), (_THREADS,), _typed(args))
+    return weights, scale
 
 
 def dm_fourier_step(

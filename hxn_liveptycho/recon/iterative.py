@@ -46,17 +46,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon._fused import (
+    add_ratio,
+    add_scaled,
     batch_sum,
     exit_waves,
     ramp_table,
+    regularise,
     regularised_step,
     scaled_copy,
     shift_spectra,
     unshift_sum_spectra,
     window_sums,
 )
-from hxn_liveptycho.recon._fused_sums import dm_fourier_step, lsqml_step_sums, modulus_residual
-from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps, steps_from_sums
+from hxn_liveptycho.recon._fused_sums import (
+    dm_fourier_step,
+    lsqml_step_sums,
+    lsqml_steps,
+    modulus_residual,
+)
+from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._positions import (
     constrain_drift,
@@ -992,10 +1000,11 @@ class StreamingSolver:
             terms_channels=chi.shape[1] if update_probe else 0,
             power=oden,
         )
-        _regularised(den, p.object_reg, xp)
+        regularise(den, p.object_reg)
         d_probe = seen = None
         if update_probe:
-            d_probe = self._probe_from_terms(terms, table) / _regularised(oden, p.probe_reg, xp)
+            d_probe = self._probe_from_terms(terms, table)
+            d_probe /= regularise(oden, p.probe_reg)
             del terms
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
@@ -1005,18 +1014,15 @@ class StreamingSolver:
             chi, probes, seen, self._object, num, den, batch.corners, batch.origin
         )
         del seen
-        alpha_o, alpha_p = steps_from_sums(sums, _LSQ_STEP_REG, update_probe, xp)
+        weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
         num[...] = 0
-        weights = (p.alpha * alpha_o).astype(xp.float32)
         window_sums(
             chi, probes, self._object, batch.corners, origin=batch.origin, num=num, weights=weights
         )
         del chi
-        num /= den
-        self._object[batch.box_slices] += num
+        add_ratio(self._object[batch.box_slices], num, den)
         if d_probe is not None:
-            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
-            self._probes += d_probe
+            add_scaled(self._probes, d_probe, probe_scale)
         return err
 
     # ------------------------------------------------------------------ DM
