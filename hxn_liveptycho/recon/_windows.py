@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["gather_windows", "scatter_add_windows"]
 
 #: CUDA lines giving each window pixel (batch ``b``, in-window offset ``r``) its canvas
-#: address ``dst``, from the corners less the origin (oy, ox); shared with recon._fused.
+#: address ``dst``, from the corners less the origin (oy, ox).
 WINDOW_PIXEL_INDEX = """
     const long long nn = (long long)n * n;
     const long long b = i / nn;

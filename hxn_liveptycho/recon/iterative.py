@@ -413,8 +413,9 @@ class StreamingSolver:
         else:
             self._valid = None
         self._valid_f32 = None if self._valid is None else self._valid.astype(xp.float32)
-        # CuPy: the hot steps of ePIE and LSQ-ML run as fused kernels (recon._fused), the
-        # xp expressions below are their reference and the NumPy path.
+        # CuPy: the hot steps of ePIE, LSQ-ML (Gaussian) and DM run as fused kernels
+        # (recon._fused, recon._fused_sums); the xp expressions below are their reference
+        # and the NumPy path.
         self._fused = is_cupy(xp)
         self._amps = xp.zeros((0, n, n), dtype=xp.float32)
         # Positions (y, x) of the window's top-left corner, float64 on xp: the current
