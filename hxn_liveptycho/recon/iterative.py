@@ -898,11 +898,16 @@ class StreamingSolver:
             self._probes += onum
         return err
 
-    def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
-        """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
-        xp, p, n = self._xp, self.params, self._n
+    def _fused_sums(
+        self, batch: _Batch, probes: Any, update_probe: bool, floor: float
+    ) -> tuple[Any, Any, Any, Any, Any | None, Any | None]:
+        """The common start of fused ePIE and LSQ-ML: the exit-wave update ``dpsi`` (the
+        modulus residual, intensity floored at ``floor``) and, in one pass over it, the
+        object sums on the batch's box and, with ``update_probe``, the probe terms and
+        ``sum |O|^2``. Returns ``(err, dpsi, num, den, oden, terms)``."""
+        xp, n = self._xp, self._n
         f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
-        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-24, n**-2)
+        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, floor, n**-2)
         dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
         num = self._box_zeros(batch, xp.complex64)
         den = self._box_zeros(batch, xp.float32)
@@ -918,7 +923,13 @@ class StreamingSolver:
             terms_channels=dpsi.shape[1] if update_probe else 0,
             power=oden,
         )
-        del dpsi
+        return err, dpsi, num, den, oden, terms
+
+    def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
+        """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
+        p = self.params
+        err, dpsi, num, den, oden, terms = self._fused_sums(batch, probes, update_probe, 1e-24)
+        del dpsi  # only its sums are needed: free it before the updates
         regularised_step(self._object[batch.box_slices], num, den, p.object_reg, p.alpha)
         if update_probe:
             onum = self._probe_from_terms(terms, table)
@@ -985,24 +996,8 @@ class StreamingSolver:
     ) -> Any:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
-        xp, p, n = self._xp, self.params, self._n
-        f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
-        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, 1e-12, n**-2)
-        chi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
-        num = self._box_zeros(batch, xp.complex64)
-        den = self._box_zeros(batch, xp.float32)
-        oden = xp.zeros((n, n), dtype=xp.float32) if update_probe else None
-        terms = window_sums(
-            chi,
-            probes,
-            self._object,
-            batch.corners,
-            origin=batch.origin,
-            num=num,
-            den=den,
-            terms_channels=chi.shape[1] if update_probe else 0,
-            power=oden,
-        )
+        xp, p = self._xp, self.params
+        err, chi, num, den, oden, terms = self._fused_sums(batch, probes, update_probe, 1e-12)
         regularise(den, p.object_reg)
         d_probe = seen = None
         if update_probe:
