@@ -305,6 +305,7 @@ class _Batch:
     corners: Any  # (B, 2) int32 on xp: each window's top-left canvas pixel
     box: tuple[int, int, int, int]  # (y0, x0, y1, x1) on the host: the windows' bounding box
     table: Any | None = None  # fused path, sub-pixel data: the shift ramp table (B, 2, n)
+    # (made for the whole pass in StreamingSolver._batches; the fused steps read it here)
 
     @property
     def origin(self) -> tuple[int, int]:
@@ -706,7 +707,7 @@ class StreamingSolver:
         if not self._subpixel:
             return self._probes, None
         xp = self._xp
-        shift = self._batch_table(batch) if fused else self._batch_ramp(batch)
+        shift = batch.table if fused else self._batch_ramp(batch)
         return self._shift_modes(fft2(self._probes, xp=xp), shift, fused), shift
 
     def _shift_modes(self, modes_ft: Any, shift: Any, fused: bool) -> Any:
@@ -715,12 +716,6 @@ class StreamingSolver:
             spectra = shift_spectra(modes_ft, shift, 1.0 / self._n**2)
             return ifft2_unscaled(spectra, xp=self._xp, overwrite_x=True)
         return shifted_probes(modes_ft, shift, self._xp)
-
-    def _batch_table(self, batch: _Batch) -> Any:
-        """The fused kernels' ramp table (B, 2, n) for ``batch``'s sub-pixel fractions."""
-        if batch.table is not None:
-            return batch.table
-        return ramp_table(self._batch_fractions(batch).astype(self._xp.float32), self._n)
 
     def _probe_from_terms(self, terms: Any, table: Any | None) -> Any:
         """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
@@ -1180,7 +1175,7 @@ class StreamingSolver:
                 psi, self._probes, self._object, batch.corners, terms_channels=k + 1
             )
             f = fft2(terms, xp=xp, overwrite_x=True)
-            spectra += unshift_sum_spectra(f, self._batch_table(batch), n**-2)
+            spectra += unshift_sum_spectra(f, batch.table, n**-2)
         if spectra is not None:
             both = ifft2_unscaled(spectra, xp=xp, overwrite_x=True)
             pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
