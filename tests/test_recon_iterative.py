@@ -157,3 +157,16 @@ def test_backend_numpy_path():
             backend.get_array_module("cupy")
     with pytest.raises(ConfigurationError):
         backend.get_array_module("torch")  # type: ignore[arg-type]
+
+
+def test_unscaled_inverse_fft_leaves_the_factor_to_the_caller():
+    """ifft2_unscaled is ifft2 times n^2: the fused path folds 1/n^2 into its kernels."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 3, 8, 8)) + 1j * rng.standard_normal((2, 3, 8, 8))).astype(
+        np.complex64
+    )
+    f = backend.fft2(x, xp=np)
+    np.testing.assert_allclose(backend.ifft2_unscaled(f, xp=np), 64 * x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        backend.ifft2_unscaled(f, xp=np) / 64, backend.ifft2(f, xp=np), rtol=1e-5, atol=1e-6
+    )
