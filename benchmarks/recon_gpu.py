@@ -195,19 +195,30 @@ def main() -> None:
         action="store_true",
         help="parity also on whole-pixel data, LSQ-ML Poisson and ePIE with position refinement",
     )
+    parser.add_argument(
+        "--parity-window",
+        type=int,
+        choices=(128, 256),
+        default=128,
+        help="frame size of the parity cases (256: 144 positions, the solver's own FFT)",
+    )
     args = parser.parse_args()
     import cupy as cp
 
     bandwidth = copy_bandwidth(cp)
     demo = SimulatedBeamline()
     big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
-    small = SimulatedSample(demo)
+    if args.parity_window == 256:
+        small = SimulatedSample(replace(big, x_num=12, y_num=12))
+    else:
+        small = SimulatedSample(demo)
+    label = f"{small.num_points}x{small.beamline.window}^2"
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool]] = []
     reference = not args.no_reference
     for algorithm in args.algorithms:
         for modes in args.modes:
             params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
-            name = f"demo 400x128^2 {algorithm} K={modes}"
+            name = f"demo {label} {algorithm} K={modes}"
             plans.append((name, small, params, True, reference))
             if args.variants:  # the whole-pixel fused path
                 params = params.model_copy(update={"subpixel_positions": False})
@@ -222,7 +233,7 @@ def main() -> None:
                 ),
             ),
         ):
-            plans.append((f"demo 400x128^2 {name}", small, params, True, False))
+            plans.append((f"demo {label} {name}", small, params, True, False))
     if not args.quick:
         for side in args.sides:
             sample = SimulatedSample(replace(big, x_num=side, y_num=side))

@@ -44,6 +44,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon._fused import (
     add_ratio,
@@ -420,6 +421,9 @@ class StreamingSolver:
         # (recon._fused, recon._fused_sums); the xp expressions below are their reference
         # and the NumPy path.
         self._fused = is_cupy(xp)
+        # Fused path, n = 64 or 256: the solver's own FFT (recon._fft_lines), with the
+        # modulus step folded between its passes; cuFFT otherwise.
+        self._lines = self._fused and fft_lines.supports(n)
         self._amps = xp.zeros((0, n, n), dtype=xp.float32)
         # Positions (y, x) of the window's top-left corner, float64 on xp: the current
         # (refined) ones and the measured ones (after clipping into the canvas). The
@@ -714,17 +718,26 @@ class StreamingSolver:
         """Modes given by their spectra (K, n, n), shifted per position: (B, K, n, n)."""
         if fused:
             spectra = shift_spectra(modes_ft, shift, 1.0 / self._n**2)
-            return ifft2_unscaled(spectra, xp=self._xp, overwrite_x=True)
+            return self._ifft_unscaled(spectra)
         return shifted_probes(modes_ft, shift, self._xp)
+
+    def _fft(self, x: Any) -> Any:
+        """Fused path: unnormalised forward FFT of ``x`` (consumed)."""
+        return fft_lines.fft2(x) if self._lines else fft2(x, xp=self._xp, overwrite_x=True)
+
+    def _ifft_unscaled(self, x: Any) -> Any:
+        """Fused path: ``n² ifft2`` of ``x`` (consumed)."""
+        if self._lines:
+            return fft_lines.ifft2_unscaled(x)
+        return ifft2_unscaled(x, xp=self._xp, overwrite_x=True)
 
     def _probe_from_terms(self, terms: Any, table: Any | None) -> Any:
         """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
         (B, C, n, n) (``window_sums``); a plain sum over the batch on whole-pixel data."""
         if table is None:
             return batch_sum(terms)
-        xp = self._xp
-        spectra = unshift_sum_spectra(fft2(terms, xp=xp, overwrite_x=True), table, self._n**-2)
-        return ifft2_unscaled(spectra, xp=xp, overwrite_x=True)
+        spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
+        return self._ifft_unscaled(spectra)
 
     def _batch_fractions(self, batch: _Batch) -> Any:
         """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
@@ -739,6 +752,17 @@ class StreamingSolver:
     def _mode(probes: Any, k: int) -> Any:
         """Mode ``k`` of shared (K, n, n) or per-position (B, K, n, n) probes."""
         return probes[:, k] if probes.ndim == 4 else probes[k]
+
+    def _exit_wave_spectra(self, batch: _Batch, probes: Any) -> Any:
+        """Far fields (B, K, n, n), unnormalised, of ``batch``'s exit waves (DM's start):
+        fused, read from the canvas; otherwise from the gathered windows."""
+        if self._lines:
+            return fft_lines.exit_wave_spectra(self._object, batch.corners, probes)
+        if self._fused:
+            psi = exit_waves(self._object, batch.corners, probes)
+        else:
+            psi = self._exit_waves(self._gather(batch), probes)
+        return fft2(psi, xp=self._xp, overwrite_x=True)
 
     def _exit_waves(self, obj: Any, probes: Any) -> Any:
         """Exit waves (B, K, n, n) of object windows ``obj`` (B, n, n) and the probe modes
@@ -901,9 +925,15 @@ class StreamingSolver:
         object sums on the batch's box and, with ``update_probe``, the probe terms and
         ``sum |O|^2``. Returns ``(err, dpsi, num, den, oden, terms)``."""
         xp, n = self._xp, self._n
-        f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
-        err = modulus_residual(f, self._amps, batch.rows, self._valid_f32, floor, n**-2)
-        dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
+        valid = self._valid_f32
+        if self._lines and fft_lines.supports(n, probes.shape[-3]):
+            err, dpsi = fft_lines.modulus_update(
+                self._object, batch.corners, probes, self._amps, batch.rows, valid, floor, n**-2
+            )
+        else:
+            f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
+            err = modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2)
+            dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
         num = self._box_zeros(batch, xp.complex64)
         den = self._box_zeros(batch, xp.float32)
         oden = xp.zeros((n, n), dtype=xp.float32) if update_probe else None
@@ -991,7 +1021,7 @@ class StreamingSolver:
     ) -> Any:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
-        xp, p = self._xp, self.params
+        p = self.params
         err, chi, num, den, oden, terms = self._fused_sums(batch, probes, update_probe, 1e-12)
         regularise(den, p.object_reg)
         d_probe = seen = None
@@ -1001,7 +1031,9 @@ class StreamingSolver:
             del terms
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
-                d_probe if table is None else self._shift_modes(fft2(d_probe, xp=xp), table, True)
+                d_probe
+                if table is None
+                else self._shift_modes(self._fft(d_probe.copy()), table, True)
             )
         sums = lsqml_step_sums(
             chi, probes, seen, self._object, num, den, batch.corners, batch.origin
@@ -1033,12 +1065,8 @@ class StreamingSolver:
             strict=True,
         ):
             probes = self._batch_probes(batch, self._fused)[0]
-            if self._fused:
-                psi = exit_waves(self._object, batch.corners, probes)
-            else:
-                psi = self._exit_waves(self._gather(batch), probes)
             stop = start + int(batch.rows.shape[0])
-            self._dm_waves[start:stop] = fft2(psi, xp=xp, overwrite_x=True)
+            self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
         self._dm_ready = self._n_active
 
     def _dm_fourier_factor(self, inten: Any, amps: Any) -> Any:
@@ -1133,8 +1161,8 @@ class StreamingSolver:
     def _dm_fused_batch(self, batch: _Batch, probes: Any, waves: Any, onum: Any, oden: Any) -> Any:
         """DM's Fourier step and overlap sums for ``batch`` in fused kernels; ``waves``: the
         batch's stored exit waves (updated in place). Returns the batch's squared error."""
-        xp, p = self._xp, self.params
-        phi = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
+        p = self.params
+        phi = self._exit_wave_spectra(batch, probes)
         err = dm_fourier_step(
             phi,
             waves,
@@ -1145,7 +1173,7 @@ class StreamingSolver:
             p.dm_beta,
             self._n**-2,
         )
-        psi = ifft2_unscaled(phi, xp=xp, overwrite_x=True)
+        psi = self._ifft_unscaled(phi)
         window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden)
         return err
 
@@ -1162,8 +1190,7 @@ class StreamingSolver:
         start = 0
         for batch in batches:
             stop = start + int(batch.rows.shape[0])
-            scaled = scaled_copy(waves[start:stop], n**-2)
-            psi = ifft2_unscaled(scaled, xp=xp, overwrite_x=True)
+            psi = self._ifft_unscaled(scaled_copy(waves[start:stop], n**-2))
             start = stop
             if spectra is None:
                 terms = window_sums(
@@ -1174,10 +1201,9 @@ class StreamingSolver:
             terms = window_sums(
                 psi, self._probes, self._object, batch.corners, terms_channels=k + 1
             )
-            f = fft2(terms, xp=xp, overwrite_x=True)
-            spectra += unshift_sum_spectra(f, batch.table, n**-2)
+            spectra += unshift_sum_spectra(self._fft(terms), batch.table, n**-2)
         if spectra is not None:
-            both = ifft2_unscaled(spectra, xp=xp, overwrite_x=True)
+            both = self._ifft_unscaled(spectra)
             pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
         return pnum, pden
 

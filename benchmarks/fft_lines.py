@@ -1,0 +1,206 @@
+"""The solver's own FFT (``recon/_fft_lines.py``) against cuFFT: agreement and time.
+
+Run on a CUDA machine, from the repository root:
+
+    PYTHONPATH=. python benchmarks/fft_lines.py [--out results.json]
+
+Checks, against ``cupy.fft`` and the cuFFT path of the fused solver, on random
+data: the 2-D transforms both ways (n = 64 and 256), the exit-wave spectra
+(shared and per-position probes) and the whole modulus update with its error
+(1-4 modes, with and without a valid-pixel mask). Then times, at the solver's
+batch of 128 positions of 256², each against its cuFFT counterpart and the
+copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.recon_gpu import copy_bandwidth
+from hxn_liveptycho.recon import _fft_lines as lines
+from hxn_liveptycho.recon import backend
+from hxn_liveptycho.recon._fused import exit_waves
+from hxn_liveptycho.recon._fused_sums import modulus_residual
+
+
+def rel(a: Any, b: Any) -> float:
+    import cupy as cp
+
+    return float(cp.linalg.norm((a - b).ravel()) / cp.linalg.norm(b.ravel()))
+
+
+def complex_noise(cp: Any, shape: tuple[int, ...]) -> Any:
+    return (cp.random.standard_normal(shape) + 1j * cp.random.standard_normal(shape)).astype(
+        cp.complex64
+    )
+
+
+def scene(cp: Any, n: int, b: int, k: int, per_position: bool) -> dict[str, Any]:
+    """A canvas, window corners, probes and measured amplitudes near the model's."""
+    canvas = complex_noise(cp, (n + 64, n + 96))
+    corners = cp.stack([cp.random.randint(0, 64, b), cp.random.randint(0, 96, b)], axis=1).astype(
+        cp.int32
+    )
+    probes = complex_noise(cp, (b, k, n, n) if per_position else (k, n, n))
+    psi = exit_waves(canvas, corners, probes)
+    inten = cp.sum(cp.abs(cp.fft.fft2(psi)) ** 2, axis=1)
+    amps = (cp.sqrt(inten) * (1 + 0.1 * cp.random.standard_normal(inten.shape))).astype(cp.float32)
+    rows = cp.arange(b, dtype=cp.int64)[::-1].copy()  # frames stored in another order
+    amps = amps[::-1].copy()
+    valid = (cp.random.random((n, n)) > 0.05).astype(cp.float32)
+    return {
+        "canvas": canvas,
+        "corners": corners,
+        "probes": probes,
+        "amps": amps,
+        "rows": rows,
+        "valid": valid,
+    }
+
+
+def cufft_update(cp: Any, s: dict, valid: Any, floor: float, scale: float) -> tuple[Any, Any]:
+    f = cp.fft.fft2(exit_waves(s["canvas"], s["corners"], s["probes"]))
+    err = modulus_residual(f, s["amps"], s["rows"], valid, floor, scale)
+    return err, cp.fft.ifft2(f) * f.shape[-1] ** 2
+
+
+def checks(cp: Any) -> list[dict]:
+    out = []
+    for n in (64, 256):
+        x = complex_noise(cp, (6, 2, n, n))
+        out.append({"check": f"fft2 {n}", "rel": rel(lines.fft2(x.copy()), cp.fft.fft2(x))})
+        out.append(
+            {
+                "check": f"ifft2_unscaled {n}",
+                "rel": rel(lines.ifft2_unscaled(x.copy()), cp.fft.ifft2(x) * n * n),
+            }
+        )
+        for k in range(1, lines.MAX_MODES + 1):
+            for per_position in (False, True):
+                s = scene(cp, n, 24, k, per_position)
+                ref = cp.fft.fft2(exit_waves(s["canvas"], s["corners"], s["probes"]))
+                got = lines.exit_wave_spectra(s["canvas"], s["corners"], s["probes"])
+                tag = f"n={n} K={k} {'per-position' if per_position else 'shared'}"
+                out.append({"check": f"exit_wave_spectra {tag}", "rel": rel(got, ref)})
+                for masked in (False, True):
+                    valid = s["valid"] if masked else None
+                    e_ref, d_ref = cufft_update(cp, s, valid, 1e-24, n**-2)
+                    e, d = lines.modulus_update(
+                        s["canvas"],
+                        s["corners"],
+                        s["probes"],
+                        s["amps"],
+                        s["rows"],
+                        valid,
+                        1e-24,
+                        n**-2,
+                    )
+                    out.append(
+                        {
+                            "check": f"modulus_update {tag} mask={masked}",
+                            "rel": rel(d, d_ref),
+                            "err_rel": abs(float(e) - float(e_ref)) / float(e_ref),
+                        }
+                    )
+    return out
+
+
+def gpu_ms(cp: Any, fn: Callable[[], Any], repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / repeats
+
+
+def timings(cp: Any, bandwidth: float) -> list[dict]:
+    n, b = 256, 128
+    out = []
+    for k in (1, 3):
+        x = complex_noise(cp, (b, k, n, n))
+        pass_s = 2 * x.nbytes / bandwidth * 1e3  # one read and one write at copy speed
+        cufft = gpu_ms(cp, lambda: backend.fft2(x, xp=cp, overwrite_x=True))  # noqa: B023
+        own = gpu_ms(cp, lambda: lines.fft2(x))  # noqa: B023
+        out.append(
+            {
+                "timing": f"fft2 {b}x{k}x{n}^2",
+                "cufft_ms": cufft,
+                "lines_ms": own,
+                "one_pass_ms": pass_s,
+                "speedup": cufft / own,
+            }
+        )
+        for per_position in (False, True):
+            s = scene(cp, n, b, k, per_position)
+            tag = f"{b}x{k}x{n}^2 {'per-position' if per_position else 'shared'} probes"
+
+            def old(s: dict = s) -> None:
+                psi = exit_waves(s["canvas"], s["corners"], s["probes"])
+                f = backend.fft2(psi, xp=cp, overwrite_x=True)
+                modulus_residual(f, s["amps"], s["rows"], s["valid"], 1e-24, n**-2)
+                backend.ifft2_unscaled(f, xp=cp, overwrite_x=True)
+
+            def new(s: dict = s) -> None:
+                lines.modulus_update(
+                    s["canvas"],
+                    s["corners"],
+                    s["probes"],
+                    s["amps"],
+                    s["rows"],
+                    s["valid"],
+                    1e-24,
+                    n**-2,
+                )
+
+            cufft, own = gpu_ms(cp, old), gpu_ms(cp, new)
+            out.append(
+                {
+                    "timing": f"modulus update {tag}",
+                    "cufft_path_ms": cufft,
+                    "lines_ms": own,
+                    "one_pass_ms": pass_s,
+                    "speedup": cufft / own,
+                }
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import cupy as cp
+
+    cp.random.seed(0)
+    bandwidth = copy_bandwidth(cp)
+    results = checks(cp)
+    for r in results:
+        print(json.dumps(r), flush=True)
+    worst = max(r["rel"] for r in results)
+    print(f"worst relative difference from cuFFT: {worst:.2e}", flush=True)
+    for r in timings(cp, bandwidth):
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    report = {
+        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "cupy": cp.__version__,
+        "python": platform.python_version(),
+        "results": results,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"device {report['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The solver's own 2-D FFT for n = 64 and 256, with the modulus step folded into it.
+
+Why not cuFFT alone: the profile of the fused solver (``benchmarks/recon_profile.py``)
+showed cuFFT taking each 256² transform in two passes at under half the copy
+bandwidth, and the exit wave, the forward FFT, the modulus step and the inverse
+FFT as five full passes over the batch. Here one n = P² point transform is done
+by the P threads of a *line* (a row or a column): each holds P values, does a
+P-point DFT in registers, a twiddle, one exchange through shared memory and a
+second P-point DFT (the four-step algorithm). A row pass and a column pass make
+the 2-D transform, and the steps between them ride along:
+
+* :func:`modulus_update`: exit waves read from the canvas and row-transformed
+  (one kernel); column transform, modulus step with its error, inverse column
+  transform (one kernel, the far field never leaves registers); inverse row
+  transform (one kernel). Three passes where the cuFFT path made seven.
+* :func:`fft2` / :func:`ifft2_unscaled`: plain transforms in place, two passes.
+
+The arithmetic is that of :func:`~hxn_liveptycho.recon._fused_sums.modulus_residual`
+between unnormalised transforms, so the results match the cuFFT path to float32
+rounding (``benchmarks/fft_lines.py`` checks both against ``cupy.fft``). Other
+frame sizes, and more than :data:`MAX_MODES` modes, keep the cuFFT path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MAX_MODES",
+    "exit_wave_spectra",
+    "fft2",
+    "ifft2_unscaled",
+    "modulus_update",
+    "supports",
+]
+
+#: Line length n -> P (n = P²): the sizes this module transforms.
+_FACTOR = {64: 8, 256: 16}
+#: The column kernel of :func:`modulus_update` keeps every mode's column in registers.
+MAX_MODES = 4
+#: Threads per block in every kernel here.
+_THREADS = 256
+#: CUDA's limit on a grid's y extent (planes per column launch).
+_MAX_GRID_Y = 65535
+
+_SOURCE = r"""
+#include <cupy/complex.cuh>
+typedef complex<float> cf;
+
+// exp(-2 pi i j / 16): the twiddles of the 8- and 16-point DFTs (W_8^j = W_16^2j).
+__constant__ float2 liveptycho_w16[16] = {W16_TABLE};
+
+__device__ constexpr int bit_reverse(int i, int bits) {
+    int r = 0;
+    for (int b = 0; b < bits; ++b) r = (r << 1) | ((i >> b) & 1);
+    return r;
+}
+
+// In-register P-point DFT (radix 2, indices fixed at compile time so v stays in registers).
+template <int P, int LOG, bool INV>
+__device__ __forceinline__ void dft(cf* v) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        const int j = bit_reverse(i, LOG);
+        if (j > i) { const cf s = v[i]; v[i] = v[j]; v[j] = s; }
+    }
+#pragma unroll
+    for (int half = 1; half < P; half *= 2) {
+#pragma unroll
+        for (int i = 0; i < P; i += 2 * half) {
+#pragma unroll
+            for (int j = 0; j < half; ++j) {
+                const float2 w = liveptycho_w16[j * (16 / (2 * half))];
+                const cf a = v[i + j];
+                const cf b = v[i + j + half] * cf(w.x, INV ? -w.y : w.y);
+                v[i + j] = a + b;
+                v[i + j + half] = a - b;
+            }
+        }
+    }
+}
+
+template <bool WARP>
+__device__ __forceinline__ void line_sync() {
+    if (WARP) __syncwarp(); else __syncthreads();
+}
+
+// One N = P^2 point DFT of a line whose P threads hold v[m] = x[t + P m] (t: the thread's
+// place in the line); afterwards v[m] = X[t + P m]. Scratch element (a, b) of the line is
+// S[(a * LS + b) * CS]; tw[m] = exp(-2 pi i m / N). WARP: the line lies in one warp.
+template <int P, int LOG, bool INV, bool WARP>
+__device__ __forceinline__ void fft_line(cf* v, cf* S, int t, int LS, int CS, const cf* tw) {
+    dft<P, LOG, INV>(v);
+#pragma unroll
+    for (int j = 1; j < P; ++j) {
+        const cf w = tw[t * j];
+        v[j] *= INV ? conj(w) : w;
+    }
+    line_sync<WARP>();  // the scratch is free: the line's last reads of it are done
+#pragma unroll
+    for (int j = 0; j < P; ++j) S[(j * LS + t) * CS] = v[j];
+    line_sync<WARP>();
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = S[(t * LS + m) * CS];
+    dft<P, LOG, INV>(v);
+}
+
+// Rows: block (P, 256 / P) = one row per threadIdx.y; scratch P x (P + 1) per row.
+#define ROW_SETUP(P)                                                               \
+    constexpr int N = P * P, LINES = 256 / P;                                      \
+    __shared__ float2 raw[LINES * P * (P + 1)];                                    \
+    cf* S = reinterpret_cast<cf*>(raw) + threadIdx.y * P * (P + 1);                \
+    const int t = threadIdx.x;                                                     \
+    cf v[P];
+
+// out (B, K, N, N) <- the row transforms of the exit waves canvas[window_b] * P_bk.
+template <int P, int LOG>
+__global__ void liveptycho_exit_rows(
+    const cf* canvas, const cf* probes, const int* corners, int width, int k_modes,
+    int per_position, const cf* tw, cf* out) {
+    ROW_SETUP(P)
+    const int y = blockIdx.x * LINES + threadIdx.y;
+    const long long bk = blockIdx.y, b = bk / k_modes, k = bk - b * k_modes;
+    const cf* o = canvas + (long long)(corners[2 * b] + y) * width + corners[2 * b + 1];
+    const cf* p = probes + ((per_position ? bk : k) * N + y) * (long long)N;
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = o[t + P * m] * p[t + P * m];
+    fft_line<P, LOG, false, true>(v, S, t, P + 1, 1, tw);
+    cf* d = out + (bk * N + y) * (long long)N;
+#pragma unroll
+    for (int m = 0; m < P; ++m) d[t + P * m] = v[m];
+}
+
+// x (lines, N) in place: each row transformed.
+template <int P, int LOG, bool INV>
+__global__ void liveptycho_rows(cf* x, const cf* tw) {
+    ROW_SETUP(P)
+    cf* row = x + ((long long)blockIdx.x * LINES + threadIdx.y) * N;
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = row[t + P * m];
+    fft_line<P, LOG, INV, true>(v, S, t, P + 1, 1, tw);
+#pragma unroll
+    for (int m = 0; m < P; ++m) row[t + P * m] = v[m];
+}
+
+// Columns: block (256 / P columns, P); scratch P x P per column, columns innermost.
+#define COLUMN_SETUP(P)                                                            \
+    constexpr int N = P * P, COLS = 256 / P;                                       \
+    __shared__ float2 raw[P * P * COLS];                                           \
+    cf* S = reinterpret_cast<cf*>(raw) + threadIdx.x;                              \
+    const int t = threadIdx.y;                                                     \
+    const int col = blockIdx.x * COLS + threadIdx.x;
+
+// x (planes, N, N) in place: each column transformed.
+template <int P, int LOG, bool INV>
+__global__ void liveptycho_columns(cf* x, const cf* tw) {
+    COLUMN_SETUP(P)
+    cf v[P];
+    cf* c = x + (long long)blockIdx.y * N * N + col;
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = c[(t + P * m) * N];
+    fft_line<P, LOG, INV, false>(v, S, t, P, COLS, tw);
+#pragma unroll
+    for (int m = 0; m < P; ++m) c[(t + P * m) * N] = v[m];
+}
+
+// f (B, K, N, N), rows already transformed, in place: column transform, then (as
+// modulus_residual) f <- scale f v (A / sqrt(max(I, floor)) - 1), I = sum_k |f_k|^2, with
+// err += sum (v (sqrt(I) - A))^2, then the inverse column transform.
+template <int P, int LOG, int K>
+__global__ void liveptycho_modulus_columns(
+    cf* f, const float* amps, const long long* rows, const float* valid, int has_valid,
+    float floor, float scale, const cf* tw, float* err) {
+    COLUMN_SETUP(P)
+    const long long b = blockIdx.y;
+    cf v[K][P];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const cf* c = f + (b * K + k) * N * N + col;
+#pragma unroll
+        for (int m = 0; m < P; ++m) v[k][m] = c[(t + P * m) * N];
+        fft_line<P, LOG, false, false>(v[k], S, t, P, COLS, tw);
+    }
+    const float* a_img = amps + rows[b] * (long long)(N * N);
+    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < P; ++m) {
+        const int r = (t + P * m) * N + col;
+        float inten = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) inten += norm(v[k][m]);
+        const float a = a_img[r];
+        const float mask = has_valid ? valid[r] : 1.f;
+        const float dev = (sqrtf(inten) - a) * mask;
+        acc += dev * dev;
+        const float g = scale * mask * (a / sqrtf(fmaxf(inten, floor)) - 1.f);
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k][m] *= g;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        fft_line<P, LOG, true, false>(v[k], S, t, P, COLS, tw);
+        cf* c = f + (b * K + k) * N * N + col;
+#pragma unroll
+        for (int m = 0; m < P; ++m) c[(t + P * m) * N] = v[k][m];
+    }
+    // The block's error: warp sums, then one atomic per block.
+    __shared__ float part[256 / 32];
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffff, acc, off);
+    if (tid % 32 == 0) part[tid / 32] = acc;
+    __syncthreads();
+    if (tid == 0) {
+        float total = 0.f;
+        for (int w = 0; w < 256 / 32; ++w) total += part[w];
+        atomicAdd(err, total);
+    }
+}
+"""
+
+
+def _w16_literal() -> str:
+    w = np.exp(-2j * np.pi * np.arange(16) / 16).astype(np.complex64)
+    return ", ".join(f"{{{c.real:.9e}f, {c.imag:.9e}f}}" for c in w)
+
+
+def _names() -> list[str]:
+    names = []
+    for p in sorted(set(_FACTOR.values())):
+        log = p.bit_length() - 1
+        names.append(f"liveptycho_exit_rows<{p}, {log}>")
+        for inv in ("false", "true"):
+            names.append(f"liveptycho_rows<{p}, {log}, {inv}>")
+            names.append(f"liveptycho_columns<{p}, {log}, {inv}>")
+        modes = range(1, MAX_MODES + 1)
+        names.extend(f"liveptycho_modulus_columns<{p}, {log}, {k}>" for k in modes)
+    return names
+
+
+@functools.cache
+def _module() -> Any:
+    import cupy as cp
+
+    source = _SOURCE.replace("W16_TABLE", _w16_literal())
+    return cp.RawModule(code=source, options=("-std=c++17",), name_expressions=_names())
+
+
+def _kernel(name: str, p: int, *params: Any) -> Any:
+    log = p.bit_length() - 1
+    tail = "".join(f", {x}" for x in params)
+    return _module().get_function(f"liveptycho_{name}<{p}, {log}{tail}>")
+
+
+@functools.cache
+def _twiddles(n: int, device: int) -> Any:
+    """``exp(-2 pi i m / n)`` (n,) complex64 on ``device`` (one per size and GPU)."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        return cp.asarray(np.exp(-2j * np.pi * np.arange(n) / n).astype(np.complex64))
+
+
+def _tw(n: int) -> Any:
+    import cupy as cp
+
+    return _twiddles(n, cp.cuda.Device().id)
+
+
+def supports(n: int, k_modes: int = 1) -> bool:
+    """Whether :func:`modulus_update` takes frames of n² with ``k_modes`` modes
+    (:func:`fft2` needs only the size)."""
+    return n in _FACTOR and 1 <= k_modes <= MAX_MODES
+
+
+def _planes(x: Any) -> tuple[int, int]:
+    n = x.shape[-1]
+    if n not in _FACTOR or x.shape[-2] != n:
+        raise ValueError(f"frames of {x.shape[-2:]} are not among the sizes {sorted(_FACTOR)}")
+    if not x.flags.c_contiguous:
+        raise ValueError("the lines FFT works on C-contiguous arrays in place")
+    return n, x.size // (n * n)
+
+
+def _transform(x: Any, inverse: bool, *, rows: bool = True) -> Any:
+    n, planes = _planes(x)
+    p, flag, tw = _FACTOR[n], "true" if inverse else "false", _tw(n)
+    lines_per_block = _THREADS // p
+    if rows and planes:
+        grid = (planes * n // lines_per_block,)
+        _kernel("rows", p, flag)(grid, (p, lines_per_block), (x, tw))
+    flat = x.reshape(planes, n, n)
+    for start in range(0, planes, _MAX_GRID_Y):  # a grid's y extent is at most 65,535
+        part = flat[start : start + _MAX_GRID_Y]
+        grid = (n // lines_per_block, part.shape[0])
+        _kernel("columns", p, flag)(grid, (lines_per_block, p), (part, tw))
+    return x
+
+
+def fft2(x: Any) -> Any:
+    """Unnormalised forward 2-D FFT over the last two axes of ``x`` (…, n, n) complex64,
+    in place; returns ``x``."""
+    return _transform(x, inverse=False)
+
+
+def ifft2_unscaled(x: Any) -> Any:
+    """Inverse 2-D FFT without the 1/n² (``n² ifft2``), in place; returns ``x``."""
+    return _transform(x, inverse=True)
+
+
+def exit_wave_spectra(canvas: Any, corners: Any, probes: Any) -> Any:
+    """``fft2(exit_waves(canvas, corners, probes))`` (B, K, n, n), unnormalised, in two
+    passes: the exit waves never exist in real space outside registers."""
+    out = _exit_rows(canvas, corners, probes)
+    return _transform(out, inverse=False, rows=False)
+
+
+def _exit_rows(canvas: Any, corners: Any, probes: Any) -> Any:
+    """The row transforms of the exit waves (B, K, n, n)."""
+    import cupy as cp
+
+    k, n = probes.shape[-3], probes.shape[-1]
+    b = corners.shape[0]
+    out = cp.empty((b, k, n, n), dtype=cp.complex64)
+    if b:
+        p = _FACTOR[n]
+        lines_per_block = _THREADS // p
+        args = (canvas, probes, corners, np.int32(canvas.shape[1]), np.int32(k))
+        _kernel("exit_rows", p)(
+            (n // lines_per_block, b * k),
+            (p, lines_per_block),
+            (*args, np.int32(probes.ndim == 4), _tw(n), out),
+        )
+    return out
+
+
+def modulus_update(
+    canvas: Any,
+    corners: Any,
+    probes: Any,
+    amps: Any,
+    rows: Any,
+    valid: Any | None,
+    floor: float,
+    scale: float,
+) -> tuple[Any, Any]:
+    """``(err, dpsi)``: the batch's squared amplitude error and the exit-wave update
+    ``ifft2_unscaled(modulus_residual(fft2(exit_waves(...))))`` (B, K, n, n), in three
+    passes. ``canvas`` (H, W) complex64; ``corners`` (B, 2) int32; ``probes`` (K, n, n)
+    or (B, K, n, n); ``amps`` (rows, n, n) float32 in FFT order, read at ``rows`` (B,)
+    int64; ``valid`` (n, n) float32 or None. Requires :func:`supports`."""
+    import cupy as cp
+
+    k, n = probes.shape[-3], probes.shape[-1]
+    if not supports(n, k):
+        raise ValueError(f"{n}² frames with {k} modes are not supported here; use the cuFFT path")
+    b = corners.shape[0]
+    out = _exit_rows(canvas, corners, probes)
+    err = cp.zeros((), dtype=cp.float32)
+    if not b:
+        return err, out
+    p, tw = _FACTOR[n], _tw(n)
+    lines_per_block = _THREADS // p
+    mask, has_valid = (valid, 1) if valid is not None else (cp.ones(1, dtype=cp.float32), 0)
+    i32, f32 = np.int32, np.float32
+    _kernel("modulus_columns", p, k)(
+        (n // lines_per_block, b),
+        (lines_per_block, p),
+        (out, amps, rows, mask, i32(has_valid), f32(floor), f32(scale), tw, err),
+    )
+    _kernel("rows", p, "true")((b * k * n // lines_per_block,), (p, lines_per_block), (out, tw))
+    return err, out
