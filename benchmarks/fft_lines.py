@@ -173,6 +173,20 @@ def timings(cp: Any, bandwidth: float) -> list[dict]:
     return out
 
 
+def kernel_resources(cp: Any) -> list[dict]:
+    """Registers, local memory (non-zero: spilled registers) and shared memory per kernel."""
+    from cupy.cuda import driver
+
+    out = []
+    for name in lines._names():
+        fn = lines._module().get_function(name)
+        attrs = {"regs": 4, "local_bytes": 3, "shared_bytes": 1}
+        out.append(
+            {"kernel": name} | {k: driver.funcGetAttribute(a, fn.ptr) for k, a in attrs.items()}
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -181,10 +195,10 @@ def main() -> None:
 
     cp.random.seed(0)
     bandwidth = copy_bandwidth(cp)
-    results = checks(cp)
+    results = kernel_resources(cp) + checks(cp)
     for r in results:
         print(json.dumps(r), flush=True)
-    worst = max(r["rel"] for r in results)
+    worst = max(r.get("rel", 0.0) for r in results)
     print(f"worst relative difference from cuFFT: {worst:.2e}", flush=True)
     for r in timings(cp, bandwidth):
         print(json.dumps(r), flush=True)

@@ -50,38 +50,9 @@ _SOURCE = r"""
 #include <cupy/complex.cuh>
 typedef complex<float> cf;
 
-// exp(-2 pi i j / 16): the twiddles of the 8- and 16-point DFTs (W_8^j = W_16^2j).
-__constant__ float2 liveptycho_w16[16] = {W16_TABLE};
-
-__device__ constexpr int bit_reverse(int i, int bits) {
-    int r = 0;
-    for (int b = 0; b < bits; ++b) r = (r << 1) | ((i >> b) & 1);
-    return r;
-}
-
-// In-register P-point DFT (radix 2, indices fixed at compile time so v stays in registers).
-template <int P, int LOG, bool INV>
-__device__ __forceinline__ void dft(cf* v) {
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-        const int j = bit_reverse(i, LOG);
-        if (j > i) { const cf s = v[i]; v[i] = v[j]; v[j] = s; }
-    }
-#pragma unroll
-    for (int half = 1; half < P; half *= 2) {
-#pragma unroll
-        for (int i = 0; i < P; i += 2 * half) {
-#pragma unroll
-            for (int j = 0; j < half; ++j) {
-                const float2 w = liveptycho_w16[j * (16 / (2 * half))];
-                const cf a = v[i + j];
-                const cf b = v[i + j + half] * cf(w.x, INV ? -w.y : w.y);
-                v[i + j] = a + b;
-                v[i + j + half] = a - b;
-            }
-        }
-    }
-}
+// The 8- and 16-point DFTs in registers, as straight-line code (see _codelets): every index
+// is a literal, so nothing spills to local memory.
+DFT_CODELETS
 
 template <bool WARP>
 __device__ __forceinline__ void line_sync() {
@@ -93,7 +64,7 @@ __device__ __forceinline__ void line_sync() {
 // S[(a * LS + b) * CS]; tw[m] = exp(-2 pi i m / N). WARP: the line lies in one warp.
 template <int P, int LOG, bool INV, bool WARP>
 __device__ __forceinline__ void fft_line(cf* v, cf* S, int t, int LS, int CS, const cf* tw) {
-    dft<P, LOG, INV>(v);
+    dft<P, INV>(v);
 #pragma unroll
     for (int j = 1; j < P; ++j) {
         const cf w = tw[t * j];
@@ -105,7 +76,7 @@ __device__ __forceinline__ void fft_line(cf* v, cf* S, int t, int LS, int CS, co
     line_sync<WARP>();
 #pragma unroll
     for (int m = 0; m < P; ++m) v[m] = S[(t * LS + m) * CS];
-    dft<P, LOG, INV>(v);
+    dft<P, INV>(v);
 }
 
 // Rows: block (P, 256 / P) = one row per threadIdx.y; scratch P x (P + 1) per row.
@@ -222,9 +193,46 @@ __global__ void liveptycho_modulus_columns(
 """
 
 
-def _w16_literal() -> str:
-    w = np.exp(-2j * np.pi * np.arange(16) / 16).astype(np.complex64)
-    return ", ".join(f"{{{c.real:.9e}f, {c.imag:.9e}f}}" for c in w)
+def _codelet(p: int, inverse: bool) -> str:
+    """CUDA for ``v[j] <- sum_m v[m] exp(-+2 pi i m j / p)``: radix-2 decimation in time,
+    the bit reversal and every twiddle resolved here, so the code has literal indices."""
+    bits = p.bit_length() - 1
+    rev = [int(f"{i:0{bits}b}"[::-1], 2) for i in range(p)]
+    body = [f"    const cf x{i} = v[{rev[i]}];" for i in range(p)]
+    names = [f"x{i}" for i in range(p)]
+    sign = 1 if inverse else -1
+    half, stage = 1, 0
+    while half < p:
+        new = list(names)
+        for i in range(0, p, 2 * half):
+            for j in range(half):
+                a, b = names[i + j], names[i + j + half]
+                w = np.exp(sign * 2j * np.pi * j / (2 * half))
+                if j == 0:
+                    t = b
+                elif np.isclose(w, 1j):
+                    t = f"cf(-{b}.imag(), {b}.real())"
+                elif np.isclose(w, -1j):
+                    t = f"cf({b}.imag(), -{b}.real())"
+                else:
+                    t = f"{b} * cf({w.real:.9e}f, {w.imag:.9e}f)"
+                lo, hi = f"s{stage}_{i + j}", f"s{stage}_{i + j + half}"
+                body.append(f"    const cf t{stage}_{i + j} = {t};")
+                body.append(f"    const cf {lo} = {a} + t{stage}_{i + j};")
+                body.append(f"    const cf {hi} = {a} - t{stage}_{i + j};")
+                new[i + j], new[i + j + half] = lo, hi
+        names, half, stage = new, 2 * half, stage + 1
+    body += [f"    v[{i}] = {names[i]};" for i in range(p)]
+    flag = "true" if inverse else "false"
+    head = f"template <> __device__ __forceinline__ void dft<{p}, {flag}>(cf* v) {{"
+    return "\n".join([head, *body, "}"])
+
+
+def _codelets() -> str:
+    parts = ["template <int P, bool INV> __device__ __forceinline__ void dft(cf* v);"]
+    for p in sorted(set(_FACTOR.values())):
+        parts.extend(_codelet(p, inverse) for inverse in (False, True))
+    return "\n\n".join(parts)
 
 
 def _names() -> list[str]:
@@ -244,7 +252,7 @@ def _names() -> list[str]:
 def _module() -> Any:
     import cupy as cp
 
-    source = _SOURCE.replace("W16_TABLE", _w16_literal())
+    source = _SOURCE.replace("DFT_CODELETS", _codelets())
     return cp.RawModule(code=source, options=("-std=c++17",), name_expressions=_names())
 
 
