@@ -175,15 +175,11 @@ def timings(cp: Any, bandwidth: float) -> list[dict]:
 
 def kernel_resources(cp: Any) -> list[dict]:
     """Registers, local memory (non-zero: spilled registers) and shared memory per kernel."""
-    from cupy.cuda import driver
-
     out = []
     for name in lines._names():
-        fn = lines._module().get_function(name)
-        attrs = {"regs": 4, "local_bytes": 3, "shared_bytes": 1}
-        out.append(
-            {"kernel": name} | {k: driver.funcGetAttribute(a, fn.ptr) for k, a in attrs.items()}
-        )
+        attrs = lines._module().get_function(name).attributes
+        keys = ("num_regs", "local_size_bytes", "shared_size_bytes")
+        out.append({"kernel": name} | {k: attrs.get(k) for k in keys})
     return out
 
 
