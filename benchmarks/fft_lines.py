@@ -23,7 +23,12 @@ from typing import Any
 from benchmarks.recon_gpu import copy_bandwidth
 from hxn_liveptycho.recon import _fft_lines as lines
 from hxn_liveptycho.recon import backend
-from hxn_liveptycho.recon._fused import exit_waves
+from hxn_liveptycho.recon._fused import (
+    exit_waves,
+    ramp_table,
+    shift_spectra,
+    unshift_sum_spectra,
+)
 from hxn_liveptycho.recon._fused_sums import modulus_residual
 
 
@@ -62,6 +67,24 @@ def scene(cp: Any, n: int, b: int, k: int, per_position: bool) -> dict[str, Any]
     }
 
 
+def shift_checks(cp: Any, n: int, b: int, k: int) -> list[dict]:
+    """The sub-pixel shift and its adjoint-sum against the cuFFT path's kernels."""
+    table = ramp_table(cp.random.random((b, 2)).astype(cp.float32), n)
+    spectra = complex_noise(cp, (k, n, n))
+    ref = cp.fft.ifft2(shift_spectra(spectra, table, n**-2)) * n * n
+    got = lines.shifted_modes(spectra, table, n**-2)
+    terms = complex_noise(cp, (b, k + 1, n, n))
+    ref_sum = unshift_sum_spectra(cp.fft.fft2(terms), table, n**-2)
+    start = complex_noise(cp, (k + 1, n, n))
+    got_sum = lines.unshift_sum(terms.copy(), table, n**-2)
+    got_acc = lines.unshift_sum(terms.copy(), table, n**-2, out=start.copy())
+    return [
+        {"check": f"shifted_modes n={n} B={b} K={k}", "rel": rel(got, ref)},
+        {"check": f"unshift_sum n={n} B={b} C={k + 1}", "rel": rel(got_sum, ref_sum)},
+        {"check": f"unshift_sum into out n={n}", "rel": rel(got_acc, ref_sum + start)},
+    ]
+
+
 def cufft_update(cp: Any, s: dict, valid: Any, floor: float, scale: float) -> tuple[Any, Any]:
     f = cp.fft.fft2(exit_waves(s["canvas"], s["corners"], s["probes"]))
     err = modulus_residual(f, s["amps"], s["rows"], valid, floor, scale)
@@ -79,6 +102,7 @@ def checks(cp: Any) -> list[dict]:
                 "rel": rel(lines.ifft2_unscaled(x.copy()), cp.fft.ifft2(x) * n * n),
             }
         )
+        out.extend(shift_checks(cp, n, 37, 1) + shift_checks(cp, n, 24, 3))
         for k in range(1, lines.MAX_MODES + 1):
             for per_position in (False, True):
                 s = scene(cp, n, 24, k, per_position)
@@ -138,6 +162,34 @@ def timings(cp: Any, bandwidth: float) -> list[dict]:
                 "speedup": cufft / own,
             }
         )
+        table = ramp_table(cp.random.random((b, 2)).astype(cp.float32), n)
+        spectra = complex_noise(cp, (k, n, n))
+
+        def shift_cufft(spectra: Any = spectra, table: Any = table) -> Any:
+            spectra = shift_spectra(spectra, table, n**-2)
+            return backend.ifft2_unscaled(spectra, xp=cp, overwrite_x=True)
+
+        def unshift_cufft(x: Any = x, table: Any = table) -> Any:
+            return unshift_sum_spectra(backend.fft2(x, xp=cp, overwrite_x=True), table, n**-2)
+
+        for name, cufft_fn, own_fn in (
+            (
+                "shifted modes",
+                shift_cufft,
+                lambda s=spectra, t=table: lines.shifted_modes(s, t, n**-2),
+            ),
+            ("unshift sum", unshift_cufft, lambda x=x, t=table: lines.unshift_sum(x, t, n**-2)),
+        ):
+            cufft, own = gpu_ms(cp, cufft_fn), gpu_ms(cp, own_fn)
+            out.append(
+                {
+                    "timing": f"{name} {b}x{k}x{n}^2",
+                    "cufft_path_ms": cufft,
+                    "lines_ms": own,
+                    "one_pass_ms": pass_s,
+                    "speedup": cufft / own,
+                }
+            )
         for per_position in (False, True):
             s = scene(cp, n, b, k, per_position)
             tag = f"{b}x{k}x{n}^2 {'per-position' if per_position else 'shared'} probes"

@@ -34,7 +34,9 @@ __all__ = [
     "fft2",
     "ifft2_unscaled",
     "modulus_update",
+    "shifted_modes",
     "supports",
+    "unshift_sum",
 ]
 
 #: Line length n -> P (n = P²): the sizes this module transforms.
@@ -43,6 +45,8 @@ _FACTOR = {64: 8, 256: 16}
 MAX_MODES = 4
 #: Threads per block in every kernel here.
 _THREADS = 256
+#: Positions each block of the unshift sum adds up before its atomics.
+_UNSHIFT_CHUNK = 4
 #: CUDA's limit on a grid's y extent (planes per column launch).
 _MAX_GRID_Y = 65535
 
@@ -136,6 +140,57 @@ __global__ void liveptycho_columns(cf* x, const cf* tw) {
     fft_line<P, LOG, INV, false>(v, S, t, P, COLS, tw);
 #pragma unroll
     for (int m = 0; m < P; ++m) c[(t + P * m) * N] = v[m];
+}
+
+// out (B, K, N, N) <- the inverse column transforms of scale * spectra_k * ramp_b, the
+// ramp separable: table (B, 2, N) holds each position's factors along y and along x.
+// A rows pass (inverse) then gives the modes shifted by each position's fraction.
+template <int P, int LOG>
+__global__ void liveptycho_shifted_columns(
+    const cf* spectra, const cf* table, int k_modes, float scale, const cf* tw, cf* out) {
+    COLUMN_SETUP(P)
+    const long long bk = blockIdx.y, b = bk / k_modes, k = bk - b * k_modes;
+    const cf* ry = table + 2 * b * N;
+    const cf rx = table[(2 * b + 1) * N + col] * scale;
+    const cf* c = spectra + k * N * N + col;
+    cf v[P];
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = c[(t + P * m) * N] * (ry[t + P * m] * rx);
+    fft_line<P, LOG, true, false>(v, S, t, P, COLS, tw);
+    cf* d = out + bk * N * N + col;
+#pragma unroll
+    for (int m = 0; m < P; ++m) d[(t + P * m) * N] = v[m];
+}
+
+// out (C, N, N) += scale sum_b conj(ramp_b) F_b, F_b the column transforms of f (B, C, N, N)
+// (rows already transformed): the adjoint of the shift, summed over the batch. Each block
+// sums `chunk` positions in registers, then adds once per pixel (atomics on out's floats).
+template <int P, int LOG>
+__global__ void liveptycho_unshift_columns(
+    const cf* f, const cf* table, int batch, int channels, int chunk, float scale,
+    const cf* tw, float* out) {
+    COLUMN_SETUP(P)
+    const int c = blockIdx.y;
+    const int first = blockIdx.z * chunk, stop = min(batch, first + chunk);
+    cf acc[P], v[P];
+#pragma unroll
+    for (int m = 0; m < P; ++m) acc[m] = cf(0.f, 0.f);
+    for (int b = first; b < stop; ++b) {
+        const cf* src = f + ((long long)b * channels + c) * N * N + col;
+#pragma unroll
+        for (int m = 0; m < P; ++m) v[m] = src[(t + P * m) * N];
+        fft_line<P, LOG, false, false>(v, S, t, P, COLS, tw);
+        const cf* ry = table + 2LL * b * N;
+        const cf rx = conj(table[(2LL * b + 1) * N + col]);
+#pragma unroll
+        for (int m = 0; m < P; ++m) acc[m] += v[m] * (conj(ry[t + P * m]) * rx);
+    }
+    float* d = out + 2 * ((long long)c * N * N + col);
+#pragma unroll
+    for (int m = 0; m < P; ++m) {
+        atomicAdd(d + 2 * (t + P * m) * N, acc[m].real() * scale);
+        atomicAdd(d + 2 * (t + P * m) * N + 1, acc[m].imag() * scale);
+    }
 }
 
 // f (B, K, N, N), rows already transformed, in place: column transform, then (as
@@ -240,6 +295,8 @@ def _names() -> list[str]:
     for p in sorted(set(_FACTOR.values())):
         log = p.bit_length() - 1
         names.append(f"liveptycho_exit_rows<{p}, {log}>")
+        names.append(f"liveptycho_shifted_columns<{p}, {log}>")
+        names.append(f"liveptycho_unshift_columns<{p}, {log}>")
         for inv in ("false", "true"):
             names.append(f"liveptycho_rows<{p}, {log}, {inv}>")
             names.append(f"liveptycho_columns<{p}, {log}, {inv}>")
@@ -256,7 +313,9 @@ def _module() -> Any:
     return cp.RawModule(code=source, options=("-std=c++17",), name_expressions=_names())
 
 
+@functools.cache
 def _kernel(name: str, p: int, *params: Any) -> Any:
+    """A compiled kernel, looked up once (the hot path calls these per batch)."""
     log = p.bit_length() - 1
     tail = "".join(f", {x}" for x in params)
     return _module().get_function(f"liveptycho_{name}<{p}, {log}{tail}>")
@@ -274,7 +333,16 @@ def _twiddles(n: int, device: int) -> Any:
 def _tw(n: int) -> Any:
     import cupy as cp
 
-    return _twiddles(n, cp.cuda.Device().id)
+    return _twiddles(n, cp.cuda.runtime.getDevice())
+
+
+@functools.cache
+def _ones(device: int) -> Any:
+    """A one-element float32 1, the stand-in for an absent valid-pixel mask."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        return cp.ones(1, dtype=cp.float32)
 
 
 def supports(n: int, k_modes: int = 1) -> bool:
@@ -344,6 +412,51 @@ def _exit_rows(canvas: Any, corners: Any, probes: Any) -> Any:
     return out
 
 
+def shifted_modes(spectra: Any, table: Any, scale: float) -> Any:
+    """``ifft2_unscaled(scale spectra_k ramp_b)`` (B, K, n, n): the modes, given by their
+    spectra (K, n, n), shifted by each position's fraction (``table`` (B, 2, n), as
+    :func:`~hxn_liveptycho.recon._fused.shift_spectra`). Two passes, the first reading
+    only the shared spectra."""
+    import cupy as cp
+
+    k, n = spectra.shape[0], spectra.shape[-1]
+    b = table.shape[0]
+    out = cp.empty((b, k, n, n), dtype=cp.complex64)
+    if b:
+        p = _FACTOR[n]
+        lines_per_block = _THREADS // p
+        args = (spectra, table, np.int32(k), np.float32(scale), _tw(n), out)
+        _kernel("shifted_columns", p)((n // lines_per_block, b * k), (lines_per_block, p), args)
+        _kernel("rows", p, "true")(
+            (b * k * n // lines_per_block,), (p, lines_per_block), (out, _tw(n))
+        )
+    return out
+
+
+def unshift_sum(f: Any, table: Any, scale: float, out: Any | None = None) -> Any:
+    """``out += scale sum_b fft2(f_b) conj(ramp_b)`` (C, n, n) for ``f`` (B, C, n, n)
+    (consumed: its rows are transformed in place); a new ``out`` when None. The adjoint
+    of :func:`shifted_modes` before its inverse FFT, summed over the batch."""
+    import cupy as cp
+
+    b, c, n = f.shape[0], f.shape[1], f.shape[-1]
+    if out is None:
+        out = cp.zeros((c, n, n), dtype=cp.complex64)
+    if b:
+        p = _FACTOR[n]
+        lines_per_block = _THREADS // p
+        _kernel("rows", p, "false")(
+            (b * c * n // lines_per_block,), (p, lines_per_block), (f, _tw(n))
+        )
+        chunks = -(-b // _UNSHIFT_CHUNK)
+        args = (f, table, np.int32(b), np.int32(c), np.int32(_UNSHIFT_CHUNK), np.float32(scale))
+        grid = (n // lines_per_block, c, chunks)
+        _kernel("unshift_columns", p)(
+            grid, (lines_per_block, p), (*args, _tw(n), out.view(cp.float32))
+        )
+    return out
+
+
 def modulus_update(
     canvas: Any,
     corners: Any,
@@ -371,7 +484,7 @@ def modulus_update(
         return err, out
     p, tw = _FACTOR[n], _tw(n)
     lines_per_block = _THREADS // p
-    mask, has_valid = (valid, 1) if valid is not None else (cp.ones(1, dtype=cp.float32), 0)
+    mask, has_valid = (valid, 1) if valid is not None else (_ones(cp.cuda.runtime.getDevice()), 0)
     i32, f32 = np.int32, np.float32
     _kernel("modulus_columns", p, k)(
         (n // lines_per_block, b),

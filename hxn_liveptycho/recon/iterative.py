@@ -712,10 +712,13 @@ class StreamingSolver:
             return self._probes, None
         xp = self._xp
         shift = batch.table if fused else self._batch_ramp(batch)
-        return self._shift_modes(fft2(self._probes, xp=xp), shift, fused), shift
+        spectra = self._fft(self._probes.copy()) if fused else fft2(self._probes, xp=xp)
+        return self._shift_modes(spectra, shift, fused), shift
 
     def _shift_modes(self, modes_ft: Any, shift: Any, fused: bool) -> Any:
         """Modes given by their spectra (K, n, n), shifted per position: (B, K, n, n)."""
+        if fused and self._lines:
+            return fft_lines.shifted_modes(modes_ft, shift, 1.0 / self._n**2)
         if fused:
             spectra = shift_spectra(modes_ft, shift, 1.0 / self._n**2)
             return self._ifft_unscaled(spectra)
@@ -736,7 +739,10 @@ class StreamingSolver:
         (B, C, n, n) (``window_sums``); a plain sum over the batch on whole-pixel data."""
         if table is None:
             return batch_sum(terms)
-        spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
+        if self._lines:
+            spectra = fft_lines.unshift_sum(terms, table, self._n**-2)
+        else:
+            spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
         return self._ifft_unscaled(spectra)
 
     def _batch_fractions(self, batch: _Batch) -> Any:
@@ -1201,7 +1207,10 @@ class StreamingSolver:
             terms = window_sums(
                 psi, self._probes, self._object, batch.corners, terms_channels=k + 1
             )
-            spectra += unshift_sum_spectra(self._fft(terms), batch.table, n**-2)
+            if self._lines:
+                fft_lines.unshift_sum(terms, batch.table, n**-2, out=spectra)
+            else:
+                spectra += unshift_sum_spectra(self._fft(terms), batch.table, n**-2)
         if spectra is not None:
             both = self._ifft_unscaled(spectra)
             pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
