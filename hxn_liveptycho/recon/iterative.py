@@ -180,7 +180,9 @@ class IterativeParams(BaseModel):
         "intensity is sum_k |F(P_k O)|^2. Extra modes start as the given probe times "
         "low-order Hermite-like patterns at 5 % of its power (unless the probe passed in "
         "already has them) and are kept orthogonal and sorted by power. Costs one FFT pair "
-        "per mode and position.",
+        "per mode and position. On the GPU with 256² or 64² frames, up to 4 modes take the "
+        "modulus step inside the solver's own FFT (1.5-1.8x faster than the cuFFT path for "
+        "that step); more modes, or other frame sizes, use cuFFT.",
     )
     orthogonalize_every: int = Field(
         2,
