@@ -28,10 +28,12 @@ import functools
 from typing import Any
 
 __all__ = [
+    "SLOT_FLOATS",
     "add_ratio",
     "add_scaled",
     "batch_sum",
     "exit_waves",
+    "max_slots",
     "ramp_table",
     "regularise",
     "regularised_step",
@@ -43,6 +45,34 @@ __all__ = [
 
 #: The Fourier frequency (cycles/px, NumPy's fftfreq order) of index ``j`` of an n-point axis.
 _FREQ = "((j) < (n + 1) / 2 ? (float)(j) : (float)((j) - n)) / (float)n"
+
+#: Slots of a running maximum (:func:`max_slots`): one per 128-byte line, so the warps'
+#: atomics spread over L2 instead of queueing on one address.
+MAX_SLOTS = 32
+_SLOT_STRIDE = 32
+#: Floats of a buffer that holds one set of slots.
+SLOT_FLOATS = MAX_SLOTS * _SLOT_STRIDE
+
+#: ``slot_max(slots, v)``: this warp's maximum of ``v`` >= 0 into one of the slots (its
+#: float bits compare as unsigned ints); the readers take the maximum over the slots.
+_SLOT_MAX = f"""
+__device__ __forceinline__ void slot_max(unsigned int* slots, float v) {{
+    const unsigned int bits = __float_as_uint(v);
+#if __CUDA_ARCH__ >= 800
+    const unsigned int mask = __activemask();
+    const unsigned int top = __reduce_max_sync(mask, bits);
+    if ((threadIdx.x & 31) == __ffs(mask) - 1)
+        atomicMax(&slots[(blockIdx.x % {MAX_SLOTS}) * {_SLOT_STRIDE}], top);
+#else
+    atomicMax(&slots[(blockIdx.x % {MAX_SLOTS}) * {_SLOT_STRIDE}], bits);
+#endif
+}}
+__device__ __forceinline__ float slots_max(const float* slots) {{
+    float m = 0.f;
+    for (int j = 0; j < {MAX_SLOTS}; ++j) m = fmaxf(m, slots[j * {_SLOT_STRIDE}]);
+    return m;
+}}
+"""
 
 #: Batch index ``b``, mode ``k`` and in-window pixel ``r`` = (y, x) of element ``i`` of a
 #: (B, K, n, n) array.
@@ -128,8 +158,9 @@ def _kernels() -> dict[str, Any]:
         "raw T dpsi, raw T probes, raw T canvas, raw int32 corners, int32 oy, int32 ox, "
         "int32 n, int32 box_width, int32 width, int32 k_modes, bool per_position, "
         "raw float32 weights, bool has_weights, bool do_num, bool do_den, int32 channels, "
-        "bool do_power",
-        "raw float32 num, raw float32 den, raw T terms, raw float32 power",
+        "bool do_power, bool track_max",
+        "raw float32 num, raw float32 den, raw T terms, raw float32 power, "
+        "raw uint32 den_slots, raw uint32 power_slots",
         """
         const long long nn = (long long)n * n;
         const long long b = i / nn;
@@ -162,32 +193,41 @@ def _kernels() -> dict[str, Any]:
             atomicAdd(&num[2 * dst], w * re);
             atomicAdd(&num[2 * dst + 1], w * im);
             if (do_den) {
-                atomicAdd(&den[dst], illum);
+                const float total = atomicAdd(&den[dst], illum) + illum;
+                if (track_max) slot_max(&den_slots[0], total);
             }
         }
         if (do_power) {
-            atomicAdd(&power[r], o2);
+            const float total = atomicAdd(&power[r], o2) + o2;
+            if (track_max) slot_max(&power_slots[0], total);
         }
         """,
         "liveptycho_window_sums",
+        preamble=_SLOT_MAX,
     )
     step = cp.ElementwiseKernel(
-        "T num, float32 den, raw float32 den_max, float32 reg, float32 weight",
+        "T num, float32 den, raw float32 den_max, bool slots, float32 reg, float32 weight",
         "T target",
         """
-        const float d = fmaxf((1.f - reg) * (den + reg * den_max[0]), 1e-30f);
+        const float m = slots ? slots_max(&den_max[0]) : den_max[0];
+        const float d = fmaxf((1.f - reg) * (den + reg * m), 1e-30f);
         target += num * (weight / d);
         """,
         "liveptycho_regularised_step",
+        preamble=_SLOT_MAX,
     )
     scaled = cp.ElementwiseKernel(
         "T x, float32 scale", "T out", "out = x * scale", "liveptycho_scale"
     )
     regularise = cp.ElementwiseKernel(
-        "raw float32 den_max, float32 reg",
+        "raw float32 den_max, bool slots, float32 reg",
         "float32 den",
-        "den = fmaxf((1.f - reg) * (den + reg * den_max[0]), 1e-30f);",
+        """
+        const float m = slots ? slots_max(&den_max[0]) : den_max[0];
+        den = fmaxf((1.f - reg) * (den + reg * m), 1e-30f);
+        """,
         "liveptycho_regularise",
+        preamble=_SLOT_MAX,
     )
     add_ratio = cp.ElementwiseKernel(
         "T num, float32 den", "T target", "target += num / den", "liveptycho_add_ratio"
@@ -294,6 +334,8 @@ def window_sums(
     weights: Any | None = None,
     terms_channels: int = 0,
     power: Any | None = None,
+    den_max: Any | None = None,
+    power_max: Any | None = None,
 ) -> Any | None:
     """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass.
 
@@ -302,7 +344,10 @@ def window_sums(
       (``w_b``: ``weights`` (B,) float32, or 1); ``den`` None skips the illumination;
     * ``terms_channels`` K: returns the probe terms ``conj(O_b) dpsi_bk`` (B, K, n, n);
       K + 1: plus ``|O_b|^2`` as channel K (B, K + 1, n, n);
-    * ``power`` (n, n) float32: ``power += sum_b |O_b|^2``.
+    * ``power`` (n, n) float32: ``power += sum_b |O_b|^2``;
+    * ``den_max`` / ``power_max``: zeroed slots (:func:`max_slots`) that receive the
+      maximum of ``den`` / ``power`` after the sums (both or neither). The sums only
+      grow, so the largest partial sum is the largest total: no separate reduction.
 
     ``O_b`` is the window of ``canvas`` at ``corners`` (the object before this update).
     """
@@ -315,6 +360,10 @@ def window_sums(
         else _dummy(cp.complex64)
     )
     f32 = _dummy(cp.float32)
+    track = den_max is not None
+    if track != (power_max is not None):
+        raise ValueError("den_max and power_max go together")
+    u32 = _dummy(cp.uint32)
     _kernels()["sums"](
         dpsi,
         probes,
@@ -333,30 +382,51 @@ def window_sums(
         den is not None,
         terms_channels,
         power is not None,
+        track,
         num.view(cp.float32) if num is not None else f32,
         den if den is not None else f32,
         terms,
         power if power is not None else f32,
+        den_max.view(cp.uint32) if track else u32,
+        power_max.view(cp.uint32) if track else u32,
         size=b * n * n,
     )
     return terms if terms_channels else None
 
 
-def regularised_step(target: Any, num: Any, den: Any, reg: float, weight: float) -> None:
+def max_slots(buffer: Any) -> Any:
+    """The slots of a running maximum, as a view of a zeroed float32 ``buffer`` of at
+    least :data:`SLOT_FLOATS` elements (allocate them with the sums they track: one
+    memset for both)."""
+    return buffer[:SLOT_FLOATS]
+
+
+def _max_of(den: Any, slots: Any | None) -> tuple[Any, bool]:
+    import cupy as cp
+
+    return (slots, True) if slots is not None else (cp.max(den), False)
+
+
+def regularised_step(
+    target: Any, num: Any, den: Any, reg: float, weight: float, slots: Any | None = None
+) -> None:
     """``target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)`` in place: the
     same regularised denominator as the xp path's ``_regularised`` (scale, then add the
-    scaled maximum)."""
+    scaled maximum). ``slots``: ``max(den)`` as :func:`window_sums` tracked it (else a
+    reduction finds it)."""
     import cupy as cp
 
-    _kernels()["step"](num, den, cp.max(den), cp.float32(reg), cp.float32(weight), target)
+    m, from_slots = _max_of(den, slots)
+    _kernels()["step"](num, den, m, from_slots, cp.float32(reg), cp.float32(weight), target)
 
 
-def regularise(den: Any, reg: float) -> Any:
+def regularise(den: Any, reg: float, slots: Any | None = None) -> Any:
     """``den <- max((1 - reg) (den + reg max(den)), 1e-30)`` in place (the xp path's
-    ``_regularised`` in one pass); returns ``den``."""
+    ``_regularised`` in one pass); returns ``den``. ``slots`` as :func:`regularised_step`."""
     import cupy as cp
 
-    _kernels()["regularise"](cp.max(den), cp.float32(reg), den)
+    m, from_slots = _max_of(den, slots)
+    _kernels()["regularise"](m, from_slots, cp.float32(reg), den)
     return den
 
 

@@ -47,10 +47,12 @@ from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon._fused import (
+    SLOT_FLOATS,
     add_ratio,
     add_scaled,
     batch_sum,
     exit_waves,
+    max_slots,
     ramp_table,
     regularise,
     regularised_step,
@@ -321,6 +323,18 @@ class _Batch:
     @property
     def box_slices(self) -> tuple[slice, slice]:
         return slice(self.box[0], self.box[2]), slice(self.box[1], self.box[3])
+
+
+@dataclass
+class _Sums:
+    """The fused path's sums of one batch (:meth:`StreamingSolver._fused_sums`)."""
+
+    num: Any  # (box) complex64: sum of w conj(P) dpsi over the windows
+    den: Any  # (box) float32: sum of |P|^2 over the windows
+    oden: Any | None  # (n, n) float32: sum of |O|^2 over the batch (probe update only)
+    den_max: Any  # max(den), as window_sums tracked it (recon._fused.max_slots)
+    oden_max: Any  # max(oden), likewise
+    terms: Any | None  # (B, C, n, n) probe terms (probe update only)
 
 
 def _grow(buf: Any, needed: int, xp: types.ModuleType, *, exact: bool = False) -> Any:
@@ -927,11 +941,11 @@ class StreamingSolver:
 
     def _fused_sums(
         self, batch: _Batch, probes: Any, update_probe: bool, floor: float
-    ) -> tuple[Any, Any, Any, Any, Any | None, Any | None]:
+    ) -> tuple[Any, Any, _Sums]:
         """The common start of fused ePIE and LSQ-ML: the exit-wave update ``dpsi`` (the
         modulus residual, intensity floored at ``floor``) and, in one pass over it, the
         object sums on the batch's box and, with ``update_probe``, the probe terms and
-        ``sum |O|^2``. Returns ``(err, dpsi, num, den, oden, terms)``."""
+        ``sum |O|^2``. Returns ``(err, dpsi, sums)``."""
         xp, n = self._xp, self._n
         valid = self._valid_f32
         if self._lines and fft_lines.supports(n, probes.shape[-3]):
@@ -942,9 +956,7 @@ class StreamingSolver:
             f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
             err = modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2)
             dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
-        num = self._box_zeros(batch, xp.complex64)
-        den = self._box_zeros(batch, xp.float32)
-        oden = xp.zeros((n, n), dtype=xp.float32) if update_probe else None
+        num, den, oden, den_max, oden_max = self._fused_accumulators(batch, update_probe)
         terms = window_sums(
             dpsi,
             probes,
@@ -955,18 +967,40 @@ class StreamingSolver:
             den=den,
             terms_channels=dpsi.shape[1] if update_probe else 0,
             power=oden,
+            den_max=den_max,
+            power_max=oden_max,
         )
-        return err, dpsi, num, den, oden, terms
+        return err, dpsi, _Sums(num, den, oden, den_max, oden_max, terms)
+
+    def _fused_accumulators(self, batch: _Batch, update_probe: bool) -> tuple[Any, ...]:
+        """Zeroed ``(num, den, oden, den_max, oden_max)`` for :meth:`_fused_sums` as views
+        of one buffer (one memset per batch): the object sums on the batch's box, the
+        object power (n, n) (None without ``update_probe``) and their maximum slots
+        (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the
+        maximum of nothing lands in an unused slot set)."""
+        xp, n = self._xp, self._n
+        box = batch.box_shape[0] * batch.box_shape[1]
+        slots = SLOT_FLOATS
+        power = n * n if update_probe else 0
+        buffer = xp.zeros(2 * box + box + slots + power + slots, dtype=xp.float32)
+        num = buffer[: 2 * box].view(xp.complex64).reshape(batch.box_shape)
+        den = buffer[2 * box : 3 * box].reshape(batch.box_shape)
+        den_max = max_slots(buffer[3 * box :])
+        rest = buffer[3 * box + slots :]
+        oden = rest[:power].reshape(n, n) if update_probe else None
+        oden_max = max_slots(rest[power:])
+        return num, den, oden, den_max, oden_max
 
     def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
         """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
         p = self.params
-        err, dpsi, num, den, oden, terms = self._fused_sums(batch, probes, update_probe, 1e-24)
+        err, dpsi, sums = self._fused_sums(batch, probes, update_probe, 1e-24)
         del dpsi  # only its sums are needed: free it before the updates
-        regularised_step(self._object[batch.box_slices], num, den, p.object_reg, p.alpha)
+        obj = self._object[batch.box_slices]
+        regularised_step(obj, sums.num, sums.den, p.object_reg, p.alpha, sums.den_max)
         if update_probe:
-            onum = self._probe_from_terms(terms, table)
-            regularised_step(self._probes, onum, oden, p.probe_reg, p.beta)
+            onum = self._probe_from_terms(sums.terms, table)
+            regularised_step(self._probes, onum, sums.oden, p.probe_reg, p.beta, sums.oden_max)
         return err
 
     # ------------------------------------------------------------------ LSQ-ML
@@ -1030,13 +1064,14 @@ class StreamingSolver:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
         p = self.params
-        err, chi, num, den, oden, terms = self._fused_sums(batch, probes, update_probe, 1e-12)
-        regularise(den, p.object_reg)
+        err, chi, sums = self._fused_sums(batch, probes, update_probe, 1e-12)
+        num, den = sums.num, sums.den
+        regularise(den, p.object_reg, sums.den_max)
         d_probe = seen = None
         if update_probe:
-            d_probe = self._probe_from_terms(terms, table)
-            d_probe /= regularise(oden, p.probe_reg)
-            del terms
+            d_probe = self._probe_from_terms(sums.terms, table)
+            d_probe /= regularise(sums.oden, p.probe_reg, sums.oden_max)
+            del sums
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
                 d_probe
