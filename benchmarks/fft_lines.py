@@ -24,10 +24,14 @@ from benchmarks.recon_gpu import copy_bandwidth
 from hxn_liveptycho.recon import _fft_lines as lines
 from hxn_liveptycho.recon import backend
 from hxn_liveptycho.recon._fused import (
+    SLOT_FLOATS,
+    batch_sum,
     exit_waves,
+    max_slots,
     ramp_table,
     shift_spectra,
     unshift_sum_spectra,
+    window_sums,
 )
 from hxn_liveptycho.recon._fused_sums import modulus_residual
 
@@ -85,6 +89,42 @@ def shift_checks(cp: Any, n: int, b: int, k: int) -> list[dict]:
     ]
 
 
+def sums_checks(cp: Any, n: int, b: int, k: int) -> list[dict]:
+    """window_sums: the probe terms summed in the kernel against the per-position terms
+    summed after, and the tracked maxima against a reduction."""
+    s = scene(cp, n, b, k, per_position=False)
+    dpsi = complex_noise(cp, (b, k, n, n))
+    box = (n + 64, n + 96)
+    args = (dpsi, s["probes"], s["canvas"], s["corners"])
+    num, den = cp.zeros(box, cp.complex64), cp.zeros(box, cp.float32)
+    power = cp.zeros((n, n), cp.float32)
+    den_max, power_max = (max_slots(cp.zeros(SLOT_FLOATS, cp.float32)) for _ in range(2))
+    summed = cp.zeros((k, n, n), cp.complex64)
+    window_sums(
+        *args,
+        num=num,
+        den=den,
+        terms_channels=k,
+        power=power,
+        den_max=den_max,
+        power_max=power_max,
+        terms_sum=summed,
+    )
+    terms = window_sums(*args, terms_channels=k)
+    tag = f"n={n} B={b} K={k}"
+    return [
+        {"check": f"window_sums terms_sum {tag}", "rel": rel(summed, batch_sum(terms))},
+        {
+            "check": f"window_sums den max {tag}",
+            "rel": abs(float(den_max.max()) - float(den.max())) / float(den.max()),
+        },
+        {
+            "check": f"window_sums power max {tag}",
+            "rel": abs(float(power_max.max()) - float(power.max())) / float(power.max()),
+        },
+    ]
+
+
 def cufft_update(cp: Any, s: dict, valid: Any, floor: float, scale: float) -> tuple[Any, Any]:
     f = cp.fft.fft2(exit_waves(s["canvas"], s["corners"], s["probes"]))
     err = modulus_residual(f, s["amps"], s["rows"], valid, floor, scale)
@@ -103,6 +143,15 @@ def checks(cp: Any) -> list[dict]:
             }
         )
         out.extend(shift_checks(cp, n, 37, 1) + shift_checks(cp, n, 24, 3))
+        out.extend(sums_checks(cp, n, 37, 1) + sums_checks(cp, n, 24, 3))
+        kept = x.copy()
+        got = lines.scaled_ifft2_unscaled(x, 0.25)
+        out.append(
+            {
+                "check": f"scaled_ifft2_unscaled {n} (input kept: {bool((x == kept).all())})",
+                "rel": rel(got, cp.fft.ifft2(kept) * n * n * 0.25),
+            }
+        )
         for k in range(1, lines.MAX_MODES + 1):
             for per_position in (False, True):
                 s = scene(cp, n, 24, k, per_position)

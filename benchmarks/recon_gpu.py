@@ -209,6 +209,11 @@ def main() -> None:
         "--batches", type=int, nargs="+", default=[128], help="batch sizes of the big cases"
     )
     parser.add_argument(
+        "--whole-pixel-parity",
+        action="store_true",
+        help="the parity cases on whole-pixel data only",
+    )
+    parser.add_argument(
         "--compare-cufft",
         action="store_true",
         help="time the big cases with cuFFT in place of the solver's own FFT as well",
@@ -237,8 +242,9 @@ def main() -> None:
         for modes in args.modes:
             params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
             name = f"demo {label} {algorithm} K={modes}"
-            plans.append((name, small, params, True, reference))
-            if args.variants:  # the whole-pixel fused path
+            if not args.whole_pixel_parity:
+                plans.append((name, small, params, True, reference))
+            if args.variants or args.whole_pixel_parity:  # the whole-pixel fused path
                 params = params.model_copy(update={"subpixel_positions": False})
                 plans.append((f"{name} whole-pixel", small, params, True, False))
     if args.variants:  # paths that stay on the xp reference on CuPy

@@ -55,6 +55,7 @@ def test_every_launched_kernel_is_compiled_by_name() -> None:
     source = Path(lines.__file__).read_text()
     launched = set(re.findall(r'_kernel\("(\w+)"', source))
     assert launched == {"exit_rows", "rows", "columns", "modulus_columns"} | {
+        "rows_scaled",
         "shifted_columns",
         "unshift_columns",
     }

@@ -34,6 +34,7 @@ __all__ = [
     "fft2",
     "ifft2_unscaled",
     "modulus_update",
+    "scaled_ifft2_unscaled",
     "shifted_modes",
     "supports",
     "unshift_sum",
@@ -119,6 +120,19 @@ __global__ void liveptycho_rows(cf* x, const cf* tw) {
     fft_line<P, LOG, INV, true>(v, S, t, P + 1, 1, tw);
 #pragma unroll
     for (int m = 0; m < P; ++m) row[t + P * m] = v[m];
+}
+
+// dst (lines, N) <- the row transforms of scale * src (lines, N): a scaled copy that
+// costs no pass of its own.
+template <int P, int LOG, bool INV>
+__global__ void liveptycho_rows_scaled(const cf* src, cf* dst, float scale, const cf* tw) {
+    ROW_SETUP(P)
+    const long long line = ((long long)blockIdx.x * LINES + threadIdx.y) * N;
+#pragma unroll
+    for (int m = 0; m < P; ++m) v[m] = src[line + t + P * m] * scale;
+    fft_line<P, LOG, INV, true>(v, S, t, P + 1, 1, tw);
+#pragma unroll
+    for (int m = 0; m < P; ++m) dst[line + t + P * m] = v[m];
 }
 
 // Columns: block (256 / P columns, P); scratch P x P per column, columns innermost.
@@ -299,6 +313,7 @@ def _names() -> list[str]:
         names.append(f"liveptycho_unshift_columns<{p}, {log}>")
         for inv in ("false", "true"):
             names.append(f"liveptycho_rows<{p}, {log}, {inv}>")
+            names.append(f"liveptycho_rows_scaled<{p}, {log}, {inv}>")
             names.append(f"liveptycho_columns<{p}, {log}, {inv}>")
         modes = range(1, MAX_MODES + 1)
         names.extend(f"liveptycho_modulus_columns<{p}, {log}, {k}>" for k in modes)
@@ -409,6 +424,23 @@ def _exit_rows(canvas: Any, corners: Any, probes: Any) -> Any:
             (p, lines_per_block),
             (*args, np.int32(probes.ndim == 4), _tw(n), out),
         )
+    return out
+
+
+def scaled_ifft2_unscaled(x: Any, scale: float) -> Any:
+    """``n² ifft2(scale x)`` as a new array (``x`` (…, n, n) complex64 C-contiguous is
+    left as it is): two passes, the scaled copy made by the first."""
+    import cupy as cp
+
+    n, planes = _planes(x)
+    out = cp.empty(x.shape, dtype=cp.complex64)
+    if planes:
+        p = _FACTOR[n]
+        lines_per_block = _THREADS // p
+        args = (x, out, np.float32(scale), _tw(n))
+        grid = (planes * n // lines_per_block,)
+        _kernel("rows_scaled", p, "true")(grid, (p, lines_per_block), args)
+        _transform(out, inverse=True, rows=False)
     return out
 
 

@@ -158,9 +158,9 @@ def _kernels() -> dict[str, Any]:
         "raw T dpsi, raw T probes, raw T canvas, raw int32 corners, int32 oy, int32 ox, "
         "int32 n, int32 box_width, int32 width, int32 k_modes, bool per_position, "
         "raw float32 weights, bool has_weights, bool do_num, bool do_den, int32 channels, "
-        "bool do_power, bool track_max",
+        "bool do_power, bool track_max, bool sum_terms",
         "raw float32 num, raw float32 den, raw T terms, raw float32 power, "
-        "raw uint32 den_slots, raw uint32 power_slots",
+        "raw uint32 den_slots, raw uint32 power_slots, raw float32 terms_sum",
         """
         const long long nn = (long long)n * n;
         const long long b = i / nn;
@@ -180,7 +180,11 @@ def _kernels() -> dict[str, Any]:
                 im += p.real() * d.imag() - p.imag() * d.real();
                 illum += p.real() * p.real() + p.imag() * p.imag();
             }
-            if (channels > 0) {
+            if (sum_terms) {
+                const T t = conj(o) * d;
+                atomicAdd(&terms_sum[2 * (k * nn + r)], t.real());
+                atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t.imag());
+            } else if (channels > 0) {
                 terms[(b * channels + k) * nn + r] = conj(o) * d;
             }
         }
@@ -336,6 +340,7 @@ def window_sums(
     power: Any | None = None,
     den_max: Any | None = None,
     power_max: Any | None = None,
+    terms_sum: Any | None = None,
 ) -> Any | None:
     """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass.
 
@@ -344,6 +349,9 @@ def window_sums(
       (``w_b``: ``weights`` (B,) float32, or 1); ``den`` None skips the illumination;
     * ``terms_channels`` K: returns the probe terms ``conj(O_b) dpsi_bk`` (B, K, n, n);
       K + 1: plus ``|O_b|^2`` as channel K (B, K + 1, n, n);
+    * ``terms_sum`` (K, n, n) complex64, with ``terms_channels`` K: the probe terms are
+      added into it over the batch (atomics) instead of returned per position: the
+      whole-pixel probe update, which needs only their sum;
     * ``power`` (n, n) float32: ``power += sum_b |O_b|^2``;
     * ``den_max`` / ``power_max``: zeroed slots (:func:`max_slots`) that receive the
       maximum of ``den`` / ``power`` after the sums (both or neither). The sums only
@@ -354,9 +362,12 @@ def window_sums(
     import cupy as cp
 
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
+    summed = terms_sum is not None
+    if summed and terms_channels != k:
+        raise ValueError(f"terms_sum takes the {k} probe terms, not {terms_channels} channels")
     terms = (
         cp.empty((b, terms_channels, n, n), dtype=dpsi.dtype)
-        if terms_channels
+        if terms_channels and not summed
         else _dummy(cp.complex64)
     )
     f32 = _dummy(cp.float32)
@@ -383,15 +394,17 @@ def window_sums(
         terms_channels,
         power is not None,
         track,
+        summed,
         num.view(cp.float32) if num is not None else f32,
         den if den is not None else f32,
         terms,
         power if power is not None else f32,
         den_max.view(cp.uint32) if track else u32,
         power_max.view(cp.uint32) if track else u32,
+        terms_sum.view(cp.float32) if summed else f32,
         size=b * n * n,
     )
-    return terms if terms_channels else None
+    return terms if terms_channels and not summed else None
 
 
 def max_slots(buffer: Any) -> Any:

@@ -50,7 +50,6 @@ from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
     add_ratio,
     add_scaled,
-    batch_sum,
     exit_waves,
     max_slots,
     ramp_table,
@@ -334,7 +333,8 @@ class _Sums:
     oden: Any | None  # (n, n) float32: sum of |O|^2 over the batch (probe update only)
     den_max: Any  # max(den), as window_sums tracked it (recon._fused.max_slots)
     oden_max: Any  # max(oden), likewise
-    terms: Any | None  # (B, C, n, n) probe terms (probe update only)
+    terms: Any | None  # (B, C, n, n) probe terms (sub-pixel probe update only)
+    terms_sum: Any | None  # (K, n, n) their sum over the batch (whole-pixel probe update)
 
 
 def _grow(buf: Any, needed: int, xp: types.ModuleType, *, exact: bool = False) -> Any:
@@ -750,11 +750,16 @@ class StreamingSolver:
             return fft_lines.ifft2_unscaled(x)
         return ifft2_unscaled(x, xp=self._xp, overwrite_x=True)
 
-    def _probe_from_terms(self, terms: Any, table: Any | None) -> Any:
-        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
-        (B, C, n, n) (``window_sums``); a plain sum over the batch on whole-pixel data."""
+    def _probe_update_terms(self, sums: _Sums, table: Any | None) -> Any:
+        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of the batch's probe terms;
+        on whole-pixel data ``window_sums`` already summed them."""
         if table is None:
-            return batch_sum(terms)
+            return sums.terms_sum
+        return self._probe_from_terms(sums.terms, table)
+
+    def _probe_from_terms(self, terms: Any, table: Any) -> Any:
+        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
+        (B, C, n, n) (``window_sums``)."""
         if self._lines:
             spectra = fft_lines.unshift_sum(terms, table, self._n**-2)
         else:
@@ -956,7 +961,10 @@ class StreamingSolver:
             f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
             err = modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2)
             dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
-        num, den, oden, den_max, oden_max = self._fused_accumulators(batch, update_probe)
+        whole = batch.table is None
+        num, den, oden, den_max, oden_max, summed = self._fused_accumulators(
+            batch, update_probe, probes.shape[-3] if update_probe and whole else 0
+        )
         terms = window_sums(
             dpsi,
             probes,
@@ -969,27 +977,34 @@ class StreamingSolver:
             power=oden,
             den_max=den_max,
             power_max=oden_max,
+            terms_sum=summed,
         )
-        return err, dpsi, _Sums(num, den, oden, den_max, oden_max, terms)
+        return err, dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
 
-    def _fused_accumulators(self, batch: _Batch, update_probe: bool) -> tuple[Any, ...]:
-        """Zeroed ``(num, den, oden, den_max, oden_max)`` for :meth:`_fused_sums` as views
-        of one buffer (one memset per batch): the object sums on the batch's box, the
-        object power (n, n) (None without ``update_probe``) and their maximum slots
+    def _fused_accumulators(
+        self, batch: _Batch, update_probe: bool, summed_modes: int
+    ) -> tuple[Any, ...]:
+        """Zeroed ``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`
+        as views of one buffer (one memset per batch): the object sums on the batch's box,
+        the object power (n, n) (None without ``update_probe``), their maximum slots
         (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the
-        maximum of nothing lands in an unused slot set)."""
+        maximum of nothing lands in an unused slot set) and, for ``summed_modes`` > 0,
+        the probe terms summed over the batch (K, n, n) (else None)."""
         xp, n = self._xp, self._n
         box = batch.box_shape[0] * batch.box_shape[1]
         slots = SLOT_FLOATS
         power = n * n if update_probe else 0
-        buffer = xp.zeros(2 * box + box + slots + power + slots, dtype=xp.float32)
+        terms = 2 * summed_modes * n * n
+        buffer = xp.zeros(terms + 2 * box + box + slots + power + slots, dtype=xp.float32)
+        summed = buffer[:terms].view(xp.complex64).reshape(-1, n, n) if terms else None
+        buffer = buffer[terms:]
         num = buffer[: 2 * box].view(xp.complex64).reshape(batch.box_shape)
         den = buffer[2 * box : 3 * box].reshape(batch.box_shape)
         den_max = max_slots(buffer[3 * box :])
         rest = buffer[3 * box + slots :]
         oden = rest[:power].reshape(n, n) if update_probe else None
         oden_max = max_slots(rest[power:])
-        return num, den, oden, den_max, oden_max
+        return num, den, oden, den_max, oden_max, summed
 
     def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
         """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
@@ -999,7 +1014,7 @@ class StreamingSolver:
         obj = self._object[batch.box_slices]
         regularised_step(obj, sums.num, sums.den, p.object_reg, p.alpha, sums.den_max)
         if update_probe:
-            onum = self._probe_from_terms(sums.terms, table)
+            onum = self._probe_update_terms(sums, table)
             regularised_step(self._probes, onum, sums.oden, p.probe_reg, p.beta, sums.oden_max)
         return err
 
@@ -1069,7 +1084,7 @@ class StreamingSolver:
         regularise(den, p.object_reg, sums.den_max)
         d_probe = seen = None
         if update_probe:
-            d_probe = self._probe_from_terms(sums.terms, table)
+            d_probe = self._probe_update_terms(sums, table)
             d_probe /= regularise(sums.oden, p.probe_reg, sums.oden_max)
             del sums
             # The probe step as each position sees it: shifted by its fraction.
@@ -1233,13 +1248,21 @@ class StreamingSolver:
         start = 0
         for batch in batches:
             stop = start + int(batch.rows.shape[0])
-            psi = self._ifft_unscaled(scaled_copy(waves[start:stop], n**-2))
+            if self._lines:  # the scaled copy is the first pass's read
+                psi = fft_lines.scaled_ifft2_unscaled(waves[start:stop], n**-2)
+            else:
+                psi = self._ifft_unscaled(scaled_copy(waves[start:stop], n**-2))
             start = stop
             if spectra is None:
-                terms = window_sums(
-                    psi, self._probes, self._object, batch.corners, terms_channels=k, power=pden
+                window_sums(
+                    psi,
+                    self._probes,
+                    self._object,
+                    batch.corners,
+                    terms_channels=k,
+                    power=pden,
+                    terms_sum=pnum,
                 )
-                pnum += batch_sum(terms)
                 continue
             terms = window_sums(
                 psi, self._probes, self._object, batch.corners, terms_channels=k + 1
