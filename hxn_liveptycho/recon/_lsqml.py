@@ -23,7 +23,12 @@ _MAX_POISSON_STEP = 0.99
 
 
 def far_field_factor(
-    inten: Any, amps: Any, valid: Any | None, noise: str, xp: types.ModuleType
+    inten: Any,
+    amps: Any,
+    valid: Any | None,
+    noise: str,
+    xp: types.ModuleType,
+    poisson_floor: float = 0.0,
 ) -> Any:
     """Real factor ``g`` (B, n, n) so the far-field update of every mode is ``g * Psi_k``.
 
@@ -32,13 +37,18 @@ def far_field_factor(
     ``g = A / sqrt(I) - 1``. Poisson noise: the likelihood gradient direction
     ``-xi Psi`` with ``xi = 1 - A^2 / I``, times the step ``a_j`` (one per frame)
     that maximises the frame's Poisson likelihood along it, found by a few
-    Newton steps on ``sum [xi I (1 - a xi) - A^2 xi / (1 - a xi)] = 0``.
+    Newton steps on ``sum [xi I (1 - a xi) - A^2 xi / (1 - a xi)] = 0``, with the
+    model intensity taken as at least ``poisson_floor`` (counts): where the model is
+    near zero and the frame is not, ``A^2 / I`` would otherwise dominate the frame's
+    sums, and its rounding the step.
     Invalid detector pixels get ``g = 0`` (the model is kept there).
     """
     safe = xp.maximum(inten, 1e-12)
     if noise == "gaussian":
         g = amps / xp.sqrt(safe) - 1.0
     else:
+        if poisson_floor > 0:
+            inten = safe = xp.maximum(inten, xp.float32(poisson_floor))
         meas = amps * amps
         xi = 1.0 - meas / safe
         if valid is not None:
