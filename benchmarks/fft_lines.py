@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.recon_gpu import copy_bandwidth
+from benchmarks.recon_profile import event_time
 from hxn_liveptycho.recon import _fft_lines as lines
 from hxn_liveptycho.recon import backend
 from hxn_liveptycho.recon._fused import (
@@ -182,16 +183,9 @@ def checks(cp: Any) -> list[dict]:
     return out
 
 
-def gpu_ms(cp: Any, fn: Callable[[], Any], repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) / repeats
+def gpu_ms(cp: Any, fn: Callable[[], Any]) -> float:
+    """Milliseconds per call of ``fn`` on the device."""
+    return event_time(cp, fn, repeats=20) * 1e3
 
 
 def timings(cp: Any, bandwidth: float) -> list[dict]:
