@@ -19,6 +19,7 @@ relative difference between the two objects and both object errors.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import platform
@@ -113,11 +114,17 @@ def timed(cp: Any, solver: StreamingSolver, iterations: int) -> float:
     solver.iterate(max(3, solver.params.probe_update_start + solver.params.orthogonalize_every + 1))
     cp.cuda.Device().synchronize()
     rounds = []
-    for _ in range(3):  # the median of three rounds: the lent machines are shared and noisy
-        t0 = time.perf_counter()
-        solver.iterate(iterations)
-        cp.cuda.Device().synchronize()
-        rounds.append((time.perf_counter() - t0) / iterations)
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collector pause is a large share of a short round
+    try:
+        for _ in range(3):  # the median of three rounds: the lent machines are shared
+            t0 = time.perf_counter()
+            solver.iterate(iterations)
+            cp.cuda.Device().synchronize()
+            rounds.append((time.perf_counter() - t0) / iterations)
+    finally:
+        if collecting:
+            gc.enable()
     return float(np.median(rounds))
 
 
