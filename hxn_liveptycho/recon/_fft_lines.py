@@ -375,37 +375,53 @@ def _planes(x: Any) -> tuple[int, int]:
     return n, x.size // (n * n)
 
 
-def _transform(x: Any, inverse: bool, *, rows: bool = True) -> Any:
+def _flag(inverse: bool) -> str:
+    return "true" if inverse else "false"
+
+
+def _rows_pass(x: Any, inverse: bool) -> None:
+    """Transform every row of ``x`` (…, n, n) in place."""
     n, planes = _planes(x)
-    p, flag, tw = _FACTOR[n], "true" if inverse else "false", _tw(n)
-    lines_per_block = _THREADS // p
-    if rows and planes:
+    if planes:
+        p = _FACTOR[n]
+        lines_per_block = _THREADS // p
         grid = (planes * n // lines_per_block,)
-        _kernel("rows", p, flag)(grid, (p, lines_per_block), (x, tw))
+        _kernel("rows", p, _flag(inverse))(grid, (p, lines_per_block), (x, _tw(n)))
+
+
+def _columns_pass(x: Any, inverse: bool) -> None:
+    """Transform every column of ``x`` (…, n, n) in place."""
+    n, planes = _planes(x)
+    p = _FACTOR[n]
+    lines_per_block = _THREADS // p
     flat = x.reshape(planes, n, n)
     for start in range(0, planes, _MAX_GRID_Y):  # a grid's y extent is at most 65,535
         part = flat[start : start + _MAX_GRID_Y]
         grid = (n // lines_per_block, part.shape[0])
-        _kernel("columns", p, flag)(grid, (lines_per_block, p), (part, tw))
-    return x
+        _kernel("columns", p, _flag(inverse))(grid, (lines_per_block, p), (part, _tw(n)))
 
 
 def fft2(x: Any) -> Any:
     """Unnormalised forward 2-D FFT over the last two axes of ``x`` (…, n, n) complex64,
     in place; returns ``x``."""
-    return _transform(x, inverse=False)
+    _rows_pass(x, inverse=False)
+    _columns_pass(x, inverse=False)
+    return x
 
 
 def ifft2_unscaled(x: Any) -> Any:
     """Inverse 2-D FFT without the 1/n² (``n² ifft2``), in place; returns ``x``."""
-    return _transform(x, inverse=True)
+    _rows_pass(x, inverse=True)
+    _columns_pass(x, inverse=True)
+    return x
 
 
 def exit_wave_spectra(canvas: Any, corners: Any, probes: Any) -> Any:
     """``fft2(exit_waves(canvas, corners, probes))`` (B, K, n, n), unnormalised, in two
     passes: the exit waves never exist in real space outside registers."""
     out = _exit_rows(canvas, corners, probes)
-    return _transform(out, inverse=False, rows=False)
+    _columns_pass(out, inverse=False)
+    return out
 
 
 def _exit_rows(canvas: Any, corners: Any, probes: Any) -> Any:
@@ -440,7 +456,7 @@ def scaled_ifft2_unscaled(x: Any, scale: float) -> Any:
         args = (x, out, np.float32(scale), _tw(n))
         grid = (planes * n // lines_per_block,)
         _kernel("rows_scaled", p, "true")(grid, (p, lines_per_block), args)
-        _transform(out, inverse=True, rows=False)
+        _columns_pass(out, inverse=True)
     return out
 
 
@@ -459,9 +475,7 @@ def shifted_modes(spectra: Any, table: Any, scale: float) -> Any:
         lines_per_block = _THREADS // p
         args = (spectra, table, np.int32(k), np.float32(scale), _tw(n), out)
         _kernel("shifted_columns", p)((n // lines_per_block, b * k), (lines_per_block, p), args)
-        _kernel("rows", p, "true")(
-            (b * k * n // lines_per_block,), (p, lines_per_block), (out, _tw(n))
-        )
+        _rows_pass(out, inverse=True)
     return out
 
 
@@ -477,9 +491,7 @@ def unshift_sum(f: Any, table: Any, scale: float, out: Any | None = None) -> Any
     if b:
         p = _FACTOR[n]
         lines_per_block = _THREADS // p
-        _kernel("rows", p, "false")(
-            (b * c * n // lines_per_block,), (p, lines_per_block), (f, _tw(n))
-        )
+        _rows_pass(f, inverse=False)
         chunks = -(-b // _UNSHIFT_CHUNK)
         args = (f, table, np.int32(b), np.int32(c), np.int32(_UNSHIFT_CHUNK), np.float32(scale))
         grid = (n // lines_per_block, c, chunks)
@@ -523,5 +535,5 @@ def modulus_update(
         (lines_per_block, p),
         (out, amps, rows, mask, i32(has_valid), f32(floor), f32(scale), tw, err),
     )
-    _kernel("rows", p, "true")((b * k * n // lines_per_block,), (p, lines_per_block), (out, tw))
+    _rows_pass(out, inverse=True)
     return err, out
