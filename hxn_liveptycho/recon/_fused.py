@@ -74,17 +74,23 @@ __device__ __forceinline__ float slots_max(const float* slots) {{
 }}
 """
 
-#: Batch index ``b``, mode ``k`` and in-window pixel ``r`` = (y, x) of element ``i`` of a
-#: (B, K, n, n) array.
-_WAVE_INDEX = """
+def _split_index(outer: str, count: str) -> str:
+    """CUDA that splits element ``i`` of an (outer, ``count``, n, n) array into ``outer``,
+    ``rest`` (its place within that outer entry), mode ``k`` and pixel ``r`` = (y, x)."""
+    return f"""
     const long long nn = (long long)n * n;
-    const long long b = i / (k_modes * nn);
-    const long long rest = i - b * k_modes * nn;
+    const long long {outer} = i / ({count} * nn);
+    const long long rest = i - {outer} * {count} * nn;
     const long long k = rest / nn;
     const long long r = rest - k * nn;
     const long long y = r / n;
     const long long x = r - y * n;
 """
+
+
+#: Batch index ``b``, mode ``k`` and in-window pixel ``r`` = (y, x) of element ``i`` of a
+#: (B, K, n, n) array.
+_WAVE_INDEX = _split_index("b", "k_modes")
 
 
 @functools.cache
@@ -133,14 +139,8 @@ def _kernels() -> dict[str, Any]:
         "raw T f, raw T table, int32 n, int32 channels, int32 batch, int32 chunk, "
         "bool has_table, float32 scale",
         "raw float32 out",
-        """
-        const long long nn = (long long)n * n;
-        const long long c = i / (channels * nn);
-        const long long rest = i - c * channels * nn;
-        const long long k = rest / nn;
-        const long long r = rest - k * nn;
-        const long long y = r / n;
-        const long long x = r - y * n;
+        _split_index("c", "channels")
+        + """
         const int stop = min(batch, (int)(c + 1) * chunk);
         T acc = T(0, 0);
         for (int b = c * chunk; b < stop; ++b) {
