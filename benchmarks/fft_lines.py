@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.recon_gpu import copy_bandwidth
+from benchmarks.recon_gpu import copy_bandwidth, save_report
 from benchmarks.recon_profile import event_time
 from hxn_liveptycho.recon import _fft_lines as lines
 from hxn_liveptycho.recon import backend
@@ -294,17 +293,7 @@ def main() -> None:
     for r in timings(cp, bandwidth):
         print(json.dumps(r), flush=True)
         results.append(r)
-    report = {
-        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "cupy": cp.__version__,
-        "python": platform.python_version(),
-        "results": results,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    print(f"device {report['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    save_report(cp, bandwidth, results, args.out)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,24 @@ def copy_bandwidth(cp: Any) -> float:
     return 2 * src.nbytes * repeats / seconds
 
 
+def save_report(cp: Any, bandwidth: float, results: list[dict], out: str | None) -> dict:
+    """The run's report (device, copy rate, versions, results), written to ``out`` as
+    JSON when given; prints the device line."""
+    report = {
+        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "cupy": cp.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "results": results,
+    }
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"\ndevice {report['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    return report
+
+
 def make_solver(sample: SimulatedSample, xp: Any, params: IterativeParams) -> StreamingSolver:
     bl = sample.beamline
     amplitudes = np.sqrt(sample.intensities).astype(np.float32)
@@ -303,19 +321,7 @@ def main() -> None:
         r["ratio_to_floor"] = {k: r["gpu_s_per_iteration"] / v for k, v in floors.items()}
         results.append(r)
         print(json.dumps(r), flush=True)
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    report = {
-        "device": props["name"].decode(),
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "cupy": cp.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "results": results,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    print(f"\ndevice {report['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    save_report(cp, bandwidth, results, args.out)
     print(
         "| case | GPU s/it | cuFFT s/it | unfused s/it | CPU s/it | floor s (data / +FFTs / "
         "algorithm) | ratio | pool GiB | parity |"
