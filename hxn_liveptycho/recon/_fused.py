@@ -74,6 +74,7 @@ __device__ __forceinline__ float slots_max(const float* slots) {{
 }}
 """
 
+
 def _split_index(outer: str, count: str) -> str:
     """CUDA that splits element ``i`` of an (outer, ``count``, n, n) array into ``outer``,
     ``rest`` (its place within that outer entry), mode ``k`` and pixel ``r`` = (y, x)."""

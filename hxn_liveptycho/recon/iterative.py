@@ -770,11 +770,18 @@ class StreamingSolver:
     def _probe_from_terms(self, terms: Any, table: Any) -> Any:
         """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
         (B, C, n, n) (``window_sums``)."""
+        return self._ifft_unscaled(self._unshift_sum(terms, table))
+
+    def _unshift_sum(self, terms: Any, table: Any, out: Any | None = None) -> Any:
+        """Fused path: ``sum_j fft2(terms_j) conj(ramp_j) / n²`` (C, n, n), added into
+        ``out`` when given; ``terms`` (B, C, n, n) is consumed."""
         if self._lines:
-            spectra = fft_lines.unshift_sum(terms, table, self._n**-2)
-        else:
-            spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
-        return self._ifft_unscaled(spectra)
+            return fft_lines.unshift_sum(terms, table, self._n**-2, out=out)
+        spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
+        if out is None:
+            return spectra
+        out += spectra
+        return out
 
     def _batch_fractions(self, batch: _Batch) -> Any:
         """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
@@ -1019,13 +1026,13 @@ class StreamingSolver:
     def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
         """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
         p = self.params
-        err, dpsi, sums = self._fused_sums(batch, probes, update_probe, 1e-24)
+        err, dpsi, acc = self._fused_sums(batch, probes, update_probe, 1e-24)
         del dpsi  # only its sums are needed: free it before the updates
         obj = self._object[batch.box_slices]
-        regularised_step(obj, sums.num, sums.den, p.object_reg, p.alpha, sums.den_max)
+        regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
         if update_probe:
-            onum = self._probe_update_terms(sums, table)
-            regularised_step(self._probes, onum, sums.oden, p.probe_reg, p.beta, sums.oden_max)
+            onum = self._probe_update_terms(acc, table)
+            regularised_step(self._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)
         return err
 
     # ------------------------------------------------------------------ LSQ-ML
@@ -1089,14 +1096,14 @@ class StreamingSolver:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
         p = self.params
-        err, chi, sums = self._fused_sums(batch, probes, update_probe, 1e-12)
-        num, den = sums.num, sums.den
-        regularise(den, p.object_reg, sums.den_max)
+        err, chi, acc = self._fused_sums(batch, probes, update_probe, 1e-12)
+        num, den = acc.num, acc.den
+        regularise(den, p.object_reg, acc.den_max)
         d_probe = seen = None
         if update_probe:
-            d_probe = self._probe_update_terms(sums, table)
-            d_probe /= regularise(sums.oden, p.probe_reg, sums.oden_max)
-            del sums
+            d_probe = self._probe_update_terms(acc, table)
+            d_probe /= regularise(acc.oden, p.probe_reg, acc.oden_max)
+            del acc  # the per-position probe terms: free them before the step sums
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
                 d_probe
@@ -1277,10 +1284,7 @@ class StreamingSolver:
             terms = window_sums(
                 psi, self._probes, self._object, batch.corners, terms_channels=k + 1
             )
-            if self._lines:
-                fft_lines.unshift_sum(terms, batch.table, n**-2, out=spectra)
-            else:
-                spectra += unshift_sum_spectra(self._fft(terms), batch.table, n**-2)
+            self._unshift_sum(terms, batch.table, out=spectra)
         if spectra is not None:
             both = self._ifft_unscaled(spectra)
             pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
