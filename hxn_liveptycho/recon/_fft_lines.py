@@ -510,10 +510,13 @@ def modulus_update(
     valid: Any | None,
     floor: float,
     scale: float,
+    err: Any | None = None,
 ) -> tuple[Any, Any]:
     """``(err, dpsi)``: the batch's squared amplitude error and the exit-wave update
     ``ifft2_unscaled(modulus_residual(fft2(exit_waves(...))))`` (B, K, n, n), in three
-    passes. ``canvas`` (H, W) complex64; ``corners`` (B, 2) int32; ``probes`` (K, n, n)
+    passes. ``err``: a 0-d float32 array to add the error into (a pass's running total:
+    no array made and no add launched per batch), else a new one. ``canvas`` (H, W)
+    complex64; ``corners`` (B, 2) int32; ``probes`` (K, n, n)
     or (B, K, n, n); ``amps`` (rows, n, n) float32 in FFT order, read at ``rows`` (B,)
     int64; ``valid`` (n, n) float32 or None. Requires :func:`supports`."""
     import cupy as cp
@@ -523,7 +526,8 @@ def modulus_update(
         raise ValueError(f"{n}² frames with {k} modes are not supported here; use the cuFFT path")
     b = corners.shape[0]
     out = _exit_rows(canvas, corners, probes)
-    err = cp.zeros((), dtype=cp.float32)
+    if err is None:
+        err = cp.zeros((), dtype=cp.float32)
     if not b:
         return err, out
     p, tw = _FACTOR[n], _tw(n)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "SLOT_FLOATS",
     "add_ratio",
@@ -153,16 +155,45 @@ def _kernels() -> dict[str, Any]:
         """,
         "liveptycho_unshift_sum_spectra",
     )
-    # One thread per window pixel: reads the exit-wave changes and the probes once for
-    # the object sums, the probe terms and the object power together.
-    sums = cp.ElementwiseKernel(
-        "raw T dpsi, raw T probes, raw T canvas, raw int32 corners, int32 oy, int32 ox, "
-        "int32 n, int32 box_width, int32 width, int32 k_modes, bool per_position, "
-        "raw float32 weights, bool has_weights, bool do_num, bool do_den, int32 channels, "
-        "bool do_power, bool track_max, bool sum_terms",
-        "raw float32 num, raw float32 den, raw T terms, raw float32 power, "
-        "raw uint32 den_slots, raw uint32 power_slots, raw float32 terms_sum",
-        """
+    scaled = cp.ElementwiseKernel(
+        "T x, float32 scale", "T out", "out = x * scale", "liveptycho_scale"
+    )
+    return {
+        "waves": waves,
+        "table": table,
+        "shift": shift,
+        "unshift": unshift,
+        "scaled": scaled,
+    }
+
+
+#: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host a few
+#: µs where an ElementwiseKernel's argument checks cost 20-65 µs, and the ePIE and
+#: LSQ-ML passes are bound by that host time (``benchmarks/recon_host.py``). One thread
+#: per element (blocks of :data:`_BLOCK`, as CuPy's element-wise launches); flags are
+#: ``int``; ``target`` arrays are rows of ``width`` elements ``stride`` apart (a box of the
+#: canvas, or any C-contiguous array); ``den`` repeats every ``den_size`` elements (the
+#: probe's ``(n, n)`` power under its ``(K, n, n)`` modes).
+_RAW_SOURCE = (
+    r"""
+#include <cupy/complex.cuh>
+typedef complex<float> T;
+#define ELEMENTS(size) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (size); \
+         i += (long long)blockDim.x * gridDim.x)
+#define TARGET(i) target[((i) / width) * stride + (i) % width]
+"""
+    + _SLOT_MAX
+    + r"""
+// One thread per window pixel: reads the exit-wave changes and the probes once for the
+// object sums, the probe terms and the object power together.
+extern "C" __global__ void liveptycho_window_sums(
+    const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
+    int n, int box_width, int width, int k_modes, int per_position, const float* weights,
+    int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
+    int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
+    unsigned int* power_slots, float* terms_sum, long long size) {
+    ELEMENTS(size) {
         const long long nn = (long long)n * n;
         const long long b = i / nn;
         const long long r = i - b * nn;
@@ -199,65 +230,110 @@ def _kernels() -> dict[str, Any]:
             atomicAdd(&num[2 * dst + 1], w * im);
             if (do_den) {
                 const float total = atomicAdd(&den[dst], illum) + illum;
-                if (track_max) slot_max(&den_slots[0], total);
+                if (track_max) slot_max(den_slots, total);
             }
         }
         if (do_power) {
             const float total = atomicAdd(&power[r], o2) + o2;
-            if (track_max) slot_max(&power_slots[0], total);
+            if (track_max) slot_max(power_slots, total);
         }
-        """,
-        "liveptycho_window_sums",
-        preamble=_SLOT_MAX,
-    )
-    step = cp.ElementwiseKernel(
-        "T num, float32 den, raw float32 den_max, bool slots, float32 reg, float32 weight",
-        "T target",
-        """
-        const float m = slots ? slots_max(&den_max[0]) : den_max[0];
-        const float d = fmaxf((1.f - reg) * (den + reg * m), 1e-30f);
-        target += num * (weight / d);
-        """,
-        "liveptycho_regularised_step",
-        preamble=_SLOT_MAX,
-    )
-    scaled = cp.ElementwiseKernel(
-        "T x, float32 scale", "T out", "out = x * scale", "liveptycho_scale"
-    )
-    regularise = cp.ElementwiseKernel(
-        "raw float32 den_max, bool slots, float32 reg",
-        "float32 den",
-        """
-        const float m = slots ? slots_max(&den_max[0]) : den_max[0];
-        den = fmaxf((1.f - reg) * (den + reg * m), 1e-30f);
-        """,
-        "liveptycho_regularise",
-        preamble=_SLOT_MAX,
-    )
-    add_ratio = cp.ElementwiseKernel(
-        "T num, float32 den", "T target", "target += num / den", "liveptycho_add_ratio"
-    )
-    add_scaled = cp.ElementwiseKernel(
-        "T x, raw float32 scale", "T target", "target += x * scale[0]", "liveptycho_add_scaled"
-    )
-    return {
-        "waves": waves,
-        "table": table,
-        "shift": shift,
-        "unshift": unshift,
-        "sums": sums,
-        "step": step,
-        "scaled": scaled,
-        "regularise": regularise,
-        "add_ratio": add_ratio,
-        "add_scaled": add_scaled,
     }
+}
+
+// target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)
+extern "C" __global__ void liveptycho_regularised_step(
+    const T* num, const float* den, long long den_size, const float* den_max, int slots,
+    float reg, float weight, T* target, long long width, long long stride, long long size) {
+    const float m = slots ? slots_max(den_max) : den_max[0];
+    ELEMENTS(size) {
+        const float d = fmaxf((1.f - reg) * (den[i % den_size] + reg * m), 1e-30f);
+        TARGET(i) += num[i] * (weight / d);
+    }
+}
+
+// den <- max((1 - reg) (den + reg max(den)), 1e-30), in place
+extern "C" __global__ void liveptycho_regularise(
+    const float* den_max, int slots, float reg, float* den, long long size) {
+    const float m = slots ? slots_max(den_max) : den_max[0];
+    ELEMENTS(size) {
+        den[i] = fmaxf((1.f - reg) * (den[i] + reg * m), 1e-30f);
+    }
+}
+
+// target += num / den
+extern "C" __global__ void liveptycho_add_ratio(
+    const T* num, const float* den, T* target, long long width, long long stride,
+    long long size) {
+    ELEMENTS(size) {
+        TARGET(i) += num[i] / den[i];
+    }
+}
+
+// target += x scale[0]
+extern "C" __global__ void liveptycho_add_scaled(
+    const T* x, const float* scale, T* target, long long width, long long stride,
+    long long size) {
+    const float s = scale[0];
+    ELEMENTS(size) {
+        TARGET(i) += x[i] * s;
+    }
+}
+"""
+)
+
+#: Threads per block of the raw element-wise kernels.
+_BLOCK = 128
+
+
+@functools.cache
+def _raw(name: str) -> Any:
+    """Raw kernel ``liveptycho_<name>`` of :data:`_RAW_SOURCE` (CuPy compiles and loads it
+    once per device)."""
+    import cupy as cp
+
+    return cp.RawKernel(_RAW_SOURCE, f"liveptycho_{name}")
+
+
+def _launch(name: str, size: int, args: tuple) -> None:
+    """Run raw kernel ``name`` with one thread per element of ``size``."""
+    if size:
+        blocks = min(-(-size // _BLOCK), 2**31 - 1)
+        _raw(name)((blocks,), (_BLOCK,), (*args, np.int64(size)))
+
+
+def _contiguous(*arrays: Any) -> None:
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError(f"a raw kernel needs C-contiguous arrays, got strides {a.strides}")
+
+
+def _rows(target: Any, size: int) -> tuple[Any, Any]:
+    """``(width, stride)`` of ``target`` as rows (see :data:`_RAW_SOURCE`): any C-contiguous
+    array of ``size`` elements, or a 2-D view whose rows are contiguous."""
+    width = target.shape[-1]
+    if target.size != size:
+        raise ValueError(f"target has {target.size} elements, the update {size}")
+    if target.flags.c_contiguous:
+        return np.int64(width), np.int64(width)
+    if target.ndim == 2 and target.strides[1] == target.itemsize:
+        return np.int64(width), np.int64(target.strides[0] // target.itemsize)
+    raise ValueError(f"target of strides {target.strides} is not a set of contiguous rows")
+
+
+@functools.cache
+def _placeholder(device: int, dtype: str) -> Any:
+    """A small zeroed array on ``device`` that stands in for an absent array argument
+    (never read: the kernel's flag says it is absent)."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        return cp.zeros(SLOT_FLOATS, dtype=dtype)
 
 
 def _dummy(dtype: Any) -> Any:
     import cupy as cp
 
-    return cp.empty(1, dtype=dtype)
+    return _placeholder(cp.cuda.runtime.getDevice(), np.dtype(dtype).name)
 
 
 def exit_waves(canvas: Any, corners: Any, probes: Any) -> Any:
@@ -366,46 +442,48 @@ def window_sums(
     summed = terms_sum is not None
     if summed and terms_channels != k:
         raise ValueError(f"terms_sum takes the {k} probe terms, not {terms_channels} channels")
-    terms = (
-        cp.empty((b, terms_channels, n, n), dtype=dpsi.dtype)
-        if terms_channels and not summed
-        else _dummy(cp.complex64)
-    )
-    f32 = _dummy(cp.float32)
     track = den_max is not None
     if track != (power_max is not None):
         raise ValueError("den_max and power_max go together")
-    u32 = _dummy(cp.uint32)
-    _kernels()["sums"](
-        dpsi,
-        probes,
-        canvas,
-        corners,
-        origin[0],
-        origin[1],
-        n,
-        num.shape[1] if num is not None else 0,
-        canvas.shape[1],
-        k,
-        probes.ndim == 4,
-        weights if weights is not None else f32,
-        weights is not None,
-        num is not None,
-        den is not None,
-        terms_channels,
-        power is not None,
-        track,
-        summed,
-        num.view(cp.float32) if num is not None else f32,
-        den if den is not None else f32,
-        terms,
-        power if power is not None else f32,
-        den_max.view(cp.uint32) if track else u32,
-        power_max.view(cp.uint32) if track else u32,
-        terms_sum.view(cp.float32) if summed else f32,
-        size=b * n * n,
+    per_term = terms_channels and not summed
+    terms = cp.empty((b, terms_channels, n, n), dtype=dpsi.dtype) if per_term else None
+    given = [a for a in (num, den, power, den_max, power_max, terms_sum) if a is not None]
+    _contiguous(dpsi, probes, canvas, corners, *given)
+    absent = _dummy(cp.float32)
+    i32 = np.int32
+    _launch(
+        "window_sums",
+        b * n * n,
+        (
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            i32(origin[0]),
+            i32(origin[1]),
+            i32(n),
+            i32(num.shape[1] if num is not None else 0),
+            i32(canvas.shape[1]),
+            i32(k),
+            i32(probes.ndim == 4),
+            weights if weights is not None else absent,
+            i32(weights is not None),
+            i32(num is not None),
+            i32(den is not None),
+            i32(terms_channels),
+            i32(power is not None),
+            i32(track),
+            i32(summed),
+            num if num is not None else absent,
+            den if den is not None else absent,
+            terms if per_term else absent,
+            power if power is not None else absent,
+            den_max if track else absent,
+            power_max if track else absent,
+            terms_sum if summed else absent,
+        ),
     )
-    return terms if terms_channels and not summed else None
+    return terms
 
 
 def max_slots(buffer: Any) -> Any:
@@ -415,10 +493,10 @@ def max_slots(buffer: Any) -> Any:
     return buffer[:SLOT_FLOATS]
 
 
-def _max_of(den: Any, slots: Any | None) -> tuple[Any, bool]:
+def _max_of(den: Any, slots: Any | None) -> tuple[Any, Any]:
     import cupy as cp
 
-    return (slots, True) if slots is not None else (cp.max(den), False)
+    return (slots, np.int32(1)) if slots is not None else (cp.max(den), np.int32(0))
 
 
 def regularised_step(
@@ -426,32 +504,39 @@ def regularised_step(
 ) -> None:
     """``target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)`` in place: the
     same regularised denominator as the xp path's ``_regularised`` (scale, then add the
-    scaled maximum). ``slots``: ``max(den)`` as :func:`window_sums` tracked it (else a
-    reduction finds it)."""
-    import cupy as cp
-
+    scaled maximum). ``den`` is the shape of ``num`` or of its last axes (repeated over
+    the leading ones); ``target`` may be a box of a larger canvas. ``slots``:
+    ``max(den)`` as :func:`window_sums` tracked it (else a reduction finds it)."""
+    _contiguous(num, den)
+    width, stride = _rows(target, num.size)
+    if num.size % den.size:
+        raise ValueError(f"den {den.shape} does not repeat over num {num.shape}")
     m, from_slots = _max_of(den, slots)
-    _kernels()["step"](num, den, m, from_slots, cp.float32(reg), cp.float32(weight), target)
+    args = (np.float32(reg), np.float32(weight), target, width, stride)
+    _launch("regularised_step", num.size, (num, den, np.int64(den.size), m, from_slots, *args))
 
 
 def regularise(den: Any, reg: float, slots: Any | None = None) -> Any:
     """``den <- max((1 - reg) (den + reg max(den)), 1e-30)`` in place (the xp path's
     ``_regularised`` in one pass); returns ``den``. ``slots`` as :func:`regularised_step`."""
-    import cupy as cp
-
+    _contiguous(den)
     m, from_slots = _max_of(den, slots)
-    _kernels()["regularise"](m, from_slots, cp.float32(reg), den)
+    _launch("regularise", den.size, (m, from_slots, np.float32(reg), den))
     return den
 
 
 def add_ratio(target: Any, num: Any, den: Any) -> None:
-    """``target += num / den`` in place."""
-    _kernels()["add_ratio"](num, den, target)
+    """``target += num / den`` in place (``target`` may be a box of a larger canvas)."""
+    _contiguous(num, den)
+    width, stride = _rows(target, num.size)
+    _launch("add_ratio", num.size, (num, den, target, width, stride))
 
 
 def add_scaled(target: Any, x: Any, scale: Any) -> None:
     """``target += x * scale`` in place, ``scale`` a 0-d float32 device array."""
-    _kernels()["add_scaled"](x, scale, target)
+    _contiguous(x)
+    width, stride = _rows(target, x.size)
+    _launch("add_scaled", x.size, (x, scale, target, width, stride))
 
 
 def scaled_copy(x: Any, scale: float) -> Any:

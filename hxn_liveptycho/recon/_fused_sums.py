@@ -214,40 +214,70 @@ def _module() -> Any:
     return cp.RawModule(code=_SOURCE, options=("-std=c++17",))
 
 
-def _typed(args: tuple) -> tuple:
-    """Python scalars as the kernels' 32-bit ``int`` and ``float`` (CuPy would pass
-    64-bit ones)."""
-    return tuple(
-        np.int32(a) if isinstance(a, bool | int) else np.float32(a) if isinstance(a, float) else a
-        for a in args
-    )
+@functools.cache
+def _function(name: str, device: int) -> Any:
+    """Kernel ``name`` loaded on ``device``, looked up once (the hot path calls these per
+    batch)."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        return _module().get_function(name)
+
+
+def _kernel(name: str) -> Any:
+    import cupy as cp
+
+    return _function(name, cp.cuda.runtime.getDevice())
 
 
 def _launch(name: str, positions: int, nn: int, args: tuple) -> None:
-    """Run kernel ``name`` on a (blocks, positions) grid."""
+    """Run kernel ``name`` on a (blocks, positions) grid; ``args`` as the kernel takes them
+    (``np.int32`` / ``np.float32`` scalars: CuPy would pass Python's as 64-bit)."""
     blocks = min(_BLOCKS_PER_POSITION, -(-nn // _THREADS))
     if positions:
-        _module().get_function(name)((blocks, positions), (_THREADS,), _typed(args))
+        _kernel(name)((blocks, positions), (_THREADS,), args)
+
+
+@functools.cache
+def _ones(device: int) -> Any:
+    """A one-element float32 1 on ``device``: the stand-in for an absent valid-pixel mask."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        return cp.ones(1, dtype=cp.float32)
 
 
 def _mask(valid: Any | None) -> tuple[Any, int]:
     import cupy as cp
 
-    return (valid, 1) if valid is not None else (cp.ones(1, dtype=cp.float32), 0)
+    return (
+        (valid, np.int32(1))
+        if valid is not None
+        else (_ones(cp.cuda.runtime.getDevice()), np.int32(0))
+    )
 
 
 def modulus_residual(
-    f: Any, amps: Any, rows: Any, valid: Any | None, floor: float, scale: float = 1.0
+    f: Any,
+    amps: Any,
+    rows: Any,
+    valid: Any | None,
+    floor: float,
+    scale: float = 1.0,
+    err: Any | None = None,
 ) -> Any:
     """In place: far fields ``f`` (B, K, n, n) become ``scale f v (A / sqrt(max(I, floor))
     - 1)``, ``I = sum_k |f_k|^2``, ``v`` the valid-pixel mask (float32, FFT order).
-    Returns the batch's squared amplitude error ``sum (v (sqrt(I) - A))^2`` (0-d)."""
+    Returns the batch's squared amplitude error ``sum (v (sqrt(I) - A))^2`` (0-d), added
+    into ``err`` when given (a pass's running total), else in a new array."""
     import cupy as cp
 
     b, k, nn = f.shape[0], f.shape[1], f.shape[-1] * f.shape[-2]
-    err = cp.zeros((), dtype=cp.float32)
+    if err is None:
+        err = cp.zeros((), dtype=cp.float32)
     mask, has = _mask(valid)
-    args = (f, amps, rows, mask, has, k, nn, cp.float32(floor), cp.float32(scale), err)
+    i32, f32 = np.int32, np.float32
+    args = (f, amps, rows, mask, has, i32(k), i32(nn), f32(floor), f32(scale), err)
     _launch("liveptycho_modulus", b, nn, args)
     return err
 
@@ -274,6 +304,7 @@ def lsqml_step_sums(
     b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
     out = cp.zeros((b, 5), dtype=cp.float32)
     mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    i32 = np.int32
     args = (
         chi,
         probes,
@@ -282,14 +313,14 @@ def lsqml_step_sums(
         num,
         den,
         corners,
-        origin[0],
-        origin[1],
-        n,
-        num.shape[1],
-        canvas.shape[1],
-        k,
-        int(probes.ndim == 4),
-        mode,
+        i32(origin[0]),
+        i32(origin[1]),
+        i32(n),
+        i32(num.shape[1]),
+        i32(canvas.shape[1]),
+        i32(k),
+        i32(probes.ndim == 4),
+        i32(mode),
         out,
     )
     _launch("liveptycho_lsqml_sums", b, n * n, args)
@@ -307,8 +338,9 @@ def lsqml_steps(
     b = sums.shape[0]
     weights = cp.empty(b, dtype=cp.float32)
     scale = cp.zeros((), dtype=cp.float32)
-    args = (sums, b, float(reg), float(alpha), float(beta), with_probe, weights, scale)
-    _module().get_function("liveptycho_lsqml_steps")((1,), (_THREADS,), _typed(args))
+    f32 = np.float32
+    args = (sums, np.int32(b), f32(reg), f32(alpha), f32(beta), np.int32(with_probe))
+    _kernel("liveptycho_lsqml_steps")((1,), (_THREADS,), (*args, weights, scale))
     return weights, scale
 
 
@@ -335,7 +367,8 @@ def dm_fourier_step(
     b, k, nn = phi.shape[0], phi.shape[1], phi.shape[-1] * phi.shape[-2]
     sums = cp.zeros((b, 3), dtype=cp.float32)
     mask, has = _mask(valid)
-    _launch("liveptycho_dm_sums", b, nn, (phi, waves, amps, rows, mask, has, k, nn, sums))
+    i32 = np.int32
+    _launch("liveptycho_dm_sums", b, nn, (phi, waves, amps, rows, mask, has, i32(k), i32(nn), sums))
     args = (
         phi,
         waves,
@@ -344,8 +377,8 @@ def dm_fourier_step(
         mask,
         has,
         sums,
-        k,
-        nn,
+        i32(k),
+        i32(nn),
         cp.float32(relax * relax),
         cp.float32(beta),
         cp.float32(scale),

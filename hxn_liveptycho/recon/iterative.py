@@ -929,16 +929,19 @@ class StreamingSolver:
         self._shift[:m] = 0
 
     # ------------------------------------------------------------------ ePIE
-    def _epie_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
-        """One parallel rPIE step on the positions of ``batch``; returns their squared error."""
+    def _epie_batch(self, batch: _Batch, update_probe: bool, refine: bool, err: Any) -> None:
+        """One parallel rPIE step on the positions of ``batch``; adds their squared error
+        into ``err`` (0-d, in place)."""
         xp, p = self._xp, self.params
         fused = self._fused and not refine  # refinement needs the object numerator itself
         probes, ramp = self._batch_probes(batch, fused)
         if fused:
-            return self._epie_fused(batch, probes, ramp, update_probe)
+            self._epie_fused(batch, probes, ramp, update_probe, err)
+            return
         obj = self._gather(batch)
         psi = self._exit_waves(obj, probes)
-        dpsi, err = self._fourier_residual(psi, self._amps[batch.rows])
+        dpsi, e = self._fourier_residual(psi, self._amps[batch.rows])
+        err += e
         # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
         num = self._box_zeros(batch, xp.complex64)
         den = self._box_zeros(batch, xp.float32)
@@ -959,24 +962,31 @@ class StreamingSolver:
             onum /= _regularised(oden, p.probe_reg, xp)
             onum *= p.beta
             self._probes += onum
-        return err
 
     def _fused_sums(
-        self, batch: _Batch, probes: Any, update_probe: bool, floor: float
-    ) -> tuple[Any, Any, _Sums]:
+        self, batch: _Batch, probes: Any, update_probe: bool, floor: float, err: Any
+    ) -> tuple[Any, _Sums]:
         """The common start of fused ePIE and LSQ-ML: the exit-wave update ``dpsi`` (the
-        modulus residual, intensity floored at ``floor``) and, in one pass over it, the
-        object sums on the batch's box and, with ``update_probe``, the probe terms and
-        ``sum |O|^2``. Returns ``(err, dpsi, sums)``."""
+        modulus residual, intensity floored at ``floor``; its squared error added into
+        ``err``) and, in one pass over it, the object sums on the batch's box and, with
+        ``update_probe``, the probe terms and ``sum |O|^2``. Returns ``(dpsi, sums)``."""
         xp, n = self._xp, self._n
         valid = self._valid_f32
         if self._lines and fft_lines.supports(n, probes.shape[-3]):
-            err, dpsi = fft_lines.modulus_update(
-                self._object, batch.corners, probes, self._amps, batch.rows, valid, floor, n**-2
-            )
+            dpsi = fft_lines.modulus_update(
+                self._object,
+                batch.corners,
+                probes,
+                self._amps,
+                batch.rows,
+                valid,
+                floor,
+                n**-2,
+                err=err,
+            )[1]
         else:
             f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
-            err = modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2)
+            modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2, err=err)
             dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
         whole = batch.table is None
         num, den, oden, den_max, oden_max, summed = self._fused_accumulators(
@@ -996,7 +1006,7 @@ class StreamingSolver:
             power_max=oden_max,
             terms_sum=summed,
         )
-        return err, dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
+        return dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
 
     def _fused_accumulators(
         self, batch: _Batch, update_probe: bool, summed_modes: int
@@ -1023,21 +1033,23 @@ class StreamingSolver:
         oden_max = max_slots(rest[power:])
         return num, den, oden, den_max, oden_max, summed
 
-    def _epie_fused(self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool) -> Any:
+    def _epie_fused(
+        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool, err: Any
+    ) -> None:
         """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
         p = self.params
-        err, dpsi, acc = self._fused_sums(batch, probes, update_probe, 1e-24)
+        dpsi, acc = self._fused_sums(batch, probes, update_probe, 1e-24, err)
         del dpsi  # only its sums are needed: free it before the updates
         obj = self._object[batch.box_slices]
         regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
         if update_probe:
             onum = self._probe_update_terms(acc, table)
             regularised_step(self._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)
-        return err
 
     # ------------------------------------------------------------------ LSQ-ML
-    def _lsqml_batch(self, batch: _Batch, update_probe: bool, refine: bool) -> Any:
-        """One LSQ-ML step (Odstrčil 2018) on ``batch``; returns its positions' squared error.
+    def _lsqml_batch(self, batch: _Batch, update_probe: bool, refine: bool, err: Any) -> None:
+        """One LSQ-ML step (Odstrčil 2018) on ``batch``; adds its positions' squared error
+        into ``err`` (0-d, in place).
 
         chi = the exit-wave update the noise model asks for; directions
         dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
@@ -1051,10 +1063,12 @@ class StreamingSolver:
         fused = self._fused and p.noise == "gaussian" and not refine
         probes, ramp = self._batch_probes(batch, fused)
         if fused:
-            return self._lsqml_fused(batch, probes, ramp, update_probe)
+            self._lsqml_fused(batch, probes, ramp, update_probe, err)
+            return
         obj = self._gather(batch)
         amps = self._amps[batch.rows]
-        f, inten, err = self._far_field(self._exit_waves(obj, probes), amps)
+        f, inten, e = self._far_field(self._exit_waves(obj, probes), amps)
+        err += e
         f *= far_field_factor(inten, amps, self._valid, p.noise, xp, p.poisson_floor)[:, None]
         del inten
         chi = ifft2(f, xp=xp, overwrite_x=True)
@@ -1088,15 +1102,14 @@ class StreamingSolver:
         if update_probe:
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             self._probes += d_probe
-        return err
 
     def _lsqml_fused(
-        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool
-    ) -> Any:
+        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool, err: Any
+    ) -> None:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
         p = self.params
-        err, chi, acc = self._fused_sums(batch, probes, update_probe, 1e-12)
+        chi, acc = self._fused_sums(batch, probes, update_probe, 1e-12, err)
         num, den = acc.num, acc.den
         regularise(den, p.object_reg, acc.den_max)
         d_probe = seen = None
@@ -1115,7 +1128,7 @@ class StreamingSolver:
         )
         del seen
         weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
-        num[...] = 0
+        num.fill(0)
         window_sums(
             chi, probes, self._object, batch.corners, origin=batch.origin, num=num, weights=weights
         )
@@ -1123,7 +1136,6 @@ class StreamingSolver:
         add_ratio(self._object[batch.box_slices], num, den)
         if d_probe is not None:
             add_scaled(self._probes, d_probe, probe_scale)
-        return err
 
     # ------------------------------------------------------------------ DM
     def _dm_prepare(self) -> None:
@@ -1320,7 +1332,7 @@ class StreamingSolver:
                 err = xp.zeros((), dtype=xp.float32)
                 order = self._rng.permutation(self._n_active)
                 for batch in self._batches(order):
-                    err = err + step(batch, update_probe, refine)
+                    step(batch, update_probe, refine, err)
                 if refine:
                     self._apply_shifts()
             if update_probe and p.fix_probe_power:

@@ -1,0 +1,186 @@
+"""The raw-kernel launches of recon._fused and recon._fused_sums, checked without a GPU.
+
+A raw CUDA kernel takes its arguments as the launch gives them: one too few,
+a Python int where the kernel has ``int`` (CuPy passes 64 bits), or a scalar
+where it expects a pointer is not an error CuPy can report; the kernel just
+reads garbage. CI has no GPU, so these tests put a recording stand-in for
+CuPy in place, call the launchers as the solver does, and check every launch
+against the kernel's own signature in the CUDA source: the count, and
+pointer / ``int`` / ``float`` / ``long long`` per argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import types
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from hxn_liveptycho.recon import _fused, _fused_sums
+
+_SCALARS = {"int": np.int32, "float": np.float32, "long long": np.int64}
+
+
+def signatures(source: str) -> dict[str, list[str]]:
+    """Kernel name -> its parameters' kinds ("pointer" or the scalar's C type)."""
+    found = {}
+    for name, params in re.findall(
+        r'extern "C" __global__ void (liveptycho_\w+)\((.*?)\)\s*\{', source, re.S
+    ):
+        kinds = []
+        for param in " ".join(params.split()).split(","):
+            words = param.strip().replace("const ", "").rsplit(" ", 1)[0].strip()
+            kinds.append("pointer" if "*" in param else words)
+        found[name] = kinds
+    return found
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, tuple, tuple, tuple]] = []
+
+    def kernel(self, name: str) -> object:
+        def launch(grid: tuple, block: tuple, args: tuple) -> None:
+            self.launches.append((name, grid, block, args))
+
+        return launch
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    rec = Recorder()
+    cp = types.ModuleType("cupy")
+    cp.float32, cp.complex64, cp.uint32 = np.float32, np.complex64, np.uint32
+    cp.zeros, cp.empty, cp.ones, cp.sum = np.zeros, np.empty, np.ones, np.sum
+    cp.max = lambda a: np.asarray(np.max(a))  # CuPy reductions give 0-d arrays
+    cp.RawKernel = lambda code, name: rec.kernel(name)
+
+    class Module:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def get_function(self, name: str) -> object:
+            return rec.kernel(name)
+
+    cp.RawModule = Module
+    cp.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0),
+        Device=lambda _: contextlib.nullcontext(),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    caches = (_fused._raw, _fused._placeholder, _fused_sums._module, _fused_sums._function)
+    caches += (_fused_sums._ones,)
+    for cache in caches:
+        cache.cache_clear()
+    yield rec
+    for cache in caches:
+        cache.cache_clear()
+
+
+def check(launches: list, source: str) -> set[str]:
+    sigs = signatures(source)
+    for name, grid, block, args in launches:
+        assert name in sigs, f"{name} is launched but not defined"
+        kinds = sigs[name]
+        assert len(args) == len(kinds), f"{name}: {len(args)} arguments for {len(kinds)}"
+        for i, (arg, kind) in enumerate(zip(args, kinds, strict=True)):
+            if kind == "pointer":
+                assert isinstance(arg, np.ndarray), f"{name} argument {i}: {arg!r} for a pointer"
+            else:
+                assert type(arg) is _SCALARS[kind], f"{name} argument {i}: {type(arg)} for {kind}"
+        assert all(g >= 1 for g in grid) and np.prod(block) <= 1024
+    return {name for name, *_ in launches}
+
+
+def test_signature_parser_reads_the_kinds() -> None:
+    sigs = signatures(_fused._RAW_SOURCE)
+    assert sigs["liveptycho_regularise"] == ["pointer", "int", "float", "pointer", "long long"]
+
+
+def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
+    recorder: Recorder,
+) -> None:
+    rng = np.random.default_rng(0)
+    b, k, n = 3, 2, 8
+    c64 = np.complex64
+    dpsi = rng.normal(size=(b, k, n, n)).astype(c64)
+    probes = np.ones((k, n, n), c64)
+    canvas = np.ones((20, 24), c64)
+    corners = np.array([[0, 0], [4, 6], [9, 12]], np.int32)
+    box = np.zeros((17, 20), c64)
+    den = np.zeros((17, 20), np.float32)
+    power = np.zeros((n, n), np.float32)
+    slots = [np.zeros(_fused.SLOT_FLOATS, np.float32) for _ in range(2)]
+    terms = _fused.window_sums(dpsi, probes, canvas, corners, origin=(0, 0), num=box, den=den)
+    assert terms is None
+    terms = _fused.window_sums(
+        dpsi, probes, canvas, corners, num=box, den=den, terms_channels=k + 1, power=power
+    )
+    assert terms.shape == (b, k + 1, n, n)
+    summed = np.zeros((k, n, n), c64)
+    _fused.window_sums(
+        dpsi,
+        probes,
+        canvas,
+        corners,
+        num=box,
+        den=den,
+        terms_channels=k,
+        power=power,
+        den_max=slots[0],
+        power_max=slots[1],
+        terms_sum=summed,
+        weights=np.ones(b, np.float32),
+    )
+    # A box of the canvas (strided rows), the probe modes over one power map.
+    target = canvas[2:19, 3:23]
+    _fused.regularised_step(target, box, den, 0.1, 1.0, slots[0])
+    _fused.regularised_step(probes, summed, power, 0.1, 1.0)
+    _fused.regularise(den, 0.1, slots[0])
+    _fused.add_ratio(target, box, den)
+    _fused.add_scaled(probes, summed, np.ones((), np.float32))
+    launched = check(recorder.launches, _fused._RAW_SOURCE)
+    assert launched == set(signatures(_fused._RAW_SOURCE))
+    steps = [a for name, _, _, a in recorder.launches if name.endswith("regularised_step")]
+    assert steps[0][-2] == canvas.shape[1]  # the box's row stride is the canvas width
+    assert steps[1][2] == n * n  # the power map repeats under each mode
+
+
+def test_launchers_refuse_what_the_kernels_cannot_address(recorder: Recorder) -> None:
+    num = np.zeros((4, 6), np.complex64)
+    den = np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _fused.add_ratio(np.zeros((4, 12), np.complex64)[:, ::2], num, den)
+    with pytest.raises(ValueError, match="elements"):
+        _fused.add_ratio(np.zeros((4, 5), np.complex64), num, den)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _fused.regularise(np.ones((6, 4), np.float32).T, 0.1)
+    with pytest.raises(ValueError, match="repeat"):
+        _fused.regularised_step(num.copy(), num, np.ones(5, np.float32), 0.1, 1.0)
+    assert recorder.launches == []
+
+
+def test_every_kernel_of_the_sums_module_is_launched_as_declared(recorder: Recorder) -> None:
+    rng = np.random.default_rng(1)
+    b, k, n = 3, 2, 8
+    c64 = np.complex64
+    f = rng.normal(size=(b, k, n, n)).astype(c64)
+    amps = np.ones((5, n, n), np.float32)
+    rows = np.array([0, 2, 4], np.int64)
+    err = np.zeros((), np.float32)
+    assert _fused_sums.modulus_residual(f, amps, rows, None, 1e-12, 1.0, err=err) is err
+    _fused_sums.modulus_residual(f, amps, rows, np.ones((n, n), np.float32), 1e-12)
+    probes = np.ones((k, n, n), c64)
+    canvas = np.ones((20, 24), c64)
+    corners = np.array([[0, 0], [4, 6], [9, 12]], np.int32)
+    num = np.zeros((17, 20), c64)
+    den = np.ones((17, 20), np.float32)
+    sums = _fused_sums.lsqml_step_sums(f, probes, probes, canvas, num, den, corners, (0, 0))
+    _fused_sums.lsqml_steps(sums, 0.1, 1.0, 1.0, True)
+    _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, n**-2)
+    launched = check(recorder.launches, _fused_sums._SOURCE)
+    assert launched == set(signatures(_fused_sums._SOURCE))
