@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--algorithms", nargs="+", default=["epie", "lsqml", "dm"])
     parser.add_argument("--modes", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--whole-pixel", action="store_true", help="also subpixel off (ePIE)")
+    parser.add_argument("--whole-pixel", action="store_true", help="also subpixel off")
     parser.add_argument("--no-steps", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -193,7 +193,7 @@ def main() -> None:
     sample = SimulatedSample(replace(big, x_num=args.side, y_num=args.side))
     cases = [(a, m, True) for a in args.algorithms for m in args.modes]
     if args.whole_pixel:
-        cases += [("epie", m, False) for m in args.modes]
+        cases += [(a, m, False) for a in args.algorithms for m in args.modes]
     for algorithm, modes, subpixel in cases:
         params = IterativeParams(
             algorithm=algorithm, probe_modes=modes, batch_size=128, subpixel_positions=subpixel

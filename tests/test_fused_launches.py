@@ -57,7 +57,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     cp.float32, cp.complex64, cp.uint32 = np.float32, np.complex64, np.uint32
     cp.zeros, cp.empty, cp.ones, cp.sum = np.zeros, np.empty, np.ones, np.sum
     cp.max = lambda a: np.asarray(np.max(a))  # CuPy reductions give 0-d arrays
-    cp.RawKernel = lambda code, name: rec.kernel(name)
+    cp.RawKernel = lambda code, name, **_: rec.kernel(name)
 
     class Module:
         def __init__(self, **_: object) -> None:

@@ -182,46 +182,61 @@ typedef complex<float> T;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (size); \
          i += (long long)blockDim.x * gridDim.x)
 #define TARGET(i) target[((i) / width) * stride + (i) % width]
+#define WINDOW_HELD_MODES 4
 """
     + _SLOT_MAX
     + r"""
-// One thread per window pixel: reads the exit-wave changes and the probes once for the
-// object sums, the probe terms and the object power together.
-extern "C" __global__ void liveptycho_window_sums(
+// The sums of one window pixel r over positions [b0, b1) of the batch: the object sums
+// per position (atomics: the windows land at different places), the power and the summed
+// probe terms over the positions in registers first, then one atomic add each. HELD > 0:
+// that many modes' summed terms in registers (unrolled, static indices); 0: any number of
+// modes, each term added atomically as it is made.
+template <int HELD>
+__device__ __forceinline__ void window_pixel(
     const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
     int n, int box_width, int width, int k_modes, int per_position, const float* weights,
     int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
     int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
-    unsigned int* power_slots, float* terms_sum, long long size) {
-    ELEMENTS(size) {
-        const long long nn = (long long)n * n;
-        const long long b = i / nn;
-        const long long r = i - b * nn;
-        const long long y = r / n;
-        const long long x = r - y * n;
+    unsigned int* power_slots, float* terms_sum, long long r, int b0, int b1) {
+    const long long nn = (long long)n * n;
+    const long long y = r / n;
+    const long long x = r - y * n;
+    float held_re[HELD > 0 ? HELD : 1], held_im[HELD > 0 ? HELD : 1];
+#pragma unroll
+    for (int k = 0; k < (HELD > 0 ? HELD : 1); ++k) held_re[k] = held_im[k] = 0.f;
+    float power_sum = 0.f;
+    for (int b = b0; b < b1; ++b) {
         const long long gy = corners[2 * b] + y;
         const long long gx = corners[2 * b + 1] + x;
         const T o = (channels > 0 || do_power) ? canvas[gy * width + gx] : T(0, 0);
         const float o2 = o.real() * o.real() + o.imag() * o.imag();
+        power_sum += o2;
         float re = 0.f, im = 0.f, illum = 0.f;
-        for (int k = 0; k < k_modes; ++k) {
-            const T d = dpsi[(b * k_modes + k) * nn + r];
+#pragma unroll
+        for (int k = 0; k < (HELD > 0 ? HELD : k_modes); ++k) {
+            if (HELD > 0 && k >= k_modes) break;
+            const T d = dpsi[(b * (long long)k_modes + k) * nn + r];
             if (do_num) {
-                const T p = probes[(per_position ? b * k_modes + k : k) * nn + r];
+                const T p = probes[(per_position ? b * (long long)k_modes + k : k) * nn + r];
                 re += p.real() * d.real() + p.imag() * d.imag();
                 im += p.real() * d.imag() - p.imag() * d.real();
                 illum += p.real() * p.real() + p.imag() * p.imag();
             }
             if (sum_terms) {
                 const T t = conj(o) * d;
-                atomicAdd(&terms_sum[2 * (k * nn + r)], t.real());
-                atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t.imag());
+                if constexpr (HELD > 0) {
+                    held_re[k] += t.real();
+                    held_im[k] += t.imag();
+                } else {
+                    atomicAdd(&terms_sum[2 * (k * nn + r)], t.real());
+                    atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t.imag());
+                }
             } else if (channels > 0) {
-                terms[(b * channels + k) * nn + r] = conj(o) * d;
+                terms[(b * (long long)channels + k) * nn + r] = conj(o) * d;
             }
         }
         if (channels > k_modes) {
-            terms[(b * channels + k_modes) * nn + r] = T(o2, 0.f);
+            terms[(b * (long long)channels + k_modes) * nn + r] = T(o2, 0.f);
         }
         if (do_num) {
             const float w = has_weights ? weights[b] : 1.f;
@@ -233,9 +248,49 @@ extern "C" __global__ void liveptycho_window_sums(
                 if (track_max) slot_max(den_slots, total);
             }
         }
-        if (do_power) {
-            const float total = atomicAdd(&power[r], o2) + o2;
-            if (track_max) slot_max(power_slots, total);
+    }
+    if constexpr (HELD > 0) {
+        if (sum_terms) {
+#pragma unroll
+            for (int k = 0; k < HELD; ++k) {
+                if (k >= k_modes) break;
+                atomicAdd(&terms_sum[2 * (k * nn + r)], held_re[k]);
+                atomicAdd(&terms_sum[2 * (k * nn + r) + 1], held_im[k]);
+            }
+        }
+    }
+    if (do_power && b1 > b0) {
+        const float total = atomicAdd(&power[r], power_sum) + power_sum;
+        if (track_max) slot_max(power_slots, total);
+    }
+}
+
+// One thread per window pixel and chunk of `chunk` positions: reads the exit-wave changes
+// and the probes once for the object sums, the probe terms and the object power together.
+extern "C" __global__ void liveptycho_window_sums(
+    const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
+    int n, int box_width, int width, int k_modes, int per_position, const float* weights,
+    int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
+    int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
+    unsigned int* power_slots, float* terms_sum, int batch, int chunk, long long size) {
+    const long long nn = (long long)n * n;
+    ELEMENTS(size) {
+        const long long c = i / nn;
+        const long long r = i - c * nn;
+        const int b0 = (int)c * chunk;
+        const int b1 = min(batch, b0 + chunk);
+        if (k_modes <= WINDOW_HELD_MODES) {
+            window_pixel<WINDOW_HELD_MODES>(
+                dpsi, probes, canvas, corners, oy, ox, n, box_width, width, k_modes,
+                per_position, weights, has_weights, do_num, do_den, channels, do_power,
+                track_max, sum_terms, num, den, terms, power, den_slots, power_slots,
+                terms_sum, r, b0, b1);
+        } else {
+            window_pixel<0>(
+                dpsi, probes, canvas, corners, oy, ox, n, box_width, width, k_modes,
+                per_position, weights, has_weights, do_num, do_den, channels, do_power,
+                track_max, sum_terms, num, den, terms, power, den_slots, power_slots,
+                terms_sum, r, b0, b1);
         }
     }
 }
@@ -283,6 +338,11 @@ extern "C" __global__ void liveptycho_add_scaled(
 
 #: Threads per block of the raw element-wise kernels.
 _BLOCK = 128
+#: Positions one thread of :func:`window_sums` takes in turn: the sums over the batch
+#: (object power, summed probe terms) are made in registers over them, so a pixel gets
+#: one atomic add per chunk instead of one per position (128 positions of a batch all
+#: add into the same (n, n) pixels).
+_WINDOW_CHUNK = 8
 
 
 @functools.cache
@@ -291,7 +351,7 @@ def _raw(name: str) -> Any:
     once per device)."""
     import cupy as cp
 
-    return cp.RawKernel(_RAW_SOURCE, f"liveptycho_{name}")
+    return cp.RawKernel(_RAW_SOURCE, f"liveptycho_{name}", options=("-std=c++17",))
 
 
 def _launch(name: str, size: int, args: tuple) -> None:
@@ -451,9 +511,10 @@ def window_sums(
     _contiguous(dpsi, probes, canvas, corners, *given)
     absent = _dummy(cp.float32)
     i32 = np.int32
+    chunks = -(-b // _WINDOW_CHUNK)
     _launch(
         "window_sums",
-        b * n * n,
+        chunks * n * n,
         (
             dpsi,
             probes,
@@ -481,6 +542,8 @@ def window_sums(
             den_max if track else absent,
             power_max if track else absent,
             terms_sum if summed else absent,
+            i32(b),
+            i32(_WINDOW_CHUNK),
         ),
     )
     return terms
