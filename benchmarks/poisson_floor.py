@@ -19,18 +19,9 @@ from dataclasses import replace
 import numpy as np
 
 from benchmarks.recon_gpu import error_of, make_solver
+from benchmarks.rounding_sensitivity import sensitivity
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
-
-
-def sensitivity(sample: SimulatedSample, params: IterativeParams) -> float:
-    """Relative object change after 20 iterations from data scaled by 1 + 1e-7."""
-    a, b = make_solver(sample, np, params), make_solver(sample, np, params)
-    b._amps *= np.float32(1 + 1e-7)
-    a.iterate(20)
-    b.iterate(20)
-    oa, ob = np.asarray(a.object), np.asarray(b.object)
-    return float(np.linalg.norm(oa - ob) / np.linalg.norm(oa))
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
             for _ in range(3):
                 solver.iterate(20)
                 errors.append(error_of(sample, solver))
-            moved = sensitivity(sample, params)
+            moved = sensitivity(sample, params)[0]
             cells = " / ".join(f"{e:.3f}" for e in errors)
             print(f"| {photons:.0e} | {name} | {cells} | {moved:.1e} |", flush=True)
 
