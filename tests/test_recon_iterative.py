@@ -143,6 +143,12 @@ def test_bad_calls_raise_clear_errors(scan):
         StreamingSolver(probe=scan.probe_guess, canvas_shape=(N - 1, 200))
     with pytest.raises(ValueError):
         IterativeParams(batch_size=0)
+    s.add(scan.amplitudes[:4], scan.positions[:4])
+    assert np.isnan(s.iterate(0)) and s.iteration == 0  # no pass yet: no error to report
+    with pytest.raises(ValueError, match="n >= 0"):
+        s.iterate(-1)
+    assert s.iterate(1) == s.iterate(0) == s.error  # zero passes: the latest error, unchanged
+    assert s.iteration == 1
 
 
 def test_backend_numpy_path():

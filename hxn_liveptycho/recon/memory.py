@@ -15,6 +15,8 @@ Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
   exit wave per position and mode, complex64, ``8 N K n^2``.
 * ``object``: the canvas, complex64, ``8 H W``.
 * ``probe``: the modes, complex64, ``8 K n^2``.
+* ``momentum``: with ``IterativeParams.momentum_gain`` > 0, the previous
+  object and probe and their velocities, ``2 x 8 (H W + K n^2)``.
 * ``canvas_temporaries``: the per-batch (ePIE, LSQ-ML) or per-pass (DM)
   numerator (complex64) and illumination (float32) canvases of the object
   update and the expressions that combine them.
@@ -72,6 +74,7 @@ def estimate_terms(
     backend: Literal["cupy", "numpy"] = "cupy",
     subpixel: bool = True,
     position_refinement: bool = False,
+    momentum: bool = False,
 ) -> dict[str, int]:
     """The terms of :func:`estimate_bytes` by name (see the module docstring)."""
     names = _algorithms(algorithm)
@@ -88,6 +91,7 @@ def estimate_terms(
         "dm_exit_waves": 8 * n_pos * k * pix if "dm" in names else 0,
         "object": 8 * canvas,
         "probe": 8 * k * pix,
+        "momentum": 2 * 8 * (canvas + k * pix) if momentum else 0,
         "canvas_temporaries": _CANVAS_BYTES * canvas,
         "batch_temporaries": int((max(a * k + c for a, c in batch) + extra) * 8 * b * pix),
         "fft_work_area": batch_wave if backend == "cupy" else 0,
@@ -105,6 +109,7 @@ def estimate_bytes(
     backend: Literal["cupy", "numpy"] = "cupy",
     subpixel: bool = True,
     position_refinement: bool = False,
+    momentum: bool = False,
 ) -> int:
     """Peak bytes of a reconstruction of ``n_positions`` frames of ``window``² pixels.
 
@@ -112,7 +117,8 @@ def estimate_bytes(
     counted when DM is among them; the batch temporaries of the most
     demanding one). ``backend`` 'cupy' adds cuFFT's work area; ``subpixel``
     False is the cheaper whole-pixel model (``IterativeParams.subpixel_positions``);
-    ``position_refinement`` adds the object gradients of the shift estimate.
+    ``position_refinement`` adds the object gradients of the shift estimate;
+    ``momentum`` the history of :mod:`hxn_liveptycho.recon._momentum`.
     Not counted: :meth:`StreamingSolver.add` needs one temporary the size of
     the chunk it is given (frames as float32).
     """
@@ -127,6 +133,7 @@ def estimate_bytes(
             backend=backend,
             subpixel=subpixel,
             position_refinement=position_refinement,
+            momentum=momentum,
         ).values()
     )
 
