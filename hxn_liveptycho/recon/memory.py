@@ -15,8 +15,9 @@ Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
   exit wave per position and mode, complex64, ``8 N K n^2``.
 * ``object``: the canvas, complex64, ``8 H W``.
 * ``probe``: the modes, complex64, ``8 K n^2``.
-* ``momentum``: with ``IterativeParams.momentum_gain`` > 0, the previous
-  object and probe and their velocities, ``2 x 8 (H W + K n^2)``.
+* ``momentum``: with ``IterativeParams.momentum_gain`` > 0 and ePIE or LSQ-ML
+  among the algorithms, the previous object and probe and their velocities,
+  ``2 x 8 (H W + K n^2)``.
 * ``canvas_temporaries``: the per-batch (ePIE, LSQ-ML) or per-pass (DM)
   numerator (complex64) and illumination (float32) canvases of the object
   update and the expressions that combine them.
@@ -91,7 +92,7 @@ def estimate_terms(
         "dm_exit_waves": 8 * n_pos * k * pix if "dm" in names else 0,
         "object": 8 * canvas,
         "probe": 8 * k * pix,
-        "momentum": 2 * 8 * (canvas + k * pix) if momentum else 0,
+        "momentum": 2 * 8 * (canvas + k * pix) if momentum and names - {"dm"} else 0,
         "canvas_temporaries": _CANVAS_BYTES * canvas,
         "batch_temporaries": int((max(a * k + c for a, c in batch) + extra) * 8 * b * pix),
         "fft_work_area": batch_wave if backend == "cupy" else 0,
