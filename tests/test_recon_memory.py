@@ -121,7 +121,8 @@ def test_refused_at_construction(data):
 def test_refused_in_add_keeps_earlier_frames(data):
     """add() refuses growth past the limit before allocating; earlier frames stay usable."""
     probe, amps, pos, canvas = data
-    limit = memory.estimate_bytes(150, N, 1, "epie", canvas, 64, backend="numpy")
+    kwargs = {"backend": "numpy", "momentum": True}  # the defaults run ePIE with momentum
+    limit = memory.estimate_bytes(150, N, 1, "epie", canvas, 64, **kwargs)
     s = StreamingSolver(probe=probe, canvas_shape=canvas, memory_limit_bytes=limit)
     assert s.add(amps[:100], pos[:100]) == 100
     # Doubling to 200 rows would not fit, growing to exactly 150 does.
@@ -129,7 +130,7 @@ def test_refused_in_add_keeps_earlier_frames(data):
     assert s.held_bytes() <= limit
     with pytest.raises(ConfigurationError) as err:
         s.add(amps[150:], pos[150:])
-    need = memory.estimate_bytes(len(pos), N, 1, "epie", canvas, 64, backend="numpy")
+    need = memory.estimate_bytes(len(pos), N, 1, "epie", canvas, 64, **kwargs)
     assert _named_bytes(str(err.value)) == [need, limit]
     assert s.n_positions == 150
     assert np.isfinite(s.iterate(1))

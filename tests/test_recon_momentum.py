@@ -80,8 +80,8 @@ def test_mixing_follows_the_modes():
 @pytest.mark.parametrize("algorithm", ["epie", "lsqml"])
 def test_momentum_gets_there_sooner(scan, algorithm):
     """On the noisy CI scan, momentum lowers the object error at 10 and 20 iterations and
-    ends within 0.005 of the run without it."""
-    off = _errors(scan, IterativeParams(algorithm=algorithm), (10, 20, 60))
+    ends close to the run without it: within 0.005 at gain 0.3, 0.002 at the default 0.1."""
+    off = _errors(scan, IterativeParams(algorithm=algorithm, momentum_gain=0.0), (10, 20, 60))
     params = IterativeParams(algorithm=algorithm, momentum_gain=GAIN, momentum_friction=FRICTION)
     on = _errors(scan, params, (10, 20, 60))
     # Measured: ePIE 0.159 / 0.054 / 0.038 off, 0.098 / 0.042 / 0.039 on;
@@ -89,17 +89,21 @@ def test_momentum_gets_there_sooner(scan, algorithm):
     assert on[0] < 0.85 * off[0], (on, off)
     assert on[1] < 0.9 * off[1], (on, off)
     assert on[2] <= off[2] + 0.005, (on, off)
+    default = _errors(scan, IterativeParams(algorithm=algorithm), (10, 20, 60))
+    # Measured: ePIE 0.129 / 0.040 / 0.038, LSQ-ML 0.146 / 0.043 / 0.040.
+    assert default[0] < 0.9 * off[0] and default[1] < 0.8 * off[1], (default, off)
+    assert default[2] <= off[2] + 0.002, (default, off)
 
 
 def test_momentum_with_modes_and_position_refinement(scan):
     """Momentum works with 3 orthogonalised modes (its history mixed with them) and with
     position refinement; both end below the runs without it."""
-    modes_off = _errors(scan, IterativeParams(probe_modes=3), (60,), modes=True)
+    modes_off = _errors(scan, IterativeParams(probe_modes=3, momentum_gain=0.0), (60,), modes=True)
     modes_on = _errors(scan, IterativeParams(probe_modes=3, momentum_gain=GAIN), (60,), modes=True)
     # Measured: 0.058 off, 0.023 on.
     assert modes_on[0] < 0.7 * modes_off[0], (modes_on, modes_off)
     refine = {"position_refinement": True}
-    refine_off = _errors(scan, IterativeParams(**refine), (60,))
+    refine_off = _errors(scan, IterativeParams(**refine, momentum_gain=0.0), (60,))
     refine_on = _errors(scan, IterativeParams(**refine, momentum_gain=GAIN), (60,))
     # Measured: 0.048 off, 0.039 on.
     assert refine_on[0] < refine_off[0], (refine_on, refine_off)
@@ -154,7 +158,7 @@ def test_memory_counts_the_history(scan):
     two probe-sized complex64 arrays."""
     params = IterativeParams(momentum_gain=GAIN, probe_update_start=0)
     off = StreamingSolver(
-        probe=scan.probe_guess, canvas_shape=scan.canvas, params=IterativeParams()
+        probe=scan.probe_guess, canvas_shape=scan.canvas, params=IterativeParams(momentum_gain=0)
     )
     on = StreamingSolver(probe=scan.probe_guess, canvas_shape=scan.canvas, params=params)
     for s in (off, on):
