@@ -906,10 +906,6 @@ class StreamingSolver:
         self._probes *= s
         self._object /= s
 
-    def _reset_momentum(self) -> None:
-        self._object_momentum.reset()
-        self._probe_momentum.reset()
-
     def _clamp_object(self) -> None:
         amax = self.params.object_amplitude_max
         if amax is None:
@@ -1372,9 +1368,10 @@ class StreamingSolver:
                     step(batch, update_probe, refine, err)
                 if refine:
                     self._apply_shifts()
-            if algorithm == "dm" or p.momentum_gain == 0:
-                self._reset_momentum()
-            else:
+            if algorithm == "dm":  # a fixed-point map of its waves: no history carried over
+                self._object_momentum.reset()
+                self._probe_momentum.reset()
+            elif p.momentum_gain > 0:
                 self._object_momentum.step(self._object)
                 if update_probe:
                     self._probe_momentum.step(self._probes)
