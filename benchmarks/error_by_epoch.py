@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=96, help="as recon_vs_ptychi.py")
     parser.add_argument("--target", type=float, default=None, help="report the first epoch <=")
     parser.add_argument("--xp", choices=("numpy", "cupy"), default="numpy")
+    parser.add_argument(
+        "--momentum-gain",
+        type=float,
+        default=IterativeParams().momentum_gain,
+        help="recon.momentum_gain (ePIE, LSQ-ML; DM has none)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -54,7 +60,10 @@ def main() -> None:
     guess = initial_probe(amplitudes, footprint_px=3 * sample.beamline.step_px)
     probe = np.ascontiguousarray(initial_modes(guess.astype(np.complex64), args.modes, np))
     params = IterativeParams(
-        algorithm=args.algorithm, batch_size=args.batch, probe_modes=args.modes
+        algorithm=args.algorithm,
+        batch_size=args.batch,
+        probe_modes=args.modes,
+        momentum_gain=args.momentum_gain,
     )
     canvas = tuple(s + 8 for s in sample.object.shape)
     solver = StreamingSolver(probe=xp.asarray(probe), canvas_shape=canvas, params=params, xp=xp)
@@ -74,6 +83,7 @@ def main() -> None:
         "modes": args.modes,
         "batch": args.batch,
         "xp": args.xp,
+        "momentum_gain": args.momentum_gain,
         "errors": errors,
         "target": args.target,
         "first_epoch_at_target": reached,

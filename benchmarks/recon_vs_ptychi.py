@@ -50,14 +50,19 @@ def error_against(sample: SimulatedSample, obj: np.ndarray, offset: int) -> floa
 
 
 def our_solver(
-    sample: SimulatedSample, probe: np.ndarray, algorithm: str, batch: int
+    sample: SimulatedSample, probe: np.ndarray, algorithm: str, batch: int, momentum_gain: float
 ) -> StreamingSolver:
     """Our solver over all of ``sample`` on CuPy, its kernels compiled and cuFFT plans made
     on a throwaway solver over a few positions (past its first probe update), so a timed
     run pays for neither."""
     import cupy as cp
 
-    params = IterativeParams(algorithm=algorithm, batch_size=batch, probe_modes=probe.shape[0])
+    params = IterativeParams(
+        algorithm=algorithm,
+        batch_size=batch,
+        probe_modes=probe.shape[0],
+        momentum_gain=momentum_gain,
+    )
     amplitudes = cp.asarray(np.sqrt(sample.intensities))
     canvas = tuple(s + 8 for s in sample.object.shape)
     scratch = StreamingSolver(probe=cp.asarray(probe), canvas_shape=canvas, params=params, xp=cp)
@@ -70,11 +75,16 @@ def our_solver(
 
 
 def run_ours(
-    sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
+    sample: SimulatedSample,
+    probe: np.ndarray,
+    algorithm: str,
+    epochs: int,
+    batch: int,
+    momentum_gain: float,
 ) -> dict:
     import cupy as cp
 
-    solver = our_solver(sample, probe, algorithm, batch)
+    solver = our_solver(sample, probe, algorithm, batch, momentum_gain)
     solver.iterate(2)
     cp.cuda.Device().synchronize()
     began = time.perf_counter()
@@ -91,13 +101,14 @@ def ours_to_error(
     target: float,
     max_epochs: int,
     batch: int,
+    momentum_gain: float,
 ) -> dict:
     """Epochs and seconds our solver takes to bring its error to ``target`` (pty-chi's
     final error) or below: timed epoch by epoch, the error measured between epochs
     outside the clock. ``reached`` False if ``max_epochs`` did not get there."""
     import cupy as cp
 
-    solver = our_solver(sample, probe, algorithm, batch)
+    solver = our_solver(sample, probe, algorithm, batch, momentum_gain)
     seconds, error, epochs = 0.0, float("inf"), 0
     while epochs < max_epochs and error > target:
         cp.cuda.Device().synchronize()
@@ -150,6 +161,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--modes", type=int, nargs="+", default=[1])
     parser.add_argument("--batch", type=int, default=96)
+    parser.add_argument(
+        "--momentum-gain",
+        type=float,
+        default=IterativeParams().momentum_gain,
+        help="ours (ePIE, LSQ-ML): recon.momentum_gain; 0 as before 2026-12-02",
+    )
     parser.add_argument("--out", default=None, help="JSON lines, one row per case as it ends")
     parser.add_argument(
         "--match-error",
@@ -173,15 +190,24 @@ def main() -> None:
                     "modes": modes,
                     "batch": args.batch,
                     "epochs": args.epochs,
+                    "momentum_gain": args.momentum_gain,
                 }
-                row["ours"] = run_ours(sample, probe, algorithm, args.epochs, args.batch)
+                row["ours"] = run_ours(
+                    sample, probe, algorithm, args.epochs, args.batch, args.momentum_gain
+                )
                 try:
                     row["ptychi"] = run_ptychi(sample, probe, algorithm, args.epochs, args.batch)
                     row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
                     if args.match_error:
                         target = row["ptychi"]["error"]
                         matched = ours_to_error(
-                            sample, probe, algorithm, target, 3 * args.epochs, args.batch
+                            sample,
+                            probe,
+                            algorithm,
+                            target,
+                            3 * args.epochs,
+                            args.batch,
+                            args.momentum_gain,
                         )
                         # pty-chi's time to its final error: all its epochs.
                         theirs = row["ptychi"]["s_per_epoch"] * args.epochs
