@@ -83,6 +83,20 @@ def make_solver(sample: SimulatedSample, xp: Any, params: IterativeParams) -> St
     return solver
 
 
+def parity_sample(window: int = 128, photons: float | None = None) -> SimulatedSample:
+    """The parity cases' scan: the demo's (400 positions of 128²) or, ``window`` 256, 144
+    positions of 256²; ``photons`` per frame replaces the sample's 5e5."""
+    demo = SimulatedBeamline()
+    beamline = (
+        replace(demo, window=256, step_px=20.0, photons_per_frame=5e5, x_num=12, y_num=12)
+        if window == 256
+        else demo
+    )
+    if photons is not None:
+        beamline = replace(beamline, photons_per_frame=photons)
+    return SimulatedSample(beamline)
+
+
 def error_of(sample: SimulatedSample, solver: StreamingSolver) -> float:
     obj = to_host(solver.object)
     h, w = sample.object.shape
@@ -250,16 +264,20 @@ def main() -> None:
         default=128,
         help="frame size of the parity cases (256: 144 positions, the solver's own FFT)",
     )
+    parser.add_argument(
+        "--parity-photons",
+        type=float,
+        default=None,
+        help="photons per frame of the parity cases (default 5e5; 5e4 gives low-count frames, "
+        "where recon.modulus_floor matters)",
+    )
     args = parser.parse_args()
     import cupy as cp
 
     bandwidth = copy_bandwidth(cp)
     demo = SimulatedBeamline()
     big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
-    if args.parity_window == 256:
-        small = SimulatedSample(replace(big, x_num=12, y_num=12))
-    else:
-        small = SimulatedSample(demo)
+    small = parity_sample(args.parity_window, args.parity_photons)
     label = f"{small.num_points}x{small.beamline.window}^2"
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool]] = []
     reference = not args.no_reference

@@ -29,12 +29,13 @@ def far_field_factor(
     noise: str,
     xp: types.ModuleType,
     poisson_floor: float = 0.0,
+    modulus_floor: float = 0.0,
 ) -> Any:
     """Real factor ``g`` (B, n, n) so the far-field update of every mode is ``g * Psi_k``.
 
     ``inten`` is the model intensity ``sum_k |Psi_k|^2``, ``amps`` the measured
     amplitudes. Gaussian noise on amplitudes: the projection,
-    ``g = A / sqrt(I) - 1``. Poisson noise: the likelihood gradient direction
+    ``g = A / sqrt(max(I, modulus_floor)) - 1``. Poisson noise: the likelihood gradient direction
     ``-xi Psi`` with ``xi = 1 - A^2 / I``, times the step ``a_j`` (one per frame)
     that maximises the frame's Poisson likelihood along it, found by a few
     Newton steps on ``sum [xi I (1 - a xi) - A^2 xi / (1 - a xi)] = 0``, with the
@@ -45,7 +46,7 @@ def far_field_factor(
     """
     safe = xp.maximum(inten, 1e-12)
     if noise == "gaussian":
-        g = amps / xp.sqrt(safe) - 1.0
+        g = amps / xp.sqrt(xp.maximum(safe, xp.float32(modulus_floor))) - 1.0
     else:
         if poisson_floor > 0:
             inten = safe = xp.maximum(inten, xp.float32(poisson_floor))

@@ -232,6 +232,17 @@ class IterativeParams(BaseModel):
         lt=1.0,
         description="How much of the momentum's velocity a pass keeps (with `momentum_gain` > 0).",
     )
+    modulus_floor: float = Field(
+        0.01,
+        ge=0.0,
+        description="ePIE and Gaussian LSQ-ML: floor of the model intensity (counts per pixel) "
+        "in the modulus step A / sqrt(I). Where the model is near zero but photons were "
+        "counted, the far field's phase there is float32 rounding, and the full step would "
+        "carry it into the object: on the CI scan (10^5 photons/frame, 64^2) a 1e-7 change "
+        "of the data moved ePIE's object by 2 % after 20 iterations without a floor and by "
+        "1e-6 with 0.01 counts, at the same object error. Set it in the data's units if "
+        "frames are not photon counts; 0 is the plain projection.",
+    )
     dm_beta: float = Field(
         1.0,
         gt=0.0,
@@ -857,13 +868,13 @@ class StreamingSolver:
         """Exit-wave correction ``P_F(psi) - psi`` (B, K, n, n) and the squared error of ``psi``.
 
         ``P_F`` scales every mode's far field by ``A / sqrt(sum_k |Psi_k|^2)``
-        (the mixed-state modulus constraint). Computed as
+        (the mixed-state modulus constraint; the sum floored at ``modulus_floor``). Computed as
         ``ifft2(Psi * (A/|Psi| - 1))``, so ``psi`` (consumed: its memory is
         reused) need not be kept.
         """
         xp = self._xp
         f, inten, err = self._far_field(psi, amps)
-        xp.maximum(inten, 1e-24, out=inten)
+        xp.maximum(inten, max(self.params.modulus_floor, 1e-24), out=inten)
         xp.sqrt(inten, out=inten)
         xp.divide(amps, inten, out=inten)
         inten -= 1.0
@@ -1067,7 +1078,8 @@ class StreamingSolver:
     ) -> None:
         """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
         p = self.params
-        dpsi, acc = self._fused_sums(batch, probes, update_probe, 1e-24, err)
+        floor = max(p.modulus_floor, 1e-24)
+        dpsi, acc = self._fused_sums(batch, probes, update_probe, floor, err)
         del dpsi  # only its sums are needed: free it before the updates
         obj = self._object[batch.box_slices]
         regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
@@ -1098,7 +1110,10 @@ class StreamingSolver:
         amps = self._amps[batch.rows]
         f, inten, e = self._far_field(self._exit_waves(obj, probes), amps)
         err += e
-        f *= far_field_factor(inten, amps, self._valid, p.noise, xp, p.poisson_floor)[:, None]
+        g = far_field_factor(
+            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
+        )
+        f *= g[:, None]
         del inten
         chi = ifft2(f, xp=xp, overwrite_x=True)
         # Object direction over the batch footprint, and its windows.
@@ -1138,7 +1153,8 @@ class StreamingSolver:
         """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
         p = self.params
-        chi, acc = self._fused_sums(batch, probes, update_probe, 1e-12, err)
+        floor = max(p.modulus_floor, 1e-12)
+        chi, acc = self._fused_sums(batch, probes, update_probe, floor, err)
         num, den = acc.num, acc.den
         regularise(den, p.object_reg, acc.den_max)
         d_probe = seen = None
