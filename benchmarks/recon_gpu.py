@@ -268,8 +268,7 @@ def main() -> None:
         "--parity-photons",
         type=float,
         default=None,
-        help="photons per frame of the parity cases (default 5e5; 5e4 gives low-count frames, "
-        "where recon.modulus_floor matters)",
+        help="photons per frame of the parity cases (default 5e5)",
     )
     args = parser.parse_args()
     import cupy as cp
