@@ -239,7 +239,7 @@ class IterativeParams(BaseModel):
         "in the modulus step A / sqrt(I). Where the model is near zero but photons were "
         "counted, the far field's phase there is float32 rounding, and the full step would "
         "carry it into the object: on the CI scan (10^5 photons/frame, 64^2) a 1e-7 change "
-        "of the data moved ePIE's object by 2 % after 20 iterations without a floor and by "
+        "of the data moved ePIE's object by 3 % after 20 iterations without a floor and by "
         "1e-6 with 0.01 counts, at the same object error. Set it in the data's units if "
         "frames are not photon counts; 0 is the plain projection.",
     )
