@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 from test_recon_algorithms import Scan
 
-from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+from hxn_liveptycho.recon.iterative import IterativeParams
 
 CASES = {
     "ePIE": {"algorithm": "epie"},
@@ -37,19 +36,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, settings in CASES.items():
         for floor in args.floors:
-            params = IterativeParams(**settings, modulus_floor=floor)
-            objects, errors = [], []
-            for scale in (1.0 + 1e-7, 1.0):
-                s = StreamingSolver(probe=scan.probe_guess, canvas_shape=scan.canvas, params=params)
-                s.add(scan.amplitudes * np.float32(scale), scan.positions)
-                s.iterate(20)
-                objects.append(np.array(s.object))
-            errors.append(scan.error(s))
-            s.iterate(40)
-            errors.append(scan.error(s))
-            a, b = objects
-            moved = np.linalg.norm(a - b) / np.linalg.norm(b)
-            cells = f"{moved:.1e} | {errors[0]:.4f} / {errors[1]:.4f}"
+            moved, solver = scan.rounding_change(IterativeParams(**settings, modulus_floor=floor))
+            at_20 = scan.error(solver)
+            solver.iterate(40)
+            cells = f"{moved:.1e} | {at_20:.4f} / {scan.error(solver):.4f}"
             print(f"| {name} | {floor} | {cells} |", flush=True)
 
 
