@@ -158,7 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--algorithms", nargs="+", default=["epie"])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument(
+        "--epochs", type=int, default=100, help="2 warm-up epochs included, so at least 3"
+    )
     parser.add_argument("--modes", type=int, nargs="+", default=[1])
     parser.add_argument("--batch", type=int, default=96)
     parser.add_argument(
@@ -175,6 +177,8 @@ def main() -> None:
         "epochs) and compare the times to that error",
     )
     args = parser.parse_args()
+    if args.epochs < 3:  # two warm-up epochs, then at least one timed
+        parser.error(f"--epochs must be at least 3 (2 warm-up + 1 timed), got {args.epochs}")
     rows: list[dict[str, Any]] = []
     for positions in args.positions:
         sample = simulate(positions)
