@@ -24,7 +24,7 @@ CASES = {
     "LSQ-ML": {"algorithm": "lsqml"},
     "ePIE, 3 modes": {"algorithm": "epie", "probe_modes": 3},
     "ePIE, position refinement": {"algorithm": "epie", "position_refinement": True},
-    # DM's projection takes the floor too, but its stored waves carry rounding forward anyway.
+    # DM's relaxed projection takes no floor: the case shows its rounding gap is its own.
     "DM": {"algorithm": "dm"},
 }
 

@@ -47,10 +47,19 @@ class Scan(SimulatedScan):
         self.mode_amplitudes = np.sqrt(rng.poisson(inten).astype(np.float32))
 
     def solve(
-        self, params: IterativeParams, iterations: int = ITERATIONS, *, modes: bool = False
+        self,
+        params: IterativeParams,
+        iterations: int = ITERATIONS,
+        *,
+        modes: bool = False,
+        scale: float = 1.0,
     ) -> StreamingSolver:
+        """``scale``: multiplies the data (the rounding test's 1 + 1e-7)."""
+        amplitudes = self.mode_amplitudes if modes else self.amplitudes
+        if scale != 1.0:
+            amplitudes = amplitudes * np.float32(scale)
         s = StreamingSolver(probe=self.probe_guess, canvas_shape=self.canvas, params=params)
-        s.add(self.mode_amplitudes if modes else self.amplitudes, self.positions)
+        s.add(amplitudes, self.positions)
         s.iterate(iterations)
         return s
 
@@ -59,12 +68,7 @@ class Scan(SimulatedScan):
     ) -> tuple[float, StreamingSolver]:
         """How far a 1e-7 relative change of the data (float32 rounding's size) moves the
         object after ``iterations``, and the solver of the unchanged data."""
-        solvers = []
-        for scale in (1.0, 1.0 + 1e-7):
-            s = StreamingSolver(probe=self.probe_guess, canvas_shape=self.canvas, params=params)
-            s.add(self.amplitudes * np.float32(scale), self.positions)
-            s.iterate(iterations)
-            solvers.append(s)
+        solvers = [self.solve(params, iterations, scale=scale) for scale in (1.0, 1.0 + 1e-7)]
         a, b = (np.asarray(s.object) for s in solvers)
         return float(np.linalg.norm(a - b) / np.linalg.norm(a)), solvers[0]
 
