@@ -136,6 +136,30 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         terms_sum=summed,
         weights=np.ones(b, np.float32),
     )
+    # Gathered by canvas tile: the object sums alone, then with the probe-side sums.
+    box_of = (0, 0, 17, 20)
+    assert _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of) is None
+    n_before = len(recorder.launches)
+    _fused.window_sums(
+        dpsi,
+        probes,
+        canvas,
+        corners,
+        num=box,
+        den=den,
+        terms_channels=k,
+        power=power,
+        den_max=slots[0],
+        power_max=slots[1],
+        terms_sum=summed,
+        box=box_of,
+    )
+    gathered, rest = recorder.launches[n_before:]
+    assert gathered[0] == "liveptycho_tile_sums" and gathered[1] == (1,)  # 17 x 20: one tile
+    assert rest[0] == "liveptycho_window_sums" and rest[3][13] == 0  # do_num off: no atomics
+    _fused.add_window_ratio(canvas, dpsi, probes, corners, den, box=box_of, weights=None)
+    ratio = recorder.launches[-1][3]
+    assert ratio[-3] == 1 and ratio[-1] == canvas.shape[1]  # ratio mode, the canvas's rows
     # A box of the canvas (strided rows), the probe modes over one power map.
     target = canvas[2:19, 3:23]
     _fused.regularised_step(target, box, den, 0.1, 1.0, slots[0])
@@ -159,6 +183,15 @@ def test_launchers_refuse_what_the_kernels_cannot_address(recorder: Recorder) ->
         _fused.add_ratio(np.zeros((4, 5), np.complex64), num, den)
     with pytest.raises(ValueError, match="C-contiguous"):
         _fused.regularise(np.ones((6, 4), np.float32).T, 0.1)
+    with pytest.raises(ValueError, match="does not cover the box"):
+        _fused.add_window_ratio(
+            np.zeros((20, 24), np.complex64),
+            np.zeros((1, 1, 8, 8), np.complex64),
+            np.zeros((1, 8, 8), np.complex64),
+            np.zeros((1, 2), np.int32),
+            den,
+            box=(0, 0, 8, 8),
+        )
     with pytest.raises(ValueError, match="repeat"):
         _fused.regularised_step(num.copy(), num, np.ones(5, np.float32), 0.1, 1.0)
     assert recorder.launches == []

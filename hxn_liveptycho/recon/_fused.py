@@ -33,6 +33,7 @@ __all__ = [
     "SLOT_FLOATS",
     "add_ratio",
     "add_scaled",
+    "add_window_ratio",
     "batch_sum",
     "exit_waves",
     "max_slots",
@@ -167,6 +168,11 @@ def _kernels() -> dict[str, Any]:
     }
 
 
+#: Canvas tile of :func:`_tile_sums` (pixels a side) and its block's threads (whole warps,
+#: one tile row each; a tile's positions are found this many at a time).
+_TILE = 32
+_TILE_THREADS = 256
+
 #: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host a few
 #: µs where an ElementwiseKernel's argument checks cost 20-65 µs, and the ePIE and
 #: LSQ-ML passes are bound by that host time (``benchmarks/recon_host.py``). One thread
@@ -291,6 +297,104 @@ extern "C" __global__ void liveptycho_window_sums(
                 per_position, weights, has_weights, do_num, do_den, channels, do_power,
                 track_max, sum_terms, num, den, terms, power, den_slots, power_slots,
                 terms_sum, r, b0, b1);
+        }
+    }
+}
+
+// The object sums gathered by canvas tile, no atomics: one block per TILE x TILE tile of
+// the batch's box (from canvas pixel (box_y, box_x), tiles_x tiles across) finds the
+// positions whose windows meet its tile (in batch order, TILE_THREADS at a time, listed in
+// shared memory) and sums, per canvas pixel, w_b sum_k conj(P_k) dpsi_bk and
+// sum_k |P_k|^2 over them in registers. Each pixel is owned by one thread: the results
+// are added with plain stores, in the same order on every run. ratio = 0: num += sum,
+// den += illumination (both at origin (oy, ox), rows of acc_width); ratio = 1: target
+// (the canvas, rows of target_width) += sum / den, den read (already regularised).
+"""
+    + f"#define TILE {_TILE}\n#define TILE_THREADS {_TILE_THREADS}\n"
+    + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / TILE)
+#define TILE_PIXELS (TILE / TILE_ROWS_PER_PASS)
+extern "C" __global__ void liveptycho_tile_sums(
+    const T* dpsi, const T* probes, const int* corners, int batch, int n, int k_modes,
+    int per_position, const float* weights, int has_weights, int box_y, int box_x,
+    int tiles_x, int oy, int ox, int acc_width, float* num,
+    float* den, int do_den, int track_max, unsigned int* den_slots, int ratio, T* target,
+    int target_width) {
+    __shared__ int hit_b[TILE_THREADS];
+    __shared__ int hit_y[TILE_THREADS];
+    __shared__ int hit_x[TILE_THREADS];
+    __shared__ int warp_hits[TILE_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE;
+    const int tx0 = box_x + (blockIdx.x % tiles_x) * TILE;
+    const int gx = tx0 + lane;
+    const long long nn = (long long)n * n;
+    float re[TILE_PIXELS], im[TILE_PIXELS], illum[TILE_PIXELS];
+    int touched = 0;  // bit p: pixel p of this thread met a window
+#pragma unroll
+    for (int p = 0; p < TILE_PIXELS; ++p) re[p] = im[p] = illum[p] = 0.f;
+    for (int b0 = 0; b0 < batch; b0 += TILE_THREADS) {
+        const int b = b0 + threadIdx.x;
+        int cy = 0, cx = 0;
+        bool hit = false;
+        if (b < batch) {
+            cy = corners[2 * b];
+            cx = corners[2 * b + 1];
+            hit = cy < ty0 + TILE && cy + n > ty0 && cx < tx0 + TILE && cx + n > tx0;
+        }
+        const unsigned int mask = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0) warp_hits[warp] = __popc(mask);
+        __syncthreads();
+        int before = 0, hits = 0;
+        for (int w = 0; w < TILE_THREADS / 32; ++w) {
+            before += w < warp ? warp_hits[w] : 0;
+            hits += warp_hits[w];
+        }
+        if (hit) {
+            const int j = before + __popc(mask & ((1u << lane) - 1u));
+            hit_b[j] = b;
+            hit_y[j] = cy;
+            hit_x[j] = cx;
+        }
+        __syncthreads();
+        for (int j = 0; j < hits; ++j) {
+            const int hb = hit_b[j], x = gx - hit_x[j];
+            if (x < 0 || x >= n) continue;
+            const float w = has_weights ? weights[hb] : 1.f;
+#pragma unroll
+            for (int p = 0; p < TILE_PIXELS; ++p) {
+                const int y = ty0 + warp + p * TILE_ROWS_PER_PASS - hit_y[j];
+                if (y < 0 || y >= n) continue;
+                const long long r = (long long)y * n + x;
+                float s_re = 0.f, s_im = 0.f;
+                for (int k = 0; k < k_modes; ++k) {
+                    const T d = dpsi[((long long)hb * k_modes + k) * nn + r];
+                    const T q = probes[(per_position ? (long long)hb * k_modes + k : k) * nn + r];
+                    s_re += q.real() * d.real() + q.imag() * d.imag();
+                    s_im += q.real() * d.imag() - q.imag() * d.real();
+                    if (do_den) illum[p] += q.real() * q.real() + q.imag() * q.imag();
+                }
+                re[p] += w * s_re;
+                im[p] += w * s_im;
+                touched |= 1 << p;
+            }
+        }
+        __syncthreads();  // the next round rewrites the list
+    }
+#pragma unroll
+    for (int p = 0; p < TILE_PIXELS; ++p) {
+        if (!(touched & (1 << p))) continue;
+        const long long gy = ty0 + warp + p * TILE_ROWS_PER_PASS;
+        const long long dst = (gy - oy) * acc_width + gx - ox;
+        if (ratio) {
+            target[gy * target_width + gx] += T(re[p], im[p]) / den[dst];
+            continue;
+        }
+        num[2 * dst] += re[p];
+        num[2 * dst + 1] += im[p];
+        if (do_den) {
+            const float total = den[dst] + illum[p];
+            den[dst] = total;
+            if (track_max) slot_max(den_slots, total);
         }
     }
 }
@@ -478,8 +582,10 @@ def window_sums(
     den_max: Any | None = None,
     power_max: Any | None = None,
     terms_sum: Any | None = None,
+    box: tuple[int, int, int, int] | None = None,
 ) -> Any | None:
-    """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass.
+    """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass
+    (two with ``box``).
 
     * ``num`` (complex64) / ``den`` (float32) canvases covering the box at ``origin``:
       ``num += w_b sum_k conj(P_k) dpsi_k`` and ``den += sum_k |P_k|^2`` at each window
@@ -493,6 +599,12 @@ def window_sums(
     * ``den_max`` / ``power_max``: zeroed slots (:func:`max_slots`) that receive the
       maximum of ``den`` / ``power`` after the sums (both or neither). The sums only
       grow, so the largest partial sum is the largest total: no separate reduction.
+
+    ``box`` ``(y0, x0, y1, x1)``, the canvas pixels the windows cover: the object sums
+    are gathered by canvas tile (:func:`_tile_sums`, no atomics, a fixed order), and a
+    second pass makes the probe-side sums, if any were asked for. Without it every
+    position adds its window with atomics (one per pixel and sum): the hardware's atomic
+    rate, not the memory, then bounds the pass.
 
     ``O_b`` is the window of ``canvas`` at ``corners`` (the object before this update).
     """
@@ -511,6 +623,11 @@ def window_sums(
     _contiguous(dpsi, probes, canvas, corners, *given)
     absent = _dummy(cp.float32)
     i32 = np.int32
+    if box is not None and num is not None:
+        _tile_sums(dpsi, probes, corners, box, origin, num, den, weights, den_max)
+        num = den = weights = None
+        if not (terms_channels or power is not None):
+            return None
     chunks = -(-b // _WINDOW_CHUNK)
     _launch(
         "window_sums",
@@ -547,6 +664,96 @@ def window_sums(
         ),
     )
     return terms
+
+
+def _tile_launch(
+    dpsi: Any,
+    probes: Any,
+    corners: Any,
+    box: tuple[int, int, int, int],
+    origin: tuple[int, int],
+    acc_width: int,
+    weights: Any | None,
+    tail: tuple,
+) -> None:
+    """Launch ``liveptycho_tile_sums`` over the tiles of ``box``; ``tail``: its arguments
+    from ``num`` on."""
+    b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
+    _contiguous(dpsi, probes, corners, *(() if weights is None else (weights,)))
+    tiles_y, tiles_x = -(-(box[2] - box[0]) // _TILE), -(-(box[3] - box[1]) // _TILE)
+    if b == 0 or tiles_y <= 0 or tiles_x <= 0:
+        return
+    i32 = np.int32
+    args = (
+        dpsi,
+        probes,
+        corners,
+        i32(b),
+        i32(n),
+        i32(k),
+        i32(probes.ndim == 4),
+        weights if weights is not None else _dummy(np.float32),
+        i32(weights is not None),
+        i32(box[0]),
+        i32(box[1]),
+        i32(tiles_x),
+        i32(origin[0]),
+        i32(origin[1]),
+        i32(acc_width),
+        *tail,
+    )
+    _raw("tile_sums")((tiles_y * tiles_x,), (_TILE_THREADS,), args)
+
+
+def _tile_sums(
+    dpsi: Any,
+    probes: Any,
+    corners: Any,
+    box: tuple[int, int, int, int],
+    origin: tuple[int, int],
+    num: Any,
+    den: Any | None,
+    weights: Any | None,
+    den_max: Any | None,
+) -> None:
+    """``num``/``den`` of :func:`window_sums`, gathered by canvas tile."""
+    _contiguous(num, *(a for a in (den, den_max) if a is not None))
+    absent = _dummy(np.float32)
+    i32 = np.int32
+    tail = (
+        num,
+        den if den is not None else absent,
+        i32(den is not None),
+        i32(den is not None and den_max is not None),
+        den_max if den_max is not None else absent,
+        i32(0),
+        _dummy(np.complex64),
+        i32(0),
+    )
+    _tile_launch(dpsi, probes, corners, box, origin, num.shape[-1], weights, tail)
+
+
+def add_window_ratio(
+    canvas: Any,
+    dpsi: Any,
+    probes: Any,
+    corners: Any,
+    den: Any,
+    *,
+    box: tuple[int, int, int, int],
+    weights: Any | None = None,
+) -> None:
+    """``canvas += (sum_b w_b sum_k conj(P_k) dpsi_bk over the windows) / den`` in place,
+    ``den`` (already regularised) covering ``box`` ``(y0, x0, y1, x1)``: what
+    :func:`window_sums` then :func:`add_ratio` do, in one pass with no ``num`` array (the
+    sums are gathered by canvas tile)."""
+    _contiguous(canvas, den)
+    if den.shape != (box[2] - box[0], box[3] - box[1]):
+        raise ValueError(f"den {den.shape} does not cover the box {box}")
+    absent = _dummy(np.float32)
+    i32 = np.int32
+    tail = (absent, den, i32(0), i32(0), absent, i32(1), canvas, i32(canvas.shape[1]))
+    _tile_launch(dpsi, probes, corners, box, box[:2], den.shape[1], weights, tail)
 
 
 def max_slots(buffer: Any) -> Any:

@@ -50,8 +50,8 @@ from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
-    add_ratio,
     add_scaled,
+    add_window_ratio,
     exit_waves,
     max_slots,
     ramp_table,
@@ -1045,6 +1045,7 @@ class StreamingSolver:
             den_max=den_max,
             power_max=oden_max,
             terms_sum=summed,
+            box=batch.box,
         )
         return dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
 
@@ -1173,12 +1174,10 @@ class StreamingSolver:
         )
         del seen
         weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
-        num.fill(0)
-        window_sums(
-            chi, probes, self._object, batch.corners, origin=batch.origin, num=num, weights=weights
+        add_window_ratio(
+            self._object, chi, probes, batch.corners, den, box=batch.box, weights=weights
         )
         del chi
-        add_ratio(self._object[batch.box_slices], num, den)
         if d_probe is not None:
             add_scaled(self._probes, d_probe, probe_scale)
 
@@ -1306,7 +1305,7 @@ class StreamingSolver:
             self._n**-2,
         )
         psi = self._ifft_unscaled(phi)
-        window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden)
+        window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden, box=batch.box)
         return err
 
     def _dm_fused_probe_sums(self, batches: list[_Batch]) -> tuple[Any, Any]:

@@ -1,0 +1,241 @@
+"""The object sums gathered by canvas tile against the per-position atomic adds.
+
+Run on a CUDA machine, from the repository root:
+
+    PYTHONPATH=. python benchmarks/tile_sums.py [--out tile_sums.json]
+
+``recon._fused.window_sums`` makes the object sums of a batch, ``sum_b w_b
+conj(P) dpsi_b`` and ``sum_b |P|^2`` over the windows, in one of two ways:
+every position adds its window with atomics (no ``box``), or each canvas tile
+of the batch's box gathers the windows that meet it and stores its sums once
+(``box``, the solver's path since 2026-12-03). ``add_window_ratio`` gathers
+LSQ-ML's weighted sums straight into the object (``+= sum / den``).
+
+Checks, on random data (1 and 3 modes, shared and per-position probes,
+weights, batches above the 256 positions a tile lists at a time, windows piled
+on one another): both ways against a CuPy reference made one window at a time,
+and the probe-side sums and tracked maxima alongside. Then times both ways at
+the solver's batch of 128 positions of 256², drawn from a 64 x 64 raster of
+step 20 px as a pass draws them, against the copy bandwidth of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from benchmarks.recon_gpu import copy_bandwidth
+from benchmarks.recon_profile import event_time
+from hxn_liveptycho.recon._fused import SLOT_FLOATS, add_window_ratio, max_slots, window_sums
+
+
+def rel(a: Any, b: Any) -> float:
+    import cupy as cp
+
+    return float(cp.linalg.norm((a - b).ravel()) / max(float(cp.linalg.norm(b.ravel())), 1e-30))
+
+
+def noise(cp: Any, shape: tuple[int, ...]) -> Any:
+    return (cp.random.standard_normal(shape) + 1j * cp.random.standard_normal(shape)).astype(
+        cp.complex64
+    )
+
+
+def reference(
+    dpsi: Any, probes: Any, corners: np.ndarray, box: tuple, weights: Any | None
+) -> tuple[Any, Any]:
+    """``num``, ``den`` on ``box``, one window at a time (CuPy, complex128 sums)."""
+    import cupy as cp
+
+    n = dpsi.shape[-1]
+    num = cp.zeros((box[2] - box[0], box[3] - box[1]), dtype=cp.complex128)
+    den = cp.zeros(num.shape, dtype=cp.float64)
+    for b, (cy, cx) in enumerate(corners):
+        p = probes[b] if probes.ndim == 4 else probes
+        w = 1.0 if weights is None else float(weights[b])
+        sl = (slice(cy - box[0], cy - box[0] + n), slice(cx - box[1], cx - box[1] + n))
+        num[sl] += w * cp.sum(cp.conj(p) * dpsi[b], axis=0)
+        den[sl] += cp.sum(cp.abs(p) ** 2, axis=0)
+    return num, den
+
+
+def case(
+    cp: Any, n: int, b: int, k: int, per_position: bool, spread: int, weighted: bool
+) -> dict[str, Any]:
+    rng = np.random.default_rng(b * 10 + k)
+    corners_h = rng.integers(3, 3 + spread, size=(b, 2)).astype(np.int32)
+    box = (
+        int(corners_h[:, 0].min()),
+        int(corners_h[:, 1].min()),
+        int(corners_h[:, 0].max()) + n,
+        int(corners_h[:, 1].max()) + n,
+    )
+    canvas = noise(cp, (box[2] + 5, box[3] + 7))
+    corners = cp.asarray(corners_h)
+    dpsi = noise(cp, (b, k, n, n))
+    probes = noise(cp, (b, k, n, n) if per_position else (k, n, n))
+    weights = cp.asarray(rng.random(b).astype(np.float32)) if weighted else None
+    num_ref, den_ref = reference(dpsi, probes, corners_h, box, weights)
+    shape = num_ref.shape
+    out: dict[str, Any] = {
+        "case": f"n={n} B={b} K={k} {'per-position' if per_position else 'shared'} probes, "
+        f"spread {spread} px{', weighted' if weighted else ''}"
+    }
+    for way, given in (("tiles", box), ("atomics", None)):
+        num = cp.zeros(shape, cp.complex64)
+        den = cp.zeros(shape, cp.float32)
+        slots = [max_slots(cp.zeros(SLOT_FLOATS, cp.float32)) for _ in range(2)]
+        power = cp.zeros((n, n), cp.float32)
+        summed = cp.zeros((k, n, n), cp.complex64)
+        window_sums(
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            origin=box[:2],
+            num=num,
+            den=den,
+            weights=weights,
+            terms_channels=k,
+            power=power,
+            den_max=slots[0],
+            power_max=slots[1],
+            terms_sum=summed,
+            box=given,
+        )
+        out[f"{way}_num"] = rel(num, num_ref)
+        out[f"{way}_den"] = rel(den, den_ref)
+        out[f"{way}_den_max"] = abs(float(cp.max(slots[0])) / float(cp.max(den_ref)) - 1)
+        out[f"{way}_power_max"] = abs(float(cp.max(slots[1])) / float(cp.max(power)) - 1)
+        out[f"{way}_probe_terms"] = (summed, power)
+    a, b_ = out.pop("tiles_probe_terms"), out.pop("atomics_probe_terms")
+    out["probe_terms_tiles_vs_atomics"] = max(rel(a[0], b_[0]), rel(a[1], b_[1]))
+    # LSQ-ML's weighted sum straight into the object, den already regularised.
+    den_reg = (den_ref + 0.1 * float(cp.max(den_ref))).astype(cp.float32)
+    target = canvas.copy()
+    add_window_ratio(target, dpsi, probes, corners, den_reg, box=box, weights=weights)
+    expected = canvas.copy()
+    expected[box[0] : box[2], box[1] : box[3]] += (num_ref / den_reg).astype(cp.complex64)
+    out["ratio_into_object"] = rel(target - canvas, expected - canvas)
+    untouched = cp.ones(canvas.shape, bool)
+    untouched[box[0] : box[2], box[1] : box[3]] = False
+    out["ratio_outside_box_changed"] = bool(cp.any(target[untouched] != canvas[untouched]))
+    return out
+
+
+def checks(cp: Any) -> list[dict]:
+    return [
+        case(cp, 256, 128, 1, False, 1200, False),
+        case(cp, 256, 128, 3, False, 1200, True),
+        case(cp, 64, 300, 2, True, 200, True),  # over 256 positions: two rounds per tile
+        case(cp, 64, 40, 1, False, 6, False),  # windows piled on one another
+        case(cp, 48, 17, 3, True, 90, True),  # n not a multiple of the tile
+    ]
+
+
+def raster_batch(n: int, b: int, side: int, step: int) -> tuple[np.ndarray, tuple]:
+    """``b`` window corners drawn from a ``side`` x ``side`` raster, and their box."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
+    picked = rng.permutation(side * side)[:b]
+    corners = (grid.reshape(-1, 2)[picked] * step + 4).astype(np.int32)
+    lo, hi = corners.min(axis=0), corners.max(axis=0) + n
+    return corners, (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+
+
+def timings_for(cp: Any, k: int, bandwidth: float) -> list[dict]:
+    """Both ways of each sum at 128 positions of 256² and ``k`` modes."""
+    n, b, side, step = 256, 128, 64, 20
+    corners_h, box = raster_batch(n, b, side, step)
+    canvas = noise(cp, (side * step + n + 8, side * step + n + 8))
+    corners = cp.asarray(corners_h)
+    shape = (box[2] - box[0], box[3] - box[1])
+    num = cp.zeros(shape, cp.complex64)
+    den = cp.ones(shape, cp.float32)
+    weights = cp.asarray(np.random.default_rng(1).random(b).astype(np.float32))
+    dpsi = noise(cp, (b, k, n, n))
+    probes = noise(cp, (k, n, n))
+    power = cp.zeros((n, n), cp.float32)
+    summed = cp.zeros((k, n, n), cp.complex64)
+    obj = canvas[box[0] : box[2], box[1] : box[3]]
+    wave = b * k * n * n * 8  # the changes read once: what every way must move
+
+    def sums(given: tuple | None, probe_side: bool) -> None:
+        extra: dict[str, Any] = {}
+        if probe_side:
+            extra = {"terms_channels": k, "power": power, "terms_sum": summed}
+        window_sums(
+            dpsi, probes, canvas, corners, origin=box[:2], num=num, den=den, box=given, **extra
+        )
+
+    def atomics_then_ratio() -> None:
+        num.fill(0)
+        window_sums(dpsi, probes, canvas, corners, origin=box[:2], num=num, weights=weights)
+        obj[...] += num / den
+
+    def tiles_into_object() -> None:
+        add_window_ratio(canvas, dpsi, probes, corners, den, box=box, weights=weights)
+
+    steps = [
+        ("num/den", lambda: sums(box, False), lambda: sums(None, False), wave),
+        (
+            "num/den + probe terms + power",
+            lambda: sums(box, True),
+            lambda: sums(None, True),
+            wave,
+        ),
+        ("weighted sums into the object", tiles_into_object, atomics_then_ratio, wave),
+    ]
+    out = []
+    for name, tiles, atomics, nbytes in steps:
+        row: dict[str, Any] = {"step": name, "modes": k, "wave_bytes_read": nbytes}
+        for way, fn in (("tiles", tiles), ("atomics", atomics)):
+            seconds = event_time(cp, fn)
+            row[f"{way}_s"] = seconds
+            row[f"{way}_fraction_of_copy_bandwidth"] = nbytes / seconds / bandwidth
+        row["speedup"] = row["atomics_s"] / row["tiles_s"]
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import cupy as cp
+
+    cp.random.seed(0)
+    bandwidth = copy_bandwidth(cp)
+    print(
+        f"device {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s",
+        flush=True,
+    )
+    report: dict[str, Any] = {"copy_bandwidth_bytes_per_s": bandwidth, "checks": checks(cp)}
+    worst = 0.0
+    for c in report["checks"]:
+        print(json.dumps(c), flush=True)
+        worst = max(worst, *(v for key, v in c.items() if isinstance(v, float)))
+    report["worst_relative_difference"] = worst
+    print(f"worst relative difference {worst:.2e}", flush=True)
+    report["timings"] = timings_for(cp, 1, bandwidth) + timings_for(cp, 3, bandwidth)
+    print("| step | modes | tiles ms | atomics ms | speed-up | tiles, of copy bw |")
+    print("|---|---|---|---|---|---|")
+    for t in report["timings"]:
+        print(
+            f"| {t['step']} | {t['modes']} | {t['tiles_s'] * 1e3:.3f} | "
+            f"{t['atomics_s'] * 1e3:.3f} | {t['speedup']:.2f}x | "
+            f"{t['tiles_fraction_of_copy_bandwidth']:.2f} |"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    if worst > 1e-5 or any(c["ratio_outside_box_changed"] for c in report["checks"]):
+        raise SystemExit(f"tile sums disagree: worst relative difference {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
