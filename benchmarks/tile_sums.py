@@ -14,9 +14,10 @@ LSQ-ML's weighted sums straight into the object (``+= sum / den``).
 Checks, on random data (1 and 3 modes, shared and per-position probes,
 weights, batches above the 256 positions a tile lists at a time, windows piled
 on one another): both ways against a CuPy reference made one window at a time,
-and the probe-side sums and tracked maxima alongside. Then times both ways at
-the solver's batch of 128 positions of 256², drawn from a 64 x 64 raster of
-step 20 px as a pass draws them, against the copy bandwidth of the same run.
+and so the probe-side sums (summed and per position) and the tracked maxima.
+Then times both ways at the solver's batch of 128 positions of 256², drawn
+from a 64 x 64 raster of step 20 px as a pass draws them, against the copy
+bandwidth of the same run.
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ def reference(
         num[sl] += w * cp.sum(cp.conj(p) * dpsi[b], axis=0)
         den[sl] += cp.sum(cp.abs(p) ** 2, axis=0)
     return num, den
+
+
+def probe_reference(canvas: Any, dpsi: Any, corners: np.ndarray) -> tuple[Any, Any, Any]:
+    """The probe-side sums, one window at a time: per-position terms ``conj(O_b) dpsi_bk``
+    (B, K, n, n), their sum over the batch, and ``sum_b |O_b|^2``."""
+    import cupy as cp
+
+    n = dpsi.shape[-1]
+    windows = cp.stack([canvas[cy : cy + n, cx : cx + n] for cy, cx in corners])
+    terms = cp.conj(windows)[:, None] * dpsi
+    return terms, terms.sum(axis=0), (cp.abs(windows) ** 2).sum(axis=0)
 
 
 def case(
@@ -111,8 +123,15 @@ def case(
         out[f"{way}_den_max"] = abs(float(cp.max(slots[0])) / float(cp.max(den_ref)) - 1)
         out[f"{way}_power_max"] = abs(float(cp.max(slots[1])) / float(cp.max(power)) - 1)
         out[f"{way}_probe_terms"] = (summed, power)
-    a, b_ = out.pop("tiles_probe_terms"), out.pop("atomics_probe_terms")
-    out["probe_terms_tiles_vs_atomics"] = max(rel(a[0], b_[0]), rel(a[1], b_[1]))
+    terms_ref, summed_ref, power_ref = probe_reference(canvas, dpsi, corners_h)
+    for way in ("tiles", "atomics"):
+        summed, power = out.pop(f"{way}_probe_terms")
+        out[f"{way}_summed_probe_terms"] = rel(summed, summed_ref)
+        out[f"{way}_power"] = rel(power, power_ref)
+    # Per-position terms and |O|^2 as channel K (the sub-pixel probe update).
+    terms = window_sums(dpsi, probes, canvas, corners, terms_channels=k + 1)
+    out["per_position_terms"] = rel(terms[:, :k], terms_ref)
+    out["per_position_power"] = rel(terms[:, k].real.sum(axis=0), power_ref)
     # LSQ-ML's weighted sum straight into the object, den already regularised.
     den_reg = (den_ref + 0.1 * float(cp.max(den_ref))).astype(cp.float32)
     target = canvas.copy()

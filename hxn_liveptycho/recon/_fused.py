@@ -168,6 +168,11 @@ def _kernels() -> dict[str, Any]:
     }
 
 
+#: Positions one thread of :func:`window_sums` takes at once: their reads are issued
+#: together, and the sums over the batch (object power, summed probe terms) are made in
+#: registers over them, so a pixel gets one atomic add per chunk instead of one per
+#: position (128 positions of a batch all add into the same (n, n) pixels).
+_WINDOW_CHUNK = 8
 #: Canvas tile of :func:`_tile_sums` (pixels a side) and its block's threads (whole warps,
 #: one tile row each; a tile's positions are found this many at a time).
 _TILE = 32
@@ -190,101 +195,120 @@ typedef complex<float> T;
 #define TARGET(i) target[((i) / width) * stride + (i) % width]
 #define WINDOW_HELD_MODES 4
 """
+    + f"#define CHUNK {_WINDOW_CHUNK}\n"
     + _SLOT_MAX
     + r"""
-// The sums of one window pixel r over positions [b0, b1) of the batch: the object sums
-// per position (atomics: the windows land at different places), the power and the summed
-// probe terms over the positions in registers first, then one atomic add each. HELD > 0:
-// that many modes' summed terms in registers (unrolled, static indices); 0: any number of
-// modes, each term added atomically as it is made.
+// The sums of one window pixel r over positions [b0, b0 + CHUNK) ∩ [b0, b1) of the batch:
+// the object sums per position (atomics: the windows land at different places), the power
+// and the summed probe terms over the positions in registers first, then one atomic add
+// each. The chunk's loads are issued together before any arithmetic or atomic (the
+// positions past b1 read position b0's data and are masked out): a thread that waited for
+// each position's reads in turn kept too few bytes in flight to approach the memory
+// bandwidth. HELD > 0: the mode loop unrolled for up to HELD modes; 0: any number.
 template <int HELD>
 __device__ __forceinline__ void window_pixel(
-    const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
-    int n, int box_width, int width, int k_modes, int per_position, const float* weights,
-    int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
-    int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
+    const T* __restrict__ dpsi, const T* __restrict__ probes, const T* __restrict__ canvas,
+    const int* __restrict__ corners, int oy, int ox, int n, int box_width, int width,
+    int k_modes, int per_position, const float* __restrict__ weights, int has_weights,
+    int do_num, int do_den, int channels, int do_power, int track_max, int sum_terms,
+    float* num, float* den, T* terms, float* power, unsigned int* den_slots,
     unsigned int* power_slots, float* terms_sum, long long r, int b0, int b1) {
     const long long nn = (long long)n * n;
     const long long y = r / n;
     const long long x = r - y * n;
-    float held_re[HELD > 0 ? HELD : 1], held_im[HELD > 0 ? HELD : 1];
+    const bool need_o = channels > 0 || do_power;
+    bool ok[CHUNK];
+    int bs[CHUNK];
+    long long dst[CHUNK];
+    T o[CHUNK];
+    float re[CHUNK], im[CHUNK], illum[CHUNK];
 #pragma unroll
-    for (int k = 0; k < (HELD > 0 ? HELD : 1); ++k) held_re[k] = held_im[k] = 0.f;
+    for (int i = 0; i < CHUNK; ++i) {
+        ok[i] = b0 + i < b1;
+        bs[i] = ok[i] ? b0 + i : b0;
+        const long long gy = corners[2 * bs[i]] + y;
+        const long long gx = corners[2 * bs[i] + 1] + x;
+        dst[i] = (gy - oy) * box_width + gx - ox;
+        o[i] = need_o ? canvas[gy * width + gx] : T(0, 0);
+        re[i] = im[i] = illum[i] = 0.f;
+    }
     float power_sum = 0.f;
-    for (int b = b0; b < b1; ++b) {
-        const long long gy = corners[2 * b] + y;
-        const long long gx = corners[2 * b + 1] + x;
-        const T o = (channels > 0 || do_power) ? canvas[gy * width + gx] : T(0, 0);
-        const float o2 = o.real() * o.real() + o.imag() * o.imag();
-        power_sum += o2;
-        float re = 0.f, im = 0.f, illum = 0.f;
 #pragma unroll
-        for (int k = 0; k < (HELD > 0 ? HELD : k_modes); ++k) {
-            if (HELD > 0 && k >= k_modes) break;
-            const T d = dpsi[(b * (long long)k_modes + k) * nn + r];
+    for (int i = 0; i < CHUNK; ++i)
+        power_sum += ok[i] ? o[i].real() * o[i].real() + o[i].imag() * o[i].imag() : 0.f;
+#pragma unroll
+    for (int k = 0; k < (HELD > 0 ? HELD : k_modes); ++k) {
+        if (HELD > 0 && k >= k_modes) break;
+        T d[CHUNK], q[CHUNK];
+        const T shared_q = per_position ? T(0, 0) : probes[k * nn + r];
+#pragma unroll
+        for (int i = 0; i < CHUNK; ++i) {
+            const long long w = (bs[i] * (long long)k_modes + k) * nn + r;
+            d[i] = dpsi[w];
+            q[i] = per_position ? probes[w] : shared_q;
+        }
+        float t_re = 0.f, t_im = 0.f;
+#pragma unroll
+        for (int i = 0; i < CHUNK; ++i) {
             if (do_num) {
-                const T p = probes[(per_position ? b * (long long)k_modes + k : k) * nn + r];
-                re += p.real() * d.real() + p.imag() * d.imag();
-                im += p.real() * d.imag() - p.imag() * d.real();
-                illum += p.real() * p.real() + p.imag() * p.imag();
+                re[i] += q[i].real() * d[i].real() + q[i].imag() * d[i].imag();
+                im[i] += q[i].real() * d[i].imag() - q[i].imag() * d[i].real();
+                illum[i] += q[i].real() * q[i].real() + q[i].imag() * q[i].imag();
             }
-            if (sum_terms) {
-                const T t = conj(o) * d;
-                if constexpr (HELD > 0) {
-                    held_re[k] += t.real();
-                    held_im[k] += t.imag();
-                } else {
-                    atomicAdd(&terms_sum[2 * (k * nn + r)], t.real());
-                    atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t.imag());
+            if (sum_terms || channels > 0) {
+                const T t = conj(o[i]) * d[i];
+                if (sum_terms) {
+                    t_re += ok[i] ? t.real() : 0.f;
+                    t_im += ok[i] ? t.imag() : 0.f;
+                } else if (ok[i]) {
+                    terms[(bs[i] * (long long)channels + k) * nn + r] = t;
                 }
-            } else if (channels > 0) {
-                terms[(b * (long long)channels + k) * nn + r] = conj(o) * d;
             }
         }
+        if (sum_terms) {
+            atomicAdd(&terms_sum[2 * (k * nn + r)], t_re);
+            atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t_im);
+        }
+    }
+    float den_top = 0.f;
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+        if (!ok[i]) continue;
         if (channels > k_modes) {
-            terms[(b * (long long)channels + k_modes) * nn + r] = T(o2, 0.f);
+            const float o2 = o[i].real() * o[i].real() + o[i].imag() * o[i].imag();
+            terms[(bs[i] * (long long)channels + k_modes) * nn + r] = T(o2, 0.f);
         }
         if (do_num) {
-            const float w = has_weights ? weights[b] : 1.f;
-            const long long dst = (gy - oy) * box_width + gx - ox;
-            atomicAdd(&num[2 * dst], w * re);
-            atomicAdd(&num[2 * dst + 1], w * im);
+            const float w = has_weights ? weights[bs[i]] : 1.f;
+            atomicAdd(&num[2 * dst[i]], w * re[i]);
+            atomicAdd(&num[2 * dst[i] + 1], w * im[i]);
             if (do_den) {
-                const float total = atomicAdd(&den[dst], illum) + illum;
-                if (track_max) slot_max(den_slots, total);
+                const float total = atomicAdd(&den[dst[i]], illum[i]) + illum[i];
+                den_top = fmaxf(den_top, total);
             }
         }
     }
-    if constexpr (HELD > 0) {
-        if (sum_terms) {
-#pragma unroll
-            for (int k = 0; k < HELD; ++k) {
-                if (k >= k_modes) break;
-                atomicAdd(&terms_sum[2 * (k * nn + r)], held_re[k]);
-                atomicAdd(&terms_sum[2 * (k * nn + r) + 1], held_im[k]);
-            }
-        }
-    }
+    if (track_max && do_num && do_den) slot_max(den_slots, den_top);
     if (do_power && b1 > b0) {
         const float total = atomicAdd(&power[r], power_sum) + power_sum;
         if (track_max) slot_max(power_slots, total);
     }
 }
 
-// One thread per window pixel and chunk of `chunk` positions: reads the exit-wave changes
+// One thread per window pixel and chunk of CHUNK positions: reads the exit-wave changes
 // and the probes once for the object sums, the probe terms and the object power together.
 extern "C" __global__ void liveptycho_window_sums(
     const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
     int n, int box_width, int width, int k_modes, int per_position, const float* weights,
     int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
     int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
-    unsigned int* power_slots, float* terms_sum, int batch, int chunk, long long size) {
+    unsigned int* power_slots, float* terms_sum, int batch, long long size) {
     const long long nn = (long long)n * n;
     ELEMENTS(size) {
         const long long c = i / nn;
         const long long r = i - c * nn;
-        const int b0 = (int)c * chunk;
-        const int b1 = min(batch, b0 + chunk);
+        const int b0 = (int)c * CHUNK;
+        const int b1 = min(batch, b0 + CHUNK);
         if (k_modes <= WINDOW_HELD_MODES) {
             window_pixel<WINDOW_HELD_MODES>(
                 dpsi, probes, canvas, corners, oy, ox, n, box_width, width, k_modes,
@@ -313,12 +337,51 @@ extern "C" __global__ void liveptycho_window_sums(
     + f"#define TILE {_TILE}\n#define TILE_THREADS {_TILE_THREADS}\n"
     + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / TILE)
 #define TILE_PIXELS (TILE / TILE_ROWS_PER_PASS)
+template <int KM>
+__device__ __forceinline__ void tile_hits(
+    const T* __restrict__ dpsi, const T* __restrict__ probes,
+    const float* __restrict__ weights, int has_weights, int per_position, int k_modes, int n,
+    const int* hit_b, const int* hit_y, const int* hit_x, int hits, int gx, int row0,
+    float* re, float* im, float* illum, int& touched) {
+    const long long nn = (long long)n * n;
+    const int km = KM > 0 ? KM : k_modes;
+    // Straight-line body (a pixel outside a window reads its position's first pixel and
+    // is masked out), unrolled over two windows: the loads of both are issued at once.
+#pragma unroll 2
+    for (int j = 0; j < hits; ++j) {
+        const int hb = hit_b[j];
+        const int x = gx - hit_x[j];
+        const bool in_x = (unsigned)x < (unsigned)n;
+        const float w = has_weights ? weights[hb] : 1.f;
+#pragma unroll
+        for (int p = 0; p < TILE_PIXELS; ++p) {
+            const int y = row0 + p * TILE_ROWS_PER_PASS - hit_y[j];
+            const bool in = in_x && (unsigned)y < (unsigned)n;
+            const long long r = in ? (long long)y * n + x : 0;
+            float s_re = 0.f, s_im = 0.f, s_il = 0.f;
+#pragma unroll
+            for (int k = 0; k < km; ++k) {
+                const long long at = ((long long)hb * km + k) * nn + r;
+                const T d = dpsi[at];
+                const T q = probes[per_position ? at : k * nn + r];
+                s_re += q.real() * d.real() + q.imag() * d.imag();
+                s_im += q.real() * d.imag() - q.imag() * d.real();
+                s_il += q.real() * q.real() + q.imag() * q.imag();
+            }
+            re[p] += in ? w * s_re : 0.f;
+            im[p] += in ? w * s_im : 0.f;
+            illum[p] += in ? s_il : 0.f;
+            touched |= (int)in << p;
+        }
+    }
+}
+
 extern "C" __global__ void liveptycho_tile_sums(
-    const T* dpsi, const T* probes, const int* corners, int batch, int n, int k_modes,
-    int per_position, const float* weights, int has_weights, int box_y, int box_x,
-    int tiles_x, int oy, int ox, int acc_width, float* num,
-    float* den, int do_den, int track_max, unsigned int* den_slots, int ratio, T* target,
-    int target_width) {
+    const T* __restrict__ dpsi, const T* __restrict__ probes, const int* __restrict__ corners,
+    int batch, int n, int k_modes, int per_position, const float* __restrict__ weights,
+    int has_weights, int box_y, int box_x, int tiles_x, int oy, int ox, int acc_width,
+    float* num, float* den, int do_den, int track_max, unsigned int* den_slots, int ratio,
+    T* target, int target_width) {
     __shared__ int hit_b[TILE_THREADS];
     __shared__ int hit_y[TILE_THREADS];
     __shared__ int hit_x[TILE_THREADS];
@@ -327,7 +390,6 @@ extern "C" __global__ void liveptycho_tile_sums(
     const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE;
     const int tx0 = box_x + (blockIdx.x % tiles_x) * TILE;
     const int gx = tx0 + lane;
-    const long long nn = (long long)n * n;
     float re[TILE_PIXELS], im[TILE_PIXELS], illum[TILE_PIXELS];
     int touched = 0;  // bit p: pixel p of this thread met a window
 #pragma unroll
@@ -356,30 +418,17 @@ extern "C" __global__ void liveptycho_tile_sums(
             hit_x[j] = cx;
         }
         __syncthreads();
-        for (int j = 0; j < hits; ++j) {
-            const int hb = hit_b[j], x = gx - hit_x[j];
-            if (x < 0 || x >= n) continue;
-            const float w = has_weights ? weights[hb] : 1.f;
-#pragma unroll
-            for (int p = 0; p < TILE_PIXELS; ++p) {
-                const int y = ty0 + warp + p * TILE_ROWS_PER_PASS - hit_y[j];
-                if (y < 0 || y >= n) continue;
-                const long long r = (long long)y * n + x;
-                float s_re = 0.f, s_im = 0.f;
-                for (int k = 0; k < k_modes; ++k) {
-                    const T d = dpsi[((long long)hb * k_modes + k) * nn + r];
-                    const T q = probes[(per_position ? (long long)hb * k_modes + k : k) * nn + r];
-                    s_re += q.real() * d.real() + q.imag() * d.imag();
-                    s_im += q.real() * d.imag() - q.imag() * d.real();
-                    if (do_den) illum[p] += q.real() * q.real() + q.imag() * q.imag();
-                }
-                re[p] += w * s_re;
-                im[p] += w * s_im;
-                touched |= 1 << p;
-            }
+        const int row0 = ty0 + warp;
+        if (k_modes == 1) {
+            tile_hits<1>(dpsi, probes, weights, has_weights, per_position, 1, n, hit_b, hit_y,
+                         hit_x, hits, gx, row0, re, im, illum, touched);
+        } else {
+            tile_hits<0>(dpsi, probes, weights, has_weights, per_position, k_modes, n, hit_b,
+                         hit_y, hit_x, hits, gx, row0, re, im, illum, touched);
         }
         __syncthreads();  // the next round rewrites the list
     }
+    float den_top = 0.f;
 #pragma unroll
     for (int p = 0; p < TILE_PIXELS; ++p) {
         if (!(touched & (1 << p))) continue;
@@ -394,9 +443,10 @@ extern "C" __global__ void liveptycho_tile_sums(
         if (do_den) {
             const float total = den[dst] + illum[p];
             den[dst] = total;
-            if (track_max) slot_max(den_slots, total);
+            den_top = fmaxf(den_top, total);
         }
     }
+    if (track_max) slot_max(den_slots, den_top);
 }
 
 // target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)
@@ -442,11 +492,6 @@ extern "C" __global__ void liveptycho_add_scaled(
 
 #: Threads per block of the raw element-wise kernels.
 _BLOCK = 128
-#: Positions one thread of :func:`window_sums` takes in turn: the sums over the batch
-#: (object power, summed probe terms) are made in registers over them, so a pixel gets
-#: one atomic add per chunk instead of one per position (128 positions of a batch all
-#: add into the same (n, n) pixels).
-_WINDOW_CHUNK = 8
 
 
 @functools.cache
@@ -660,7 +705,6 @@ def window_sums(
             power_max if track else absent,
             terms_sum if summed else absent,
             i32(b),
-            i32(_WINDOW_CHUNK),
         ),
     )
     return terms

@@ -1045,7 +1045,10 @@ class StreamingSolver:
             den_max=den_max,
             power_max=oden_max,
             terms_sum=summed,
-            box=batch.box,
+            # With the probe-side sums in the same pass, one read of dpsi (the object
+            # sums by atomics) beats two (gathered by tile, then the probe sums):
+            # benchmarks/tile_sums.py times both.
+            box=None if update_probe else batch.box,
         )
         return dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
 
