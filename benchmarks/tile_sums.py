@@ -132,10 +132,13 @@ def case(
     terms = window_sums(dpsi, probes, canvas, corners, terms_channels=k + 1)
     out["per_position_terms"] = rel(terms[:, :k], terms_ref)
     out["per_position_power"] = rel(terms[:, k].real.sum(axis=0), power_ref)
-    # LSQ-ML's weighted sum straight into the object, den already regularised.
-    den_reg = (den_ref + 0.1 * float(cp.max(den_ref))).astype(cp.float32)
+    # LSQ-ML's weighted sum straight into the object, den regularised on the way (its
+    # maximum from a reduction; the solver passes window_sums' tracked slots).
+    reg = 0.1
+    den32 = den_ref.astype(cp.float32)
+    den_reg = cp.maximum((1 - reg) * (den_ref + reg * cp.max(den_ref)), 1e-30)
     target = canvas.copy()
-    add_window_ratio(target, dpsi, probes, corners, den_reg, box=box, weights=weights)
+    add_window_ratio(target, dpsi, probes, corners, den32, box=box, weights=weights, reg=reg)
     expected = canvas.copy()
     expected[box[0] : box[2], box[1] : box[3]] += (num_ref / den_reg).astype(cp.complex64)
     out["ratio_into_object"] = rel(target - canvas, expected - canvas)

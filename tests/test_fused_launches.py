@@ -159,13 +159,19 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     assert rest[0] == "liveptycho_window_sums" and rest[3][13] == 0  # do_num off: no atomics
     _fused.add_window_ratio(canvas, dpsi, probes, corners, den, box=box_of, weights=None)
     ratio = recorder.launches[-1][3]
-    assert ratio[-3] == 1 and ratio[-1] == canvas.shape[1]  # ratio mode, the canvas's rows
+    assert ratio[-6] == 1 and ratio[-4] == canvas.shape[1]  # ratio mode, the canvas's rows
+    assert ratio[-1] == 0  # den taken as regularised already
+    # den regularised on the way, its maximum from the tracked slots.
+    _fused.add_window_ratio(
+        canvas, dpsi, probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
+    )
+    ratio = recorder.launches[-1][3]
+    assert ratio[-3] is slots[0] and ratio[-2] == 1 and ratio[-1] == np.float32(0.1)
     # A box of the canvas (strided rows), the probe modes over one power map.
     target = canvas[2:19, 3:23]
     _fused.regularised_step(target, box, den, 0.1, 1.0, slots[0])
     _fused.regularised_step(probes, summed, power, 0.1, 1.0)
     _fused.regularise(den, 0.1, slots[0])
-    _fused.add_ratio(target, box, den)
     _fused.add_scaled(probes, summed, np.ones((), np.float32))
     launched = check(recorder.launches, _fused._RAW_SOURCE)
     assert launched == set(signatures(_fused._RAW_SOURCE))
@@ -178,9 +184,9 @@ def test_launchers_refuse_what_the_kernels_cannot_address(recorder: Recorder) ->
     num = np.zeros((4, 6), np.complex64)
     den = np.ones((4, 6), np.float32)
     with pytest.raises(ValueError, match="contiguous rows"):
-        _fused.add_ratio(np.zeros((4, 12), np.complex64)[:, ::2], num, den)
+        _fused.add_scaled(np.zeros((4, 12), np.complex64)[:, ::2], num, den[0, 0])
     with pytest.raises(ValueError, match="elements"):
-        _fused.add_ratio(np.zeros((4, 5), np.complex64), num, den)
+        _fused.add_scaled(np.zeros((4, 5), np.complex64), num, den[0, 0])
     with pytest.raises(ValueError, match="C-contiguous"):
         _fused.regularise(np.ones((6, 4), np.float32).T, 0.1)
     with pytest.raises(ValueError, match="does not cover the box"):
@@ -213,6 +219,10 @@ def test_every_kernel_of_the_sums_module_is_launched_as_declared(recorder: Recor
     num = np.zeros((17, 20), c64)
     den = np.ones((17, 20), np.float32)
     sums = _fused_sums.lsqml_step_sums(f, probes, probes, canvas, num, den, corners, (0, 0))
+    slots = np.zeros(_fused.SLOT_FLOATS, np.float32)
+    _fused_sums.lsqml_step_sums(f, probes, None, canvas, num, den, corners, (0, 0), 0.1, slots)
+    regularised = recorder.launches[-1][3]
+    assert regularised[-4] is slots and regularised[-3] == 1 and regularised[-2] == np.float32(0.1)
     _fused_sums.lsqml_steps(sums, 0.1, 1.0, 1.0, True)
     _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, n**-2)
     launched = check(recorder.launches, _fused_sums._SOURCE)

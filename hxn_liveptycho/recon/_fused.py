@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = [
     "SLOT_FLOATS",
-    "add_ratio",
+    "SLOT_MAX_CUDA",
     "add_scaled",
     "add_window_ratio",
     "batch_sum",
@@ -57,8 +57,11 @@ _SLOT_STRIDE = 32
 SLOT_FLOATS = MAX_SLOTS * _SLOT_STRIDE
 
 #: ``slot_max(slots, v)``: this warp's maximum of ``v`` >= 0 into one of the slots (its
-#: float bits compare as unsigned ints); the readers take the maximum over the slots.
-_SLOT_MAX = f"""
+#: float bits compare as unsigned ints); the readers take the maximum over the slots
+#: (``slots_max``, or ``warp_slots_max`` with a whole warp), and ``regularised`` makes
+#: the regularised illumination from it as :func:`regularise` does (for the kernels that
+#: read ``den`` once and need it regularised: no pass of its own).
+SLOT_MAX_CUDA = f"""
 __device__ __forceinline__ void slot_max(unsigned int* slots, float v) {{
     const unsigned int bits = __float_as_uint(v);
 #if __CUDA_ARCH__ >= 800
@@ -74,6 +77,21 @@ __device__ __forceinline__ float slots_max(const float* slots) {{
     float m = 0.f;
     for (int j = 0; j < {MAX_SLOTS}; ++j) m = fmaxf(m, slots[j * {_SLOT_STRIDE}]);
     return m;
+}}
+// The same, read by a whole warp at once (lane j reads slot j; every lane gets the maximum).
+__device__ __forceinline__ float warp_slots_max(const float* slots) {{
+    float m = slots[(threadIdx.x % {MAX_SLOTS}) * {_SLOT_STRIDE}];
+    for (int off = {MAX_SLOTS} / 2; off > 0; off /= 2)
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    return m;
+}}
+// LSQ-ML's regularised illumination: den_max is the slots (has_slots) or max(den) itself;
+// every lane of the calling warp must call it.
+__device__ __forceinline__ float den_maximum(const float* den_max, int has_slots) {{
+    return has_slots ? warp_slots_max(den_max) : den_max[0];
+}}
+__device__ __forceinline__ float regularised(float den, float reg, float m) {{
+    return fmaxf((1.f - reg) * (den + reg * m), 1e-30f);
 }}
 """
 
@@ -168,10 +186,10 @@ def _kernels() -> dict[str, Any]:
     }
 
 
-#: Positions one thread of :func:`window_sums` takes at once: their reads are issued
-#: together, and the sums over the batch (object power, summed probe terms) are made in
-#: registers over them, so a pixel gets one atomic add per chunk instead of one per
-#: position (128 positions of a batch all add into the same (n, n) pixels).
+#: Positions one thread of :func:`window_sums` takes in turn: the sums over the batch
+#: (object power, summed probe terms) are made in registers over them, so a pixel gets
+#: one atomic add per chunk instead of one per position (128 positions of a batch all
+#: add into the same (n, n) pixels).
 _WINDOW_CHUNK = 8
 #: Canvas tile of :func:`_tile_sums` (pixels a side) and its block's threads (whole warps,
 #: one tile row each; a tile's positions are found this many at a time).
@@ -195,120 +213,101 @@ typedef complex<float> T;
 #define TARGET(i) target[((i) / width) * stride + (i) % width]
 #define WINDOW_HELD_MODES 4
 """
-    + f"#define CHUNK {_WINDOW_CHUNK}\n"
-    + _SLOT_MAX
+    + SLOT_MAX_CUDA
     + r"""
-// The sums of one window pixel r over positions [b0, b0 + CHUNK) ∩ [b0, b1) of the batch:
-// the object sums per position (atomics: the windows land at different places), the power
-// and the summed probe terms over the positions in registers first, then one atomic add
-// each. The chunk's loads are issued together before any arithmetic or atomic (the
-// positions past b1 read position b0's data and are masked out): a thread that waited for
-// each position's reads in turn kept too few bytes in flight to approach the memory
-// bandwidth. HELD > 0: the mode loop unrolled for up to HELD modes; 0: any number.
+// The sums of one window pixel r over positions [b0, b1) of the batch: the object sums
+// per position (atomics: the windows land at different places), the power and the summed
+// probe terms over the positions in registers first, then one atomic add each. HELD > 0:
+// that many modes' summed terms in registers (unrolled, static indices); 0: any number of
+// modes, each term added atomically as it is made.
 template <int HELD>
 __device__ __forceinline__ void window_pixel(
-    const T* __restrict__ dpsi, const T* __restrict__ probes, const T* __restrict__ canvas,
-    const int* __restrict__ corners, int oy, int ox, int n, int box_width, int width,
-    int k_modes, int per_position, const float* __restrict__ weights, int has_weights,
-    int do_num, int do_den, int channels, int do_power, int track_max, int sum_terms,
-    float* num, float* den, T* terms, float* power, unsigned int* den_slots,
+    const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
+    int n, int box_width, int width, int k_modes, int per_position, const float* weights,
+    int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
+    int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
     unsigned int* power_slots, float* terms_sum, long long r, int b0, int b1) {
     const long long nn = (long long)n * n;
     const long long y = r / n;
     const long long x = r - y * n;
-    const bool need_o = channels > 0 || do_power;
-    bool ok[CHUNK];
-    int bs[CHUNK];
-    long long dst[CHUNK];
-    T o[CHUNK];
-    float re[CHUNK], im[CHUNK], illum[CHUNK];
+    float held_re[HELD > 0 ? HELD : 1], held_im[HELD > 0 ? HELD : 1];
 #pragma unroll
-    for (int i = 0; i < CHUNK; ++i) {
-        ok[i] = b0 + i < b1;
-        bs[i] = ok[i] ? b0 + i : b0;
-        const long long gy = corners[2 * bs[i]] + y;
-        const long long gx = corners[2 * bs[i] + 1] + x;
-        dst[i] = (gy - oy) * box_width + gx - ox;
-        o[i] = need_o ? canvas[gy * width + gx] : T(0, 0);
-        re[i] = im[i] = illum[i] = 0.f;
-    }
+    for (int k = 0; k < (HELD > 0 ? HELD : 1); ++k) held_re[k] = held_im[k] = 0.f;
     float power_sum = 0.f;
+    for (int b = b0; b < b1; ++b) {
+        const long long gy = corners[2 * b] + y;
+        const long long gx = corners[2 * b + 1] + x;
+        const T o = (channels > 0 || do_power) ? canvas[gy * width + gx] : T(0, 0);
+        const float o2 = o.real() * o.real() + o.imag() * o.imag();
+        power_sum += o2;
+        float re = 0.f, im = 0.f, illum = 0.f;
 #pragma unroll
-    for (int i = 0; i < CHUNK; ++i)
-        power_sum += ok[i] ? o[i].real() * o[i].real() + o[i].imag() * o[i].imag() : 0.f;
-#pragma unroll
-    for (int k = 0; k < (HELD > 0 ? HELD : k_modes); ++k) {
-        if (HELD > 0 && k >= k_modes) break;
-        T d[CHUNK], q[CHUNK];
-        const T shared_q = per_position ? T(0, 0) : probes[k * nn + r];
-#pragma unroll
-        for (int i = 0; i < CHUNK; ++i) {
-            const long long w = (bs[i] * (long long)k_modes + k) * nn + r;
-            d[i] = dpsi[w];
-            q[i] = per_position ? probes[w] : shared_q;
-        }
-        float t_re = 0.f, t_im = 0.f;
-#pragma unroll
-        for (int i = 0; i < CHUNK; ++i) {
+        for (int k = 0; k < (HELD > 0 ? HELD : k_modes); ++k) {
+            if (HELD > 0 && k >= k_modes) break;
+            const T d = dpsi[(b * (long long)k_modes + k) * nn + r];
             if (do_num) {
-                re[i] += q[i].real() * d[i].real() + q[i].imag() * d[i].imag();
-                im[i] += q[i].real() * d[i].imag() - q[i].imag() * d[i].real();
-                illum[i] += q[i].real() * q[i].real() + q[i].imag() * q[i].imag();
+                const T p = probes[(per_position ? b * (long long)k_modes + k : k) * nn + r];
+                re += p.real() * d.real() + p.imag() * d.imag();
+                im += p.real() * d.imag() - p.imag() * d.real();
+                illum += p.real() * p.real() + p.imag() * p.imag();
             }
-            if (sum_terms || channels > 0) {
-                const T t = conj(o[i]) * d[i];
-                if (sum_terms) {
-                    t_re += ok[i] ? t.real() : 0.f;
-                    t_im += ok[i] ? t.imag() : 0.f;
-                } else if (ok[i]) {
-                    terms[(bs[i] * (long long)channels + k) * nn + r] = t;
+            if (sum_terms) {
+                const T t = conj(o) * d;
+                if constexpr (HELD > 0) {
+                    held_re[k] += t.real();
+                    held_im[k] += t.imag();
+                } else {
+                    atomicAdd(&terms_sum[2 * (k * nn + r)], t.real());
+                    atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t.imag());
                 }
+            } else if (channels > 0) {
+                terms[(b * (long long)channels + k) * nn + r] = conj(o) * d;
             }
         }
-        if (sum_terms) {
-            atomicAdd(&terms_sum[2 * (k * nn + r)], t_re);
-            atomicAdd(&terms_sum[2 * (k * nn + r) + 1], t_im);
-        }
-    }
-    float den_top = 0.f;
-#pragma unroll
-    for (int i = 0; i < CHUNK; ++i) {
-        if (!ok[i]) continue;
         if (channels > k_modes) {
-            const float o2 = o[i].real() * o[i].real() + o[i].imag() * o[i].imag();
-            terms[(bs[i] * (long long)channels + k_modes) * nn + r] = T(o2, 0.f);
+            terms[(b * (long long)channels + k_modes) * nn + r] = T(o2, 0.f);
         }
         if (do_num) {
-            const float w = has_weights ? weights[bs[i]] : 1.f;
-            atomicAdd(&num[2 * dst[i]], w * re[i]);
-            atomicAdd(&num[2 * dst[i] + 1], w * im[i]);
+            const float w = has_weights ? weights[b] : 1.f;
+            const long long dst = (gy - oy) * box_width + gx - ox;
+            atomicAdd(&num[2 * dst], w * re);
+            atomicAdd(&num[2 * dst + 1], w * im);
             if (do_den) {
-                const float total = atomicAdd(&den[dst[i]], illum[i]) + illum[i];
-                den_top = fmaxf(den_top, total);
+                const float total = atomicAdd(&den[dst], illum) + illum;
+                if (track_max) slot_max(den_slots, total);
             }
         }
     }
-    if (track_max && do_num && do_den) slot_max(den_slots, den_top);
+    if constexpr (HELD > 0) {
+        if (sum_terms) {
+#pragma unroll
+            for (int k = 0; k < HELD; ++k) {
+                if (k >= k_modes) break;
+                atomicAdd(&terms_sum[2 * (k * nn + r)], held_re[k]);
+                atomicAdd(&terms_sum[2 * (k * nn + r) + 1], held_im[k]);
+            }
+        }
+    }
     if (do_power && b1 > b0) {
         const float total = atomicAdd(&power[r], power_sum) + power_sum;
         if (track_max) slot_max(power_slots, total);
     }
 }
 
-// One thread per window pixel and chunk of CHUNK positions: reads the exit-wave changes
+// One thread per window pixel and chunk of `chunk` positions: reads the exit-wave changes
 // and the probes once for the object sums, the probe terms and the object power together.
 extern "C" __global__ void liveptycho_window_sums(
     const T* dpsi, const T* probes, const T* canvas, const int* corners, int oy, int ox,
     int n, int box_width, int width, int k_modes, int per_position, const float* weights,
     int has_weights, int do_num, int do_den, int channels, int do_power, int track_max,
     int sum_terms, float* num, float* den, T* terms, float* power, unsigned int* den_slots,
-    unsigned int* power_slots, float* terms_sum, int batch, long long size) {
+    unsigned int* power_slots, float* terms_sum, int batch, int chunk, long long size) {
     const long long nn = (long long)n * n;
     ELEMENTS(size) {
         const long long c = i / nn;
         const long long r = i - c * nn;
-        const int b0 = (int)c * CHUNK;
-        const int b1 = min(batch, b0 + CHUNK);
+        const int b0 = (int)c * chunk;
+        const int b1 = min(batch, b0 + chunk);
         if (k_modes <= WINDOW_HELD_MODES) {
             window_pixel<WINDOW_HELD_MODES>(
                 dpsi, probes, canvas, corners, oy, ox, n, box_width, width, k_modes,
@@ -332,7 +331,8 @@ extern "C" __global__ void liveptycho_window_sums(
 // sum_k |P_k|^2 over them in registers. Each pixel is owned by one thread: the results
 // are added with plain stores, in the same order on every run. ratio = 0: num += sum,
 // den += illumination (both at origin (oy, ox), rows of acc_width); ratio = 1: target
-// (the canvas, rows of target_width) += sum / den, den read (already regularised).
+// (the canvas, rows of target_width) += sum / regularised(den) (reg and den's maximum as
+// regularise takes them; reg 0 for a den already regularised).
 """
     + f"#define TILE {_TILE}\n#define TILE_THREADS {_TILE_THREADS}\n"
     + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / TILE)
@@ -381,7 +381,7 @@ extern "C" __global__ void liveptycho_tile_sums(
     int batch, int n, int k_modes, int per_position, const float* __restrict__ weights,
     int has_weights, int box_y, int box_x, int tiles_x, int oy, int ox, int acc_width,
     float* num, float* den, int do_den, int track_max, unsigned int* den_slots, int ratio,
-    T* target, int target_width) {
+    T* target, int target_width, const float* den_max, int has_slots, float reg) {
     __shared__ int hit_b[TILE_THREADS];
     __shared__ int hit_y[TILE_THREADS];
     __shared__ int hit_x[TILE_THREADS];
@@ -390,6 +390,7 @@ extern "C" __global__ void liveptycho_tile_sums(
     const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE;
     const int tx0 = box_x + (blockIdx.x % tiles_x) * TILE;
     const int gx = tx0 + lane;
+    const float m = ratio ? den_maximum(den_max, has_slots) : 0.f;
     float re[TILE_PIXELS], im[TILE_PIXELS], illum[TILE_PIXELS];
     int touched = 0;  // bit p: pixel p of this thread met a window
 #pragma unroll
@@ -435,7 +436,7 @@ extern "C" __global__ void liveptycho_tile_sums(
         const long long gy = ty0 + warp + p * TILE_ROWS_PER_PASS;
         const long long dst = (gy - oy) * acc_width + gx - ox;
         if (ratio) {
-            target[gy * target_width + gx] += T(re[p], im[p]) / den[dst];
+            target[gy * target_width + gx] += T(re[p], im[p]) / regularised(den[dst], reg, m);
             continue;
         }
         num[2 * dst] += re[p];
@@ -466,15 +467,6 @@ extern "C" __global__ void liveptycho_regularise(
     const float m = slots ? slots_max(den_max) : den_max[0];
     ELEMENTS(size) {
         den[i] = fmaxf((1.f - reg) * (den[i] + reg * m), 1e-30f);
-    }
-}
-
-// target += num / den
-extern "C" __global__ void liveptycho_add_ratio(
-    const T* num, const float* den, T* target, long long width, long long stride,
-    long long size) {
-    ELEMENTS(size) {
-        TARGET(i) += num[i] / den[i];
     }
 }
 
@@ -705,6 +697,7 @@ def window_sums(
             power_max if track else absent,
             terms_sum if summed else absent,
             i32(b),
+            i32(_WINDOW_CHUNK),
         ),
     )
     return terms
@@ -773,6 +766,9 @@ def _tile_sums(
         i32(0),
         _dummy(np.complex64),
         i32(0),
+        absent,
+        i32(0),
+        np.float32(0),
     )
     _tile_launch(dpsi, probes, corners, box, origin, num.shape[-1], weights, tail)
 
@@ -786,17 +782,22 @@ def add_window_ratio(
     *,
     box: tuple[int, int, int, int],
     weights: Any | None = None,
+    reg: float = 0.0,
+    den_max: Any | None = None,
 ) -> None:
     """``canvas += (sum_b w_b sum_k conj(P_k) dpsi_bk over the windows) / den`` in place,
-    ``den`` (already regularised) covering ``box`` ``(y0, x0, y1, x1)``: what
-    :func:`window_sums` then :func:`add_ratio` do, in one pass with no ``num`` array (the
-    sums are gathered by canvas tile)."""
+    ``den`` covering ``box`` ``(y0, x0, y1, x1)`` and regularised on the way as
+    :func:`regularise` would with ``reg`` and ``den_max`` (reg 0: ``den`` already
+    regularised). :func:`window_sums`, :func:`regularise` and a ``num / den`` add in
+    one pass, with no ``num`` array: the sums are gathered by canvas tile."""
     _contiguous(canvas, den)
     if den.shape != (box[2] - box[0], box[3] - box[1]):
         raise ValueError(f"den {den.shape} does not cover the box {box}")
     absent = _dummy(np.float32)
+    m, from_slots = max_of(den, den_max) if reg else (absent, np.int32(0))
     i32 = np.int32
     tail = (absent, den, i32(0), i32(0), absent, i32(1), canvas, i32(canvas.shape[1]))
+    tail += (m, from_slots, np.float32(reg))
     _tile_launch(dpsi, probes, corners, box, box[:2], den.shape[1], weights, tail)
 
 
@@ -807,7 +808,9 @@ def max_slots(buffer: Any) -> Any:
     return buffer[:SLOT_FLOATS]
 
 
-def _max_of(den: Any, slots: Any | None) -> tuple[Any, Any]:
+def max_of(den: Any, slots: Any | None) -> tuple[Any, Any]:
+    """``(den_max, has_slots)`` as the kernels take ``max(den)``: the tracked slots, else
+    a reduction's 0-d result."""
     import cupy as cp
 
     return (slots, np.int32(1)) if slots is not None else (cp.max(den), np.int32(0))
@@ -825,7 +828,7 @@ def regularised_step(
     width, stride = _rows(target, num.size)
     if num.size % den.size:
         raise ValueError(f"den {den.shape} does not repeat over num {num.shape}")
-    m, from_slots = _max_of(den, slots)
+    m, from_slots = max_of(den, slots)
     args = (np.float32(reg), np.float32(weight), target, width, stride)
     _launch("regularised_step", num.size, (num, den, np.int64(den.size), m, from_slots, *args))
 
@@ -834,16 +837,9 @@ def regularise(den: Any, reg: float, slots: Any | None = None) -> Any:
     """``den <- max((1 - reg) (den + reg max(den)), 1e-30)`` in place (the xp path's
     ``_regularised`` in one pass); returns ``den``. ``slots`` as :func:`regularised_step`."""
     _contiguous(den)
-    m, from_slots = _max_of(den, slots)
+    m, from_slots = max_of(den, slots)
     _launch("regularise", den.size, (m, from_slots, np.float32(reg), den))
     return den
-
-
-def add_ratio(target: Any, num: Any, den: Any) -> None:
-    """``target += num / den`` in place (``target`` may be a box of a larger canvas)."""
-    _contiguous(num, den)
-    width, stride = _rows(target, num.size)
-    _launch("add_ratio", num.size, (num, den, target, width, stride))
 
 
 def add_scaled(target: Any, x: Any, scale: Any) -> None:

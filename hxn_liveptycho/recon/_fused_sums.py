@@ -16,15 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.recon._fused import SLOT_MAX_CUDA, max_of
+
 __all__ = ["dm_fourier_step", "lsqml_step_sums", "lsqml_steps", "modulus_residual"]
 
 _THREADS = 256
 #: Blocks per position: enough to fill the GPU at batch 32+ with 256² frames.
 _BLOCKS_PER_POSITION = 32
 
-_SOURCE = r"""
+_SOURCE = (
+    r"""
 #include <cupy/complex.cuh>
 typedef complex<float> cf;
+"""
+    + SLOT_MAX_CUDA
+    + r"""
 
 // Adds v[0..S) of every thread of the block into out[0..S) (one atomic per sum and block).
 template <int S>
@@ -70,23 +76,26 @@ extern "C" __global__ void liveptycho_modulus(
 }
 
 // Per position: a11 = |u|^2, a12 = Re u* v, a22 = |v|^2, b1 = Re u* chi, b2 = Re v* chi with
-// u = P dO (dO = num / den on the batch's box), v = O dP (O from the canvas), summed over
-// modes and pixels, into out (B, 5). dprobes_mode: 0 none, 1 shared (K, n, n), 2 (B, K, n, n).
+// u = P dO (dO = num / regularised(den) on the batch's box), v = O dP (O from the canvas),
+// summed over modes and pixels, into out (B, 5). dprobes_mode: 0 none, 1 shared (K, n, n),
+// 2 (B, K, n, n).
 // Restrict pointers and two pixels per round: the reads of both are issued together.
 extern "C" __global__ void liveptycho_lsqml_sums(
     const cf* __restrict__ chi, const cf* __restrict__ probes, const cf* __restrict__ dprobes,
     const cf* __restrict__ canvas, const cf* __restrict__ num, const float* __restrict__ den,
     const int* __restrict__ corners, int oy, int ox, int n, int box_width, int width,
-    int k_modes, int probes_per_position, int dprobes_mode, float* out) {
+    int k_modes, int probes_per_position, int dprobes_mode, const float* den_max,
+    int has_slots, float reg, float* out) {
     const long long b = blockIdx.y;
     const int nn = n * n;
+    const float m = den_maximum(den_max, has_slots);
     float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll 2
     for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < nn; r += blockDim.x * gridDim.x) {
         const int y = r / n, x = r - (r / n) * n;
         const long long gy = corners[2 * b] + y, gx = corners[2 * b + 1] + x;
         const long long dst = (gy - oy) * box_width + gx - ox;
-        const cf d_obj = num[dst] / den[dst];
+        const cf d_obj = num[dst] / regularised(den[dst], reg, m);
         const cf o = dprobes_mode ? canvas[gy * width + gx] : cf(0.f, 0.f);
         for (int k = 0; k < k_modes; ++k) {
             const long long w = (b * k_modes + k) * nn + r;
@@ -208,6 +217,7 @@ extern "C" __global__ void liveptycho_dm_update(
     }
 }
 """
+)
 
 
 @functools.cache
@@ -294,13 +304,17 @@ def lsqml_step_sums(
     den: Any,
     corners: Any,
     origin: tuple[int, int],
+    reg: float = 0.0,
+    den_max: Any | None = None,
 ) -> Any:
     """The normal-equation sums (B, 5) ``(a11, a12, a22, b1, b2)`` of LSQ-ML's step fit.
 
     ``u = P dO`` with ``dO = num / den`` read on the batch's box (at ``origin``), ``v =
     O dP`` with ``O`` the canvas window and ``dprobes`` the probe step (shared (K, n, n),
     per position (B, K, n, n), or None: object step only, v = 0); sums over modes and
-    pixels of ``|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi``.
+    pixels of ``|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi``. ``den`` is regularised as
+    it is read, as :func:`~hxn_liveptycho.recon._fused.regularise` would with ``reg``
+    and ``den_max`` (reg 0: ``den`` already regularised).
     """
     import cupy as cp
 
@@ -324,6 +338,8 @@ def lsqml_step_sums(
         i32(k),
         i32(probes.ndim == 4),
         i32(mode),
+        *(max_of(den, den_max) if reg else (_ones(cp.cuda.runtime.getDevice()), i32(0))),
+        np.float32(reg),
         out,
     )
     _launch("liveptycho_lsqml_sums", b, n * n, args)

@@ -1159,8 +1159,8 @@ class StreamingSolver:
         p = self.params
         floor = max(p.modulus_floor, 1e-12)
         chi, acc = self._fused_sums(batch, probes, update_probe, floor, err)
-        num, den = acc.num, acc.den
-        regularise(den, p.object_reg, acc.den_max)
+        # den is regularised where it is read (the step sums and the object update).
+        num, den, den_max, reg = acc.num, acc.den, acc.den_max, p.object_reg
         d_probe = seen = None
         if update_probe:
             d_probe = self._probe_update_terms(acc, table)
@@ -1173,12 +1173,20 @@ class StreamingSolver:
                 else self._shift_modes(self._fft(d_probe.copy()), table, True)
             )
         sums = lsqml_step_sums(
-            chi, probes, seen, self._object, num, den, batch.corners, batch.origin
+            chi, probes, seen, self._object, num, den, batch.corners, batch.origin, reg, den_max
         )
         del seen
         weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
         add_window_ratio(
-            self._object, chi, probes, batch.corners, den, box=batch.box, weights=weights
+            self._object,
+            chi,
+            probes,
+            batch.corners,
+            den,
+            box=batch.box,
+            weights=weights,
+            reg=reg,
+            den_max=den_max,
         )
         del chi
         if d_probe is not None:
