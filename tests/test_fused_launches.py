@@ -136,37 +136,49 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         terms_sum=summed,
         weights=np.ones(b, np.float32),
     )
-    # Gathered by canvas tile: the object sums alone, then with the probe-side sums.
+    # One mode: gathered by canvas tile, the object sums alone, then with the probe-side
+    # sums (a second pass with no object atomics).
     box_of = (0, 0, 17, 20)
-    assert _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of) is None
+    one, one_probe, one_summed = dpsi[:, :1].copy(), probes[:1].copy(), summed[:1].copy()
+    assert _fused.window_sums(one, one_probe, canvas, corners, num=box, den=den, box=box_of) is None
     n_before = len(recorder.launches)
     _fused.window_sums(
-        dpsi,
-        probes,
+        one,
+        one_probe,
         canvas,
         corners,
         num=box,
         den=den,
-        terms_channels=k,
+        terms_channels=1,
         power=power,
         den_max=slots[0],
         power_max=slots[1],
-        terms_sum=summed,
+        terms_sum=one_summed,
         box=box_of,
     )
     gathered, rest = recorder.launches[n_before:]
     assert gathered[0] == "liveptycho_tile_sums" and gathered[1] == (1,)  # 17 x 20: one tile
     assert rest[0] == "liveptycho_window_sums" and rest[3][13] == 0  # do_num off: no atomics
-    _fused.add_window_ratio(canvas, dpsi, probes, corners, den, box=box_of, weights=None)
+    _fused.add_window_ratio(canvas, one, one_probe, corners, den, box=box_of, weights=None)
     ratio = recorder.launches[-1][3]
     assert ratio[-6] == 1 and ratio[-4] == canvas.shape[1]  # ratio mode, the canvas's rows
     assert ratio[-1] == 0  # den taken as regularised already
     # den regularised on the way, its maximum from the tracked slots.
     _fused.add_window_ratio(
-        canvas, dpsi, probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
+        canvas, one, one_probe, corners, den, box=box_of, reg=0.1, den_max=slots[0]
     )
     ratio = recorder.launches[-1][3]
     assert ratio[-3] is slots[0] and ratio[-2] == 1 and ratio[-1] == np.float32(0.1)
+    # Two modes: the atomic sums (faster there), then the ratio added in one pass.
+    n_before = len(recorder.launches)
+    _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of)
+    assert [name for name, *_ in recorder.launches[n_before:]] == ["liveptycho_window_sums"]
+    _fused.add_window_ratio(
+        canvas, dpsi, probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
+    )
+    sums, added = recorder.launches[-2:]
+    assert sums[0] == "liveptycho_window_sums" and added[0] == "liveptycho_add_ratio"
+    assert added[3][2] is slots[0] and added[3][-2] == canvas.shape[1]  # the box row stride
     # A box of the canvas (strided rows), the probe modes over one power map.
     target = canvas[2:19, 3:23]
     _fused.regularised_step(target, box, den, 0.1, 1.0, slots[0])
