@@ -8,8 +8,11 @@ Run on a CUDA machine, from the repository root:
 conj(P) dpsi_b`` and ``sum_b |P|^2`` over the windows, in one of two ways:
 every position adds its window with atomics (no ``box``), or each canvas tile
 of the batch's box gathers the windows that meet it and stores its sums once
-(``box``, the solver's path since 2026-12-03). ``add_window_ratio`` gathers
-LSQ-ML's weighted sums straight into the object (``+= sum / den``).
+(``box``, the solver's path for one mode since 2026-12-03). ``add_window_ratio``
+gathers LSQ-ML's weighted sums straight into the object (``+= sum / den``). With
+more modes both fall back to the atomic adds, faster there (the tile kernel took
+0.185 ms against 0.141 for three modes on the H200, docs/benchmarks.md), so the
+three-mode rows time that fallback.
 
 Checks, on random data (1 and 3 modes, shared and per-position probes,
 weights, batches above the 256 positions a tile lists at a time, windows piled
