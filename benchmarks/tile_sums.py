@@ -20,7 +20,8 @@ on one another): both ways against a CuPy reference made one window at a time,
 and so the probe-side sums (summed and per position) and the tracked maxima.
 Then times both ways at the solver's batch of 128 positions of 256², drawn
 from a 64 x 64 raster of step 20 px as a pass draws them, against the copy
-bandwidth of the same run.
+bandwidth of the same run, and reports each kernel's registers and spills (not
+yet run on a GPU: added after the last measurement).
 """
 
 from __future__ import annotations
@@ -226,6 +227,19 @@ def timings_for(cp: Any, k: int, bandwidth: float) -> list[dict]:
     return out
 
 
+def kernel_resources() -> list[dict]:
+    """Registers and local memory (non-zero: spilled registers) of the kernels compared:
+    what bounds how many threads, and so how many reads, an SM keeps in flight."""
+    from hxn_liveptycho.recon import _fused
+
+    keys = ("num_regs", "local_size_bytes", "shared_size_bytes", "max_threads_per_block")
+    out = []
+    for name in ("tile_sums", "window_sums", "add_ratio"):
+        attrs = _fused._raw(name).attributes
+        out.append({"kernel": f"liveptycho_{name}"} | {k: attrs.get(k) for k in keys})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -240,6 +254,9 @@ def main() -> None:
         flush=True,
     )
     report: dict[str, Any] = {"copy_bandwidth_bytes_per_s": bandwidth, "checks": checks(cp)}
+    report["kernels"] = kernel_resources()
+    for k in report["kernels"]:
+        print(json.dumps(k), flush=True)
     worst = 0.0
     for c in report["checks"]:
         print(json.dumps(c), flush=True)
