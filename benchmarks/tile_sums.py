@@ -20,8 +20,7 @@ on one another): both ways against a CuPy reference made one window at a time,
 and so the probe-side sums (summed and per position) and the tracked maxima.
 Then times both ways at the solver's batch of 128 positions of 256², drawn
 from a 64 x 64 raster of step 20 px as a pass draws them, against the copy
-bandwidth of the same run, and reports each kernel's registers and spills (not
-yet run on a GPU: added after the last measurement).
+bandwidth of the same run, and reports each kernel's registers and spills.
 """
 
 from __future__ import annotations
