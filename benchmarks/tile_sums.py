@@ -77,17 +77,18 @@ def probe_reference(canvas: Any, dpsi: Any, corners: np.ndarray) -> tuple[Any, A
     return terms, terms.sum(axis=0), (cp.abs(windows) ** 2).sum(axis=0)
 
 
+def box_of(corners: np.ndarray, n: int) -> tuple[int, int, int, int]:
+    """The canvas pixels ``(y0, x0, y1, x1)`` that windows of side ``n`` at ``corners`` cover."""
+    lo, hi = corners.min(axis=0), corners.max(axis=0) + n
+    return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
+
+
 def case(
     cp: Any, n: int, b: int, k: int, per_position: bool, spread: int, weighted: bool
 ) -> dict[str, Any]:
     rng = np.random.default_rng(b * 10 + k)
     corners_h = rng.integers(3, 3 + spread, size=(b, 2)).astype(np.int32)
-    box = (
-        int(corners_h[:, 0].min()),
-        int(corners_h[:, 1].min()),
-        int(corners_h[:, 0].max()) + n,
-        int(corners_h[:, 1].max()) + n,
-    )
+    box = box_of(corners_h, n)
     canvas = noise(cp, (box[2] + 5, box[3] + 7))
     corners = cp.asarray(corners_h)
     dpsi = noise(cp, (b, k, n, n))
@@ -167,8 +168,7 @@ def raster_batch(n: int, b: int, side: int, step: int) -> tuple[np.ndarray, tupl
     grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
     picked = rng.permutation(side * side)[:b]
     corners = (grid.reshape(-1, 2)[picked] * step + 4).astype(np.int32)
-    lo, hi = corners.min(axis=0), corners.max(axis=0) + n
-    return corners, (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+    return corners, box_of(corners, n)
 
 
 def timings_for(cp: Any, k: int, bandwidth: float) -> list[dict]:

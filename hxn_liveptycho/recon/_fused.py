@@ -40,6 +40,7 @@ __all__ = [
     "ramp_table",
     "regularise",
     "regularised_step",
+    "regularising",
     "scaled_copy",
     "shift_spectra",
     "unshift_sum_spectra",
@@ -58,9 +59,9 @@ SLOT_FLOATS = MAX_SLOTS * _SLOT_STRIDE
 
 #: ``slot_max(slots, v)``: this warp's maximum of ``v`` >= 0 into one of the slots (its
 #: float bits compare as unsigned ints); the readers take the maximum over the slots
-#: (``slots_max``, or ``warp_slots_max`` with a whole warp), and ``regularised`` makes
-#: the regularised illumination from it as :func:`regularise` does (for the kernels that
-#: read ``den`` once and need it regularised: no pass of its own).
+#: with a whole warp (``den_maximum``, which also takes a plain ``max(den)``), and
+#: ``regularised`` makes the regularised illumination from it as :func:`regularise`
+#: does (also for the kernels that read ``den`` once: no pass of its own).
 SLOT_MAX_CUDA = f"""
 __device__ __forceinline__ void slot_max(unsigned int* slots, float v) {{
     const unsigned int bits = __float_as_uint(v);
@@ -73,20 +74,16 @@ __device__ __forceinline__ void slot_max(unsigned int* slots, float v) {{
     atomicMax(&slots[(blockIdx.x % {MAX_SLOTS}) * {_SLOT_STRIDE}], bits);
 #endif
 }}
-__device__ __forceinline__ float slots_max(const float* slots) {{
-    float m = 0.f;
-    for (int j = 0; j < {MAX_SLOTS}; ++j) m = fmaxf(m, slots[j * {_SLOT_STRIDE}]);
-    return m;
-}}
-// The same, read by a whole warp at once (lane j reads slot j; every lane gets the maximum).
+// The maximum over the slots, read by a whole warp at once (lane j reads slot j; every
+// lane gets the maximum).
 __device__ __forceinline__ float warp_slots_max(const float* slots) {{
     float m = slots[(threadIdx.x % {MAX_SLOTS}) * {_SLOT_STRIDE}];
     for (int off = {MAX_SLOTS} / 2; off > 0; off /= 2)
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     return m;
 }}
-// LSQ-ML's regularised illumination: den_max is the slots (has_slots) or max(den) itself;
-// every lane of the calling warp must call it.
+// max(den) from den_max, the slots (has_slots) or the maximum itself; every lane of the
+// calling warp must call it.
 __device__ __forceinline__ float den_maximum(const float* den_max, int has_slots) {{
     return has_slots ? warp_slots_max(den_max) : den_max[0];
 }}
@@ -392,7 +389,7 @@ extern "C" __global__ void liveptycho_tile_sums(
     const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE;
     const int tx0 = box_x + (blockIdx.x % tiles_x) * TILE;
     const int gx = tx0 + lane;
-    const float m = ratio ? den_maximum(den_max, has_slots) : 0.f;
+    const float m = den_maximum(den_max, has_slots);
     float re[TILE_PIXELS], im[TILE_PIXELS], illum[TILE_PIXELS];
     int touched = 0;  // bit p: pixel p of this thread met a window
 #pragma unroll
@@ -456,9 +453,9 @@ extern "C" __global__ void liveptycho_tile_sums(
 extern "C" __global__ void liveptycho_regularised_step(
     const T* num, const float* den, long long den_size, const float* den_max, int slots,
     float reg, float weight, T* target, long long width, long long stride, long long size) {
-    const float m = slots ? slots_max(den_max) : den_max[0];
+    const float m = den_maximum(den_max, slots);
     ELEMENTS(size) {
-        const float d = fmaxf((1.f - reg) * (den[i % den_size] + reg * m), 1e-30f);
+        const float d = regularised(den[i % den_size], reg, m);
         TARGET(i) += num[i] * (weight / d);
     }
 }
@@ -466,9 +463,9 @@ extern "C" __global__ void liveptycho_regularised_step(
 // den <- max((1 - reg) (den + reg max(den)), 1e-30), in place
 extern "C" __global__ void liveptycho_regularise(
     const float* den_max, int slots, float reg, float* den, long long size) {
-    const float m = slots ? slots_max(den_max) : den_max[0];
+    const float m = den_maximum(den_max, slots);
     ELEMENTS(size) {
-        den[i] = fmaxf((1.f - reg) * (den[i] + reg * m), 1e-30f);
+        den[i] = regularised(den[i], reg, m);
     }
 }
 
@@ -476,7 +473,7 @@ extern "C" __global__ void liveptycho_regularise(
 extern "C" __global__ void liveptycho_add_ratio(
     const T* num, const float* den, const float* den_max, int slots, float reg, T* target,
     long long width, long long stride, long long size) {
-    const float m = reg > 0.f ? (slots ? slots_max(den_max) : den_max[0]) : 0.f;
+    const float m = den_maximum(den_max, slots);
     ELEMENTS(size) {
         TARGET(i) += num[i] / regularised(den[i], reg, m);
     }
@@ -721,18 +718,26 @@ def _tile_launch(
     probes: Any,
     corners: Any,
     box: tuple[int, int, int, int],
-    origin: tuple[int, int],
-    acc_width: int,
     weights: Any | None,
-    tail: tuple,
+    *,
+    num: Any | None = None,
+    den: Any,
+    origin: tuple[int, int],
+    den_slots: Any | None = None,
+    canvas: Any | None = None,
+    reg_args: tuple = (),
 ) -> None:
-    """Launch ``liveptycho_tile_sums`` over the tiles of ``box``; ``tail``: its arguments
-    from ``num`` on."""
+    """Launch ``liveptycho_tile_sums`` over the tiles of ``box``: ``num`` and ``den`` (rows
+    from ``origin``; ``den`` None: no illumination; ``den_slots``: track its maximum)
+    gain the sums, or (``canvas``) the canvas gains their ratio, ``den`` regularised as
+    ``reg_args`` (from :func:`regularising`; none: taken as it is) say."""
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
-    _contiguous(dpsi, probes, corners, *(() if weights is None else (weights,)))
+    _contiguous(dpsi, probes, corners, *(a for a in (weights, den_slots) if a is not None))
     tiles_y, tiles_x = -(-(box[2] - box[0]) // _TILE), -(-(box[3] - box[1]) // _TILE)
     if b == 0 or tiles_y <= 0 or tiles_x <= 0:
         return
+    absent = _dummy(np.float32)
+    ratio = canvas is not None
     i32 = np.int32
     args = (
         dpsi,
@@ -742,15 +747,23 @@ def _tile_launch(
         i32(n),
         i32(k),
         i32(probes.ndim == 4),
-        weights if weights is not None else _dummy(np.float32),
+        weights if weights is not None else absent,
         i32(weights is not None),
         i32(box[0]),
         i32(box[1]),
         i32(tiles_x),
         i32(origin[0]),
         i32(origin[1]),
-        i32(acc_width),
-        *tail,
+        i32((num if num is not None else den).shape[-1]),
+        num if num is not None else absent,
+        den if den is not None else absent,
+        i32(den is not None and not ratio),
+        i32(den_slots is not None),
+        den_slots if den_slots is not None else absent,
+        i32(ratio),
+        canvas if ratio else _dummy(np.complex64),
+        i32(canvas.shape[1] if ratio else 0),
+        *(reg_args or regularising(den, 0.0, None)),
     )
     _raw("tile_sums")((tiles_y * tiles_x,), (_TILE_THREADS,), args)
 
@@ -767,23 +780,19 @@ def _tile_sums(
     den_max: Any | None,
 ) -> None:
     """``num``/``den`` of :func:`window_sums`, gathered by canvas tile."""
-    _contiguous(num, *(a for a in (den, den_max) if a is not None))
-    absent = _dummy(np.float32)
-    i32 = np.int32
-    tail = (
-        num,
-        den if den is not None else absent,
-        i32(den is not None),
-        i32(den is not None and den_max is not None),
-        den_max if den_max is not None else absent,
-        i32(0),
-        _dummy(np.complex64),
-        i32(0),
-        absent,
-        i32(0),
-        np.float32(0),
+    _contiguous(num, *(a for a in (den,) if a is not None))
+    slots = den_max if den is not None else None
+    _tile_launch(
+        dpsi, probes, corners, box, weights, num=num, den=den, origin=origin, den_slots=slots
     )
-    _tile_launch(dpsi, probes, corners, box, origin, num.shape[-1], weights, tail)
+
+
+def regularising(den: Any, reg: float, den_max: Any | None) -> tuple[Any, Any, Any]:
+    """The kernels' ``(den_max, has_slots, reg)`` arguments for regularising ``den`` as it
+    is read, as :func:`regularise` would (reg 0: ``den`` taken as it is)."""
+    if not reg:
+        return _dummy(np.float32), np.int32(0), np.float32(0)
+    return (*max_of(den, den_max), np.float32(reg))
 
 
 def add_window_ratio(
@@ -810,20 +819,25 @@ def add_window_ratio(
     _contiguous(canvas, den)
     if den.shape != (box[2] - box[0], box[3] - box[1]):
         raise ValueError(f"den {den.shape} does not cover the box {box}")
-    absent = _dummy(np.float32)
-    m, from_slots = max_of(den, den_max) if reg else (absent, np.int32(0))
-    i32 = np.int32
+    reg_args = regularising(den, reg, den_max)
     if dpsi.shape[1] > _TILE_MODES:
         num = cp.zeros(den.shape, dtype=cp.complex64)
         window_sums(dpsi, probes, canvas, corners, origin=box[:2], num=num, weights=weights)
         target = canvas[box[0] : box[2], box[1] : box[3]]
         width, stride = _rows(target, num.size)
-        args = (num, den, m, from_slots, np.float32(reg), target, width, stride)
-        _launch("add_ratio", num.size, args)
+        _launch("add_ratio", num.size, (num, den, *reg_args, target, width, stride))
         return
-    tail = (absent, den, i32(0), i32(0), absent, i32(1), canvas, i32(canvas.shape[1]))
-    tail += (m, from_slots, np.float32(reg))
-    _tile_launch(dpsi, probes, corners, box, box[:2], den.shape[1], weights, tail)
+    _tile_launch(
+        dpsi,
+        probes,
+        corners,
+        box,
+        weights,
+        den=den,
+        origin=box[:2],
+        canvas=canvas,
+        reg_args=reg_args,
+    )
 
 
 def max_slots(buffer: Any) -> Any:

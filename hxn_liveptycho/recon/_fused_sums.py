@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.recon._fused import SLOT_MAX_CUDA, max_of
+from hxn_liveptycho.recon._fused import SLOT_MAX_CUDA, regularising
 
 __all__ = ["dm_fourier_step", "lsqml_step_sums", "lsqml_steps", "modulus_residual"]
 
@@ -338,8 +338,7 @@ def lsqml_step_sums(
         i32(k),
         i32(probes.ndim == 4),
         i32(mode),
-        *(max_of(den, den_max) if reg else (_ones(cp.cuda.runtime.getDevice()), i32(0))),
-        np.float32(reg),
+        *regularising(den, reg, den_max),
         out,
     )
     _launch("liveptycho_lsqml_sums", b, n * n, args)
