@@ -292,6 +292,10 @@ def test_engine_builds_the_process_receiver_from_settings(tmp_path: Any) -> None
         publisher.end_series(1)
         # No ptychography run is open: the engine counts the frames as orphans.
         assert wait_until(lambda: engine.counters.get("orphan_frames") == 3, timeout=20)
+        # The end-of-series message comes after the last frame: wait for it too.
+        assert wait_until(
+            lambda: engine.status()["receivers"]["eiger"]["barriers"] == 2, timeout=20
+        )
         eiger = engine.status()["receivers"]["eiger"]
         assert eiger["frames"] == 3 and eiger["barriers"] == 2
     finally:
