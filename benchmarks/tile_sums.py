@@ -26,6 +26,7 @@ bandwidth of the same run, and reports each kernel's registers and spills.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from typing import Any
 
@@ -33,7 +34,13 @@ import numpy as np
 
 from benchmarks.recon_gpu import copy_bandwidth
 from benchmarks.recon_profile import event_time
-from hxn_liveptycho.recon._fused import SLOT_FLOATS, add_window_ratio, max_slots, window_sums
+from hxn_liveptycho.recon._fused import (
+    SLOT_FLOATS,
+    TileShape,
+    add_window_ratio,
+    max_slots,
+    window_sums,
+)
 
 
 def rel(a: Any, b: Any) -> float:
@@ -101,8 +108,9 @@ def case(
         f"spread {spread} px{', weighted' if weighted else ''}"
     }
     for way, given in (("tiles", box), ("atomics", None)):
-        num = cp.zeros(shape, cp.complex64)
-        den = cp.zeros(shape, cp.float32)
+        # Overwritten: whatever the sums held is gone (the tiles never read them).
+        num = cp.full(shape, cp.nan, cp.complex64)
+        den = cp.full(shape, cp.nan, cp.float32)
         slots = [max_slots(cp.zeros(SLOT_FLOATS, cp.float32)) for _ in range(2)]
         power = cp.zeros((n, n), cp.float32)
         summed = cp.zeros((k, n, n), cp.complex64)
@@ -121,6 +129,7 @@ def case(
             power_max=slots[1],
             terms_sum=summed,
             box=given,
+            overwrite=True,
         )
         out[f"{way}_num"] = rel(num, num_ref)
         out[f"{way}_den"] = rel(den, den_ref)
@@ -171,29 +180,65 @@ def raster_batch(n: int, b: int, side: int, step: int) -> tuple[np.ndarray, tupl
     return corners, box_of(corners, n)
 
 
-def timings_for(cp: Any, k: int, bandwidth: float) -> list[dict]:
-    """Both ways of each sum at 128 positions of 256² and ``k`` modes."""
-    n, b, side, step = 256, 128, 64, 20
+#: Tile-kernel shapes timed against the solver's (``_fused._TILE_SHAPE``): rows x 32
+#: tiles, threads a block, windows loaded together, a register cap (min blocks an SM).
+SHAPES = [
+    TileShape(32, 256, 1),
+    TileShape(32, 256, 2),
+    TileShape(32, 256, 4),
+    TileShape(16, 256, 2),
+    TileShape(16, 256, 4),
+    TileShape(8, 256, 4),
+    TileShape(32, 512, 2),
+    TileShape(32, 512, 4),
+    TileShape(64, 512, 2),
+    TileShape(32, 256, 2, 4),
+]
+
+
+def batch_data(cp: Any, k: int, side: int) -> dict[str, Any]:
+    """One batch as a pass draws it: 128 positions of 256² from a ``side`` x ``side``
+    raster of step 20 px (64: the 4,096 scan's density of windows; 32: the 1,024 one's)."""
+    n, b, step = 256, 128, 20
     corners_h, box = raster_batch(n, b, side, step)
-    canvas = noise(cp, (side * step + n + 8, side * step + n + 8))
-    corners = cp.asarray(corners_h)
     shape = (box[2] - box[0], box[3] - box[1])
-    num = cp.zeros(shape, cp.complex64)
-    den = cp.ones(shape, cp.float32)
-    weights = cp.asarray(np.random.default_rng(1).random(b).astype(np.float32))
-    dpsi = noise(cp, (b, k, n, n))
-    probes = noise(cp, (k, n, n))
-    power = cp.zeros((n, n), cp.float32)
-    summed = cp.zeros((k, n, n), cp.complex64)
+    return {
+        "box": box,
+        "canvas": noise(cp, (side * step + n + 8, side * step + n + 8)),
+        "corners": cp.asarray(corners_h),
+        "num": cp.zeros(shape, cp.complex64),
+        "den": cp.ones(shape, cp.float32),
+        "weights": cp.asarray(np.random.default_rng(1).random(b).astype(np.float32)),
+        "dpsi": noise(cp, (b, k, n, n)),
+        "probes": noise(cp, (k, n, n)),
+        "power": cp.zeros((n, n), cp.float32),
+        "summed": cp.zeros((k, n, n), cp.complex64),
+        "wave_bytes": b * k * n * n * 8,  # the changes read once: what every way must move
+    }
+
+
+def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
+    """Both ways of each sum at 128 positions of 256² and ``k`` modes."""
+    d = batch_data(cp, k, side)
+    box, canvas, corners, num, den = d["box"], d["canvas"], d["corners"], d["num"], d["den"]
+    dpsi, probes, weights = d["dpsi"], d["probes"], d["weights"]
     obj = canvas[box[0] : box[2], box[1] : box[3]]
-    wave = b * k * n * n * 8  # the changes read once: what every way must move
 
     def sums(given: tuple | None, probe_side: bool) -> None:
         extra: dict[str, Any] = {}
         if probe_side:
-            extra = {"terms_channels": k, "power": power, "terms_sum": summed}
+            extra = {"terms_channels": k, "power": d["power"], "terms_sum": d["summed"]}
         window_sums(
-            dpsi, probes, canvas, corners, origin=box[:2], num=num, den=den, box=given, **extra
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            origin=box[:2],
+            num=num,
+            den=den,
+            box=given,
+            overwrite=True,
+            **extra,
         )
 
     def atomics_then_ratio() -> None:
@@ -205,23 +250,70 @@ def timings_for(cp: Any, k: int, bandwidth: float) -> list[dict]:
         add_window_ratio(canvas, dpsi, probes, corners, den, box=box, weights=weights)
 
     steps = [
-        ("num/den", lambda: sums(box, False), lambda: sums(None, False), wave),
+        ("num/den (overwritten)", lambda: sums(box, False), lambda: sums(None, False)),
         (
             "num/den + probe terms + power",
             lambda: sums(box, True),
             lambda: sums(None, True),
-            wave,
         ),
-        ("weighted sums into the object", tiles_into_object, atomics_then_ratio, wave),
+        ("weighted sums into the object", tiles_into_object, atomics_then_ratio),
     ]
     out = []
-    for name, tiles, atomics, nbytes in steps:
-        row: dict[str, Any] = {"step": name, "modes": k, "wave_bytes_read": nbytes}
+    for name, tiles, atomics in steps:
+        row: dict[str, Any] = {"step": name, "modes": k, "raster_side": side}
         for way, fn in (("tiles", tiles), ("atomics", atomics)):
             seconds = event_time(cp, fn)
             row[f"{way}_s"] = seconds
-            row[f"{way}_fraction_of_copy_bandwidth"] = nbytes / seconds / bandwidth
+            row[f"{way}_fraction_of_copy_bandwidth"] = d["wave_bytes"] / seconds / bandwidth
         row["speedup"] = row["atomics_s"] / row["tiles_s"]
+        out.append(row)
+    return out
+
+
+def shape_sweep(cp: Any, bandwidth: float, side: int) -> list[dict]:
+    """Each of :data:`SHAPES` on one mode: the overwritten sums and LSQ-ML's ratio into the
+    object, timed, and checked against the solver's shape."""
+    from hxn_liveptycho.recon import _fused
+
+    d = batch_data(cp, 1, side)
+    box, corners, dpsi, probes = d["box"], d["corners"], d["dpsi"], d["probes"]
+    den = d["den"]
+    out = []
+    results = {}
+    for shape in [_fused._TILE_SHAPE, *SHAPES]:
+        num_s, den_s = cp.empty_like(d["num"]), cp.empty_like(den)
+        common = (dpsi, probes, corners, box, d["weights"])
+        overwrite = functools.partial(
+            _fused._tile_launch,
+            *common,
+            num=num_s,
+            den=den_s,
+            origin=box[:2],
+            overwrite=True,
+            shape=shape,
+        )
+        ratio = functools.partial(
+            _fused._tile_launch,
+            *common,
+            den=den,
+            origin=box[:2],
+            canvas=d["canvas"].copy(),
+            shape=shape,
+        )
+        row: dict[str, Any] = {"shape": shape._asdict(), "raster_side": side}
+        for name, fn in (("sums", overwrite), ("ratio", ratio)):
+            seconds = event_time(cp, fn)
+            row[f"{name}_s"] = seconds
+            row[f"{name}_fraction_of_copy_bandwidth"] = d["wave_bytes"] / seconds / bandwidth
+        overwrite()
+        if not results:
+            results = {"num": num_s.copy(), "den": den_s.copy()}
+        row["differs_from_solver_shape"] = max(
+            rel(num_s, results["num"]), rel(den_s, results["den"])
+        )
+        attrs = _fused._raw("tile_sums", shape.options()).attributes
+        row["num_regs"] = attrs.get("num_regs")
+        row["local_size_bytes"] = attrs.get("local_size_bytes")
         out.append(row)
     return out
 
@@ -233,8 +325,9 @@ def kernel_resources() -> list[dict]:
 
     keys = ("num_regs", "local_size_bytes", "shared_size_bytes", "max_threads_per_block")
     out = []
-    for name in ("tile_sums", "window_sums", "add_ratio"):
-        attrs = _fused._raw(name).attributes
+    for name in ("tile_sums", "probe_sums", "window_sums", "add_ratio"):
+        options = _fused._TILE_SHAPE.options() if name == "tile_sums" else ()
+        attrs = _fused._raw(name, options).attributes
         out.append({"kernel": f"liveptycho_{name}"} | {k: attrs.get(k) for k in keys})
     return out
 
@@ -262,14 +355,26 @@ def main() -> None:
         worst = max(worst, *(v for key, v in c.items() if isinstance(v, float)))
     report["worst_relative_difference"] = worst
     print(f"worst relative difference {worst:.2e}", flush=True)
-    report["timings"] = timings_for(cp, 1, bandwidth) + timings_for(cp, 3, bandwidth)
-    print("| step | modes | tiles ms | atomics ms | speed-up | tiles, of copy bw |")
-    print("|---|---|---|---|---|---|")
+    report["timings"] = [
+        row for side in (64, 32) for k in (1, 3) for row in timings_for(cp, k, bandwidth, side)
+    ]
+    print("| raster | step | modes | tiles ms | atomics ms | speed-up | tiles, of copy bw |")
+    print("|---|---|---|---|---|---|---|")
     for t in report["timings"]:
         print(
-            f"| {t['step']} | {t['modes']} | {t['tiles_s'] * 1e3:.3f} | "
+            f"| {t['raster_side']}² | {t['step']} | {t['modes']} | {t['tiles_s'] * 1e3:.3f} | "
             f"{t['atomics_s'] * 1e3:.3f} | {t['speedup']:.2f}x | "
             f"{t['tiles_fraction_of_copy_bandwidth']:.2f} |"
+        )
+    report["shapes"] = [row for side in (64, 32) for row in shape_sweep(cp, bandwidth, side)]
+    print("| raster | rows | threads | group | min blocks | regs | sums ms | ratio ms | differs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in report["shapes"]:
+        sh = t["shape"]
+        print(
+            f"| {t['raster_side']}² | {sh['rows']} | {sh['threads']} | {sh['group']} | "
+            f"{sh['min_blocks']} | {t['num_regs']} | {t['sums_s'] * 1e3:.3f} | "
+            f"{t['ratio_s'] * 1e3:.3f} | {t['differs_from_solver_shape']:.1e} |"
         )
     if args.out:
         with open(args.out, "w") as f:

@@ -29,7 +29,10 @@ def signatures(source: str) -> dict[str, list[str]]:
     """Kernel name -> its parameters' kinds ("pointer" or the scalar's C type)."""
     found = {}
     for name, params in re.findall(
-        r'extern "C" __global__ void (liveptycho_\w+)\((.*?)\)\s*\{', source, re.S
+        r'extern "C" __global__ void\s+(?:__launch_bounds__\([^)]*\)\s+)?(liveptycho_\w+)'
+        r"\((.*?)\)\s*\{",
+        source,
+        re.S,
     ):
         kinds = []
         for param in " ".join(params.split()).split(","):
@@ -136,11 +139,28 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         terms_sum=summed,
         weights=np.ones(b, np.float32),
     )
-    # One mode: gathered by canvas tile, the object sums alone, then with the probe-side
-    # sums (a second pass with no object atomics).
+    # One mode: gathered by canvas tile, the object sums alone (added; overwritten), then
+    # with the probe-side sums: summed (their own kernel), per position (window_sums
+    # with no object atomics).
     box_of = (0, 0, 17, 20)
     one, one_probe, one_summed = dpsi[:, :1].copy(), probes[:1].copy(), summed[:1].copy()
     assert _fused.window_sums(one, one_probe, canvas, corners, num=box, den=den, box=box_of) is None
+    assert recorder.launches[-1][3][-6] == 0  # mode 0: added
+    _fused.window_sums(
+        one, one_probe, canvas, corners, num=box, den=den, box=box_of, overwrite=True
+    )
+    assert recorder.launches[-1][3][-6] == 1  # mode 1: overwritten, nothing zeroed first
+    with pytest.raises(ValueError, match="are not the box"):
+        _fused.window_sums(
+            one, one_probe, canvas, corners, num=box, den=den, box=(1, 0, 18, 20), overwrite=True
+        )
+    n_before = len(recorder.launches)
+    _fused.window_sums(
+        one, one_probe, canvas, corners, num=box, den=den, terms_channels=2, box=box_of
+    )
+    gathered, rest = recorder.launches[n_before:]
+    assert gathered[0] == "liveptycho_tile_sums"
+    assert rest[0] == "liveptycho_window_sums" and rest[3][13] == 0  # do_num off: no atomics
     n_before = len(recorder.launches)
     _fused.window_sums(
         one,
@@ -158,10 +178,10 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     )
     gathered, rest = recorder.launches[n_before:]
     assert gathered[0] == "liveptycho_tile_sums" and gathered[1] == (1,)  # 17 x 20: one tile
-    assert rest[0] == "liveptycho_window_sums" and rest[3][13] == 0  # do_num off: no atomics
+    assert rest[0] == "liveptycho_probe_sums" and rest[3][-4] is one_summed
     _fused.add_window_ratio(canvas, one, one_probe, corners, den, box=box_of, weights=None)
     ratio = recorder.launches[-1][3]
-    assert ratio[-6] == 1 and ratio[-4] == canvas.shape[1]  # ratio mode, the canvas's rows
+    assert ratio[-6] == 2 and ratio[-4] == canvas.shape[1]  # ratio mode, the canvas's rows
     assert ratio[-1] == 0  # den taken as regularised already
     # den regularised on the way, its maximum from the tracked slots.
     _fused.add_window_ratio(
@@ -169,10 +189,13 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     )
     ratio = recorder.launches[-1][3]
     assert ratio[-3] is slots[0] and ratio[-2] == 1 and ratio[-1] == np.float32(0.1)
-    # Two modes: the atomic sums (faster there), then the ratio added in one pass.
+    # Two modes: the atomic sums (faster there; overwritten: zeroed first), then the ratio
+    # added in one pass.
     n_before = len(recorder.launches)
-    _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of)
+    box[...], den[...] = 1, 1
+    _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of, overwrite=True)
     assert [name for name, *_ in recorder.launches[n_before:]] == ["liveptycho_window_sums"]
+    assert not box.any() and not den.any()
     _fused.add_window_ratio(
         canvas, dpsi, probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
     )

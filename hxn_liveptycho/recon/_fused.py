@@ -25,7 +25,7 @@ along x (the ramp is separable, so a pixel's factor is one product).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -188,10 +188,29 @@ def _kernels() -> dict[str, Any]:
 #: one atomic add per chunk instead of one per position (128 positions of a batch all
 #: add into the same (n, n) pixels).
 _WINDOW_CHUNK = 8
-#: Canvas tile of :func:`_tile_sums` (pixels a side) and its block's threads (whole warps,
-#: one tile row each; a tile's positions are found this many at a time).
-_TILE = 32
-_TILE_THREADS = 256
+#: Positions one thread of ``liveptycho_probe_sums`` takes (``PROBE_CHUNK`` in its source).
+_PROBE_CHUNK = 8
+
+
+class TileShape(NamedTuple):
+    """The blocks of the tile kernel (:func:`_tile_launch`): a tile of ``rows`` x 32 canvas
+    pixels (one column per lane), ``threads`` a block (whole warps, ``threads / 32`` tile
+    rows per pass, so ``rows / (threads / 32)`` pixels a thread; a tile's positions are
+    listed this many at a time), ``group`` windows whose loads a thread issues together,
+    and ``min_blocks`` a block's SM must hold at once (a register cap; 1: none)."""
+
+    rows: int = 32
+    threads: int = 256
+    group: int = 2
+    min_blocks: int = 1
+
+    def options(self) -> tuple[str, ...]:
+        """The compiler's ``-D`` options that build the kernel for this shape."""
+        return tuple(f"-DTILE_{name.upper()}={value}" for name, value in self._asdict().items())
+
+
+#: The tile kernel's shape on the solver's path (``benchmarks/tile_sums.py`` times others).
+_TILE_SHAPE = TileShape()
 #: Most modes for which the object sums are gathered by tile (see :func:`window_sums`).
 _TILE_MODES = 1
 
@@ -323,71 +342,145 @@ extern "C" __global__ void liveptycho_window_sums(
     }
 }
 
-// The object sums gathered by canvas tile, no atomics: one block per TILE x TILE tile of
-// the batch's box (from canvas pixel (box_y, box_x), tiles_x tiles across) finds the
-// positions whose windows meet its tile (in batch order, TILE_THREADS at a time, listed in
-// shared memory) and sums, per canvas pixel, w_b sum_k conj(P_k) dpsi_bk and
-// sum_k |P_k|^2 over them in registers. Each pixel is owned by one thread: the results
-// are added with plain stores, in the same order on every run. ratio = 0: num += sum,
-// den += illumination (both at origin (oy, ox), rows of acc_width); ratio = 1: target
-// (the canvas, rows of target_width) += sum / regularised(den) (reg and den's maximum as
-// regularise takes them; reg 0 for a den already regularised).
+// The probe-side sums of a whole-pixel update alone (the object sums made by tile):
+// terms_sum_k += sum_b conj(O_b) dpsi_bk and power += sum_b |O_b|^2 at window pixel r, over
+// PROBE_CHUNK positions a thread. Their corners, then all their object and exit-wave reads,
+// are issued before any is used (window_sums reads them one position after another); one
+// atomic add per chunk and sum.
 """
-    + f"#define TILE {_TILE}\n#define TILE_THREADS {_TILE_THREADS}\n"
-    + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / TILE)
-#define TILE_PIXELS (TILE / TILE_ROWS_PER_PASS)
+    + f"#define PROBE_CHUNK {_PROBE_CHUNK}\n"
+    + r"""extern "C" __global__ void liveptycho_probe_sums(
+    const T* __restrict__ dpsi, const T* __restrict__ canvas, const int* __restrict__ corners,
+    int n, int width, int k_modes, int batch, int track_max, float* terms_sum, float* power,
+    unsigned int* power_slots, long long size) {
+    const long long nn = (long long)n * n;
+    ELEMENTS(size) {
+        const long long c = i / nn;
+        const int r = (int)(i - c * nn);
+        const int y = r / n, x = r - (r / n) * n;
+        const int b0 = (int)c * PROBE_CHUNK;
+        long long at[PROBE_CHUNK];
+#pragma unroll
+        for (int j = 0; j < PROBE_CHUNK; ++j) {
+            const int b = min(b0 + j, batch - 1);
+            at[j] = (long long)(corners[2 * b] + y) * width + corners[2 * b + 1] + x;
+        }
+        T o[PROBE_CHUNK];
+        float power_sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < PROBE_CHUNK; ++j) o[j] = b0 + j < batch ? canvas[at[j]] : T(0.f, 0.f);
+#pragma unroll
+        for (int j = 0; j < PROBE_CHUNK; ++j)
+            power_sum += o[j].real() * o[j].real() + o[j].imag() * o[j].imag();
+        for (int k = 0; k < k_modes; ++k) {
+            T d[PROBE_CHUNK];
+#pragma unroll
+            for (int j = 0; j < PROBE_CHUNK; ++j)
+                d[j] = b0 + j < batch ? dpsi[((long long)(b0 + j) * k_modes + k) * nn + r]
+                                      : T(0.f, 0.f);
+            T acc = T(0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < PROBE_CHUNK; ++j) acc += conj(o[j]) * d[j];
+            atomicAdd(&terms_sum[2 * (k * nn + r)], acc.real());
+            atomicAdd(&terms_sum[2 * (k * nn + r) + 1], acc.imag());
+        }
+        const float total = atomicAdd(&power[r], power_sum) + power_sum;
+        if (track_max) slot_max(power_slots, total);
+    }
+}
+
+// The object sums gathered by canvas tile, no atomics: one block per TILE_ROWS x 32 tile
+// of the batch's box (box_h x box_w canvas pixels from (box_y, box_x), tiles_x tiles
+// across) lists the positions whose windows meet its tile (in batch order, TILE_THREADS at
+// a time, in shared memory) and sums, per canvas pixel, w_b sum_k conj(P_k) dpsi_bk and
+// sum_k |P_k|^2 over them in registers. Each pixel is owned by one thread: the results are
+// stored once, in the same order on every run. mode 0: num += sum, den += illumination
+// (at origin (oy, ox), rows of acc_width); mode 1: num = sum, den = illumination on the
+// whole box (0 where no window falls; the accumulators cover exactly the box, so they are
+// written, never read); mode 2: target (the canvas, rows of target_width) += sum /
+// regularised(den) (reg and den's maximum as regularise takes them; reg 0 for a den
+// already regularised).
+"""
+    + "".join(
+        f"#ifndef TILE_{name.upper()}\n#define TILE_{name.upper()} {value}\n#endif\n"
+        for name, value in _TILE_SHAPE._asdict().items()
+    )
+    + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / 32)
+#define TILE_PIXELS (TILE_ROWS / TILE_ROWS_PER_PASS)
+// The windows hit_*[0..hits) into this thread's pixels (column gx, rows row0 + p
+// TILE_ROWS_PER_PASS), TILE_GROUP windows at a time: every load of a group is issued
+// before any is used (predicated off outside a window, so those pixels add exact zeros).
 template <int KM>
 __device__ __forceinline__ void tile_hits(
     const T* __restrict__ dpsi, const T* __restrict__ probes,
     const float* __restrict__ weights, int has_weights, int per_position, int k_modes, int n,
     const int* hit_b, const int* hit_y, const int* hit_x, int hits, int gx, int row0,
     float* re, float* im, float* illum, int& touched) {
-    const long long nn = (long long)n * n;
+    const int nn = n * n;
     const int km = KM > 0 ? KM : k_modes;
-    // Straight-line body (a pixel outside a window reads its position's first pixel and
-    // is masked out), unrolled over two windows: the loads of both are issued at once.
-#pragma unroll 2
-    for (int j = 0; j < hits; ++j) {
-        const int hb = hit_b[j];
-        const int x = gx - hit_x[j];
-        const bool in_x = (unsigned)x < (unsigned)n;
-        const float w = has_weights ? weights[hb] : 1.f;
+    for (int j0 = 0; j0 < hits; j0 += TILE_GROUP) {
+        const T* d_at[TILE_GROUP];
+        const T* p_at[TILE_GROUP];
+        float w[TILE_GROUP];
+        int at[TILE_GROUP][TILE_PIXELS];  // the pixel's place in the window; -1 outside it
 #pragma unroll
-        for (int p = 0; p < TILE_PIXELS; ++p) {
-            const int y = row0 + p * TILE_ROWS_PER_PASS - hit_y[j];
-            const bool in = in_x && (unsigned)y < (unsigned)n;
-            const long long r = in ? (long long)y * n + x : 0;
-            float s_re = 0.f, s_im = 0.f, s_il = 0.f;
+        for (int u = 0; u < TILE_GROUP; ++u) {
+            const bool listed = j0 + u < hits;
+            const int j = listed ? j0 + u : j0;
+            const int hb = hit_b[j];
+            const long long first = (long long)hb * km * nn;
+            d_at[u] = dpsi + first;
+            p_at[u] = per_position ? probes + first : probes;
+            w[u] = has_weights ? weights[hb] : 1.f;
+            const int x = gx - hit_x[j];
+            const bool in_x = listed && (unsigned)x < (unsigned)n;
 #pragma unroll
-            for (int k = 0; k < km; ++k) {
-                const long long at = ((long long)hb * km + k) * nn + r;
-                const T d = dpsi[at];
-                const T q = probes[per_position ? at : k * nn + r];
-                s_re += q.real() * d.real() + q.imag() * d.imag();
-                s_im += q.real() * d.imag() - q.imag() * d.real();
-                s_il += q.real() * q.real() + q.imag() * q.imag();
+            for (int p = 0; p < TILE_PIXELS; ++p) {
+                const int y = row0 + p * TILE_ROWS_PER_PASS - hit_y[j];
+                const bool in = in_x && (unsigned)y < (unsigned)n;
+                at[u][p] = in ? y * n + x : -1;
+                touched |= (int)in << p;
             }
-            re[p] += in ? w * s_re : 0.f;
-            im[p] += in ? w * s_im : 0.f;
-            illum[p] += in ? s_il : 0.f;
-            touched |= (int)in << p;
+        }
+        for (int k = 0; k < km; ++k) {
+            T d[TILE_GROUP][TILE_PIXELS], q[TILE_GROUP][TILE_PIXELS];
+#pragma unroll
+            for (int u = 0; u < TILE_GROUP; ++u) {
+#pragma unroll
+                for (int p = 0; p < TILE_PIXELS; ++p) {
+                    const int r = at[u][p];
+                    d[u][p] = r >= 0 ? d_at[u][k * nn + r] : T(0.f, 0.f);
+                    q[u][p] = r >= 0 ? p_at[u][k * nn + r] : T(0.f, 0.f);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < TILE_GROUP; ++u) {
+#pragma unroll
+                for (int p = 0; p < TILE_PIXELS; ++p) {
+                    const T a = d[u][p], c = q[u][p];
+                    re[p] += w[u] * (c.real() * a.real() + c.imag() * a.imag());
+                    im[p] += w[u] * (c.real() * a.imag() - c.imag() * a.real());
+                    illum[p] += c.real() * c.real() + c.imag() * c.imag();
+                }
+            }
         }
     }
 }
 
-extern "C" __global__ void liveptycho_tile_sums(
+extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)
+liveptycho_tile_sums(
     const T* __restrict__ dpsi, const T* __restrict__ probes, const int* __restrict__ corners,
     int batch, int n, int k_modes, int per_position, const float* __restrict__ weights,
-    int has_weights, int box_y, int box_x, int tiles_x, int oy, int ox, int acc_width,
-    float* num, float* den, int do_den, int track_max, unsigned int* den_slots, int ratio,
-    T* target, int target_width, const float* den_max, int has_slots, float reg) {
+    int has_weights, int box_y, int box_x, int box_h, int box_w, int tiles_x, int oy, int ox,
+    int acc_width, float* num, float* den, int do_den, int track_max, unsigned int* den_slots,
+    int mode, T* target, int target_width, const float* den_max, int has_slots, float reg) {
     __shared__ int hit_b[TILE_THREADS];
     __shared__ int hit_y[TILE_THREADS];
     __shared__ int hit_x[TILE_THREADS];
     __shared__ int warp_hits[TILE_THREADS / 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE;
-    const int tx0 = box_x + (blockIdx.x % tiles_x) * TILE;
+    const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE_ROWS;
+    const int tx0 = box_x + (blockIdx.x % tiles_x) * 32;
     const int gx = tx0 + lane;
     const float m = den_maximum(den_max, has_slots);
     float re[TILE_PIXELS], im[TILE_PIXELS], illum[TILE_PIXELS];
@@ -401,7 +494,7 @@ extern "C" __global__ void liveptycho_tile_sums(
         if (b < batch) {
             cy = corners[2 * b];
             cx = corners[2 * b + 1];
-            hit = cy < ty0 + TILE && cy + n > ty0 && cx < tx0 + TILE && cx + n > tx0;
+            hit = cy < ty0 + TILE_ROWS && cy + n > ty0 && cx < tx0 + 32 && cx + n > tx0;
         }
         const unsigned int mask = __ballot_sync(0xffffffffu, hit);
         if (lane == 0) warp_hits[warp] = __popc(mask);
@@ -428,20 +521,23 @@ extern "C" __global__ void liveptycho_tile_sums(
         }
         __syncthreads();  // the next round rewrites the list
     }
+    if (gx >= box_x + box_w) return;
     float den_top = 0.f;
 #pragma unroll
     for (int p = 0; p < TILE_PIXELS; ++p) {
-        if (!(touched & (1 << p))) continue;
-        const long long gy = ty0 + warp + p * TILE_ROWS_PER_PASS;
-        const long long dst = (gy - oy) * acc_width + gx - ox;
-        if (ratio) {
-            target[gy * target_width + gx] += T(re[p], im[p]) / regularised(den[dst], reg, m);
+        const int gy = ty0 + warp + p * TILE_ROWS_PER_PASS;
+        const bool met = (touched >> p) & 1;
+        if (gy >= box_y + box_h || (mode != 1 && !met)) continue;
+        const long long dst = (long long)(gy - oy) * acc_width + gx - ox;
+        if (mode == 2) {
+            target[(long long)gy * target_width + gx] +=
+                T(re[p], im[p]) / regularised(den[dst], reg, m);
             continue;
         }
-        num[2 * dst] += re[p];
-        num[2 * dst + 1] += im[p];
+        const float total = mode == 1 ? illum[p] : (do_den ? den[dst] : 0.f) + illum[p];
+        num[2 * dst] = mode == 1 ? re[p] : num[2 * dst] + re[p];
+        num[2 * dst + 1] = mode == 1 ? im[p] : num[2 * dst + 1] + im[p];
         if (do_den) {
-            const float total = den[dst] + illum[p];
             den[dst] = total;
             den_top = fmaxf(den_top, total);
         }
@@ -496,12 +592,12 @@ _BLOCK = 128
 
 
 @functools.cache
-def _raw(name: str) -> Any:
-    """Raw kernel ``liveptycho_<name>`` of :data:`_RAW_SOURCE` (CuPy compiles and loads it
-    once per device)."""
+def _raw(name: str, options: tuple[str, ...] = ()) -> Any:
+    """Raw kernel ``liveptycho_<name>`` of :data:`_RAW_SOURCE` built with the extra compiler
+    ``options`` (CuPy compiles and loads it once per device)."""
     import cupy as cp
 
-    return cp.RawKernel(_RAW_SOURCE, f"liveptycho_{name}", options=("-std=c++17",))
+    return cp.RawKernel(_RAW_SOURCE, f"liveptycho_{name}", options=("-std=c++17", *options))
 
 
 def _launch(name: str, size: int, args: tuple) -> None:
@@ -629,6 +725,7 @@ def window_sums(
     power_max: Any | None = None,
     terms_sum: Any | None = None,
     box: tuple[int, int, int, int] | None = None,
+    overwrite: bool = False,
 ) -> Any | None:
     """The sums of an update, from exit-wave changes ``dpsi`` (B, K, n, n), in one pass
     (two with ``box``).
@@ -653,6 +750,10 @@ def window_sums(
     sum). On the H200 the tiles took 0.063 ms where the atomics took 0.085 for one mode,
     and 0.185 against 0.141 for three (``benchmarks/tile_sums.py``).
 
+    ``overwrite``: ``num`` and ``den`` cover exactly ``box`` (``origin`` its corner) and
+    become the sums, whatever they held (empty arrays will do): the tiles write them
+    without reading them, the atomics zero them first.
+
     ``O_b`` is the window of ``canvas`` at ``corners`` (the object before this update).
     """
     import cupy as cp
@@ -671,10 +772,16 @@ def window_sums(
     absent = _dummy(cp.float32)
     i32 = np.int32
     if box is not None and num is not None and k <= _TILE_MODES:
-        _tile_sums(dpsi, probes, corners, box, origin, num, den, weights, den_max)
+        _tile_sums(dpsi, probes, corners, box, origin, num, den, weights, den_max, overwrite)
         num = den = weights = None
         if not (terms_channels or power is not None):
             return None
+        if summed and power is not None:
+            _probe_sums(dpsi, canvas, corners, terms_sum, power, power_max)
+            return None
+    elif overwrite:
+        for accumulator in (a for a in (num, den) if a is not None):
+            accumulator.fill(0)
     chunks = -(-b // _WINDOW_CHUNK)
     _launch(
         "window_sums",
@@ -713,6 +820,20 @@ def window_sums(
     return terms
 
 
+def _probe_sums(
+    dpsi: Any, canvas: Any, corners: Any, terms_sum: Any, power: Any, power_max: Any | None
+) -> None:
+    """The whole-pixel probe-side sums of :func:`window_sums` (``terms_sum``, ``power``,
+    ``power_max``) alone, for a batch whose object sums were gathered by tile."""
+    b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
+    chunks = -(-b // _PROBE_CHUNK)
+    track = power_max is not None
+    i32 = np.int32
+    args = (dpsi, canvas, corners, i32(n), i32(canvas.shape[1]), i32(k), i32(b), i32(track))
+    slots = power_max if track else _dummy(np.float32)
+    _launch("probe_sums", chunks * n * n, (*args, terms_sum, power, slots))
+
+
 def _tile_launch(
     dpsi: Any,
     probes: Any,
@@ -723,21 +844,28 @@ def _tile_launch(
     num: Any | None = None,
     den: Any,
     origin: tuple[int, int],
+    overwrite: bool = False,
     den_slots: Any | None = None,
     canvas: Any | None = None,
     reg_args: tuple = (),
+    shape: TileShape = _TILE_SHAPE,
 ) -> None:
     """Launch ``liveptycho_tile_sums`` over the tiles of ``box``: ``num`` and ``den`` (rows
     from ``origin``; ``den`` None: no illumination; ``den_slots``: track its maximum)
-    gain the sums, or (``canvas``) the canvas gains their ratio, ``den`` regularised as
-    ``reg_args`` (from :func:`regularising`; none: taken as it is) say."""
+    gain the sums (``overwrite``: become them, on exactly the box), or (``canvas``) the
+    canvas gains their ratio, ``den`` regularised as ``reg_args`` (from
+    :func:`regularising`; none: taken as it is) say."""
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
     _contiguous(dpsi, probes, corners, *(a for a in (weights, den_slots) if a is not None))
-    tiles_y, tiles_x = -(-(box[2] - box[0]) // _TILE), -(-(box[3] - box[1]) // _TILE)
+    height, width = box[2] - box[0], box[3] - box[1]
+    tiles_y, tiles_x = -(-height // shape.rows), -(-width // 32)
     if b == 0 or tiles_y <= 0 or tiles_x <= 0:
         return
-    absent = _dummy(np.float32)
     ratio = canvas is not None
+    accumulator = num if num is not None else den
+    if overwrite and (tuple(origin) != tuple(box[:2]) or accumulator.shape != (height, width)):
+        raise ValueError(f"overwritten sums {accumulator.shape} at {origin} are not the box {box}")
+    absent = _dummy(np.float32)
     i32 = np.int32
     args = (
         dpsi,
@@ -749,23 +877,19 @@ def _tile_launch(
         i32(probes.ndim == 4),
         weights if weights is not None else absent,
         i32(weights is not None),
-        i32(box[0]),
-        i32(box[1]),
-        i32(tiles_x),
-        i32(origin[0]),
-        i32(origin[1]),
-        i32((num if num is not None else den).shape[-1]),
+        *(i32(v) for v in (box[0], box[1], height, width, tiles_x, origin[0], origin[1])),
+        i32(accumulator.shape[-1]),
         num if num is not None else absent,
         den if den is not None else absent,
         i32(den is not None and not ratio),
         i32(den_slots is not None),
         den_slots if den_slots is not None else absent,
-        i32(ratio),
+        i32(2 if ratio else int(overwrite)),
         canvas if ratio else _dummy(np.complex64),
         i32(canvas.shape[1] if ratio else 0),
         *(reg_args or regularising(den, 0.0, None)),
     )
-    _raw("tile_sums")((tiles_y * tiles_x,), (_TILE_THREADS,), args)
+    _raw("tile_sums", shape.options())((tiles_y * tiles_x,), (shape.threads,), args)
 
 
 def _tile_sums(
@@ -778,12 +902,22 @@ def _tile_sums(
     den: Any | None,
     weights: Any | None,
     den_max: Any | None,
+    overwrite: bool,
 ) -> None:
     """``num``/``den`` of :func:`window_sums`, gathered by canvas tile."""
     _contiguous(num, *(a for a in (den,) if a is not None))
     slots = den_max if den is not None else None
     _tile_launch(
-        dpsi, probes, corners, box, weights, num=num, den=den, origin=origin, den_slots=slots
+        dpsi,
+        probes,
+        corners,
+        box,
+        weights,
+        num=num,
+        den=den,
+        origin=origin,
+        overwrite=overwrite,
+        den_slots=slots,
     )
 
 

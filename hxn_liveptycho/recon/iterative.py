@@ -1045,34 +1045,35 @@ class StreamingSolver:
             den_max=den_max,
             power_max=oden_max,
             terms_sum=summed,
-            # With the probe-side sums in the same pass, one read of dpsi (the object
-            # sums by atomics) beats two (gathered by tile, then the probe sums):
-            # benchmarks/tile_sums.py times both.
-            box=None if update_probe else batch.box,
+            # The object sums gathered by tile, then (whole-pixel) the probe-side sums
+            # in a pass of their own, beat one pass of atomics; with per-position probe
+            # terms (sub-pixel), one read of dpsi with atomics beats two. benchmarks/
+            # tile_sums.py times both.
+            box=batch.box if whole or not update_probe else None,
+            overwrite=True,
         )
         return dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
 
     def _fused_accumulators(
         self, batch: _Batch, update_probe: bool, summed_modes: int
     ) -> tuple[Any, ...]:
-        """Zeroed ``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`
-        as views of one buffer (one memset per batch): the object sums on the batch's box,
-        the object power (n, n) (None without ``update_probe``), their maximum slots
-        (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the
-        maximum of nothing lands in an unused slot set) and, for ``summed_modes`` > 0,
-        the probe terms summed over the batch (K, n, n) (else None)."""
+        """``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`: the
+        object sums on the batch's box (not zeroed: ``window_sums`` overwrites them), and
+        as views of one zeroed buffer (one memset per batch) the object power (n, n)
+        (None without ``update_probe``), the maximum slots of both
+        (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the maximum
+        of nothing lands in an unused slot set) and, for ``summed_modes`` > 0, the probe
+        terms summed over the batch (K, n, n) (else None)."""
         xp, n = self._xp, self._n
-        box = batch.box_shape[0] * batch.box_shape[1]
+        num = xp.empty(batch.box_shape, dtype=xp.complex64)
+        den = xp.empty(batch.box_shape, dtype=xp.float32)
         slots = SLOT_FLOATS
         power = n * n if update_probe else 0
         terms = 2 * summed_modes * n * n
-        buffer = xp.zeros(terms + 2 * box + box + slots + power + slots, dtype=xp.float32)
+        buffer = xp.zeros(terms + slots + power + slots, dtype=xp.float32)
         summed = buffer[:terms].view(xp.complex64).reshape(-1, n, n) if terms else None
-        buffer = buffer[terms:]
-        num = buffer[: 2 * box].view(xp.complex64).reshape(batch.box_shape)
-        den = buffer[2 * box : 3 * box].reshape(batch.box_shape)
-        den_max = max_slots(buffer[3 * box :])
-        rest = buffer[3 * box + slots :]
+        den_max = max_slots(buffer[terms:])
+        rest = buffer[terms + slots :]
         oden = rest[:power].reshape(n, n) if update_probe else None
         oden_max = max_slots(rest[power:])
         return num, den, oden, den_max, oden_max, summed
