@@ -7,20 +7,23 @@ Run on a CUDA machine, from the repository root:
 ``recon._fused.window_sums`` makes the object sums of a batch, ``sum_b w_b
 conj(P) dpsi_b`` and ``sum_b |P|^2`` over the windows, in one of two ways:
 every position adds its window with atomics (no ``box``), or each canvas tile
-of the batch's box gathers the windows that meet it and stores its sums once
-(``box``, the solver's path for one mode since 2026-12-03). ``add_window_ratio``
-gathers LSQ-ML's weighted sums straight into the object (``+= sum / den``). With
-more modes both fall back to the atomic adds, faster there (the tile kernel took
-0.185 ms against 0.141 for three modes on the H200, docs/benchmarks.md), so the
-three-mode rows time that fallback.
+of the batch's box gathers the windows that meet it and writes its sums once
+(``box``; with ``overwrite`` the sums are written, never read). The solver
+takes the tiles for one mode: the object sums alone, or with the whole-pixel
+probe-side sums made after them by ``liveptycho_probe_sums``.
+``add_window_ratio`` gathers LSQ-ML's weighted sums straight into the object
+(``+= sum / den``). With more modes both fall back to the atomic adds, so the
+three-mode rows time that fallback both ways.
 
 Checks, on random data (1 and 3 modes, shared and per-position probes,
 weights, batches above the 256 positions a tile lists at a time, windows piled
-on one another): both ways against a CuPy reference made one window at a time,
-and so the probe-side sums (summed and per position) and the tracked maxima.
-Then times both ways at the solver's batch of 128 positions of 256², drawn
-from a 64 x 64 raster of step 20 px as a pass draws them, against the copy
-bandwidth of the same run, and reports each kernel's registers and spills.
+on one another, sums that held NaN before being overwritten): both ways
+against a CuPy reference made one window at a time, and so the probe-side sums
+(summed and per position) and the tracked maxima. Then times both ways at the
+solver's batch of 128 positions of 256², drawn as a pass draws them from a
+64 x 64 and a 32 x 32 raster of step 20 px (the 4,096 and 1,024 scans), against
+the copy bandwidth of the same run; reports each kernel's registers and spills;
+and times the tile kernel's shapes (``_fused.TileShape``) against each other.
 """
 
 from __future__ import annotations
@@ -270,19 +273,22 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
     return out
 
 
-def shape_sweep(cp: Any, bandwidth: float, side: int) -> list[dict]:
+def shape_sweep(cp: Any, bandwidth: float, side: int, rounds: int = 5) -> list[dict]:
     """Each of :data:`SHAPES` on one mode: the overwritten sums and LSQ-ML's ratio into the
-    object, timed, and checked against the solver's shape."""
+    object, checked against the solver's shape and timed, the shapes taken in turn in each
+    of ``rounds`` rounds (the median kept: one shape timed alone moved by 60 % between
+    places in one run)."""
     from hxn_liveptycho.recon import _fused
 
     d = batch_data(cp, 1, side)
-    box, corners, dpsi, probes = d["box"], d["corners"], d["dpsi"], d["probes"]
-    den = d["den"]
-    out = []
-    results = {}
-    for shape in [_fused._TILE_SHAPE, *SHAPES]:
-        num_s, den_s = cp.empty_like(d["num"]), cp.empty_like(den)
-        common = (dpsi, probes, corners, box, d["weights"])
+    box, corners, dpsi, probes, den = d["box"], d["corners"], d["dpsi"], d["probes"], d["den"]
+    common = (dpsi, probes, corners, box, d["weights"])
+    num_s, den_s = cp.empty_like(d["num"]), cp.empty_like(den)
+    canvas = d["canvas"].copy()
+    rows: list[dict[str, Any]] = []
+    calls = []
+    expected: tuple[Any, Any] | None = None
+    for shape in dict.fromkeys([_fused._TILE_SHAPE, *SHAPES]):  # the solver's first, once
         overwrite = functools.partial(
             _fused._tile_launch,
             *common,
@@ -293,29 +299,35 @@ def shape_sweep(cp: Any, bandwidth: float, side: int) -> list[dict]:
             shape=shape,
         )
         ratio = functools.partial(
-            _fused._tile_launch,
-            *common,
-            den=den,
-            origin=box[:2],
-            canvas=d["canvas"].copy(),
-            shape=shape,
+            _fused._tile_launch, *common, den=den, origin=box[:2], canvas=canvas, shape=shape
         )
-        row: dict[str, Any] = {"shape": shape._asdict(), "raster_side": side}
-        for name, fn in (("sums", overwrite), ("ratio", ratio)):
-            seconds = event_time(cp, fn)
-            row[f"{name}_s"] = seconds
-            row[f"{name}_fraction_of_copy_bandwidth"] = d["wave_bytes"] / seconds / bandwidth
         overwrite()
-        if not results:
-            results = {"num": num_s.copy(), "den": den_s.copy()}
-        row["differs_from_solver_shape"] = max(
-            rel(num_s, results["num"]), rel(den_s, results["den"])
-        )
+        if expected is None:
+            expected = (num_s.copy(), den_s.copy())
         attrs = _fused._raw("tile_sums", shape.options()).attributes
-        row["num_regs"] = attrs.get("num_regs")
-        row["local_size_bytes"] = attrs.get("local_size_bytes")
-        out.append(row)
-    return out
+        rows.append(
+            {
+                "shape": shape._asdict(),
+                "raster_side": side,
+                "differs_from_solver_shape": max(rel(num_s, expected[0]), rel(den_s, expected[1])),
+                "num_regs": attrs.get("num_regs"),
+                "local_size_bytes": attrs.get("local_size_bytes"),
+            }
+        )
+        calls.append({"sums": overwrite, "ratio": ratio})
+    times: list[dict[str, list[float]]] = [{"sums": [], "ratio": []} for _ in rows]
+    for _ in range(rounds):
+        for fns, seen in zip(calls, times, strict=True):
+            for name, fn in fns.items():
+                seen[name].append(event_time(cp, fn))
+    for row, seen in zip(rows, times, strict=True):
+        for name, values in seen.items():
+            row[f"{name}_s"] = float(np.median(values))
+            row[f"{name}_s_rounds"] = values
+            row[f"{name}_fraction_of_copy_bandwidth"] = (
+                d["wave_bytes"] / row[f"{name}_s"] / bandwidth
+            )
+    return rows
 
 
 def kernel_resources() -> list[dict]:

@@ -139,6 +139,12 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         terms_sum=summed,
         weights=np.ones(b, np.float32),
     )
+    # The summed probe-side sums alone (DM's probe pass): their own kernel, any modes.
+    _fused.window_sums(
+        dpsi, probes, canvas, corners, terms_channels=k, power=power, terms_sum=summed
+    )
+    assert recorder.launches[-1][0] == "liveptycho_probe_sums"
+    assert recorder.launches[-1][3][5] == k
     # One mode: gathered by canvas tile, the object sums alone (added; overwritten), then
     # with the probe-side sums: summed (their own kernel), per position (window_sums
     # with no object atomics).

@@ -746,9 +746,11 @@ def window_sums(
     ``box`` ``(y0, x0, y1, x1)``, the canvas pixels the windows cover: with one mode
     (:data:`_TILE_MODES`) the object sums are gathered by canvas tile (:func:`_tile_sums`,
     no atomics, a fixed order), and a second pass makes the probe-side sums, if any were
-    asked for. Otherwise every position adds its window with atomics (one per pixel and
-    sum). On the H200 the tiles took 0.063 ms where the atomics took 0.085 for one mode,
-    and 0.185 against 0.141 for three (``benchmarks/tile_sums.py``).
+    asked for (the summed ones, with ``power``, in a kernel of their own that issues a
+    chunk of positions' reads at once, as with no ``num`` at all). Otherwise every
+    position adds its window with atomics (one per pixel and sum). On the H200 (128
+    positions of 256², ``benchmarks/tile_sums.py``) the tiles wrote one mode's sums in
+    0.04-0.06 ms where the atomics took 0.096, and tied with them at three modes.
 
     ``overwrite``: ``num`` and ``den`` cover exactly ``box`` (``origin`` its corner) and
     become the sums, whatever they held (empty arrays will do): the tiles write them
@@ -776,12 +778,12 @@ def window_sums(
         num = den = weights = None
         if not (terms_channels or power is not None):
             return None
-        if summed and power is not None:
-            _probe_sums(dpsi, canvas, corners, terms_sum, power, power_max)
-            return None
     elif overwrite:
         for accumulator in (a for a in (num, den) if a is not None):
             accumulator.fill(0)
+    if num is None and summed and power is not None:
+        _probe_sums(dpsi, canvas, corners, terms_sum, power, power_max)
+        return None
     chunks = -(-b // _WINDOW_CHUNK)
     _launch(
         "window_sums",
@@ -824,7 +826,8 @@ def _probe_sums(
     dpsi: Any, canvas: Any, corners: Any, terms_sum: Any, power: Any, power_max: Any | None
 ) -> None:
     """The whole-pixel probe-side sums of :func:`window_sums` (``terms_sum``, ``power``,
-    ``power_max``) alone, for a batch whose object sums were gathered by tile."""
+    ``power_max``) alone: for a batch whose object sums were gathered by tile, and DM's
+    probe pass."""
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
     chunks = -(-b // _PROBE_CHUNK)
     track = power_max is not None
