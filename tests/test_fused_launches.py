@@ -195,6 +195,18 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     )
     ratio = recorder.launches[-1][3]
     assert ratio[-3] is slots[0] and ratio[-2] == 1 and ratio[-1] == np.float32(0.1)
+    # LSQ-ML's step-fit sums of one mode, gathered by tile: a shared probe step, and none.
+    for step in (one_probe, None):
+        sums = _fused_sums.lsqml_step_sums(
+            one, one_probe, step, canvas, box, den, corners, (0, 0), 0.1, slots[0], box=box_of
+        )
+        name, grid, _, args = recorder.launches[-1]
+        assert name == "liveptycho_tile_step_sums" and grid == (1,) and args[-1] is sums
+        assert args[11] == (0 if step is None else 1) and args[-4] is slots[0]
+    with pytest.raises(ValueError, match="do not cover the box"):
+        _fused_sums.lsqml_step_sums(
+            one, one_probe, None, canvas, box[1:], den[1:], corners, (0, 0), box=box_of
+        )
     # Two modes: the atomic sums (faster there; overwritten: zeroed first), then the ratio
     # added in one pass.
     n_before = len(recorder.launches)

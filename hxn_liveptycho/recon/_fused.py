@@ -43,6 +43,7 @@ __all__ = [
     "regularising",
     "scaled_copy",
     "shift_spectra",
+    "tile_step_sums",
     "unshift_sum_spectra",
     "window_sums",
 ]
@@ -407,15 +408,54 @@ extern "C" __global__ void liveptycho_window_sums(
     )
     + r"""#define TILE_ROWS_PER_PASS (TILE_THREADS / 32)
 #define TILE_PIXELS (TILE_ROWS / TILE_ROWS_PER_PASS)
-// The windows hit_*[0..hits) into this thread's pixels (column gx, rows row0 + p
+// The batch's positions whose windows (n x n from their corners) meet the tile at (ty0,
+// tx0): fill() lists those of positions [b0, b0 + TILE_THREADS) in batch order and returns
+// their count; every thread of the block calls it, and the list holds until the block's
+// next __syncthreads() after its use.
+struct TileList {
+    int b[TILE_THREADS];
+    int y[TILE_THREADS];
+    int x[TILE_THREADS];
+    int warp_hits[TILE_THREADS / 32];
+
+    __device__ int fill(const int* corners, int batch, int b0, int n, int ty0, int tx0) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int pos = b0 + threadIdx.x;
+        int cy = 0, cx = 0;
+        bool hit = false;
+        if (pos < batch) {
+            cy = corners[2 * pos];
+            cx = corners[2 * pos + 1];
+            hit = cy < ty0 + TILE_ROWS && cy + n > ty0 && cx < tx0 + 32 && cx + n > tx0;
+        }
+        const unsigned int mask = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0) warp_hits[warp] = __popc(mask);
+        __syncthreads();
+        int before = 0, hits = 0;
+        for (int w = 0; w < TILE_THREADS / 32; ++w) {
+            before += w < warp ? warp_hits[w] : 0;
+            hits += warp_hits[w];
+        }
+        if (hit) {
+            const int j = before + __popc(mask & ((1u << lane) - 1u));
+            b[j] = pos;
+            y[j] = cy;
+            x[j] = cx;
+        }
+        __syncthreads();
+        return hits;
+    }
+};
+
+// The listed windows [0, hits) into this thread's pixels (column gx, rows row0 + p
 // TILE_ROWS_PER_PASS), TILE_GROUP windows at a time: every load of a group is issued
 // before any is used (predicated off outside a window, so those pixels add exact zeros).
 template <int KM>
 __device__ __forceinline__ void tile_hits(
     const T* __restrict__ dpsi, const T* __restrict__ probes,
     const float* __restrict__ weights, int has_weights, int per_position, int k_modes, int n,
-    const int* hit_b, const int* hit_y, const int* hit_x, int hits, int gx, int row0,
-    float* re, float* im, float* illum, int& touched) {
+    const TileList& list, int hits, int gx, int row0, float* re, float* im, float* illum,
+    int& touched) {
     const int nn = n * n;
     const int km = KM > 0 ? KM : k_modes;
     for (int j0 = 0; j0 < hits; j0 += TILE_GROUP) {
@@ -427,16 +467,16 @@ __device__ __forceinline__ void tile_hits(
         for (int u = 0; u < TILE_GROUP; ++u) {
             const bool listed = j0 + u < hits;
             const int j = listed ? j0 + u : j0;
-            const int hb = hit_b[j];
+            const int hb = list.b[j];
             const long long first = (long long)hb * km * nn;
             d_at[u] = dpsi + first;
             p_at[u] = per_position ? probes + first : probes;
             w[u] = has_weights ? weights[hb] : 1.f;
-            const int x = gx - hit_x[j];
+            const int x = gx - list.x[j];
             const bool in_x = listed && (unsigned)x < (unsigned)n;
 #pragma unroll
             for (int p = 0; p < TILE_PIXELS; ++p) {
-                const int y = row0 + p * TILE_ROWS_PER_PASS - hit_y[j];
+                const int y = row0 + p * TILE_ROWS_PER_PASS - list.y[j];
                 const bool in = in_x && (unsigned)y < (unsigned)n;
                 at[u][p] = in ? y * n + x : -1;
                 touched |= (int)in << p;
@@ -474,10 +514,7 @@ liveptycho_tile_sums(
     int has_weights, int box_y, int box_x, int box_h, int box_w, int tiles_x, int oy, int ox,
     int acc_width, float* num, float* den, int do_den, int track_max, unsigned int* den_slots,
     int mode, T* target, int target_width, const float* den_max, int has_slots, float reg) {
-    __shared__ int hit_b[TILE_THREADS];
-    __shared__ int hit_y[TILE_THREADS];
-    __shared__ int hit_x[TILE_THREADS];
-    __shared__ int warp_hits[TILE_THREADS / 32];
+    __shared__ TileList list;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE_ROWS;
     const int tx0 = box_x + (blockIdx.x % tiles_x) * 32;
@@ -488,36 +525,14 @@ liveptycho_tile_sums(
 #pragma unroll
     for (int p = 0; p < TILE_PIXELS; ++p) re[p] = im[p] = illum[p] = 0.f;
     for (int b0 = 0; b0 < batch; b0 += TILE_THREADS) {
-        const int b = b0 + threadIdx.x;
-        int cy = 0, cx = 0;
-        bool hit = false;
-        if (b < batch) {
-            cy = corners[2 * b];
-            cx = corners[2 * b + 1];
-            hit = cy < ty0 + TILE_ROWS && cy + n > ty0 && cx < tx0 + 32 && cx + n > tx0;
-        }
-        const unsigned int mask = __ballot_sync(0xffffffffu, hit);
-        if (lane == 0) warp_hits[warp] = __popc(mask);
-        __syncthreads();
-        int before = 0, hits = 0;
-        for (int w = 0; w < TILE_THREADS / 32; ++w) {
-            before += w < warp ? warp_hits[w] : 0;
-            hits += warp_hits[w];
-        }
-        if (hit) {
-            const int j = before + __popc(mask & ((1u << lane) - 1u));
-            hit_b[j] = b;
-            hit_y[j] = cy;
-            hit_x[j] = cx;
-        }
-        __syncthreads();
+        const int hits = list.fill(corners, batch, b0, n, ty0, tx0);
         const int row0 = ty0 + warp;
         if (k_modes == 1) {
-            tile_hits<1>(dpsi, probes, weights, has_weights, per_position, 1, n, hit_b, hit_y,
-                         hit_x, hits, gx, row0, re, im, illum, touched);
+            tile_hits<1>(dpsi, probes, weights, has_weights, per_position, 1, n, list, hits, gx,
+                         row0, re, im, illum, touched);
         } else {
-            tile_hits<0>(dpsi, probes, weights, has_weights, per_position, k_modes, n, hit_b,
-                         hit_y, hit_x, hits, gx, row0, re, im, illum, touched);
+            tile_hits<0>(dpsi, probes, weights, has_weights, per_position, k_modes, n, list,
+                         hits, gx, row0, re, im, illum, touched);
         }
         __syncthreads();  // the next round rewrites the list
     }
@@ -543,6 +558,97 @@ liveptycho_tile_sums(
         }
     }
     if (track_max) slot_max(den_slots, den_top);
+}
+
+// LSQ-ML's step-fit sums (see _fused_sums' liveptycho_lsqml_sums) gathered by canvas tile:
+// dO = num / regularised(den) and O are read once per canvas pixel, not once per window
+// pixel. Per listed window: u = P_k dO, v = O dP_k (dprobes_mode 0: none, 1: shared, 2: per
+// position) and chi_k at the window's pixels in this tile, summed into |u|^2, Re u* v,
+// |v|^2, Re u* chi, Re v* chi over modes and pixels; reduced over the block (shared
+// atomics), then added into out (B, 5) once per window and tile. num and den cover
+// exactly the box (at its corner).
+extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)
+liveptycho_tile_step_sums(
+    const T* __restrict__ chi, const T* __restrict__ probes, const T* __restrict__ dprobes,
+    const T* __restrict__ canvas, const T* __restrict__ num, const float* __restrict__ den,
+    const int* __restrict__ corners, int batch, int n, int k_modes, int probes_per_position,
+    int dprobes_mode, int box_y, int box_x, int box_h, int box_w, int tiles_x, int width,
+    const float* den_max, int has_slots, float reg, float* out) {
+    __shared__ TileList list;
+    __shared__ float part[TILE_THREADS][5];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ty0 = box_y + (blockIdx.x / tiles_x) * TILE_ROWS;
+    const int tx0 = box_x + (blockIdx.x % tiles_x) * 32;
+    const int gx = tx0 + lane;
+    const float m = den_maximum(den_max, has_slots);
+    const int nn = n * n;
+    T d_obj[TILE_PIXELS], obj[TILE_PIXELS];
+#pragma unroll
+    for (int p = 0; p < TILE_PIXELS; ++p) {
+        const int gy = ty0 + warp + p * TILE_ROWS_PER_PASS;
+        const bool in = gx < box_x + box_w && gy < box_y + box_h;
+        const long long dst = (long long)(gy - box_y) * box_w + gx - box_x;
+        d_obj[p] = in ? num[dst] / regularised(den[dst], reg, m) : T(0.f, 0.f);
+        obj[p] = in && dprobes_mode ? canvas[(long long)gy * width + gx] : T(0.f, 0.f);
+    }
+    for (int b0 = 0; b0 < batch; b0 += TILE_THREADS) {
+#pragma unroll
+        for (int s = 0; s < 5; ++s) part[threadIdx.x][s] = 0.f;
+        const int hits = list.fill(corners, batch, b0, n, ty0, tx0);
+        const int row0 = ty0 + warp;
+#pragma unroll 1
+        for (int j = 0; j < hits; ++j) {
+            const int hb = list.b[j];
+            const long long first = (long long)hb * k_modes * nn;
+            const int x = gx - list.x[j];
+            const bool in_x = (unsigned)x < (unsigned)n;
+            int at[TILE_PIXELS];
+#pragma unroll
+            for (int p = 0; p < TILE_PIXELS; ++p) {
+                const int y = row0 + p * TILE_ROWS_PER_PASS - list.y[j];
+                at[p] = in_x && (unsigned)y < (unsigned)n ? y * n + x : -1;
+            }
+            float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+            for (int k = 0; k < k_modes; ++k) {
+                const T* c_at = chi + first + (long long)k * nn;
+                const T* p_at = probes + (probes_per_position ? first : 0) + (long long)k * nn;
+                const T* q_at = dprobes + (dprobes_mode == 2 ? first : 0) + (long long)k * nn;
+                T c[TILE_PIXELS], q[TILE_PIXELS], dq[TILE_PIXELS];
+#pragma unroll
+                for (int p = 0; p < TILE_PIXELS; ++p) {
+                    const int r = at[p];
+                    c[p] = r >= 0 ? c_at[r] : T(0.f, 0.f);
+                    q[p] = r >= 0 ? p_at[r] : T(0.f, 0.f);
+                    dq[p] = r >= 0 && dprobes_mode ? q_at[r] : T(0.f, 0.f);
+                }
+#pragma unroll
+                for (int p = 0; p < TILE_PIXELS; ++p) {
+                    const T u = q[p] * d_obj[p];
+                    const T v = obj[p] * dq[p];
+                    acc[0] += u.real() * u.real() + u.imag() * u.imag();
+                    acc[1] += u.real() * v.real() + u.imag() * v.imag();
+                    acc[2] += v.real() * v.real() + v.imag() * v.imag();
+                    acc[3] += u.real() * c[p].real() + u.imag() * c[p].imag();
+                    acc[4] += v.real() * c[p].real() + v.imag() * c[p].imag();
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < 5; ++s) {
+                float sum = acc[s];
+                for (int off = 16; off > 0; off /= 2)
+                    sum += __shfl_down_sync(0xffffffffu, sum, off);
+                if (lane == 0) atomicAdd(&part[j][s], sum);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < hits) {
+#pragma unroll
+            for (int s = 0; s < 5; ++s)
+                atomicAdd(&out[5 * list.b[threadIdx.x] + s], part[threadIdx.x][s]);
+        }
+        __syncthreads();  // the next round rewrites the list and the parts
+    }
 }
 
 // target += weight num / max((1 - reg) (den + reg max(den)), 1e-30)
@@ -975,6 +1081,50 @@ def add_window_ratio(
         canvas=canvas,
         reg_args=reg_args,
     )
+
+
+def tile_step_sums(
+    chi: Any,
+    probes: Any,
+    dprobes: Any | None,
+    canvas: Any,
+    num: Any,
+    den: Any,
+    corners: Any,
+    box: tuple[int, int, int, int],
+    reg_args: tuple,
+    out: Any,
+    shape: TileShape = _TILE_SHAPE,
+) -> None:
+    """LSQ-ML's step-fit sums (B, 5) added into ``out``, gathered by canvas tile: as
+    :func:`~hxn_liveptycho.recon._fused_sums.lsqml_step_sums`, whose arguments these are
+    (``num`` and ``den`` covering exactly ``box``, ``reg_args`` from :func:`regularising`),
+    with ``dO`` and ``O`` read once per canvas pixel instead of once per window pixel."""
+    b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
+    height, width = box[2] - box[0], box[3] - box[1]
+    if num.shape != (height, width) or den.shape != num.shape:
+        raise ValueError(f"step sums {num.shape} / {den.shape} do not cover the box {box}")
+    tiles_y, tiles_x = -(-height // shape.rows), -(-width // 32)
+    if b == 0 or tiles_y <= 0 or tiles_x <= 0:
+        return
+    _contiguous(chi, probes, canvas, num, den, corners, out)
+    mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    i32 = np.int32
+    args = (
+        chi,
+        probes,
+        dprobes if dprobes is not None else probes,
+        canvas,
+        num,
+        den,
+        corners,
+        *(i32(v) for v in (b, n, k, probes.ndim == 4, mode, box[0], box[1], height, width)),
+        i32(tiles_x),
+        i32(canvas.shape[1]),
+        *reg_args,
+        out,
+    )
+    _raw("tile_step_sums", shape.options())((tiles_y * tiles_x,), (shape.threads,), args)
 
 
 def max_slots(buffer: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.recon._fused import SLOT_MAX_CUDA, regularising
+from hxn_liveptycho.recon._fused import _TILE_MODES, SLOT_MAX_CUDA, regularising, tile_step_sums
 
 __all__ = ["dm_fourier_step", "lsqml_step_sums", "lsqml_steps", "modulus_residual"]
 
@@ -306,6 +306,7 @@ def lsqml_step_sums(
     origin: tuple[int, int],
     reg: float = 0.0,
     den_max: Any | None = None,
+    box: tuple[int, int, int, int] | None = None,
 ) -> Any:
     """The normal-equation sums (B, 5) ``(a11, a12, a22, b1, b2)`` of LSQ-ML's step fit.
 
@@ -315,11 +316,20 @@ def lsqml_step_sums(
     pixels of ``|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi``. ``den`` is regularised as
     it is read, as :func:`~hxn_liveptycho.recon._fused.regularise` would with ``reg``
     and ``den_max`` (reg 0: ``den`` already regularised).
+
+    ``box``, the canvas pixels ``num`` and ``den`` cover (``origin`` its corner): with one
+    mode the sums are gathered by canvas tile
+    (:func:`~hxn_liveptycho.recon._fused.tile_step_sums`), which reads ``dO`` and ``O``
+    once per canvas pixel instead of once per window pixel.
     """
     import cupy as cp
 
     b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
     out = cp.zeros((b, 5), dtype=cp.float32)
+    if box is not None and k <= _TILE_MODES and tuple(origin) == tuple(box[:2]):
+        reg_args = regularising(den, reg, den_max)
+        tile_step_sums(chi, probes, dprobes, canvas, num, den, corners, box, reg_args, out)
+        return out
     mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
     i32 = np.int32
     args = (

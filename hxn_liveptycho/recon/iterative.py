@@ -1174,7 +1174,17 @@ class StreamingSolver:
                 else self._shift_modes(self._fft(d_probe.copy()), table, True)
             )
         sums = lsqml_step_sums(
-            chi, probes, seen, self._object, num, den, batch.corners, batch.origin, reg, den_max
+            chi,
+            probes,
+            seen,
+            self._object,
+            num,
+            den,
+            batch.corners,
+            batch.origin,
+            reg,
+            den_max,
+            box=batch.box,
         )
         del seen
         weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
