@@ -249,6 +249,8 @@ def batch_data(cp: Any, k: int, side: int) -> dict[str, Any]:
 
 def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
     """Both ways of each sum at 128 positions of 256² and ``k`` modes."""
+    from hxn_liveptycho.recon import _fused
+
     d = batch_data(cp, k, side)
     box, canvas, corners, num, den = d["box"], d["canvas"], d["corners"], d["num"], d["den"]
     dpsi, probes, weights = d["dpsi"], d["probes"], d["weights"]
@@ -270,6 +272,8 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
             overwrite=True,
             **extra,
         )
+
+    atomic_sums = functools.partial(sums, None, False)
 
     def atomics_then_ratio() -> None:
         num.fill(0)
@@ -298,6 +302,20 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
         ),
         ("weighted sums into the object", tiles_into_object, atomics_then_ratio),
     ]
+    if k > _fused._TILE_MODES:  # the tile kernel itself, where the solver keeps the atomics
+        tile_kernel = functools.partial(
+            _fused._tile_launch,
+            dpsi,
+            probes,
+            corners,
+            box,
+            None,
+            num=num,
+            den=den,
+            origin=box[:2],
+            overwrite=True,
+        )
+        steps.append(("num/den, the tile kernel at these modes", tile_kernel, atomic_sums))
     out = []
     for name, tiles, atomics in steps:
         row: dict[str, Any] = {"step": name, "modes": k, "raster_side": side}
