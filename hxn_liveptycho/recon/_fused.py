@@ -210,8 +210,12 @@ class TileShape(NamedTuple):
         return tuple(f"-DTILE_{name.upper()}={value}" for name, value in self._asdict().items())
 
 
-#: The tile kernel's shape on the solver's path (``benchmarks/tile_sums.py`` times others).
-_TILE_SHAPE = TileShape()
+#: The tile kernels' shape on the solver's path: 32 x 32 tiles of 256 threads, two windows
+#: loaded together, registers capped at 64 for four blocks an SM (the object-sum kernel
+#: takes 80 uncapped, the step-fit one 118). On the H200 it added LSQ-ML's ratio into the
+#: object in 0.050 ms where the uncapped shape took 0.071, and tied on the other sums
+#: (``benchmarks/tile_sums.py``, which times the other shapes).
+_TILE_SHAPE = TileShape(min_blocks=4)
 #: Most modes for which the object sums are gathered by tile (see :func:`window_sums`).
 _TILE_MODES = 1
 
