@@ -124,7 +124,9 @@ def test_sigterm_mid_scan_ends_the_run_aborted_with_what_was_written(
     beamline = SimulatedBeamline(x_num=12, y_num=12, photons_per_frame=2e5)
     killer = _SigtermMidScan(serve)
     killer.start()
-    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.06)
+    # 0.12 s a point (17 s for the scan): at 0.06 s, one CI run on two loaded cores counted
+    # its second snapshot only after all 144 frames were in, so nothing was mid-scan.
+    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.12)
     killer.join(30)
     raw_uid = result.run_start_uids[0]
     assert result.exit_status == "success"  # the RunEngine never noticed
