@@ -212,11 +212,17 @@ class TileShape(NamedTuple):
 
 #: The tile kernels' shape on the solver's path: 32 x 32 tiles of 256 threads, two windows
 #: loaded together, registers capped at 64 for four blocks an SM (the object-sum kernel
-#: takes 80 uncapped, the step-fit one 118). On the H200 it added LSQ-ML's ratio into the
-#: object in 0.050 ms where the uncapped shape took 0.071, and tied on the other sums
-#: (``benchmarks/tile_sums.py``, which times the other shapes).
+#: takes 80 uncapped, the step-fit one 118). On the H200 (128 positions of 256², medians
+#: of five rounds) the cap took LSQ-ML's step-fit sums from 0.104 to 0.066 ms and its ratio
+#: into the object from 0.055 to 0.048, and left the object sums at 0.033-0.035; no other
+#: shape of ``benchmarks/tile_sums.py`` did better on all three.
 _TILE_SHAPE = TileShape(min_blocks=4)
-#: Most modes for which the object sums are gathered by tile (see :func:`window_sums`).
+#: Most modes for which the solver gathers by tile (see :func:`window_sums`). The tile
+#: kernel agrees with the reference at 2 and 3 modes too, and on the H200 it made three
+#: modes' object sums in 0.069 ms where the atomics took 0.152; but the ratio and the
+#: step-fit sums by tile are not yet timed at three modes, and DM's three-mode iteration at
+#: 1,024 positions did not move with them (0.0130 s against 0.0131), so three modes keep
+#: the atomics until they are.
 _TILE_MODES = 1
 
 #: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host a few
@@ -860,7 +866,8 @@ def window_sums(
     chunk of positions' reads at once, as with no ``num`` at all). Otherwise every
     position adds its window with atomics (one per pixel and sum). On the H200 (128
     positions of 256², ``benchmarks/tile_sums.py``) the tiles wrote one mode's sums in
-    0.04-0.06 ms where the atomics took 0.096, and tied with them at three modes.
+    0.030 ms where the atomics took 0.085-0.094, and with the probe-side sums after them
+    took 0.072-0.075 ms against 0.095-0.117.
 
     ``overwrite``: ``num`` and ``den`` cover exactly ``box`` (``origin`` its corner) and
     become the sums, whatever they held (empty arrays will do): the tiles write them
