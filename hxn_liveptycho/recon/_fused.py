@@ -43,6 +43,7 @@ __all__ = [
     "regularising",
     "scaled_copy",
     "shift_spectra",
+    "step_sums_arrays",
     "tile_step_sums",
     "unshift_sum_spectra",
     "window_sums",
@@ -1094,6 +1095,16 @@ def add_window_ratio(
     )
 
 
+def step_sums_arrays(
+    chi: Any, probes: Any, dprobes: Any | None, canvas: Any, num: Any, den: Any, corners: Any
+) -> tuple[tuple, int]:
+    """The arrays both step-fit kernels take first (an absent probe step stands in as the
+    probes, never read), and the probe step's mode: 0 none, 1 shared, 2 per position."""
+    mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    step = dprobes if dprobes is not None else probes
+    return (chi, probes, step, canvas, num, den, corners), mode
+
+
 def tile_step_sums(
     chi: Any,
     probes: Any,
@@ -1119,16 +1130,10 @@ def tile_step_sums(
     if b == 0 or tiles_y <= 0 or tiles_x <= 0:
         return
     _contiguous(chi, probes, canvas, num, den, corners, out)
-    mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    arrays, mode = step_sums_arrays(chi, probes, dprobes, canvas, num, den, corners)
     i32 = np.int32
     args = (
-        chi,
-        probes,
-        dprobes if dprobes is not None else probes,
-        canvas,
-        num,
-        den,
-        corners,
+        *arrays,
         *(i32(v) for v in (b, n, k, probes.ndim == 4, mode, box[0], box[1], height, width)),
         i32(tiles_x),
         i32(canvas.shape[1]),

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.recon._fused import _TILE_MODES, SLOT_MAX_CUDA, regularising, tile_step_sums
+from hxn_liveptycho.recon._fused import (
+    _TILE_MODES,
+    SLOT_MAX_CUDA,
+    regularising,
+    step_sums_arrays,
+    tile_step_sums,
+)
 
 __all__ = ["dm_fourier_step", "lsqml_step_sums", "lsqml_steps", "modulus_residual"]
 
@@ -330,16 +336,10 @@ def lsqml_step_sums(
         reg_args = regularising(den, reg, den_max)
         tile_step_sums(chi, probes, dprobes, canvas, num, den, corners, box, reg_args, out)
         return out
-    mode = 0 if dprobes is None else (2 if dprobes.ndim == 4 else 1)
+    arrays, mode = step_sums_arrays(chi, probes, dprobes, canvas, num, den, corners)
     i32 = np.int32
     args = (
-        chi,
-        probes,
-        dprobes if dprobes is not None else probes,
-        canvas,
-        num,
-        den,
-        corners,
+        *arrays,
         i32(origin[0]),
         i32(origin[1]),
         i32(n),
