@@ -142,7 +142,9 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
         watcher = _PageWatcher(browser)
         watcher.start()
         beamline = SimulatedBeamline(x_num=10, y_num=10, photons_per_frame=2e5)
-        result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.05)
+        # 0.12 s a point (12 s for the scan): at 0.05 s, one CI run on two loaded cores drew
+        # a single picture while the run was still running.
+        result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.12)
         raw_uid = result.run_start_uids[0]
         serve.wait_finished(raw_uid)
         time.sleep(1.5)  # one more event: the final picture and the Tiled link
