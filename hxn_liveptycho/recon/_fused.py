@@ -861,7 +861,7 @@ def window_sums(
       grow, so the largest partial sum is the largest total: no separate reduction.
 
     ``box`` ``(y0, x0, y1, x1)``, the canvas pixels the windows cover: with one mode
-    (:data:`_TILE_MODES`) the object sums are gathered by canvas tile (:func:`_tile_sums`,
+    (:data:`_TILE_MODES`) the object sums are gathered by canvas tile (:func:`_tile_launch`,
     no atomics, a fixed order), and a second pass makes the probe-side sums, if any were
     asked for (the summed ones, with ``power``, in a kernel of their own that issues a
     chunk of positions' reads at once, as with no ``num`` at all). Otherwise every
@@ -892,7 +892,18 @@ def window_sums(
     absent = _dummy(cp.float32)
     i32 = np.int32
     if box is not None and num is not None and k <= _TILE_MODES:
-        _tile_sums(dpsi, probes, corners, box, origin, num, den, weights, den_max, overwrite)
+        _tile_launch(
+            dpsi,
+            probes,
+            corners,
+            box,
+            weights,
+            num=num,
+            den=den,
+            origin=origin,
+            overwrite=overwrite,
+            den_slots=den_max if den is not None else None,
+        )
         num = den = weights = None
         if not (terms_channels or power is not None):
             return None
@@ -955,6 +966,17 @@ def _probe_sums(
     _launch("probe_sums", chunks * n * n, (*args, terms_sum, power, slots))
 
 
+def _tile_grid(box: tuple[int, int, int, int], shape: TileShape) -> tuple[int, int, int, int]:
+    """``(height, width, tiles_x, tiles)`` of ``box`` ``(y0, x0, y1, x1)``: the tile
+    kernels' grid, one block per ``shape.rows`` x 32 tile, ``tiles_x`` across (no tiles for
+    an empty box)."""
+    height, width = box[2] - box[0], box[3] - box[1]
+    tiles_x = -(-width // 32)
+    if height <= 0 or width <= 0:
+        return height, width, tiles_x, 0
+    return height, width, tiles_x, -(-height // shape.rows) * tiles_x
+
+
 def _tile_launch(
     dpsi: Any,
     probes: Any,
@@ -978,9 +1000,8 @@ def _tile_launch(
     :func:`regularising`; none: taken as it is) say."""
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
     _contiguous(dpsi, probes, corners, *(a for a in (weights, den_slots) if a is not None))
-    height, width = box[2] - box[0], box[3] - box[1]
-    tiles_y, tiles_x = -(-height // shape.rows), -(-width // 32)
-    if b == 0 or tiles_y <= 0 or tiles_x <= 0:
+    height, width, tiles_x, tiles = _tile_grid(box, shape)
+    if b == 0 or tiles == 0:
         return
     ratio = canvas is not None
     accumulator = num if num is not None else den
@@ -1010,36 +1031,7 @@ def _tile_launch(
         i32(canvas.shape[1] if ratio else 0),
         *(reg_args or regularising(den, 0.0, None)),
     )
-    _raw("tile_sums", shape.options())((tiles_y * tiles_x,), (shape.threads,), args)
-
-
-def _tile_sums(
-    dpsi: Any,
-    probes: Any,
-    corners: Any,
-    box: tuple[int, int, int, int],
-    origin: tuple[int, int],
-    num: Any,
-    den: Any | None,
-    weights: Any | None,
-    den_max: Any | None,
-    overwrite: bool,
-) -> None:
-    """``num``/``den`` of :func:`window_sums`, gathered by canvas tile."""
-    _contiguous(num, *(a for a in (den,) if a is not None))
-    slots = den_max if den is not None else None
-    _tile_launch(
-        dpsi,
-        probes,
-        corners,
-        box,
-        weights,
-        num=num,
-        den=den,
-        origin=origin,
-        overwrite=overwrite,
-        den_slots=slots,
-    )
+    _raw("tile_sums", shape.options())((tiles,), (shape.threads,), args)
 
 
 def regularising(den: Any, reg: float, den_max: Any | None) -> tuple[Any, Any, Any]:
@@ -1123,11 +1115,10 @@ def tile_step_sums(
     (``num`` and ``den`` covering exactly ``box``, ``reg_args`` from :func:`regularising`),
     with ``dO`` and ``O`` read once per canvas pixel instead of once per window pixel."""
     b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
-    height, width = box[2] - box[0], box[3] - box[1]
+    height, width, tiles_x, tiles = _tile_grid(box, shape)
     if num.shape != (height, width) or den.shape != num.shape:
         raise ValueError(f"step sums {num.shape} / {den.shape} do not cover the box {box}")
-    tiles_y, tiles_x = -(-height // shape.rows), -(-width // 32)
-    if b == 0 or tiles_y <= 0 or tiles_x <= 0:
+    if b == 0 or tiles == 0:
         return
     _contiguous(chi, probes, canvas, num, den, corners, out)
     arrays, mode = step_sums_arrays(chi, probes, dprobes, canvas, num, den, corners)
@@ -1140,7 +1131,7 @@ def tile_step_sums(
         *reg_args,
         out,
     )
-    _raw("tile_step_sums", shape.options())((tiles_y * tiles_x,), (shape.threads,), args)
+    _raw("tile_step_sums", shape.options())((tiles,), (shape.threads,), args)
 
 
 def max_slots(buffer: Any) -> Any:
