@@ -19,21 +19,37 @@ relative difference between the two objects and both object errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.recon import _fused
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
+
+
+@contextlib.contextmanager
+def tile_modes(modes: int | None) -> Iterator[None]:
+    """The solver's tile kernels for up to ``modes`` probe modes while inside (None: the
+    solver's own bound, ``_fused._TILE_MODES``): to time what it would do with another."""
+    saved = _fused._TILE_MODES
+    if modes is not None:
+        _fused._TILE_MODES = modes
+    try:
+        yield
+    finally:
+        _fused._TILE_MODES = saved
 
 
 def copy_bandwidth(cp: Any) -> float:
@@ -265,6 +281,13 @@ def main() -> None:
         help="frame size of the parity cases (256: 144 positions, the solver's own FFT)",
     )
     parser.add_argument(
+        "--tile-modes",
+        type=int,
+        default=None,
+        help="time each big case of more modes than the solver gathers by tile a second "
+        "time, with the tile kernels up to this many modes",
+    )
+    parser.add_argument(
         "--parity-photons",
         type=float,
         default=None,
@@ -278,17 +301,17 @@ def main() -> None:
     big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
     small = parity_sample(args.parity_window, args.parity_photons)
     label = f"{small.num_points}x{small.beamline.window}^2"
-    plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool]] = []
+    plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool, int | None]] = []
     reference = not args.no_reference
     for algorithm in args.algorithms:
         for modes in args.modes:
             params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
             name = f"demo {label} {algorithm} K={modes}"
             if not args.whole_pixel_parity:
-                plans.append((name, small, params, True, reference))
+                plans.append((name, small, params, True, reference, None))
             if args.variants or args.whole_pixel_parity:  # the whole-pixel fused path
                 params = params.model_copy(update={"subpixel_positions": False})
-                plans.append((f"{name} whole-pixel", small, params, True, False))
+                plans.append((f"{name} whole-pixel", small, params, True, False, None))
     if args.variants:  # paths that stay on the xp reference on CuPy
         for name, params in (
             ("lsqml poisson", IterativeParams(algorithm="lsqml", noise="poisson", batch_size=128)),
@@ -299,7 +322,7 @@ def main() -> None:
                 ),
             ),
         ):
-            plans.append((f"demo {label} {name}", small, params, True, False))
+            plans.append((f"demo {label} {name}", small, params, True, False, None))
     if not args.quick:
         for side in args.sides:
             sample = SimulatedSample(replace(big, x_num=side, y_num=side))
@@ -310,24 +333,31 @@ def main() -> None:
                 name = f"{side * side}x256^2 {algorithm} K={modes}"
                 if batch != 128:
                     name += f" batch {batch}"
-                plans.append((name, sample, params, False, reference and modes == 1))
-                if args.whole_pixel_big:
-                    params = params.model_copy(update={"subpixel_positions": False})
-                    plans.append((f"{name} whole-pixel", sample, params, False, False))
+                tiles = [None]
+                if args.tile_modes and modes > _fused._TILE_MODES:
+                    tiles.append(args.tile_modes)
+                for tile in tiles:
+                    label = name if tile is None else f"{name} tiles to K={tile}"
+                    plans.append((label, sample, params, False, reference and modes == 1, tile))
+                for tile in tiles if args.whole_pixel_big else []:
+                    whole = params.model_copy(update={"subpixel_positions": False})
+                    label = f"{name} whole-pixel" + ("" if tile is None else f" tiles to K={tile}")
+                    plans.append((label, sample, whole, False, False, tile))
     results = []
-    for name, sample, params, parity, reference in plans:
+    for name, sample, params, parity, reference, tile in plans:
         try:
-            r = run_case(
-                cp,
-                name,
-                sample,
-                params,
-                args.iterations,
-                parity=parity,
-                reference=reference,
-                error_at=args.error_at,
-                cufft=args.compare_cufft and not parity,
-            )
+            with tile_modes(tile):
+                r = run_case(
+                    cp,
+                    name,
+                    sample,
+                    params,
+                    args.iterations,
+                    parity=parity,
+                    reference=reference,
+                    error_at=args.error_at,
+                    cufft=args.compare_cufft and not parity,
+                )
         except Exception as exc:  # keep the other cases' figures
             r = {"case": name, "failed": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(r), flush=True)

@@ -12,8 +12,9 @@ of the batch's box gathers the windows that meet it and writes its sums once
 takes the tiles for one mode: the object sums alone, or with the whole-pixel
 probe-side sums made after them by ``liveptycho_probe_sums``.
 ``add_window_ratio`` gathers LSQ-ML's weighted sums straight into the object
-(``+= sum / den``). With more modes both fall back to the atomic adds, so the
-three-mode rows time that fallback both ways.
+(``+= sum / den``). With more modes than ``_fused._TILE_MODES`` the solver takes the
+atomic adds, so the checks and timings at three modes force the tiles there
+(:func:`tiles_at_every_mode`) to say whether the solver should take them too.
 
 Checks, on random data (1 and 3 modes, shared and per-position probes,
 weights, batches above the 256 positions a tile lists at a time, windows piled
@@ -29,14 +30,18 @@ and times the tile kernel's shapes (``_fused.TileShape``) against each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from benchmarks.recon_gpu import copy_bandwidth
+from benchmarks.recon_gpu import copy_bandwidth, tile_modes
 from benchmarks.recon_profile import event_time
+from hxn_liveptycho.recon import _fused
 from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
     TileShape,
@@ -45,6 +50,19 @@ from hxn_liveptycho.recon._fused import (
     window_sums,
 )
 from hxn_liveptycho.recon._fused_sums import lsqml_step_sums
+
+
+def tiles_at_every_mode() -> contextlib.AbstractContextManager[None]:
+    """The tile kernels for any number of modes while inside (the solver's bound lifted)."""
+    return tile_modes(sys.maxsize)
+
+
+def forced(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with tiles_at_every_mode():
+            fn()
+
+    return run
 
 
 def rel(a: Any, b: Any) -> float:
@@ -165,17 +183,19 @@ def case(
     return out
 
 
-def step_sums_case(cp: Any, n: int, b: int, spread: int, dprobes_mode: int) -> dict[str, Any]:
-    """LSQ-ML's step-fit sums gathered by tile against the per-position kernel (one mode;
-    no probe step, a shared one, one per position; den regularised on the way)."""
+def step_sums_case(
+    cp: Any, n: int, b: int, spread: int, dprobes_mode: int, k: int = 1
+) -> dict[str, Any]:
+    """LSQ-ML's step-fit sums gathered by tile against the per-position kernel (no probe
+    step, a shared one, one per position; den regularised on the way)."""
     rng = np.random.default_rng(b + dprobes_mode)
     corners_h = rng.integers(3, 3 + spread, size=(b, 2)).astype(np.int32)
     box = box_of(corners_h, n)
     shape = (box[2] - box[0], box[3] - box[1])
     canvas = noise(cp, (box[2] + 5, box[3] + 7))
-    chi = noise(cp, (b, 1, n, n))
-    probes = noise(cp, (1, n, n))
-    dprobes = [None, noise(cp, (1, n, n)), noise(cp, (b, 1, n, n))][dprobes_mode]
+    chi = noise(cp, (b, k, n, n))
+    probes = noise(cp, (k, n, n))
+    dprobes = [None, noise(cp, (k, n, n)), noise(cp, (b, k, n, n))][dprobes_mode]
     num = noise(cp, shape)
     den = cp.asarray(rng.random(shape).astype(np.float32) + 0.1)
     corners = cp.asarray(corners_h)
@@ -183,13 +203,14 @@ def step_sums_case(cp: Any, n: int, b: int, spread: int, dprobes_mode: int) -> d
     expected = lsqml_step_sums(*args)
     got = lsqml_step_sums(*args, box=box)
     return {
-        "case": f"step sums n={n} B={b} spread {spread} px, probe step mode {dprobes_mode}",
+        "case": f"step sums n={n} B={b} K={k} spread {spread} px, probe step mode {dprobes_mode}",
         "tiles_step_sums": rel(got, expected),
     }
 
 
 def checks(cp: Any) -> list[dict]:
-    return [
+    """The cases as the solver takes them, then those of several modes by tile."""
+    out = [
         case(cp, 256, 128, 1, False, 1200, False),
         case(cp, 256, 128, 3, False, 1200, True),
         case(cp, 64, 300, 2, True, 200, True),  # over 256 positions: two rounds per tile
@@ -199,6 +220,18 @@ def checks(cp: Any) -> list[dict]:
         step_sums_case(cp, 64, 300, 200, 2),
         step_sums_case(cp, 48, 17, 90, 0),
     ]
+    with tiles_at_every_mode():
+        several = [
+            case(cp, 256, 128, 3, False, 1200, True),
+            case(cp, 64, 300, 2, True, 200, True),
+            case(cp, 48, 17, 3, True, 90, True),
+            step_sums_case(cp, 256, 128, 1200, 1, k=3),
+            step_sums_case(cp, 64, 300, 200, 2, k=2),
+            step_sums_case(cp, 48, 17, 90, 0, k=3),
+        ]
+    for c in several:
+        c["case"] += ", tiles at every mode count"
+    return out + several
 
 
 def raster_batch(n: int, b: int, side: int, step: int) -> tuple[np.ndarray, tuple]:
@@ -249,8 +282,6 @@ def batch_data(cp: Any, k: int, side: int) -> dict[str, Any]:
 
 def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
     """Both ways of each sum at 128 positions of 256² and ``k`` modes."""
-    from hxn_liveptycho.recon import _fused
-
     d = batch_data(cp, k, side)
     box, canvas, corners, num, den = d["box"], d["canvas"], d["corners"], d["num"], d["den"]
     dpsi, probes, weights = d["dpsi"], d["probes"], d["weights"]
@@ -273,8 +304,6 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
             **extra,
         )
 
-    atomic_sums = functools.partial(sums, None, False)
-
     def atomics_then_ratio() -> None:
         num.fill(0)
         window_sums(dpsi, probes, canvas, corners, origin=box[:2], num=num, weights=weights)
@@ -291,7 +320,7 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
     steps = [
         ("num/den (overwritten)", lambda: sums(box, False), lambda: sums(None, False)),
         (
-            "LSQ-ML step-fit sums (no tiles: per position)",
+            "LSQ-ML step-fit sums (the other way: per position)",
             lambda: step_sums(box),
             lambda: step_sums(None),
         ),
@@ -302,23 +331,13 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
         ),
         ("weighted sums into the object", tiles_into_object, atomics_then_ratio),
     ]
-    if k > _fused._TILE_MODES:  # the tile kernel itself, where the solver keeps the atomics
-        tile_kernel = functools.partial(
-            _fused._tile_launch,
-            dpsi,
-            probes,
-            corners,
-            box,
-            None,
-            num=num,
-            den=den,
-            origin=box[:2],
-            overwrite=True,
-        )
-        steps.append(("num/den, the tile kernel at these modes", tile_kernel, atomic_sums))
+    solver_takes_tiles = k <= _fused._TILE_MODES
     out = []
     for name, tiles, atomics in steps:
         row: dict[str, Any] = {"step": name, "modes": k, "raster_side": side}
+        row["solver_takes"] = "tiles" if solver_takes_tiles else "atomics"
+        if not solver_takes_tiles:  # time the tiles it would take with the bound lifted
+            tiles = forced(tiles)
         for way, fn in (("tiles", tiles), ("atomics", atomics)):
             seconds = event_time(cp, fn)
             row[f"{way}_s"] = seconds
@@ -439,13 +458,16 @@ def main() -> None:
     report["timings"] = [
         row for side in (64, 32) for k in (1, 3) for row in timings_for(cp, k, bandwidth, side)
     ]
-    print("| raster | step | modes | tiles ms | atomics ms | speed-up | tiles, of copy bw |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| raster | step | modes | tiles ms | atomics ms | speed-up | tiles, of copy bw "
+        "| solver takes |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for t in report["timings"]:
         print(
             f"| {t['raster_side']}² | {t['step']} | {t['modes']} | {t['tiles_s'] * 1e3:.3f} | "
             f"{t['atomics_s'] * 1e3:.3f} | {t['speedup']:.2f}x | "
-            f"{t['tiles_fraction_of_copy_bandwidth']:.2f} |"
+            f"{t['tiles_fraction_of_copy_bandwidth']:.2f} | {t['solver_takes']} |"
         )
     report["shapes"] = [row for side in (64, 32) for row in shape_sweep(cp, bandwidth, side)]
     print(

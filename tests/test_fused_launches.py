@@ -59,6 +59,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     cp = types.ModuleType("cupy")
     cp.float32, cp.complex64, cp.uint32 = np.float32, np.complex64, np.uint32
     cp.zeros, cp.empty, cp.ones, cp.sum = np.zeros, np.empty, np.ones, np.sum
+    cp.ascontiguousarray = np.ascontiguousarray
     cp.max = lambda a: np.asarray(np.max(a))  # CuPy reductions give 0-d arrays
     cp.RawKernel = lambda code, name, **_: rec.kernel(name)
 
@@ -226,6 +227,12 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     _fused.regularised_step(probes, summed, power, 0.1, 1.0)
     _fused.regularise(den, 0.1, slots[0])
     _fused.add_scaled(probes, summed, np.ones((), np.float32))
+    # DM's stored waves follow the orthogonalised modes: K x K, up to the source's bound.
+    _fused.mix_modes(dpsi, np.eye(k, dtype=c64))
+    assert recorder.launches[-1][3][1] == k and recorder.launches[-1][3][-1] == b * n * n
+    with pytest.raises(ValueError, match="a mixing of 2 modes"):
+        _fused.mix_modes(dpsi, np.eye(3, dtype=c64))
+    assert f"MIX_MAX_MODES {_fused._MIX_MAX_MODES}" in _fused._RAW_SOURCE
     launched = check(recorder.launches, _fused._RAW_SOURCE)
     assert launched == set(signatures(_fused._RAW_SOURCE))
     steps = [a for name, _, _, a in recorder.launches if name.endswith("regularised_step")]

@@ -54,6 +54,7 @@ from hxn_liveptycho.recon._fused import (
     add_window_ratio,
     exit_waves,
     max_slots,
+    mix_modes,
     ramp_table,
     regularise,
     regularised_step,
@@ -930,7 +931,9 @@ class StreamingSolver:
         xp = self._xp
         self._probes, u = orthogonalize_modes(self._probes, xp)
         self._probe_momentum.mix(u)
-        if self._dm_waves is not None and self._dm_ready:
+        if self._dm_waves is not None and self._dm_ready and self._fused:
+            mix_modes(self._dm_waves[: self._dm_ready], u)
+        elif self._dm_waves is not None and self._dm_ready:
             # Batch by batch: one copy of all the waves would double DM's biggest buffer.
             for start in range(0, self._dm_ready, self.params.batch_size):
                 rows = self._dm_waves[start : min(start + self.params.batch_size, self._dm_ready)]
