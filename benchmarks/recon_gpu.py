@@ -42,14 +42,15 @@ from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
 @contextlib.contextmanager
 def tile_modes(modes: int | None) -> Iterator[None]:
     """The solver's tile kernels for up to ``modes`` probe modes while inside (None: the
-    solver's own bound, ``_fused._TILE_MODES``): to time what it would do with another."""
-    saved = _fused._TILE_MODES
+    solver's own bounds, ``_fused._TILE_MODES`` and ``_TILE_STEP_MODES``): to time what it
+    would do with others."""
+    saved = _fused._TILE_MODES, _fused._TILE_STEP_MODES
     if modes is not None:
-        _fused._TILE_MODES = modes
+        _fused._TILE_MODES = _fused._TILE_STEP_MODES = modes
     try:
         yield
     finally:
-        _fused._TILE_MODES = saved
+        _fused._TILE_MODES, _fused._TILE_STEP_MODES = saved
 
 
 def copy_bandwidth(cp: Any) -> float:
@@ -334,7 +335,7 @@ def main() -> None:
                 if batch != 128:
                     name += f" batch {batch}"
                 tiles = [None]
-                if args.tile_modes and modes > _fused._TILE_MODES:
+                if args.tile_modes and modes > min(_fused._TILE_MODES, _fused._TILE_STEP_MODES):
                     tiles.append(args.tile_modes)
                 for tile in tiles:
                     label = name if tile is None else f"{name} tiles to K={tile}"

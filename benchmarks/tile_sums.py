@@ -9,12 +9,13 @@ conj(P) dpsi_b`` and ``sum_b |P|^2`` over the windows, in one of two ways:
 every position adds its window with atomics (no ``box``), or each canvas tile
 of the batch's box gathers the windows that meet it and writes its sums once
 (``box``; with ``overwrite`` the sums are written, never read). The solver
-takes the tiles for one mode: the object sums alone, or with the whole-pixel
-probe-side sums made after them by ``liveptycho_probe_sums``.
+takes the tiles up to ``_fused._TILE_MODES`` modes: the object sums alone, or with
+the whole-pixel probe-side sums made after them by ``liveptycho_probe_sums``.
 ``add_window_ratio`` gathers LSQ-ML's weighted sums straight into the object
-(``+= sum / den``). With more modes than ``_fused._TILE_MODES`` the solver takes the
-atomic adds, so the checks and timings at three modes force the tiles there
-(:func:`tiles_at_every_mode`) to say whether the solver should take them too.
+(``+= sum / den``), and LSQ-ML's step-fit sums go by tile up to
+``_fused._TILE_STEP_MODES``. Where the solver takes the atomic adds (or the
+per-position step sums), the timings force the tiles (:func:`tiles_at_every_mode`)
+to say whether it should take them too.
 
 Checks, on random data (1 and 3 modes, shared and per-position probes,
 weights, batches above the 256 positions a tile lists at a time, windows piled
@@ -331,10 +332,11 @@ def timings_for(cp: Any, k: int, bandwidth: float, side: int) -> list[dict]:
         ),
         ("weighted sums into the object", tiles_into_object, atomics_then_ratio),
     ]
-    solver_takes_tiles = k <= _fused._TILE_MODES
     out = []
     for name, tiles, atomics in steps:
         row: dict[str, Any] = {"step": name, "modes": k, "raster_side": side}
+        bound = _fused._TILE_STEP_MODES if name.startswith("LSQ-ML") else _fused._TILE_MODES
+        solver_takes_tiles = k <= bound
         row["solver_takes"] = "tiles" if solver_takes_tiles else "atomics"
         if not solver_takes_tiles:  # time the tiles it would take with the bound lifted
             tiles = forced(tiles)

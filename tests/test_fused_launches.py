@@ -208,15 +208,24 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         _fused_sums.lsqml_step_sums(
             one, one_probe, None, canvas, box[1:], den[1:], corners, (0, 0), box=box_of
         )
-    # Two modes: the atomic sums (faster there; overwritten: zeroed first), then the ratio
-    # added in one pass.
+    # Two modes: the object sums by tile; the step-fit sums per position (_TILE_STEP_MODES).
+    _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of, overwrite=True)
+    assert recorder.launches[-1][0] == "liveptycho_tile_sums"
+    _fused_sums.lsqml_step_sums(dpsi, probes, None, canvas, box, den, corners, (0, 0), box=box_of)
+    assert recorder.launches.pop()[0] == "liveptycho_lsqml_sums"  # checked with its module
+    # More modes than the tiles take: the atomic sums (overwritten: zeroed first), then the
+    # ratio added in one pass.
+    many = rng.normal(size=(b, _fused._TILE_MODES + 1, n, n)).astype(c64)
+    many_probes = np.ones(many.shape[1:], c64)
     n_before = len(recorder.launches)
     box[...], den[...] = 1, 1
-    _fused.window_sums(dpsi, probes, canvas, corners, num=box, den=den, box=box_of, overwrite=True)
+    _fused.window_sums(
+        many, many_probes, canvas, corners, num=box, den=den, box=box_of, overwrite=True
+    )
     assert [name for name, *_ in recorder.launches[n_before:]] == ["liveptycho_window_sums"]
     assert not box.any() and not den.any()
     _fused.add_window_ratio(
-        canvas, dpsi, probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
+        canvas, many, many_probes, corners, den, box=box_of, reg=0.1, den_max=slots[0]
     )
     sums, added = recorder.launches[-2:]
     assert sums[0] == "liveptycho_window_sums" and added[0] == "liveptycho_add_ratio"

@@ -218,13 +218,17 @@ class TileShape(NamedTuple):
 #: into the object from 0.055 to 0.048, and left the object sums at 0.033-0.035; no other
 #: shape of ``benchmarks/tile_sums.py`` did better on all three.
 _TILE_SHAPE = TileShape(min_blocks=4)
-#: Most modes for which the solver gathers by tile (see :func:`window_sums`). The tile
-#: kernel agrees with the reference at 2 and 3 modes too, and on the H200 it made three
-#: modes' object sums in 0.069 ms where the atomics took 0.152; but the ratio and the
-#: step-fit sums by tile are not yet timed at three modes, and DM's three-mode iteration at
-#: 1,024 positions did not move with them (0.0130 s against 0.0131), so three modes keep
-#: the atomics until they are.
-_TILE_MODES = 1
+#: Most modes for which the solver gathers the object sums and LSQ-ML's ratio into the
+#: object by tile (see :func:`window_sums`). At three modes on the H200 (128 positions of
+#: 256²) the tiles made the object sums in 0.070 ms where the atomics took 0.152, and the
+#: ratio in 0.086 against 0.149; whole iterations at 4,096 positions went 0.0401 -> 0.0381 s
+#: (DM), 0.0341 -> 0.0314 (LSQ-ML) and 0.0257 -> 0.0251 (ePIE), at 1,024 unchanged within
+#: the noise (``benchmarks/recon_gpu.py --tile-modes 3``).
+_TILE_MODES = 3
+#: Most modes for which LSQ-ML's step-fit sums are gathered by tile
+#: (:func:`tile_step_sums`). At three modes they lost to the per-position kernel at the
+#: 1,024 scan's density (0.165 against 0.124 ms) and tied at the 4,096 one (0.130 / 0.135).
+_TILE_STEP_MODES = 1
 
 #: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host a few
 #: µs where an ElementwiseKernel's argument checks cost 20-65 µs, and the ePIE and
@@ -890,8 +894,8 @@ def window_sums(
       maximum of ``den`` / ``power`` after the sums (both or neither). The sums only
       grow, so the largest partial sum is the largest total: no separate reduction.
 
-    ``box`` ``(y0, x0, y1, x1)``, the canvas pixels the windows cover: with one mode
-    (:data:`_TILE_MODES`) the object sums are gathered by canvas tile (:func:`_tile_launch`,
+    ``box`` ``(y0, x0, y1, x1)``, the canvas pixels the windows cover: with up to
+    :data:`_TILE_MODES` modes the object sums are gathered by canvas tile (:func:`_tile_launch`,
     no atomics, a fixed order), and a second pass makes the probe-side sums, if any were
     asked for (the summed ones, with ``power``, in a kernel of their own that issues a
     chunk of positions' reads at once, as with no ``num`` at all). Otherwise every

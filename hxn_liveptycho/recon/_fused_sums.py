@@ -332,7 +332,7 @@ def lsqml_step_sums(
 
     b, k, n = chi.shape[0], chi.shape[1], chi.shape[-1]
     out = cp.zeros((b, 5), dtype=cp.float32)
-    if box is not None and k <= _fused._TILE_MODES and tuple(origin) == tuple(box[:2]):
+    if box is not None and k <= _fused._TILE_STEP_MODES and tuple(origin) == tuple(box[:2]):
         reg_args = regularising(den, reg, den_max)
         tile_step_sums(chi, probes, dprobes, canvas, num, den, corners, box, reg_args, out)
         return out
