@@ -1049,10 +1049,12 @@ class StreamingSolver:
             power_max=oden_max,
             terms_sum=summed,
             # The object sums gathered by tile, then (whole-pixel) the probe-side sums
-            # in a pass of their own, beat one pass of atomics (0.075 against 0.117 ms
-            # on the H200); with per-position probe terms (sub-pixel), one read of dpsi
-            # with atomics beat two (measured with the earlier tile kernel).
-            # benchmarks/tile_sums.py times both.
+            # in a pass of their own, beat one pass of atomics with one mode (0.075
+            # against 0.117 ms on the H200); with three they tie (0.167 / 0.183 ms at
+            # the 4,096 scan's density, 0.176 / 0.156 at the 1,024 one) and whole
+            # iterations were as fast or faster. With per-position probe terms
+            # (sub-pixel), one read of dpsi with atomics beat two (measured with the
+            # earlier tile kernel). benchmarks/tile_sums.py times both.
             box=batch.box if whole or not update_probe else None,
             overwrite=True,
         )
