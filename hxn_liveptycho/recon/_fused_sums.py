@@ -323,8 +323,8 @@ def lsqml_step_sums(
     it is read, as :func:`~hxn_liveptycho.recon._fused.regularise` would with ``reg``
     and ``den_max`` (reg 0: ``den`` already regularised).
 
-    ``box``, the canvas pixels ``num`` and ``den`` cover (``origin`` its corner): with one
-    mode the sums are gathered by canvas tile
+    ``box``, the canvas pixels ``num`` and ``den`` cover (``origin`` its corner): up to
+    ``_fused._TILE_STEP_MODES`` modes (one) the sums are gathered by canvas tile
     (:func:`~hxn_liveptycho.recon._fused.tile_step_sums`), which reads ``dO`` and ``O``
     once per canvas pixel instead of once per window pixel.
     """
