@@ -931,15 +931,17 @@ class StreamingSolver:
         xp = self._xp
         self._probes, u = orthogonalize_modes(self._probes, xp)
         self._probe_momentum.mix(u)
-        if self._dm_waves is not None and self._dm_ready and self._fused:
-            mix_modes(self._dm_waves[: self._dm_ready], u)
-        elif self._dm_waves is not None and self._dm_ready:
-            # Batch by batch: one copy of all the waves would double DM's biggest buffer.
-            for start in range(0, self._dm_ready, self.params.batch_size):
-                rows = self._dm_waves[start : min(start + self.params.batch_size, self._dm_ready)]
-                shape = rows.shape
-                mixed = xp.matmul(u[None], rows.reshape(shape[0], shape[1], -1))
-                rows[...] = mixed.reshape(shape)
+        if self._dm_waves is None or not self._dm_ready:
+            return
+        waves = self._dm_waves[: self._dm_ready]
+        if self._fused:  # in place, one read and one write
+            mix_modes(waves, u)
+            return
+        # Batch by batch: one copy of all the waves would double DM's biggest buffer.
+        for start in range(0, self._dm_ready, self.params.batch_size):
+            rows = waves[start : start + self.params.batch_size]
+            shape = rows.shape
+            rows[...] = xp.matmul(u[None], rows.reshape(shape[0], shape[1], -1)).reshape(shape)
 
     # ------------------------------------------------------------------ positions
     def _estimate_shifts(
