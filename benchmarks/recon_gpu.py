@@ -337,13 +337,16 @@ def main() -> None:
                 tiles = [None]
                 if args.tile_modes and modes > min(_fused._TILE_MODES, _fused._TILE_STEP_MODES):
                     tiles.append(args.tile_modes)
+                tagged = {tile: "" if tile is None else f" tiles to K={tile}" for tile in tiles}
                 for tile in tiles:
-                    label = name if tile is None else f"{name} tiles to K={tile}"
-                    plans.append((label, sample, params, False, reference and modes == 1, tile))
+                    plans.append(
+                        (name + tagged[tile], sample, params, False, reference and modes == 1, tile)
+                    )
+                whole = params.model_copy(update={"subpixel_positions": False})
                 for tile in tiles if args.whole_pixel_big else []:
-                    whole = params.model_copy(update={"subpixel_positions": False})
-                    label = f"{name} whole-pixel" + ("" if tile is None else f" tiles to K={tile}")
-                    plans.append((label, sample, whole, False, False, tile))
+                    plans.append(
+                        (f"{name} whole-pixel{tagged[tile]}", sample, whole, False, False, tile)
+                    )
     results = []
     for name, sample, params, parity, reference, tile in plans:
         try:
