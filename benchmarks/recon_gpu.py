@@ -294,6 +294,14 @@ def main() -> None:
         default=None,
         help="photons per frame of the parity cases (default 5e5)",
     )
+    parser.add_argument(
+        "--momentum-gains",
+        type=float,
+        nargs="+",
+        default=None,
+        help="time each big ePIE and LSQ-ML case once per recon.momentum_gain (0: momentum "
+        "off), in the same run, to isolate momentum's own cost",
+    )
     args = parser.parse_args()
     import cupy as cp
 
@@ -330,23 +338,36 @@ def main() -> None:
             for algorithm, modes, batch in itertools.product(
                 args.algorithms, args.modes, args.batches
             ):
-                params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=batch)
-                name = f"{side * side}x256^2 {algorithm} K={modes}"
-                if batch != 128:
-                    name += f" batch {batch}"
-                tiles = [None]
-                if args.tile_modes and modes > min(_fused._TILE_MODES, _fused._TILE_STEP_MODES):
-                    tiles.append(args.tile_modes)
-                tagged = {tile: "" if tile is None else f" tiles to K={tile}" for tile in tiles}
-                for tile in tiles:
-                    plans.append(
-                        (name + tagged[tile], sample, params, False, reference and modes == 1, tile)
-                    )
-                whole = params.model_copy(update={"subpixel_positions": False})
-                for tile in tiles if args.whole_pixel_big else []:
-                    plans.append(
-                        (f"{name} whole-pixel{tagged[tile]}", sample, whole, False, False, tile)
-                    )
+                base = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=batch)
+                gains = [None] if algorithm == "dm" else args.momentum_gains or [None]
+                for gain in gains:
+                    params = base
+                    name = f"{side * side}x256^2 {algorithm} K={modes}"
+                    if batch != 128:
+                        name += f" batch {batch}"
+                    if gain is not None:
+                        params = base.model_copy(update={"momentum_gain": gain})
+                        name += f" momentum {gain:g}"
+                    tiles = [None]
+                    if args.tile_modes and modes > min(_fused._TILE_MODES, _fused._TILE_STEP_MODES):
+                        tiles.append(args.tile_modes)
+                    tagged = {tile: "" if tile is None else f" tiles to K={tile}" for tile in tiles}
+                    for tile in tiles:
+                        plans.append(
+                            (
+                                name + tagged[tile],
+                                sample,
+                                params,
+                                False,
+                                reference and modes == 1,
+                                tile,
+                            )
+                        )
+                    whole = params.model_copy(update={"subpixel_positions": False})
+                    for tile in tiles if args.whole_pixel_big else []:
+                        plans.append(
+                            (f"{name} whole-pixel{tagged[tile]}", sample, whole, False, False, tile)
+                        )
     results = []
     for name, sample, params, parity, reference, tile in plans:
         try:
