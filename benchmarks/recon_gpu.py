@@ -13,7 +13,10 @@ CuPy's memory pool after the run (an upper bound of the peak) next to the
 solver's own estimate, and the memory-traffic floors of one iteration at the
 copy bandwidth measured in the same run (:func:`floor_bytes`). On the
 demo-sized cases it also runs the same iterations on NumPy and reports the
-relative difference between the two objects and both object errors.
+relative difference between the two objects and both object errors. With
+``--ptychi-epochs N`` it then runs ours and pty-chi 2.2.0 (its wheel carried) for N
+epochs on each big case's own data, every algorithm and mode count, and reports both
+seconds per epoch and both final errors (:func:`benchmarks.recon_vs_ptychi.compare`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.recon_vs_ptychi import compare, print_table, starting_probe
 from hxn_liveptycho.recon import _fused
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -71,9 +75,15 @@ def copy_bandwidth(cp: Any) -> float:
     return 2 * src.nbytes * repeats / seconds
 
 
-def save_report(cp: Any, bandwidth: float, results: list[dict], out: str | None) -> dict:
-    """The run's report (device, copy rate, versions, results), written to ``out`` as
-    JSON when given; prints the device line."""
+def save_report(
+    cp: Any,
+    bandwidth: float,
+    results: list[dict],
+    out: str | None,
+    ptychi: list[dict] | None = None,
+) -> dict:
+    """The run's report (device, copy rate, versions, results and the pty-chi rows, if
+    any), written to ``out`` as JSON when given; prints the device line."""
     report = {
         "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -81,6 +91,7 @@ def save_report(cp: Any, bandwidth: float, results: list[dict], out: str | None)
         "numpy": np.__version__,
         "python": platform.python_version(),
         "results": results,
+        "ptychi": ptychi or [],
     }
     if out:
         with open(out, "w") as f:
@@ -302,6 +313,17 @@ def main() -> None:
         help="time each big ePIE and LSQ-ML case once per recon.momentum_gain (0: momentum "
         "off), in the same run, to isolate momentum's own cost",
     )
+    parser.add_argument(
+        "--ptychi-epochs",
+        type=int,
+        default=0,
+        help="after the timings, run ours and pty-chi 2.2.0 for this many epochs (2 of them "
+        "warm-up) on each big case's data, every algorithm and mode count: s/epoch and final "
+        "errors (benchmarks/recon_vs_ptychi.py; 0: not run)",
+    )
+    parser.add_argument(
+        "--ptychi-batch", type=int, default=96, help="batch of both solvers in those runs"
+    )
     args = parser.parse_args()
     import cupy as cp
 
@@ -332,9 +354,15 @@ def main() -> None:
             ),
         ):
             plans.append((f"demo {label} {name}", small, params, True, False, None))
+    if 0 < args.ptychi_epochs < 3:
+        parser.error(
+            f"--ptychi-epochs must be at least 3 (2 warm-up + 1 timed), got {args.ptychi_epochs}"
+        )
+    big_samples: list[SimulatedSample] = []
     if not args.quick:
         for side in args.sides:
             sample = SimulatedSample(replace(big, x_num=side, y_num=side))
+            big_samples.append(sample)
             for algorithm, modes, batch in itertools.product(
                 args.algorithms, args.modes, args.batches
             ):
@@ -393,7 +421,22 @@ def main() -> None:
         r["ratio_to_floor"] = {k: r["gpu_s_per_iteration"] / v for k, v in floors.items()}
         results.append(r)
         print(json.dumps(r), flush=True)
-    save_report(cp, bandwidth, results, args.out)
+    comparisons = []
+    for sample in big_samples if args.ptychi_epochs else []:
+        for modes in args.modes:
+            probe = starting_probe(sample, modes)
+            for algorithm in args.algorithms:
+                row = compare(
+                    sample,
+                    probe,
+                    algorithm,
+                    args.ptychi_epochs,
+                    args.ptychi_batch,
+                    IterativeParams().momentum_gain,
+                )
+                comparisons.append(row)
+                print(json.dumps(row), flush=True)
+    save_report(cp, bandwidth, results, args.out, comparisons)
     print(
         "| case | GPU s/it | cuFFT s/it | unfused s/it | CPU s/it | floor s (data / +FFTs / "
         "algorithm) | ratio | pool GiB | parity |"
@@ -418,6 +461,8 @@ def main() -> None:
             f"{r.get('parity_rel_diff_20', nan):.1e}",
         ]
         print("| " + " | ".join(cells) + " |")
+    if comparisons:
+        print_table(comparisons)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,76 @@ def run_ptychi(
     return {"s_per_epoch": seconds, "error": error_against(sample, obj, 0)}
 
 
+def starting_probe(sample: SimulatedSample, modes: int) -> np.ndarray:
+    """One (K, n, n) starting probe for both solvers: the modes our solver would make."""
+    guess = initial_probe(np.sqrt(sample.intensities), footprint_px=3 * sample.beamline.step_px)
+    return np.ascontiguousarray(initial_modes(guess.astype(np.complex64), modes, np))
+
+
+def compare(
+    sample: SimulatedSample,
+    probe: np.ndarray,
+    algorithm: str,
+    epochs: int,
+    batch: int,
+    momentum_gain: float,
+    match_error: bool = False,
+) -> dict[str, Any]:
+    """One row: ours and pty-chi on ``sample`` from ``probe``, seconds per epoch, final
+    errors, the speed-up and, with ``match_error``, ours timed to pty-chi's final error.
+    pty-chi's failure is reported in the row, our figures kept."""
+    row: dict[str, Any] = {
+        "positions": sample.num_points,
+        "algorithm": algorithm,
+        "modes": probe.shape[0],
+        "batch": batch,
+        "epochs": epochs,
+        "momentum_gain": momentum_gain,
+    }
+    row["ours"] = run_ours(sample, probe, algorithm, epochs, batch, momentum_gain)
+    try:
+        row["ptychi"] = run_ptychi(sample, probe, algorithm, epochs, batch)
+    except Exception as exc:
+        row["ptychi"] = {"failed": f"{type(exc).__name__}: {exc}"}
+        return row
+    row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
+    if match_error:
+        target = row["ptychi"]["error"]
+        matched = ours_to_error(sample, probe, algorithm, target, 3 * epochs, batch, momentum_gain)
+        # pty-chi's time to its final error: all its epochs.
+        matched["speedup_to_equal_error"] = (
+            row["ptychi"]["s_per_epoch"] * epochs / matched["seconds"]
+        )
+        row["ours_to_ptychi_error"] = matched
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a Markdown table (and the equal-error lines, where measured)."""
+    header = ["positions", "algorithm", "modes", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
+    print("\n| " + " | ".join([*header, "ours error", "pty-chi error"]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    for r in rows:
+        p = r["ptychi"]
+        print(
+            f"| {r['positions']} | {r['algorithm']} | {r['modes']} "
+            f"| {r['ours']['s_per_epoch']:.4f} "
+            f"| {p.get('s_per_epoch', nan):.4f} | {r.get('speedup', nan):.1f}x "
+            f"| {r['ours']['error']:.3f} | {p.get('error', nan):.3f} |"
+        )
+        if "failed" in p:
+            print(f"  pty-chi failed: {p['failed'][:160]}")
+        if "ours_to_ptychi_error" in r:
+            m = r["ours_to_ptychi_error"]
+            print(
+                f"  to pty-chi's error {p['error']:.3f}: ours in {m['epochs']} epochs, "
+                f"{m['seconds']:.3f} s (error {m['error']:.3f}, reached {m['reached']}); "
+                f"pty-chi {p['s_per_epoch'] * r['epochs']:.1f} s: "
+                f"{m['speedup_to_equal_error']:.0f}x"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096])
@@ -182,67 +252,24 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for positions in args.positions:
         sample = simulate(positions)
-        amplitudes = np.sqrt(sample.intensities)
-        guess = initial_probe(amplitudes, footprint_px=3 * sample.beamline.step_px)
         for modes in args.modes:
-            # One (K, n, n) starting probe for both: the same modes our solver would make.
-            probe = np.ascontiguousarray(initial_modes(guess.astype(np.complex64), modes, np))
+            probe = starting_probe(sample, modes)
             for algorithm in args.algorithms:
-                row: dict[str, Any] = {
-                    "positions": sample.num_points,
-                    "algorithm": algorithm,
-                    "modes": modes,
-                    "batch": args.batch,
-                    "epochs": args.epochs,
-                    "momentum_gain": args.momentum_gain,
-                }
-                row["ours"] = run_ours(
-                    sample, probe, algorithm, args.epochs, args.batch, args.momentum_gain
+                row = compare(
+                    sample,
+                    probe,
+                    algorithm,
+                    args.epochs,
+                    args.batch,
+                    args.momentum_gain,
+                    args.match_error,
                 )
-                try:
-                    row["ptychi"] = run_ptychi(sample, probe, algorithm, args.epochs, args.batch)
-                    row["speedup"] = row["ptychi"]["s_per_epoch"] / row["ours"]["s_per_epoch"]
-                    if args.match_error:
-                        target = row["ptychi"]["error"]
-                        matched = ours_to_error(
-                            sample,
-                            probe,
-                            algorithm,
-                            target,
-                            3 * args.epochs,
-                            args.batch,
-                            args.momentum_gain,
-                        )
-                        # pty-chi's time to its final error: all its epochs.
-                        theirs = row["ptychi"]["s_per_epoch"] * args.epochs
-                        matched["speedup_to_equal_error"] = theirs / matched["seconds"]
-                        row["ours_to_ptychi_error"] = matched
-                except Exception as exc:  # report pty-chi's failure, keep our figures
-                    row["ptychi"] = {"failed": f"{type(exc).__name__}: {exc}"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
-    header = ["positions", "algorithm", "modes", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
-    print("\n| " + " | ".join([*header, "ours error", "pty-chi error"]) + " |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        p = r["ptychi"]
-        print(
-            f"| {r['positions']} | {r['algorithm']} | {r['modes']} "
-            f"| {r['ours']['s_per_epoch']:.4f} "
-            f"| {p.get('s_per_epoch', float('nan')):.4f} | {r.get('speedup', float('nan')):.1f}x "
-            f"| {r['ours']['error']:.3f} | {p.get('error', float('nan')):.3f} |"
-        )
-        if "ours_to_ptychi_error" in r:
-            m = r["ours_to_ptychi_error"]
-            print(
-                f"  to pty-chi's error {p['error']:.3f}: ours in {m['epochs']} epochs, "
-                f"{m['seconds']:.3f} s (error {m['error']:.3f}, reached {m['reached']}); "
-                f"pty-chi {p['s_per_epoch'] * r['epochs']:.1f} s: "
-                f"{m['speedup_to_equal_error']:.0f}x"
-            )
+    print_table(rows)
 
 
 if __name__ == "__main__":
