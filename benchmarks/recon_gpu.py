@@ -9,8 +9,9 @@ object, jittered raster, Poisson noise; ePIE, LSQ-ML and DM with 1 and 3
 probe modes at 1,024 and 4,096 positions of 256²) it times iterations of
 ``StreamingSolver`` on CuPy after a warm-up, with the fused kernels
 (:mod:`hxn_liveptycho.recon._fused`) and, for one mode, without them; reports
-CuPy's memory pool after the run (an upper bound of the peak) next to the
-solver's own estimate, and the memory-traffic floors of one iteration at the
+CuPy's memory pool after the run (an upper bound of the peak), the peak of bytes in
+use over a second, untimed run (:func:`peak_used_bytes`) and the solver's own
+estimate, and the memory-traffic floors of one iteration at the
 copy bandwidth measured in the same run (:func:`floor_bytes`). On the
 demo-sized cases it also runs the same iterations on NumPy and reports the
 relative difference between the two objects and both object errors. With
@@ -168,6 +169,34 @@ def floor_bytes(
     return {"data": data, "with_ffts": with_ffts, "algorithm": with_ffts + extra}
 
 
+def peak_used_bytes(cp: Any, solver: StreamingSolver, iterations: int) -> tuple[int, int]:
+    """``(resident, peak)``: the bytes ``solver``'s arrays hold in CuPy's pool before it
+    iterates, and the most its arrays and temporaries held at once over ``iterations``
+    iterations (a memory hook counting every allocation from the pool and every return
+    to it). The pool's own size also counts freed blocks it keeps; this does not."""
+
+    class UsedBytes(cp.cuda.MemoryHook):  # type: ignore[misc, name-defined]
+        name = "liveptycho_used_bytes"
+
+        def __init__(self, start: int) -> None:
+            self.used = self.peak = start
+
+        def malloc_postprocess(self, **kwargs: Any) -> None:
+            self.used += kwargs["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kwargs: Any) -> None:
+            self.used -= kwargs["mem_size"]
+
+    cp.cuda.Device().synchronize()
+    resident = int(cp.get_default_memory_pool().used_bytes())
+    hook = UsedBytes(resident)
+    with hook:
+        solver.iterate(iterations)
+        cp.cuda.Device().synchronize()
+    return resident, int(hook.peak)
+
+
 def timed(cp: Any, solver: StreamingSolver, iterations: int) -> float:
     # Warm-up past the first probe update and orthogonalisation, so every kernel is
     # compiled and every cuFFT plan made before the clock starts.
@@ -224,8 +253,16 @@ def run_case(
             solver._subpixel,
         ),
     }
+    del solver
+    # Outside the clock (the hook runs Python on every allocation): a fresh solver
+    # through the warm-up's probe update and orthogonalisation and two iterations more.
+    solver = make_solver(sample, cp, params)
+    p = solver.params
+    resident, peak = peak_used_bytes(cp, solver, p.probe_update_start + p.orthogonalize_every + 3)
+    result["gpu_resident_bytes"] = resident
+    result["gpu_peak_used_bytes"] = peak
     if error_at:
-        solver.iterate(max(0, error_at - iterations - 3))
+        solver.iterate(max(0, error_at - len(solver.error_history)))
         result[f"gpu_object_error_{error_at}"] = error_of(sample, solver)
     del solver
     if reference:  # the same solver with the fused kernels off: the xp expressions on CuPy
@@ -439,7 +476,7 @@ def main() -> None:
     save_report(cp, bandwidth, results, args.out, comparisons)
     print(
         "| case | GPU s/it | cuFFT s/it | unfused s/it | CPU s/it | floor s (data / +FFTs / "
-        "algorithm) | ratio | pool GiB | parity |"
+        "algorithm) | ratio | pool / peak used / estimate GiB | parity |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
@@ -457,7 +494,8 @@ def main() -> None:
             f"{r['floor_s']['algorithm']:.5f}",
             f"{r['ratio_to_floor']['data']:.0f}x / {r['ratio_to_floor']['with_ffts']:.1f}x / "
             f"{r['ratio_to_floor']['algorithm']:.1f}x",
-            f"{r['gpu_pool_bytes'] / 2**30:.2f}",
+            f"{r['gpu_pool_bytes'] / 2**30:.2f} / {r['gpu_peak_used_bytes'] / 2**30:.2f} / "
+            f"{r['solver_peak_estimate_bytes'] / 2**30:.2f}",
             f"{r.get('parity_rel_diff_20', nan):.1e}",
         ]
         print("| " + " | ".join(cells) + " |")
