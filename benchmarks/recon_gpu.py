@@ -17,7 +17,7 @@ demo-sized cases it also runs the same iterations on NumPy and reports the
 relative difference between the two objects and both object errors. With
 ``--ptychi-epochs N`` it then runs ours and pty-chi 2.2.0 (its wheel carried) for N
 epochs on each big case's own data, every algorithm and mode count, and reports both
-seconds per epoch and both final errors (:func:`benchmarks.recon_vs_ptychi.compare`).
+seconds per epoch and both final errors (:func:`benchmarks.recon_vs_ptychi.compare_cases`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.recon_vs_ptychi import compare, print_table, starting_probe
+from benchmarks.recon_vs_ptychi import compare_cases, print_table
 from hxn_liveptycho.recon import _fused
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -460,19 +460,12 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     comparisons = []
     for sample in big_samples if args.ptychi_epochs else []:
-        for modes in args.modes:
-            probe = starting_probe(sample, modes)
-            for algorithm in args.algorithms:
-                row = compare(
-                    sample,
-                    probe,
-                    algorithm,
-                    args.ptychi_epochs,
-                    args.ptychi_batch,
-                    IterativeParams().momentum_gain,
-                )
-                comparisons.append(row)
-                print(json.dumps(row), flush=True)
+        gain = IterativeParams().momentum_gain
+        for row in compare_cases(
+            sample, args.modes, args.algorithms, args.ptychi_epochs, args.ptychi_batch, gain
+        ):
+            comparisons.append(row)
+            print(json.dumps(row), flush=True)
     save_report(cp, bandwidth, results, args.out, comparisons)
     print(
         "| case | GPU s/it | cuFFT s/it | unfused s/it | CPU s/it | floor s (data / +FFTs / "

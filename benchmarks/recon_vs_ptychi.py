@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -198,6 +199,23 @@ def compare(
     return row
 
 
+def compare_cases(
+    sample: SimulatedSample,
+    mode_counts: list[int],
+    algorithms: list[str],
+    epochs: int,
+    batch: int,
+    momentum_gain: float,
+    match_error: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """:func:`compare`'s rows for every mode count and algorithm on ``sample``, each as it
+    ends (one starting probe per mode count, shared by the algorithms)."""
+    for modes in mode_counts:
+        probe = starting_probe(sample, modes)
+        for algorithm in algorithms:
+            yield compare(sample, probe, algorithm, epochs, batch, momentum_gain, match_error)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a Markdown table (and the equal-error lines, where measured)."""
     header = ["positions", "algorithm", "modes", "ours s/epoch", "pty-chi s/epoch", "speed-up"]
@@ -252,23 +270,20 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for positions in args.positions:
         sample = simulate(positions)
-        for modes in args.modes:
-            probe = starting_probe(sample, modes)
-            for algorithm in args.algorithms:
-                row = compare(
-                    sample,
-                    probe,
-                    algorithm,
-                    args.epochs,
-                    args.batch,
-                    args.momentum_gain,
-                    args.match_error,
-                )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+        for row in compare_cases(
+            sample,
+            args.modes,
+            args.algorithms,
+            args.epochs,
+            args.batch,
+            args.momentum_gain,
+            args.match_error,
+        ):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     print_table(rows)
 
 
