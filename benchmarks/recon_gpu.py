@@ -197,24 +197,26 @@ def peak_used_bytes(cp: Any, solver: StreamingSolver, iterations: int) -> tuple[
     return resident, int(hook.peak)
 
 
-def timed(cp: Any, solver: StreamingSolver, iterations: int) -> float:
+def timed(cp: Any, solver: StreamingSolver, iterations: int, rounds: int = 3) -> list[float]:
+    """Seconds per iteration of each of ``rounds`` rounds of ``iterations`` iterations;
+    the cases report their median (the lent machines are shared) and the spread."""
     # Warm-up past the first probe update and orthogonalisation, so every kernel is
     # compiled and every cuFFT plan made before the clock starts.
     solver.iterate(max(3, solver.params.probe_update_start + solver.params.orthogonalize_every + 1))
     cp.cuda.Device().synchronize()
-    rounds = []
+    seconds = []
     collecting = gc.isenabled()
     gc.disable()  # as timeit does: a collector pause is a large share of a short round
     try:
-        for _ in range(3):  # the median of three rounds: the lent machines are shared
+        for _ in range(rounds):
             t0 = time.perf_counter()
             solver.iterate(iterations)
             cp.cuda.Device().synchronize()
-            rounds.append((time.perf_counter() - t0) / iterations)
+            seconds.append((time.perf_counter() - t0) / iterations)
     finally:
         if collecting:
             gc.enable()
-    return float(np.median(rounds))
+    return seconds
 
 
 def run_case(
@@ -228,12 +230,14 @@ def run_case(
     reference: bool,
     error_at: int,
     cufft: bool = False,
+    timing_rounds: int = 3,
 ) -> dict:
     bl = sample.beamline
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     cp.cuda.Device().synchronize()
     solver = make_solver(sample, cp, params)
+    rounds = timed(cp, solver, iterations, timing_rounds)
     result: dict[str, Any] = {
         "case": name,
         "algorithm": params.algorithm,
@@ -242,7 +246,8 @@ def run_case(
         "frames": sample.num_points,
         "window": bl.window,
         "canvas": list(solver.object.shape),
-        "gpu_s_per_iteration": timed(cp, solver, iterations),
+        "gpu_s_per_iteration": float(np.median(rounds)),
+        "gpu_rounds_s_per_iteration": rounds,
         "gpu_pool_bytes": int(pool.total_bytes()),
         "solver_peak_estimate_bytes": solver.peak_bytes(),
         "floor_bytes": floor_bytes(
@@ -268,12 +273,12 @@ def run_case(
     if reference:  # the same solver with the fused kernels off: the xp expressions on CuPy
         ref = make_solver(sample, cp, params)
         ref._fused = False
-        result["gpu_unfused_s_per_iteration"] = timed(cp, ref, iterations)
+        result["gpu_unfused_s_per_iteration"] = float(np.median(timed(cp, ref, iterations)))
         del ref
     if cufft:  # the fused path with cuFFT instead of the solver's own FFT (recon._fft_lines)
         ref = make_solver(sample, cp, params)
         ref._lines = False
-        result["gpu_cufft_s_per_iteration"] = timed(cp, ref, iterations)
+        result["gpu_cufft_s_per_iteration"] = float(np.median(timed(cp, ref, iterations)))
         del ref
     if parity:
         cpu = make_solver(sample, np, params)
@@ -293,6 +298,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds of --iterations per case: the median is reported, and the spread",
+    )
     parser.add_argument("--quick", action="store_true", help="the small parity cases only")
     parser.add_argument("--error-at", type=int, default=0, help="object error after N its")
     parser.add_argument("--algorithms", nargs="+", default=["epie", "lsqml", "dm"])
@@ -447,6 +458,7 @@ def main() -> None:
                     reference=reference,
                     error_at=args.error_at,
                     cufft=args.compare_cufft and not parity,
+                    timing_rounds=args.rounds,
                 )
         except Exception as exc:  # keep the other cases' figures
             r = {"case": name, "failed": f"{type(exc).__name__}: {exc}"}
@@ -468,8 +480,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     save_report(cp, bandwidth, results, args.out, comparisons)
     print(
-        "| case | GPU s/it | cuFFT s/it | unfused s/it | CPU s/it | floor s (data / +FFTs / "
-        "algorithm) | ratio | pool / peak used / estimate GiB | parity |"
+        "| case | GPU s/it (rounds' range) | cuFFT s/it | unfused s/it | CPU s/it "
+        "| floor s (data / +FFTs / algorithm) | ratio | pool / peak used / estimate GiB "
+        "| parity |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
@@ -479,7 +492,8 @@ def main() -> None:
             continue
         cells = [
             r["case"],
-            f"{r['gpu_s_per_iteration']:.4f}",
+            f"{r['gpu_s_per_iteration']:.4f} ({min(r['gpu_rounds_s_per_iteration']):.4f}-"
+            f"{max(r['gpu_rounds_s_per_iteration']):.4f})",
             f"{r.get('gpu_cufft_s_per_iteration', nan):.4f}",
             f"{r.get('gpu_unfused_s_per_iteration', nan):.4f}",
             f"{r.get('cpu_s_per_iteration', nan):.3f}",
