@@ -1,0 +1,104 @@
+"""``benchmarks/recon_gpu.py`` end to end on CPU: its cases, report and tables.
+
+The GPU benchmark runs only on a lent machine, minutes at a time, so an error in its
+own bookkeeping (which cases it plans, what it writes) costs a call. Here it runs on
+NumPy solvers behind a stand-in for CuPy, and pty-chi's side is a stand-in too: what is
+checked is the script, not the GPU's figures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stand_in_cupy(used_bytes: int) -> types.ModuleType:
+    """The few CuPy names the benchmark itself touches (the solvers run on NumPy)."""
+
+    class MemoryHook:
+        def __enter__(self) -> MemoryHook:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+    class NotAnArray:  # no array is a CuPy array here
+        pass
+
+    pool = types.SimpleNamespace(
+        free_all_blocks=lambda: None,
+        total_bytes=lambda: 3 * used_bytes,
+        used_bytes=lambda: used_bytes,
+    )
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "stand-in"
+    cp.ndarray = NotAnArray
+    cp.get_default_memory_pool = lambda: pool
+    cp.cuda = types.SimpleNamespace(
+        MemoryHook=MemoryHook,
+        Device=lambda *_: types.SimpleNamespace(synchronize=lambda: None),
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"stand-in"}),
+    )
+    return cp
+
+
+def test_recon_gpu_plans_times_and_reports_every_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setitem(sys.modules, "cupy", stand_in_cupy(used_bytes=1000))
+    recon_gpu = importlib.import_module("benchmarks.recon_gpu")
+    versus = importlib.import_module("benchmarks.recon_vs_ptychi")
+    on_numpy = recon_gpu.make_solver
+    monkeypatch.setattr(recon_gpu, "make_solver", lambda s, _xp, p: on_numpy(s, np, p))
+    monkeypatch.setattr(recon_gpu, "copy_bandwidth", lambda _cp: 4e12)
+    compared: list[tuple] = []
+
+    def ours(sample: object, probe: np.ndarray, algorithm: str, *rest: object) -> dict:
+        compared.append((algorithm, probe.shape[0], *rest))
+        return {"s_per_epoch": 0.01, "error": 0.3}
+
+    monkeypatch.setattr(versus, "run_ours", ours)
+    monkeypatch.setattr(versus, "run_ptychi", lambda *_: {"s_per_epoch": 0.2, "error": 0.4})
+    out = tmp_path / "report.json"
+    argv = ["recon_gpu.py", "--iterations", "1", "--rounds", "2", "--no-reference"]
+    argv += ["--algorithms", "epie", "--modes", "1", "--sides", "3", "--whole-pixel-big"]
+    argv += ["--whole-pixel-parity", "--momentum-gains", "0", "0.1", "--ptychi-epochs", "3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+
+    recon_gpu.main()
+
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["results"]] == [
+        "demo 400x128^2 epie K=1 whole-pixel",
+        "9x256^2 epie K=1 momentum 0",
+        "9x256^2 epie K=1 momentum 0 whole-pixel",
+        "9x256^2 epie K=1 momentum 0.1",
+        "9x256^2 epie K=1 momentum 0.1 whole-pixel",
+    ]
+    for r in report["results"]:
+        rounds = r["gpu_rounds_s_per_iteration"]
+        assert len(rounds) == 2 and all(s > 0 for s in rounds)
+        assert r["gpu_s_per_iteration"] == pytest.approx(float(np.median(rounds)))
+        for kind, floor in r["floor_s"].items():
+            assert floor == pytest.approx(r["floor_bytes"][kind] / 4e12)
+            assert r["ratio_to_floor"][kind] == pytest.approx(r["gpu_s_per_iteration"] / floor)
+        assert r["gpu_resident_bytes"] == 1000 and r["gpu_peak_used_bytes"] >= 1000
+    parity = report["results"][0]
+    assert parity["parity_rel_diff_20"] == 0.0  # both sides NumPy here
+    assert parity["parity_error_numpy_20"] == parity["parity_error_cupy_20"] < 0.5
+    # pty-chi's side: one row per algorithm and mode count, on the big case's own data.
+    assert compared == [("epie", 1, 3, 96, 0.1)]  # epochs, batch, momentum gain
+    (row,) = report["ptychi"]
+    assert row["positions"] == 9 and row["speedup"] == pytest.approx(20.0)
+    printed = capsys.readouterr().out
+    assert "| 9x256^2 epie K=1 momentum 0.1 whole-pixel |" in printed
+    assert "| 9 | epie | 1 | 0.0100 | 0.2000 | 20.0x | 0.300 | 0.400 |" in printed
