@@ -207,8 +207,14 @@ class TileShape(NamedTuple):
     min_blocks: int = 1
 
     def options(self) -> tuple[str, ...]:
-        """The compiler's ``-D`` options that build the kernel for this shape."""
-        return tuple(f"-DTILE_{name.upper()}={value}" for name, value in self._asdict().items())
+        """The compiler's ``-D`` options that build the kernel for this shape (made once
+        per shape: every tile launch looks its kernel up by them)."""
+        return _shape_options(self)
+
+
+@functools.cache
+def _shape_options(shape: TileShape) -> tuple[str, ...]:
+    return tuple(f"-DTILE_{name.upper()}={value}" for name, value in shape._asdict().items())
 
 
 #: The tile kernels' shape on the solver's path: 32 x 32 tiles of 256 threads, two windows
@@ -790,7 +796,9 @@ def _placeholder(device: int, dtype: str) -> Any:
 def _dummy(dtype: Any) -> Any:
     import cupy as cp
 
-    return _placeholder(cp.cuda.runtime.getDevice(), np.dtype(dtype).name)
+    # ``.str`` ('<f4'), not ``.name``: NumPy computes the name in Python, 2 µs a call,
+    # and a batch takes a placeholder four or five times.
+    return _placeholder(cp.cuda.runtime.getDevice(), np.dtype(dtype).str)
 
 
 def exit_waves(canvas: Any, corners: Any, probes: Any) -> Any:
