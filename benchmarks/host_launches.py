@@ -1,0 +1,211 @@
+"""The solver's fused (CuPy) path on a machine without a GPU: its launches and host time.
+
+Run from the repository root; no GPU and no CuPy are needed:
+
+    PYTHONPATH=. python benchmarks/host_launches.py [--modes 1 3] [--record launches.txt]
+
+A stand-in for CuPy (NumPy arrays; every kernel a recorded no-op; allocations served
+from a cache, as CuPy's pool serves them) lets ``StreamingSolver`` take the fused path
+it takes on a GPU, on 64² frames (the solver's own FFT path, as at 256²). Two uses:
+
+- ``--record FILE`` writes every launch of two iterations of each path, in order: the
+  kernel, grid, block and each argument's kind (an array's shape and dtype, a scalar's
+  type and value). A host-side change that must not change what runs on the GPU is
+  checked by recording before and after it and comparing the files.
+- The host's time per batch: the solver's Python without the GPU's work. CuPy's own
+  cost per launch (a few µs) comes on top; the NumPy arithmetic left outside the
+  kernels here (the probe's gauge, momentum, once a pass) is counted, so read it as an
+  upper bound of the Python part. The GPU never waits while this stays under a batch's
+  kernel time (``recon_profile.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+import warnings
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+Launch = tuple[str, tuple, tuple, tuple]
+
+
+def stand_in_cupy(launches: list[Launch]) -> types.ModuleType:
+    """NumPy under CuPy's name, with kernels that only append to ``launches``."""
+    cp = types.ModuleType("cupy")
+    for name in dir(np):
+        if not name.startswith("__"):
+            setattr(cp, name, getattr(np, name))
+    cp.__version__ = "stand-in"
+
+    class NotAnArray:  # NumPy's arrays must not look like CuPy's to array_namespace
+        pass
+
+    cp.ndarray = NotAnArray
+    pool: dict[tuple, np.ndarray] = {}
+
+    def pooled(make: Any) -> Any:
+        def allocate(shape: Any, dtype: Any = float, *_: Any, **__: Any) -> np.ndarray:
+            key = (make.__name__, tuple(np.atleast_1d(shape)), np.dtype(dtype).str)
+            if key not in pool:
+                pool[key] = make(shape, dtype)
+            return pool[key]
+
+        return allocate
+
+    cp.empty, cp.zeros = pooled(np.empty), pooled(np.zeros)
+
+    def kernel(name: str) -> Any:
+        def launch(grid: tuple, block: tuple, args: tuple, **_: Any) -> None:
+            launches.append((name, tuple(grid), tuple(block), tuple(args)))
+
+        return launch
+
+    class Module:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def get_function(self, name: str) -> Any:
+            return kernel(name)
+
+    class Elementwise:
+        def __init__(self, in_params: str, _out: str, _body: str, name: str, **__: Any):
+            self.name, self.inputs = name, len([p for p in in_params.split(",") if p.strip()])
+
+        def __call__(self, *args: Any, **_: Any) -> Any:
+            launches.append((self.name, (), (), args))
+            return args[-1] if len(args) > self.inputs else np.empty_like(args[0])
+
+    class Device:
+        mem_info = (100 * 2**30, 141 * 2**30)
+
+        def __init__(self, *_: Any) -> None:
+            pass
+
+        def __enter__(self) -> Device:
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+    cp.RawKernel = lambda _code, name, **__: kernel(name)
+    cp.RawModule = Module
+    cp.ElementwiseKernel = Elementwise
+    cp.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0), Device=Device
+    )
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(
+        free_bytes=lambda: 0, used_bytes=lambda: 0, total_bytes=lambda: 0
+    )
+    return cp
+
+
+def install(launches: list[Launch]) -> types.ModuleType:
+    """Put the stand-in (and SciPy's FFT as ``cupyx.scipy.fft``) in ``sys.modules``."""
+    cp = stand_in_cupy(launches)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.fft = scipy.fft
+    sys.modules.update(
+        {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy, "cupyx.scipy.fft": scipy.fft}
+    )
+    return cp
+
+
+def run(
+    cp: types.ModuleType,
+    launches: list[Launch],
+    algorithm: str,
+    modes: int,
+    subpixel: bool,
+    iterations: int,
+    side: int = 32,
+    batch: int = 128,
+) -> tuple[float, int]:
+    """Seconds per iteration after the warm-up (``launches`` then holds just these
+    iterations' launches) and the batches of one iteration."""
+    from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+    from hxn_liveptycho.recon.probe import initial_probe
+    from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
+
+    beamline = replace(SimulatedBeamline(), window=64, step_px=5.0, x_num=side, y_num=side)
+    sample = SimulatedSample(beamline)
+    amplitudes = np.sqrt(sample.intensities).astype(np.float32)
+    params = IterativeParams(
+        algorithm=algorithm, probe_modes=modes, batch_size=batch, subpixel_positions=subpixel
+    )
+    probe = initial_probe(amplitudes, footprint_px=3 * beamline.step_px)
+    canvas = tuple(s + 8 for s in sample.object.shape)
+    solver = StreamingSolver(probe=cp.asarray(probe), canvas_shape=canvas, params=params, xp=cp)
+    if not solver._fused:
+        raise RuntimeError("the stand-in did not put the solver on its fused path")
+    solver.add(cp.asarray(amplitudes), sample.positions_px + 4)
+    solver.iterate(params.probe_update_start + params.orthogonalize_every + 1)
+    launches.clear()
+    began = time.perf_counter()
+    solver.iterate(iterations)
+    return (time.perf_counter() - began) / iterations, -(-sample.num_points // batch)
+
+
+def describe(arg: Any) -> str:
+    if isinstance(arg, np.ndarray):
+        return f"array{arg.shape}{arg.dtype}"
+    if isinstance(arg, np.generic):
+        value = arg.item() if np.isfinite(arg) else "non-finite"
+        return f"{type(arg).__name__}({value!r})"
+    return f"{type(arg).__name__}({arg!r})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=["epie", "lsqml", "dm"])
+    parser.add_argument("--modes", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--record", default=None, help="write the launch sequence here")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", RuntimeWarning)  # no-op kernels leave garbage values
+    launches: list[Launch] = []
+    cp = install(launches)
+    lines = []
+    print("| path | host µs a batch (median, min) | launches a batch | kernels |")
+    print("|---|---|---|---|")
+    for algorithm in args.algorithms:
+        for modes in args.modes:
+            for subpixel in (False, True):
+                path = f"{algorithm} K={modes} {'sub-pixel' if subpixel else 'whole-pixel'}"
+                if args.record:
+                    run(cp, launches, algorithm, modes, subpixel, 2)
+                    lines += [
+                        f"{path} {name} {grid} {block} " + " ".join(map(describe, call))
+                        for name, grid, block, call in launches
+                    ]
+                per_batch = []
+                for _ in range(args.rounds):
+                    seconds, batches = run(cp, launches, algorithm, modes, subpixel, 10)
+                    per_batch.append(seconds / batches * 1e6)
+                count = len(launches) / 10 / batches
+                kinds = Counter(
+                    name.split("<")[0].removeprefix("liveptycho_") for name, *_ in launches
+                )
+                print(
+                    f"| {path} | {statistics.median(per_batch):.0f}, {min(per_batch):.0f} "
+                    f"| {count:.1f} | {', '.join(sorted(kinds))} |"
+                )
+    if args.record:
+        with open(args.record, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"\n{len(lines)} launches written to {args.record}")
+
+
+if __name__ == "__main__":
+    main()
