@@ -4,7 +4,8 @@ A raw CUDA kernel takes its arguments as the launch gives them: one too few,
 a Python int where the kernel has ``int`` (CuPy passes 64 bits), or a scalar
 where it expects a pointer is not an error CuPy can report; the kernel just
 reads garbage. CI has no GPU, so these tests put a recording stand-in for
-CuPy in place, call the launchers as the solver does, and check every launch
+CuPy in place, call the launchers as the solver does (and run the solver itself
+on the stand-in of ``benchmarks/host_launches.py``), and check every launch
 against the kernel's own signature in the CUDA source: the count, and
 pointer / ``int`` / ``float`` / ``long long`` per argument.
 """
@@ -12,10 +13,12 @@ pointer / ``int`` / ``float`` / ``long long`` per argument.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +299,63 @@ def test_every_kernel_of_the_sums_module_is_launched_as_declared(recorder: Recor
     _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, n**-2)
     launched = check(recorder.launches, _fused_sums._SOURCE)
     assert launched == set(signatures(_fused_sums._SOURCE))
+
+
+#: Kernels each algorithm's fused path must reach over 1 and 3 modes, whole-pixel and
+#: sub-pixel (beside the FFT's own), so the test cannot pass by launching nothing.
+_REACHED = {
+    "epie": {"tile_sums", "probe_sums", "window_sums", "regularised_step"},
+    "lsqml": {"tile_sums", "tile_step_sums", "lsqml_sums", "lsqml_steps", "add_scaled"},
+    "dm": {"dm_sums", "dm_update", "mix_modes", "tile_sums", "probe_sums"},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(_REACHED))
+def test_the_solver_launches_every_kernel_as_declared(
+    algorithm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every launch of two iterations of the solver's fused path, made at its real call
+    sites (a stand-in CuPy whose kernels are recorded no-ops), against the kernels' own
+    signatures; the solver's FFT kernels also by their compiled, instantiated names."""
+    import scipy.fft
+
+    from hxn_liveptycho.recon import _fft_lines, _windows
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    host_launches = importlib.import_module("benchmarks.host_launches")
+    launches: list = []
+    cp = host_launches.stand_in_cupy(launches)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.fft = scipy.fft
+    for name, module in {
+        "cupy": cp,
+        "cupyx": cupyx,
+        "cupyx.scipy": cupyx.scipy,
+        "cupyx.scipy.fft": scipy.fft,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    caches = [_fused._raw, _fused._placeholder, _fused._kernels, _windows._kernels]
+    caches += [_fused_sums._module, _fused_sums._function, _fused_sums._ones]
+    caches += [_fft_lines._module, _fft_lines._kernel, _fft_lines._twiddles, _fft_lines._ones]
+    for cache in caches:
+        cache.cache_clear()
+    raw_source = _fused._RAW_SOURCE + _fused_sums._SOURCE
+    raw = signatures(raw_source)
+    # The FFT's kernels are templates, not extern "C": same parameter lists.
+    fft_source = re.sub(r"(?m)^__global__ void", 'extern "C" __global__ void', _fft_lines._SOURCE)
+    compiled = set(_fft_lines._names())
+    reached: set[str] = set()
+    try:
+        with np.errstate(all="ignore"):  # no-op kernels leave garbage in the arrays
+            for modes in (1, 3):
+                for subpixel in (False, True):
+                    host_launches.run(cp, launches, algorithm, modes, subpixel, 2, 6, 16)
+                    reached |= check([x for x in launches if x[0] in raw], raw_source)
+                    fft = [x for x in launches if "<" in x[0]]
+                    assert fft and all(x[0] in compiled for x in fft)
+                    reached |= check([(x[0].split("<")[0], *x[1:]) for x in fft], fft_source)
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+    assert {f"liveptycho_{k}" for k in _REACHED[algorithm]} <= reached
