@@ -189,6 +189,18 @@ class IterativeParams(BaseModel):
         "modulus step inside the solver's own FFT (1.5-1.8x faster than the cuFFT path for "
         "that step); more modes, or other frame sizes, use cuFFT.",
     )
+    object_modes: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Mutually incoherent object modes (mixed-state object, Thibault & Menzel "
+        "2013): the model intensity is sum_m sum_k |F(P_k O_m)|^2, for a sample that "
+        "changes or vibrates during an exposure. Extra modes start as weak random fields "
+        "(10 % of the first mode's mean amplitude, seeded by `seed`); the snapshot's "
+        "`object` is the first mode and `object_modes` holds them all. Costs one FFT pair "
+        "per object and probe mode and position. ePIE only, on the solver's reference "
+        "path (on the GPU too: not as fused kernels); DM and LSQ-ML refuse it.",
+    )
     orthogonalize_every: int = Field(
         2,
         ge=1,
@@ -317,6 +329,11 @@ class IterativeParams(BaseModel):
             )
         if self.position_refinement and not self.subpixel_positions:
             raise ValueError("position_refinement needs subpixel_positions=True")
+        if self.object_modes > 1 and self.algorithms != {"epie"}:
+            raise ValueError(
+                f"object_modes > 1 works with 'epie' only, not {sorted(self.algorithms)} "
+                "(DM and LSQ-ML have no mixed-state object update)"
+            )
         if self.schedule is None:
             return self
         if not self.schedule:
@@ -465,12 +482,14 @@ class StreamingSolver:
             probe = xp.concatenate([probe, extra])
         self._probes = xp.ascontiguousarray(probe[:k])
         if np.isscalar(object_init):
-            self._object = xp.full((h, w), complex(object_init), dtype=xp.complex64)
+            first = xp.full((h, w), complex(object_init), dtype=xp.complex64)
         else:
-            obj = xp.array(object_init, dtype=xp.complex64, copy=True)
-            if obj.shape != (h, w):
-                raise ValueError(f"object_init shape {obj.shape} != canvas_shape {(h, w)}")
-            self._object = obj
+            first = xp.array(object_init, dtype=xp.complex64, copy=True)
+            if first.shape != (h, w):
+                raise ValueError(f"object_init shape {first.shape} != canvas_shape {(h, w)}")
+        self._objects = self._object_modes_from(first)
+        # Mode 0 as a view: every in-place update of ``_object`` is the first mode's.
+        self._object = self._objects[0]
         if valid_mask is not None:
             vm = xp.asarray(valid_mask).astype(bool)
             if vm.shape != (n, n):
@@ -482,7 +501,7 @@ class StreamingSolver:
         # CuPy: the hot steps of ePIE, LSQ-ML (Gaussian) and DM run as fused kernels
         # (recon._fused, recon._fused_sums); the xp expressions below are their reference
         # and the NumPy path.
-        self._fused = is_cupy(xp)
+        self._fused = is_cupy(xp) and self.params.object_modes == 1
         # Fused path, n = 64 or 256: the solver's own FFT (recon._fft_lines), with the
         # modulus step folded between its passes; cuFFT otherwise.
         self._lines = self._fused and fft_lines.supports(n)
@@ -512,6 +531,20 @@ class StreamingSolver:
         self.clipped_positions = 0
         self.error_history: list[float] = []
 
+    def _object_modes_from(self, first: Any) -> Any:
+        """``(m, H, W)`` object modes: ``first`` and ``object_modes - 1`` weak random fields
+        (10 % of its mean amplitude, seeded): a copy of it would get the same updates and
+        never split off."""
+        xp, m = self._xp, self.params.object_modes
+        objects = xp.empty((m, *first.shape), dtype=xp.complex64)
+        objects[0] = first
+        if m > 1:
+            rng = np.random.default_rng((self.params.seed, 1))
+            noise = rng.normal(size=(m - 1, *first.shape, 2)).astype(np.float32)
+            scale = 0.1 * float(xp.mean(xp.abs(first))) / np.sqrt(2.0)
+            objects[1:] = xp.asarray((noise[..., 0] + 1j * noise[..., 1]) * scale)
+        return objects
+
     # ------------------------------------------------------------------ state
     @property
     def xp(self) -> types.ModuleType:
@@ -522,6 +555,11 @@ class StreamingSolver:
     def object(self) -> Any:
         """The object canvas (xp complex64, ``canvas_shape``), live (not a copy)."""
         return self._object
+
+    @property
+    def object_modes(self) -> Any:
+        """All object modes (xp complex64, (m, H, W)), the first :attr:`object`, live."""
+        return self._objects
 
     @property
     def probe(self) -> Any:
@@ -562,7 +600,8 @@ class StreamingSolver:
     def snapshot(self) -> dict[str, np.ndarray | int | float]:
         """Host copies of object and dominant probe mode, with iteration count and latest error.
 
-        With more than one probe mode, ``probe_modes`` (k, n, n) holds them all.
+        With more than one probe mode, ``probe_modes`` (k, n, n) holds them all; with more
+        than one object mode, ``object_modes`` (m, H, W).
         """
         snap: dict[str, np.ndarray | int | float] = {
             "object": to_host(self._object).copy(),
@@ -572,11 +611,13 @@ class StreamingSolver:
         }
         if self._probes.shape[0] > 1:
             snap["probe_modes"] = to_host(self._probes).copy()
+        if self._objects.shape[0] > 1:
+            snap["object_modes"] = to_host(self._objects).copy()
         return snap
 
     # ------------------------------------------------------------------ memory
     def _held_arrays(self) -> list[Any]:
-        arrays = [self._object, self._probes, self._amps, self._pos, self._meas]
+        arrays = [self._objects, self._probes, self._amps, self._pos, self._meas]
         arrays += [self._shift, self._amp_power]
         if self._xp is np:  # on CuPy the host copy of the positions is no device memory
             arrays.append(self._pos_host)
@@ -611,6 +652,7 @@ class StreamingSolver:
             subpixel=self.params.subpixel_positions if subpixel is None else subpixel,
             position_refinement=self.params.position_refinement,
             momentum=self.params.momentum_gain > 0,
+            object_modes=self.params.object_modes,
         )
 
     def _check_memory(self, rows: int, held: int, what: str) -> None:
@@ -916,15 +958,15 @@ class StreamingSolver:
         xp = self._xp
         s = xp.sqrt(self._probe_power / xp.sum(self._probe_intensity())).astype(xp.float32)
         self._probes *= s
-        self._object /= s
+        self._objects /= s
 
     def _clamp_object(self) -> None:
         amax = self.params.object_amplitude_max
         if amax is None:
             return
         xp = self._xp
-        a = xp.abs(self._object)
-        self._object *= xp.where(a > amax, amax / xp.maximum(a, 1e-30), 1.0).astype(xp.float32)
+        a = xp.abs(self._objects)
+        self._objects *= xp.where(a > amax, amax / xp.maximum(a, 1e-30), 1.0).astype(xp.float32)
 
     def _orthogonalize(self) -> None:
         """Orthogonalise the probe modes; stored DM exit waves follow the same mixing."""
@@ -978,6 +1020,9 @@ class StreamingSolver:
         """One parallel rPIE step on the positions of ``batch``; adds their squared error
         into ``err`` (0-d, in place)."""
         xp, p = self._xp, self.params
+        if self._objects.shape[0] > 1:
+            self._epie_object_modes_batch(batch, update_probe, refine, err)
+            return
         fused = self._fused and not refine  # refinement needs the object numerator itself
         probes, ramp = self._batch_probes(batch, fused)
         if fused:
@@ -1003,6 +1048,45 @@ class StreamingSolver:
         num /= _regularised(den, p.object_reg, xp)
         num *= p.alpha
         self._object[batch.box_slices] += num
+        if update_probe:
+            onum /= _regularised(oden, p.probe_reg, xp)
+            onum *= p.beta
+            self._probes += onum
+
+    def _epie_object_modes_batch(
+        self, batch: _Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """:meth:`_epie_batch` with several object modes: each pair of object mode m and
+        probe mode k makes an exit wave ``P_k O_m``, all of them share the modulus
+        constraint; object mode m moves by its own waves' corrections over ``sum_k |P_k|^2``,
+        the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
+        mode."""
+        xp, p, n = self._xp, self.params, self._n
+        probes, ramp = self._batch_probes(batch, False)
+        k = probes.shape[-3]
+        objs = [gather_windows(o, batch.corners, n, xp) for o in self._objects]
+        psi = xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
+        dpsi, e = self._fourier_residual(psi, self._amps[batch.rows])
+        err += e
+        parts = [dpsi[:, m * k : (m + 1) * k] for m in range(len(objs))]
+        if update_probe:  # probe sums first: they need the objects before this batch
+            onum = self._probe_numerator(objs[0], parts[0], ramp)
+            oden = self._object_power(objs[0])
+            for o, d in zip(objs[1:], parts[1:], strict=True):
+                onum += self._probe_numerator(o, d, ramp)
+                oden += self._object_power(o)
+        illum = self._probe_intensity(probes)
+        den = self._box_zeros(batch, xp.float32)
+        self._scatter(batch, illum, den)
+        step = p.alpha / _regularised(den, p.object_reg, xp)
+        for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
+            obj_num = self._object_numerator(d, probes)
+            if m == 0:
+                self._estimate_shifts(batch, o, obj_num, illum, refine)
+            num = self._box_zeros(batch, xp.complex64)
+            self._scatter(batch, obj_num, num)
+            num *= step
+            self._objects[m][batch.box_slices] += num
         if update_probe:
             onum /= _regularised(oden, p.probe_reg, xp)
             onum *= p.beta
@@ -1417,7 +1501,7 @@ class StreamingSolver:
                 self._object_momentum.reset()
                 self._probe_momentum.reset()
             elif p.momentum_gain > 0:
-                self._object_momentum.step(self._object)
+                self._object_momentum.step(self._objects)
                 if update_probe:
                     self._probe_momentum.step(self._probes)
             if update_probe and p.fix_probe_power:

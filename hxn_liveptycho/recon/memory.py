@@ -6,24 +6,24 @@ is refused with a :class:`~hxn_liveptycho.errors.ConfigurationError` naming
 both byte counts, never run into an out-of-memory crash half-way.
 
 Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
-``K`` probe modes, ``B = min(batch_size, N)``, ``H x W`` the canvas):
+``K`` probe modes, ``M`` object modes, ``B = min(batch_size, N)``, ``H x W`` the canvas):
 
 * ``frames``: the measured amplitudes, float32, ``4 N n^2``.
 * ``positions``: current, measured and per-iteration shift, float64 (y, x),
   ``48 N`` (small).
 * ``dm_exit_waves``: DM only (also as a stage of a schedule): one far-field
   exit wave per position and mode, complex64, ``8 N K n^2``.
-* ``object``: the canvas, complex64, ``8 H W``.
+* ``object``: the canvas, complex64, ``8 M H W`` with ``M`` object modes (usually 1).
 * ``probe``: the modes, complex64, ``8 K n^2``.
 * ``momentum``: with ``IterativeParams.momentum_gain`` > 0 and ePIE or LSQ-ML
   among the algorithms, the previous object and probe and their velocities,
-  ``2 x 8 (H W + K n^2)``.
+  ``2 x 8 (M H W + K n^2)``.
 * ``canvas_temporaries``: the per-batch (ePIE, LSQ-ML) or per-pass (DM)
   numerator (complex64) and illumination (float32) canvases of the object
   update and the expressions that combine them.
 * ``batch_temporaries``: the batch's object windows, exit waves, far fields,
   shifted probes, corrections and updates at the peak of a batch:
-  ``(a K + c) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
+  ``(a K M + c) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
   (per-position arrays), larger with sub-pixel shifts and position
   refinement (fitted to ``tracemalloc`` peaks of the NumPy solver, K = 1-3,
   B = 16-64, within 7 %; on CuPy's pool, 1,024 frames of 256², within 15 %).
@@ -76,6 +76,7 @@ def estimate_terms(
     subpixel: bool = True,
     position_refinement: bool = False,
     momentum: bool = False,
+    object_modes: int = 1,
 ) -> dict[str, int]:
     """The terms of :func:`estimate_bytes` by name (see the module docstring)."""
     names = _algorithms(algorithm)
@@ -90,11 +91,16 @@ def estimate_terms(
         "frames": 4 * n_pos * pix,
         "positions": 48 * n_pos,
         "dm_exit_waves": 8 * n_pos * k * pix if "dm" in names else 0,
-        "object": 8 * canvas,
+        "object": 8 * int(object_modes) * canvas,
         "probe": 8 * k * pix,
-        "momentum": 2 * 8 * (canvas + k * pix) if momentum and names - {"dm"} else 0,
+        "momentum": (
+            2 * 8 * (int(object_modes) * canvas + k * pix) if momentum and names - {"dm"} else 0
+        ),
         "canvas_temporaries": _CANVAS_BYTES * canvas,
-        "batch_temporaries": int((max(a * k + c for a, c in batch) + extra) * 8 * b * pix),
+        # Object modes multiply the exit waves: one per probe and object mode.
+        "batch_temporaries": int(
+            (max(a * k * int(object_modes) + c for a, c in batch) + extra) * 8 * b * pix
+        ),
         "fft_work_area": batch_wave if backend == "cupy" else 0,
     }
 
@@ -111,6 +117,7 @@ def estimate_bytes(
     subpixel: bool = True,
     position_refinement: bool = False,
     momentum: bool = False,
+    object_modes: int = 1,
 ) -> int:
     """Peak bytes of a reconstruction of ``n_positions`` frames of ``window``² pixels.
 
@@ -119,7 +126,8 @@ def estimate_bytes(
     demanding one). ``backend`` 'cupy' adds cuFFT's work area; ``subpixel``
     False is the cheaper whole-pixel model (``IterativeParams.subpixel_positions``);
     ``position_refinement`` adds the object gradients of the shift estimate;
-    ``momentum`` the history of :mod:`hxn_liveptycho.recon._momentum`.
+    ``momentum`` the history of :mod:`hxn_liveptycho.recon._momentum`;
+    ``object_modes`` the object's incoherent modes (``IterativeParams.object_modes``).
     Not counted: :meth:`StreamingSolver.add` needs one temporary the size of
     the chunk it is given (frames as float32).
     """
@@ -135,6 +143,7 @@ def estimate_bytes(
             subpixel=subpixel,
             position_refinement=position_refinement,
             momentum=momentum,
+            object_modes=object_modes,
         ).values()
     )
 
