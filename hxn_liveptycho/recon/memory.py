@@ -6,7 +6,8 @@ is refused with a :class:`~hxn_liveptycho.errors.ConfigurationError` naming
 both byte counts, never run into an out-of-memory crash half-way.
 
 Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
-``K`` probe modes, ``M`` object modes, ``B = min(batch_size, N)``, ``H x W`` the canvas):
+``K`` probe modes, ``M`` object modes (``e`` their extra arrays),
+``B = min(batch_size, N)``, ``H x W`` the canvas):
 
 * ``frames``: the measured amplitudes, float32, ``4 N n^2``.
 * ``positions``: current, measured and per-iteration shift, float64 (y, x),
@@ -23,7 +24,7 @@ Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
   update and the expressions that combine them.
 * ``batch_temporaries``: the batch's object windows, exit waves, far fields,
   shifted probes, corrections and updates at the peak of a batch:
-  ``(a K M + c) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
+  ``(a K + c + e K (M - 1)) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
   (per-position arrays), larger with sub-pixel shifts and position
   refinement (fitted to ``tracemalloc`` peaks of the NumPy solver, K = 1-3,
   B = 16-64, within 7 %; on CuPy's pool, 1,024 frames of 256², within 15 %).
@@ -50,6 +51,11 @@ _BATCH_ARRAYS = {
     True: {"epie": (4.0, 4.5), "lsqml": (5.0, 7.0), "dm": (4.5, 5.0)},
     False: {"epie": (1.7, 2.5), "lsqml": (4.0, 3.5), "dm": (3.75, 3.25)},
 }
+#: Extra per-position arrays (units of 8 B n^2) for each object mode past the first, per
+#: probe mode (ePIE, the one algorithm with object modes): its exit waves, far fields and
+#: corrections; with and without sub-pixel shifts (tracemalloc peaks on NumPy, K = 1-2,
+#: M = 1-3, B = 64: the estimate 0-9 % above them).
+_OBJECT_MODE_ARRAYS = {True: 1.8, False: 2.6}
 #: Extra per-position arrays (units of 8 B n^2) of position refinement: the object's gradients.
 _REFINEMENT_ARRAYS = 1.5
 #: Canvas temporaries (update numerator complex64 + illumination float32), bytes per pixel.
@@ -97,9 +103,15 @@ def estimate_terms(
             2 * 8 * (int(object_modes) * canvas + k * pix) if momentum and names - {"dm"} else 0
         ),
         "canvas_temporaries": _CANVAS_BYTES * canvas,
-        # Object modes multiply the exit waves: one per probe and object mode.
         "batch_temporaries": int(
-            (max(a * k * int(object_modes) + c for a, c in batch) + extra) * 8 * b * pix
+            (
+                max(a * k + c for a, c in batch)
+                + extra
+                + _OBJECT_MODE_ARRAYS[bool(subpixel)] * k * (int(object_modes) - 1)
+            )
+            * 8
+            * b
+            * pix
         ),
         "fft_work_area": batch_wave if backend == "cupy" else 0,
     }
