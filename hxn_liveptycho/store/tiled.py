@@ -5,6 +5,7 @@ Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
 
     live/          object, object_amplitude, object_phase, probe, error_history
     final/         object, object_amplitude, object_phase, probe, positions_m, error_history
+                   (and probe_modes / object_modes when the solver has more than one)
     diffraction/   amplitude (uint8, scale in metadata), positions_m
     nn/            object, object_amplitude, object_phase, coverage (the NN branch's mosaic)
 
