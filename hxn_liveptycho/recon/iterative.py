@@ -661,6 +661,7 @@ class StreamingSolver:
         p = self.params
         what = (
             f"{what} ({rows} positions of {self._n}x{self._n}, {p.probe_modes} probe mode(s), "
+            f"{p.object_modes} object mode(s), "
             f"{'/'.join(sorted(p.algorithms))}, batch {p.batch_size}, canvas "
             f"{self._shape[0]}x{self._shape[1]})"
         )
