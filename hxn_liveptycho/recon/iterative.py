@@ -198,8 +198,8 @@ class IterativeParams(BaseModel):
         "changes or vibrates during an exposure. Extra modes start as weak random fields "
         "(10 % of the first mode's mean amplitude, seeded by `seed`); the snapshot's "
         "`object` is the first mode and `object_modes` holds them all. Costs one FFT pair "
-        "per object and probe mode and position. ePIE only, on the solver's reference "
-        "path (on the GPU too: not as fused kernels); DM and LSQ-ML refuse it.",
+        "per object and probe mode and position. ePIE and LSQ-ML, on the solver's "
+        "reference path (on the GPU too: not as fused kernels); DM refuses it.",
     )
     orthogonalize_every: int = Field(
         2,
@@ -329,10 +329,10 @@ class IterativeParams(BaseModel):
             )
         if self.position_refinement and not self.subpixel_positions:
             raise ValueError("position_refinement needs subpixel_positions=True")
-        if self.object_modes > 1 and self.algorithms != {"epie"}:
+        if self.object_modes > 1 and "dm" in self.algorithms:
             raise ValueError(
-                f"object_modes > 1 works with 'epie' only, not {sorted(self.algorithms)} "
-                "(DM and LSQ-ML have no mixed-state object update)"
+                "object_modes > 1 works with 'epie' and 'lsqml', not 'dm' (also not in a "
+                "schedule): DM has no mixed-state object update yet"
             )
         if self.schedule is None:
             return self
@@ -1197,6 +1197,9 @@ class StreamingSolver:
         contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
         """
         xp, p = self._xp, self.params
+        if self._objects.shape[0] > 1:
+            self._lsqml_object_modes_batch(batch, update_probe, refine, err)
+            return
         # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
         # object numerator itself.
         fused = self._fused and p.noise == "gaussian" and not refine
@@ -1241,6 +1244,71 @@ class StreamingSolver:
         self._scatter(batch, pnum, num)
         num /= den
         self._object[batch.box_slices] += num
+        if update_probe:
+            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            self._probes += d_probe
+
+    def _lsqml_object_modes_batch(
+        self, batch: _Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """:meth:`_lsqml_batch` with several object modes: each pair of object mode m and
+        probe mode k makes an exit wave ``P_k O_m``; object mode m's direction is its own
+        waves' ``sum_k P_k* chi_mk`` over the illumination, the probe's all of them over
+        ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
+        Refinement follows the first mode."""
+        xp, p, n = self._xp, self.params, self._n
+        probes, ramp = self._batch_probes(batch, False)
+        k = probes.shape[-3]
+        objs = [gather_windows(o, batch.corners, n, xp) for o in self._objects]
+        amps = self._amps[batch.rows]
+        psi = xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
+        f, inten, e = self._far_field(psi, amps)
+        err += e
+        g = far_field_factor(
+            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
+        )
+        f *= g[:, None]
+        del inten
+        chi = ifft2(f, xp=xp, overwrite_x=True)
+        parts = [chi[:, m * k : (m + 1) * k] for m in range(len(objs))]
+        illum = self._probe_intensity(probes)
+        den = self._box_zeros(batch, xp.float32)
+        self._scatter(batch, illum, den)
+        _regularised(den, p.object_reg, xp)
+        windows_den = self._gather(batch, den)
+        pnums, u = [], []
+        for m, part in enumerate(parts):
+            pnum = self._object_numerator(part, probes)
+            if m == 0:
+                self._estimate_shifts(batch, objs[0], pnum, illum, refine)
+            num = self._box_zeros(batch, xp.complex64)
+            self._scatter(batch, pnum, num)
+            u.append(self._exit_waves(self._gather(batch, num) / windows_den, probes))
+            pnums.append(pnum)
+        v = d_probe = None
+        if update_probe:
+            oden = self._object_power(objs[0])
+            d_probe = self._probe_numerator(objs[0], parts[0], ramp)
+            for o, part in zip(objs[1:], parts[1:], strict=True):
+                oden += self._object_power(o)
+                d_probe += self._probe_numerator(o, part, ramp)
+            d_probe /= _regularised(oden, p.probe_reg, xp)
+            # The probe step as each position sees it: shifted by its fraction.
+            seen = (
+                d_probe[None]
+                if ramp is None
+                else self._shift_modes(fft2(d_probe, xp=xp), ramp, False)
+            )
+            v = xp.concatenate([o[:, None] * seen for o in objs], axis=1)
+        alpha_o, alpha_p = optimal_steps(xp.concatenate(u, axis=1), v, chi, _LSQ_STEP_REG, xp)
+        del u, v, chi, parts
+        weights = (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
+        for m, pnum in enumerate(pnums):
+            num = self._box_zeros(batch, xp.complex64)
+            pnum *= weights
+            self._scatter(batch, pnum, num)
+            num /= den
+            self._objects[m][batch.box_slices] += num
         if update_probe:
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             self._probes += d_probe

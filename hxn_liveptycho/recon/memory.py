@@ -52,10 +52,14 @@ _BATCH_ARRAYS = {
     False: {"epie": (1.7, 2.5), "lsqml": (4.0, 3.5), "dm": (3.75, 3.25)},
 }
 #: Extra per-position arrays (units of 8 B n^2) for each object mode past the first, per
-#: probe mode (ePIE, the one algorithm with object modes): its exit waves, far fields and
-#: corrections; with and without sub-pixel shifts (tracemalloc peaks on NumPy, K = 1-2,
-#: M = 1-3, B = 64: the estimate 0-9 % above them).
-_OBJECT_MODE_ARRAYS = {True: 1.8, False: 2.6}
+#: probe mode: its exit waves, far fields and corrections (LSQ-ML: and its directions
+#: and their exit waves); with and without sub-pixel shifts (tracemalloc peaks on NumPy,
+#: K = 1-2, M = 2-3, B = 64: the whole estimate 0.3 % below to 14 % above them). DM has
+#: none.
+_OBJECT_MODE_ARRAYS = {
+    True: {"epie": 1.8, "lsqml": 7.0},
+    False: {"epie": 2.6, "lsqml": 7.8},
+}
 #: Extra per-position arrays (units of 8 B n^2) of position refinement: the object's gradients.
 _REFINEMENT_ARRAYS = 1.5
 #: Canvas temporaries (update numerator complex64 + illumination float32), bytes per pixel.
@@ -107,7 +111,9 @@ def estimate_terms(
             (
                 max(a * k + c for a, c in batch)
                 + extra
-                + _OBJECT_MODE_ARRAYS[bool(subpixel)] * k * (int(object_modes) - 1)
+                + max(_OBJECT_MODE_ARRAYS[bool(subpixel)].get(a, 0.0) for a in names)
+                * k
+                * (int(object_modes) - 1)
             )
             * 8
             * b
