@@ -41,8 +41,12 @@ class VibratingScan:
         self.power_ratio = power[order[1]] / power[order[0]]
         self.modes = (vectors[:, order].T @ states).reshape(2, *scan.obj.shape)
 
-    def solve(self, object_modes: int, algorithm: str = "epie") -> StreamingSolver:
-        params = IterativeParams(algorithm=algorithm, object_modes=object_modes)
+    def solve(self, object_modes: int, algorithm: str = "epie", **settings) -> StreamingSolver:
+        if algorithm == "dm-then-lsqml":  # HXN's usual schedule
+            settings |= {"schedule": [("dm", 0.3), ("lsqml", 0.7)], "iterations": ITERATIONS}
+        else:
+            settings["algorithm"] = algorithm
+        params = IterativeParams(object_modes=object_modes, **settings)
         solver = StreamingSolver(
             probe=self.scan.probe_guess, canvas_shape=self.scan.canvas, params=params
         )
@@ -59,15 +63,16 @@ def vibrating() -> VibratingScan:
     return VibratingScan()
 
 
-@pytest.mark.parametrize("algorithm", ["epie", "lsqml"])
+@pytest.mark.parametrize("algorithm", ["epie", "lsqml", "dm-then-lsqml"])
 def test_two_object_modes_recover_the_mixture_of_a_moving_sample(vibrating, algorithm):
     """Two object modes fit the data clearly better than one, and their first mode is
     the mixture's dominant mode twice as closely as one mode gets; the second is its
     second mode (a random field would be ~1 away)."""
     one, two = vibrating.solve(1, algorithm), vibrating.solve(2, algorithm)
-    # Measured (ePIE / LSQ-ML): data error 0.0107 / 0.0108 with one mode against 0.0087 /
-    # 0.0086 with two; the mixture's first mode 0.065 / 0.069 against 0.035 / 0.037; its
-    # second mode 0.41 / 0.34; powers about 1 : 0.03 (truth 1 : 0.04).
+    # Measured (ePIE / LSQ-ML / DM then LSQ-ML): data error 0.0107 / 0.0108 / 0.0107 with
+    # one mode against 0.0087 / 0.0086 / 0.0087 with two; the mixture's first mode 0.065 /
+    # 0.069 / 0.069 against 0.035 / 0.037 / 0.038; its second mode 0.41 / 0.34 / 0.57;
+    # powers about 1 : 0.03 (truth 1 : 0.04).
     assert two.error < 0.85 * one.error, (two.error, one.error)
     first_one, first_two = vibrating.error(0, one.object), vibrating.error(0, two.object)
     assert first_two < 0.7 * first_one, (first_two, first_one)
@@ -75,7 +80,7 @@ def test_two_object_modes_recover_the_mixture_of_a_moving_sample(vibrating, algo
     modes = snap["object_modes"]
     assert modes.shape == (2, *vibrating.scan.canvas)
     np.testing.assert_array_equal(snap["object"], modes[0])
-    assert vibrating.error(1, modes[1]) < 0.6
+    assert vibrating.error(1, modes[1]) < 0.65
     mask = vibrating.scan.mask
     power = [float(np.sum(np.abs(m[mask]) ** 2)) for m in modes]
     assert 0.3 * vibrating.power_ratio < power[1] / power[0] < 3 * vibrating.power_ratio
@@ -102,22 +107,43 @@ def test_object_modes_with_probe_modes_and_sub_pixel_positions(vibrating, settin
     assert errors[2] < errors[1], errors
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [{"algorithm": "dm"}, {"schedule": [("dm", 0.3), ("lsqml", 0.7)]}],
-)
-def test_object_modes_are_refused_where_no_update_exists(settings):
-    with pytest.raises(ValidationError, match="object_modes > 1 works with 'epie' and 'lsqml'"):
-        IterativeParams(object_modes=2, **settings)
-    assert IterativeParams(object_modes=1, **settings).object_modes == 1
-    schedule = IterativeParams(object_modes=2, schedule=[("epie", 0.5), ("lsqml", 0.5)])
-    assert schedule.algorithms == {"epie", "lsqml"}
+def test_dm_alone_fits_better_but_recovers_the_modes_slowly(vibrating):
+    """DM with two object modes lowers the data error (measured 0.0124 against 0.0139),
+    but in 60 iterations (and 150) its first mode is no closer to the mixture's than one
+    mode's (0.066 both): its relaxed projection leaves a weak second mode inside the
+    noise ball. What the docs say: run DM as the first stage of a schedule."""
+    one, two = vibrating.solve(1, "dm"), vibrating.solve(2, "dm")
+    assert all(np.isfinite(two.error_history))
+    assert two.error < 0.95 * one.error, (two.error, one.error)
+    assert vibrating.error(0, two.object) < vibrating.error(0, one.object) + 0.01
+    assert two._dm_waves.shape[1] == 2  # one stored wave per probe-object pair
 
 
-@pytest.mark.parametrize("algorithm", ["epie", "lsqml"])
+def test_dm_keeps_each_object_modes_waves_with_its_probe_modes(vibrating):
+    """DM with two probe and two object modes: four stored waves a position, mixed block
+    by block when the probe modes are orthogonalised; the run converges."""
+    scan = vibrating.scan
+    params = IterativeParams(algorithm="dm", object_modes=2, probe_modes=2)
+    s = StreamingSolver(probe=scan.probe_guess, canvas_shape=scan.canvas, params=params)
+    s.add(vibrating.amplitudes, scan.positions)
+    s.iterate(20)
+    h = s.error_history
+    assert all(np.isfinite(h)) and h[-1] < 0.2 * h[0]
+    assert s._dm_waves.shape[1] == 4
+
+
+def test_object_modes_are_bounded():
+    with pytest.raises(ValidationError):
+        IterativeParams(object_modes=5)
+    with pytest.raises(ValidationError):
+        IterativeParams(object_modes=0)
+
+
+@pytest.mark.parametrize("algorithm", ["epie", "lsqml", "dm"])
 def test_memory_estimate_counts_the_object_modes(vibrating, algorithm):
     """The estimate of two object modes is within 20 % of the solver's traced peak, and
-    grows by the second canvas (and its momentum history) over one mode's."""
+    grows by the second canvas (and its momentum history, or DM's stored waves) over one
+    mode's."""
     scan = vibrating.scan
     params = IterativeParams(algorithm=algorithm, object_modes=2, probe_update_start=0)
     tracemalloc.start()
@@ -134,4 +160,8 @@ def test_memory_estimate_counts_the_object_modes(vibrating, algorithm):
     two = memory.estimate_terms(*args, backend="numpy", momentum=True, object_modes=2)
     canvas = 8 * scan.canvas[0] * scan.canvas[1]
     assert two["object"] - one["object"] == canvas
-    assert two["momentum"] - one["momentum"] == 2 * canvas
+    if algorithm == "dm":  # no momentum; a stored wave per probe-object pair
+        assert two["momentum"] == one["momentum"] == 0
+        assert two["dm_exit_waves"] == 2 * one["dm_exit_waves"] > 0
+    else:
+        assert two["momentum"] - one["momentum"] == 2 * canvas

@@ -198,8 +198,11 @@ class IterativeParams(BaseModel):
         "changes or vibrates during an exposure. Extra modes start as weak random fields "
         "(10 % of the first mode's mean amplitude, seeded by `seed`); the snapshot's "
         "`object` is the first mode and `object_modes` holds them all. Costs one FFT pair "
-        "per object and probe mode and position. ePIE and LSQ-ML, on the solver's "
-        "reference path (on the GPU too: not as fused kernels); DM refuses it.",
+        "per object and probe mode and position (DM stores that many exit waves per "
+        "position). ePIE and LSQ-ML recover the modes of a mixture; DM alone fits the data "
+        "better but recovers them slowly (its relaxed projection tolerates a weak mode), "
+        "so run it as the first stage of a schedule. Runs the solver's reference path, on "
+        "the GPU too (not as fused kernels).",
     )
     orthogonalize_every: int = Field(
         2,
@@ -329,11 +332,6 @@ class IterativeParams(BaseModel):
             )
         if self.position_refinement and not self.subpixel_positions:
             raise ValueError("position_refinement needs subpixel_positions=True")
-        if self.object_modes > 1 and "dm" in self.algorithms:
-            raise ValueError(
-                "object_modes > 1 works with 'epie' and 'lsqml', not 'dm' (also not in a "
-                "schedule): DM has no mixed-state object update yet"
-            )
         if self.schedule is None:
             return self
         if not self.schedule:
@@ -891,6 +889,17 @@ class StreamingSolver:
             psi = self._exit_waves(self._gather(batch), probes)
         return fft2(psi, xp=self._xp, overwrite_x=True)
 
+    def _object_windows(self, batch: _Batch) -> list[Any]:
+        """Windows (B, n, n) of every object mode at ``batch``'s positions."""
+        return [gather_windows(o, batch.corners, self._n, self._xp) for o in self._objects]
+
+    def _all_exit_waves(self, objs: list[Any], probes: Any) -> Any:
+        """Exit waves (B, M K, n, n) of every object mode's windows ``objs`` with every probe
+        mode, object mode by object mode (mode m's waves at ``[:, m K : (m + 1) K]``)."""
+        if len(objs) == 1:
+            return self._exit_waves(objs[0], probes)
+        return self._xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
+
     def _exit_waves(self, obj: Any, probes: Any) -> Any:
         """Exit waves (B, K, n, n) of object windows ``obj`` (B, n, n) and the probe modes
         ``probes`` ((K, n, n) shared or (B, K, n, n) per position)."""
@@ -980,11 +989,17 @@ class StreamingSolver:
         if self._fused:  # in place, one read and one write
             mix_modes(waves, u)
             return
-        # Batch by batch: one copy of all the waves would double DM's biggest buffer.
+        # Batch by batch: one copy of all the waves would double DM's biggest buffer. Each
+        # object mode's block of K waves follows the probe modes' mixing.
+        m = self._objects.shape[0]
         for start in range(0, self._dm_ready, self.params.batch_size):
             rows = waves[start : start + self.params.batch_size]
             shape = rows.shape
-            rows[...] = xp.matmul(u[None], rows.reshape(shape[0], shape[1], -1)).reshape(shape)
+            if m == 1:
+                rows[...] = xp.matmul(u[None], rows.reshape(shape[0], shape[1], -1)).reshape(shape)
+            else:
+                blocks = rows.reshape(shape[0], m, shape[1] // m, -1)
+                rows[...] = xp.matmul(u[None, None], blocks).reshape(shape)
 
     # ------------------------------------------------------------------ positions
     def _estimate_shifts(
@@ -1062,12 +1077,11 @@ class StreamingSolver:
         constraint; object mode m moves by its own waves' corrections over ``sum_k |P_k|^2``,
         the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
         mode."""
-        xp, p, n = self._xp, self.params, self._n
+        xp, p = self._xp, self.params
         probes, ramp = self._batch_probes(batch, False)
         k = probes.shape[-3]
-        objs = [gather_windows(o, batch.corners, n, xp) for o in self._objects]
-        psi = xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
-        dpsi, e = self._fourier_residual(psi, self._amps[batch.rows])
+        objs = self._object_windows(batch)
+        dpsi, e = self._fourier_residual(self._all_exit_waves(objs, probes), self._amps[batch.rows])
         err += e
         parts = [dpsi[:, m * k : (m + 1) * k] for m in range(len(objs))]
         if update_probe:  # probe sums first: they need the objects before this batch
@@ -1256,13 +1270,12 @@ class StreamingSolver:
         waves' ``sum_k P_k* chi_mk`` over the illumination, the probe's all of them over
         ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
         Refinement follows the first mode."""
-        xp, p, n = self._xp, self.params, self._n
+        xp, p = self._xp, self.params
         probes, ramp = self._batch_probes(batch, False)
         k = probes.shape[-3]
-        objs = [gather_windows(o, batch.corners, n, xp) for o in self._objects]
+        objs = self._object_windows(batch)
         amps = self._amps[batch.rows]
-        psi = xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
-        f, inten, e = self._far_field(psi, amps)
+        f, inten, e = self._far_field(self._all_exit_waves(objs, probes), amps)
         err += e
         g = far_field_factor(
             inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
@@ -1367,7 +1380,8 @@ class StreamingSolver:
     # ------------------------------------------------------------------ DM
     def _dm_prepare(self) -> None:
         """Make room for all active positions' exit waves and start new ones at P O_j."""
-        xp, n, k = self._xp, self._n, self._probes.shape[0]
+        xp, n = self._xp, self._n
+        k = self._probes.shape[0] * self._objects.shape[0]  # a wave per probe-object pair
         if self._dm_waves is None:
             # Sized like the frame buffer (the memory check of add() counted it).
             self._dm_waves = xp.zeros((self._amps.shape[0], k, n, n), dtype=xp.complex64)
@@ -1380,7 +1394,11 @@ class StreamingSolver:
         ):
             probes = self._batch_probes(batch, self._fused)[0]
             stop = start + int(batch.rows.shape[0])
-            self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
+            if self._objects.shape[0] > 1:
+                psi = self._all_exit_waves(self._object_windows(batch), probes)
+                self._dm_waves[start:stop] = fft2(psi, xp=xp, overwrite_x=True)
+            else:
+                self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
         self._dm_ready = self._n_active
 
     def _dm_fourier_factor(self, inten: Any, amps: Any) -> Any:
@@ -1416,7 +1434,8 @@ class StreamingSolver:
         xp, p = self._xp, self.params
         self._dm_prepare()
         waves = self._dm_waves
-        onum = xp.zeros(self._shape, dtype=xp.complex64)
+        # One numerator per object mode (the fused path has one mode: its first).
+        onum = xp.zeros(self._objects.shape, dtype=xp.complex64)
         oden = xp.zeros(self._shape, dtype=xp.float32)
         err = xp.zeros((), dtype=xp.float32)
         batches = self._batches(np.arange(self._n_active))
@@ -1425,11 +1444,11 @@ class StreamingSolver:
             stop = start + int(batch.rows.shape[0])
             probes, _ = self._batch_probes(batch, self._fused)
             if self._fused:
-                err = err + self._dm_fused_batch(batch, probes, waves[start:stop], onum, oden)
+                err = err + self._dm_fused_batch(batch, probes, waves[start:stop], onum[0], oden)
                 continue
-            obj = self._gather(batch)
+            objs = self._object_windows(batch)
             amps = self._amps[start:stop]
-            phi, _, e = self._far_field(self._exit_waves(obj, probes), amps)
+            phi, _, e = self._far_field(self._all_exit_waves(objs, probes), amps)
             err = err + e
             old = waves[start:stop]
             refl = 2.0 * phi - old
@@ -1441,14 +1460,17 @@ class StreamingSolver:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            self._scatter(batch, self._object_numerator(psi, probes), onum, whole=True)
+            k = probes.shape[-3]
+            for m, num in enumerate(onum):
+                part = psi[:, m * k : (m + 1) * k]
+                self._scatter(batch, self._object_numerator(part, probes), num, whole=True)
             self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
-        self._object *= d
-        self._object += onum
-        self._object /= oden
+        self._objects *= d
+        self._objects += onum
+        self._objects /= oden
         del onum, oden
         if update_probe and self._fused:
             pnum, pden = self._dm_fused_probe_sums(batches)
@@ -1457,16 +1479,18 @@ class StreamingSolver:
             # overlap projection; updating both from the old pair oscillates).
             pnum = xp.zeros_like(self._probes)
             pden = xp.zeros((self._n, self._n), dtype=xp.float32)
+            k = self._probes.shape[0]
             for start, batch in zip(starts, batches, strict=True):
                 stop = start + int(batch.rows.shape[0])
-                obj = self._gather(batch)
                 ramp = self._batch_ramp(batch) if self._subpixel else None
-                pnum += self._probe_numerator(obj, ifft2(waves[start:stop], xp=xp), ramp)
-                ointen = obj.real**2 + obj.imag**2
-                if ramp is None:
-                    pden += xp.sum(ointen, axis=0)
-                else:  # DM's probe is a projection, not a step: its weights are shifted too
-                    pden += unshift_sum(ointen[:, None], ramp, xp)[0].real
+                psi = ifft2(waves[start:stop], xp=xp)
+                for m, obj in enumerate(self._object_windows(batch)):
+                    pnum += self._probe_numerator(obj, psi[:, m * k : (m + 1) * k], ramp)
+                    ointen = obj.real**2 + obj.imag**2
+                    if ramp is None:
+                        pden += xp.sum(ointen, axis=0)
+                    else:  # DM's probe is a projection, not a step: its weights shift too
+                        pden += unshift_sum(ointen[:, None], ramp, xp)[0].real
         if update_probe:
             d = p.probe_reg * xp.max(pden) + 1e-30
             self._probes = ((pnum + d * self._probes) / (pden + d)).astype(xp.complex64)

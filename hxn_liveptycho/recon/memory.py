@@ -13,7 +13,7 @@ Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
 * ``positions``: current, measured and per-iteration shift, float64 (y, x),
   ``48 N`` (small).
 * ``dm_exit_waves``: DM only (also as a stage of a schedule): one far-field
-  exit wave per position and mode, complex64, ``8 N K n^2``.
+  exit wave per position and pair of probe and object mode, complex64, ``8 N K M n^2``.
 * ``object``: the canvas, complex64, ``8 M H W`` with ``M`` object modes (usually 1).
 * ``probe``: the modes, complex64, ``8 K n^2``.
 * ``momentum``: with ``IterativeParams.momentum_gain`` > 0 and ePIE or LSQ-ML
@@ -53,12 +53,12 @@ _BATCH_ARRAYS = {
 }
 #: Extra per-position arrays (units of 8 B n^2) for each object mode past the first, per
 #: probe mode: its exit waves, far fields and corrections (LSQ-ML: and its directions
-#: and their exit waves); with and without sub-pixel shifts (tracemalloc peaks on NumPy,
-#: K = 1-2, M = 2-3, B = 64: the whole estimate 0.3 % below to 14 % above them). DM has
-#: none.
+#: and their exit waves; DM: its stored waves' transforms); with and without sub-pixel
+#: shifts (tracemalloc peaks on NumPy, K = 1-2, M = 2-3, B = 64: the whole estimate 0.3 %
+#: below to 14 % above them).
 _OBJECT_MODE_ARRAYS = {
-    True: {"epie": 1.8, "lsqml": 7.0},
-    False: {"epie": 2.6, "lsqml": 7.8},
+    True: {"epie": 1.8, "lsqml": 7.0, "dm": 4.5},
+    False: {"epie": 2.6, "lsqml": 7.8, "dm": 5.0},
 }
 #: Extra per-position arrays (units of 8 B n^2) of position refinement: the object's gradients.
 _REFINEMENT_ARRAYS = 1.5
@@ -100,13 +100,17 @@ def estimate_terms(
     return {
         "frames": 4 * n_pos * pix,
         "positions": 48 * n_pos,
-        "dm_exit_waves": 8 * n_pos * k * pix if "dm" in names else 0,
+        "dm_exit_waves": 8 * n_pos * k * int(object_modes) * pix if "dm" in names else 0,
         "object": 8 * int(object_modes) * canvas,
         "probe": 8 * k * pix,
         "momentum": (
             2 * 8 * (int(object_modes) * canvas + k * pix) if momentum and names - {"dm"} else 0
         ),
-        "canvas_temporaries": _CANVAS_BYTES * canvas,
+        # DM sums every object mode's numerator over the pass: one canvas more per mode.
+        "canvas_temporaries": (
+            _CANVAS_BYTES + (8 * (int(object_modes) - 1) if "dm" in names else 0)
+        )
+        * canvas,
         "batch_temporaries": int(
             (
                 max(a * k + c for a, c in batch)
