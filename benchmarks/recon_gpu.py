@@ -253,7 +253,8 @@ def run_case(
         "floor_bytes": floor_bytes(
             sample.num_points,
             bl.window,
-            params.probe_modes,
+            # An exit wave per probe-object pair (the object's own M reads left out).
+            params.probe_modes * params.object_modes,
             params.algorithm,
             solver._subpixel,
         ),
@@ -329,6 +330,13 @@ def main() -> None:
         help="the parity cases on whole-pixel data only",
     )
     parser.add_argument(
+        "--object-modes",
+        type=int,
+        default=1,
+        help="recon.object_modes of every case (more than 1: the solver's reference path, "
+        "on CuPy too)",
+    )
+    parser.add_argument(
         "--compare-cufft",
         action="store_true",
         help="time the big cases with cuFFT in place of the solver's own FFT as well",
@@ -382,10 +390,16 @@ def main() -> None:
     label = f"{small.num_points}x{small.beamline.window}^2"
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool, int | None]] = []
     reference = not args.no_reference
+    objects = f" M={args.object_modes}" if args.object_modes > 1 else ""
     for algorithm in args.algorithms:
         for modes in args.modes:
-            params = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=128)
-            name = f"demo {label} {algorithm} K={modes}"
+            params = IterativeParams(
+                algorithm=algorithm,
+                probe_modes=modes,
+                batch_size=128,
+                object_modes=args.object_modes,
+            )
+            name = f"demo {label} {algorithm} K={modes}" + objects
             if not args.whole_pixel_parity:
                 plans.append((name, small, params, True, reference, None))
             if args.variants or args.whole_pixel_parity:  # the whole-pixel fused path
@@ -414,11 +428,16 @@ def main() -> None:
             for algorithm, modes, batch in itertools.product(
                 args.algorithms, args.modes, args.batches
             ):
-                base = IterativeParams(algorithm=algorithm, probe_modes=modes, batch_size=batch)
+                base = IterativeParams(
+                    algorithm=algorithm,
+                    probe_modes=modes,
+                    batch_size=batch,
+                    object_modes=args.object_modes,
+                )
                 gains = [None] if algorithm == "dm" else args.momentum_gains or [None]
                 for gain in gains:
                     params = base
-                    name = f"{side * side}x256^2 {algorithm} K={modes}"
+                    name = f"{side * side}x256^2 {algorithm} K={modes}" + objects
                     if batch != 128:
                         name += f" batch {batch}"
                     if gain is not None:

@@ -102,3 +102,34 @@ def test_recon_gpu_plans_times_and_reports_every_case(
     printed = capsys.readouterr().out
     assert "| 9x256^2 epie K=1 momentum 0.1 whole-pixel |" in printed
     assert "| 9 | epie | 1 | 0.0100 | 0.2000 | 20.0x | 0.300 | 0.400 |" in printed
+
+
+def test_recon_gpu_runs_object_modes_on_the_reference_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--object-modes 2``: the parity case carries them (named ``M=2``) and its floor
+    counts an exit wave per probe-object pair."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setitem(sys.modules, "cupy", stand_in_cupy(used_bytes=1000))
+    recon_gpu = importlib.import_module("benchmarks.recon_gpu")
+    on_numpy = recon_gpu.make_solver
+    made: list = []
+
+    def make(sample: object, _xp: object, params: object) -> object:
+        made.append(params)
+        return on_numpy(sample, np, params)
+
+    monkeypatch.setattr(recon_gpu, "make_solver", make)
+    monkeypatch.setattr(recon_gpu, "copy_bandwidth", lambda _cp: 4e12)
+    out = tmp_path / "report.json"
+    argv = ["recon_gpu.py", "--quick", "--iterations", "1", "--rounds", "1", "--no-reference"]
+    argv += ["--algorithms", "lsqml", "--modes", "1", "--whole-pixel-parity"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--object-modes", "2", "--out", str(out)])
+
+    recon_gpu.main()
+
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["case"] == "demo 400x128^2 lsqml K=1 M=2 whole-pixel"
+    assert made and all(p.object_modes == 2 for p in made)
+    assert case["floor_bytes"] == recon_gpu.floor_bytes(400, 128, 2, "lsqml", False)
+    assert case["parity_rel_diff_20"] == 0.0
