@@ -1222,15 +1222,7 @@ class StreamingSolver:
             self._lsqml_fused(batch, probes, ramp, update_probe, err)
             return
         obj = self._gather(batch)
-        amps = self._amps[batch.rows]
-        f, inten, e = self._far_field(self._exit_waves(obj, probes), amps)
-        err += e
-        g = far_field_factor(
-            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
-        )
-        f *= g[:, None]
-        del inten
-        chi = ifft2(f, xp=xp, overwrite_x=True)
+        chi = self._lsqml_chi(self._exit_waves(obj, probes), self._amps[batch.rows], err)
         # Object direction over the batch footprint, and its windows.
         pnum = self._object_numerator(chi, probes)
         illum = self._probe_intensity(probes)
@@ -1262,6 +1254,19 @@ class StreamingSolver:
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             self._probes += d_probe
 
+    def _lsqml_chi(self, psi: Any, amps: Any, err: Any) -> Any:
+        """The exit-wave update ``chi`` (B, C, n, n) the noise model asks of the waves
+        ``psi`` (consumed); their squared error is added into ``err`` (0-d, in place)."""
+        xp, p = self._xp, self.params
+        f, inten, e = self._far_field(psi, amps)
+        err += e
+        g = far_field_factor(
+            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
+        )
+        f *= g[:, None]
+        del inten
+        return ifft2(f, xp=xp, overwrite_x=True)
+
     def _lsqml_object_modes_batch(
         self, batch: _Batch, update_probe: bool, refine: bool, err: Any
     ) -> None:
@@ -1274,15 +1279,7 @@ class StreamingSolver:
         probes, ramp = self._batch_probes(batch, False)
         k = probes.shape[-3]
         objs = self._object_windows(batch)
-        amps = self._amps[batch.rows]
-        f, inten, e = self._far_field(self._all_exit_waves(objs, probes), amps)
-        err += e
-        g = far_field_factor(
-            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
-        )
-        f *= g[:, None]
-        del inten
-        chi = ifft2(f, xp=xp, overwrite_x=True)
+        chi = self._lsqml_chi(self._all_exit_waves(objs, probes), self._amps[batch.rows], err)
         parts = [chi[:, m * k : (m + 1) * k] for m in range(len(objs))]
         illum = self._probe_intensity(probes)
         den = self._box_zeros(batch, xp.float32)
