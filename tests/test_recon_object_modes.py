@@ -165,3 +165,61 @@ def test_memory_estimate_counts_the_object_modes(vibrating, algorithm):
         assert two["dm_exit_waves"] == 2 * one["dm_exit_waves"] > 0
     else:
         assert two["momentum"] - one["momentum"] == 2 * canvas
+
+
+@pytest.mark.parametrize("algorithm", ["epie", "lsqml", "dm"])
+def test_object_modes_run_on_cupys_branches(algorithm, monkeypatch):
+    """On CuPy object modes take the reference path with CuPy's window kernels; run it on
+    the CuPy stand-in of ``benchmarks/host_launches.py`` (kernels are no-ops, so only
+    that every call exists on that branch is checked: no NumPy-only call, no shape
+    error), 1 and 2 probe modes, whole-pixel and sub-pixel."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    import scipy.fft
+
+    from hxn_liveptycho.recon import _fused, _windows
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    host_launches = importlib.import_module("benchmarks.host_launches")
+    launches: list = []
+    cp = host_launches.stand_in_cupy(launches)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.fft = scipy.fft
+    modules = {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy, "cupyx.scipy.fft": scipy.fft}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    caches = (_windows._kernels, _fused._kernels, _fused._raw, _fused._placeholder)
+    for cache in caches:
+        cache.cache_clear()
+    scan = SimulatedScan()
+    try:
+        with np.errstate(all="ignore"):  # no-op kernels leave garbage in the arrays
+            for probe_modes in (1, 2):
+                for positions in (np.rint(scan.subpixel_positions), scan.subpixel_positions):
+                    params = IterativeParams(
+                        algorithm=algorithm,
+                        object_modes=2,
+                        probe_modes=probe_modes,
+                        probe_update_start=0,
+                        orthogonalize_every=1,
+                    )
+                    s = StreamingSolver(
+                        probe=cp.asarray(scan.probe_guess),
+                        canvas_shape=scan.canvas,
+                        params=params,
+                        xp=cp,
+                    )
+                    assert not s._fused
+                    s.add(cp.asarray(scan.amplitudes), positions)
+                    s.iterate(3)
+                    assert s.object_modes.shape == (2, *scan.canvas)
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+    assert {"liveptycho_gather_windows", "liveptycho_scatter_add_complex"} <= {
+        name for name, *_ in launches
+    }
