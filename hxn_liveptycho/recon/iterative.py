@@ -886,7 +886,7 @@ class StreamingSolver:
         if self._fused:
             psi = exit_waves(self._object, batch.corners, probes)
         else:
-            psi = self._exit_waves(self._gather(batch), probes)
+            psi = self._all_exit_waves(self._object_windows(batch), probes)
         return fft2(psi, xp=self._xp, overwrite_x=True)
 
     def _object_windows(self, batch: _Batch) -> list[Any]:
@@ -899,6 +899,24 @@ class StreamingSolver:
         if len(objs) == 1:
             return self._exit_waves(objs[0], probes)
         return self._xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
+
+    def _object_mode_blocks(self, waves: Any) -> list[Any]:
+        """Views (B, K, n, n) of waves (B, M K, n, n) laid out as :meth:`_all_exit_waves`
+        lays them out: object mode m's waves with every probe mode."""
+        k = waves.shape[1] // self._objects.shape[0]
+        return [waves[:, m * k : (m + 1) * k] for m in range(self._objects.shape[0])]
+
+    def _probe_sums_over_modes(
+        self, objs: list[Any], parts: list[Any], shift: Any | None
+    ) -> tuple[Any, Any]:
+        """``(sum_m probe numerator of (O_m, parts_m), sum_m sum_j |O_mj|^2)``: the probe's
+        gradient and weights over every object mode's windows ``objs`` and waves."""
+        num = self._probe_numerator(objs[0], parts[0], shift)
+        den = self._object_power(objs[0])
+        for obj, part in zip(objs[1:], parts[1:], strict=True):
+            num += self._probe_numerator(obj, part, shift)
+            den += self._object_power(obj)
+        return num, den
 
     def _exit_waves(self, obj: Any, probes: Any) -> Any:
         """Exit waves (B, K, n, n) of object windows ``obj`` (B, n, n) and the probe modes
@@ -1079,17 +1097,12 @@ class StreamingSolver:
         mode."""
         xp, p = self._xp, self.params
         probes, ramp = self._batch_probes(batch, False)
-        k = probes.shape[-3]
         objs = self._object_windows(batch)
         dpsi, e = self._fourier_residual(self._all_exit_waves(objs, probes), self._amps[batch.rows])
         err += e
-        parts = [dpsi[:, m * k : (m + 1) * k] for m in range(len(objs))]
+        parts = self._object_mode_blocks(dpsi)
         if update_probe:  # probe sums first: they need the objects before this batch
-            onum = self._probe_numerator(objs[0], parts[0], ramp)
-            oden = self._object_power(objs[0])
-            for o, d in zip(objs[1:], parts[1:], strict=True):
-                onum += self._probe_numerator(o, d, ramp)
-                oden += self._object_power(o)
+            onum, oden = self._probe_sums_over_modes(objs, parts, ramp)
         illum = self._probe_intensity(probes)
         den = self._box_zeros(batch, xp.float32)
         self._scatter(batch, illum, den)
@@ -1277,10 +1290,9 @@ class StreamingSolver:
         Refinement follows the first mode."""
         xp, p = self._xp, self.params
         probes, ramp = self._batch_probes(batch, False)
-        k = probes.shape[-3]
         objs = self._object_windows(batch)
         chi = self._lsqml_chi(self._all_exit_waves(objs, probes), self._amps[batch.rows], err)
-        parts = [chi[:, m * k : (m + 1) * k] for m in range(len(objs))]
+        parts = self._object_mode_blocks(chi)
         illum = self._probe_intensity(probes)
         den = self._box_zeros(batch, xp.float32)
         self._scatter(batch, illum, den)
@@ -1297,11 +1309,7 @@ class StreamingSolver:
             pnums.append(pnum)
         v = d_probe = None
         if update_probe:
-            oden = self._object_power(objs[0])
-            d_probe = self._probe_numerator(objs[0], parts[0], ramp)
-            for o, part in zip(objs[1:], parts[1:], strict=True):
-                oden += self._object_power(o)
-                d_probe += self._probe_numerator(o, part, ramp)
+            d_probe, oden = self._probe_sums_over_modes(objs, parts, ramp)
             d_probe /= _regularised(oden, p.probe_reg, xp)
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
@@ -1391,11 +1399,7 @@ class StreamingSolver:
         ):
             probes = self._batch_probes(batch, self._fused)[0]
             stop = start + int(batch.rows.shape[0])
-            if self._objects.shape[0] > 1:
-                psi = self._all_exit_waves(self._object_windows(batch), probes)
-                self._dm_waves[start:stop] = fft2(psi, xp=xp, overwrite_x=True)
-            else:
-                self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
+            self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
         self._dm_ready = self._n_active
 
     def _dm_fourier_factor(self, inten: Any, amps: Any) -> Any:
@@ -1457,9 +1461,7 @@ class StreamingSolver:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            k = probes.shape[-3]
-            for m, num in enumerate(onum):
-                part = psi[:, m * k : (m + 1) * k]
+            for num, part in zip(onum, self._object_mode_blocks(psi), strict=True):
                 self._scatter(batch, self._object_numerator(part, probes), num, whole=True)
             self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
@@ -1476,13 +1478,12 @@ class StreamingSolver:
             # overlap projection; updating both from the old pair oscillates).
             pnum = xp.zeros_like(self._probes)
             pden = xp.zeros((self._n, self._n), dtype=xp.float32)
-            k = self._probes.shape[0]
             for start, batch in zip(starts, batches, strict=True):
                 stop = start + int(batch.rows.shape[0])
                 ramp = self._batch_ramp(batch) if self._subpixel else None
-                psi = ifft2(waves[start:stop], xp=xp)
-                for m, obj in enumerate(self._object_windows(batch)):
-                    pnum += self._probe_numerator(obj, psi[:, m * k : (m + 1) * k], ramp)
+                psi = self._object_mode_blocks(ifft2(waves[start:stop], xp=xp))
+                for obj, part in zip(self._object_windows(batch), psi, strict=True):
+                    pnum += self._probe_numerator(obj, part, ramp)
                     ointen = obj.real**2 + obj.imag**2
                     if ramp is None:
                         pden += xp.sum(ointen, axis=0)

@@ -90,7 +90,7 @@ def estimate_terms(
 ) -> dict[str, int]:
     """The terms of :func:`estimate_bytes` by name (see the module docstring)."""
     names = _algorithms(algorithm)
-    n_pos, n, k = int(n_positions), int(window), int(probe_modes)
+    n_pos, n, k, m = int(n_positions), int(window), int(probe_modes), int(object_modes)
     pix = n * n
     canvas = int(canvas_shape[0]) * int(canvas_shape[1])
     b = max(1, min(int(batch_size), max(n_pos, 1)))
@@ -100,24 +100,17 @@ def estimate_terms(
     return {
         "frames": 4 * n_pos * pix,
         "positions": 48 * n_pos,
-        "dm_exit_waves": 8 * n_pos * k * int(object_modes) * pix if "dm" in names else 0,
-        "object": 8 * int(object_modes) * canvas,
+        "dm_exit_waves": 8 * n_pos * k * m * pix if "dm" in names else 0,
+        "object": 8 * m * canvas,
         "probe": 8 * k * pix,
-        "momentum": (
-            2 * 8 * (int(object_modes) * canvas + k * pix) if momentum and names - {"dm"} else 0
-        ),
+        "momentum": 2 * 8 * (m * canvas + k * pix) if momentum and names - {"dm"} else 0,
         # DM sums every object mode's numerator over the pass: one canvas more per mode.
-        "canvas_temporaries": (
-            _CANVAS_BYTES + (8 * (int(object_modes) - 1) if "dm" in names else 0)
-        )
-        * canvas,
+        "canvas_temporaries": (_CANVAS_BYTES + (8 * (m - 1) if "dm" in names else 0)) * canvas,
         "batch_temporaries": int(
             (
                 max(a * k + c for a, c in batch)
                 + extra
-                + max(_OBJECT_MODE_ARRAYS[bool(subpixel)].get(a, 0.0) for a in names)
-                * k
-                * (int(object_modes) - 1)
+                + max(_OBJECT_MODE_ARRAYS[bool(subpixel)][a] for a in names) * k * (m - 1)
             )
             * 8
             * b
