@@ -110,16 +110,26 @@ def stand_in_cupy(launches: list[Launch]) -> types.ModuleType:
     return cp
 
 
-def install(launches: list[Launch]) -> types.ModuleType:
-    """Put the stand-in (and SciPy's FFT as ``cupyx.scipy.fft``) in ``sys.modules``."""
-    cp = stand_in_cupy(launches)
+def stand_in_modules(launches: list[Launch]) -> dict[str, types.ModuleType]:
+    """The modules to put in ``sys.modules``: the stand-in as ``cupy`` and SciPy's FFT as
+    ``cupyx.scipy.fft``."""
     cupyx = types.ModuleType("cupyx")
     cupyx.scipy = types.ModuleType("cupyx.scipy")
     cupyx.scipy.fft = scipy.fft
-    sys.modules.update(
-        {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy, "cupyx.scipy.fft": scipy.fft}
-    )
-    return cp
+    return {
+        "cupy": stand_in_cupy(launches),
+        "cupyx": cupyx,
+        "cupyx.scipy": cupyx.scipy,
+        "cupyx.scipy.fft": scipy.fft,
+    }
+
+
+def install(launches: list[Launch]) -> types.ModuleType:
+    """Put :func:`stand_in_modules` in ``sys.modules`` (for this process); returns the
+    stand-in CuPy."""
+    modules = stand_in_modules(launches)
+    sys.modules.update(modules)
+    return modules["cupy"]
 
 
 def run(

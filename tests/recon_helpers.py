@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from hxn_liveptycho.recon.iterative import StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.sim import optics, phantom
 
 N = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def use_cupy_stand_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[types.ModuleType, types.ModuleType, list]:
+    """Put ``benchmarks/host_launches.py``'s CuPy stand-in (kernels are recorded no-ops)
+    in place for one test: ``(host_launches, the stand-in, the launches it records)``."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    host_launches = importlib.import_module("benchmarks.host_launches")
+    launches: list = []
+    modules = host_launches.stand_in_modules(launches)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return host_launches, modules["cupy"], launches
 
 
 class SimulatedScan:

@@ -13,15 +13,14 @@ pointer / ``int`` / ``float`` / ``long long`` per argument.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import re
 import sys
 import types
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
+from recon_helpers import use_cupy_stand_in
 
 from hxn_liveptycho.recon import _fused, _fused_sums
 
@@ -317,24 +316,9 @@ def test_the_solver_launches_every_kernel_as_declared(
     """Every launch of two iterations of the solver's fused path, made at its real call
     sites (a stand-in CuPy whose kernels are recorded no-ops), against the kernels' own
     signatures; the solver's FFT kernels also by their compiled, instantiated names."""
-    import scipy.fft
-
     from hxn_liveptycho.recon import _fft_lines, _windows
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    host_launches = importlib.import_module("benchmarks.host_launches")
-    launches: list = []
-    cp = host_launches.stand_in_cupy(launches)
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scipy = types.ModuleType("cupyx.scipy")
-    cupyx.scipy.fft = scipy.fft
-    for name, module in {
-        "cupy": cp,
-        "cupyx": cupyx,
-        "cupyx.scipy": cupyx.scipy,
-        "cupyx.scipy.fft": scipy.fft,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    host_launches, cp, launches = use_cupy_stand_in(monkeypatch)
     caches = [_fused._raw, _fused._placeholder, _fused._kernels, _windows._kernels]
     caches += [_fused_sums._module, _fused_sums._function, _fused_sums._ones]
     caches += [_fft_lines._module, _fft_lines._kernel, _fft_lines._twiddles, _fft_lines._ones]

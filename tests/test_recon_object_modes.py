@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from recon_helpers import SimulatedScan
+from recon_helpers import SimulatedScan, use_cupy_stand_in
 
 from hxn_liveptycho.recon import memory
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -173,25 +173,9 @@ def test_object_modes_run_on_cupys_branches(algorithm, monkeypatch):
     the CuPy stand-in of ``benchmarks/host_launches.py`` (kernels are no-ops, so only
     that every call exists on that branch is checked: no NumPy-only call, no shape
     error), 1 and 2 probe modes, whole-pixel and sub-pixel."""
-    import importlib
-    import sys
-    import types
-    from pathlib import Path
-
-    import scipy.fft
-
     from hxn_liveptycho.recon import _fused, _windows
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    host_launches = importlib.import_module("benchmarks.host_launches")
-    launches: list = []
-    cp = host_launches.stand_in_cupy(launches)
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scipy = types.ModuleType("cupyx.scipy")
-    cupyx.scipy.fft = scipy.fft
-    modules = {"cupy": cp, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy, "cupyx.scipy.fft": scipy.fft}
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    _, cp, launches = use_cupy_stand_in(monkeypatch)
     caches = (_windows._kernels, _fused._kernels, _fused._raw, _fused._placeholder)
     for cache in caches:
         cache.cache_clear()
