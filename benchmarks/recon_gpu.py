@@ -306,6 +306,11 @@ def main() -> None:
         help="timed rounds of --iterations per case: the median is reported, and the spread",
     )
     parser.add_argument("--quick", action="store_true", help="the small parity cases only")
+    parser.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="the big timed cases only (the parity cases' NumPy runs take minutes)",
+    )
     parser.add_argument("--error-at", type=int, default=0, help="object error after N its")
     parser.add_argument("--algorithms", nargs="+", default=["epie", "lsqml", "dm"])
     parser.add_argument("--modes", type=int, nargs="+", default=[1, 3])
@@ -391,7 +396,9 @@ def main() -> None:
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool, int | None]] = []
     reference = not args.no_reference
     objects = f" M={args.object_modes}" if args.object_modes > 1 else ""
-    for algorithm in args.algorithms:
+    if args.no_parity and args.quick:
+        parser.error("--no-parity with --quick leaves nothing to run")
+    for algorithm in [] if args.no_parity else args.algorithms:
         for modes in args.modes:
             params = IterativeParams(
                 algorithm=algorithm,

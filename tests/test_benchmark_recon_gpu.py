@@ -133,3 +133,27 @@ def test_recon_gpu_runs_object_modes_on_the_reference_path(
     assert made and all(p.object_modes == 2 for p in made)
     assert case["floor_bytes"] == recon_gpu.floor_bytes(400, 128, 2, "lsqml", False)
     assert case["parity_rel_diff_20"] == 0.0
+
+
+def test_recon_gpu_no_parity_times_the_big_cases_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setitem(sys.modules, "cupy", stand_in_cupy(used_bytes=1000))
+    recon_gpu = importlib.import_module("benchmarks.recon_gpu")
+    on_numpy = recon_gpu.make_solver
+    monkeypatch.setattr(recon_gpu, "make_solver", lambda s, _xp, p: on_numpy(s, np, p))
+    monkeypatch.setattr(recon_gpu, "copy_bandwidth", lambda _cp: 4e12)
+    out = tmp_path / "report.json"
+    argv = ["recon_gpu.py", "--no-parity", "--iterations", "1", "--rounds", "1"]
+    argv += ["--no-reference", "--algorithms", "dm", "--modes", "1", "--sides", "3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+
+    recon_gpu.main()
+
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["case"] == "9x256^2 dm K=1"
+    assert "parity_rel_diff_20" not in case
+    monkeypatch.setattr(sys, "argv", ["recon_gpu.py", "--no-parity", "--quick"])
+    with pytest.raises(SystemExit):
+        recon_gpu.main()
