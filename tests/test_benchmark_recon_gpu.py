@@ -88,6 +88,9 @@ def test_recon_gpu_plans_times_and_reports_every_case(
         rounds = r["gpu_rounds_s_per_iteration"]
         assert len(rounds) == 2 and all(s > 0 for s in rounds)
         assert r["gpu_s_per_iteration"] == pytest.approx(float(np.median(rounds)))
+        # Everything is issued before the round ends (NumPy here: issued is done).
+        assert len(r["host_enqueued_fraction"]) == 2
+        assert all(0 < f <= 1 for f in r["host_enqueued_fraction"])
         for kind, floor in r["floor_s"].items():
             assert floor == pytest.approx(r["floor_bytes"][kind] / 4e12)
             assert r["ratio_to_floor"][kind] == pytest.approx(r["gpu_s_per_iteration"] / floor)
