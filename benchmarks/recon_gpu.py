@@ -357,7 +357,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="parity also on whole-pixel data, LSQ-ML Poisson and ePIE with position refinement",
+        help="parity also on whole-pixel data, LSQ-ML Poisson, ePIE with position refinement "
+        "and ePIE with the object clamp",
     )
     parser.add_argument(
         "--batches", type=int, nargs="+", default=[128], help="batch sizes of the big cases"
@@ -448,6 +449,9 @@ def main() -> None:
     if args.variants:  # paths that stay on the xp reference on CuPy
         for name, params in (
             ("lsqml poisson", IterativeParams(algorithm="lsqml", noise="poisson", batch_size=128)),
+            # The fused end of a pass with the clamp acting (the phantom's amplitude
+            # reaches 1.0; the default is no clamp).
+            ("epie clamp 0.95", IterativeParams(algorithm="epie", object_amplitude_max=0.95)),
             (
                 "epie refine",
                 IterativeParams(

@@ -61,7 +61,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     cp = types.ModuleType("cupy")
     cp.float32, cp.complex64, cp.uint32 = np.float32, np.complex64, np.uint32
     cp.zeros, cp.empty, cp.ones, cp.sum = np.zeros, np.empty, np.ones, np.sum
-    cp.ascontiguousarray = np.ascontiguousarray
+    cp.ascontiguousarray, cp.asarray = np.ascontiguousarray, np.asarray
     cp.max = lambda a: np.asarray(np.max(a))  # CuPy reductions give 0-d arrays
     cp.RawKernel = lambda code, name, **_: rec.kernel(name)
 
@@ -244,6 +244,32 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     with pytest.raises(ValueError, match="a mixing of 2 modes"):
         _fused.mix_modes(dpsi, np.eye(3, dtype=c64))
     assert f"MIX_MAX_MODES {_fused._MIX_MAX_MODES}" in _fused._RAW_SOURCE
+    # The end of a pass: the probes' momentum, then the probes' power total (one block, a
+    # fixed order) and the object's momentum, gauge and clamp with the probes' scaling.
+    previous, velocity = np.zeros_like(canvas), np.zeros_like(canvas)
+    _fused.momentum_step(probes, 3, probes.copy(), probes.copy(), 0.75, 0.1)
+    assert recorder.launches[-1][3][3] == 3 and recorder.launches[-1][3][-1] == probes.size
+    power = np.ones((), np.float32)
+    _fused.pass_tail(
+        canvas,
+        probes,
+        momentum=(2, previous, velocity),
+        friction=0.75,
+        gain=0.1,
+        power=power,
+        amax=1.0,
+    )
+    total, tail = recorder.launches[-2:]
+    assert total[0] == "liveptycho_power_total" and total[2] == (_fused._TOTAL_THREADS,)
+    assert tail[0] == "liveptycho_pass_tail" and tail[3][3] == 2 and tail[3][6] is power
+    assert tail[3][7] is total[3][-1] and tail[3][8] == 1 and tail[3][9] == np.float32(1.0)
+    assert tail[3][-2] == canvas.size and tail[3][-1] == canvas.size + probes.size
+    n_before = len(recorder.launches)  # no gauge: no total, the object's elements only
+    _fused.pass_tail(
+        canvas, probes, momentum=(0, canvas, canvas), friction=0.75, gain=0.1, power=None, amax=None
+    )
+    (tail,) = recorder.launches[n_before:]
+    assert tail[3][8] == 0 and tail[3][9] == 0 and tail[3][-1] == canvas.size
     launched = check(recorder.launches, _fused._RAW_SOURCE)
     assert launched == set(signatures(_fused._RAW_SOURCE))
     steps = [a for name, _, _, a in recorder.launches if name.endswith("regularised_step")]

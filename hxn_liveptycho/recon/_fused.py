@@ -729,6 +729,73 @@ extern "C" __global__ void liveptycho_mix_modes(
     }
 }
 
+// The end of a pass, as the solver's xp path does it in some thirty small operations:
+// momentum (recon._momentum.Momentum.step; stage 0 none, 1 record x, 2 the first velocity
+// is the change, 3 a full step), then the gauge (x / s for the object, x s for the probes,
+// s = sqrt(power / total)), then the object's amplitude clamp (amax 0: none).
+__device__ __forceinline__ T momentum_step(
+    T x, T* previous, T* velocity, long long i, int stage, float friction, float gain) {
+    if (stage >= 2) {
+        const T change = x - previous[i];
+        const T v = stage == 2 ? change : velocity[i] * friction + change;
+        velocity[i] = v;
+        x += v * gain;
+    }
+    if (stage >= 1) previous[i] = x;
+    return x;
+}
+
+extern "C" __global__ void liveptycho_momentum(
+    T* x, T* previous, T* velocity, int stage, float friction, float gain, long long size) {
+    ELEMENTS(size) {
+        x[i] = momentum_step(x[i], previous, velocity, i, stage, friction, gain);
+    }
+}
+
+// total[0] = sum |x|^2, by one block (blockDim a power of two, at most 1024) in a fixed
+// order: the same total on every run, read by liveptycho_pass_tail's gauge.
+extern "C" __global__ void liveptycho_power_total(const T* x, long long size, float* total) {
+    __shared__ float part[1024];
+    float sum = 0.f;
+    for (long long i = threadIdx.x; i < size; i += blockDim.x) {
+        const T v = x[i];
+        sum += v.real() * v.real() + v.imag() * v.imag();
+    }
+    part[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) total[0] = part[0];
+}
+
+// Elements [0, object_size) are the object's (momentum, gauge, clamp); the rest, with the
+// gauge, the probes' (times s).
+extern "C" __global__ void liveptycho_pass_tail(
+    T* objects, T* previous, T* velocity, int stage, float friction, float gain,
+    const float* power, const float* total, int gauge, float amax, T* probes,
+    long long object_size, long long size) {
+    const float s = gauge ? sqrtf(power[0] / total[0]) : 1.f;
+    ELEMENTS(size) {
+        if (i < object_size) {
+            T o = momentum_step(objects[i], previous, velocity, i, stage, friction, gain);
+            if (gauge) o = T(o.real() / s, o.imag() / s);
+            if (amax > 0.f) {
+                const float a = abs(o);
+                if (a > amax) {
+                    const float f = amax / fmaxf(a, 1e-30f);
+                    o = T(o.real() * f, o.imag() * f);
+                }
+            }
+            objects[i] = o;
+        } else {
+            const T p = probes[i - object_size];
+            probes[i - object_size] = T(p.real() * s, p.imag() * s);
+        }
+    }
+}
+
 // target += x scale[0]
 extern "C" __global__ void liveptycho_add_scaled(
     const T* x, const float* scale, T* target, long long width, long long stride,
@@ -1223,6 +1290,54 @@ def add_scaled(target: Any, x: Any, scale: Any) -> None:
     _contiguous(x)
     width, stride = _rows(target, x.size)
     _launch("add_scaled", x.size, (x, scale, target, width, stride))
+
+
+#: Threads of :func:`pass_tail`'s one-block power total (a power of two, at most 1024).
+_TOTAL_THREADS = 1024
+
+
+def momentum_step(
+    x: Any, stage: int, previous: Any, velocity: Any, friction: float, gain: float
+) -> None:
+    """``Momentum.step`` (``recon._momentum``) on ``x`` in one pass, with the ``(stage,
+    previous, velocity)`` that ``Momentum.buffers_for`` gives."""
+    _contiguous(x, previous, velocity)
+    f32 = np.float32
+    _launch("momentum", x.size, (x, previous, velocity, np.int32(stage), f32(friction), f32(gain)))
+
+
+def pass_tail(
+    objects: Any,
+    probes: Any,
+    *,
+    momentum: tuple[int, Any, Any],
+    friction: float,
+    gain: float,
+    power: Any | None,
+    amax: float | None,
+) -> None:
+    """The end of a pass over ``objects`` and ``probes`` in place, in two launches (one
+    without the gauge): the objects' momentum step (``momentum`` as
+    :meth:`~hxn_liveptycho.recon._momentum.Momentum.buffers_for` gives it; stage 0: none),
+    then with ``power`` (the probes' target ``sum |P|^2``, 0-d float32) the gauge, objects
+    divided and probes multiplied by ``sqrt(power / sum |P|^2)``, then the objects'
+    amplitude clamp at ``amax`` (None: none). The xp path's ``_fix_gauge`` and
+    ``_clamp_object`` in order, with the probes' sum in a fixed order."""
+    import cupy as cp
+
+    stage, previous, velocity = momentum
+    _contiguous(objects, probes, previous, velocity)
+    gauge = power is not None
+    total = _dummy(np.float32)
+    if gauge:
+        power = cp.asarray(power, dtype=cp.float32)  # a pointer to it (no copy if it is one)
+        total = cp.empty((), dtype=cp.float32)
+        _raw("power_total")((1,), (_TOTAL_THREADS,), (probes, np.int64(probes.size), total))
+    size = objects.size + (probes.size if gauge else 0)
+    f32 = np.float32
+    args = (objects, previous, velocity, np.int32(stage), f32(friction), f32(gain))
+    args += (power if gauge else _dummy(np.float32), total, np.int32(gauge), f32(amax or 0.0))
+    _launch("pass_tail", size, (*args, probes, np.int64(objects.size)))
 
 
 def mix_modes(waves: Any, u: Any) -> None:

@@ -57,6 +57,20 @@ class Momentum:
         x += prev
         prev[...] = x
 
+    def buffers_for(self, x: Any) -> tuple[int, Any, Any]:
+        """``(stage, previous, velocity)`` for a kernel that makes :meth:`step` on ``x``
+        itself (``recon._fused``): stage 1, it only records ``x`` into ``previous``; 2, the
+        velocity is this pass's change; 3, a full step. Allocates the buffers the kernel
+        fills, so this object's state is :meth:`step`'s after the kernel has run."""
+        xp = self._xp
+        if self._previous is None or self._previous.shape != x.shape:
+            self._previous, self._velocity = xp.empty_like(x), None
+            return 1, self._previous, self._previous  # the velocity is not touched
+        if self._velocity is None:
+            self._velocity = xp.empty_like(x)
+            return 2, self._previous, self._velocity
+        return 3, self._previous, self._velocity
+
     def mix(self, u: Any) -> None:
         """Apply the K x K mixing ``u`` that the solver applied to the modes (its first
         axis) to the history too, so velocities stay attached to the same modes."""

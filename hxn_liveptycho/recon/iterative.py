@@ -55,6 +55,8 @@ from hxn_liveptycho.recon._fused import (
     exit_waves,
     max_slots,
     mix_modes,
+    momentum_step,
+    pass_tail,
     ramp_table,
     regularise,
     regularised_step,
@@ -981,6 +983,47 @@ class StreamingSolver:
         """``sum_j |O_j|^2`` (n, n) float32 over the batch's windows."""
         return self._xp.sum(obj.real**2 + obj.imag**2, axis=0)
 
+    def _end_pass(self, algorithm: str, update_probe: bool) -> None:
+        """Momentum (ePIE, LSQ-ML), the probe's gauge and the object's clamp after a pass.
+        Fused: three launches at most (the xp path takes some thirty small ones, which
+        cost the host more than the GPU's work on a small scan)."""
+        p = self.params
+        moving = algorithm != "dm" and p.momentum_gain > 0
+        if algorithm == "dm":  # a fixed-point map of its waves: no history carried over
+            self._object_momentum.reset()
+            self._probe_momentum.reset()
+        gauge = update_probe and p.fix_probe_power
+        if not self._fused:
+            if moving:
+                self._object_momentum.step(self._objects)
+                if update_probe:
+                    self._probe_momentum.step(self._probes)
+            if gauge:
+                self._fix_gauge()
+            self._clamp_object()
+            return
+        if moving and update_probe:
+            momentum_step(
+                self._probes,
+                *self._probe_momentum.buffers_for(self._probes),
+                p.momentum_friction,
+                p.momentum_gain,
+            )
+        if not (moving or gauge or p.object_amplitude_max is not None):
+            return
+        objects = self._objects
+        pass_tail(
+            objects,
+            self._probes,
+            momentum=self._object_momentum.buffers_for(objects)
+            if moving
+            else (0, objects, objects),
+            friction=p.momentum_friction,
+            gain=p.momentum_gain,
+            power=self._probe_power if gauge else None,
+            amax=p.object_amplitude_max,
+        )
+
     def _fix_gauge(self) -> None:
         """Hold the probe power at the data's value by trading scale with the object."""
         xp = self._xp
@@ -1588,24 +1631,17 @@ class StreamingSolver:
                     step(batch, update_probe, refine, err)
                 if refine:
                     self._apply_shifts()
-            if algorithm == "dm":  # a fixed-point map of its waves: no history carried over
-                self._object_momentum.reset()
-                self._probe_momentum.reset()
-            elif p.momentum_gain > 0:
-                self._object_momentum.step(self._objects)
-                if update_probe:
-                    self._probe_momentum.step(self._probes)
-            if update_probe and p.fix_probe_power:
-                self._fix_gauge()
-            self._clamp_object()
+            self._end_pass(algorithm, update_probe)
             if (
                 update_probe
                 and self._probes.shape[0] > 1
                 and (self._iteration + 1) % p.orthogonalize_every == 0
             ):
                 self._orthogonalize()
-            errors.append(err / xp.maximum(self._amp_power, 1e-30))
+            errors.append(err)
             self._iteration += 1
-        values = [float(e) for e in to_host(xp.stack(errors))]
+        # One division for the call, not two launches a pass (the frames cannot change
+        # within the call).
+        values = [float(e) for e in to_host(xp.stack(errors) / xp.maximum(self._amp_power, 1e-30))]
         self.error_history.extend(values)
         return values[-1]
