@@ -104,7 +104,14 @@ def check(launches: list, source: str) -> set[str]:
 
 def test_signature_parser_reads_the_kinds() -> None:
     sigs = signatures(_fused._RAW_SOURCE)
-    assert sigs["liveptycho_regularise"] == ["pointer", "int", "float", "pointer", "long long"]
+    assert sigs["liveptycho_add_scaled"] == [
+        "pointer",
+        "pointer",
+        "pointer",
+        "long long",
+        "long long",
+        "long long",
+    ]
 
 
 def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
@@ -236,7 +243,10 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     target = canvas[2:19, 3:23]
     _fused.regularised_step(target, box, den, 0.1, 1.0, slots[0])
     _fused.regularised_step(probes, summed, power, 0.1, 1.0)
-    _fused.regularise(den, 0.1, slots[0])
+    assert _fused.divide_regularised(summed, power, 0.1, slots[1]) is summed
+    assert recorder.launches[-1][3][1] == n * n and recorder.launches[-1][3][-1] == summed.size
+    with pytest.raises(ValueError, match="does not repeat"):
+        _fused.divide_regularised(summed, den, 0.1)
     _fused.add_scaled(probes, summed, np.ones((), np.float32))
     # DM's stored waves follow the orthogonalised modes: K x K, up to the source's bound.
     _fused.mix_modes(dpsi, np.eye(k, dtype=c64))
@@ -285,7 +295,7 @@ def test_launchers_refuse_what_the_kernels_cannot_address(recorder: Recorder) ->
     with pytest.raises(ValueError, match="elements"):
         _fused.add_scaled(np.zeros((4, 5), np.complex64), num, den[0, 0])
     with pytest.raises(ValueError, match="C-contiguous"):
-        _fused.regularise(np.ones((6, 4), np.float32).T, 0.1)
+        _fused.divide_regularised(num, np.ones((6, 4), np.float32).T, 0.1)
     with pytest.raises(ValueError, match="does not cover the box"):
         _fused.add_window_ratio(
             np.zeros((20, 24), np.complex64),
@@ -322,6 +332,16 @@ def test_every_kernel_of_the_sums_module_is_launched_as_declared(recorder: Recor
     assert regularised[-4] is slots and regularised[-3] == 1 and regularised[-2] == np.float32(0.1)
     _fused_sums.lsqml_steps(sums, 0.1, 1.0, 1.0, True)
     _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, n**-2)
+    # The pass's error sums given: the batch's rows of them, nothing summed here.
+    pass_sums = np.zeros((f.shape[0] + 5, 3), np.float32)
+    batch_rows = pass_sums[5:]
+    assert (
+        _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, 1.0, batch_rows)
+        is None
+    )
+    assert recorder.launches[-1][3][6] is batch_rows
+    with pytest.raises(ValueError, match="contiguous"):
+        _fused_sums.dm_fourier_step(f, f.copy(), amps, rows, None, 0.9, 1.0, 1.0, pass_sums[:, :2])
     launched = check(recorder.launches, _fused_sums._SOURCE)
     assert launched == set(signatures(_fused_sums._SOURCE))
 

@@ -35,10 +35,12 @@ __all__ = [
     "add_scaled",
     "add_window_ratio",
     "batch_sum",
+    "divide_regularised",
     "exit_waves",
     "max_slots",
+    "momentum_step",
+    "pass_tail",
     "ramp_table",
-    "regularise",
     "regularised_step",
     "regularising",
     "scaled_copy",
@@ -62,8 +64,9 @@ SLOT_FLOATS = MAX_SLOTS * _SLOT_STRIDE
 #: ``slot_max(slots, v)``: this warp's maximum of ``v`` >= 0 into one of the slots (its
 #: float bits compare as unsigned ints); the readers take the maximum over the slots
 #: with a whole warp (``den_maximum``, which also takes a plain ``max(den)``), and
-#: ``regularised`` makes the regularised illumination from it as :func:`regularise`
-#: does (also for the kernels that read ``den`` once: no pass of its own).
+#: ``regularised`` makes the regularised illumination from it, ``max((1 - reg) (den + reg
+#: max(den)), 1e-30)`` (the xp path's ``_regularised``), where the kernels read ``den``:
+#: no pass of its own.
 SLOT_MAX_CUDA = f"""
 __device__ __forceinline__ void slot_max(unsigned int* slots, float v) {{
     const unsigned int bits = __float_as_uint(v);
@@ -421,7 +424,7 @@ extern "C" __global__ void liveptycho_window_sums(
 // (at origin (oy, ox), rows of acc_width); mode 1: num = sum, den = illumination on the
 // whole box (0 where no window falls; the accumulators cover exactly the box, so they are
 // written, never read); mode 2: target (the canvas, rows of target_width) += sum /
-// regularised(den) (reg and den's maximum as regularise takes them; reg 0 for a den
+// regularised(den) (reg and den's maximum as regularised takes them; reg 0 for a den
 // already regularised).
 """
     + "".join(
@@ -684,16 +687,20 @@ extern "C" __global__ void liveptycho_regularised_step(
     }
 }
 
-// den <- max((1 - reg) (den + reg max(den)), 1e-30), in place
-extern "C" __global__ void liveptycho_regularise(
-    const float* den_max, int slots, float reg, float* den, long long size) {
+// x /= max((1 - reg) (den + reg max(den)), 1e-30), den repeated over x's leading axes
+// and left as it is
+extern "C" __global__ void liveptycho_divide_regularised(
+    const float* den, long long den_size, const float* den_max, int slots, float reg, T* x,
+    long long size) {
     const float m = den_maximum(den_max, slots);
     ELEMENTS(size) {
-        den[i] = regularised(den[i], reg, m);
+        const float d = regularised(den[i % den_size], reg, m);
+        const T v = x[i];
+        x[i] = T(v.real() / d, v.imag() / d);
     }
 }
 
-// target += num / regularised(den) (as regularise: reg and den's maximum; reg 0: den as is)
+// target += num / regularised(den) (reg and den's maximum; reg 0: den as is)
 extern "C" __global__ void liveptycho_add_ratio(
     const T* num, const float* den, const float* den_max, int slots, float reg, T* target,
     long long width, long long stride, long long size) {
@@ -1146,7 +1153,7 @@ def _tile_launch(
 
 def regularising(den: Any, reg: float, den_max: Any | None) -> tuple[Any, Any, Any]:
     """The kernels' ``(den_max, has_slots, reg)`` arguments for regularising ``den`` as it
-    is read, as :func:`regularise` would (reg 0: ``den`` taken as it is)."""
+    is read, as :func:`divide_regularised` does (reg 0: ``den`` taken as it is)."""
     if not reg:
         return _dummy(np.float32), np.int32(0), np.float32(0)
     return (*max_of(den, den_max), np.float32(reg))
@@ -1166,9 +1173,9 @@ def add_window_ratio(
 ) -> None:
     """``canvas += (sum_b w_b sum_k conj(P_k) dpsi_bk over the windows) / den`` in place,
     ``den`` covering ``box`` ``(y0, x0, y1, x1)`` and regularised on the way as
-    :func:`regularise` would with ``reg`` and ``den_max`` (reg 0: ``den`` already
+    :func:`divide_regularised` does with ``reg`` and ``den_max`` (reg 0: ``den`` already
     regularised). Up to :data:`_TILE_MODES` modes: :func:`window_sums`,
-    :func:`regularise` and a ``num / den`` add in one pass, with no ``num`` array (the
+    :func:`regularising` and a ``num / den`` add in one pass, with no ``num`` array (the
     sums gathered by canvas tile); with more, the atomic sums into a ``num`` array, then
     one pass that adds the ratio."""
     import cupy as cp
@@ -1276,13 +1283,17 @@ def regularised_step(
     _launch("regularised_step", num.size, (num, den, np.int64(den.size), m, from_slots, *args))
 
 
-def regularise(den: Any, reg: float, slots: Any | None = None) -> Any:
-    """``den <- max((1 - reg) (den + reg max(den)), 1e-30)`` in place (the xp path's
-    ``_regularised`` in one pass); returns ``den``. ``slots`` as :func:`regularised_step`."""
-    _contiguous(den)
+def divide_regularised(x: Any, den: Any, reg: float, slots: Any | None = None) -> Any:
+    """``x /= max((1 - reg) (den + reg max(den)), 1e-30)`` (the xp path's ``_regularised``;
+    ``den`` itself unchanged), in place, in one launch; ``den`` is the shape of ``x`` or of
+    its last axes. Returns ``x``. ``slots`` as :func:`regularised_step`."""
+    _contiguous(x, den)
+    if x.size % den.size:
+        raise ValueError(f"den {den.shape} does not repeat over {x.shape}")
     m, from_slots = max_of(den, slots)
-    _launch("regularise", den.size, (m, from_slots, np.float32(reg), den))
-    return den
+    args = (den, np.int64(den.size), m, from_slots, np.float32(reg), x)
+    _launch("divide_regularised", x.size, args)
+    return x
 
 
 def add_scaled(target: Any, x: Any, scale: Any) -> None:

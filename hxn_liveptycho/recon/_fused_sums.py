@@ -320,7 +320,7 @@ def lsqml_step_sums(
     O dP`` with ``O`` the canvas window and ``dprobes`` the probe step (shared (K, n, n),
     per position (B, K, n, n), or None: object step only, v = 0); sums over modes and
     pixels of ``|u|^2, Re u* v, |v|^2, Re u* chi, Re v* chi``. ``den`` is regularised as
-    it is read, as :func:`~hxn_liveptycho.recon._fused.regularise` would with ``reg``
+    it is read, as :func:`~hxn_liveptycho.recon._fused.divide_regularised` does with ``reg``
     and ``den_max`` (reg 0: ``den`` already regularised).
 
     ``box``, the canvas pixels ``num`` and ``den`` cover (``origin`` its corner): up to
@@ -381,8 +381,12 @@ def dm_fourier_step(
     relax: float,
     beta: float,
     scale: float,
-) -> Any:
+    sums: Any | None = None,
+) -> Any | None:
     """DM's relaxed Fourier step on a batch, in place; returns the error of ``phi`` (0-d).
+    Given ``sums``, a zeroed (B, 3) float32 buffer (the batch's rows of one for the
+    pass), the errors stay in its last column and nothing is returned: the pass sums them
+    once instead of two small launches a batch.
 
     ``phi`` (B, K, n, n): far fields of ``P O_j`` (the overlap projection); ``waves``: the
     stored far-field exit waves of the same positions. ``waves`` becomes ``psi + beta
@@ -393,7 +397,11 @@ def dm_fourier_step(
     import cupy as cp
 
     b, k, nn = phi.shape[0], phi.shape[1], phi.shape[-1] * phi.shape[-2]
-    sums = cp.zeros((b, 3), dtype=cp.float32)
+    given = sums is not None
+    if sums is None:
+        sums = cp.zeros((b, 3), dtype=cp.float32)
+    elif sums.shape != (b, 3) or not sums.flags.c_contiguous:
+        raise ValueError(f"DM's sums of {b} positions are a contiguous ({b}, 3), got {sums.shape}")
     mask, has = _mask(valid)
     i32 = np.int32
     _launch("liveptycho_dm_sums", b, nn, (phi, waves, amps, rows, mask, has, i32(k), i32(nn), sums))
@@ -412,4 +420,4 @@ def dm_fourier_step(
         cp.float32(scale),
     )
     _launch("liveptycho_dm_update", b, nn, args)
-    return cp.sum(sums[:, 2])
+    return None if given else cp.sum(sums[:, 2])

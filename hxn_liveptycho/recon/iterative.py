@@ -52,13 +52,13 @@ from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
     add_scaled,
     add_window_ratio,
+    divide_regularised,
     exit_waves,
     max_slots,
     mix_modes,
     momentum_step,
     pass_tail,
     ramp_table,
-    regularise,
     regularised_step,
     scaled_copy,
     shift_spectra,
@@ -1387,7 +1387,7 @@ class StreamingSolver:
         d_probe = seen = None
         if update_probe:
             d_probe = self._probe_update_terms(acc, table)
-            d_probe /= regularise(acc.oden, p.probe_reg, acc.oden_max)
+            divide_regularised(d_probe, acc.oden, p.probe_reg, acc.oden_max)
             del acc  # the per-position probe terms: free them before the step sums
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
@@ -1482,13 +1482,17 @@ class StreamingSolver:
         onum = xp.zeros(self._objects.shape, dtype=xp.complex64)
         oden = xp.zeros(self._shape, dtype=xp.float32)
         err = xp.zeros((), dtype=xp.float32)
+        # Fused: each position's error sums in a row of this, added up once for the pass.
+        sums = xp.zeros((self._n_active, 3), dtype=xp.float32) if self._fused else None
         batches = self._batches(np.arange(self._n_active))
         starts = range(0, self._n_active, p.batch_size)
         for start, batch in zip(starts, batches, strict=True):
             stop = start + int(batch.rows.shape[0])
             probes, _ = self._batch_probes(batch, self._fused)
-            if self._fused:
-                err = err + self._dm_fused_batch(batch, probes, waves[start:stop], onum[0], oden)
+            if sums is not None:
+                self._dm_fused_batch(
+                    batch, probes, waves[start:stop], onum[0], oden, sums[start:stop]
+                )
                 continue
             objs = self._object_windows(batch)
             amps = self._amps[start:stop]
@@ -1507,6 +1511,8 @@ class StreamingSolver:
             for num, part in zip(onum, self._object_mode_blocks(psi), strict=True):
                 self._scatter(batch, self._object_numerator(part, probes), num, whole=True)
             self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
+        if sums is not None:
+            err = xp.sum(sums[:, 2])
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
@@ -1537,12 +1543,15 @@ class StreamingSolver:
             self._probes = ((pnum + d * self._probes) / (pden + d)).astype(xp.complex64)
         return err
 
-    def _dm_fused_batch(self, batch: _Batch, probes: Any, waves: Any, onum: Any, oden: Any) -> Any:
+    def _dm_fused_batch(
+        self, batch: _Batch, probes: Any, waves: Any, onum: Any, oden: Any, sums: Any
+    ) -> None:
         """DM's Fourier step and overlap sums for ``batch`` in fused kernels; ``waves``: the
-        batch's stored exit waves (updated in place). Returns the batch's squared error."""
+        batch's stored exit waves (updated in place); ``sums``: the batch's rows of the
+        pass's error sums (``dm_fourier_step``)."""
         p = self.params
         phi = self._exit_wave_spectra(batch, probes)
-        err = dm_fourier_step(
+        dm_fourier_step(
             phi,
             waves,
             self._amps,
@@ -1551,10 +1560,10 @@ class StreamingSolver:
             p.dm_fourier_relax,
             p.dm_beta,
             self._n**-2,
+            sums,
         )
         psi = self._ifft_unscaled(phi)
         window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden, box=batch.box)
-        return err
 
     def _dm_fused_probe_sums(self, batches: list[_Batch]) -> tuple[Any, Any]:
         """DM's probe numerator (K, n, n) and weights (n, n) from the stored waves and the
