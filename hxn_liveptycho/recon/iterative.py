@@ -505,6 +505,10 @@ class StreamingSolver:
         # Fused path, n = 64 or 256: the solver's own FFT (recon._fft_lines), with the
         # modulus step folded between its passes; cuFFT otherwise.
         self._lines = self._fused and fft_lines.supports(n)
+        # Fused path: the zeroed small sums of a batch and their views, made once per
+        # kind of batch and zeroed again for each (slicing a CuPy array costs the host
+        # microseconds that a small scan's batches do not have).
+        self._batch_sums: dict[tuple[bool, int], tuple[Any, ...]] = {}
         self._amps = xp.zeros((0, n, n), dtype=xp.float32)
         # Positions (y, x) of the window's top-left corner, float64 on xp: the current
         # (refined) ones and the measured ones (after clipping into the canvas). The
@@ -1222,7 +1226,8 @@ class StreamingSolver:
     ) -> tuple[Any, ...]:
         """``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`: the
         object sums on the batch's box (not zeroed: ``window_sums`` overwrites them), and
-        as views of one zeroed buffer (one memset per batch) the object power (n, n)
+        as views of one zeroed buffer (kept for the next batch of the kind, zeroed by one
+        memset per batch) the object power (n, n)
         (None without ``update_probe``), the maximum slots of both
         (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the maximum
         of nothing lands in an unused slot set) and, for ``summed_modes`` > 0, the probe
@@ -1230,15 +1235,21 @@ class StreamingSolver:
         xp, n = self._xp, self._n
         num = xp.empty(batch.box_shape, dtype=xp.complex64)
         den = xp.empty(batch.box_shape, dtype=xp.float32)
-        slots = SLOT_FLOATS
-        power = n * n if update_probe else 0
-        terms = 2 * summed_modes * n * n
-        buffer = xp.zeros(terms + slots + power + slots, dtype=xp.float32)
-        summed = buffer[:terms].view(xp.complex64).reshape(-1, n, n) if terms else None
-        den_max = max_slots(buffer[terms:])
-        rest = buffer[terms + slots :]
-        oden = rest[:power].reshape(n, n) if update_probe else None
-        oden_max = max_slots(rest[power:])
+        key = (update_probe, summed_modes)
+        if key not in self._batch_sums:
+            slots = SLOT_FLOATS
+            power = n * n if update_probe else 0
+            terms = 2 * summed_modes * n * n
+            buffer = xp.zeros(terms + slots + power + slots, dtype=xp.float32)
+            summed = buffer[:terms].view(xp.complex64).reshape(-1, n, n) if terms else None
+            den_max = max_slots(buffer[terms:])
+            rest = buffer[terms + slots :]
+            oden = rest[:power].reshape(n, n) if update_probe else None
+            oden_max = max_slots(rest[power:])
+            self._batch_sums[key] = (buffer, oden, den_max, oden_max, summed)
+        else:  # the last batch's readers come first in the stream's order
+            self._batch_sums[key][0].fill(0)
+        _, oden, den_max, oden_max, summed = self._batch_sums[key]
         return num, den, oden, den_max, oden_max, summed
 
     def _epie_fused(
