@@ -171,3 +171,83 @@ def test_memory_counts_the_history(scan):
     assert memory.estimate_terms(*args, momentum=True)["momentum"] == history
     assert memory.estimate_terms(*args)["momentum"] == 0
     assert on.peak_bytes() - off.peak_bytes() == history
+
+
+def _momentum_like_the_kernel(x, stage, previous, velocity, friction, gain):
+    """``liveptycho_momentum`` of ``recon._fused``, element by element, in NumPy."""
+    if stage >= 2:
+        change = x - previous
+        v = change if stage == 2 else velocity * np.float32(friction) + change
+        velocity[...] = v
+        x += v * np.float32(gain)
+    if stage >= 1:
+        previous[...] = x
+
+
+def _pass_tail_like_the_kernel(objects, probes, *, momentum, friction, gain, power, amax):
+    """``liveptycho_power_total`` then ``liveptycho_pass_tail``, in NumPy."""
+    total = np.float32(np.sum(probes.real**2 + probes.imag**2))
+    s = np.sqrt(np.float32(power) / total) if power is not None else np.float32(1)
+    _momentum_like_the_kernel(objects, *momentum, friction, gain)
+    if power is not None:
+        objects /= s
+        probes *= s
+    if amax is not None:
+        a = np.abs(objects)
+        objects *= np.where(a > amax, amax / np.maximum(a, 1e-30), 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"algorithm": "epie", "probe_modes": 2},
+        {"algorithm": "lsqml", "object_amplitude_max": 0.9},
+        {"algorithm": "epie", "momentum_gain": 0.0, "object_amplitude_max": 0.9},
+    ],
+)
+def test_the_fused_end_of_a_pass_does_what_the_xp_path_does(scan, settings, monkeypatch):
+    """The fused end of a pass (CuPy: the probes' momentum, then one launch for the object's
+    momentum, gauge and clamp) over several passes: momentum's stages, the order of
+    momentum, gauge and clamp, and which arrays each touches match the xp path's. The
+    kernels are stood in for by their element-wise NumPy equivalents (their CUDA is
+    checked against the xp path on the GPU: ``benchmarks/recon_gpu.py --variants``)."""
+    from hxn_liveptycho.recon import iterative
+
+    monkeypatch.setattr(iterative, "momentum_step", _momentum_like_the_kernel)
+    monkeypatch.setattr(iterative, "pass_tail", _pass_tail_like_the_kernel)
+    params = IterativeParams(probe_update_start=1, **settings)
+    solvers = []
+    for fused in (False, True):
+        s = StreamingSolver(probe=scan.probe_guess, canvas_shape=scan.canvas, params=params)
+        s.add(scan.amplitudes, scan.positions)
+        s.iterate(1)
+        s._fused = fused  # the end of a pass only: the passes themselves are not run
+        solvers.append(s)
+    reference, fused = solvers
+    rng = np.random.default_rng(5)
+    for algorithm, update_probe in [
+        ("epie", False),
+        ("epie", True),
+        ("epie", True),
+        ("dm", True),
+        ("epie", True),
+        ("epie", True),
+    ]:
+        # A pass's change, the same for both.
+        step = 0.05 * rng.normal(size=reference._objects.shape)
+        probe_step = 0.05 * rng.normal(size=reference._probes.shape)
+        for s in solvers:
+            s._objects += step.astype(np.complex64)
+            s._probes += probe_step.astype(np.complex64)
+            s._end_pass(algorithm, update_probe)
+        np.testing.assert_allclose(fused._objects, reference._objects, rtol=2e-6, atol=2e-7)
+        np.testing.assert_allclose(fused._probes, reference._probes, rtol=2e-6, atol=2e-6)
+        for mine, theirs in [
+            (fused._object_momentum, reference._object_momentum),
+            (fused._probe_momentum, reference._probe_momentum),
+        ]:
+            assert len(mine.buffers) == len(theirs.buffers)
+            for a, b in zip(mine.buffers, theirs.buffers, strict=True):
+                np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    if params.object_amplitude_max is not None:
+        assert np.abs(fused._objects).max() <= params.object_amplitude_max * (1 + 1e-6)
