@@ -6,8 +6,9 @@ taking, and ``x <- x + gain v`` takes a further step along it. Early on,
 when every pass moves the object the same way, this gets a usable image in
 fewer passes; near convergence the passes' changes are small and alternate,
 so ``v`` stays small. It runs between passes on whole arrays (in place, two
-buffers the size of the array), the same on NumPy and CuPy, outside the hot
-per-batch kernels. Written over ``xp``.
+buffers the size of the array), outside the hot per-batch kernels. Written
+over ``xp``; the solver's fused CuPy path makes the same step inside its
+end-of-pass kernels, with this object's buffers (:meth:`Momentum.buffers_for`).
 """
 
 from __future__ import annotations
