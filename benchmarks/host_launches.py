@@ -14,9 +14,9 @@ it takes on a GPU, on 64² frames (the solver's own FFT path, as at 256²). Two 
   checked by recording before and after it and comparing the files.
 - The host's time per batch: the solver's Python without the GPU's work. CuPy's own
   cost per launch (a few µs) comes on top; the NumPy arithmetic left outside the
-  kernels here (the probe's gauge, momentum, once a pass) is counted, so read it as an
-  upper bound of the Python part. The GPU never waits while this stays under a batch's
-  kernel time (``recon_profile.py``).
+  kernels here (the probe modes' orthogonalisation, once every few passes) is counted,
+  so read it as an upper bound of the Python part. The GPU never waits while this stays
+  under a batch's kernel time (``recon_profile.py``).
 """
 
 from __future__ import annotations

@@ -1060,11 +1060,8 @@ class StreamingSolver:
         for start in range(0, self._dm_ready, self.params.batch_size):
             rows = waves[start : start + self.params.batch_size]
             shape = rows.shape
-            if m == 1:
-                rows[...] = xp.matmul(u[None], rows.reshape(shape[0], shape[1], -1)).reshape(shape)
-            else:
-                blocks = rows.reshape(shape[0], m, shape[1] // m, -1)
-                rows[...] = xp.matmul(u[None, None], blocks).reshape(shape)
+            blocks = rows.reshape(shape[0], m, shape[1] // m, -1)
+            rows[...] = xp.matmul(u[None, None], blocks).reshape(shape)
 
     # ------------------------------------------------------------------ positions
     def _estimate_shifts(
@@ -1492,9 +1489,9 @@ class StreamingSolver:
         # One numerator per object mode (the fused path has one mode: its first).
         onum = xp.zeros(self._objects.shape, dtype=xp.complex64)
         oden = xp.zeros(self._shape, dtype=xp.float32)
-        err = xp.zeros((), dtype=xp.float32)
         # Fused: each position's error sums in a row of this, added up once for the pass.
         sums = xp.zeros((self._n_active, 3), dtype=xp.float32) if self._fused else None
+        err = xp.zeros((), dtype=xp.float32) if sums is None else None
         batches = self._batches(np.arange(self._n_active))
         starts = range(0, self._n_active, p.batch_size)
         for start, batch in zip(starts, batches, strict=True):
