@@ -254,6 +254,20 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     with pytest.raises(ValueError, match="a mixing of 2 modes"):
         _fused.mix_modes(dpsi, np.eye(3, dtype=c64))
     assert f"MIX_MAX_MODES {_fused._MIX_MAX_MODES}" in _fused._RAW_SOURCE
+    # The probe modes' orthogonalising unitary: one block, built for its mode count with
+    # the block's width the kernel was built for.
+    for modes in (probes, np.ones((6, n, n), c64)):
+        u = _fused.mode_unitary(modes)
+        name, grid, block, args = recorder.launches[-1]
+        threads, options = _fused._gram_build(len(modes))
+        assert name == "liveptycho_mode_unitary" and grid == (1,) and block == (threads,)
+        assert f"-DGRAM_THREADS={threads}" in options and f"-DGRAM_MODES={len(modes)}" in options
+        assert (
+            args[0] is modes and args[1] == n * n and args[2] is u and u.shape == (len(modes),) * 2
+        )
+    assert _fused._gram_build(4)[0] == 1024 and _fused._gram_build(5)[0] == 256
+    with pytest.raises(ValueError, match="1 to 12 modes"):
+        _fused.mode_unitary(np.ones((13, n, n), c64))
     # The end of a pass: the probes' momentum, then the probes' power total (one block, a
     # fixed order) and the object's momentum, gauge and clamp with the probes' scaling.
     previous, velocity = np.zeros_like(canvas), np.zeros_like(canvas)
@@ -349,9 +363,10 @@ def test_every_kernel_of_the_sums_module_is_launched_as_declared(recorder: Recor
 #: Kernels each algorithm's fused path must reach over 1 and 3 modes, whole-pixel and
 #: sub-pixel (beside the FFT's own), so the test cannot pass by launching nothing.
 _REACHED = {
-    "epie": {"tile_sums", "probe_sums", "window_sums", "regularised_step"},
-    "lsqml": {"tile_sums", "tile_step_sums", "lsqml_sums", "lsqml_steps", "add_scaled"},
-    "dm": {"dm_sums", "dm_update", "mix_modes", "tile_sums", "probe_sums"},
+    "epie": {"tile_sums", "probe_sums", "window_sums", "regularised_step", "mode_unitary"},
+    "lsqml": {"tile_sums", "tile_step_sums", "lsqml_sums", "lsqml_steps", "add_scaled"}
+    | {"mode_unitary", "mix_modes"},
+    "dm": {"dm_sums", "dm_update", "mix_modes", "tile_sums", "probe_sums", "mode_unitary"},
 }
 
 

@@ -251,3 +251,61 @@ def test_the_fused_end_of_a_pass_does_what_the_xp_path_does(scan, settings, monk
                 np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
     if params.object_amplitude_max is not None:
         assert np.abs(fused._objects).max() <= params.object_amplitude_max * (1 + 1e-6)
+
+
+def _mix_in_place(waves: np.ndarray, u: np.ndarray) -> None:
+    """``liveptycho_mix_modes``' arithmetic: (B, K, ...) mixed over K, in place."""
+    shape = waves.shape
+    waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+
+@pytest.mark.parametrize("algorithm", ["epie", "dm"])
+def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorithm, monkeypatch):
+    """The fused orthogonalisation (CuPy: one launch for the unitary, then the probes, their
+    momentum and DM's stored waves mixed in place) leaves every array as the xp path does.
+    The unitary is stood in for by the xp path's own and the mixing by NumPy's matmul (the
+    CUDA of both is checked against the xp path on the GPU:
+    ``benchmarks/mode_orthogonalisation.py``)."""
+    from hxn_liveptycho.recon import iterative
+
+    unitaries = []
+
+    def unitary(modes: np.ndarray) -> np.ndarray:
+        unitaries.append(orthogonalize_modes(modes, np)[1])
+        return unitaries[-1]
+
+    monkeypatch.setattr(iterative, "mode_unitary", unitary)
+    monkeypatch.setattr(iterative, "mix_modes", _mix_in_place)
+    params = IterativeParams(
+        algorithm=algorithm, probe_modes=3, probe_update_start=0, momentum_gain=GAIN
+    )
+    solvers = []
+    for _ in range(2):
+        s = StreamingSolver(probe=scan.probe_guess, canvas_shape=scan.canvas, params=params)
+        s.add(scan.mode_amplitudes, scan.positions)
+        s.iterate(3)
+        solvers.append(s)
+    reference, fused = solvers
+    fused._fused = True  # the orthogonalisation only: the passes have run on NumPy
+    # Modes far from orthogonal, the same in both.
+    rng = np.random.default_rng(7)
+    mixing = (np.eye(3) + 0.4 * rng.normal(size=(3, 3)) + 0.4j * rng.normal(size=(3, 3))).astype(
+        np.complex64
+    )
+    for s in solvers:
+        s._probes[...] = np.einsum("kl,lmn->kmn", mixing, s._probes)
+    held = fused._probes
+    for s in solvers:
+        s._orthogonalize()
+    assert len(unitaries) == 1 and fused._probes is held  # in place, one unitary
+    np.testing.assert_allclose(fused._probes, reference._probes, rtol=1e-5, atol=1e-6)
+    mine, theirs = fused._probe_momentum.buffers, reference._probe_momentum.buffers
+    assert len(mine) == len(theirs) == (0 if algorithm == "dm" else 2)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if algorithm == "dm":
+        ready = reference._dm_ready
+        assert ready == scan.positions.shape[0] and fused._dm_ready == ready
+        np.testing.assert_allclose(
+            fused._dm_waves[:ready], reference._dm_waves[:ready], rtol=1e-5, atol=1e-5
+        )

@@ -38,6 +38,8 @@ __all__ = [
     "divide_regularised",
     "exit_waves",
     "max_slots",
+    "mix_modes",
+    "mode_unitary",
     "momentum_step",
     "pass_tail",
     "ramp_table",
@@ -736,6 +738,123 @@ extern "C" __global__ void liveptycho_mix_modes(
     }
 }
 
+// The probe modes' orthogonalising unitary, recon._modes.orthogonalize_modes in one
+// launch of one block and no host sync (cuSOLVER's eigh took 0.48 ms of host and device
+// a call, every second iteration, in which the host waited): the Gram matrix
+// G_ab = sum_r m_a[r] conj(m_b[r]) summed in a fixed order, diagonalised by cyclic
+// complex Jacobi rotations in double precision, the eigenvectors sorted by decreasing
+// eigenvalue, and each row's phase fixed so its largest coefficient (the first of equals)
+// is real and positive. u (K, K) row-major; new modes = u @ modes (liveptycho_mix_modes).
+#ifndef GRAM_MODES
+#define GRAM_MODES 2
+#endif
+#ifndef GRAM_THREADS
+#define GRAM_THREADS 1024
+#endif
+#define GRAM_PAIRS (GRAM_MODES * (GRAM_MODES + 1) / 2)
+typedef complex<double> GramT;
+
+extern "C" __global__ void __launch_bounds__(GRAM_THREADS) liveptycho_mode_unitary(
+    const T* modes, long long nn, T* u) {
+    __shared__ double2 part[GRAM_PAIRS][GRAM_THREADS / 32];
+    T sum[GRAM_PAIRS];
+#pragma unroll
+    for (int e = 0; e < GRAM_PAIRS; ++e) sum[e] = T(0.f, 0.f);
+    for (long long r = threadIdx.x; r < nn; r += GRAM_THREADS) {
+        T v[GRAM_MODES];
+#pragma unroll
+        for (int m = 0; m < GRAM_MODES; ++m) v[m] = modes[m * nn + r];
+        int e = 0;
+#pragma unroll
+        for (int p = 0; p < GRAM_MODES; ++p) {
+#pragma unroll
+            for (int q = p; q < GRAM_MODES; ++q) sum[e++] += v[p] * conj(v[q]);
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int e = 0; e < GRAM_PAIRS; ++e) {
+        double re = sum[e].real(), im = sum[e].imag();
+        for (int off = 16; off > 0; off >>= 1) {
+            re += __shfl_down_sync(0xffffffffu, re, off);
+            im += __shfl_down_sync(0xffffffffu, im, off);
+        }
+        if (lane == 0) part[e][warp] = make_double2(re, im);
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    // One thread from here: K is at most 12, a sweep K^3 multiply-adds. (Its matrices are
+    // local: a __shared__ complex would need a constructor run.)
+    GramT a[GRAM_MODES][GRAM_MODES], w[GRAM_MODES][GRAM_MODES];
+    double total = 0.0;
+    int e = 0;
+    for (int p = 0; p < GRAM_MODES; ++p) {
+        for (int q = p; q < GRAM_MODES; ++q, ++e) {
+            double re = 0.0, im = 0.0;
+            for (int j = 0; j < GRAM_THREADS / 32; ++j) {
+                re += part[e][j].x;
+                im += part[e][j].y;
+            }
+            if (p == q) im = 0.0;  // a Gram matrix's diagonal is real
+            a[p][q] = GramT(re, im);
+            a[q][p] = GramT(re, -im);
+            total += (p == q ? 1.0 : 2.0) * (re * re + im * im);
+        }
+        for (int q = 0; q < GRAM_MODES; ++q) w[p][q] = GramT(p == q ? 1.0 : 0.0, 0.0);
+    }
+    for (int sweep = 0; sweep < 64; ++sweep) {
+        double off = 0.0;
+        for (int p = 0; p < GRAM_MODES; ++p)
+            for (int q = p + 1; q < GRAM_MODES; ++q) off += norm(a[p][q]);
+        if (off <= 1e-30 * total) break;
+        for (int p = 0; p < GRAM_MODES; ++p) {
+            for (int q = p + 1; q < GRAM_MODES; ++q) {
+                const double r = abs(a[p][q]);
+                if (r == 0.0) continue;
+                // G = V R: V turns a_pq real (its phase e off column q), R the real
+                // rotation that zeroes it; A <- G^H A G, W <- W G.
+                const GramT e_pq = a[p][q] / r;
+                const double theta = (a[q][q].real() - a[p][p].real()) / (2.0 * r);
+                const double t =
+                    (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
+                for (int i = 0; i < GRAM_MODES; ++i) {
+                    GramT x = a[i][p], y = a[i][q] * conj(e_pq);
+                    a[i][p] = c * x - s * y;
+                    a[i][q] = s * x + c * y;
+                    x = w[i][p];
+                    y = w[i][q] * conj(e_pq);
+                    w[i][p] = c * x - s * y;
+                    w[i][q] = s * x + c * y;
+                }
+                for (int j = 0; j < GRAM_MODES; ++j) {
+                    const GramT x = a[p][j], y = a[q][j] * e_pq;
+                    a[p][j] = c * x - s * y;
+                    a[q][j] = s * x + c * y;
+                }
+                a[p][q] = a[q][p] = GramT(0.0, 0.0);
+            }
+        }
+    }
+    bool taken[GRAM_MODES];
+    for (int j = 0; j < GRAM_MODES; ++j) taken[j] = false;
+    for (int m = 0; m < GRAM_MODES; ++m) {
+        int col = -1;
+        for (int j = 0; j < GRAM_MODES; ++j)
+            if (!taken[j] && (col < 0 || a[j][j].real() > a[col][col].real())) col = j;
+        taken[col] = true;
+        int lead = 0;
+        for (int j = 1; j < GRAM_MODES; ++j)
+            if (abs(w[j][col]) > abs(w[lead][col])) lead = j;
+        // Row m is conj(column col); its lead times conj(lead) / |lead| is real, positive.
+        const GramT ph = w[lead][col] / fmax(abs(w[lead][col]), 1e-30);
+        for (int j = 0; j < GRAM_MODES; ++j) {
+            const GramT v = conj(w[j][col]) * ph;
+            u[m * GRAM_MODES + j] = T((float)v.real(), (float)v.imag());
+        }
+    }
+}
+
 // The end of a pass, as the solver's xp path does it in some thirty small operations:
 // momentum (recon._momentum.Momentum.step; stage 0 none, 1 record x, 2 the first velocity
 // is the change, 3 a full step), then the gauge (x / s for the object, x s for the probes,
@@ -1366,6 +1485,35 @@ def mix_modes(waves: Any, u: Any) -> None:
     nn = waves.shape[-2] * waves.shape[-1]
     mixing = cp.ascontiguousarray(u, dtype=cp.complex64)
     _launch("mix_modes", waves.shape[0] * nn, (mixing, np.int32(k), np.int64(nn), waves))
+
+
+#: Most modes for which :func:`mode_unitary`'s block takes 1,024 threads (beyond, 256: the
+#: Gram's K (K + 1) / 2 complex sums a thread holds would pass the 64 registers of 1,024).
+_GRAM_WIDE_MODES = 4
+
+
+@functools.cache
+def _gram_build(k: int) -> tuple[int, tuple[str, ...]]:
+    """Threads of :func:`mode_unitary`'s block for ``k`` modes and the options that build
+    its kernel (one build per mode count)."""
+    threads = 1024 if k <= _GRAM_WIDE_MODES else 256
+    return threads, (f"-DGRAM_MODES={k}", f"-DGRAM_THREADS={threads}")
+
+
+def mode_unitary(modes: Any) -> Any:
+    """The (K, K) complex64 unitary that orthogonalises and sorts ``modes`` (K, ...), as
+    :func:`~hxn_liveptycho.recon._modes.orthogonalize_modes` makes it, in one launch that
+    leaves the host free (no eigen-solver round trip); :func:`mix_modes` applies it."""
+    import cupy as cp
+
+    _contiguous(modes)
+    k = modes.shape[0]
+    if not 1 <= k <= _MIX_MAX_MODES:
+        raise ValueError(f"mode_unitary takes 1 to {_MIX_MAX_MODES} modes, got {k}")
+    threads, options = _gram_build(k)
+    u = cp.empty((k, k), dtype=cp.complex64)
+    _raw("mode_unitary", options)((1,), (threads,), (modes, np.int64(modes.size // k), u))
+    return u
 
 
 def scaled_copy(x: Any, scale: float) -> Any:

@@ -56,6 +56,7 @@ from hxn_liveptycho.recon._fused import (
     exit_waves,
     max_slots,
     mix_modes,
+    mode_unitary,
     momentum_step,
     pass_tail,
     ramp_table,
@@ -1044,15 +1045,20 @@ class StreamingSolver:
         self._objects *= xp.where(a > amax, amax / xp.maximum(a, 1e-30), 1.0).astype(xp.float32)
 
     def _orthogonalize(self) -> None:
-        """Orthogonalise the probe modes; stored DM exit waves follow the same mixing."""
+        """Orthogonalise the probe modes; their momentum and stored DM exit waves follow the
+        same mixing."""
         xp = self._xp
+        waves = self._dm_waves[: self._dm_ready] if self._dm_waves is not None else None
+        if self._fused:  # each array mixed in place, one read and one write; no host sync
+            u = mode_unitary(self._probes)
+            for modes in (self._probes, *self._probe_momentum.buffers):
+                mix_modes(modes[None], u)
+            if waves is not None and len(waves):
+                mix_modes(waves, u)
+            return
         self._probes, u = orthogonalize_modes(self._probes, xp)
         self._probe_momentum.mix(u)
-        if self._dm_waves is None or not self._dm_ready:
-            return
-        waves = self._dm_waves[: self._dm_ready]
-        if self._fused:  # in place, one read and one write
-            mix_modes(waves, u)
+        if waves is None or not len(waves):
             return
         # Batch by batch: one copy of all the waves would double DM's biggest buffer. Each
         # object mode's block of K waves follows the probe modes' mixing.
