@@ -98,41 +98,61 @@ def test_scan_published_over_0mq_is_reconstructed_by_serve(
 
 
 class _SigtermMidScan(threading.Thread):
-    """SIGTERMs serve once its run has live results in Tiled and frames still to come."""
+    """SIGTERMs serve once its run has live results in Tiled and frames still to come;
+    ``signalled`` is set when it has (or has given up)."""
 
     def __init__(self, serve: ServeProcess) -> None:
         super().__init__(name="liveptycho-test-sigterm", daemon=True)
         self.serve = serve
         self.positions_at_signal: int | None = None
+        self.signalled = threading.Event()
 
     def run(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            runs = self.serve.status()["runs"]
-            running = [r for r in runs if r["status"] == "running"]
-            if running and running[0]["counters"]["snapshots"] >= 2:
-                self.positions_at_signal = running[0]["positions"]
-                self.serve.terminate()
-                return
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                runs = self.serve.status()["runs"]
+                running = [r for r in runs if r["status"] == "running"]
+                if running and running[0]["counters"]["snapshots"] >= 2:
+                    self.positions_at_signal = running[0]["positions"]
+                    self.serve.terminate()
+                    return
+                time.sleep(0.1)
+        finally:
+            self.signalled.set()
+
+
+def _hold_frames(eiger, monkeypatch, first_held: int, until: threading.Event) -> None:
+    """The simulated Eiger sends frame ``first_held`` (and so every later one) only once
+    ``until`` is set: the scan is surely mid-way when serve is signalled, however slowly
+    the machine runs (waiting on time alone, a loaded CI machine once took its second
+    snapshot only after the last frame)."""
+    send = eiger.send
+
+    def held(series, index, frame):
+        if index == first_held:
+            until.wait(60)
+        send(series, index, frame)
+
+    monkeypatch.setattr(eiger, "send", held)
 
 
 def test_sigterm_mid_scan_ends_the_run_aborted_with_what_was_written(
-    serve, publisher, RE, hxn_detectors, tiled_server
+    serve, publisher, RE, hxn_detectors, tiled_server, monkeypatch
 ):
     eiger, panda = hxn_detectors
     beamline = SimulatedBeamline(x_num=12, y_num=12, photons_per_frame=2e5)
     killer = _SigtermMidScan(serve)
+    half = beamline.x_num * beamline.y_num // 2
+    _hold_frames(eiger, monkeypatch, half, until=killer.signalled)
     killer.start()
-    # 0.12 s a point (17 s for the scan): at 0.06 s, one CI run on two loaded cores counted
-    # its second snapshot only after all 144 frames were in, so nothing was mid-scan.
-    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.12)
+    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.03)
     killer.join(30)
     raw_uid = result.run_start_uids[0]
     assert result.exit_status == "success"  # the RunEngine never noticed
     assert killer.positions_at_signal is not None, serve.log()
     assert serve.process.wait(60) == 0, serve.log()
-    assert killer.positions_at_signal < beamline.x_num * beamline.y_num
+    assert killer.positions_at_signal <= half
 
     from tiled.client import from_uri
 
