@@ -160,3 +160,31 @@ def test_recon_gpu_no_parity_times_the_big_cases_only(
     monkeypatch.setattr(sys, "argv", ["recon_gpu.py", "--no-parity", "--quick"])
     with pytest.raises(SystemExit):
         recon_gpu.main()
+
+
+def test_mode_orthogonalisation_checks_what_it_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/mode_orthogonalisation.py``'s check on CPU, the kernels stood in for by
+    the xp path: identical results read as identical, and its orthogonality, order and
+    incoherent-sum measures hold for modes of equal power too (where the unitary is not
+    unique) and fail for modes left unmixed."""
+    from hxn_liveptycho.recon._modes import orthogonalize_modes
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = importlib.import_module("benchmarks.mode_orthogonalisation")
+    xp = types.ModuleType("numpy_as_cupy")
+    xp.__dict__.update(np.__dict__)
+    xp.asnumpy = np.asarray
+
+    def mix(waves: np.ndarray, u: np.ndarray) -> None:
+        shape = waves.shape
+        waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+    monkeypatch.setattr(bench, "mode_unitary", lambda modes: orthogonalize_modes(modes, np)[1])
+    monkeypatch.setattr(bench, "mix_modes", mix)
+    for modes, powers in [(3, None), (5, None), (3, np.array([1.0, 1.0, 0.5]))]:
+        r = bench.check(xp, modes, 32, powers)
+        assert r["unitary_max_diff"] == 0 and r["modes_rel_diff"] == 0
+        assert r["sorted"] and r["off_diagonal"] < 1e-6 and r["incoherent_sum_rel_diff"] < 1e-6
+    monkeypatch.setattr(bench, "mix_modes", lambda waves, u: None)  # a kernel that did nothing
+    r = bench.check(xp, 3, 32)
+    assert r["modes_rel_diff"] > 0.1 and r["off_diagonal"] > 0.1
