@@ -5,7 +5,7 @@ path's (``orthogonalize_modes``: cuSOLVER's eigh) for 2 to 12 modes, equal power
 included; times both alone (host time to issue one call, and the time of one call when
 calls run back to back); then times the three-mode cases with the solver's default
 ``orthogonalize_every`` (fused), with the xp path's orthogonalisation in its place, and
-with none, on the same data in the same run.
+with none (``recon_gpu.timed``), on the same data in the same run.
 
     PYTHONPATH=. python3 benchmarks/mode_orthogonalisation.py
 """
@@ -21,16 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.recon_gpu import make_solver
+from benchmarks.recon_gpu import make_solver, timed
 from hxn_liveptycho.recon._fused import mix_modes, mode_unitary
 from hxn_liveptycho.recon._modes import orthogonalize_modes
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
 
 log = logging.getLogger(__name__)
-
-#: Orthogonalise once in this many iterations: never, within a benchmark.
-NEVER = 10**9
 
 
 def random_modes(modes: int, n: int, powers: np.ndarray | None = None) -> np.ndarray:
@@ -106,18 +103,9 @@ def with_previous_orthogonalisation(solver: Any) -> None:
     solver._orthogonalize = previous
 
 
-def seconds_per_iteration(cp: Any, solver: Any, iterations: int, rounds: int) -> list[float]:
-    """Each round's seconds per iteration, after a warm-up past the first probe update
-    (``recon_gpu.timed`` warms up past the first orthogonalisation, never here)."""
-    solver.iterate(solver.params.probe_update_start + 3)
-    cp.cuda.Device().synchronize()
-    seconds = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        solver.iterate(iterations)
-        cp.cuda.Device().synchronize()
-        seconds.append((time.perf_counter() - t0) / iterations)
-    return seconds
+def without_orthogonalisation(solver: Any) -> None:
+    """Take ``solver``'s orthogonalisation away (the same schedule, nothing done)."""
+    solver._orthogonalize = lambda: None
 
 
 def main() -> None:
@@ -150,23 +138,21 @@ def main() -> None:
     for algorithm in args.algorithms:
         for whole in (True, False):
             row: dict[str, Any] = {"algorithm": algorithm, "whole_pixel": whole}
-            for label, every, previous in (
-                ("fused", 2, False),
-                ("previous", 2, True),
-                ("off", NEVER, False),
+            for label, change in (
+                ("fused", None),
+                ("previous", with_previous_orthogonalisation),
+                ("off", without_orthogonalisation),
             ):
                 params = IterativeParams(
                     algorithm=algorithm,
                     probe_modes=3,
                     batch_size=128,
                     subpixel_positions=not whole,
-                    orthogonalize_every=every,
                 )
                 solver = make_solver(sample, cp, params)
-                if previous:
-                    with_previous_orthogonalisation(solver)
-                rounds = seconds_per_iteration(cp, solver, args.iterations, args.rounds)
-                row[label] = float(np.median(rounds))
+                if change is not None:
+                    change(solver)
+                row[label] = float(np.median(timed(cp, solver, args.iterations, args.rounds)))
                 del solver
                 cp.get_default_memory_pool().free_all_blocks()
             log.info("%s", row)

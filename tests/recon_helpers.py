@@ -32,6 +32,13 @@ def use_cupy_stand_in(
     return host_launches, modules["cupy"], launches
 
 
+def mix_modes_like_the_kernel(waves: np.ndarray, u: np.ndarray) -> None:
+    """``liveptycho_mix_modes``' arithmetic (``recon._fused.mix_modes``) in NumPy: (B, K,
+    ...) mixed over K by ``u``, in place."""
+    shape = waves.shape
+    waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+
 class SimulatedScan:
     """A 15 x 15 fly scan, ~75 % linear overlap, 1e5 photons/frame with Poisson noise.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from recon_helpers import mix_modes_like_the_kernel
 from test_recon_algorithms import Scan
 
 from hxn_liveptycho.recon import memory
@@ -253,12 +254,6 @@ def test_the_fused_end_of_a_pass_does_what_the_xp_path_does(scan, settings, monk
         assert np.abs(fused._objects).max() <= params.object_amplitude_max * (1 + 1e-6)
 
 
-def _mix_in_place(waves: np.ndarray, u: np.ndarray) -> None:
-    """``liveptycho_mix_modes``' arithmetic: (B, K, ...) mixed over K, in place."""
-    shape = waves.shape
-    waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
-
-
 @pytest.mark.parametrize("algorithm", ["epie", "dm"])
 def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorithm, monkeypatch):
     """The fused orthogonalisation (CuPy: one launch for the unitary, then the probes, their
@@ -275,7 +270,7 @@ def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorith
         return unitaries[-1]
 
     monkeypatch.setattr(iterative, "mode_unitary", unitary)
-    monkeypatch.setattr(iterative, "mix_modes", _mix_in_place)
+    monkeypatch.setattr(iterative, "mix_modes", mix_modes_like_the_kernel)
     params = IterativeParams(
         algorithm=algorithm, probe_modes=3, probe_update_start=0, momentum_gain=GAIN
     )

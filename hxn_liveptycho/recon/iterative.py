@@ -1047,7 +1047,6 @@ class StreamingSolver:
     def _orthogonalize(self) -> None:
         """Orthogonalise the probe modes; their momentum and stored DM exit waves follow the
         same mixing."""
-        xp = self._xp
         waves = self._dm_waves[: self._dm_ready] if self._dm_waves is not None else None
         if self._fused:  # each array mixed in place, one read and one write; no host sync
             u = mode_unitary(self._probes)
@@ -1056,6 +1055,7 @@ class StreamingSolver:
             if waves is not None and len(waves):
                 mix_modes(waves, u)
             return
+        xp = self._xp
         self._probes, u = orthogonalize_modes(self._probes, xp)
         self._probe_momentum.mix(u)
         if waves is None or not len(waves):
