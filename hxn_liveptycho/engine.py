@@ -5,7 +5,10 @@ events (from the Eiger and PandA receivers) share one ordered queue, so a
 detector series armed after a run's ``start`` is always seen after that
 ``start``: the series is bound to the newest run still taking data. The
 dispatcher thread does bookkeeping only; each run's heavy work happens in
-its own :class:`~hxn_liveptycho.session.RunSession` thread.
+its own :class:`~hxn_liveptycho.session.RunSession` thread, and every run's
+solver iterates in the engine's solver process
+(:class:`~hxn_liveptycho.recon.worker.SolverWorker`), started with the engine
+so that its kernels are compiled before the first scan.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
+from hxn_liveptycho.scan import RoiConfig
 from hxn_liveptycho.session import RunSession, SinkFactory
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import EigerFrame, EigerReceiver, PandaReceiver
@@ -31,6 +37,21 @@ logger = logging.getLogger(__name__)
 #: How many finished sessions stay visible in status().
 _HISTORY = 32
 _STOP = object()
+
+
+def warm_up_for(settings: Settings) -> WarmUp | None:
+    """What the solver process compiles at start: the window and solver of the overrides.
+
+    Settings that do not form valid parameters are left to the run that uses them
+    (it reports them); the process then warms up with the defaults.
+    """
+    overrides = settings.overrides
+    try:
+        params = IterativeParams(**dict(overrides.get("recon") or {}))
+        n = RoiConfig(**dict(overrides.get("roi") or {})).size
+    except Exception:
+        params, n = IterativeParams(), RoiConfig().size
+    return WarmUp(n=n, params=params)
 
 
 def run_selection(start: Mapping[str, Any], settings: Settings) -> str | None:
@@ -82,6 +103,11 @@ class Engine:
         )
         self._receivers: list[Any] = []
         self._closed = False
+        self.solver_worker = SolverWorker(
+            backend=settings.array_backend,
+            placement=settings.gpu_placement,
+            warm=warm_up_for(settings),
+        )
         self._dispatcher.start()
         try:
             self._start_receivers()
@@ -208,6 +234,7 @@ class Engine:
             settings=self.settings,
             overrides={**self.settings.overrides, **self._overrides()},
             sink_factory=self._sink_factory,
+            solver_worker=self.solver_worker,
         )
         with self._lock:
             self._sessions[session.uid] = session
@@ -272,6 +299,11 @@ class Engine:
         }
         return {
             "engine": self.counters.snapshot(),
+            "solver_process": {
+                "pid": self.solver_worker.pid,
+                "alive": self.solver_worker.alive,
+                **self.solver_worker.counters.snapshot(),
+            },
             "receivers": receivers,
             "runs": [s.summary() for s in self.sessions()],
         }
@@ -307,3 +339,4 @@ class Engine:
             session.join(max(0.0, deadline - time.monotonic()))
         self._queue.put(_STOP)
         self._dispatcher.join(max(0.1, deadline - time.monotonic()))
+        self.solver_worker.close(max(1.0, deadline - time.monotonic()))

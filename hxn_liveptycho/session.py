@@ -3,9 +3,12 @@
 A session owns one thread. That thread takes in documents, detector frames and
 encoder samples from an unbounded inbox, configures itself as soon as the
 documents say enough (the baseline carries the energy), pairs frames with
-positions, grows the solver's active set, iterates, and hands snapshots to the
-result sink. Data keeps flowing into the solver between iterations, so the
-first picture appears while the scan is still running.
+positions, and hands them to the solver, which iterates in the engine's solver
+process (:mod:`hxn_liveptycho.recon.worker`): the session only feeds it, asks
+for a snapshot every ``live_interval_s`` (the first as soon as the first frames
+have been iterated) and passes snapshots to the result sink. Data keeps flowing
+into the solver between its passes, so the first picture appears while the scan
+is still running.
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.geometry import CanvasGeometry
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
 from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
-from hxn_liveptycho.recon.backend import get_array_module
-from hxn_liveptycho.recon.iterative import StreamingSolver
-from hxn_liveptycho.recon.placement import Placement, resolve_placement, visible_gpus
+from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
 from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
 from hxn_liveptycho.settings import Settings
 
@@ -86,6 +88,7 @@ class RunSession:
         settings: Settings,
         overrides: Mapping[str, Any],
         sink_factory: SinkFactory,
+        solver_worker: SolverWorker,
     ) -> None:
         self.start_doc = dict(start)
         self.uid: str = start.get("uid", "")
@@ -118,14 +121,17 @@ class RunSession:
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._assembler: Assembler | None = None
-        self._solver: StreamingSolver | None = None
-        self._xp: Any = np
+        self._worker = solver_worker
+        self._solver: RemoteSolver | None = None
+        self._finish_sent = False
         self.placement: Placement | None = None
+        #: time.monotonic() of the run's milestones (first frame, first snapshot, data
+        #: complete, final state, final write), for status pages and the live-path benchmark.
+        self.timeline: dict[str, float] = {}
         self._nn: NNBranch | None = None
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
-        self._post_scan_iterations = 0
         self._last_live = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"liveptycho-{self.scan_id}-{self.uid[:8]}", daemon=True
@@ -175,6 +181,7 @@ class RunSession:
             "iteration": self.iteration,
             "error_metric": self.last_error,
             "positions": 0 if self._solver is None else self._solver.n_positions,
+            "timeline": dict(self.timeline),
             "counters": self.counters.snapshot(),
         }
         if self.error:
@@ -208,16 +215,18 @@ class RunSession:
 
     def _loop(self) -> None:
         while True:
-            idle = self._solver is None or self._solver.n_positions == 0
-            self._drain(block=idle)
+            self._drain()
             if self.status in FINAL_STATUSES:
                 return
             if self._cancel.is_set():
+                self._stop_solver()
                 self._finish(RunStatus.ABORTED, self.error or "cancelled")
                 return
             self._feed_solver()
-            if self._solver is not None and self._solver.n_positions:
-                self._step()
+            self._pump_solver()
+            if self._solver is not None and self._solver.failure is not None:
+                self._finish(RunStatus.FAILED, f"solver: {self._solver.failure}")
+                return
             if self._data_complete() and self._ready_to_finish():
                 status = RunStatus.COMPLETE
                 if self._stop_doc is not None and self._stop_doc.get("exit_status") != "success":
@@ -225,10 +234,10 @@ class RunSession:
                 self._finish(status, None)
                 return
 
-    def _drain(self, *, block: bool) -> None:
-        timeout = 0.2 if block else None
+    def _drain(self) -> None:
+        """Wait for the next input (the solver's messages wake it too), then take them all."""
         try:
-            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=0.2)
         except queue.Empty:
             return
         while True:
@@ -246,6 +255,7 @@ class RunSession:
         elif kind == "frame":
             index, data = payload
             self.counters.add("frames_received")
+            self.timeline.setdefault("first_frame", time.monotonic())
             if self._assembler is None:
                 self._early_frames.append((index, data))
             else:
@@ -270,6 +280,7 @@ class RunSession:
                 self._assembler.positions_ended()
         elif kind == "cancel":
             self.error = str(payload)
+        # "solver": the solver process answered; _pump_solver reads what it sent
 
     def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
         if name == "descriptor":
@@ -305,8 +316,9 @@ class RunSession:
         self._configure(config)
 
     def _configure(self, config: ScanConfig) -> None:
-        self._xp = get_array_module(self.settings.array_backend)
-        self.placement = resolve_placement(self.settings.gpu_placement, visible_gpus(self._xp))
+        # The solver process resolved the backend and the GPUs (the RunEngine's process
+        # never opens CUDA); it is usually ready long before the first scan.
+        self.placement = self._worker.info().placement
         if self.placement.gpus:
             self.log.info(
                 "GPUs: iterative solver on %d, NN branch on %d (%d visible)",
@@ -379,11 +391,8 @@ class RunSession:
     def _add_to_solver(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
         assert self.config is not None and self._geometry is not None
         if self._solver is None:
-            xp = self._xp
-            if self.placement.iterative is not None:
-                # This session's thread does all of the solver's GPU work: make its GPU current.
-                xp.cuda.Device(self.placement.iterative).use()
-            self._solver = StreamingSolver(
+            self._solver = self._worker.open_run(
+                self.uid,
                 probe=initial_probe(
                     amplitudes,
                     footprint_px=self.config.probe_footprint_px,
@@ -391,10 +400,12 @@ class RunSession:
                 ),
                 canvas_shape=self._geometry.canvas_shape,
                 params=self.config.recon,
-                xp=xp,
                 expected_positions=self.config.num_points,
+                notify=lambda: self._inbox.put(("solver", None)),
             )
-            self.log.info("solver started on %s with %d frames", xp.__name__, len(amplitudes))
+            self.log.info(
+                "solver (%s) started with %d frames", self._solver.backend, len(amplitudes)
+            )
         self._solver.add(amplitudes, positions_px)
 
     def _roi_center(self, center_y: float | None, center_x: float | None) -> tuple[float, float]:
@@ -416,18 +427,33 @@ class RunSession:
             self.log.info("beam centre from the data: (%.1f, %.1f)", center_y, center_x)
         return center_y, center_x
 
-    def _step(self) -> None:
-        assert self._solver is not None and self.config is not None
-        self.last_error = self._solver.iterate(1)
-        self.iteration = self._solver.iteration
-        if self._data_complete():
-            self._post_scan_iterations += 1
-        now = time.monotonic()
-        if now - self._last_live >= self.settings.live_interval_s and self._sink is not None:
-            self._last_live = now
-            self.latest_snapshot = self._snapshot()
-            self._sink.live(self.latest_snapshot)
+    def _pump_solver(self) -> None:
+        """Pass on the snapshot the solver answered, and ask for the next one when it is due."""
+        solver = self._solver
+        if solver is None:
+            return
+        self.iteration = solver.iteration
+        self.last_error = solver.last_error
+        answered = solver.take_snapshot()
+        if answered is not None and answered.get("object") is not None:
+            self.timeline.setdefault("first_snapshot", time.monotonic())
+            self.latest_snapshot = self._snapshot(answered)
+            if self._sink is not None:
+                self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
+        if self._finish_sent or solver.added == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_live >= self.settings.live_interval_s and solver.request_snapshot():
+            self._last_live = now
+
+    def _stop_solver(self) -> None:
+        """Cancelled: the solver sends what it has after its current pass."""
+        if self._solver is None or self._solver.done.is_set():
+            return
+        self._solver.cancel()
+        if not self._solver.done.wait(self.settings.tiled_write_timeout_s):
+            self.log.error("the solver did not answer the cancel; its last snapshot is kept")
 
     def _data_complete(self) -> bool:
         """No more frames will come: the run stopped and both streams ended (or timed out).
@@ -444,23 +470,43 @@ class RunSession:
         return waited > (limit or self.settings.stream_timeout_s)
 
     def _ready_to_finish(self) -> bool:
+        """All frames are with the solver and it has sent its final state after the
+        post-scan passes (``recon.iterations`` of them, counted from here)."""
         if self.config is None:
             return True
         if self._assembler is not None:
             self._pending_frames.extend(self._assembler.pop_ready())
             if self._pending_frames:
                 return False
-        if self._solver is None or self._solver.n_positions == 0:
+        solver = self._solver
+        if solver is None or solver.added == 0:
             return True
-        return self._post_scan_iterations >= self.config.recon.iterations
+        if not self._finish_sent:
+            self._finish_sent = True
+            self.timeline["data_complete"] = time.monotonic()
+            solver.finish(self.config.recon.iterations)
+        return solver.done.is_set()
 
-    def _snapshot(self) -> dict[str, Any]:
-        assert self._solver is not None
-        snap = self._solver.snapshot()
-        snap["error_history"] = np.asarray(self._solver.error_history, dtype=np.float64)
-        if self._geometry is not None:
-            snap["positions_m"] = self._geometry.pixels_to_metres(self._solver.positions_px)
+    def _snapshot(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """A solver state as the sink takes it: with the error history and positions in metres."""
+        snap = {k: v for k, v in state.items() if k != "positions_px"}
+        if self._solver is not None:
+            snap["error_history"] = np.asarray(self._solver.error_history, dtype=np.float64)
+        if self._geometry is not None and "positions_px" in state:
+            snap["positions_m"] = self._geometry.pixels_to_metres(state["positions_px"])
         return snap
+
+    def _final_snapshot(self) -> dict[str, Any]:
+        """The solver's final state; its last live snapshot when the solver failed."""
+        solver = self._solver
+        if solver is None:
+            return {}
+        if solver.final is not None and solver.final.get("object") is not None:
+            self.timeline["final_state"] = time.monotonic()
+            self.iteration = solver.iteration
+            self.last_error = solver.last_error
+            return self._snapshot(solver.final)
+        return dict(self.latest_snapshot or {})
 
     def _metadata(self, status: RunStatus) -> dict[str, Any]:
         config = self.config
@@ -515,7 +561,7 @@ class RunSession:
                 nn_final = self._nn.close(timeout=self.settings.tiled_write_timeout_s)
                 if nn_final is not None:
                     self._sink.nn(nn_final)
-            snapshot = self._snapshot() if self._solver is not None else {}
+            snapshot = self._final_snapshot()
             if snapshot:
                 self.latest_snapshot = snapshot
             unpaired = self._assembler.unpaired_report() if self._assembler else {}
@@ -526,6 +572,8 @@ class RunSession:
             self.log.exception("final write failed")
             self.status = RunStatus.FAILED
         finally:
+            if self._solver is not None:
+                self._solver.release()
             if self._sink is not None:
                 try:
                     self._sink.close(timeout=self.settings.tiled_write_timeout_s)
@@ -537,6 +585,7 @@ class RunSession:
                     self.log.warning(
                         "the result is NOT in Tiled: kept in the local backup %s", backup
                     )
+                self.timeline["final_written"] = time.monotonic()
         self.log.info(
             "%s after %d iterations (data mismatch %s)",
             self.status,

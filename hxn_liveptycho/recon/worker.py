@@ -1,0 +1,654 @@
+"""The solver's own process: the GPU's launch loop never shares a GIL with anything else.
+
+In one Python process the receivers, the decoders, Tiled's client, the NN
+branch and the solver's kernel launches take turns on one interpreter lock,
+and a GPU fed by Python then idles between launches. So the solver lives in a
+child process (spawned, one per engine and GPU) that does nothing else:
+
+- it is started with the engine, resolves the array backend and the GPU
+  placement there (the RunEngine's process never creates a CUDA context), and
+  compiles the solver's kernels on a small synthetic scan before the first run
+  (CuPy's on-disk cache makes a later start a load, not a compile);
+- frames arrive through a :class:`~hxn_liveptycho.recon.frame_ring.FrameRing`
+  in shared memory, only small messages go over the pipe;
+- it iterates every open run between messages, answers a snapshot request after
+  the next completed pass (a one-slot mailbox: the parent asks again only once
+  it has the answer), and after ``finish`` runs the post-scan passes and sends
+  the final state.
+
+The parent side is :class:`SolverWorker` (the process) and :class:`RemoteSolver`
+(one run's handle). A reader thread in the parent turns the child's messages
+into state and wakes the run's session. The child exits when its parent dies
+(:func:`~hxn_liveptycho.children.exit_with_parent`, and a closed pipe), and a
+child that dies fails its open runs with the reason instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
+from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
+from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.recon.placement import GpuPlacement, Placement
+
+__all__ = ["RemoteSolver", "SolverWorker", "WarmUp", "WorkerInfo"]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of frames a run's ring holds before the session waits for the solver to take them.
+RING_BYTES = 256 * 2**20
+#: Seconds between the child's progress messages (errors of the passes since the last one).
+PROGRESS_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What to compile before the first run: the window edge and the solver parameters."""
+
+    n: int
+    params: IterativeParams
+    positions: int = 64
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the child found at start: its array module, its GPU, how long warming took."""
+
+    backend: str
+    placement: Placement
+    device_name: str
+    warm_s: float
+
+
+# ============================================================================ the child
+class _LogToParent(logging.Handler):
+    """The child's log records travel to the parent, which logs them under the same name."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send(("log", record.levelno, record.name, record.getMessage()))
+
+
+@dataclass
+class _ChildRun:
+    solver: Any
+    ring: FrameRingReader
+    errors_sent: int = 0
+    snapshot_wanted: bool = False
+    finish_after: int | None = None
+    cancelled: bool = False
+    last_progress: float = 0.0
+    pass_ends: list[float] = field(default_factory=list)
+    params: IterativeParams = field(default_factory=IterativeParams)
+
+
+class _Child:
+    def __init__(self, inbox: Connection, outbox: Connection) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.runs: dict[str, _ChildRun] = {}
+        self.xp: Any = np
+        self.device: int | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.outbox.send(message)
+
+    def start(self, backend: str, wanted: GpuPlacement, warm: WarmUp | None) -> None:
+        from hxn_liveptycho.recon.backend import get_array_module
+        from hxn_liveptycho.recon.placement import resolve_placement, visible_gpus
+
+        self.xp = get_array_module(backend)  # type: ignore[arg-type]
+        placement = resolve_placement(wanted, visible_gpus(self.xp))
+        self.device = placement.iterative
+        name = "CPU (NumPy)"
+        if self.device is not None:
+            self.xp.cuda.Device(self.device).use()
+            props = self.xp.cuda.runtime.getDeviceProperties(self.device)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        began = time.perf_counter()
+        if warm is not None and self.device is not None:
+            self._warm(warm)
+        info = WorkerInfo(
+            backend=self.xp.__name__,
+            placement=placement,
+            device_name=name,
+            warm_s=time.perf_counter() - began,
+        )
+        self.send(("ready", info))
+
+    def _warm(self, warm: WarmUp) -> None:
+        """One tiny scan per algorithm, past the first probe update: every kernel compiled."""
+        from hxn_liveptycho.recon.iterative import StreamingSolver
+
+        xp, n = self.xp, warm.n
+        rng = np.random.default_rng(0)
+        side = int(np.ceil(np.sqrt(warm.positions)))
+        step = max(1, n // 4)
+        canvas = (n + step * side + 2, n + step * side + 2)
+        grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
+        positions = grid.reshape(-1, 2)[: warm.positions] * step + rng.uniform(0, 1, (1, 2))
+        amplitudes = rng.uniform(0.5, 1.5, (len(positions), n, n)).astype(np.float32)
+        yy, xx = np.mgrid[:n, :n] - n / 2
+        probe = np.exp(-(yy**2 + xx**2) / (2 * (n / 8) ** 2)).astype(np.complex64)
+        for algorithm in sorted(warm.params.algorithms):
+            params = warm.params.model_copy(
+                update={"algorithm": algorithm, "schedule": None, "probe_update_start": 0}
+            )
+            for where in (positions, np.floor(positions)):  # sub-pixel and whole-pixel paths
+                solver = StreamingSolver(
+                    probe=probe, canvas_shape=canvas, params=params, xp=xp, expected_positions=None
+                )
+                solver.add(amplitudes, where)
+                solver.iterate(2)
+                solver.snapshot()
+                del solver
+        with contextlib.suppress(Exception):
+            xp.get_default_memory_pool().free_all_blocks()
+
+    # ---- messages
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "shutdown":
+            return False
+        run_id = message[1]
+        try:
+            if kind == "open":
+                self._open(run_id, message[2])
+            elif kind == "add":
+                self._add(run_id, message[2], message[3], message[4])
+            elif kind == "snapshot":
+                if run_id in self.runs:
+                    self.runs[run_id].snapshot_wanted = True
+            elif kind == "finish":
+                if run_id in self.runs:
+                    self.runs[run_id].finish_after = int(message[2])
+            elif kind == "cancel":
+                if run_id in self.runs:
+                    self.runs[run_id].cancelled = True
+            elif kind == "close":
+                self._drop(run_id)
+        except Exception as exc:
+            logger.exception("solver: %s failed for run %s", kind, run_id)
+            self._fail(run_id, f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _open(self, run_id: str, spec: dict[str, Any]) -> None:
+        from hxn_liveptycho.recon.iterative import StreamingSolver
+
+        ring = FrameRingReader(spec["ring"], spec["slots"], spec["n"])
+        try:
+            solver = StreamingSolver(
+                probe=spec["probe"],
+                canvas_shape=spec["canvas_shape"],
+                params=spec["params"],
+                xp=self.xp,
+                expected_positions=spec["expected_positions"],
+            )
+        except BaseException:
+            ring.close()
+            raise
+        self.runs[run_id] = _ChildRun(solver=solver, ring=ring, params=spec["params"])
+        logger.info(
+            "solver started on %s for run %s",
+            "CPU" if self.device is None else f"GPU {self.device}",
+            run_id[:8],
+        )
+
+    def _add(self, run_id: str, start: int, count: int, positions: np.ndarray) -> None:
+        run = self.runs.get(run_id)
+        if run is None:
+            self.send(("consumed", run_id, count, 0))
+            return
+        try:
+            run.solver.add(run.ring.view(start, count), positions)
+        finally:
+            self.send(("consumed", run_id, count, run.solver.n_positions))
+
+    def _fail(self, run_id: str, reason: str) -> None:
+        self._drop(run_id)
+        self.send(("failed", run_id, reason))
+
+    def _drop(self, run_id: str) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is None:
+            return
+        run.ring.close()
+        del run
+        if self.xp is not np:
+            with contextlib.suppress(Exception):
+                self.xp.get_default_memory_pool().free_all_blocks()
+
+    # ---- work
+    def step(self) -> bool:
+        """One pass of every run that has frames; False when there was nothing to do."""
+        worked = False
+        for run_id, run in list(self.runs.items()):
+            solver = run.solver
+            if run.cancelled or run.finish_after == 0:
+                self._final(run_id, run)
+                continue
+            if solver.n_positions == 0:
+                continue
+            try:
+                solver.iterate(1)
+            except Exception as exc:
+                logger.exception("solver: iteration failed for run %s", run_id)
+                self._fail(run_id, f"{type(exc).__name__}: {exc}")
+                continue
+            worked = True
+            run.pass_ends.append(time.monotonic())
+            if run.finish_after is not None:
+                run.finish_after -= 1
+            now = time.monotonic()
+            if run.snapshot_wanted:
+                self._progress(run_id, run, now)
+                self.send(("snapshot", run_id, self._snapshot(solver)))
+                run.snapshot_wanted = False
+            elif now - run.last_progress >= PROGRESS_INTERVAL_S:
+                self._progress(run_id, run, now)
+            if run.finish_after == 0:
+                self._final(run_id, run)
+        return worked
+
+    def _progress(self, run_id: str, run: _ChildRun, now: float) -> None:
+        history = run.solver.error_history
+        new = list(history[run.errors_sent :])
+        run.errors_sent = len(history)
+        run.last_progress = now
+        ends, run.pass_ends = run.pass_ends, []
+        self.send(("progress", run_id, run.solver.iteration, new, ends, run.solver.n_positions))
+
+    @staticmethod
+    def _snapshot(solver: Any) -> dict[str, Any]:
+        snap = solver.snapshot() if solver.n_positions else {}
+        snap["positions_px"] = np.asarray(solver.positions_px)
+        return snap
+
+    def _final(self, run_id: str, run: _ChildRun) -> None:
+        self._progress(run_id, run, time.monotonic())
+        self.send(("final", run_id, self._snapshot(run.solver)))
+        self._drop(run_id)
+
+
+def _child_main(
+    inbox: Connection,
+    outbox: Connection,
+    parent_pid: int,
+    backend: str,
+    placement: GpuPlacement,
+    warm: WarmUp | None,
+    log_level: int,
+) -> None:
+    from hxn_liveptycho.children import exit_with_parent
+
+    exit_with_parent(parent_pid)
+    child = _Child(inbox, outbox)
+    root = logging.getLogger()
+    root.handlers[:] = [_LogToParent(child.send)]
+    root.setLevel(log_level)
+    try:
+        child.start(backend, placement, warm)
+    except Exception as exc:
+        child.send(("start_failed", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        while True:
+            busy = any(
+                r.solver.n_positions or r.cancelled or r.finish_after is not None
+                for r in child.runs.values()
+            )
+            if inbox.poll(0 if busy else 0.5):
+                while True:
+                    if not child.handle(inbox.recv()):
+                        return
+                    if not inbox.poll(0):
+                        break
+            child.step()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone
+
+
+# =========================================================================== the parent
+class SolverWorker:
+    """The solver process of one engine; hands out a :class:`RemoteSolver` per run.
+
+    Started at once (in the background: the constructor only spawns); the first
+    run waits for the child's ``ready`` (backend resolved, kernels warm) in
+    :meth:`info`. A child that died is replaced by the next :meth:`open_run`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        placement: GpuPlacement | None = None,
+        warm: WarmUp | None = None,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        self._backend = backend
+        self._placement = placement or GpuPlacement()
+        self._warm = warm
+        self._start_timeout_s = start_timeout_s
+        self.counters = Counters(["starts", "deaths", "ring_waits"])
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._runs: dict[str, RemoteSolver] = {}
+        self._closed = False
+        self._process: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        spawn = mp.get_context("spawn")
+        child_inbox, to_child = spawn.Pipe(duplex=False)  # (reader, writer)
+        parent_inbox, to_parent = spawn.Pipe(duplex=False)
+        self._to_child: Connection = to_child
+        self._ready = threading.Event()
+        self._info: WorkerInfo | None = None
+        self._start_error: str | None = None
+        self._process = spawn.Process(
+            target=_child_main,
+            args=(
+                child_inbox,
+                to_parent,
+                os.getpid(),
+                self._backend,
+                self._placement,
+                self._warm,
+                logging.getLogger("hxn_liveptycho").getEffectiveLevel(),
+            ),
+            name="liveptycho-solver",
+            daemon=True,
+        )
+        self._process.start()
+        child_inbox.close()
+        to_parent.close()
+        self.counters.add("starts")
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(parent_inbox, self._process, self._ready),
+            name="liveptycho-solver-rx",
+            daemon=True,
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def info(self, timeout: float | None = None) -> WorkerInfo:
+        """The child's backend and placement, once it is ready; raises if it could not start."""
+        wait = self._start_timeout_s if timeout is None else timeout
+        if not self._ready.wait(wait):
+            raise LivePtychoError(f"the solver process was not ready within {wait:.0f} s")
+        if self._info is None:
+            raise ConfigurationError(f"the solver process could not start: {self._start_error}")
+        return self._info
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._to_child.send(message)
+
+    def open_run(
+        self,
+        run_id: str,
+        *,
+        probe: np.ndarray,
+        canvas_shape: tuple[int, int],
+        params: IterativeParams,
+        expected_positions: int | None,
+        notify: Callable[[], None] = lambda: None,
+    ) -> RemoteSolver:
+        with self._lock:
+            if self._closed:
+                raise LivePtychoError("the solver process is closed")
+            if not self.alive:
+                logger.warning("the solver process had exited; starting a new one")
+                self._start()
+        info = self.info()
+        n = int(probe.shape[-1])
+        slots = max(16, min(RING_BYTES // (n * n * 4), max(expected_positions or 0, 16)))
+        ring = FrameRing(slots, n)
+        remote = RemoteSolver(self, run_id, ring, notify, backend=info.backend)
+        with self._lock:
+            self._runs[run_id] = remote
+        spec = {
+            "ring": ring.name,
+            "slots": slots,
+            "n": n,
+            "probe": np.asarray(probe),
+            "canvas_shape": tuple(canvas_shape),
+            "params": params,
+            "expected_positions": expected_positions,
+        }
+        try:
+            self._send(("open", run_id, spec))
+        except (OSError, ValueError) as exc:
+            remote._fail(f"the solver process is gone ({exc})")
+        return remote
+
+    def _forget(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    # ---- the reader thread
+    def _read(self, conn: Connection, process: Any, ready: threading.Event) -> None:
+        try:
+            while True:
+                message = conn.recv()
+                self._dispatch(message)
+        except (EOFError, OSError):
+            pass
+        process.join(5)
+        code = process.exitcode
+        if not ready.is_set():
+            self._start_error = self._start_error or f"it exited with code {code}"
+            ready.set()
+        with self._lock:
+            orphans = [r for r in self._runs.values() if r.process is process]
+        if orphans or (not self._closed and code not in (0, None)):
+            self.counters.add("deaths")
+            logger.error("the solver process exited (code %s)", code)
+        for remote in orphans:
+            remote._fail(f"the solver process exited (code {code})")
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "log":
+            _, level, name, text = message
+            logging.getLogger(name).log(level, "%s", text)
+            return
+        if kind == "ready":
+            self._info = message[1]
+            info = self._info
+            logger.info(
+                "solver process %s ready on %s (%s)%s",
+                self._process.pid,
+                info.device_name,
+                info.backend,
+                f", kernels compiled in {info.warm_s:.1f} s" if info.warm_s > 0.05 else "",
+            )
+            self._ready.set()
+            return
+        if kind == "start_failed":
+            self._start_error = message[1]
+            logger.error("the solver process could not start: %s", message[1])
+            self._ready.set()
+            return
+        with self._lock:
+            remote = self._runs.get(message[1])
+        if remote is not None:
+            remote._receive(kind, message[2:])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the child (it abandons open runs: their sessions have been cancelled first)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self._send(("shutdown",))
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                logger.error("the solver process did not exit; killing it")
+                self._process.kill()
+                self._process.join(5)
+        with contextlib.suppress(Exception):
+            self._to_child.close()
+
+
+class RemoteSolver:
+    """One run's solver in the worker process, seen from the run's session.
+
+    ``add`` copies frames into the shared ring (waiting, counted, when the solver
+    has not yet taken earlier ones); progress, snapshots and the final state
+    arrive on the worker's reader thread, which calls ``notify`` so the
+    session wakes up. Every method is safe from any thread.
+    """
+
+    def __init__(
+        self,
+        worker: SolverWorker,
+        run_id: str,
+        ring: FrameRing,
+        notify: Callable[[], None],
+        *,
+        backend: str,
+    ) -> None:
+        self._worker = worker
+        self.process = worker._process
+        self.run_id = run_id
+        self.backend = backend
+        self._ring = ring
+        self._notify = notify
+        self._lock = threading.Lock()
+        self.iteration = 0
+        self.n_positions = 0
+        self.added = 0
+        self.error_history: list[float] = []
+        #: time.monotonic() at the end of each pass (the clock is the host's, shared by both
+        #: processes), for the live path's rate during and after acquisition.
+        self.pass_ends: list[float] = []
+        self._snapshot: dict[str, Any] | None = None
+        self._snapshot_requested = False
+        self.final: dict[str, Any] | None = None
+        self.failure: str | None = None
+        self.done = threading.Event()
+
+    @property
+    def last_error(self) -> float | None:
+        with self._lock:
+            return self.error_history[-1] if self.error_history else None
+
+    def add(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
+        if self.done.is_set():
+            return
+        amplitudes = np.ascontiguousarray(amplitudes, dtype=np.float32)
+        positions = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2)
+        if self._ring.free < len(amplitudes):
+            self._worker.counters.add("ring_waits")
+        offset = 0
+        try:
+            while offset < len(amplitudes):
+                start, count = self._ring.write(amplitudes[offset:])
+                chunk = positions[offset : offset + count]
+                self._worker._send(("add", self.run_id, start, count, chunk))
+                offset += count
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._fail(f"could not hand frames to the solver process ({exc})")
+            return
+        self.added += len(amplitudes)
+
+    def request_snapshot(self) -> bool:
+        """Ask for the state after the next pass; False while an earlier request is open."""
+        with self._lock:
+            if self._snapshot_requested or self.done.is_set():
+                return False
+            self._snapshot_requested = True
+        self._post(("snapshot", self.run_id))
+        return True
+
+    def take_snapshot(self) -> dict[str, Any] | None:
+        """The answered snapshot, once (None when none arrived since the last call)."""
+        with self._lock:
+            snap, self._snapshot = self._snapshot, None
+            return snap
+
+    def finish(self, iterations: int) -> None:
+        """No more frames: run ``iterations`` more passes, then send the final state."""
+        self._post(("finish", self.run_id, max(0, int(iterations))))
+
+    def cancel(self) -> None:
+        """Send the final state after the pass under way."""
+        self._post(("cancel", self.run_id))
+
+    def release(self) -> None:
+        """The session is done with this run: free its ring and the child's arrays."""
+        if not self.done.is_set():
+            self._post(("close", self.run_id))
+        self._worker._forget(self.run_id)
+        self._ring.close()
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._worker._send(message)
+        except (OSError, ValueError) as exc:
+            self._fail(f"the solver process is gone ({exc})")
+
+    # ---- from the reader thread
+    def _receive(self, kind: str, payload: tuple[Any, ...]) -> None:
+        if kind == "consumed":
+            count, n_positions = payload
+            self._ring.release(count)
+            with self._lock:
+                self.n_positions = max(self.n_positions, int(n_positions))
+            return
+        if kind == "progress":
+            iteration, errors, pass_ends, n_positions = payload
+            with self._lock:
+                self.iteration = int(iteration)
+                self.error_history.extend(errors)
+                self.pass_ends.extend(pass_ends)
+                self.n_positions = int(n_positions)
+        elif kind == "snapshot":
+            with self._lock:
+                self._snapshot = payload[0]
+                self._snapshot_requested = False
+        elif kind == "final":
+            with self._lock:
+                self.final = payload[0]
+            self.done.set()
+        elif kind == "failed":
+            self._fail(payload[0])
+            return
+        self._notify()
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self.failure = reason
+        self.done.set()
+        self._ring.release(self._ring.slots)  # a writer waiting for room must not wait for ever
+        self._notify()
