@@ -10,6 +10,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "EigerProcess": "publishers",
+    "PandaProcess": "publishers",
     "SimEiger": "devices",
     "SimHXNFlyer": "devices",
     "SimPanda": "devices",

@@ -2,8 +2,10 @@
 
 Like HXN's hardware, the two detectors are triggered together and publish on
 their own ZMQ sockets in their real wire formats (Dectris SIMPLON stream,
-PandA JSON); the RunEngine only sees the flyer's documents. Each piece is
-small, in the way of ophyd-async's ``sim`` devices.
+PandA JSON); the RunEngine only sees the flyer's documents. Each detector
+publishes from a process of its own (:mod:`hxn_liveptycho.sim.publishers`), so
+the simulator keeps a beamline's frame rate however busy the RunEngine's process
+is. Each piece is small, in the way of ophyd-async's ``sim`` devices.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from ophyd import Device
 from ophyd.sim import SynAxis
 from ophyd.status import Status
 
+from hxn_liveptycho.sim.publishers import DEFAULT_PREENCODE_BYTES, EigerProcess, PandaProcess
 from hxn_liveptycho.sim.sample import SimulatedSample, dcm_theta_deg
-from hxn_liveptycho.streams import EigerPublisher, PandaPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +29,18 @@ logger = logging.getLogger(__name__)
 X_CHANNEL = "/INENC2.VAL.Value"
 Y_CHANNEL = "/INENC3.VAL.Value"
 TS_CHANNEL = "/PCAP.TS_TRIG.Value"
+#: Between arming the detectors and the first exposure: both processes get the start
+#: command and are waiting when the clock reaches it.
+START_LEAD_S = 0.05
 
 
 class SimEiger(Device):
-    """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 or CBOR v2)."""
+    """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 or CBOR v2).
+
+    The socket lives in the device's own process; :attr:`publisher` is that
+    process's handle (``endpoint``, ``wait_for_subscribers``, live ``counters``).
+    Call :meth:`close` when done.
+    """
 
     def __init__(
         self,
@@ -40,16 +50,19 @@ class SimEiger(Device):
         flavour: str = "v1",
         curve_secret_key: str | None = None,
         socket_type: str = "pub",
+        preencode_bytes: int = DEFAULT_PREENCODE_BYTES,
         name: str = "eiger2",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.publisher = EigerPublisher(
+        self.publisher = EigerProcess(
             endpoint,
             encoding=encoding,
-            flavour=flavour,  # type: ignore[arg-type]
+            flavour=flavour,
+            socket_type=socket_type,
             curve_secret_key=curve_secret_key,
-            socket_type=socket_type,  # type: ignore[arg-type]
+            preencode_bytes=preencode_bytes,
+            name=name,
         )
         self._series = 0
 
@@ -57,10 +70,22 @@ class SimEiger(Device):
     def endpoint(self) -> str:
         return self.publisher.endpoint
 
-    def arm(self, sample: SimulatedSample, *, frame_time: float) -> int:
+    @property
+    def counters(self) -> dict[str, Any]:
+        """Frames published in the current (or last) series and the rate achieved."""
+        return self.publisher.counters
+
+    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
+        return self.publisher.wait_for_subscribers(count, timeout)
+
+    def next_series(self) -> int:
         self._series += 1
+        return self._series
+
+    def series_header(self, sample: SimulatedSample, *, frame_time: float) -> dict[str, Any]:
+        """The detector configuration a series header carries (v1 names)."""
         bl = sample.beamline
-        header = {
+        return {
             "beam_center_x": float(bl.beam_center[1]),
             "beam_center_y": float(bl.beam_center[0]),
             "count_time": frame_time,
@@ -74,33 +99,36 @@ class SimEiger(Device):
             "wavelength": bl.wavelength_m * 1e10,
             "description": "Dectris EIGER2 Si 1M (simulated)",
         }
-        self.publisher.start_series(
-            self._series, shape=bl.detector_shape, dtype="uint32", header=header
-        )
-        return self._series
-
-    def send(self, series: int, index: int, frame: np.ndarray) -> None:
-        self.publisher.send_frame(series, index, frame)
-
-    def disarm(self, series: int) -> None:
-        self.publisher.end_series(series)
 
     def close(self) -> None:
         self.publisher.close()
 
 
 class SimPanda(Device):
-    """A PandA whose position capture goes out on its JSON publisher."""
+    """A PandA whose position capture goes out on its JSON publisher, from its own process."""
 
     def __init__(
-        self, *, endpoint: str = "tcp://127.0.0.1:*", name: str = "panda1", **kwargs: Any
+        self,
+        *,
+        endpoint: str = "tcp://127.0.0.1:*",
+        socket_type: str = "pub",
+        name: str = "panda1",
+        **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.publisher = PandaPublisher(endpoint)
+        self.publisher = PandaProcess(endpoint, socket_type=socket_type, name=name)
 
     @property
     def endpoint(self) -> str:
         return self.publisher.endpoint
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """Frames whose encoder samples went out in the current (or last) series."""
+        return self.publisher.counters
+
+    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
+        return self.publisher.wait_for_subscribers(count, timeout)
 
     def close(self) -> None:
         self.publisher.close()
@@ -109,8 +137,13 @@ class SimPanda(Device):
 class SimHXNFlyer:
     """The fly-scan flyer: kickoff starts the detectors, complete waits, collect gives the encoders.
 
-    Frames and encoder samples are published from a thread at ``dwell`` per
-    point, one row at a time, while the RunEngine waits on ``complete``.
+    One frame every ``dwell`` seconds (``1 / dwell`` frames/s), both detectors
+    paced on the same monotonic clock from their own processes; the PandA sends
+    one message per scan row. :meth:`prepare` arms them ahead of the plan (the
+    Eiger's process simulates and encodes the frames then); otherwise kickoff
+    does, and its status finishes when the first exposure starts.
+    :attr:`counters` reads what each has published while the series runs,
+    :attr:`report` what they published once it is complete.
     """
 
     def __init__(
@@ -123,7 +156,10 @@ class SimHXNFlyer:
         name: str = "fly_panda",
         max_frames: int | None = None,
         record_frames: bool = False,
+        prepare_timeout: float = 900.0,
     ) -> None:
+        if not dwell > 0:
+            raise ValueError(f"dwell must be positive, got {dwell}")
         self.name = name
         self.parent = None
         self.eiger = eiger
@@ -134,70 +170,124 @@ class SimHXNFlyer:
         #: Also put each frame into the collected events (``eiger2_image``), so a recorder
         #: such as TiledWriter archives the run with its frames (see ``hxn_liveptycho.replay``).
         self.record_frames = record_frames
-        self._frames: list[np.ndarray] = []
-        self._thread: threading.Thread | None = None
+        self.prepare_timeout = prepare_timeout
+        #: What each detector's process reported for the last complete series.
+        self.report: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._armed: Status | None = None
+        self._encoders: tuple[np.ndarray, np.ndarray] | None = None
         self._complete: Status | None = None
         self._published: list[tuple[float, float, float]] = []
         self._abort = threading.Event()
 
-    def kickoff(self) -> Status:
-        self._published = []
-        self._frames = []
-        self._abort.clear()
-        self._complete = Status(obj=self)
-        series = self.eiger.arm(self.sample, frame_time=self.dwell)
-        self.panda.publisher.start()
-        self._thread = threading.Thread(
-            target=self._acquire, args=(series,), name="sim-hxn-fly", daemon=True
-        )
-        self._thread.start()
-        status = Status(obj=self)
-        status.set_finished()
-        return status
+    @property
+    def frame_rate_hz(self) -> float:
+        return 1.0 / self.dwell
 
-    def _acquire(self, series: int) -> None:
+    @property
+    def num_frames(self) -> int:
+        n = self.sample.num_points
+        return n if self.max_frames is None else min(self.max_frames, n)
+
+    @property
+    def counters(self) -> dict[str, dict[str, Any]]:
+        """Live figures from both detectors' processes (frames published, rate achieved)."""
+        return {"eiger": self.eiger.counters, "panda": self.panda.counters}
+
+    def prepare(self, value: Any = None) -> Status:
+        """Arm both detectors for the next series now; the status finishes once they are armed.
+
+        Bluesky's ``Preparable``: call it (or ``bps.prepare``) before the plan so
+        the frames are simulated and encoded before the RunEngine opens the run.
+        Arming again before kickoff reuses the armed series.
+        """
+        with self._lock:
+            if self._armed is not None:
+                return self._armed
+            self._abort.clear()
+            armed = self._armed = Status(obj=self, timeout=self.prepare_timeout)
+        threading.Thread(target=self._arm, args=(armed,), name="sim-hxn-arm", daemon=True).start()
+        return armed
+
+    def _arm(self, armed: Status) -> None:
         try:
-            rng = np.random.default_rng(self.sample.beamline.seed + series)
             bl = self.sample.beamline
-            n = (
-                self.sample.num_points
-                if self.max_frames is None
-                else min(self.max_frames, self.sample.num_points)
+            n = self.num_frames
+            series = self.eiger.next_series()
+            rng = np.random.default_rng(bl.seed + series)
+            xs, ys = zip(*(self.sample.encoder_samples(i, rng) for i in range(n)), strict=True)
+            x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+            self.panda.publisher.prepare(
+                {X_CHANNEL: x, Y_CHANNEL: y},
+                frame_time=self.dwell,
+                row_length=bl.x_num,
+                timestamps=TS_CHANNEL,
             )
-            sample_number = 0
-            for row_start in range(0, n, bl.x_num):
-                began = time.monotonic()
-                row = range(row_start, min(row_start + bl.x_num, n))
-                xs, ys = [], []
-                for index in row:
-                    if self._abort.is_set():
-                        return
-                    frame = self.sample.detector_frame(index)
-                    self.eiger.send(series, index, frame)
-                    if self.record_frames:
-                        self._frames.append(frame)
-                    x, y = self.sample.encoder_samples(index, rng)
-                    xs.append(x)
-                    ys.append(y)
-                    self._published.append((time.time(), float(x.mean()), float(y.mean())))
-                x_all, y_all = np.concatenate(xs), np.concatenate(ys)
-                ts = (sample_number + np.arange(x_all.size)) * self.dwell / bl.samples_per_frame
-                self.panda.publisher.send_samples(
-                    {X_CHANNEL: x_all, Y_CHANNEL: y_all, TS_CHANNEL: ts},
-                    frame_number=row_start // bl.x_num,
-                )
-                sample_number += x_all.size
-                time.sleep(max(0.0, self.dwell * len(row) - (time.monotonic() - began)))
+            header = self.eiger.series_header(self.sample, frame_time=self.dwell)
+            done = self.eiger.publisher.prepare(
+                series,
+                self.sample,
+                frames=n,
+                frame_time=self.dwell,
+                header=header,
+                timeout=self.prepare_timeout,
+            )
+            logger.debug("simulated detectors armed: %s", done)
+            self._encoders = (x, y)
+        except Exception as exc:
+            logger.exception("arming the simulated detectors failed")
+            armed.set_exception(exc)
+            return
+        armed.set_finished()
+
+    def kickoff(self) -> Status:
+        armed = self.prepare()
+        with self._lock:
+            self._armed = None  # this series takes the armed one; the next arms anew
+        self._published = []
+        self._complete = complete = Status(obj=self)
+        started = Status(obj=self)
+        threading.Thread(
+            target=self._fly, args=(armed, started, complete), name="sim-hxn-fly", daemon=True
+        ).start()
+        return started
+
+    def _fly(self, armed: Status, started: Status, complete: Status) -> None:
+        try:
+            armed.wait()
+            if self._abort.is_set():
+                raise RuntimeError("the fly scan was stopped before it started")
+            t0 = time.monotonic() + START_LEAD_S
+            self.panda.publisher.start(t0)
+            self.eiger.publisher.start(t0)
+        except Exception as exc:
+            started.set_exception(exc)
+            complete.set_exception(exc)
+            return
+        started.set_finished()
+        try:
+            limit = START_LEAD_S + self.num_frames * self.dwell + 60.0
+            eiger = self.eiger.publisher.wait_done(limit)
+            panda = self.panda.publisher.wait_done(limit)
         except Exception as exc:
             logger.exception("simulated acquisition failed")
-            assert self._complete is not None
-            self._complete.set_exception(exc)
+            complete.set_exception(exc)
             return
-        finally:
-            self.eiger.disarm(series)
-            self.panda.publisher.stop()
-        assert self._complete is not None
-        self._complete.set_finished()
+        assert self._encoders is not None
+        x, y = self._encoders
+        sent = eiger.pop("sent_wall")
+        self._published = [
+            (stamp, float(x[k].mean()), float(y[k].mean())) for k, stamp in enumerate(sent)
+        ]
+        self.report = {"eiger": eiger, "panda": panda}
+        logger.info(
+            "simulated fly scan: %d/%d frames at %.0f Hz (set %.0f Hz)",
+            eiger["frames_published"],
+            eiger["frames_planned"],
+            eiger["rate_hz"] or 0.0,
+            eiger["target_hz"],
+        )
+        complete.set_finished()
 
     def complete(self) -> Status:
         assert self._complete is not None, "kickoff first"
@@ -205,6 +295,8 @@ class SimHXNFlyer:
 
     def stop(self, *, success: bool = False) -> None:
         self._abort.set()
+        self.eiger.publisher.abort()
+        self.panda.publisher.abort()
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
         source = f"PANDA:{self.panda.name}"
@@ -227,7 +319,8 @@ class SimHXNFlyer:
         for k, (stamp, x, y) in enumerate(self._published):
             data: dict[str, Any] = {"inenc2_val": x, "inenc3_val": y}
             if self.record_frames:
-                data[image_key] = self._frames[k]
+                # The same frame the Eiger's process published: the same sample, same numbers.
+                data[image_key] = self.sample.detector_frame(k)
             yield {"time": stamp, "data": data, "timestamps": dict.fromkeys(data, stamp)}
 
     def read_configuration(self) -> dict[str, Any]:

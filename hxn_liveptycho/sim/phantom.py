@@ -163,6 +163,11 @@ def simulate_diffraction(
     if len(pos):
         expected *= xp.float32(photons_per_frame / float(expected.sum(axis=(-2, -1)).mean()))
     if xp is np:
+        # Drawn in place, a chunk at a time: one draw over the whole stack would hold an
+        # int64 copy of it (twice its float32 size), which a 4,096-frame 256² scan cannot
+        # spare. Chunked draws take the generator's values in the same order.
         gen = np.random.default_rng(rng)
-        return gen.poisson(expected).astype(np.float32)
+        for start in range(0, len(expected), chunk):
+            expected[start : start + chunk] = gen.poisson(expected[start : start + chunk])
+        return expected
     return xp.random.poisson(expected).astype(xp.float32)

@@ -7,8 +7,10 @@ diffraction frames, and encoder counts with HXN's scale-factor convention.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +45,32 @@ class SimulatedBeamline:
     z_scale_factor: float = 1.0
     bad_pixels: tuple[tuple[int, int], ...] = ((40, 200), (131, 30), (220, 122))
     seed: int = 7
+
+    def __post_init__(self) -> None:
+        n, (rows, cols), (cy, cx) = self.window, self.detector_shape, self.beam_center
+        top, left = cy - n // 2, cx - n // 2
+        if top < 0 or left < 0 or top + n > rows or left + n > cols:
+            raise ValueError(
+                f"a {n}-pixel window around the beam centre {self.beam_center} does not fit "
+                f"the {rows}x{cols} detector; give a larger detector_shape or move beam_center"
+            )
+
+    @classmethod
+    def for_window(cls, window: int, **fields: Any) -> SimulatedBeamline:
+        """A beamline whose detector holds a ``window``-pixel crop: the default 256² detector
+        while the window fits it, else a square one 64 pixels larger, the beam a little off
+        its centre as on a real detector (so a crop that assumed the centre would show)."""
+        rows, cols = cls.detector_shape
+        cy, cx = cls.beam_center
+        if window // 2 <= min(cy, cx) and window - window // 2 <= min(rows - cy, cols - cx):
+            return cls(window=window, **fields)
+        side = window + 64
+        return cls(
+            window=window,
+            detector_shape=(side, side),
+            beam_center=(side // 2 + 3, side // 2 - 6),
+            **fields,
+        )
 
     @property
     def wavelength_m(self) -> float:
@@ -96,12 +124,21 @@ class SimulatedSample:
         self.probe = make_probe(n, pixel_size_m=bl.pixel_size_m, wavelength_m=bl.wavelength_m)
         #: Top-left corners of each probe window in object pixels (what a solver must find).
         self.positions_px = (self.positions_um - self.origin_um) / dx_um - n / 2
-        self.intensities = simulate_diffraction(
+        # The frames are drawn from this generator when first asked for, so that the
+        # RunEngine's copy of a sample (positions, encoders) never pays for them: the
+        # simulated Eiger's process makes its own, the same numbers from the same state.
+        self._noise_rng = rng
+
+    @functools.cached_property
+    def intensities(self) -> np.ndarray:
+        """Poisson diffraction frames (N, window, window) float32, zero frequency at the centre."""
+        bl = self.beamline
+        return simulate_diffraction(
             self.object,
             self.probe,
             self.positions_px,
             photons_per_frame=bl.photons_per_frame,
-            rng=rng,
+            rng=self._noise_rng,
         )
 
     @property
