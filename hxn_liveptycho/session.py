@@ -199,6 +199,11 @@ class RunSession:
             info["backup_path"] = str(backup)
         return info
 
+    @property
+    def solver_passes(self) -> list[tuple[float, int]]:
+        """(time.monotonic() at its end, positions covered) of every solver pass so far."""
+        return [] if self._solver is None else list(self._solver.pass_ends)
+
     def nn_snapshot(self) -> dict[str, Any] | None:
         """The NN branch's current mosaic (None without an NN branch), for status pages."""
         return None if self._nn is None else self._nn.snapshot()

@@ -87,15 +87,9 @@ class FrameRingReader:
     """The solver process's side: views of the slots the writer filled."""
 
     def __init__(self, name: str, slots: int, n: int) -> None:
-        # Attaching registers the segment with this process's resource tracker, which would
-        # unlink it when this process exits; the writer owns it, so unregister at once.
+        # A spawned child shares its parent's resource tracker, so attaching here adds
+        # nothing the writer's unlink does not remove.
         self._shm = shared_memory.SharedMemory(name=name)
-        try:
-            from multiprocessing import resource_tracker
-
-            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:  # the tracker's API is private; a leak warning is the worst case
-            pass
         self._frames = np.ndarray((slots, n, n), dtype=np.float32, buffer=self._shm.buf)
 
     def view(self, start: int, count: int) -> np.ndarray:

@@ -95,7 +95,7 @@ class _ChildRun:
     finish_after: int | None = None
     cancelled: bool = False
     last_progress: float = 0.0
-    pass_ends: list[float] = field(default_factory=list)
+    pass_ends: list[tuple[float, int]] = field(default_factory=list)
     params: IterativeParams = field(default_factory=IterativeParams)
 
 
@@ -253,7 +253,7 @@ class _Child:
                 self._fail(run_id, f"{type(exc).__name__}: {exc}")
                 continue
             worked = True
-            run.pass_ends.append(time.monotonic())
+            run.pass_ends.append((time.monotonic(), solver.n_positions))
             if run.finish_after is not None:
                 run.finish_after -= 1
             now = time.monotonic()
@@ -547,9 +547,9 @@ class RemoteSolver:
         self.n_positions = 0
         self.added = 0
         self.error_history: list[float] = []
-        #: time.monotonic() at the end of each pass (the clock is the host's, shared by both
-        #: processes), for the live path's rate during and after acquisition.
-        self.pass_ends: list[float] = []
+        #: (time.monotonic() at the end of each pass, positions it covered): the clock is the
+        #: host's, shared by both processes; for the live path's rate during and after the scan.
+        self.pass_ends: list[tuple[float, int]] = []
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_requested = False
         self.final: dict[str, Any] | None = None
