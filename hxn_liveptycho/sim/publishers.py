@@ -120,7 +120,9 @@ class PublisherProcess:
 
         ``rate_hz`` is the achieved frame rate: the frames published after the
         first message over the time from the first send to the last;
-        ``max_late_s`` the longest an item waited past its due time.
+        ``max_late_s`` the longest an item waited past its due time;
+        ``first_sent``/``last_sent`` are on the monotonic clock, which on Linux is
+        the whole machine's, so a receiver's times compare with them.
         """
         raw = dict(zip(COUNTER_FIELDS, self._counters[:], strict=True))
         published = int(raw["frames_published"])
@@ -137,6 +139,8 @@ class PublisherProcess:
             "target_hz": 1.0 / frame_time if frame_time > 0 else None,
             "rate_hz": after_first / span if after_first > 0 and span > 0 else None,
             "seconds": span if published else 0.0,
+            "first_sent": raw["first_sent"],
+            "last_sent": raw["last_sent"],
             "max_late_s": raw["max_late_s"],
             "preencoded_frames": int(raw["preencoded_frames"]),
             "prepare_s": raw["prepare_s"],
@@ -467,6 +471,8 @@ class _Pacer:
             "target_hz": 1.0 / c["frame_time_s"],
             "rate_hz": after_first / span if after_first > 0 and span > 0 else None,
             "seconds": span,
+            "first_sent": c["first_sent"],
+            "last_sent": c["last_sent"],
             "max_late_s": self.max_late,
             "aborted": self.aborted,
             **extra,
