@@ -96,9 +96,10 @@ class Settings(BaseSettings):
         description="Local ONNX models (<name>.onnx + <name>.json card); searched before the "
         "shipped ones.",
     )
-    nn_backend: Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"] = Field(
+    nn_backend: Literal["auto", "tensorrt", "torch", "onnxruntime-cuda", "onnxruntime"] = Field(
         default="auto",
-        description="Runtime of the NN branch; auto: TensorRT, else ONNX Runtime CUDA, else CPU.",
+        description="Runtime of the NN branch; auto: TensorRT, else PyTorch on CUDA, else ONNX "
+        "Runtime CUDA, else ONNX Runtime on the CPU.",
     )
     gpu_placement: GpuPlacement = Field(
         default_factory=GpuPlacement,

@@ -40,7 +40,7 @@ def test_both_branches_run_and_the_mosaic_is_live_in_tiled(
     assert md["config"]["nn"]["model"] == "ptychonn-hxn-128"
     nn = md["nn"]
     assert nn["model"] == "ptychonn-hxn-128" and len(nn["model_sha256"]) == 64
-    assert nn["backend"] in ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+    assert nn["backend"] in ("tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime")
     assert nn["nn_frames_inferred"] == sample.num_points
     assert nn["nn_frames_dropped"] == 0
     assert {"live", "final", "nn"} <= set(node)  # the iterative branch ran too

@@ -64,7 +64,7 @@ def test_cli_lists_and_inspects_models(tmp_path, capsys):
 def test_auto_backend_on_a_cpu_machine_is_onnxruntime_with_dynamic_batch():
     model = ModelRegistry(None).get(MODEL)
     backend = open_backend(model.path, model.io(), kind="auto")
-    assert backend.name in ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+    assert backend.name in ("tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime")
     x = np.sqrt(np.random.default_rng(0).poisson(30.0, (3, 128, 128))).astype(np.float32)
     amp, phase = backend.infer(x)
     assert amp.shape == phase.shape == (3, 64, 64)
@@ -73,12 +73,14 @@ def test_auto_backend_on_a_cpu_machine_is_onnxruntime_with_dynamic_batch():
     assert np.all(amp >= 0) and np.all(np.abs(phase) <= np.pi)
 
 
-def test_a_crop_the_model_was_not_trained_for_is_refused_naming_both_shapes():
+def test_a_crop_no_rule_fits_is_refused_naming_both_shapes():
     model = ModelRegistry(None).get(MODEL)
     backend = OnnxRuntimeBackend(model.path, model.io())
-    check_input_shape(model, backend, 128)
-    with pytest.raises(ConfigurationError, match=r"expects 128x128 .* crop is 256x256"):
-        check_input_shape(model, backend, 256)
+    assert check_input_shape(model, backend, 128).identity
+    assert check_input_shape(model, backend, 256).scale == 2  # a multiple: cropped to 128
+    for crop in (64, 192):
+        with pytest.raises(ConfigurationError, match=rf"expects 128x128 .* crop is {crop}x{crop}"):
+            check_input_shape(model, backend, crop)
 
 
 def test_a_full_queue_drops_and_counts_instead_of_blocking():

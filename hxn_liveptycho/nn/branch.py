@@ -1,11 +1,22 @@
-"""The NN branch of one run: its own thread, a bounded queue, and the live mosaic.
+"""The NN branch of one run: a bounded queue, inference, and the live mosaic.
 
-The session hands every batch of preprocessed frames to :meth:`NNBranch.submit`,
-which only appends to a queue (or drops the frames, counted, when the queue
-is full), so the iterative solver never waits for the network and the network
-never waits for the solver. The branch's thread runs inference in batches,
-blends the predictions into the mosaic, and publishes it at most every
-``interval_s``; it counts what it inferred, dropped, and how far it lags.
+The session hands every batch of preprocessed frames to ``submit``, which only
+queues them (or drops them, counted, when the queue is full), so the iterative
+solver never waits for the network and the network never waits for the
+solver. Inference runs in batches, the predictions are blended into the
+mosaic, and the mosaic is published at most every ``interval_s``.
+
+Where inference runs is the branch's choice, not the session's: by default in
+a child process on the branch's own device (:mod:`hxn_liveptycho.nn.process`:
+frames through shared memory, the mosaic back through a one-slot mailbox),
+because in the session's process it takes turns with the receivers, the
+Tiled writer and the solver's launch loop on one interpreter lock;
+:class:`NNBranch` is the same work on a thread of the caller's process, for
+tests and for callers that must not spawn.
+
+Frames of a larger crop than the model's input are cropped or binned to it
+(:mod:`hxn_liveptycho.nn.resample`), and the patches brought back to the
+canvas pixel.
 """
 
 from __future__ import annotations
@@ -16,19 +27,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.nn.backends import InferenceBackend, open_backend
+from hxn_liveptycho.nn.backends import InferenceBackend
 from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
+from hxn_liveptycho.nn.resample import Fit, InputRule, choose_rule
 from hxn_liveptycho.recon.probe import initial_probe
 
 if TYPE_CHECKING:
     from hxn_liveptycho.geometry import CanvasGeometry
+    from hxn_liveptycho.nn.process import NNProcessBranch
     from hxn_liveptycho.scan import ScanConfig
     from hxn_liveptycho.settings import Settings
 
@@ -36,20 +48,151 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[Mapping[str, Any]], None]
 
-
-def check_input_shape(model: ModelInfo, backend: InferenceBackend, crop: int) -> None:
-    """A model that does not take the configured crop is refused before any frame arrives."""
-    if tuple(backend.input_hw) != (crop, crop):
-        h, w = backend.input_hw
-        raise ConfigurationError(
-            f"model {model.name!r} expects {h}x{w} diffraction patches but the configured "
-            f"crop is {crop}x{crop} (roi.size); choose a model trained for {crop}x{crop} or "
-            f"set roi.size to {h}"
-        )
+COUNTER_NAMES = (
+    "nn_frames_submitted",
+    "nn_frames_inferred",
+    "nn_frames_dropped",
+    "nn_batches",
+    "nn_snapshots",
+    "nn_frames_outside",
+)
 
 
-class NNBranch:
-    """Runs one model over one run's frames and keeps the blended mosaic."""
+def trained_pixel_m(model: ModelInfo) -> float | None:
+    """The object pixel the model was trained for, when its card says."""
+    if model.card is None or model.card.geometry is None:
+        return None
+    return model.card.geometry.object_pixel_m
+
+
+def check_input_shape(
+    model: ModelInfo,
+    backend: InferenceBackend | tuple[int, int],
+    crop: int,
+    *,
+    fit: Fit = "auto",
+    pixel_size_m: float | None = None,
+) -> InputRule:
+    """How the run's ``crop`` reaches the model's input; a crop no rule fits is refused
+    before any frame arrives."""
+    h, w = backend if isinstance(backend, tuple) else backend.input_hw
+    if h != w:
+        from hxn_liveptycho.errors import ConfigurationError
+
+        raise ConfigurationError(f"model {model.name!r} takes {h}x{w} patterns; only square")
+    return choose_rule(
+        crop,
+        int(h),
+        fit=fit,
+        pixel_size_m=pixel_size_m,
+        trained_pixel_m=trained_pixel_m(model),
+        model_name=model.name,
+    )
+
+
+class BranchCore:
+    """Inference and blending for one run, wherever the branch's worker runs.
+
+    The mosaic is made on the first batch, once the probe (from the run's own
+    frames at the run's crop) and the network's patch size are known.
+    """
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        rule: InputRule,
+        *,
+        canvas_shape: tuple[int, int],
+        window: int,
+    ) -> None:
+        self.backend = backend
+        self.rule = rule
+        self.canvas_shape = canvas_shape
+        self.window = window
+        self.probe: np.ndarray | None = None
+        self.mosaic: Mosaic | None = None
+        self.infer_seconds = 0.0
+
+    def process(self, frames: np.ndarray, positions_px: np.ndarray) -> int:
+        """Infer ``frames`` (already at the model's input size), blend them; frames off
+        the canvas."""
+        began = time.monotonic()
+        amplitude, phase = self.backend.infer(frames)
+        self.infer_seconds += time.monotonic() - began
+        patches = self.rule.patches(amplitude, phase)
+        if self.mosaic is None:
+            if self.probe is None:
+                raise RuntimeError("the branch has no probe estimate before its first batch")
+            weight = footprint_weight(self.probe, patches.shape[-1])
+            self.mosaic = Mosaic(self.canvas_shape, self.window, weight)
+        outside = self.mosaic.outside
+        self.mosaic.add_complex(patches, positions_px)
+        return self.mosaic.outside - outside
+
+    def snapshot(self) -> dict[str, Any] | None:
+        mosaic = self.mosaic
+        if mosaic is None:
+            return None
+        return {"object": mosaic.image(), "coverage": mosaic.coverage, "frames": mosaic.placed}
+
+
+class BranchBase:
+    """What both kinds of branch share: counters, the drop rule, the run's metadata."""
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        rule: InputRule,
+        *,
+        batch_size: int,
+        max_queued_frames: int,
+        log: logging.Logger | logging.LoggerAdapter,
+    ) -> None:
+        self.model = model
+        self.rule = rule
+        self.batch_size = batch_size
+        self.max_queued_frames = max_queued_frames
+        self.log = log
+        self.counters = Counters(COUNTER_NAMES)
+        self.error: str | None = None
+        self.max_lag_s = 0.0
+        self.infer_seconds = 0.0
+
+    @property
+    def backend_name(self) -> str:
+        raise NotImplementedError
+
+    def _drop(self, k: int, behind: int) -> None:
+        dropped_before = self.counters.get("nn_frames_dropped")
+        self.counters.add("nn_frames_dropped", k)
+        if dropped_before == 0:
+            self.log.warning(
+                "NN branch is %s: dropping frames (counted as nn_frames_dropped)",
+                "failed" if self.error else f"{behind} frames behind",
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The model and how the branch did, for the run's metadata."""
+        info: dict[str, Any] = {
+            "model": self.model.name,
+            "model_sha256": self.model.sha256,
+            "model_source": self.model.source,
+            "backend": self.backend_name,
+            "batch_size": self.batch_size,
+            "input_rule": self.rule.describe(),
+            "max_lag_s": round(self.max_lag_s, 3),
+            "infer_seconds": round(self.infer_seconds, 3),
+            **self.counters.snapshot(),
+        }
+        if self.model.card is not None:
+            info["model_version"] = self.model.card.version
+        if self.error:
+            info["error"] = self.error
+        return info
+
+
+class NNBranch(BranchBase):
+    """Runs one model over one run's frames on a thread of this process."""
 
     def __init__(
         self,
@@ -64,34 +207,22 @@ class NNBranch:
         interval_s: float,
         footprint_px: float | None = None,
         defocus_sign: int = 1,
+        rule: InputRule | None = None,
         name: str = "liveptycho-nn",
         log: logging.Logger | logging.LoggerAdapter = logger,
     ) -> None:
-        self.model = model
+        rule = rule or check_input_shape(model, backend, window)
+        super().__init__(
+            model, rule, batch_size=batch_size, max_queued_frames=max_queued_frames, log=log
+        )
         self.backend = backend
         self.canvas_shape = canvas_shape
         self.window = window
-        self.batch_size = batch_size
-        self.max_queued_frames = max_queued_frames
         self.interval_s = interval_s
         self.footprint_px = footprint_px
         self.defocus_sign = defocus_sign
-        self.log = log
-        self.counters = Counters(
-            [
-                "nn_frames_submitted",
-                "nn_frames_inferred",
-                "nn_frames_dropped",
-                "nn_batches",
-                "nn_snapshots",
-                "nn_frames_outside",
-            ]
-        )
-        self.error: str | None = None
-        self.max_lag_s = 0.0
-        self.infer_seconds = 0.0
+        self._core = BranchCore(backend, rule, canvas_shape=canvas_shape, window=window)
         self._publish = publish
-        self._mosaic: Mosaic | None = None
         self._cond = threading.Condition()
         self._queue: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
         self._queued = 0
@@ -100,6 +231,10 @@ class NNBranch:
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
     # ---- session side ------------------------------------------------------------------
     def submit(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
         """Queue frames (k, n, n) with their window corners (k, 2); never blocks."""
@@ -107,13 +242,7 @@ class NNBranch:
         self.counters.add("nn_frames_submitted", k)
         with self._cond:
             if self.error is not None or self._queued + k > self.max_queued_frames:
-                dropped_before = self.counters.get("nn_frames_dropped")
-                self.counters.add("nn_frames_dropped", k)
-                if dropped_before == 0:
-                    self.log.warning(
-                        "NN branch is %s: dropping frames (counted as nn_frames_dropped)",
-                        "failed" if self.error else f"{self._queued} frames behind",
-                    )
+                self._drop(k, self._queued)
                 return
             self._queue.append((amplitudes, np.asarray(positions_px), time.monotonic()))
             self._queued += k
@@ -131,33 +260,8 @@ class NNBranch:
         self.backend.close()
         return self.snapshot()
 
-    def describe(self) -> dict[str, Any]:
-        """The model and how the branch did, for the run's metadata."""
-        info: dict[str, Any] = {
-            "model": self.model.name,
-            "model_sha256": self.model.sha256,
-            "model_source": self.model.source,
-            "backend": self.backend.name,
-            "batch_size": self.batch_size,
-            "max_lag_s": round(self.max_lag_s, 3),
-            "infer_seconds": round(self.infer_seconds, 3),
-            **self.counters.snapshot(),
-        }
-        if self.model.card is not None:
-            info["model_version"] = self.model.card.version
-        if self.error:
-            info["error"] = self.error
-        return info
-
     def snapshot(self) -> dict[str, Any] | None:
-        mosaic = self._mosaic
-        if mosaic is None:
-            return None
-        return {
-            "object": mosaic.image(),
-            "coverage": mosaic.coverage,
-            "frames": mosaic.placed,
-        }
+        return self._core.snapshot()
 
     # ---- the branch's thread -----------------------------------------------------------
     def _take(self) -> list[tuple[np.ndarray, np.ndarray, float]] | None:
@@ -188,18 +292,13 @@ class NNBranch:
     def _infer(self, taken: list[tuple[np.ndarray, np.ndarray, float]]) -> None:
         amplitudes = np.concatenate([t[0] for t in taken])
         positions = np.concatenate([t[1] for t in taken])
-        began = time.monotonic()
-        amplitude, phase = self.backend.infer(amplitudes)
-        self.infer_seconds += time.monotonic() - began
-        if self._mosaic is None:
-            probe = initial_probe(
+        if self._core.probe is None:
+            self._core.probe = initial_probe(
                 amplitudes, footprint_px=self.footprint_px, defocus_sign=self.defocus_sign
             )
-            weight = footprint_weight(probe, amplitude.shape[-1])
-            self._mosaic = Mosaic(self.canvas_shape, self.window, weight)
-        outside = self._mosaic.outside
-        self._mosaic.add(amplitude, phase, positions)
-        self.counters.add("nn_frames_outside", self._mosaic.outside - outside)
+        outside = self._core.process(self.rule.frames(amplitudes), positions)
+        self.infer_seconds = self._core.infer_seconds
+        self.counters.add("nn_frames_outside", outside)
         self.counters.add("nn_frames_inferred", len(amplitudes))
         self.counters.add("nn_batches")
         self.max_lag_s = max(self.max_lag_s, time.monotonic() - min(t[2] for t in taken))
@@ -218,10 +317,59 @@ def start_nn_branch(
     log: logging.Logger | logging.LoggerAdapter = logger,
     *,
     device_id: int = 0,
-) -> NNBranch:
-    """Load the run's model on the configured runtime and GPU ``device_id`` (ignored by a CPU
-    runtime); refuse a mismatched one."""
+    where: Literal["process", "thread"] = "process",
+) -> NNBranch | NNProcessBranch:
+    """The run's branch: its model on the configured runtime and GPU ``device_id`` (ignored
+    by a CPU runtime), in a child process unless ``where="thread"``.
+
+    The crop is checked against the model here, so a run whose crop no rule
+    fits fails at its start; in a process, the model loads in the child while
+    the first frames queue, and a runtime that cannot start fails the branch
+    (recorded in its metadata), not the run.
+    """
     model = ModelRegistry(settings.model_dir).get(config.nn.model)
+    cpu_threads = max(1, (os.cpu_count() or 2) // 2)  # on a CPU, leave half to the rest
+    input_hw = model.input_hw()
+    rule = check_input_shape(
+        model, input_hw, config.roi.size, fit=config.nn.fit, pixel_size_m=config.pixel_size_m
+    )
+    trained = trained_pixel_m(model)
+    seen_pixel = config.pixel_size_m * rule.scale
+    if trained is not None and abs(seen_pixel / trained - 1) > 0.05:
+        log.warning(
+            "model %s was trained for %.2f nm object pixels; this scan gives it %.2f nm",
+            model.name,
+            trained * 1e9,
+            seen_pixel * 1e9,
+        )
+    if not rule.identity:
+        log.info("NN branch input: %s", rule.describe())
+    common: dict[str, Any] = {
+        "canvas_shape": geometry.canvas_shape,
+        "window": geometry.window,
+        "batch_size": config.nn.batch_size,
+        "max_queued_frames": config.nn.max_queued_frames,
+        "publish": publish,
+        "interval_s": settings.live_interval_s,
+        "footprint_px": config.probe_footprint_px,
+        "defocus_sign": config.probe.defocus_sign,
+        "rule": rule,
+        "name": f"liveptycho-nn-{config.scan_id}",
+        "log": log,
+    }
+    if where == "process":
+        from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey
+
+        key = WorkerKey(
+            backend=settings.nn_backend,
+            device_id=device_id,
+            cache_dir=str(settings.data_dir / "tensorrt-engines"),
+            cpu_threads=cpu_threads,
+        )
+        log.info("NN branch: model %s (%s) in its own process", model.name, model.source)
+        return NNProcessBranch(model, key, **common)
+    from hxn_liveptycho.nn.backends import open_backend
+
     backend = open_backend(
         model.path,
         model.io(),
@@ -229,34 +377,7 @@ def start_nn_branch(
         device_id=device_id,
         cache_dir=settings.data_dir / "tensorrt-engines",
         max_batch=config.nn.batch_size,
-        cpu_threads=max(1, (os.cpu_count() or 2) // 2),  # on a CPU, leave half to the rest
+        cpu_threads=cpu_threads,
     )
-    try:
-        check_input_shape(model, backend, config.roi.size)
-    except ConfigurationError:
-        backend.close()
-        raise
-    if model.card is not None and model.card.geometry is not None:
-        trained = model.card.geometry.object_pixel_m
-        if abs(config.pixel_size_m / trained - 1) > 0.05:
-            log.warning(
-                "model %s was trained for %.2f nm object pixels; this scan has %.2f nm",
-                model.name,
-                trained * 1e9,
-                config.pixel_size_m * 1e9,
-            )
     log.info("NN branch: model %s (%s) on %s", model.name, model.source, backend.name)
-    return NNBranch(
-        model,
-        backend,
-        canvas_shape=geometry.canvas_shape,
-        window=geometry.window,
-        batch_size=config.nn.batch_size,
-        max_queued_frames=config.nn.max_queued_frames,
-        publish=publish,
-        interval_s=settings.live_interval_s,
-        footprint_px=config.probe_footprint_px,
-        defocus_sign=config.probe.defocus_sign,
-        name=f"liveptycho-nn-{config.scan_id}",
-        log=log,
-    )
+    return NNBranch(model, backend, **common)

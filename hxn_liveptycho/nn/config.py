@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "ptychonn-hxn-128"
@@ -18,6 +20,12 @@ class NNParams(BaseModel):
         "to an .onnx file.",
     )
     batch_size: int = Field(default=64, ge=1, le=4096, description="Frames per inference call.")
+    fit: Literal["auto", "crop", "bin"] = Field(
+        default="auto",
+        description="How a crop larger than the model's input (an integer multiple of it) "
+        "reaches the model: keep its central part (crop), sum blocks of pixels (bin), or "
+        "whichever gives the object pixel the model card was trained for (auto).",
+    )
     max_queued_frames: int = Field(
         default=4096,
         ge=1,

@@ -38,12 +38,16 @@ class Mosaic:
 
     def add(self, amplitude: np.ndarray, phase: np.ndarray, top_left_px: np.ndarray) -> None:
         """Blend patches (k, m, m) whose probe windows start at ``top_left_px`` (k, 2) (y, x)."""
+        patches = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
+        self.add_complex(patches.astype(np.complex64), top_left_px)
+
+    def add_complex(self, patches: np.ndarray, top_left_px: np.ndarray) -> None:
+        """Blend complex patches (k, m, m); see :meth:`add`."""
         pos = np.rint(np.asarray(top_left_px, dtype=np.float64).reshape(-1, 2)).astype(int)
         pos += self.inset
         m = self.patch
         h, w = self.canvas_shape
-        patches = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
-        for patch, (y, x) in zip(patches.astype(np.complex64), pos, strict=True):
+        for patch, (y, x) in zip(np.asarray(patches, np.complex64), pos, strict=True):
             if y < 0 or x < 0 or y + m > h or x + m > w:
                 self.outside += 1
                 continue

@@ -49,6 +49,15 @@ class ModelInfo:
             self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         return self._sha256
 
+    def input_hw(self) -> tuple[int, int]:
+        """The (height, width) of the graph's input, read without loading a runtime for it."""
+        shape = _inspection_session(self.path).get_inputs()[0].shape
+        if len(shape) != 4 or not all(isinstance(s, int) for s in shape[-2:]):
+            raise ConfigurationError(
+                f"model {self.name} must take (batch, 1, n, n) patterns; its input is {shape}"
+            )
+        return int(shape[-2]), int(shape[-1])
+
     def io(self) -> GraphIO:
         """Input and output names: from the card, else the graph's first input and
         outputs named ``amplitude``/``phase`` (or its first two outputs)."""

@@ -1,0 +1,741 @@
+"""The NN branch in its own process: frames in through shared memory, the mosaic out
+through a one-slot mailbox.
+
+Why a process: inference, blending and the mosaic's copies run Python between
+the runtime's calls, and in the session's process that takes turns with the
+receivers, the Tiled writer and the solver's launch loop on one interpreter
+lock. A child process (spawned: a forked CUDA context is unusable) owns the
+runtime and the mosaic instead.
+
+- **Workers may outlive runs, never their owner.** Without a pool, a run's
+  branch starts its worker and ends it at ``close``. With a
+  :class:`WorkerPool` (owned by an engine, which calls
+  :meth:`WorkerPool.shutdown` when it closes), a worker is started ahead of
+  the first run (:meth:`WorkerPool.prestart`) or on it, keeps its runtime
+  loaded between runs (a TensorRT engine, captured CUDA graphs) and serves
+  one run at a time; runs at the same time get a worker each. A worker exits
+  when its parent process dies, even by SIGKILL: a watchdog thread in it
+  polls its parent's pid (the kernel's parent-death signal is used too, but
+  only for a worker started from the main thread, because the kernel sends
+  it when the starting *thread* ends, and a run's thread ends long before
+  a pooled worker should).
+- **Frames cross without pickling.** Each run has one shared-memory segment,
+  created and unlinked by the parent: a ring of frames already cut to the
+  model's input (:class:`~hxn_liveptycho.nn.resample.InputRule`, so a 256²
+  crop crosses as 128²), their positions and hand-over times, two counters
+  (written by the parent, consumed by the child) and the mailbox. ``submit``
+  copies into free slots or drops the frames (counted) when the ring is full,
+  and wakes the child with a semaphore: it never waits for the child.
+- **The mosaic comes back through a one-slot mailbox** in the same segment:
+  the child overwrites it (under a lock) at most every ``interval_s`` and
+  says so; the parent's reader thread copies it out and publishes it. A
+  snapshot the parent had no time for is simply replaced.
+- **Failures stay in the branch.** A runtime that cannot load, or a batch
+  that fails, marks the branch failed (its frames dropped and counted); a
+  worker that dies ends its run's branch with the exit code, and ``close``
+  still returns the last mosaic it published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.nn.backends import GraphIO
+from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish
+from hxn_liveptycho.nn.registry import ModelInfo
+from hxn_liveptycho.nn.resample import InputRule
+from hxn_liveptycho.recon.probe import initial_probe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool"]
+
+#: Most shared memory one run's frame ring takes; a longer queue is cut to fit.
+RING_BYTES = 512 * 2**20
+_HEADER = 64  # bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, probe_set, ...]
+_WRITTEN, _CONSUMED, _SEQ, _FRAMES, _PROBE = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class WorkerKey:
+    """What a worker's runtime depends on; runs with the same key can share a worker."""
+
+    backend: str = "auto"
+    device_id: int = 0
+    cache_dir: str | None = None
+    cpu_threads: int = 0
+
+
+# =========================================================================== shared memory
+class RunMemory:
+    """One run's segment: header, frame ring (slots, m, m) float32, positions (slots, 2),
+    hand-over times (slots,), the mailbox (object complex64 and coverage float32), and the
+    probe estimate (window, window) complex64, too large for a pipe that must not block."""
+
+    def __init__(
+        self,
+        slots: int,
+        m: int,
+        canvas_shape: tuple[int, int],
+        window: int,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.slots, self.m, self.window = slots, m, window
+        self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
+        h, w = self.canvas_shape
+        sizes = [
+            _HEADER,
+            slots * m * m * 4,
+            slots * 16,
+            slots * 8,
+            h * w * 8,
+            h * w * 4,
+            window * window * 8,
+        ]
+        offsets = list(itertools.accumulate([0, *sizes]))
+        self.owner = name is None
+        if name is None:
+            self.shm = shared_memory.SharedMemory(create=True, size=offsets[-1])
+        else:
+            # A spawned child shares its parent's resource tracker, so attaching registers
+            # the name a second time in the same set; the parent's unlink removes it once.
+            self.shm = shared_memory.SharedMemory(name=name)
+        buf = self.shm.buf
+        self.header = np.ndarray((8,), np.int64, buf, offsets[0])
+        self.frames = np.ndarray((slots, m, m), np.float32, buf, offsets[1])
+        self.positions = np.ndarray((slots, 2), np.float64, buf, offsets[2])
+        self.stamps = np.ndarray((slots,), np.float64, buf, offsets[3])
+        self.object = np.ndarray((h, w), np.complex64, buf, offsets[4])
+        self.coverage = np.ndarray((h, w), np.float32, buf, offsets[5])
+        self.probe = np.ndarray((window, window), np.complex64, buf, offsets[6])
+        if self.owner:
+            self.header[:] = 0
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def close(self) -> None:
+        for attr in ("header", "frames", "positions", "stamps", "object", "coverage", "probe"):
+            self.__dict__.pop(attr, None)
+        with contextlib.suppress(Exception):
+            self.shm.close()
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                self.shm.unlink()
+
+
+def ring_slots(max_queued_frames: int, batch_size: int, m: int) -> int:
+    """Slots of a run's ring: the queue it may hold, within :data:`RING_BYTES`."""
+    fit = max(batch_size, RING_BYTES // (m * m * 4))
+    return max(1, min(max_queued_frames, fit))
+
+
+# =========================================================================== the child
+def _exit_with_parent(parent_pid: int, *, death_signal: bool) -> None:
+    """Exit when the parent process is gone, whatever the main thread is busy with."""
+    if death_signal and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)  # re-parented: the owner died without telling us
+
+    threading.Thread(target=watch, name="nn-parent-watchdog", daemon=True).start()
+
+
+class _LogToParent(logging.Handler):
+    def __init__(self, send: Any) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send(("log", record.levelno, record.name, self.format(record)))
+
+
+@dataclass
+class _ChildRun:
+    run_id: int
+    mem: RunMemory
+    core: BranchCore | None
+    batch_size: int
+    interval_s: float
+    footprint_px: float | None
+    defocus_sign: int
+    consumed: int = 0
+    finishing: bool = False
+    failed: bool = False
+    last_publish: float = 0.0
+
+
+class _Child:
+    def __init__(self, inbox: Connection, outbox: Connection, wake: Any, lock: Any, key: WorkerKey):
+        self.inbox, self.outbox, self.wake, self.lock, self.key = inbox, outbox, wake, lock, key
+        self.backend: Any = None
+        self.backend_id: tuple[Any, ...] | None = None
+        self.run: _ChildRun | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.outbox.send(message)
+
+    def load(self, model_path: str, sha256: str, io: GraphIO, max_batch: int) -> Any:
+        """The runtime for this model, kept from the last run when it is the same."""
+        wanted = (model_path, sha256, max_batch)
+        if self.backend is not None and self.backend_id == wanted:
+            return self.backend
+        from pathlib import Path
+
+        from hxn_liveptycho.nn.backends import open_backend
+
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        key = self.key
+        backend = open_backend(
+            Path(model_path),
+            io,
+            kind=key.backend,  # type: ignore[arg-type]
+            device_id=key.device_id,
+            cache_dir=None if key.cache_dir is None else Path(key.cache_dir),
+            max_batch=max_batch,
+            cpu_threads=key.cpu_threads,
+        )
+        warm = getattr(backend, "warm", None)
+        if warm is not None:
+            warm()
+        self.backend, self.backend_id = backend, wanted
+        return backend
+
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "quit":
+            return False
+        if kind == "load":
+            _, model_path, sha256, io, max_batch = message
+            try:
+                backend = self.load(model_path, sha256, io, max_batch)
+                self.send(("loaded", None, backend.name))
+            except Exception as exc:
+                logging.getLogger(__name__).warning("could not preload the model: %s", exc)
+        elif kind == "open":
+            self.open(message[1])
+        elif kind == "finish" and self.run is not None and self.run.run_id == message[1]:
+            self.run.finishing = True
+        return True
+
+    def open(self, spec: dict[str, Any]) -> None:
+        mem = RunMemory(
+            spec["slots"], spec["m"], spec["canvas_shape"], spec["window"], name=spec["shm"]
+        )
+        run = _ChildRun(
+            run_id=spec["run_id"],
+            mem=mem,
+            core=None,
+            batch_size=spec["batch_size"],
+            interval_s=spec["interval_s"],
+            footprint_px=spec["footprint_px"],
+            defocus_sign=spec["defocus_sign"],
+        )
+        self.run = run
+        try:
+            backend = self.load(spec["model_path"], spec["sha256"], spec["io"], spec["max_batch"])
+            rule: InputRule = spec["rule"]
+            if tuple(backend.input_hw) != (rule.model, rule.model):
+                raise ValueError(
+                    f"the runtime takes {backend.input_hw} but the rule gives {rule.model}"
+                )
+            run.core = BranchCore(
+                backend, rule, canvas_shape=mem.canvas_shape, window=spec["window"]
+            )
+            self.send(("loaded", run.run_id, backend.name))
+        except Exception as exc:
+            self.fail(run, exc, "could not load the model")
+
+    def fail(self, run: _ChildRun, exc: BaseException, what: str) -> None:
+        run.failed = True
+        logging.getLogger(__name__).error("%s: %s", what, exc, exc_info=exc)
+        self.send(("error", run.run_id, f"{type(exc).__name__}: {exc}"))
+
+    def publish(self, run: _ChildRun) -> bool:
+        if run.core is None or run.core.mosaic is None:
+            return False
+        image, coverage = run.core.mosaic.image(), run.core.mosaic.coverage
+        if not self.lock.acquire(timeout=10.0):
+            return False
+        try:
+            run.mem.object[:] = image
+            run.mem.coverage[:] = coverage
+            run.mem.header[_FRAMES] = run.core.mosaic.placed
+            run.mem.header[_SEQ] += 1
+        finally:
+            self.lock.release()
+        return True
+
+    def step(self) -> bool:
+        """One batch of the current run, or its end; False when there was nothing to do."""
+        run = self.run
+        if run is None:
+            return False
+        mem = run.mem
+        available = int(mem.header[_WRITTEN]) - run.consumed
+        if available > 0 and (run.failed or run.core is None):
+            run.consumed += available  # nothing will infer them: free the slots
+            mem.header[_CONSUMED] = run.consumed
+            self.send(("discarded", run.run_id, available))
+            return True
+        if available > 0 and run.core is not None:
+            start = run.consumed % mem.slots
+            count = min(available, run.batch_size, mem.slots - start)
+            frames = mem.frames[start : start + count]
+            positions = mem.positions[start : start + count].copy()
+            handed = float(mem.stamps[start : start + count].min())
+            try:
+                if run.core.probe is None:  # the parent writes it before the first frames
+                    if not mem.header[_PROBE]:
+                        raise RuntimeError("no probe estimate arrived before the first frames")
+                    run.core.probe = mem.probe.copy()
+                outside = run.core.process(frames, positions)
+            except Exception as exc:
+                self.fail(run, exc, "NN inference failed")
+                return True
+            finally:
+                run.consumed += count
+                mem.header[_CONSUMED] = run.consumed
+            now = time.monotonic()
+            snapshot = False
+            if now - run.last_publish >= run.interval_s:
+                run.last_publish = now
+                snapshot = self.publish(run)
+            self.send(
+                (
+                    "progress",
+                    run.run_id,
+                    count,
+                    outside,
+                    now - handed,
+                    run.core.infer_seconds,
+                    snapshot,
+                )
+            )
+            return True
+        if run.finishing:
+            final = self.publish(run)
+            self.send(("done", run.run_id, final))
+            mem.close()
+            self.run = None
+            return True
+        return False
+
+
+def _child_main(
+    inbox: Connection,
+    outbox: Connection,
+    wake: Any,
+    lock: Any,
+    parent_pid: int,
+    key: WorkerKey,
+    log_level: int,
+    death_signal: bool,
+) -> None:
+    _exit_with_parent(parent_pid, death_signal=death_signal)
+    child = _Child(inbox, outbox, wake, lock, key)
+    root = logging.getLogger()
+    root.handlers[:] = [_LogToParent(child.send)]
+    root.setLevel(log_level)
+    try:
+        while True:
+            while inbox.poll(0):
+                if not child.handle(inbox.recv()):
+                    return
+            if child.step():
+                continue
+            wake.acquire(timeout=0.25)
+            if os.getppid() != parent_pid:
+                return
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        return  # the parent is gone
+
+
+# =========================================================================== the parent
+class NNWorker:
+    """One NN process and the parent's ends of its pipes, semaphore and mailbox lock."""
+
+    def __init__(self, key: WorkerKey) -> None:
+        self.key = key
+        spawn = mp.get_context("spawn")
+        child_inbox, self._to_child = spawn.Pipe(duplex=False)
+        parent_inbox, to_parent = spawn.Pipe(duplex=False)
+        self.wake_sem = spawn.Semaphore(0)
+        self.lock = spawn.Lock()
+        self._send_lock = threading.Lock()
+        self._branch: NNProcessBranch | None = None
+        self.backend_name: str | None = None
+        self.dead = False
+        self.process = spawn.Process(
+            target=_child_main,
+            args=(
+                child_inbox,
+                to_parent,
+                self.wake_sem,
+                self.lock,
+                os.getpid(),
+                key,
+                logging.getLogger("hxn_liveptycho").getEffectiveLevel(),
+                threading.current_thread() is threading.main_thread(),
+            ),
+            name="liveptycho-nn",
+            daemon=True,
+        )
+        self.process.start()
+        child_inbox.close()
+        to_parent.close()
+        self._reader = threading.Thread(
+            target=self._read, args=(parent_inbox,), name="liveptycho-nn-rx", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead and self.process.is_alive()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._to_child.send(message)
+        self.wake_sem.release()
+
+    def wake(self) -> None:
+        self.wake_sem.release()
+
+    def bind(self, branch: NNProcessBranch | None) -> None:
+        self._branch = branch
+
+    def _read(self, inbox: Connection) -> None:
+        while True:
+            try:
+                message = inbox.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                self._dispatch(message)
+            except Exception:  # a bad message must not end the reader
+                logger.exception("NN process message %r could not be handled", message[:1])
+        self.dead = True
+        self.process.join(5.0)
+        branch = self._branch
+        if branch is not None:
+            branch._worker_died(self.process.exitcode)
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "log":
+            _, level, name, text = message
+            target = self._branch.log if self._branch is not None else logging.getLogger(name)
+            target.log(level, "[nn process] %s", text)
+            return
+        if kind == "loaded":
+            self.backend_name = message[2]
+        branch = self._branch
+        if branch is not None and message[1] == branch.run_id:
+            branch._on_message(message)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the process to quit, and make sure it has."""
+        with contextlib.suppress(Exception):
+            self.send(("quit",))
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        with contextlib.suppress(Exception):
+            self._to_child.close()
+
+
+class WorkerPool:
+    """Idle NN workers by key, so a run finds its runtime already loaded."""
+
+    def __init__(self, max_idle_per_key: int = 1) -> None:
+        self.max_idle_per_key = max_idle_per_key
+        self._idle: dict[WorkerKey, list[NNWorker]] = {}
+        self._busy: set[NNWorker] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self, key: WorkerKey) -> NNWorker:
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                worker = idle.pop()
+                if worker.alive:
+                    self._busy.add(worker)
+                    return worker
+                worker.close(0.1)
+        worker = NNWorker(key)
+        with self._lock:
+            self._busy.add(worker)
+        return worker
+
+    def release(self, worker: NNWorker) -> None:
+        with self._lock:
+            self._busy.discard(worker)
+            idle = self._idle.setdefault(worker.key, [])
+            if worker.alive and len(idle) < self.max_idle_per_key:
+                worker.bind(None)
+                idle.append(worker)
+                return
+        worker.close()
+
+    def discard(self, worker: NNWorker) -> None:
+        with self._lock:
+            self._busy.discard(worker)
+        worker.close(1.0)
+
+    def prestart(
+        self, key: WorkerKey, model: ModelInfo | None = None, *, batch_size: int = 64
+    ) -> None:
+        """Start a worker now, in the background, with ``model``'s runtime loaded and warm,
+        so the next run's branch starts at once (an engine calls it when it starts)."""
+        worker = NNWorker(key)
+        if model is not None:
+            worker.send(("load", str(model.path), model.sha256, model.io(), batch_size))
+        with self._lock:
+            self._idle.setdefault(key, []).append(worker)
+
+    def shutdown(self) -> None:
+        """End every worker, idle or busy (the owner is going away)."""
+        with self._lock:
+            workers = [w for ws in self._idle.values() for w in ws] + list(self._busy)
+            self._idle.clear()
+            self._busy.clear()
+        for worker in workers:
+            worker.close(2.0)
+
+
+_run_ids = itertools.count(1)
+
+
+class NNProcessBranch(BranchBase):
+    """Runs one model over one run's frames in an NN worker process (see the module)."""
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        key: WorkerKey,
+        *,
+        canvas_shape: tuple[int, int],
+        window: int,
+        batch_size: int,
+        max_queued_frames: int,
+        publish: Publish,
+        interval_s: float,
+        rule: InputRule,
+        footprint_px: float | None = None,
+        defocus_sign: int = 1,
+        name: str = "liveptycho-nn",
+        log: logging.Logger | logging.LoggerAdapter = logger,
+        pool: WorkerPool | None = None,
+    ) -> None:
+        m = rule.model
+        slots = ring_slots(max_queued_frames, batch_size, m)
+        super().__init__(model, rule, batch_size=batch_size, max_queued_frames=slots, log=log)
+        if slots < max_queued_frames:
+            log.info("NN queue limited to %d frames by its shared-memory ring", slots)
+        self.run_id = next(_run_ids)
+        self.name = name
+        self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
+        self.window = window
+        self.footprint_px = footprint_px
+        self.defocus_sign = defocus_sign
+        self._publish = publish
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._written = 0
+        self._closed = False
+        self._done = threading.Event()
+        self._backend_name = "starting"
+        self._mem: RunMemory | None = RunMemory(slots, m, self.canvas_shape, window)
+        self._last: dict[str, Any] | None = None
+        self._worker = NNWorker(key) if pool is None else pool.acquire(key)
+        self._worker.bind(self)
+        self._worker.send(
+            (
+                "open",
+                {
+                    "run_id": self.run_id,
+                    "shm": self._mem.name,
+                    "slots": slots,
+                    "m": m,
+                    "canvas_shape": self.canvas_shape,
+                    "window": window,
+                    "model_path": str(model.path),
+                    "sha256": model.sha256,
+                    "io": model.io(),
+                    "max_batch": batch_size,
+                    "rule": rule,
+                    "batch_size": batch_size,
+                    "interval_s": interval_s,
+                    "footprint_px": footprint_px,
+                    "defocus_sign": defocus_sign,
+                },
+            )
+        )
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend_name
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.process.pid
+
+    # ---- session side ------------------------------------------------------------------
+    def submit(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
+        """Queue frames (k, n, n) with their window corners (k, 2); never blocks."""
+        k = len(amplitudes)
+        self.counters.add("nn_frames_submitted", k)
+        if k == 0:
+            return
+        with self._lock:
+            mem = self._mem
+            if mem is None or self.error is not None or self._closed:
+                self._drop(k, 0)
+                return
+            queued = self._written - int(mem.header[_CONSUMED])
+            if queued + k > mem.slots:
+                self._drop(k, queued)
+                return
+            if not mem.header[_PROBE]:
+                mem.probe[:] = initial_probe(
+                    amplitudes, footprint_px=self.footprint_px, defocus_sign=self.defocus_sign
+                )
+                mem.header[_PROBE] = 1
+            frames = self.rule.frames(amplitudes)
+            positions = np.asarray(positions_px, dtype=np.float64).reshape(k, 2)
+            now = time.monotonic()
+            done = 0
+            while done < k:
+                start = (self._written + done) % mem.slots
+                count = min(k - done, mem.slots - start)
+                mem.frames[start : start + count] = frames[done : done + count]
+                mem.positions[start : start + count] = positions[done : done + count]
+                mem.stamps[start : start + count] = now
+                done += count
+            self._written += k
+            mem.header[_WRITTEN] = self._written
+        self._worker.wake()
+
+    def close(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Finish the queued frames (up to ``timeout``) and return the final mosaic."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        if not already and self._worker.alive:
+            with contextlib.suppress(Exception):
+                self._worker.send(("finish", self.run_id))
+        if not self._done.wait(timeout):
+            self.log.error("NN branch did not finish its queue within %s s", timeout)
+            self._release(healthy=False)
+            return None
+        result = self.snapshot()
+        self._release(healthy=not self._worker.dead)
+        return result
+
+    def _release(self, *, healthy: bool) -> None:
+        with self._lock:
+            mem, self._mem = self._mem, None
+        if mem is None:
+            return
+        self._last = self._read_mailbox(mem)
+        self._worker.bind(None)
+        if self._pool is None:
+            self._worker.close(2.0 if healthy else 0.5)
+        elif healthy:
+            self._pool.release(self._worker)
+        else:
+            self._pool.discard(self._worker)
+        mem.close()
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The last mosaic the worker published (its final one after ``close``)."""
+        mem = self._mem
+        if mem is None:
+            return self._last
+        return self._read_mailbox(mem)
+
+    def _read_mailbox(self, mem: RunMemory) -> dict[str, Any] | None:
+        if not self._worker.lock.acquire(timeout=10.0):
+            return self._last
+        try:
+            if int(mem.header[_SEQ]) == 0:
+                return self._last
+            return {
+                "object": mem.object.copy(),
+                "coverage": mem.coverage.copy(),
+                "frames": int(mem.header[_FRAMES]),
+            }
+        finally:
+            self._worker.lock.release()
+
+    # ---- the worker's messages (its reader thread) -------------------------------------
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "progress":
+            _, _, count, outside, lag, infer_seconds, snapshot = message
+            self.counters.add("nn_frames_inferred", count)
+            self.counters.add("nn_frames_outside", outside)
+            self.counters.add("nn_batches")
+            self.max_lag_s = max(self.max_lag_s, lag)
+            self.infer_seconds = infer_seconds
+            if snapshot:
+                mem = self._mem
+                snap = None if mem is None else self._read_mailbox(mem)
+                if snap is not None:
+                    self._publish(snap)
+                    self.counters.add("nn_snapshots")
+        elif kind == "loaded":
+            self._backend_name = message[2]
+            self.log.info("NN branch: model %s on %s", self.model.name, self._backend_name)
+        elif kind == "discarded":
+            self.counters.add("nn_frames_dropped", message[2])
+        elif kind == "error":
+            if self.error is None:
+                self.error = message[2]
+                self.log.error(
+                    "NN branch failed; the iterative branch is unaffected: %s", self.error
+                )
+        elif kind == "done":
+            self._done.set()
+
+    def _worker_died(self, exitcode: int | None) -> None:
+        if not self._done.is_set():
+            self.error = self.error or f"the NN process exited (code {exitcode})"
+            self.log.error("NN branch: %s; its last mosaic is kept", self.error)
+            with self._lock:
+                mem = self._mem
+                queued = 0 if mem is None else self._written - int(mem.header[_CONSUMED])
+            self.counters.add("nn_frames_dropped", max(0, queued))
+            self._done.set()

@@ -1,0 +1,160 @@
+"""A model trained for one detector crop, run at a larger one: which pixels it sees.
+
+A run's crop ``n`` fixes the reconstruction's pixel, ``dx = lambda z / (n p)``,
+and its probe window, ``n dx = lambda z / p`` (the same physical size for any
+crop). A model takes ``m`` x ``m`` patterns; for ``n = k m`` there are two
+ways, and every mix of them, to give it ``m`` pixels:
+
+- **crop** the central ``m`` x ``m``: the detector pixel stays ``p``, so the
+  network sees exactly what an ``m`` crop of the same beamline would have
+  recorded (same speckle size, same bright-field disc in pixels, same probe
+  window), and answers at the object pixel ``k dx`` over the whole window:
+  the training geometry, at the coarser pixel the model was built for;
+- **bin** ``k`` x ``k`` detector pixels: the q-range stays, so the answer is at
+  the run's own pixel ``dx``, but the pattern is sampled at ``k p``: the
+  window shrinks to ``1/k`` of the probe's (the beam fills ``k`` times more of
+  it than in training and its far field is ``k`` times smaller in pixels);
+- in general, bin by ``b`` then crop, with ``b s = k``: object pixel ``s dx``.
+
+What the network needs is its training geometry, i.e. its object pixel
+(the card's ``geometry.object_pixel_m``): ``auto`` picks the ``b`` whose
+``s dx`` is closest to it. At HXN's geometry a 256² run is ``dx`` = 11 nm
+against the shipped model's 22 nm, so ``auto`` crops; a 256² run at twice the
+detector distance would bin. Without a card geometry the model is assumed to
+be trained at the run's detector (crop). docs/nn.md has the measured quality.
+
+The patches come back ``s`` times coarser than the run's canvas and are
+brought onto it by linear interpolation of the complex field: network pixel
+``j`` is the sample at canvas offset ``s j`` from the patch's first pixel (a
+Fourier crop keeps sample points, not cell centres), and the patch of
+``out`` pixels is centred on the probe window, as at the native crop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from hxn_liveptycho.errors import ConfigurationError
+
+Fit = Literal["auto", "crop", "bin"]
+
+__all__ = ["Fit", "InputRule", "choose_rule"]
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """How ``crop`` x ``crop`` frames become ``model`` x ``model`` network inputs and back."""
+
+    crop: int
+    model: int
+    bin: int = 1
+
+    def __post_init__(self) -> None:
+        if self.crop % self.model or (self.crop // self.model) % self.bin:
+            raise ValueError(f"no rule takes {self.crop} to {self.model} binning by {self.bin}")
+
+    @property
+    def factor(self) -> int:
+        """k = crop / model."""
+        return self.crop // self.model
+
+    @property
+    def scale(self) -> int:
+        """s: the network's object pixel in canvas pixels."""
+        return self.factor // self.bin
+
+    @property
+    def identity(self) -> bool:
+        return self.crop == self.model
+
+    def describe(self) -> str:
+        if self.identity:
+            return f"{self.crop}x{self.crop} as is"
+        how = [f"binned {self.bin}x{self.bin}"] if self.bin > 1 else []
+        if self.scale > 1:
+            how.append(f"central {self.model}x{self.model} kept")
+        return (
+            f"{self.crop}x{self.crop} frames {', '.join(how)}; "
+            f"patches at {self.scale}x the canvas pixel"
+        )
+
+    def frames(self, amplitudes: np.ndarray) -> np.ndarray:
+        """(B, crop, crop) amplitudes -> (B, model, model) float32 amplitudes.
+
+        Binning adds counts, so amplitudes are squared, summed and rooted.
+        """
+        x = np.asarray(amplitudes, dtype=np.float32)
+        if self.identity:
+            return x
+        b = self.bin
+        if b > 1:
+            side = self.crop // b
+            x = np.sqrt(np.square(x).reshape(len(x), side, b, side, b).sum(axis=(2, 4)))
+        side = x.shape[-1]
+        lo = side // 2 - self.model // 2  # the zero frequency stays at index model // 2
+        return np.ascontiguousarray(x[:, lo : lo + self.model, lo : lo + self.model])
+
+    def patch_size(self, out: int) -> int:
+        """Canvas pixels covered by an ``out``-pixel network patch."""
+        return out * self.scale
+
+    def patches(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+        """Network outputs (B, out, out) -> complex64 patches on the canvas grid."""
+        z = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
+        z = z.astype(np.complex64)
+        s = self.scale
+        if s == 1:
+            return z
+        return _upsample(_upsample(z, s, axis=1), s, axis=2)
+
+
+def _upsample(z: np.ndarray, s: int, axis: int) -> np.ndarray:
+    """Linear interpolation by integer ``s``: sample ``j`` lands on ``s j``; the last
+    sample is held for the ``s - 1`` pixels after it."""
+    z = np.moveaxis(z, axis, -1)
+    nxt = np.concatenate([z[..., 1:], z[..., -1:]], axis=-1)
+    parts = [z + (r / s) * (nxt - z) for r in range(s)]
+    out = np.stack(parts, axis=-1).reshape(*z.shape[:-1], z.shape[-1] * s)
+    return np.moveaxis(out, -1, axis).astype(np.complex64, copy=False)
+
+
+def choose_rule(
+    crop: int,
+    model: int,
+    *,
+    fit: Fit = "auto",
+    pixel_size_m: float | None = None,
+    trained_pixel_m: float | None = None,
+    model_name: str = "the model",
+) -> InputRule:
+    """The rule for a run's ``crop`` and a model's input ``model``; refuses what none fits.
+
+    ``auto`` picks the binning whose object pixel is closest (in ratio) to the
+    one the model was trained for; without both pixels it crops.
+    """
+    if crop == model:
+        return InputRule(crop, model)
+    if crop < model or crop % model:
+        raise ConfigurationError(
+            f"model {model_name!r} expects {model}x{model} diffraction patches but the "
+            f"configured crop is {crop}x{crop} (roi.size); a larger crop must be an integer "
+            f"multiple of {model} to be binned or cropped to it: choose a model trained for "
+            f"{crop}x{crop} or set roi.size to {model} or a multiple of it"
+        )
+    k = crop // model
+    if fit == "crop":
+        return InputRule(crop, model, 1)
+    if fit == "bin":
+        return InputRule(crop, model, k)
+    if pixel_size_m is None or trained_pixel_m is None:
+        return InputRule(crop, model, 1)
+    bins = [b for b in range(1, k + 1) if k % b == 0]
+
+    def mismatch(b: int) -> float:
+        return abs(math.log(pixel_size_m * (k // b) / trained_pixel_m))
+
+    return InputRule(crop, model, min(bins, key=mismatch))
