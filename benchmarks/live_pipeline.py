@@ -233,8 +233,10 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
         add = remote.add
 
         def capturing_add(amplitudes: np.ndarray, positions: np.ndarray) -> None:
-            capture["amplitudes"].append(np.array(amplitudes, dtype=np.float32))
-            capture["positions"].append(np.array(positions, dtype=np.float64))
+            # By reference: the session makes a new array per batch and never changes it,
+            # and a copy here would load the live path with work it does not do.
+            capture["amplitudes"].append(amplitudes)
+            capture["positions"].append(positions)
             add(amplitudes, positions)
 
         remote.add = capturing_add  # type: ignore[method-assign]
@@ -361,6 +363,15 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
         ),
         "engine_ready_s": ready_s,
+        "timeline_s": {
+            k: round(v - first_sent, 3) for k, v in timeline.items() if first_sent is not None
+        }
+        | ({"stop_document": round(t_stop - first_sent, 3)} if first_sent else {})
+        | (
+            {"last_frame_published": round(last_sent - first_sent, 3)}
+            if last_sent and first_sent
+            else {}
+        ),
         "solver_process": status.get("solver_process"),
         "nn": nn or None,
         "device": args.device or _device(),

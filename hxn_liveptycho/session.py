@@ -28,7 +28,7 @@ from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.geometry import CanvasGeometry
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
-from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitude
+from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitudes
 from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
@@ -376,11 +376,9 @@ class RunSession:
             frame_shape = self._pending_frames[0].data.shape
             center = self._roi_center(roi.center_y, roi.center_x)
             self._window = crop_window(frame_shape, center, roi.size)
-        amplitudes = np.empty((len(self._pending_frames), roi.size, roi.size), dtype=np.float32)
-        for k, paired in enumerate(self._pending_frames):
-            amplitudes[k], n_bad = to_amplitude(paired.data, self._window)
-            if n_bad:
-                self.counters.add("masked_pixels", n_bad)
+        amplitudes, n_bad = to_amplitudes([p.data for p in self._pending_frames], self._window)
+        if n_bad:
+            self.counters.add("masked_pixels", n_bad)
         positions_um = np.array([(p.y_um, p.x_um) for p in self._pending_frames])
         indices = np.array([p.index for p in self._pending_frames])
         positions_px = self._geometry.to_pixels(positions_um)
