@@ -121,8 +121,9 @@ class PublisherProcess:
         ``rate_hz`` is the achieved frame rate: the frames published after the
         first message over the time from the first send to the last;
         ``max_late_s`` the longest an item waited past its due time;
-        ``first_sent``/``last_sent`` are on the monotonic clock, which on Linux is
-        the whole machine's, so a receiver's times compare with them.
+        ``t0`` (the series' start), ``first_sent`` and ``last_sent`` are on the
+        monotonic clock, which on Linux is the whole machine's, so a receiver's
+        times compare with them.
         """
         raw = dict(zip(COUNTER_FIELDS, self._counters[:], strict=True))
         published = int(raw["frames_published"])
@@ -139,6 +140,7 @@ class PublisherProcess:
             "target_hz": 1.0 / frame_time if frame_time > 0 else None,
             "rate_hz": after_first / span if after_first > 0 and span > 0 else None,
             "seconds": span if published else 0.0,
+            "t0": raw["t0"],
             "first_sent": raw["first_sent"],
             "last_sent": raw["last_sent"],
             "max_late_s": raw["max_late_s"],
@@ -471,6 +473,7 @@ class _Pacer:
             "target_hz": 1.0 / c["frame_time_s"],
             "rate_hz": after_first / span if after_first > 0 and span > 0 else None,
             "seconds": span,
+            "t0": self.t0,
             "first_sent": c["first_sent"],
             "last_sent": c["last_sent"],
             "max_late_s": self.max_late,
