@@ -6,14 +6,21 @@ Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
     live/          object, object_amplitude, object_phase, probe, error_history
     final/         object, object_amplitude, object_phase, probe, positions_m, error_history
                    (and probe_modes / object_modes when the solver has more than one)
-    diffraction/   amplitude (uint8, scale in metadata), positions_m
+    diffraction/   amplitude (float16 sqrt(counts)), indices, positions_m: appended in
+                   chunks while the run goes on, in arrival order (see store.diffraction)
     nn/            object, object_amplitude, object_phase, coverage (the NN branch's mosaic)
 
 Live snapshots go through a one-slot mailbox: a newer one replaces an older one
 not yet written (counted as ``live_superseded``), so a slow server never slows
 the solver; the NN branch's mosaic has a mailbox of its own (``nn_superseded``).
-The final write goes through Tiled's own retries; if Tiled still
-refuses it, everything is saved to ``<backup_dir>/<key>.npz`` (+ ``.json``) and the log says where.
+Measured frames are never superseded: they queue in arrival order and the
+writer appends whole chunks of them to ``diffraction/`` while the scan runs, so
+the final write holds only what changed at the end (the object, probe,
+positions, metadata, and the last partial chunk). While Tiled is down the
+frames stay queued and are tried again every few seconds. The final write goes
+through Tiled's own retries; if Tiled still refuses it, everything not yet in
+Tiled is saved to ``<backup_dir>/<key>.npz`` (+ ``.json``, which says how many
+frames Tiled already holds) and the log says where.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.scan import ScanConfig
+from hxn_liveptycho.store import diffraction as stored_diffraction
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,9 @@ ClientFactory = Callable[[], Any]
 
 _OBJECT_KEYS = ("object", "object_amplitude", "object_phase", "probe", "error_history")
 _NN_KEYS = ("object", "object_amplitude", "object_phase", "coverage")
+_DIFFRACTION_KEYS = ("amplitude", "indices", "positions_m")
+#: Seconds between attempts to reach Tiled again after a failed diffraction append.
+RETRY_S = 5.0
 
 
 def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -50,7 +61,14 @@ def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 class TiledSink:
-    """Writes one processed container; every public method returns quickly."""
+    """Writes one processed container; every public method returns quickly.
+
+    ``diffraction_chunk_frames`` is how many frames each append to
+    ``diffraction/`` carries (None: about
+    :data:`~hxn_liveptycho.store.diffraction.CHUNK_BYTES` of them); 0 keeps
+    every frame for the final write, the behaviour before appends (for
+    benchmarks).
+    """
 
     def __init__(
         self,
@@ -59,13 +77,22 @@ class TiledSink:
         catalog_path: str,
         backup_dir: Path,
         reachable: Callable[[], bool] = lambda: True,
+        diffraction_chunk_frames: int | None = None,
     ) -> None:
         self._client_factory = client_factory
         self._reachable = reachable
         self._catalog_path = [p for p in catalog_path.split("/") if p]
         self._backup_dir = Path(backup_dir)
         self.counters = Counters(
-            ["live_written", "live_superseded", "nn_written", "nn_superseded", "write_errors"]
+            [
+                "live_written",
+                "live_superseded",
+                "nn_written",
+                "nn_superseded",
+                "write_errors",
+                "diffraction_appended",
+                "diffraction_in_final",
+            ]
         )
         self.key: str | None = None
         self.container_path: str | None = None
@@ -73,7 +100,6 @@ class TiledSink:
         self._metadata: dict[str, Any] = {}
         self._container: Any = None
         self._live_arrays: dict[str, Any] = {}
-        self._diffraction: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._cond = threading.Condition()
         self._live_slot: Mapping[str, Any] | None = None
         self._nn_slot: Mapping[str, Any] | None = None
@@ -82,6 +108,16 @@ class TiledSink:
         self._final: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
         self._closing = False
         self._open_requested = False
+        # Measured frames: queued under self._cond; the rest is the writer thread's own.
+        self._pending = stored_diffraction.PendingFrames()
+        self._chunk_frames = diffraction_chunk_frames
+        self._retry_at = 0.0
+        self._diffraction_group: Any = None
+        self._diffraction_arrays: dict[str, Any] = {}
+        #: Rows each diffraction array holds in Tiled; the queue starts at their minimum.
+        self._diffraction_rows: dict[str, int] = dict.fromkeys(_DIFFRACTION_KEYS, 0)
+        self._diffraction_base = 0
+        self._clipped_pixels = 0
         self._thread = threading.Thread(target=self._work, name="liveptycho-tiled", daemon=True)
 
     # ---- ResultSink protocol ---------------------------------------------------------
@@ -113,11 +149,21 @@ class TiledSink:
     def diffraction(
         self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray
     ) -> None:
-        """Keep the measured data of this run; it is written with the final result."""
+        """Queue measured frames for ``diffraction/``; they are appended while the run goes on.
+
+        The arrays are kept, not copied: the caller hands them over and must not
+        change them afterwards.
+        """
         with self._cond:
-            self._diffraction.append(
-                (np.asarray(indices), np.asarray(amplitudes, np.float32), np.asarray(positions_m))
+            self._pending.append(
+                np.asarray(indices),
+                np.asarray(amplitudes, np.float32),
+                np.asarray(positions_m),
             )
+            if self._chunk_frames is None and self._pending.frame_shape is not None:
+                self._chunk_frames = stored_diffraction.chunk_frames_for(self._pending.frame_shape)
+            if self._chunk_frames and self._pending.rows >= self._chunk_frames:
+                self._cond.notify()
 
     def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
         with self._cond:
@@ -133,6 +179,11 @@ class TiledSink:
             if self._thread.is_alive():
                 logger.error("Tiled writer for %s did not finish in %s s", self.key, timeout)
 
+    @property
+    def diffraction_rows_stored(self) -> int:
+        """Frames of this run that Tiled holds (in every one of the three arrays)."""
+        return self._diffraction_base
+
     # ---- the writer thread -----------------------------------------------------------
     def _work(self) -> None:
         self._container = self._attempt("create the container", self._create_container)
@@ -143,12 +194,16 @@ class TiledSink:
                     and self._nn_slot is None
                     and self._final is None
                     and not self._closing
+                    and not self._chunk_due()
                 ):
-                    self._cond.wait()
+                    self._cond.wait(self._retry_wait())
                 live, self._live_slot = self._live_slot, None
                 nn, self._nn_slot = self._nn_slot, None
                 final, self._final = self._final, None
                 closing = self._closing
+                chunk_due = self._chunk_due()
+            if (nn is not None or live is not None or chunk_due) and final is None:
+                self._retry_container()
             if nn is not None and self._container is not None:
                 try:
                     self._write_nn(nn)
@@ -168,8 +223,33 @@ class TiledSink:
                 except Exception as exc:
                     self.counters.add("write_errors")
                     logger.warning("live write to %s failed: %s", self.container_path, exc)
+            if chunk_due and self._container is not None and not closing:
+                self._append_while_running()
             if closing:
+                self._flush_without_final()
                 return
+
+    def _chunk_due(self) -> bool:
+        """Whether a whole chunk of frames waits and Tiled may be tried (caller holds the lock)."""
+        return (
+            bool(self._chunk_frames)
+            and self._pending.rows >= (self._chunk_frames or 0)
+            and time.monotonic() >= self._retry_at
+        )
+
+    def _retry_wait(self) -> float | None:
+        """How long the writer may sleep: until the next retry when a chunk waits for one."""
+        if self._chunk_frames and self._pending.rows >= self._chunk_frames:
+            return max(0.05, self._retry_at - time.monotonic())
+        return None
+
+    def _retry_container(self) -> None:
+        """Create the container now if Tiled was down when the run opened (after a pause)."""
+        if self._container is not None or time.monotonic() < self._retry_at:
+            return
+        self._container = self._attempt("create the container", self._create_container)
+        if self._container is None:
+            self._retry_at = time.monotonic() + RETRY_S
 
     def _attempt(self, what: str, action: Callable[[], Any]) -> Any:
         """Run one Tiled operation; None if Tiled is down or refused it (logged, counted).
@@ -251,10 +331,109 @@ class TiledSink:
             drop_revision=True,
         )
 
+    # ---- diffraction/: appended in chunks --------------------------------------------
+    def _append_while_running(self) -> None:
+        """Append the whole chunks waiting (a few per request); on failure, retry later."""
+        chunk = self._chunk_frames or 0
+        with self._cond:
+            whole = (self._pending.rows // chunk) * chunk
+        rows = chunk if not self._diffraction_arrays else whole
+        rows = min(rows, chunk * stored_diffraction.MAX_CHUNKS_PER_REQUEST)
+        if rows <= 0:
+            return
+        done = self._attempt("append diffraction frames", lambda: self._append_rows(rows))
+        if not done:
+            self._retry_at = time.monotonic() + RETRY_S
+        else:
+            self.counters.add("diffraction_appended", done)
+
+    def _append_all(self) -> int:
+        """Append every queued frame (the final write); raises if Tiled refuses."""
+        chunk = self._chunk_frames or 1024
+        written = 0
+        while True:
+            with self._cond:
+                left = self._pending.rows
+            if left <= 0:
+                return written
+            first = not self._diffraction_arrays
+            rows = min(left, chunk if first else chunk * stored_diffraction.MAX_CHUNKS_PER_REQUEST)
+            written += self._append_rows(rows)
+
+    def _append_rows(self, rows: int) -> int:
+        """Write the first ``rows`` queued frames to each array that lacks them; rows now stored.
+
+        Each array is appended at its own length, so an attempt that failed half
+        way (one array written, the next not) is completed, never duplicated.
+        """
+        with self._cond:
+            held = max(self._diffraction_rows.values()) - self._diffraction_base
+            rows = max(rows, held)
+            indices, amplitudes, positions = self._pending.peek(rows)
+        rows = len(indices)
+        group = self._diffraction_group_node()
+        for key in _DIFFRACTION_KEYS:
+            stored = self._diffraction_rows[key]
+            start = stored - self._diffraction_base
+            if start >= rows:
+                continue
+            if key == "amplitude":
+                data, clipped = stored_diffraction.encode(amplitudes[start:])
+                self._clipped_pixels += clipped
+            else:
+                data = indices[start:] if key == "indices" else positions[start:]
+            client = self._diffraction_arrays.get(key)
+            if client is None and key in group:
+                # Created by an attempt that failed before its data landed: fill it now.
+                client = group[key]
+                created = client.shape[0]
+                if created > len(data):
+                    raise RuntimeError(f"diffraction/{key} has {created} rows, {len(data)} queued")
+                client.write(data[:created])
+                data, stored = data[created:], stored + created
+            elif client is None:
+                client = group.write_array(data, key=key)
+                data, stored = data[:0], stored + len(data)
+            self._diffraction_arrays[key] = client
+            self._diffraction_rows[key] = stored
+            if len(data):
+                client.patch(np.ascontiguousarray(data), offset=(stored,), extend=True)
+                self._diffraction_rows[key] = stored + len(data)
+        done = min(self._diffraction_rows.values()) - self._diffraction_base
+        with self._cond:
+            self._pending.drop(done)
+            self._diffraction_base += done
+        return done
+
+    def _diffraction_group_node(self) -> Any:
+        if self._diffraction_group is None:
+            try:
+                self._diffraction_group = self._container["diffraction"]
+            except KeyError:
+                self._diffraction_group = self._container.create_container(
+                    "diffraction",
+                    metadata=stored_diffraction.group_metadata(self._chunk_frames or 0),
+                )
+        return self._diffraction_group
+
+    def _flush_without_final(self) -> None:
+        """Closed before any final result: store the queued frames, in Tiled or the backup."""
+        with self._cond:
+            left = self._pending.rows
+        if not left:
+            return
+        if (
+            self._container is not None
+            and self._attempt("append diffraction frames", self._append_all) is not None
+        ):
+            return
+        self._backup({}, {**self._metadata, "note": "closed before its final result"})
+
+    # ---- the final write -------------------------------------------------------------
     def _write_final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
         metadata = {**json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
         arrays = _with_object_views(snapshot)
-        diffraction = self._stacked_diffraction()
+        appended = self._diffraction_base
 
         def write() -> None:
             if self._container is None:
@@ -267,50 +446,62 @@ class TiledSink:
                 for key, value in arrays.items():
                     if key not in final:
                         final.write_array(value, key=key)
-            if diffraction is not None:
-                group = self._child("diffraction")
-                amplitude_u8, scale, positions = diffraction
-                if "amplitude" not in group:
-                    group.write_array(
-                        amplitude_u8,
-                        key="amplitude",
-                        metadata={"scale": scale, "units": "sqrt(counts) = value * scale"},
-                    )
-                    group.write_array(positions, key="positions_m")
-            self._container.update_metadata(metadata=metadata)
+            in_final = self._append_all()
+            self.counters.add("diffraction_in_final", in_final)
+            frames = self._diffraction_base
+            if frames:
+                self._diffraction_group_node().update_metadata(
+                    metadata={
+                        "frames": frames,
+                        "complete": True,
+                        "clipped_pixels": self._clipped_pixels,
+                    }
+                )
+            self._container.update_metadata(
+                metadata={
+                    **metadata,
+                    "diffraction": {
+                        "frames": frames,
+                        "order": "arrival",
+                        "appended_while_running": appended,
+                    },
+                }
+            )
             return True
 
         if self._attempt("write the final result", write) is None:
             nn = _with_object_views(self._nn_latest or {})
-            arrays = {**arrays, **{f"nn_{k}": v for k, v in nn.items()}}
-            self._backup(arrays, diffraction, metadata)
+            self._backup({**arrays, **{f"nn_{k}": v for k, v in nn.items()}}, metadata)
 
-    def _stacked_diffraction(self) -> tuple[np.ndarray, float, np.ndarray] | None:
-        with self._cond:
-            parts = list(self._diffraction)
-        if not parts:
-            return None
-        indices = np.concatenate([p[0] for p in parts])
-        order = np.argsort(indices, kind="stable")
-        amplitudes = np.concatenate([p[1] for p in parts])[order]
-        positions = np.concatenate([p[2] for p in parts])[order]
-        peak = float(amplitudes.max()) or 1.0
-        scale = peak / 255.0
-        quantised = np.clip(np.rint(amplitudes / scale), 0, 255).astype(np.uint8)
-        return quantised, scale, positions
-
-    def _backup(
-        self, arrays: Mapping[str, np.ndarray], diffraction: Any, metadata: Mapping[str, Any]
-    ) -> None:
+    def _backup(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
+        """Save what Tiled lacks to ``<backup_dir>/<key>.npz``; its ``.json`` says the rest."""
         self._backup_dir.mkdir(parents=True, exist_ok=True)
         path = self._backup_dir / f"{self.key}.npz"
         payload = dict(arrays)
-        if diffraction is not None:
-            payload["diffraction_amplitude"] = diffraction[0]
-            payload["diffraction_positions_m"] = diffraction[2]
+        with self._cond:
+            rows = self._pending.rows
+            queued = self._pending.peek(rows) if rows else None
+        if queued is not None:
+            indices, amplitudes, positions = queued
+            payload["diffraction_amplitude"] = stored_diffraction.encode(amplitudes)[0]
+            payload["diffraction_indices"] = indices
+            payload["diffraction_positions_m"] = positions
         np.savez_compressed(path, **payload)
         path.with_suffix(".json").write_text(
-            json.dumps({**metadata, "container_path": self.container_path}, indent=2, default=str)
+            json.dumps(
+                {
+                    **metadata,
+                    "container_path": self.container_path,
+                    "diffraction": {
+                        "in_tiled": self._diffraction_base,
+                        "in_backup": rows,
+                        "order": "arrival",
+                        "representation": stored_diffraction.REPRESENTATION,
+                    },
+                },
+                indent=2,
+                default=str,
+            )
         )
         self.backup_path = path
         logger.error(
