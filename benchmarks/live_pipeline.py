@@ -198,12 +198,15 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
         args.window, x_num=args.points, y_num=args.points, photons_per_frame=args.photons
     )
     sample = SimulatedSample(beamline)
-    eiger = SimEiger(name="eiger2", encoding=args.encoding)
+    pull = args.decode_processes > 0  # worker processes need PUSH -> PULL, as a real Eiger
+    eiger = SimEiger(name="eiger2", encoding=args.encoding, socket_type="push" if pull else "pub")
     panda = SimPanda(name="panda1")
     flyer = SimHXNFlyer(eiger, panda, sample, dwell=1.0 / feed_hz)
     settings = Settings(
         eiger_endpoint=eiger.endpoint,
         panda_endpoint=panda.endpoint,
+        eiger_socket="pull" if pull else "sub",
+        eiger_decode_processes=args.decode_processes,
         data_dir=workdir / f"data-{int(feed_hz)}-{mode}",
         array_backend=args.backend,
         live_interval_s=args.live_interval,
@@ -258,7 +261,8 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
                 stop_seen["frames_used"] = session.counters.get("frames_used")
 
     RE.subscribe(on_stop)
-    assert eiger.wait_for_subscribers(1, timeout=10) and panda.wait_for_subscribers(1, timeout=10)
+    assert eiger.wait_for_subscribers(max(1, args.decode_processes), timeout=30)
+    assert panda.wait_for_subscribers(1, timeout=10)
     api_key = live.tiled.settings.tiled_api_key
     uri = live.tiled.uri or ""
     from urllib.parse import parse_qs, urlsplit
@@ -405,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100, help="passes after the scan")
     parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
     parser.add_argument("--encoding", default="bs32-lz4<", help="Eiger v1 encoding")
+    parser.add_argument(
+        "--decode-processes",
+        type=int,
+        default=4,
+        help="Eiger receiver worker processes (PUSH -> PULL); 0: one receiver in the RE process",
+    )
     parser.add_argument("--photons", type=float, default=5e5)
     parser.add_argument("--live-interval", type=float, default=1.0)
     parser.add_argument("--alone-seconds", type=float, default=5.0)
