@@ -1,26 +1,41 @@
-"""Single-shot network inference: frames/s and latency per batch, on the CPU and on the GPU.
+"""NN branch speed: frames/s per runtime at 128² and 256² crops, the network alone and the
+whole branch in its process, on whatever machine it runs.
 
 From the repository root:
 
-    PYTHONPATH=. python benchmarks/nn_infer.py [--model PATH.onnx] [--torch-weights PATH.pt]
-        [--json OUT.json]
+    PYTHONPATH=. python benchmarks/nn_infer.py [--json OUT.json] [--runtimes LIST]
+        [--batches 1,16,64,256] [--branch-frames 4096] [--crops 128,256]
 
-CPU: ONNX Runtime's CPU execution provider on the ONNX graph (hxn_liveptycho.nn).
-GPU, the first that is present: TensorRT (engine built from the same ONNX graph,
-FP16 where the builder allows), else ONNX Runtime's CUDA execution provider,
-else PyTorch running the same architecture (training/model.py) with the same
-weights (``--torch-weights``, saved by training/train.py next to the ONNX
-export), in FP16 with channels-last tensors and cuDNN autotuning. The report
-names the runtime that ran. Two figures per GPU batch: *resident* (input already
-on the GPU, outputs left there: the network alone) and *host to host* (a host
-batch in, both outputs back on the host: what the live branch pays).
-Latency is the median over repeats of one batch; frames/s = batch / that time.
+Runtimes (each one that is installed and works here; ``--runtimes`` narrows
+the list): ``onnxruntime`` (CPU), ``onnxruntime-cuda``, ``tensorrt``,
+``torch-cuda`` (the shipped graph on PyTorch, FP16, CUDA graphs: what
+``nn_backend=torch`` runs) and ``torch-cuda-fp32`` (the same in FP32, for
+scale). All run the shipped 128² model; a 256² crop is cut to it by the
+branch's rule (central 128², :mod:`hxn_liveptycho.nn.resample`).
+
+Rows:
+
+- ``network``: one batch from host amplitudes at the run's crop to complex
+  patches on the host (the rule's crop, the runtime, amplitude and phase to
+  complex): what the branch's worker pays per batch before blending. The
+  median over ``--repeats`` after warm-ups; frames/s = batch / median.
+  ``resident`` rows (torch-cuda) replay the CUDA graph alone, input already on
+  the GPU: the network without the host.
+- ``branch``: the whole branch as a run uses it, :class:`NNProcessBranch` in its
+  own process on a warm worker: ``--branch-frames`` frames of a 64 x 64 raster
+  handed over in batches of 32 as fast as ``submit`` returns, the time from the
+  first hand-over to ``close`` returning the final mosaic (blending and live
+  snapshots every 2 s included), drops, and the mean cost of ``submit`` per
+  frame in the caller.
+- ``parity``: each GPU runtime against ONNX Runtime on the CPU on the same
+  frames (largest difference of amplitude relative to its peak, of phase in rad).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -31,15 +46,19 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.nn.backends import (
-    GraphIO,
+    InferenceBackend,
     onnxruntime_cuda_available,
     open_backend,
     tensorrt_available,
 )
 from hxn_liveptycho.nn.config import DEFAULT_MODEL
-from hxn_liveptycho.nn.registry import ModelRegistry
+from hxn_liveptycho.nn.mosaic import to_complex
+from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool
+from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
+from hxn_liveptycho.nn.resample import InputRule
+from hxn_liveptycho.nn.torch_backend import torch_cuda_available
 
-IO = GraphIO(input="diffraction", amplitude="amplitude", phase="phase")
+RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch-cuda", "torch-cuda-fp32")
 
 
 def timed(run: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -56,142 +75,246 @@ def timed(run: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambd
     return statistics.median(times)
 
 
-def row(runtime: str, where: str, batch: int, seconds: float) -> dict[str, Any]:
+def frames(batch: int, n: int, seed: int = 0) -> np.ndarray:
+    """sqrt(counts) of a bright centre over a dim background, like a measured pattern."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:n, 0:n] - n // 2
+    mean = 2.0 + 2000.0 * np.exp(-(x**2 + y**2) / (2 * (0.1 * n) ** 2))
+    return np.sqrt(rng.poisson(mean, size=(batch, n, n))).astype(np.float32)
+
+
+def available(names: list[str]) -> list[str]:
+    checks: dict[str, Callable[[], bool]] = {
+        "onnxruntime": lambda: True,
+        "onnxruntime-cuda": onnxruntime_cuda_available,
+        "tensorrt": tensorrt_available,
+        "torch-cuda": torch_cuda_available,
+        "torch-cuda-fp32": torch_cuda_available,
+    }
+    return [name for name in names if name in checks and checks[name]()]
+
+
+def open_runtime(name: str, model: ModelInfo, max_batch: int, threads: int) -> InferenceBackend:
+    if name.startswith("torch-cuda"):
+        from hxn_liveptycho.nn.torch_backend import TorchBackend
+
+        backend = TorchBackend(
+            model.path,
+            model.io(),
+            device_id=0,
+            precision="fp32" if name.endswith("fp32") else "fp16",
+            max_batch=max_batch,
+        )
+        backend.warm()
+        return backend
+    return open_backend(
+        model.path,
+        model.io(),
+        kind=name,  # type: ignore[arg-type]
+        max_batch=max_batch,
+        cpu_threads=threads,
+    )
+
+
+def row(kind: str, runtime: str, crop: int, batch: int, seconds: float, **extra: Any) -> dict:
     return {
+        "kind": kind,
         "runtime": runtime,
-        "where": where,
+        "crop": crop,
         "batch": batch,
         "latency_ms": round(seconds * 1e3, 3),
         "frames_per_s": round(batch / seconds, 1),
+        **extra,
     }
 
 
-def frames(batch: int, n: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return np.sqrt(rng.poisson(20.0, size=(batch, n, n))).astype(np.float32)
-
-
-def cpu_rows(model: Path, batches: list[int], threads: int, repeats: int) -> list[dict]:
-    backend = open_backend(model, IO, kind="onnxruntime", cpu_threads=threads)
-    n = backend.input_hw[0]
-    import onnxruntime
-
-    name = f"onnxruntime {onnxruntime.__version__} CPU EP ({threads or 'all'} threads)"
-    rows = []
-    for b in batches:
-        x = frames(b, n)
-        rows.append(row(name, "host", b, timed(lambda x=x: backend.infer(x), repeats)))
-    return rows
-
-
-def gpu_rows_backend(model: Path, kind: str, batches: list[int], repeats: int) -> list[dict]:
-    backend = open_backend(model, IO, kind=kind, max_batch=max(batches))  # type: ignore[arg-type]
-    n = backend.input_hw[0]
+def network_rows(
+    name: str, model: ModelInfo, crops: list[int], batches: list[int], repeats: int, threads: int
+) -> list[dict]:
+    backend = open_runtime(name, model, max(batches), threads)
+    sync = getattr(backend, "synchronize", lambda: None)
     out = []
-    for b in batches:
-        x = frames(b, n)
-        out.append(row(kind, "host to host", b, timed(lambda x=x: backend.infer(x), repeats)))
-        if kind == "tensorrt":
-            import cupy as cp
-
-            xd = cp.asarray(x[:, None])
-            out.append(
-                row(
-                    kind,
-                    "resident",
-                    b,
-                    timed(lambda xd=xd: backend.infer_device(xd), repeats, backend.synchronize),
-                )
-            )
-    return out
-
-
-def gpu_rows_torch(weights: Path, batches: list[int], repeats: int) -> list[dict]:
-    import torch
-
-    from training.model import PtychoNNLite
-
-    torch.backends.cudnn.benchmark = True
-    model = PtychoNNLite()
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
-    model = model.eval().cuda().half().to(memory_format=torch.channels_last)
-    ref = PtychoNNLite()
-    ref.load_state_dict(torch.load(weights, map_location="cpu"))
-    ref = ref.eval().cuda()
-    name = f"PyTorch {torch.__version__} FP16 channels-last, cuDNN (same weights as the ONNX)"
-    out = []
-    with torch.inference_mode():
-        x = torch.from_numpy(frames(8, 128)).cuda()[:, None]
-        a16, p16 = model(x.half().contiguous(memory_format=torch.channels_last))
-        a32, p32 = ref(x)
-        fp16_err = float(max((a16.float() - a32).abs().max(), (p16.float() - p32).abs().max()))
+    for crop in crops:
+        rule = InputRule(crop, 128)
         for b in batches:
-            host = torch.from_numpy(frames(b, 128))[:, None].pin_memory()
-            xd = host.cuda().half().contiguous(memory_format=torch.channels_last)
-            sync = torch.cuda.synchronize
-            out.append(row(name, "resident", b, timed(lambda xd=xd: model(xd), repeats, sync)))
+            x = frames(b, crop)
 
-            def host_to_host(host: Any = host) -> None:
-                a, p = model(
-                    host.cuda(non_blocking=True)
-                    .half()
-                    .contiguous(memory_format=torch.channels_last)
-                )
-                a.float().cpu(), p.float().cpu()
+            def run(x: np.ndarray = x, rule: InputRule = rule) -> None:
+                amplitude, phase = backend.infer(rule.frames(x))
+                to_complex(amplitude, phase)
 
-            out.append(row(name, "host to host", b, timed(host_to_host, repeats, sync)))
-    out.append({"fp16_vs_fp32_max_abs_diff": fp16_err})
+            out.append(row("network", backend.name, crop, b, timed(run, repeats, sync)))
+    graphs = getattr(backend, "_graph", None)
+    if graphs is not None and getattr(backend, "cuda_graphs", False):
+        for b in batches:
+            bucket = backend._bucket(b)  # type: ignore[attr-defined]
+            graph = graphs(bucket)[0]
+            seconds = timed(graph.replay, repeats, backend.synchronize)  # type: ignore[attr-defined]
+            out.append(row("resident", f"{name} (graph replay)", 128, bucket, seconds))
+    backend.close()
     return out
+
+
+def parity(name: str, model: ModelInfo, threads: int) -> dict[str, Any]:
+    x = frames(33, 128, seed=1)
+    ref_amp, ref_phase = open_backend(
+        model.path, model.io(), kind="onnxruntime", cpu_threads=threads
+    ).infer(x)
+    backend = open_runtime(name, model, 64, threads)
+    amp, phase = backend.infer(x)
+    backend.close()
+    return {
+        "kind": "parity",
+        "runtime": name,
+        "reference": "onnxruntime CPU",
+        "frames": len(x),
+        "amplitude_max_diff_rel": float(np.abs(amp - ref_amp).max() / np.abs(ref_amp).max()),
+        "phase_max_diff_rad": float(np.abs(phase - ref_phase).max()),
+    }
+
+
+def branch_row(
+    name: str, model: ModelInfo, crop: int, count: int, threads: int, interval_s: float
+) -> dict[str, Any]:
+    kind = {"torch-cuda": "torch"}.get(name, name)
+    if name == "torch-cuda-fp32":
+        raise ValueError("the branch runs torch in FP16")
+    key = WorkerKey(backend=kind, device_id=0, cpu_threads=threads)
+    step = 9 * crop // 128
+    points = 64
+    side = (points - 1) * step + crop + 2 * step
+    iy, ix = np.mgrid[0:points, 0:points]
+    rng = np.random.default_rng(0)
+    positions = np.stack([iy.ravel(), ix.ravel()], 1) * step + step + rng.normal(0, 0.5, (4096, 2))
+    pool = WorkerPool()
+    try:
+        source = frames(64, crop)
+
+        def run(total: int) -> tuple[float, float, dict[str, Any]]:
+            branch = NNProcessBranch(
+                model,
+                key,
+                canvas_shape=(side, side),
+                window=crop,
+                batch_size=64,
+                max_queued_frames=total,
+                publish=lambda snapshot: None,
+                interval_s=interval_s,
+                rule=InputRule(crop, 128),
+                footprint_px=0.28 * crop,
+                pool=pool,
+            )
+            submit = 0.0
+            began = time.perf_counter()
+            for start in range(0, total, 32):
+                k = min(32, total - start)
+                batch = source[np.arange(start, start + k) % len(source)]
+                where = positions[np.arange(start, start + k) % 4096]
+                t0 = time.perf_counter()
+                branch.submit(batch, where)
+                submit += time.perf_counter() - t0
+            final = branch.close(timeout=600)
+            seconds = time.perf_counter() - began
+            assert final is not None, branch.describe()
+            return seconds, submit, branch.describe()
+
+        run(64)  # loads the runtime in the worker (and captures its graphs)
+        seconds, submit, info = run(count)
+    finally:
+        pool.shutdown()
+    return {
+        "kind": "branch",
+        "runtime": info["backend"],
+        "crop": crop,
+        "frames": count,
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(count / seconds, 1),
+        "frames_dropped": info["nn_frames_dropped"],
+        "frames_inferred": info["nn_frames_inferred"],
+        "snapshots": info["nn_snapshots"],
+        "max_lag_s": info["max_lag_s"],
+        "infer_seconds": info["infer_seconds"],
+        "submit_us_per_frame": round(submit / count * 1e6, 1),
+        "input_rule": info["input_rule"],
+    }
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch_cuda_available():
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=None, help="ONNX file (default: shipped)")
-    parser.add_argument("--torch-weights", type=Path, default=None)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument("--crops", default="128,256")
+    parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--cpu-batches", default="1,16,64")
-    parser.add_argument("--gpu-batches", default="1,16,64,256,1024,4096")
-    parser.add_argument("--cpu-threads", type=int, default=0)
+    parser.add_argument("--branch-frames", type=int, default=4096)
+    parser.add_argument("--cpu-branch-frames", type=int, default=256)
+    parser.add_argument("--no-branch", action="store_true")
+    parser.add_argument("--interval", type=float, default=2.0, help="live snapshot interval")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime CPU threads")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    model = args.model or ModelRegistry(None).get(DEFAULT_MODEL).path
-    cpu_b = [int(b) for b in args.cpu_batches.split(",")]
-    gpu_b = [int(b) for b in args.gpu_batches.split(",")]
+    model = ModelRegistry(None).get(args.model)
+    crops = [int(c) for c in args.crops.split(",")]
+    runtimes = available([r for r in args.runtimes.split(",") if r])
     report: dict[str, Any] = {
-        "model": str(model),
-        "host": platform.node(),
+        "benchmark": "nn_infer",
+        "model": model.name,
+        "model_sha256": model.sha256,
         "date": time.strftime("%Y-%m-%d"),
+        "device": device_info(),
+        "runtimes": runtimes,
         "rows": [],
     }
-    report["rows"] += cpu_rows(model, cpu_b, args.cpu_threads, max(3, args.repeats // 4))
-    if tensorrt_available():
-        report["gpu_runtime"] = "tensorrt"
-        report["rows"] += gpu_rows_backend(model, "tensorrt", gpu_b, args.repeats)
-    elif onnxruntime_cuda_available():
-        report["gpu_runtime"] = "onnxruntime-cuda"
-        report["rows"] += gpu_rows_backend(model, "onnxruntime-cuda", gpu_b, args.repeats)
-    elif args.torch_weights is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            report["gpu"] = torch.cuda.get_device_name()
-            report["gpu_runtime"] = "pytorch"
-            report["rows"] += gpu_rows_torch(args.torch_weights, gpu_b, args.repeats)
-    else:
-        report["gpu_runtime"] = "none (no TensorRT, no ONNX Runtime CUDA EP, no --torch-weights)"
-    print(f"model {model}; GPU runtime: {report.get('gpu_runtime')} {report.get('gpu', '')}")
-    print("| runtime | where | batch | latency (ms) | frames/s |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    for name in runtimes:
+        cpu = name == "onnxruntime"
+        batches = [int(b) for b in (args.cpu_batches if cpu else args.batches).split(",")]
+        repeats = max(3, args.repeats // 4) if cpu else args.repeats
+        report["rows"] += network_rows(name, model, crops, batches, repeats, args.threads)
+        if not cpu:
+            report["rows"].append(parity(name, model, args.threads))
+        if not args.no_branch and name != "torch-cuda-fp32":
+            count = args.cpu_branch_frames if cpu else args.branch_frames
+            for crop in crops:
+                report["rows"].append(
+                    branch_row(name, model, crop, count, args.threads, args.interval)
+                )
+        print(f"done: {name}", flush=True)
+    print(f"model {model.name}; device {report['device']}")
+    print("| kind | runtime | crop | batch/frames | latency or time | frames/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in report["rows"]:
-        if "batch" in r:
+        if r["kind"] in ("network", "resident"):
             print(
-                f"| {r['runtime']} | {r['where']} | {r['batch']} | {r['latency_ms']} | "
+                f"| {r['kind']} | {r['runtime']} | {r['crop']} | {r['batch']} | "
+                f"{r['latency_ms']} ms | {r['frames_per_s']:,.0f} |"
+            )
+        elif r["kind"] == "branch":
+            print(
+                f"| branch | {r['runtime']} | {r['crop']} | {r['frames']} | {r['seconds']} s "
+                f"(dropped {r['frames_dropped']}, submit {r['submit_us_per_frame']} us/frame) | "
                 f"{r['frames_per_s']:,.0f} |"
             )
         else:
             print(r)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

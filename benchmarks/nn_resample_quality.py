@@ -140,8 +140,10 @@ def main() -> None:
         for case in ("256 same optics", "256 simulator default"):
             for rule in ("crop", "bin"):
                 rows.append(run_case(case, rule, seed, args.points, args.threads))
-    print("| case | rule | seed | object pixel (nm) | phase r | amplitude r | "
-          "phase r (band-limited) | amplitude r (band-limited) |")
+    print(
+        "| case | rule | seed | object pixel (nm) | phase r | amplitude r | "
+        "phase r (band-limited) | amplitude r (band-limited) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight
+from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, upsample_linear
 from hxn_liveptycho.sim.optics import make_probe
 
 
@@ -38,6 +38,44 @@ def test_patches_with_unknown_phase_offsets_join_into_the_object():
     error = np.linalg.norm(truth[lit] - c * image[lit]) / np.linalg.norm(truth[lit])
     assert mosaic.placed == len(corners)
     assert error < 1e-3
+
+
+def test_patches_at_twice_the_canvas_pixel_join_onto_the_canvas():
+    """A 256² run through a 128² model: patches sampled at every second canvas pixel (from
+    the window's centre region), with unknown offsets, give the object back on the canvas
+    grid, up to the interpolation of a smooth object."""
+    window, patch, s = 64, 16, 2  # the patch covers the central 32 canvas pixels
+    truth = _object((160, 160))
+    rng = np.random.default_rng(2)
+    grid = np.arange(0, 160 - window + 1, 8)
+    inset = (window - patch * s) // 2
+    weight = np.outer(np.hanning(patch + 2)[1:-1], np.hanning(patch + 2)[1:-1])
+    mosaic = Mosaic(truth.shape, window, weight, scale=s)
+    for y in grid:
+        for x in grid:
+            cut = truth[
+                y + inset : y + inset + patch * s : s, x + inset : x + inset + patch * s : s
+            ]
+            factor = rng.uniform(0.5, 2.0) * np.exp(1j * rng.uniform(-np.pi, np.pi))
+            mosaic.add_complex((cut * factor)[None], np.array([[y, x]]))
+    image, coverage = mosaic.image(), mosaic.coverage
+    assert image.shape == coverage.shape == truth.shape
+    lit = coverage > 0.3
+    lit[-4:] = lit[:, -4:] = False  # the interpolation holds the last sample at the edge
+    c = np.vdot(image[lit], truth[lit]) / np.vdot(image[lit], image[lit])
+    error = np.linalg.norm(truth[lit] - c * image[lit]) / np.linalg.norm(truth[lit])
+    assert error < 0.02
+
+
+def test_linear_upsampling_keeps_the_samples_and_interpolates_between():
+    y, x = np.mgrid[0:8, 0:8].astype(np.float32)
+    ramp = (0.5 + 0.1 * y + 0.02 * x)[None]
+    fine = upsample_linear(ramp, 3)
+    assert fine.shape == (1, 24, 24)
+    np.testing.assert_allclose(fine[0, ::3, ::3], ramp[0], rtol=1e-6)
+    v, u = np.mgrid[0:22, 0:22] / 3.0
+    np.testing.assert_allclose(fine[0, :22, :22], 0.5 + 0.1 * v + 0.02 * u, rtol=1e-5)
+    np.testing.assert_array_equal(fine[0, -1, :], fine[0, -3, :])  # held after the last
 
 
 def test_patches_off_the_canvas_are_counted_not_placed():

@@ -50,18 +50,6 @@ def test_cropping_the_far_field_is_the_coarse_pixel_view_of_the_same_window():
     np.testing.assert_allclose(seen, expected, rtol=1e-4, atol=1e-4 * float(expected.max()))
 
 
-def test_patches_come_back_on_the_canvas_grid_by_linear_interpolation():
-    rule = InputRule(256, 128, bin=1)
-    y, x = np.mgrid[0:64, 0:64].astype(np.float32)
-    ramp = 0.5 + 0.01 * y + 0.002 * x
-    fine = rule.patches(ramp[None], np.zeros((1, 64, 64), np.float32))[0]
-    assert fine.shape == (128, 128) == (rule.patch_size(64),) * 2
-    np.testing.assert_allclose(fine.real[::2, ::2], ramp, rtol=1e-6)  # samples kept
-    v, u = np.mgrid[0:127, 0:127] / 2.0
-    np.testing.assert_allclose(fine.real[:127, :127], 0.5 + 0.01 * v + 0.002 * u, rtol=1e-5)
-    assert InputRule(256, 128, bin=2).patches(ramp[None], 0 * ramp[None]).shape == (1, 64, 64)
-
-
 def test_auto_picks_the_rule_that_gives_the_model_its_object_pixel():
     # HXN 12 keV, 2.05 m, 75 µm: 22 nm at 128², 11 nm at 256². Cropping restores 22 nm.
     assert choose_rule(256, 128, pixel_size_m=11.03e-9, trained_pixel_m=HXN_128_PIXEL).bin == 1

@@ -33,7 +33,7 @@ import numpy as np
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.nn.backends import InferenceBackend
-from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight
+from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, to_complex
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import Fit, InputRule, choose_rule
 from hxn_liveptycho.recon.probe import initial_probe
@@ -119,14 +119,15 @@ class BranchCore:
         began = time.monotonic()
         amplitude, phase = self.backend.infer(frames)
         self.infer_seconds += time.monotonic() - began
-        patches = self.rule.patches(amplitude, phase)
         if self.mosaic is None:
             if self.probe is None:
                 raise RuntimeError("the branch has no probe estimate before its first batch")
-            weight = footprint_weight(self.probe, patches.shape[-1])
-            self.mosaic = Mosaic(self.canvas_shape, self.window, weight)
+            s = self.rule.scale
+            # The probe's footprint on the patch, sampled at the network's pixel.
+            weight = footprint_weight(self.probe, amplitude.shape[-1] * s)[::s, ::s]
+            self.mosaic = Mosaic(self.canvas_shape, self.window, weight, scale=s)
         outside = self.mosaic.outside
-        self.mosaic.add_complex(patches, positions_px)
+        self.mosaic.add_complex(to_complex(amplitude, phase), positions_px)
         return self.mosaic.outside - outside
 
     def snapshot(self) -> dict[str, Any] | None:

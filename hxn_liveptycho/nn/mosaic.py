@@ -17,36 +17,55 @@ _MIN_OVERLAP = 0.05
 
 
 class Mosaic:
-    """A growing, weighted blend of complex patches on a fixed canvas (not thread-safe)."""
+    """A growing, weighted blend of complex patches on a fixed canvas (not thread-safe).
 
-    def __init__(self, canvas_shape: tuple[int, int], window: int, weight: np.ndarray) -> None:
+    With ``scale`` s > 1 the patches are at s times the canvas pixel (a model run
+    at a larger crop than its own, :mod:`hxn_liveptycho.nn.resample`): they are
+    blended on a grid s times coarser, at positions rounded to its pixel (half
+    a network pixel at most, below what the network resolves), and the result
+    is interpolated onto the canvas when read. Interpolating each patch instead
+    gave the same picture at several times the cost per frame.
+    """
+
+    def __init__(
+        self,
+        canvas_shape: tuple[int, int],
+        window: int,
+        weight: np.ndarray,
+        *,
+        scale: int = 1,
+    ) -> None:
         weight = np.asarray(weight, dtype=np.float32)
         if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
             raise ValueError(f"weight must be a square patch, got {weight.shape}")
-        if weight.shape[0] > window:
-            raise ValueError(f"patch {weight.shape} is larger than the window {window}")
+        if weight.shape[0] * scale > window:
+            raise ValueError(f"patch {weight.shape} x {scale} is larger than the window {window}")
         self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
         self.window = int(window)
+        self.scale = int(scale)
         self.patch = weight.shape[0]
-        #: Patch offset inside the probe window: the network predicts the window's centre.
-        self.inset = (self.window - self.patch) // 2
+        #: Patch offset inside the probe window (canvas pixels): the network predicts the
+        #: window's centre.
+        self.inset = (self.window - self.patch * self.scale) // 2
         self.weight = weight / max(float(weight.max()), 1e-12)
-        self._num = np.zeros(self.canvas_shape, np.complex64)
-        self._den = np.zeros(self.canvas_shape, np.float32)
+        s = self.scale
+        self._grid = (-(-self.canvas_shape[0] // s), -(-self.canvas_shape[1] // s))
+        self._num = np.zeros(self._grid, np.complex64)
+        self._den = np.zeros(self._grid, np.float32)
         self.placed = 0
         self.outside = 0
 
     def add(self, amplitude: np.ndarray, phase: np.ndarray, top_left_px: np.ndarray) -> None:
-        """Blend patches (k, m, m) whose probe windows start at ``top_left_px`` (k, 2) (y, x)."""
-        patches = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
-        self.add_complex(patches.astype(np.complex64), top_left_px)
+        """Blend patches (k, m, m) whose probe windows start at ``top_left_px`` (k, 2) (y, x)
+        in canvas pixels."""
+        self.add_complex(to_complex(amplitude, phase), top_left_px)
 
     def add_complex(self, patches: np.ndarray, top_left_px: np.ndarray) -> None:
         """Blend complex patches (k, m, m); see :meth:`add`."""
-        pos = np.rint(np.asarray(top_left_px, dtype=np.float64).reshape(-1, 2)).astype(int)
-        pos += self.inset
+        pos = np.asarray(top_left_px, dtype=np.float64).reshape(-1, 2) + self.inset
+        pos = np.rint(pos / self.scale).astype(int)
         m = self.patch
-        h, w = self.canvas_shape
+        h, w = self._grid
         for patch, (y, x) in zip(np.asarray(patches, np.complex64), pos, strict=True):
             if y < 0 or x < 0 or y + m > h or x + m > w:
                 self.outside += 1
@@ -67,14 +86,51 @@ class Mosaic:
     @property
     def coverage(self) -> np.ndarray:
         """Summed blending weight per canvas pixel (0 where no patch landed)."""
-        return self._den.copy()
+        return self._on_canvas(self._den)
 
     def image(self, min_weight: float = 1e-3) -> np.ndarray:
         """The blended object, complex64; 0 where the summed weight is below ``min_weight``."""
-        out = np.zeros(self.canvas_shape, np.complex64)
+        out = np.zeros(self._grid, np.complex64)
         lit = self._den >= min_weight
         out[lit] = self._num[lit] / self._den[lit]
-        return out
+        return self._on_canvas(out)
+
+    def _on_canvas(self, grid: np.ndarray) -> np.ndarray:
+        if self.scale == 1:
+            return grid.copy()
+        h, w = self.canvas_shape
+        return upsample_linear(grid[None], self.scale)[0, :h, :w].copy()
+
+
+def to_complex(amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """amplitude * exp(i phase) as complex64 (cos and sin: several times cheaper than exp)."""
+    amplitude = np.asarray(amplitude, np.float32)
+    phase = np.asarray(phase, np.float32)
+    out = np.empty(np.broadcast_shapes(amplitude.shape, phase.shape), np.complex64)
+    out.real = amplitude * np.cos(phase)
+    out.imag = amplitude * np.sin(phase)
+    return out
+
+
+def upsample_linear(z: np.ndarray, s: int) -> np.ndarray:
+    """(B, h, w) -> (B, s h, s w) by linear interpolation: sample ``j`` lands on pixel ``s j``
+    (a Fourier crop keeps sample points, not cell centres); the last sample is held for
+    the ``s - 1`` pixels after it."""
+    return _upsample_axis(_upsample_axis(np.asarray(z), s, 1), s, 2)
+
+
+def _upsample_axis(z: np.ndarray, s: int, axis: int) -> np.ndarray:
+    if s == 1:
+        return z
+    z = np.moveaxis(z, axis, -1)
+    n = z.shape[-1]
+    out = np.empty((*z.shape[:-1], n * s), z.dtype)
+    out[..., 0::s] = z
+    step = z[..., 1:] - z[..., :-1]
+    for r in range(1, s):
+        out[..., r : (n - 1) * s : s] = z[..., :-1] + np.asarray(r / s, z.real.dtype) * step
+        out[..., (n - 1) * s + r] = z[..., -1]
+    return np.moveaxis(out, -1, axis)
 
 
 def footprint_weight(probe: np.ndarray, patch: int, blur_px: float = 2.0) -> np.ndarray:

@@ -68,7 +68,7 @@ __all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool"]
 
 #: Most shared memory one run's frame ring takes; a longer queue is cut to fit.
 RING_BYTES = 512 * 2**20
-_HEADER = 64  # bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, probe_set, ...]
+_HEADER = 64  # bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, pattern_set, ...]
 _WRITTEN, _CONSUMED, _SEQ, _FRAMES, _PROBE = 0, 1, 2, 3, 4
 
 
@@ -86,7 +86,9 @@ class WorkerKey:
 class RunMemory:
     """One run's segment: header, frame ring (slots, m, m) float32, positions (slots, 2),
     hand-over times (slots,), the mailbox (object complex64 and coverage float32), and the
-    probe estimate (window, window) complex64, too large for a pipe that must not block."""
+    first frames' mean pattern at the run's crop (window, window) float32, from which the
+    worker estimates the probe (too large for a pipe that must not block, and only the
+    parent sees the frames before they are cut to the model's input)."""
 
     def __init__(
         self,
@@ -107,7 +109,7 @@ class RunMemory:
             slots * 8,
             h * w * 8,
             h * w * 4,
-            window * window * 8,
+            window * window * 4,
         ]
         offsets = list(itertools.accumulate([0, *sizes]))
         self.owner = name is None
@@ -117,6 +119,7 @@ class RunMemory:
             # A spawned child shares its parent's resource tracker, so attaching registers
             # the name a second time in the same set; the parent's unlink removes it once.
             self.shm = shared_memory.SharedMemory(name=name)
+        _populate(self.shm, allocate=self.owner)
         buf = self.shm.buf
         self.header = np.ndarray((8,), np.int64, buf, offsets[0])
         self.frames = np.ndarray((slots, m, m), np.float32, buf, offsets[1])
@@ -124,7 +127,7 @@ class RunMemory:
         self.stamps = np.ndarray((slots,), np.float64, buf, offsets[3])
         self.object = np.ndarray((h, w), np.complex64, buf, offsets[4])
         self.coverage = np.ndarray((h, w), np.float32, buf, offsets[5])
-        self.probe = np.ndarray((window, window), np.complex64, buf, offsets[6])
+        self.pattern = np.ndarray((window, window), np.float32, buf, offsets[6])
         if self.owner:
             self.header[:] = 0
 
@@ -133,13 +136,28 @@ class RunMemory:
         return self.shm.name
 
     def close(self) -> None:
-        for attr in ("header", "frames", "positions", "stamps", "object", "coverage", "probe"):
+        for attr in ("header", "frames", "positions", "stamps", "object", "coverage", "pattern"):
             self.__dict__.pop(attr, None)
         with contextlib.suppress(Exception):
             self.shm.close()
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
+
+
+def _populate(shm: shared_memory.SharedMemory, *, allocate: bool) -> None:
+    """Back the segment with memory and map it now, not one page fault at a time while
+    frames are copied in: a first touch cost several times the copy itself on the
+    virtual machines measured. Both calls are best effort (Linux; MADV_POPULATE_WRITE
+    needs 5.14)."""
+    fd = getattr(shm, "_fd", -1)
+    if allocate and fd >= 0 and hasattr(os, "posix_fallocate"):
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, shm.size)
+    mapping = getattr(shm, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(23)  # MADV_POPULATE_WRITE
 
 
 def ring_slots(max_queued_frames: int, batch_size: int, m: int) -> int:
@@ -315,8 +333,12 @@ class _Child:
             try:
                 if run.core.probe is None:  # the parent writes it before the first frames
                     if not mem.header[_PROBE]:
-                        raise RuntimeError("no probe estimate arrived before the first frames")
-                    run.core.probe = mem.probe.copy()
+                        raise RuntimeError("no mean pattern arrived before the first frames")
+                    run.core.probe = initial_probe(
+                        np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
+                        footprint_px=run.footprint_px,
+                        defocus_sign=run.defocus_sign,
+                    )
                 outside = run.core.process(frames, positions)
             except Exception as exc:
                 self.fail(run, exc, "NN inference failed")
@@ -629,9 +651,8 @@ class NNProcessBranch(BranchBase):
                 self._drop(k, queued)
                 return
             if not mem.header[_PROBE]:
-                mem.probe[:] = initial_probe(
-                    amplitudes, footprint_px=self.footprint_px, defocus_sign=self.defocus_sign
-                )
+                # The probe estimate itself is the worker's job; the mean pattern is cheap.
+                mem.pattern[:] = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
                 mem.header[_PROBE] = 1
             frames = self.rule.frames(amplitudes)
             positions = np.asarray(positions_px, dtype=np.float64).reshape(k, 2)

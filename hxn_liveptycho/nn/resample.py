@@ -23,11 +23,10 @@ against the shipped model's 22 nm, so ``auto`` crops; a 256² run at twice the
 detector distance would bin. Without a card geometry the model is assumed to
 be trained at the run's detector (crop). docs/nn.md has the measured quality.
 
-The patches come back ``s`` times coarser than the run's canvas and are
-brought onto it by linear interpolation of the complex field: network pixel
-``j`` is the sample at canvas offset ``s j`` from the patch's first pixel (a
-Fourier crop keeps sample points, not cell centres), and the patch of
-``out`` pixels is centred on the probe window, as at the native crop.
+The patches come back ``s`` times coarser than the run's canvas, centred on
+the probe window as at the native crop; the mosaic blends them on a grid of
+their own pixel and interpolates it onto the canvas
+(:class:`~hxn_liveptycho.nn.mosaic.Mosaic` with ``scale``).
 """
 
 from __future__ import annotations
@@ -101,25 +100,6 @@ class InputRule:
     def patch_size(self, out: int) -> int:
         """Canvas pixels covered by an ``out``-pixel network patch."""
         return out * self.scale
-
-    def patches(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
-        """Network outputs (B, out, out) -> complex64 patches on the canvas grid."""
-        z = np.asarray(amplitude, np.float32) * np.exp(1j * np.asarray(phase, np.float32))
-        z = z.astype(np.complex64)
-        s = self.scale
-        if s == 1:
-            return z
-        return _upsample(_upsample(z, s, axis=1), s, axis=2)
-
-
-def _upsample(z: np.ndarray, s: int, axis: int) -> np.ndarray:
-    """Linear interpolation by integer ``s``: sample ``j`` lands on ``s j``; the last
-    sample is held for the ``s - 1`` pixels after it."""
-    z = np.moveaxis(z, axis, -1)
-    nxt = np.concatenate([z[..., 1:], z[..., -1:]], axis=-1)
-    parts = [z + (r / s) * (nxt - z) for r in range(s)]
-    out = np.stack(parts, axis=-1).reshape(*z.shape[:-1], z.shape[-1] * s)
-    return np.moveaxis(out, -1, axis).astype(np.complex64, copy=False)
 
 
 def choose_rule(
