@@ -309,6 +309,17 @@ def _child_main(
         child.send(("start_failed", f"{type(exc).__name__}: {exc}"))
         return
     try:
+        _serve(child, inbox)
+    finally:
+        # Leave without Python's teardown: freeing a CUDA context and cuFFT plans at exit can
+        # take longer than the owner waits, and the driver releases them with the process.
+        with contextlib.suppress(Exception):
+            outbox.close()
+        os._exit(0)
+
+
+def _serve(child: _Child, inbox: Connection) -> None:
+    try:
         while True:
             busy = any(
                 r.solver.n_positions or r.cancelled or r.finish_after is not None
