@@ -7,6 +7,7 @@ runs first is exactly what CI checks.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,21 @@ from hxn_liveptycho.sim import (
 logger = logging.getLogger(__name__)
 
 
+#: How often the demo reads the engine's status and the processed container back from Tiled.
+PROGRESS_INTERVAL_S = 3.0
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """A live snapshot of the processed container, as the demo read it back from Tiled."""
+
+    iteration: int
+    #: When the writer wrote it (``live_updated`` in the container's metadata; wall clock).
+    written: float
+    #: When the demo read it from Tiled (wall clock).
+    seen: float
+
+
 @dataclass
 class DemoResult:
     raw_uid: str
@@ -43,6 +59,20 @@ class DemoResult:
     seconds: float
     pictures: list[Path] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Wall-clock times of the run's start and stop documents.
+    start_time: float | None = None
+    stop_time: float | None = None
+    #: Each distinct live snapshot the demo saw in Tiled, in the order it saw them.
+    snapshots: list[LiveSnapshot] = field(default_factory=list)
+    #: What the simulated Eiger's process reported (frames published, rate achieved).
+    acquisition: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def snapshots_before_stop(self) -> list[LiveSnapshot]:
+        """Live snapshots already read back from Tiled when the scan's stop document was made."""
+        if self.stop_time is None:
+            return []
+        return [s for s in self.snapshots if s.seen < self.stop_time]
 
 
 def final_object_error(
@@ -90,19 +120,34 @@ def run_demo(
     beamline: SimulatedBeamline | None = None,
     iterations: int = 100,
     array_backend: str = "auto",
+    mode: str = "iterative",
     tiled_uri: str | None = None,
-    dwell: float = 0.01,
+    dwell: float = 0.06,
     encoding: str = "bs32-lz4<",
     progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
     keep: Callable[[LivePtycho], None] | None = None,
 ) -> DemoResult:
-    """Run one simulated fly scan with LivePtycho subscribed; write pictures to ``out_dir``."""
+    """Run one simulated fly scan with LivePtycho subscribed; write pictures to ``out_dir``.
+
+    ``progress`` is called from a background thread every ``progress_interval_s``
+    while the scan and its reconstruction run, with ``LivePtycho.status()`` plus a
+    ``"demo"`` entry: the frames the simulated Eiger has published and the live
+    snapshots read back from Tiled, so a user sees the run is live, not only its end.
+    """
     from bluesky import RunEngine
 
     began = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     bl = beamline or SimulatedBeamline()
-    logger.info("simulating a %d x %d point scan", bl.x_num, bl.y_num)
+    logger.info(
+        "simulating a %d x %d point scan, %d² window, %.3f s a frame (%.0f s of acquisition)",
+        bl.x_num,
+        bl.y_num,
+        bl.window,
+        dwell,
+        bl.x_num * bl.y_num * dwell,
+    )
     sample = SimulatedSample(bl)
     eiger = SimEiger(encoding=encoding)
     panda = SimPanda()
@@ -112,29 +157,133 @@ def run_demo(
         data_dir=data_dir or out_dir / "data",
         tiled_uri=tiled_uri,
         array_backend=array_backend,  # type: ignore[arg-type]
-        overrides={"recon": {"iterations": iterations}},
+        overrides={
+            "recon": {"iterations": iterations},
+            "roi": {"size": bl.window},
+            "mode": mode,
+        },
         live_interval_s=1.0,
     )
     live = LivePtycho(settings)
+    watch: _Watch | None = None
     try:
+        flyer = SimHXNFlyer(eiger, panda, sample, dwell=dwell)
+        flyer.prepare()  # the Eiger's process simulates the frames while the rest starts
         # PUB/SUB drops what is sent before a subscriber has joined: wait for the receivers.
-        eiger.publisher.wait_for_subscribers(1, timeout=10.0)
-        panda.publisher.wait_for_subscribers(1, timeout=10.0)
+        eiger.wait_for_subscribers(1, timeout=10.0)
+        panda.wait_for_subscribers(1, timeout=10.0)
         RE = RunEngine({}, call_returns_result=True)
         RE.subscribe(live)
-        flyer = SimHXNFlyer(eiger, panda, sample, dwell=dwell)
+        watch = _Watch(live, flyer, progress, progress_interval_s)
+        RE.subscribe(watch.document)
+        watch.start()
         result = RE(fly2dpd(flyer, baseline=baseline_motors(bl.energy_kev)))
         raw_uid = result.run_start_uids[0]
-        while not live.wait(timeout=1.0):
-            if progress is not None:
-                progress(live.status())
-        if progress is not None:
-            progress(live.status())
-        return _report(sample, live, raw_uid, result.exit_status, out_dir, began, keep)
+        live.wait()
+        watch.close()
+        watch.tick()  # the final state, read back once more
+        return _report(sample, live, raw_uid, result.exit_status, out_dir, began, keep, watch)
     finally:
+        if watch is not None:
+            watch.close()
         live.close()
         eiger.close()
         panda.close()
+
+
+class _Watch(threading.Thread):
+    """Reads the engine's status and the processed container in Tiled every few seconds.
+
+    What it reads from Tiled is the evidence that the run is live: each new
+    ``live_updated`` in the container's metadata is a snapshot already stored.
+    It never raises into the demo; a read that fails is logged at debug level.
+    """
+
+    def __init__(
+        self,
+        live: LivePtycho,
+        flyer: SimHXNFlyer,
+        progress: Callable[[dict[str, Any]], None] | None,
+        interval: float,
+    ) -> None:
+        super().__init__(name="liveptycho-demo-watch", daemon=True)
+        self.live = live
+        self.flyer = flyer
+        self.progress = progress
+        self.interval = interval
+        self.raw_uid: str | None = None
+        self.start_time: float | None = None
+        self.stop_time: float | None = None
+        self.snapshots: list[LiveSnapshot] = []
+        self._container: Any = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+
+    def document(self, name: str, doc: dict[str, Any]) -> None:
+        """RunEngine subscription: note the run's uid and when it started and stopped."""
+        if name == "start":
+            self.raw_uid, self.start_time = doc["uid"], doc["time"]
+        elif name == "stop":
+            self.stop_time = doc["time"]
+
+    def run(self) -> None:
+        while not self._closed.wait(self.interval):
+            self.tick()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+    def tick(self) -> None:
+        with self._lock:
+            try:
+                status = self.live.status()
+                self._read_tiled()
+                eiger = self.flyer.eiger.counters
+                latest = self.snapshots[-1] if self.snapshots else None
+                status["demo"] = {
+                    "frames_published": eiger["frames_published"],
+                    "frames_planned": eiger["frames_planned"],
+                    "acquiring": self.start_time is not None and self.stop_time is None,
+                    "live_snapshots": len(self.snapshots),
+                    "tiled_iteration": latest.iteration if latest else None,
+                }
+                if self.progress is not None:
+                    self.progress(status)
+            except Exception:
+                logger.debug("demo progress failed", exc_info=True)
+
+    def _read_tiled(self) -> None:
+        tiled = self.live.tiled
+        if tiled is None or tiled.uri is None or self.raw_uid is None:
+            return  # Tiled not up yet (its client would wait for it), or no run yet
+        try:
+            if self._container is None:
+                self._container = self._find(tiled.client())
+            if self._container is None:
+                return
+            metadata = self._container.refresh().metadata
+        except Exception:
+            logger.debug("reading the processed container back from Tiled failed", exc_info=True)
+            return
+        seen = time.time()
+        written = metadata.get("live_updated")
+        if written is None or (self.snapshots and self.snapshots[-1].written == written):
+            return
+        self.snapshots.append(
+            LiveSnapshot(iteration=int(metadata.get("iteration", 0)), written=written, seen=seen)
+        )
+
+    def _find(self, client: Any) -> Any:
+        from tiled.queries import Eq
+
+        catalog = client
+        for part in self.live.settings.catalog_path.split("/"):
+            if part not in catalog:
+                return None
+            catalog = catalog[part]
+        return next(iter(catalog.search(Eq("raw_uid", self.raw_uid)).values()), None)
 
 
 def _report(
@@ -145,6 +294,7 @@ def _report(
     out_dir: Path,
     began: float,
     keep: Callable[[LivePtycho], None] | None,
+    watch: _Watch,
 ) -> DemoResult:
     from tiled.queries import Eq
 
@@ -173,6 +323,10 @@ def _report(
         seconds=time.monotonic() - began,
         pictures=pictures,
         metadata=metadata,
+        start_time=watch.start_time,
+        stop_time=watch.stop_time,
+        snapshots=list(watch.snapshots),
+        acquisition=dict(watch.flyer.report.get("eiger", {})),
     )
     if keep is not None:
         keep(live)
