@@ -47,8 +47,9 @@ class _Progress:
         else:
             parts.append("waiting for the run")
         if demo.get("live_snapshots"):
+            count = demo["live_snapshots"]
             parts.append(
-                f"{demo['live_snapshots']} live images in Tiled "
+                f"{count} live image{'s' if count > 1 else ''} read back from Tiled "
                 f"(latest: iteration {demo['tiled_iteration']})"
             )
         elif runs:
