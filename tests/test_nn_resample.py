@@ -4,12 +4,14 @@ figures for every case)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.nn.backends import OnnxRuntimeBackend
-from hxn_liveptycho.nn.branch import NNBranch
+from hxn_liveptycho.nn.branch import NNBranch, settle_rule
 from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule, choose_rule
 from hxn_liveptycho.recon.metrics import illuminated_mask
@@ -59,6 +61,11 @@ def test_auto_picks_the_rule_that_gives_the_model_its_object_pixel():
     rule = choose_rule(512, 128, pixel_size_m=5.5e-9, trained_pixel_m=11.03e-9)
     assert (rule.bin, rule.scale) == (2, 2)
     assert choose_rule(256, 128).bin == 1  # no card geometry: the same detector is assumed
+    # The beam's disc, when measured, decides: 28 px at 256² is the trained disc (crop) ...
+    trained = (25.34, 30.98)
+    assert choose_rule(256, 128, disc_radius_px=28.3, trained_disc_px=trained).bin == 1
+    # ... and 56 px (a zone plate of twice the aperture) is brought back to 28 by binning.
+    assert choose_rule(256, 128, disc_radius_px=55.8, trained_disc_px=trained).bin == 2
     assert choose_rule(256, 128, fit="bin").bin == 2
     with pytest.raises(ConfigurationError, match=r"expects 128x128 .* crop is 320x320"):
         choose_rule(320, 128)
@@ -110,3 +117,32 @@ def test_a_256_crop_of_the_same_beamline_stitches_like_the_native_crop():
     r = float(np.corrcoef(phase, np.angle(truth)[mask])[0, 1])
     assert r >= 0.85, f"phase correlation {r:.3f}"
     assert "central 128x128 kept" in branch.describe()["input_rule"]
+
+
+def _first_frames(optics: str) -> np.ndarray:
+    beamline = SimulatedBeamline.for_window(256, x_num=4, y_num=4, step_px=18.0, seed=3)
+    sample = SimulatedSample(beamline)
+    if optics == "same":
+        sample.probe = make_probe(
+            256,
+            pixel_size_m=beamline.pixel_size_m,
+            wavelength_m=beamline.wavelength_m,
+            outer_radius_px=0.22 * 128,
+        )
+    return np.mean(sample.intensities, axis=0)
+
+
+def test_a_run_settles_its_rule_on_the_beam_it_measures(caplog):
+    """``fit="auto"`` at the first frames: the 128² beamline's zone plate at 256² is cropped;
+    the simulator's default 256² beamline (its zone plate scales with the crop: twice the
+    aperture) is binned, which measured better there (phase r 0.64 against 0.46); a disc far
+    from the trained one is logged as a warning either way."""
+    model = ModelRegistry(None).get("ptychonn-hxn-128")
+    provisional = InputRule(256, 128, 1)
+    assert settle_rule(provisional, "auto", _first_frames("same"), model).bin == 1
+    wide = _first_frames("simulator default")
+    assert settle_rule(provisional, "auto", wide, model).bin == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert settle_rule(provisional, "crop", wide, model).bin == 1  # asked for: kept
+    assert "expect a poor NN mosaic" in caplog.text

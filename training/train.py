@@ -9,7 +9,8 @@ hxn_liveptycho.sim (CuPy when present). Held out: objects from other images
 and phase on the well-lit centre of the patch, and a whole unseen simulated
 scan (camera / astronaut, the tests' phantom) stitched by hxn_liveptycho.nn.mosaic.
 Writes ``<name>.onnx``, ``<name>.json`` (the model card), ``<name>.pt`` (the
-PyTorch weights, for benchmarks/nn_infer.py) and a figure to ``--out``.
+PyTorch weights, for further training; the runtimes, PyTorch's included, run the
+ONNX file) and a figure to ``--out``.
 """
 
 from __future__ import annotations
@@ -358,6 +359,8 @@ def main() -> None:
             detector_pixel_m=geom.detector_pixel_m,
             crop_px=geom.window,
             object_pixel_m=geom.pixel_size_m,
+            # random_probe: outer radius 0.22 n x U(0.9, 1.1)
+            bright_field_radius_px=(0.198 * geom.window, 0.242 * geom.window),
         ),
         training_data={
             "frames": frames,

@@ -36,7 +36,7 @@ from hxn_liveptycho.nn.backends import InferenceBackend
 from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, to_complex
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import Fit, InputRule, choose_rule
-from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.recon.probe import initial_probe, pupil_radius_px
 
 if TYPE_CHECKING:
     from hxn_liveptycho.geometry import CanvasGeometry
@@ -88,6 +88,55 @@ def check_input_shape(
         trained_pixel_m=trained_pixel_m(model),
         model_name=model.name,
     )
+
+
+def trained_disc_px(model: ModelInfo) -> tuple[float, float] | None:
+    """The bright-field disc radius range of the model's training probes, when its card says."""
+    if model.card is None or model.card.geometry is None:
+        return None
+    return model.card.geometry.bright_field_radius_px
+
+
+def settle_rule(
+    rule: InputRule,
+    fit: Fit | None,
+    mean_pattern: np.ndarray,
+    model: ModelInfo,
+    log: logging.Logger | logging.LoggerAdapter = logger,
+) -> InputRule:
+    """The rule once the run's first frames are in: with ``fit="auto"`` and a card that
+    gives the trained bright-field disc, the binning that brings the measured disc closest
+    to it (:func:`~hxn_liveptycho.nn.resample.choose_rule`); and a warning when the disc the
+    network will see is far outside what it was trained on, whatever the rule."""
+    trained = trained_disc_px(model)
+    if trained is None:
+        return rule
+    radius = pupil_radius_px(np.asarray(mean_pattern, np.float64))
+    if fit == "auto" and not rule.identity:
+        settled = choose_rule(
+            rule.crop,
+            rule.model,
+            disc_radius_px=radius,
+            trained_disc_px=trained,
+            model_name=model.name,
+        )
+        if settled != rule:
+            log.info(
+                "NN branch input, from the beam's disc in the first frames: %s", settled.describe()
+            )
+        rule = settled
+    seen = radius / rule.bin
+    lo, hi = trained
+    if not 0.85 * lo <= seen <= 1.15 * hi:
+        log.warning(
+            "the beam's bright-field disc is %.1f px in model %s's input (radius), which was "
+            "trained on %.1f-%.1f px: expect a poor NN mosaic",
+            seen,
+            model.name,
+            lo,
+            hi,
+        )
+    return rule
 
 
 class BranchCore:
@@ -209,10 +258,12 @@ class NNBranch(BranchBase):
         footprint_px: float | None = None,
         defocus_sign: int = 1,
         rule: InputRule | None = None,
+        fit: Fit | None = None,
         name: str = "liveptycho-nn",
         log: logging.Logger | logging.LoggerAdapter = logger,
     ) -> None:
         rule = rule or check_input_shape(model, backend, window)
+        self.fit = fit
         super().__init__(
             model, rule, batch_size=batch_size, max_queued_frames=max_queued_frames, log=log
         )
@@ -294,8 +345,15 @@ class NNBranch(BranchBase):
         amplitudes = np.concatenate([t[0] for t in taken])
         positions = np.concatenate([t[1] for t in taken])
         if self._core.probe is None:
+            mean_pattern = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
+            if self.fit is not None:
+                self.rule = self._core.rule = settle_rule(
+                    self.rule, self.fit, mean_pattern, self.model, self.log
+                )
             self._core.probe = initial_probe(
-                amplitudes, footprint_px=self.footprint_px, defocus_sign=self.defocus_sign
+                np.sqrt(mean_pattern)[None],  # one frame whose intensity is the mean
+                footprint_px=self.footprint_px,
+                defocus_sign=self.defocus_sign,
             )
         outside = self._core.process(self.rule.frames(amplitudes), positions)
         self.infer_seconds = self._core.infer_seconds
@@ -355,6 +413,7 @@ def start_nn_branch(
         "footprint_px": config.probe_footprint_px,
         "defocus_sign": config.probe.defocus_sign,
         "rule": rule,
+        "fit": config.nn.fit,
         "name": f"liveptycho-nn-{config.scan_id}",
         "log": log,
     }

@@ -36,6 +36,11 @@ class TrainingGeometry(BaseModel):
     detector_pixel_m: float
     crop_px: int = Field(description="Detector crop edge (the model's input size).")
     object_pixel_m: float = Field(description="lambda z / (crop p): the output's pixel size.")
+    bright_field_radius_px: tuple[float, float] | None = Field(
+        default=None,
+        description="Range of the probe's bright-field disc radius (the zone plate's outer "
+        "edge) in input pixels over the training probes; a session fits larger crops to it.",
+    )
 
 
 class ModelCard(BaseModel):
@@ -104,6 +109,14 @@ class ModelCard(BaseModel):
                 f"{g.object_pixel_m * 1e9:.2f} nm. Other geometries scale the object pixel by "
                 "lambda z / (N p); a session warns when its geometry differs by more than 5 %.",
             ]
+            if g.bright_field_radius_px is not None:
+                lo, hi = g.bright_field_radius_px
+                lines += [
+                    "",
+                    f"The probes' bright-field disc had a radius of {lo:.1f}-{hi:.1f} input "
+                    "pixels; a larger crop is cropped or binned so that the measured disc "
+                    "comes closest to it.",
+                ]
         for title, block in (
             ("Training data", self.training_data),
             ("Training", self.training),

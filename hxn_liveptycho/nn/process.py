@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.nn.backends import GraphIO
-from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish
+from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
-from hxn_liveptycho.nn.resample import InputRule
+from hxn_liveptycho.nn.resample import Fit, InputRule
 from hxn_liveptycho.recon.probe import initial_probe
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ __all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool"]
 
 #: Most shared memory one run's frame ring takes; a longer queue is cut to fit.
 RING_BYTES = 512 * 2**20
-_HEADER = 64  # bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, pattern_set, ...]
-_WRITTEN, _CONSUMED, _SEQ, _FRAMES, _PROBE = 0, 1, 2, 3, 4
+# bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, pattern_set, rule's bin, ...]
+_HEADER = 64
+_WRITTEN, _CONSUMED, _SEQ, _FRAMES, _PROBE, _BIN = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,8 @@ class _Child:
                 if run.core.probe is None:  # the parent writes it before the first frames
                     if not mem.header[_PROBE]:
                         raise RuntimeError("no mean pattern arrived before the first frames")
+                    rule = run.core.rule  # the parent settled it on the same frames
+                    run.core.rule = InputRule(rule.crop, rule.model, int(mem.header[_BIN]))
                     run.core.probe = initial_probe(
                         np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
                         footprint_px=run.footprint_px,
@@ -575,6 +578,7 @@ class NNProcessBranch(BranchBase):
         publish: Publish,
         interval_s: float,
         rule: InputRule,
+        fit: Fit | None = None,
         footprint_px: float | None = None,
         defocus_sign: int = 1,
         name: str = "liveptycho-nn",
@@ -587,6 +591,7 @@ class NNProcessBranch(BranchBase):
         if slots < max_queued_frames:
             log.info("NN queue limited to %d frames by its shared-memory ring", slots)
         self.run_id = next(_run_ids)
+        self.fit = fit
         self.name = name
         self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
         self.window = window
@@ -653,6 +658,9 @@ class NNProcessBranch(BranchBase):
             if not mem.header[_PROBE]:
                 # The probe estimate itself is the worker's job; the mean pattern is cheap.
                 mem.pattern[:] = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
+                if self.fit is not None:
+                    self.rule = settle_rule(self.rule, self.fit, mem.pattern, self.model, self.log)
+                mem.header[_BIN] = self.rule.bin
                 mem.header[_PROBE] = 1
             frames = self.rule.frames(amplitudes)
             positions = np.asarray(positions_px, dtype=np.float64).reshape(k, 2)

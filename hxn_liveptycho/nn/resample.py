@@ -16,12 +16,21 @@ ways, and every mix of them, to give it ``m`` pixels:
   it than in training and its far field is ``k`` times smaller in pixels);
 - in general, bin by ``b`` then crop, with ``b s = k``: object pixel ``s dx``.
 
-What the network needs is its training geometry, i.e. its object pixel
-(the card's ``geometry.object_pixel_m``): ``auto`` picks the ``b`` whose
-``s dx`` is closest to it. At HXN's geometry a 256² run is ``dx`` = 11 nm
-against the shipped model's 22 nm, so ``auto`` crops; a 256² run at twice the
-detector distance would bin. Without a card geometry the model is assumed to
-be trained at the run's detector (crop). docs/nn.md has the measured quality.
+What the network needs is what it was trained on. For a beamline whose
+optics do not change with the crop, cropping is exactly that (the shipped
+model's 22 nm at HXN's 12 keV, 2.05 m, 75 µm, where a 256² run is 11 nm),
+and binning puts the beam twice as wide into half the window: on simulated
+256² scans of the same beamline the mosaic's phase correlated with the
+phantom at r = 0.93 cropped (0.94 at the native 128²) and not at all binned
+(docs/nn.md). So ``auto`` decides from what the network will see:
+
+1. with the card's trained bright-field disc (``geometry.bright_field_radius_px``)
+   and the run's first frames, the ``b`` that brings the measured disc
+   radius (``R / b`` input pixels) closest to the trained one: the disc is
+   the largest feature of the pattern and the one a scan's metadata can get
+   wrong (a different zone plate, a misread distance);
+2. else with the card's object pixel, the ``b`` whose ``s dx`` is closest to it;
+3. else crop (the model is assumed to be trained at the run's detector).
 
 The patches come back ``s`` times coarser than the run's canvas, centred on
 the probe window as at the native crop; the mosaic blends them on a grid of
@@ -109,12 +118,15 @@ def choose_rule(
     fit: Fit = "auto",
     pixel_size_m: float | None = None,
     trained_pixel_m: float | None = None,
+    disc_radius_px: float | None = None,
+    trained_disc_px: tuple[float, float] | None = None,
     model_name: str = "the model",
 ) -> InputRule:
     """The rule for a run's ``crop`` and a model's input ``model``; refuses what none fits.
 
-    ``auto`` picks the binning whose object pixel is closest (in ratio) to the
-    one the model was trained for; without both pixels it crops.
+    ``auto`` brings the measured bright-field disc (``disc_radius_px``, in the
+    run's detector pixels) closest to the trained one when both are given,
+    else the object pixel closest to the trained one, else crops.
     """
     if crop == model:
         return InputRule(crop, model)
@@ -130,11 +142,12 @@ def choose_rule(
         return InputRule(crop, model, 1)
     if fit == "bin":
         return InputRule(crop, model, k)
+    bins = [b for b in range(1, k + 1) if k % b == 0]
+    if disc_radius_px is not None and trained_disc_px is not None and disc_radius_px > 0:
+        target = math.sqrt(trained_disc_px[0] * trained_disc_px[1])
+        radius = disc_radius_px
+        return InputRule(crop, model, min(bins, key=lambda b: abs(math.log(radius / b / target))))
     if pixel_size_m is None or trained_pixel_m is None:
         return InputRule(crop, model, 1)
-    bins = [b for b in range(1, k + 1) if k % b == 0]
-
-    def mismatch(b: int) -> float:
-        return abs(math.log(pixel_size_m * (k // b) / trained_pixel_m))
-
-    return InputRule(crop, model, min(bins, key=mismatch))
+    dx, trained = pixel_size_m, trained_pixel_m
+    return InputRule(crop, model, min(bins, key=lambda b: abs(math.log(dx * (k // b) / trained))))

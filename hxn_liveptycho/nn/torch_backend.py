@@ -20,6 +20,7 @@ that path exists to check the interpreter against ONNX Runtime, not for speed.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import math
@@ -81,7 +82,7 @@ def torch_cuda_available() -> bool:
         return False
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    if not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):
+    if not (os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/nvidia*")):
         return False
     try:
         import torch
@@ -369,7 +370,6 @@ class TorchBackend:
             self.module = GraphModule(graph, device=self.device, precision=self.precision)
         self.cuda_graphs = cuda_graphs and on_gpu
         self._graphs: dict[int, tuple[Any, Any, Any, Any]] = {}
-        self._pool: Any = None
         self._pinned: dict[int, tuple[Any, Any, Any]] = {}
 
     def _device_context(self) -> Any:
@@ -401,17 +401,19 @@ class TorchBackend:
             return self._graphs[bucket]
         torch = self._torch
         n, m = self.input_hw
-        with torch.cuda.device(self.device), torch.inference_mode():
+        # no_grad, not inference_mode: the static input is written in place at every call,
+        # which PyTorch forbids on an inference-mode tensor outside that mode.
+        with torch.cuda.device(self.device), torch.no_grad():
             static_in = torch.zeros((bucket, 1, n, m), device=self.device)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 for _ in range(3):  # cuDNN picks its algorithms before capture
                     self._forward(static_in)
             self._stream.synchronize()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            # Each graph keeps its own memory: graphs of different buckets are replayed in
+            # any order, which a shared pool does not allow.
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            with torch.cuda.graph(graph, stream=self._stream):
                 amp, phase = self._forward(static_in)
         self._graphs[bucket] = (graph, static_in, amp, phase)
         return self._graphs[bucket]
@@ -478,4 +480,3 @@ class TorchBackend:
     def close(self) -> None:
         self._graphs.clear()
         self._pinned.clear()
-        self._pool = None
