@@ -29,7 +29,7 @@ Containers written before this layout hold ``amplitude`` as uint8 with a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,24 +68,63 @@ def chunk_frames_for(frame_shape: tuple[int, ...]) -> int:
     return max(1, min(1024, CHUNK_BYTES // max(frame_bytes, 1)))
 
 
-def encode(amplitudes: np.ndarray) -> tuple[np.ndarray, int]:
-    """The stored form of ``amplitudes`` and how many of its pixels were clipped."""
-    clipped = int(np.count_nonzero(amplitudes > LARGEST))
+def encode(amplitudes: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """The stored form of ``amplitudes`` (one array, or batches to join) and how many
+    of its pixels were clipped; joined and converted in one pass."""
+    parts = [amplitudes] if isinstance(amplitudes, np.ndarray) else list(amplitudes)
+    with np.errstate(over="ignore"):
+        encoded = np.concatenate(parts, dtype=DTYPE, casting="same_kind")
+    overflowed = np.isinf(encoded)
+    clipped = int(np.count_nonzero(overflowed))
     if clipped:
-        amplitudes = np.minimum(amplitudes, LARGEST)
-    return amplitudes.astype(DTYPE), clipped
+        encoded[overflowed] = LARGEST
+    return encoded, clipped
+
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class QueuedRows:
+    """The first rows of the queue as views of the batches handed over: taken under the
+    caller's lock in no time, joined (copied) outside it."""
+
+    parts: tuple[Batch, ...]
+
+    def __len__(self) -> int:
+        return sum(len(indices) for indices, _, _ in self.parts)
+
+    def _from(self, start: int, column: int) -> list[np.ndarray]:
+        arrays = []
+        for part in self.parts:
+            array = part[column]
+            if start >= len(array):
+                start -= len(array)
+                continue
+            arrays.append(array[start:])
+            start = 0
+        return arrays
+
+    def indices(self, start: int = 0) -> np.ndarray:
+        return np.concatenate(self._from(start, 0)).astype(np.int64, copy=False)
+
+    def positions(self, start: int = 0) -> np.ndarray:
+        return np.concatenate(self._from(start, 2)).astype(np.float64, copy=False)
+
+    def encoded(self, start: int = 0) -> tuple[np.ndarray, int]:
+        return encode(self._from(start, 1))
 
 
 class PendingFrames:
     """Frames received and not yet in Tiled, in arrival order; the caller holds the lock.
 
-    Batches are kept as they were handed over (no copy); :meth:`peek` joins the
-    first rows for a write and :meth:`drop` forgets them once written, so a
-    failed write loses nothing and is tried again with the same rows.
+    Batches are kept as they were handed over (no copy); :meth:`peek` gives
+    views of the first rows for a write and :meth:`drop` forgets them once
+    written, so a failed write loses nothing and is tried again with the same rows.
     """
 
     def __init__(self) -> None:
-        self._batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._batches: list[Batch] = []
         self.rows = 0
 
     @property
@@ -102,9 +141,9 @@ class PendingFrames:
             self._batches.append((indices, amplitudes, positions))
             self.rows += len(indices)
 
-    def peek(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The first ``rows`` rows (indices, float32 amplitudes, positions), joined."""
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    def peek(self, rows: int) -> QueuedRows:
+        """Views of the first ``rows`` rows (fewer if fewer are queued)."""
+        parts: list[Batch] = []
         left = rows
         for indices, amplitudes, positions in self._batches:
             if left <= 0:
@@ -112,11 +151,7 @@ class PendingFrames:
             take = min(left, len(indices))
             parts.append((indices[:take], amplitudes[:take], positions[:take]))
             left -= take
-        return (
-            np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False),
-            np.concatenate([p[1] for p in parts]),
-            np.concatenate([p[2] for p in parts]).astype(np.float64, copy=False),
-        )
+        return QueuedRows(tuple(parts))
 
     def drop(self, rows: int) -> None:
         """Forget the first ``rows`` rows (they are safely stored)."""

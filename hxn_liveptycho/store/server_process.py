@@ -119,7 +119,7 @@ def uvicorn_log_config(directory: Path) -> dict[str, Any]:
     from tiled.server.logging_config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"]["redact_api_key"] = {"()": f"{__name__}.RedactApiKey"}
+    config["filters"]["redact_api_key"] = {"()": "hxn_liveptycho.store.server_process.RedactApiKey"}
     for handler, filename in (("access", "access.log"), ("default", "error.log")):
         config["handlers"][handler]["class"] = "logging.FileHandler"
         del config["handlers"][handler]["stream"]
@@ -133,7 +133,11 @@ def uvicorn_log_config(directory: Path) -> dict[str, Any]:
 def bind(port: int) -> socket.socket:
     """A listening socket on localhost: ``port`` if it is free, else one the kernel picks."""
     for candidate in dict.fromkeys((port, 0)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must be IPPROTO_TCP (not 0) for asyncio to set TCP_NODELAY on accepted
+        # connections; without it every response on a kept-alive connection waited for
+        # the client's delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A previous incarnation's connections in TIME_WAIT must not keep its port from us.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -369,19 +369,19 @@ class TiledSink:
         with self._cond:
             held = max(self._diffraction_rows.values()) - self._diffraction_base
             rows = max(rows, held)
-            indices, amplitudes, positions = self._pending.peek(rows)
-        rows = len(indices)
+            queued = self._pending.peek(rows)
+        rows = len(queued)
         group = self._diffraction_group_node()
         for key in _DIFFRACTION_KEYS:
             stored = self._diffraction_rows[key]
             start = stored - self._diffraction_base
             if start >= rows:
                 continue
+            clipped = 0
             if key == "amplitude":
-                data, clipped = stored_diffraction.encode(amplitudes[start:])
-                self._clipped_pixels += clipped
+                data, clipped = queued.encoded(start)
             else:
-                data = indices[start:] if key == "indices" else positions[start:]
+                data = queued.indices(start) if key == "indices" else queued.positions(start)
             client = self._diffraction_arrays.get(key)
             if client is None and key in group:
                 # Created by an attempt that failed before its data landed: fill it now.
@@ -399,6 +399,7 @@ class TiledSink:
             if len(data):
                 client.patch(np.ascontiguousarray(data), offset=(stored,), extend=True)
                 self._diffraction_rows[key] = stored + len(data)
+            self._clipped_pixels += clipped  # counted once written, not once per attempt
         done = min(self._diffraction_rows.values()) - self._diffraction_base
         with self._cond:
             self._pending.drop(done)
@@ -480,12 +481,11 @@ class TiledSink:
         payload = dict(arrays)
         with self._cond:
             rows = self._pending.rows
-            queued = self._pending.peek(rows) if rows else None
-        if queued is not None:
-            indices, amplitudes, positions = queued
-            payload["diffraction_amplitude"] = stored_diffraction.encode(amplitudes)[0]
-            payload["diffraction_indices"] = indices
-            payload["diffraction_positions_m"] = positions
+            queued = self._pending.peek(rows)
+        if rows:
+            payload["diffraction_amplitude"] = queued.encoded()[0]
+            payload["diffraction_indices"] = queued.indices()
+            payload["diffraction_positions_m"] = queued.positions()
         np.savez_compressed(path, **payload)
         path.with_suffix(".json").write_text(
             json.dumps(
