@@ -146,3 +146,66 @@ def test_a_run_settles_its_rule_on_the_beam_it_measures(caplog):
     with caplog.at_level(logging.WARNING):
         assert settle_rule(provisional, "crop", wide, model).bin == 1  # asked for: kept
     assert "expect a poor NN mosaic" in caplog.text
+
+
+def test_a_256_run_through_start_nn_branch_in_its_process(tmp_path):
+    """What a session does at 256²: the run's ScanConfig and settings, the branch in its own
+    process (ONNX Runtime CPU), the rule settled on the first frames, the mosaic on the
+    run's 256² canvas."""
+    from types import SimpleNamespace
+
+    from hxn_liveptycho.nn.branch import start_nn_branch
+    from hxn_liveptycho.scan import ScanConfig
+    from hxn_liveptycho.settings import Settings
+
+    beamline = SimulatedBeamline.for_window(
+        256, x_num=8, y_num=8, step_px=18.0, jitter_px=1.2, seed=6, photons_per_frame=2e5
+    )
+    sample = SimulatedSample(beamline)
+    sample.probe = make_probe(
+        256,
+        pixel_size_m=beamline.pixel_size_m,
+        wavelength_m=beamline.wavelength_m,
+        outer_radius_px=0.22 * 128,
+    )
+    x0, x1, nx, y0, y1, ny = beamline.scan_input()
+    config = ScanConfig(
+        uid="nn-256",
+        scan_id=256,
+        grid={
+            "kind": "fly2d_panda",
+            "x_start_um": x0,
+            "x_end_um": x1,
+            "x_num": nx,
+            "y_start_um": y0,
+            "y_end_um": y1,
+            "y_num": ny,
+        },
+        energy_kev=beamline.energy_kev,
+        distance_m=beamline.distance_m,
+        roi={"size": 256},
+        probe={"footprint_um": 0.28 * 256 * beamline.pixel_size_m * 1e6},
+        mode="nn",
+        nn={"batch_size": 16},
+    )
+    settings = Settings(
+        data_dir=tmp_path, model_dir=tmp_path, nn_backend="onnxruntime", live_interval_s=0.5
+    )
+    geometry = SimpleNamespace(canvas_shape=sample.object.shape, window=256)
+    published: list = []
+    branch = start_nn_branch(config, settings, geometry, published.append)
+    amplitudes = np.sqrt(sample.intensities)
+    for start in range(0, sample.num_points, 16):
+        branch.submit(amplitudes[start : start + 16], sample.positions_px[start : start + 16])
+    final = branch.close(timeout=120)
+    info = branch.describe()
+    assert final is not None, info
+    assert info["nn_frames_inferred"] == sample.num_points and "error" not in info
+    assert "central 128x128 kept" in info["input_rule"]
+    assert final["object"].shape == final["coverage"].shape == sample.object.shape
+    mosaic, truth = final["object"], sample.object
+    mask = illuminated_mask(sample.positions_px, sample.probe, truth.shape)
+    offset = np.angle(np.vdot(mosaic[mask], truth[mask]))
+    phase = np.angle(mosaic * np.exp(1j * offset))[mask]
+    r = float(np.corrcoef(phase, np.angle(truth)[mask])[0, 1])
+    assert r >= 0.85, f"phase correlation {r:.3f}"

@@ -40,7 +40,7 @@ from hxn_liveptycho.recon.probe import initial_probe, pupil_radius_px
 
 if TYPE_CHECKING:
     from hxn_liveptycho.geometry import CanvasGeometry
-    from hxn_liveptycho.nn.process import NNProcessBranch
+    from hxn_liveptycho.nn.process import NNProcessBranch, WorkerPool
     from hxn_liveptycho.scan import ScanConfig
     from hxn_liveptycho.settings import Settings
 
@@ -377,9 +377,12 @@ def start_nn_branch(
     *,
     device_id: int = 0,
     where: Literal["process", "thread"] = "process",
+    pool: WorkerPool | None = None,
 ) -> NNBranch | NNProcessBranch:
     """The run's branch: its model on the configured runtime and GPU ``device_id`` (ignored
-    by a CPU runtime), in a child process unless ``where="thread"``.
+    by a CPU runtime), in a child process unless ``where="thread"``: a worker of ``pool``
+    (an engine's, kept warm between runs) or, without one, a worker of its own that ends
+    with the run.
 
     The crop is checked against the model here, so a run whose crop no rule
     fits fails at its start; in a process, the model loads in the child while
@@ -427,7 +430,7 @@ def start_nn_branch(
             cpu_threads=cpu_threads,
         )
         log.info("NN branch: model %s (%s) in its own process", model.name, model.source)
-        return NNProcessBranch(model, key, **common)
+        return NNProcessBranch(model, key, pool=pool, **common)
     from hxn_liveptycho.nn.backends import open_backend
 
     backend = open_backend(
