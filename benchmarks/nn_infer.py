@@ -144,12 +144,19 @@ def network_rows(
                 to_complex(amplitude, phase)
 
             out.append(row("network", backend.name, crop, b, timed(run, repeats, sync)))
-    graphs = getattr(backend, "_graph", None)
-    if graphs is not None and getattr(backend, "cuda_graphs", False):
+    if getattr(backend, "cuda_graphs", False):
+        import torch
+
+        stream = backend._stream  # type: ignore[attr-defined]
         for b in batches:
             bucket = backend._bucket(b)  # type: ignore[attr-defined]
-            graph = graphs(bucket)[0]
-            seconds = timed(graph.replay, repeats, backend.synchronize)  # type: ignore[attr-defined]
+            graph = backend._graph(bucket)[0]  # type: ignore[attr-defined]
+
+            def replay(graph: Any = graph) -> None:
+                with torch.cuda.stream(stream):  # replay runs on the current stream
+                    graph.replay()
+
+            seconds = timed(replay, repeats, backend.synchronize)  # type: ignore[attr-defined]
             out.append(row("resident", f"{name} (graph replay)", 128, bucket, seconds))
     backend.close()
     return out

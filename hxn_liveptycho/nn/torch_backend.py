@@ -413,7 +413,9 @@ class TorchBackend:
             # Each graph keeps its own memory: graphs of different buckets are replayed in
             # any order, which a shared pool does not allow.
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
+            # thread_local: a solver launching on the same GPU from another thread of this
+            # process (the branch on a thread) must not break, nor be broken by, the capture.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 amp, phase = self._forward(static_in)
         self._graphs[bucket] = (graph, static_in, amp, phase)
         return self._graphs[bucket]
