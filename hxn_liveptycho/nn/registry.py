@@ -42,6 +42,9 @@ class ModelInfo:
     source: str
     card: ModelCard | None = None
     _sha256: str | None = field(default=None, repr=False)
+    _graph_io: tuple[list[tuple[str, list[Any]]], list[tuple[str, list[Any]]]] | None = field(
+        default=None, repr=False
+    )
 
     @property
     def sha256(self) -> str:
@@ -49,9 +52,19 @@ class ModelInfo:
             self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         return self._sha256
 
+    def _inspect(self) -> tuple[list[tuple[str, list[Any]]], list[tuple[str, list[Any]]]]:
+        """The graph's inputs and outputs as (name, shape), read once."""
+        if self._graph_io is None:
+            sess = _inspection_session(self.path)
+            self._graph_io = (
+                [(t.name, list(t.shape)) for t in sess.get_inputs()],
+                [(t.name, list(t.shape)) for t in sess.get_outputs()],
+            )
+        return self._graph_io
+
     def input_hw(self) -> tuple[int, int]:
         """The (height, width) of the graph's input, read without loading a runtime for it."""
-        shape = _inspection_session(self.path).get_inputs()[0].shape
+        shape = self._inspect()[0][0][1]
         if len(shape) != 4 or not all(isinstance(s, int) for s in shape[-2:]):
             raise ConfigurationError(
                 f"model {self.name} must take (batch, 1, n, n) patterns; its input is {shape}"
@@ -61,9 +74,9 @@ class ModelInfo:
     def io(self) -> GraphIO:
         """Input and output names: from the card, else the graph's first input and
         outputs named ``amplitude``/``phase`` (or its first two outputs)."""
-        sess = _inspection_session(self.path)
-        inputs = [i.name for i in sess.get_inputs()]
-        outputs = [o.name for o in sess.get_outputs()]
+        graph_inputs, graph_outputs = self._inspect()
+        inputs = [name for name, _ in graph_inputs]
+        outputs = [name for name, _ in graph_outputs]
         if len(inputs) != 1 or len(outputs) < 2:
             raise ConfigurationError(
                 f"model {self.name} must have one input and two outputs (amplitude, phase); "
