@@ -122,31 +122,30 @@ class _SigtermMidScan(threading.Thread):
             self.signalled.set()
 
 
-def _hold_frames(eiger, monkeypatch, first_held: int, until: threading.Event) -> None:
-    """The simulated Eiger sends frame ``first_held`` (and so every later one) only once
-    ``until`` is set: the scan is surely mid-way when serve is signalled, however slowly
+def _release_when(until: threading.Event, *devices: Any) -> None:
+    """The simulated detectors, held before a frame (the flyer's ``hold_before``), go on only
+    once ``until`` is set: the scan is surely mid-way when serve is signalled, however slowly
     the machine runs (waiting on time alone, a loaded CI machine once took its second
     snapshot only after the last frame)."""
-    send = eiger.send
 
-    def held(series, index, frame):
-        if index == first_held:
-            until.wait(60)
-        send(series, index, frame)
+    def release() -> None:
+        until.wait(60)
+        for device in devices:
+            device.release()
 
-    monkeypatch.setattr(eiger, "send", held)
+    threading.Thread(target=release, name="liveptycho-test-release", daemon=True).start()
 
 
 def test_sigterm_mid_scan_ends_the_run_aborted_with_what_was_written(
-    serve, publisher, RE, hxn_detectors, tiled_server, monkeypatch
+    serve, publisher, RE, hxn_detectors, tiled_server
 ):
     eiger, panda = hxn_detectors
     beamline = SimulatedBeamline(x_num=12, y_num=12, photons_per_frame=2e5)
     killer = _SigtermMidScan(serve)
     half = beamline.x_num * beamline.y_num // 2
-    _hold_frames(eiger, monkeypatch, half, until=killer.signalled)
+    _release_when(killer.signalled, eiger, panda)
     killer.start()
-    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.03)
+    result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.03, hold_before=half)
     killer.join(30)
     raw_uid = result.run_start_uids[0]
     assert result.exit_status == "success"  # the RunEngine never noticed

@@ -35,7 +35,9 @@ TINY = SimulatedBeamline(x_num=4, y_num=3)
 class Streams:
     """The project's own receivers on both simulated streams; events say when a series ended."""
 
-    def __init__(self, eiger: SimEiger, panda: SimPanda) -> None:
+    def __init__(self, eiger: SimEiger, panda: SimPanda, *, watch_for: int = 0) -> None:
+        self.watch_for = watch_for
+        self.reached = threading.Event()  # frame ``watch_for`` has arrived
         self.headers: list[dict[str, Any]] = []
         self.frames: dict[int, np.ndarray] = {}
         self.samples: list[dict[str, np.ndarray]] = []
@@ -63,6 +65,8 @@ class Streams:
     def _frame(self, frame: EigerFrame) -> None:
         self.frames[frame.frame] = np.array(frame.data)
         self.first_frame.set()
+        if frame.frame == self.watch_for:
+            self.reached.set()
 
     def _stop(self, message: dict[str, Any]) -> None:
         self.stops.append(message)
@@ -152,6 +156,38 @@ def test_an_abort_ends_the_series_early_and_still_sends_its_end(devices):
     assert flyer.report["eiger"]["aborted"]
     assert flyer.report["eiger"]["frames_published"] < sample.num_points
     assert len(list(flyer.collect())) == flyer.report["eiger"]["frames_published"]
+
+
+def test_a_held_series_waits_for_its_release_and_then_completes(devices):
+    """``hold_before`` gates both detectors before a frame, as a paused trigger would: nothing
+    from that frame on leaves until the flyer is released."""
+    eiger, panda = devices
+    sample = SimulatedSample(TINY)
+    held = 6
+    streams = Streams(eiger, panda, watch_for=held - 1)
+    try:
+        flyer = SimHXNFlyer(eiger, panda, sample, dwell=0.002, hold_before=held)
+        flyer.kickoff().wait(120)
+        assert streams.reached.wait(30)
+        seen_while_held = set(streams.frames)
+        flyer.release()
+        flyer.complete().wait(60)
+        assert streams.series_ended.wait(30)
+    finally:
+        streams.close()
+    assert max(seen_while_held) == held - 1
+    assert sorted(streams.frames) == list(range(sample.num_points))
+    assert flyer.report["eiger"]["held_s"] > 0 and not flyer.report["eiger"]["aborted"]
+
+
+def test_a_release_sent_before_the_series_starts_is_kept(devices):
+    eiger, panda = devices
+    flyer = SimHXNFlyer(eiger, panda, SimulatedSample(TINY), dwell=0.002, hold_before=3)
+    flyer.prepare().wait(120)
+    flyer.release()
+    flyer.kickoff().wait(60)
+    flyer.complete().wait(60)
+    assert flyer.report["eiger"]["frames_published"] == TINY.x_num * TINY.y_num
 
 
 def test_the_flyer_runs_fly2dpd_after_an_early_prepare(RE, devices):

@@ -82,6 +82,10 @@ class SimEiger(Device):
         self._series += 1
         return self._series
 
+    def release(self) -> None:
+        """Let a series held by the flyer's ``hold_before`` go on."""
+        self.publisher.release()
+
     def series_header(self, sample: SimulatedSample, *, frame_time: float) -> dict[str, Any]:
         """The detector configuration a series header carries (v1 names)."""
         bl = sample.beamline
@@ -127,6 +131,10 @@ class SimPanda(Device):
         """Frames whose encoder samples went out in the current (or last) series."""
         return self.publisher.counters
 
+    def release(self) -> None:
+        """Let a series held by the flyer's ``hold_before`` go on."""
+        self.publisher.release()
+
     def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
         return self.publisher.wait_for_subscribers(count, timeout)
 
@@ -156,6 +164,7 @@ class SimHXNFlyer:
         name: str = "fly_panda",
         max_frames: int | None = None,
         record_frames: bool = False,
+        hold_before: int | None = None,
         prepare_timeout: float = 900.0,
     ) -> None:
         if not dwell > 0:
@@ -170,6 +179,9 @@ class SimHXNFlyer:
         #: Also put each frame into the collected events (``eiger2_image``), so a recorder
         #: such as TiledWriter archives the run with its frames (see ``hxn_liveptycho.replay``).
         self.record_frames = record_frames
+        #: Hold both detectors before this frame until :meth:`release` (a gated trigger), so a
+        #: test can act while a scan is surely mid-way, however slow the machine.
+        self.hold_before = hold_before
         self.prepare_timeout = prepare_timeout
         #: What each detector's process reported for the last complete series.
         self.report: dict[str, dict[str, Any]] = {}
@@ -222,6 +234,7 @@ class SimHXNFlyer:
                 frame_time=self.dwell,
                 row_length=bl.x_num,
                 timestamps=TS_CHANNEL,
+                hold_before=self.hold_before,
             )
             header = self.eiger.series_header(self.sample, frame_time=self.dwell)
             done = self.eiger.publisher.prepare(
@@ -230,6 +243,7 @@ class SimHXNFlyer:
                 frames=n,
                 frame_time=self.dwell,
                 header=header,
+                hold_before=self.hold_before,
                 timeout=self.prepare_timeout,
             )
             logger.debug("simulated detectors armed: %s", done)
@@ -292,6 +306,11 @@ class SimHXNFlyer:
     def complete(self) -> Status:
         assert self._complete is not None, "kickoff first"
         return self._complete
+
+    def release(self) -> None:
+        """Let a series held at ``hold_before`` go on (word sent early waits for the hold)."""
+        self.eiger.release()
+        self.panda.release()
 
     def stop(self, *, success: bool = False) -> None:
         self._abort.set()

@@ -59,8 +59,9 @@ COUNTER_FIELDS = (
     "frame_time_s",
     "preencoded_frames",
     "prepare_s",
+    "held_s",
 )
-STATES = ("starting", "idle", "preparing", "prepared", "publishing", "done")
+STATES = ("starting", "idle", "preparing", "prepared", "publishing", "held", "done")
 #: Pre-encoded Eiger messages a child may hold for one series; frames past it are encoded
 #: while the series runs.
 DEFAULT_PREENCODE_BYTES = 1 << 30
@@ -146,6 +147,7 @@ class PublisherProcess:
             "max_late_s": raw["max_late_s"],
             "preencoded_frames": int(raw["preencoded_frames"]),
             "prepare_s": raw["prepare_s"],
+            "held_s": raw["held_s"],
         }
 
     def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
@@ -175,6 +177,12 @@ class PublisherProcess:
         if self._process.is_alive():
             with contextlib.suppress(OSError, RuntimeError):  # gone or closed: nothing runs
                 self._send(("abort",))
+
+    def release(self) -> None:
+        """Let a series held by ``hold_before`` go on (or not stop, if it has not got there)."""
+        if self._process.is_alive():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._send(("release",))
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the child (queued messages get a moment to leave) and release its pipe."""
@@ -258,12 +266,14 @@ class EigerProcess(PublisherProcess):
         frames: int,
         frame_time: float,
         header: dict[str, Any],
+        hold_before: int | None = None,
         timeout: float = 600.0,
     ) -> dict[str, Any]:
         """Arm for a series of ``frames`` frames of ``sample`` (a SimulatedSample, sent by pickle).
 
         The child simulates the frames and encodes them before this returns;
         the reply says how long each took and how many frames were pre-encoded.
+        With ``hold_before``, frame ``hold_before`` waits for :meth:`release`.
         """
         spec = {
             "series": series,
@@ -271,6 +281,7 @@ class EigerProcess(PublisherProcess):
             "frames": int(frames),
             "frame_time": float(frame_time),
             "header": dict(header),
+            "hold_before": hold_before,
         }
         return dict(self._request(("prepare", spec), timeout))
 
@@ -290,19 +301,22 @@ class PandaProcess(PublisherProcess):
         frame_time: float,
         row_length: int,
         timestamps: str,
+        hold_before: int | None = None,
         timeout: float = 60.0,
     ) -> dict[str, Any]:
         """Arm for a series: ``samples`` maps channel → (frames, samples per frame) float64.
 
         One data message goes out per row of ``row_length`` frames, when the row's
         last exposure ends; ``timestamps`` names the channel that gets each
-        sample's time since the start.
+        sample's time since the start. With ``hold_before``, the row holding
+        that frame waits for :meth:`release`.
         """
         spec = {
             "samples": samples,
             "frame_time": float(frame_time),
             "row_length": int(row_length),
             "timestamps": timestamps,
+            "hold_before": hold_before,
         }
         return dict(self._request(("prepare", spec), timeout))
 
@@ -367,19 +381,26 @@ def _send_error(conn: Any, exc: Exception) -> None:
 
 
 def _serve(conn: Any, child: _Child) -> None:
+    released = False  # a release that came after the series was armed, before it started
     while True:
         command, *args = conn.recv()
         if command == "close":
             return
         if command == "abort":
-            continue  # nothing is running: a late abort from the last series
+            continue  # nothing is running: late word about the last series
+        if command == "release":
+            released = True
+            continue
         try:
             if command == "subscribers":
                 result: Any = child.wait_for_subscribers(*args)
             elif command == "prepare":
+                released = False
                 result = child.prepare(*args)
             elif command == "start":
-                result = child.publish(_Pacer(conn, child.counters, *args))
+                pacer = _Pacer(conn, child.counters, *args)
+                pacer.released, released = released, False
+                result = child.publish(pacer)
             else:
                 raise ValueError(f"unknown command {command!r}")
         except (EOFError, OSError):
@@ -418,7 +439,9 @@ class _Pacer:
 
     Due times are absolute (``t0 + i T``), so a late item is sent at once and the
     ones after it catch up: the series never drifts. Sleeps are capped so that
-    an abort (or the owner's death) is seen within a few milliseconds.
+    an abort (or the owner's death) is seen within a few milliseconds. A hold
+    (:meth:`hold`) pauses the series, as a gated trigger would, until the owner
+    releases it; the schedule then resumes from where it stood.
     """
 
     def __init__(self, conn: Any, counters: _Counters, t0: float) -> None:
@@ -426,8 +449,14 @@ class _Pacer:
         self.counters = counters
         self.t0 = t0
         self.aborted = False
+        self.released = False
+        self.held = 0.0
         self.max_late = 0.0
         self._next_poll = 0.0
+
+    def due(self, frames: float, period: float) -> float:
+        """When ``frames`` frame times have passed since the start, holds left out."""
+        return self.t0 + self.held + frames * period
 
     def wait_until(self, due: float) -> bool:
         """False once the owner has asked for an abort; EOFError if the owner has gone."""
@@ -435,9 +464,7 @@ class _Pacer:
             now = time.monotonic()
             if now >= self._next_poll:
                 self._next_poll = now + _COMMAND_POLL_S
-                while self.conn.poll():
-                    if self.conn.recv()[0] == "abort":
-                        self.aborted = True
+                self._read_commands()
             if self.aborted:
                 return False
             if now >= due:
@@ -447,6 +474,26 @@ class _Pacer:
                     self.counters["max_late_s"] = late
                 return True
             time.sleep(min(due - now, _COMMAND_POLL_S))
+
+    def hold(self) -> bool:
+        """Wait for the owner's release (at once if it came already); False on an abort."""
+        began = time.monotonic()
+        self.counters.state("held")
+        while not (self.released or self.aborted):
+            if self.conn.poll(_COMMAND_POLL_S):
+                self._read_commands()
+        self.held += time.monotonic() - began
+        self.counters["held_s"] = self.held
+        self.counters.state("publishing")
+        return not self.aborted
+
+    def _read_commands(self) -> None:
+        while self.conn.poll():
+            command = self.conn.recv()[0]
+            if command == "abort":
+                self.aborted = True
+            elif command == "release":
+                self.released = True
 
     def sent(self, frames: int, nbytes: int) -> float:
         """Count one message sent (covering frames up to ``frames``); returns the monotonic time."""
@@ -477,6 +524,7 @@ class _Pacer:
             "first_sent": c["first_sent"],
             "last_sent": c["last_sent"],
             "max_late_s": self.max_late,
+            "held_s": self.held,
             "aborted": self.aborted,
             **extra,
         }
@@ -606,8 +654,10 @@ class _EigerChild(_Child):
                     self.encoder.send_frame(series, index, sample.detector_frame(index))
                     message = self.read_back()
                 assert message is not None
+                if index == plan["hold_before"] and not pacer.hold():
+                    break
                 # Frame i's exposure spans [t0 + i T, t0 + (i + 1) T]; it leaves when that ends.
-                if not pacer.wait_until(pacer.t0 + (index + 1) * period):
+                if not pacer.wait_until(pacer.due(index + 1, period)):
                     break
                 self.wire.send_parts(message[0])
                 pacer.sent(index + 1, message[1])
@@ -671,9 +721,12 @@ class _PandaChild(_Child):
                 datasets[plan["timestamps"]] = (
                     (first_sample + np.arange(count)) * period / per_frame
                 )
+                hold = plan["hold_before"]
+                if hold is not None and row_start <= hold < row_end and not pacer.hold():
+                    break
                 # A row's samples leave when its last exposure ends, as the Eiger's frames do.
                 # They are encoded only then, so the stop message counts what went out.
-                if not pacer.wait_until(pacer.t0 + row_end * period):
+                if not pacer.wait_until(pacer.due(row_end, period)):
                     break
                 self.encoder.send_samples(datasets, frame_number=row_start // row)
                 parts, nbytes = self.read_back()
