@@ -2,39 +2,45 @@
 
 Every helper process the project starts (the solver, the NN branch, the
 embedded Tiled server, the simulated detectors) calls :func:`exit_with_parent`
-first: on Linux the kernel then sends it SIGTERM when the process that started
-it dies, even by SIGKILL, when no ``finally`` block runs. Elsewhere the child
-falls back to noticing that its pipe to the parent has closed.
+first. A watchdog thread notices that the process has been re-parented (its
+owner died, even by SIGKILL, with no chance to say so) and exits at once,
+whatever the main thread is busy with (a kernel compile, a long pass).
+
+On Linux the kernel can also signal the child when its parent dies
+(``PR_SET_PDEATHSIG``), but its "parent" is the *thread* that started the
+child: a child started from a short-lived thread would be killed when that
+thread ends. Only a caller that starts children from a thread living as long
+as the process asks for it (``death_signal=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-import logging
 import os
 import signal
 import sys
-
-logger = logging.getLogger(__name__)
+import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
+#: Seconds between the watchdog's looks at the parent.
+WATCH_INTERVAL_S = 0.25
 
 
-def exit_with_parent(expected_parent: int | None = None) -> bool:
-    """Ask the kernel to SIGTERM this process when its parent exits; True when it will.
-
-    ``expected_parent`` closes the race where the parent died before this call:
-    the process is then already re-parented and exits at once.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            return False
-    except OSError:
-        return False
-    if expected_parent is not None and os.getppid() != expected_parent:
+def exit_with_parent(parent_pid: int, *, death_signal: bool = False) -> None:
+    """Exit (``os._exit``) as soon as the process ``parent_pid`` is no longer the parent."""
+    if death_signal and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
         os._exit(0)
-    return True
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(WATCH_INTERVAL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

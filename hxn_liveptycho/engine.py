@@ -24,6 +24,10 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.nn.branch import worker_key
+from hxn_liveptycho.nn.config import NNParams
+from hxn_liveptycho.nn.process import WorkerPool
+from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
 from hxn_liveptycho.scan import RoiConfig
@@ -108,12 +112,28 @@ class Engine:
             placement=settings.gpu_placement,
             warm=warm_up_for(settings),
         )
+        #: NN workers kept warm between runs (one is started with the engine when the
+        #: overrides ask for the NN branch, so the first run's network is loaded already).
+        self.nn_pool = WorkerPool()
+        if str((settings.overrides or {}).get("mode", "iterative")) != "iterative":
+            threading.Thread(
+                target=self._prestart_nn, name="liveptycho-nn-prestart", daemon=True
+            ).start()
         self._dispatcher.start()
         try:
             self._start_receivers()
         except Exception:
             self.close()
             raise
+
+    def _prestart_nn(self) -> None:
+        try:
+            placement = self.solver_worker.info().placement
+            nn = dict(self.settings.overrides.get("nn") or {})
+            model = ModelRegistry(self.settings.model_dir).get(NNParams(**nn).model)
+            self.nn_pool.prestart(worker_key(self.settings, placement.nn or 0), model)
+        except Exception as exc:  # the run starts its own worker and reports what fails
+            logger.warning("could not start the NN worker ahead of the first run: %s", exc)
 
     # ---- inputs ----------------------------------------------------------------------
     def submit(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -235,6 +255,7 @@ class Engine:
             overrides={**self.settings.overrides, **self._overrides()},
             sink_factory=self._sink_factory,
             solver_worker=self.solver_worker,
+            nn_pool=self.nn_pool,
         )
         with self._lock:
             self._sessions[session.uid] = session
@@ -340,3 +361,4 @@ class Engine:
         self._queue.put(_STOP)
         self._dispatcher.join(max(0.1, deadline - time.monotonic()))
         self.solver_worker.close(max(1.0, deadline - time.monotonic()))
+        self.nn_pool.shutdown()

@@ -28,6 +28,7 @@ from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.geometry import CanvasGeometry
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
+from hxn_liveptycho.nn.process import NNProcessBranch, WorkerPool
 from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitudes
 from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.probe import initial_probe
@@ -89,6 +90,7 @@ class RunSession:
         overrides: Mapping[str, Any],
         sink_factory: SinkFactory,
         solver_worker: SolverWorker,
+        nn_pool: WorkerPool | None = None,
     ) -> None:
         self.start_doc = dict(start)
         self.uid: str = start.get("uid", "")
@@ -122,13 +124,14 @@ class RunSession:
         self._done = threading.Event()
         self._assembler: Assembler | None = None
         self._worker = solver_worker
+        self._nn_pool = nn_pool
         self._solver: RemoteSolver | None = None
         self._finish_sent = False
         self.placement: Placement | None = None
         #: time.monotonic() of the run's milestones (first frame, first snapshot, data
         #: complete, final state, final write), for status pages and the live-path benchmark.
         self.timeline: dict[str, float] = {}
-        self._nn: NNBranch | None = None
+        self._nn: NNBranch | NNProcessBranch | None = None
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
@@ -353,6 +356,7 @@ class RunSession:
                 self._sink.nn,
                 self.log,
                 device_id=self.placement.nn or 0,
+                pool=self._nn_pool,
             )
         self.status = RunStatus.RUNNING
         self.log.info(

@@ -40,7 +40,7 @@ from hxn_liveptycho.recon.probe import initial_probe, pupil_radius_px
 
 if TYPE_CHECKING:
     from hxn_liveptycho.geometry import CanvasGeometry
-    from hxn_liveptycho.nn.process import NNProcessBranch, WorkerPool
+    from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool
     from hxn_liveptycho.scan import ScanConfig
     from hxn_liveptycho.settings import Settings
 
@@ -368,6 +368,18 @@ class NNBranch(BranchBase):
             self.counters.add("nn_snapshots")
 
 
+def worker_key(settings: Settings, device_id: int) -> WorkerKey:
+    """The runtime a run's NN worker needs: an engine prestarts a worker with this key."""
+    from hxn_liveptycho.nn.process import WorkerKey
+
+    return WorkerKey(
+        backend=settings.nn_backend,
+        device_id=device_id,
+        cache_dir=str(settings.data_dir / "tensorrt-engines"),
+        cpu_threads=max(1, (os.cpu_count() or 2) // 2),  # on a CPU, leave half to the rest
+    )
+
+
 def start_nn_branch(
     config: ScanConfig,
     settings: Settings,
@@ -390,7 +402,6 @@ def start_nn_branch(
     (recorded in its metadata), not the run.
     """
     model = ModelRegistry(settings.model_dir).get(config.nn.model)
-    cpu_threads = max(1, (os.cpu_count() or 2) // 2)  # on a CPU, leave half to the rest
     input_hw = model.input_hw()
     rule = check_input_shape(
         model, input_hw, config.roi.size, fit=config.nn.fit, pixel_size_m=config.pixel_size_m
@@ -421,14 +432,9 @@ def start_nn_branch(
         "log": log,
     }
     if where == "process":
-        from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey
+        from hxn_liveptycho.nn.process import NNProcessBranch
 
-        key = WorkerKey(
-            backend=settings.nn_backend,
-            device_id=device_id,
-            cache_dir=str(settings.data_dir / "tensorrt-engines"),
-            cpu_threads=cpu_threads,
-        )
+        key = worker_key(settings, device_id)
         log.info("NN branch: model %s (%s) in its own process", model.name, model.source)
         return NNProcessBranch(model, key, pool=pool, **common)
     from hxn_liveptycho.nn.backends import open_backend
@@ -440,7 +446,7 @@ def start_nn_branch(
         device_id=device_id,
         cache_dir=settings.data_dir / "tensorrt-engines",
         max_batch=config.nn.batch_size,
-        cpu_threads=cpu_threads,
+        cpu_threads=worker_key(settings, device_id).cpu_threads,
     )
     log.info("NN branch: model %s (%s) on %s", model.name, model.source, backend.name)
     return NNBranch(model, backend, **common)

@@ -39,14 +39,10 @@ runtime and the mosaic instead.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import multiprocessing as mp
 import os
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.children import exit_with_parent
 from hxn_liveptycho.nn.backends import GraphIO
 from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
@@ -168,23 +165,6 @@ def ring_slots(max_queued_frames: int, batch_size: int, m: int) -> int:
 
 
 # =========================================================================== the child
-def _exit_with_parent(parent_pid: int, *, death_signal: bool) -> None:
-    """Exit when the parent process is gone, whatever the main thread is busy with."""
-    if death_signal and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(0)  # re-parented: the owner died without telling us
-
-    threading.Thread(target=watch, name="nn-parent-watchdog", daemon=True).start()
-
-
 class _LogToParent(logging.Handler):
     def __init__(self, send: Any) -> None:
         super().__init__()
@@ -385,7 +365,7 @@ def _child_main(
     log_level: int,
     death_signal: bool,
 ) -> None:
-    _exit_with_parent(parent_pid, death_signal=death_signal)
+    exit_with_parent(parent_pid, death_signal=death_signal)
     child = _Child(inbox, outbox, wake, lock, key)
     root = logging.getLogger()
     root.handlers[:] = [_LogToParent(child.send)]
