@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -98,13 +99,19 @@ def test_two_runs_back_to_back_are_both_reconstructed(RE, hxn_detectors, tmp_pat
         live.close()
 
 
-def _abort_after(RE: Any, seconds: float) -> threading.Timer:
-    def abort() -> None:
+def _pause_when_published(RE: Any, eiger: Any, frames: int) -> threading.Thread:
+    """Pause the RunEngine (to abort it) once the simulated Eiger has published ``frames``
+    frames; the flyer's ``hold_before`` keeps the rest back, so the scan is surely mid-way."""
+
+    def pause() -> None:
+        deadline = time.monotonic() + 60
+        while eiger.counters["frames_published"] < frames and time.monotonic() < deadline:
+            time.sleep(0.05)
         RE.request_pause(defer=False)
 
-    timer = threading.Timer(seconds, abort)
-    timer.start()
-    return timer
+    thread = threading.Thread(target=pause, name="liveptycho-test-pause", daemon=True)
+    thread.start()
+    return thread
 
 
 def test_aborted_run_ends_its_session_cleanly(RE, hxn_detectors, tmp_path, tiled_server):
@@ -115,10 +122,10 @@ def test_aborted_run_ends_its_session_cleanly(RE, hxn_detectors, tmp_path, tiled
     sample = SimulatedSample(SMALL)
     live = make_live(RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri)
     try:
-        timer = _abort_after(RE, 0.5)
+        pauser = _pause_when_published(RE, eiger, 16)
         with pytest.raises(RunEngineInterrupted):
-            fly(RE, eiger, panda, sample, dwell=0.05)
-        timer.join()
+            fly(RE, eiger, panda, sample, dwell=0.05, hold_before=16)
+        pauser.join()
         result = RE.abort(reason="test abort")
         assert result.exit_status == "abort"
         raw_uid = result.run_start_uids[0]
