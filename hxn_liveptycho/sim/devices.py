@@ -214,8 +214,9 @@ class SimHXNFlyer:
         Arming again before kickoff reuses the armed series.
         """
         with self._lock:
-            if self._armed is not None:
-                return self._armed
+            armed = self._armed
+            if armed is not None and not (armed.done and not armed.success):
+                return armed  # armed, or arming: a failed arming is tried again
             self._abort.clear()
             armed = self._armed = Status(obj=self, timeout=self.prepare_timeout)
         threading.Thread(target=self._arm, args=(armed,), name="sim-hxn-arm", daemon=True).start()
