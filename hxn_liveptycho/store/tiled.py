@@ -17,10 +17,16 @@ Measured frames are never superseded: they queue in arrival order and the
 writer appends whole chunks of them to ``diffraction/`` while the scan runs, so
 the final write holds only what changed at the end (the object, probe,
 positions, metadata, and the last partial chunk). While Tiled is down the
-frames stay queued and are tried again every few seconds. The final write goes
-through Tiled's own retries; if Tiled still refuses it, everything not yet in
-Tiled is saved to ``<backup_dir>/<key>.npz`` (+ ``.json``, which says how many
-frames Tiled already holds) and the log says where.
+frames stay queued and are tried again every few seconds.
+
+The final write is ordered so that a reader who sees the container's metadata
+say ``finished`` (with its final ``status``) finds the whole result: ``final/``,
+then the rest of ``diffraction/`` and its metadata, then the container's
+metadata; ``live/`` is brought up to the end only after that (it is not part
+of the result). It goes through Tiled's own retries; if Tiled still refuses
+it, everything not yet in Tiled is saved to ``<backup_dir>/<key>.npz`` (+
+``.json``, which says how many frames Tiled already holds) and the log says
+where.
 """
 
 from __future__ import annotations
@@ -442,7 +448,6 @@ class TiledSink:
             if self._nn_latest is not None and not self._nn_arrays:
                 self._write_nn(self._nn_latest)  # Tiled was down while the branch ran
             if arrays:
-                self._write_live(snapshot)
                 final = self._child("final")
                 for key, value in arrays.items():
                     if key not in final:
@@ -473,6 +478,15 @@ class TiledSink:
         if self._attempt("write the final result", write) is None:
             nn = _with_object_views(self._nn_latest or {})
             self._backup({**arrays, **{f"nn_{k}": v for k, v in nn.items()}}, metadata)
+            return
+        if arrays:
+            # live/ shows the end too, but after the result is complete: it is not part of
+            # it, and writing the object twice before the metadata doubled the wait for it.
+            try:
+                self._write_live(snapshot)
+            except Exception as exc:
+                self.counters.add("write_errors")
+                logger.warning("live write to %s failed: %s", self.container_path, exc)
 
     def _backup(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
         """Save what Tiled lacks to ``<backup_dir>/<key>.npz``; its ``.json`` says the rest."""
