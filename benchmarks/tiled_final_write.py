@@ -175,6 +175,30 @@ def run_case(args: argparse.Namespace, mode: str, server: Any, directory: Path) 
     return result
 
 
+def startup_s(directory: Path, busy: bool) -> float:
+    """Seconds until a fresh embedded server answers, started off the main thread while
+    the main thread idles or (``busy``) runs pure-Python work, as a RunEngine or a
+    solver's launch loop does."""
+    from hxn_liveptycho.store.server import EmbeddedTiledServer
+
+    ready: dict[str, Any] = {}
+
+    def start() -> None:
+        began = time.monotonic()
+        ready["server"] = EmbeddedTiledServer(directory)
+        ready["s"] = time.monotonic() - began
+
+    starter = threading.Thread(target=start, name="bench-start", daemon=True)
+    starter.start()
+    while starter.is_alive():
+        if busy:
+            sum(i * i for i in range(200_000))
+        else:
+            starter.join(0.05)
+    ready["server"].close()
+    return float(ready["s"])
+
+
 def start_server(directory: Path) -> tuple[Any, str]:
     from hxn_liveptycho.store.server import EmbeddedTiledServer
 
@@ -198,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--legacy-path", type=Path, help="measure the code checked out here")
     parser.add_argument("--data-dir", type=Path, help="default: a temporary directory")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--startup", action="store_true", help="also time the server's start, idle and busy"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("httpx", "tiled", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    modes = ["legacy"] if args.legacy_path else args.modes.split(",")
+    modes = ["legacy"] if args.legacy_path else [m for m in args.modes.split(",") if m]
     if args.legacy_path:
         sys.path.insert(0, str(args.legacy_path.resolve()))
     import hxn_liveptycho
@@ -210,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     code = str(Path(hxn_liveptycho.__file__).resolve().parent)
     with tempfile.TemporaryDirectory(prefix="tiled-final-write-") as tmp:
         directory = args.data_dir or Path(tmp)
+        startup: dict[str, float] = {}
+        if args.startup:
+            for busy in (False, True):
+                key = "busy_parent_s" if busy else "idle_parent_s"
+                startup[key] = round(startup_s(directory / f"startup-{key}", busy), 2)
+                logger.info("embedded Tiled started in %s s (%s)", startup[key], key)
         server, where = start_server(directory)
         try:
             results = [run_case(args, mode, server, directory) for mode in modes]
@@ -220,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "code": code,
         "tiled_server": where,
+        "startup": startup,
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "date": datetime.date.today().isoformat(),
         "cases": results,
