@@ -97,6 +97,8 @@ def test_frames_are_appended_while_running_and_the_final_write_holds_the_rest(
     assert group.metadata["frames"] == FRAMES and group.metadata["complete"] is True
     assert node.metadata["diffraction"] == {
         "frames": FRAMES,
+        "stored": FRAMES,
+        "complete": True,
         "order": "arrival",
         "appended_while_running": whole,
     }

@@ -31,6 +31,7 @@ where.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -103,6 +104,8 @@ class TiledSink:
         self.key: str | None = None
         self.container_path: str | None = None
         self.backup_path: Path | None = None
+        #: Where the measured frames went that Tiled did not take after the result was stored.
+        self.frames_backup_path: Path | None = None
         self._metadata: dict[str, Any] = {}
         self._container: Any = None
         self._live_arrays: dict[str, Any] = {}
@@ -438,11 +441,30 @@ class TiledSink:
 
     # ---- the final write -------------------------------------------------------------
     def _write_final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+        """The result first (object, probe, positions, status), then the frames still queued.
+
+        The scientist waits for the result; the measured frames are a copy of what
+        the raw run holds, so at a high frame rate the backlog Tiled has not yet
+        taken is appended after the result is visible. ``diffraction.complete``
+        in the container's metadata says when they all are (or where the rest
+        went: the local backup).
+        """
         metadata = {**json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
         arrays = _with_object_views(snapshot)
         appended = self._diffraction_base
 
-        def write() -> None:
+        def diffraction_state(complete: bool) -> dict[str, Any]:
+            with self._cond:
+                queued = self._pending.rows
+            return {
+                "frames": self._diffraction_base + queued,
+                "stored": self._diffraction_base,
+                "complete": complete,
+                "order": "arrival",
+                "appended_while_running": appended,
+            }
+
+        def write_result() -> bool:
             if self._container is None:
                 self._container = self._create_container()
             if self._nn_latest is not None and not self._nn_arrays:
@@ -452,6 +474,12 @@ class TiledSink:
                 for key, value in arrays.items():
                     if key not in final:
                         final.write_array(value, key=key)
+            self._container.update_metadata(
+                metadata={**metadata, "diffraction": diffraction_state(False)}
+            )
+            return True
+
+        def write_frames() -> bool:
             in_final = self._append_all()
             self.counters.add("diffraction_in_final", in_final)
             frames = self._diffraction_base
@@ -464,20 +492,30 @@ class TiledSink:
                     }
                 )
             self._container.update_metadata(
-                metadata={
-                    **metadata,
-                    "diffraction": {
-                        "frames": frames,
-                        "order": "arrival",
-                        "appended_while_running": appended,
-                    },
-                }
+                metadata={"diffraction": diffraction_state(True)}, drop_revision=True
             )
             return True
 
-        if self._attempt("write the final result", write) is None:
+        if self._attempt("write the final result", write_result) is None:
             nn = _with_object_views(self._nn_latest or {})
             self._backup({**arrays, **{f"nn_{k}": v for k, v in nn.items()}}, metadata)
+            return
+        if self._attempt("append the remaining diffraction frames", write_frames) is None:
+            self._backup(
+                {},
+                {**metadata, "note": "the result is in Tiled; these frames are not"},
+                result_in_tiled=True,
+            )
+            with contextlib.suppress(Exception):
+                self._container.update_metadata(
+                    metadata={
+                        "diffraction": {
+                            **diffraction_state(False),
+                            "backup_path": str(self.frames_backup_path),
+                        }
+                    },
+                    drop_revision=True,
+                )
             return
         if arrays:
             # live/ shows the end too, but after the result is complete: it is not part of
@@ -488,7 +526,13 @@ class TiledSink:
                 self.counters.add("write_errors")
                 logger.warning("live write to %s failed: %s", self.container_path, exc)
 
-    def _backup(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
+    def _backup(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        metadata: Mapping[str, Any],
+        *,
+        result_in_tiled: bool = False,
+    ) -> None:
         """Save what Tiled lacks to ``<backup_dir>/<key>.npz``; its ``.json`` says the rest."""
         self._backup_dir.mkdir(parents=True, exist_ok=True)
         path = self._backup_dir / f"{self.key}.npz"
@@ -517,6 +561,14 @@ class TiledSink:
                 default=str,
             )
         )
+        if result_in_tiled:
+            self.frames_backup_path = path
+            logger.error(
+                "Tiled did not take the last diffraction frames of %s; saved to %s",
+                self.container_path,
+                path,
+            )
+            return
         self.backup_path = path
         logger.error(
             "Tiled refused the final result of %s; saved to %s instead", self.container_path, path
