@@ -38,10 +38,11 @@ def _files_text(directory: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in directory.glob("*.log"))
 
 
-def test_embedded_server_runs_in_its_own_process_and_close_leaves_no_child(tmp_path):
+def test_embedded_server_runs_in_its_own_process_and_close_leaves_no_child(tmp_path, monkeypatch):
     """Another PID; the key is not on its command line, in its environment, or in its logs."""
     from tiled.client import from_uri
 
+    monkeypatch.setenv("LIVEPTYCHO_TILED_API_KEY", KEY)  # as a profile may set it
     with EmbeddedTiledServer(tmp_path / "tiled", api_key=KEY) as server:
         pid = server.pid
         assert pid is not None and pid != os.getpid()

@@ -116,6 +116,11 @@ def _close_running() -> None:
         server.close(timeout=5.0)
 
 
+_KEY_VARIABLES = frozenset(
+    {"LIVEPTYCHO_TILED_API_KEY", "TILED_API_KEY", "TILED_SINGLE_USER_API_KEY"}
+)
+
+
 def _package_root() -> str:
     import hxn_liveptycho
 
@@ -226,7 +231,9 @@ class EmbeddedTiledServer:
     def _start(self) -> None:
         began = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        # Keys reach the child through its stdin only; a key in the parent's environment
+        # has no business in the child's.
+        env = {k: v for k, v in os.environ.items() if k not in _KEY_VARIABLES}
         # The child must run this same code, whatever sys.path the parent was started with.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH", "")) if p
