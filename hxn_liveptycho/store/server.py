@@ -366,6 +366,17 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
                 stream.close()
 
 
+def _import_client_modules() -> None:
+    """Import what Tiled's client loads at its first array write (dask.array among them):
+    done in the first run, it delayed the first live image by seconds."""
+    try:
+        import dask.array  # noqa: F401
+        import tiled.client
+        import tiled.client.array  # noqa: F401
+    except Exception as exc:  # the first write imports them again and reports what fails
+        logger.debug("could not import Tiled's client modules ahead: %s", exc)
+
+
 class TiledConnection:
     """Connects to Tiled (starting and supervising the embedded server); one sink per run."""
 
@@ -390,6 +401,9 @@ class TiledConnection:
 
         Called when the engine is created, so the first run finds Tiled ready.
         """
+        threading.Thread(
+            target=_import_client_modules, name="liveptycho-tiled-imports", daemon=True
+        ).start()
         if self.embedded:
             self._embedded_key()  # a bad key is the caller's error, now
             self._start_server_async(force=True)
