@@ -106,6 +106,7 @@ class TiledWatcher:
         self.first_live: float | None = None
         self.final: float | None = None
         self.live_writes: list[float] = []
+        self.metadata: dict[str, Any] = {}
         self._last_live_updated: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -122,6 +123,7 @@ class TiledWatcher:
 
     def _seen(self, md: dict[str, Any]) -> None:
         now = time.monotonic()
+        self.metadata = md
         updated = md.get("live_updated")
         if updated is not None and updated != self._last_live_updated:
             self._last_live_updated = updated
@@ -318,7 +320,7 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
     during = _rates(passes, first_sent or began, t_stop)
     after = _rates(passes, t_data, last_pass or t_data)
     frames_used = summary["counters"].get("frames_used", 0)
-    nn = summary.get("nn") or {}
+    nn = watcher.metadata.get("nn") or summary.get("nn") or {}
     record: dict[str, Any] = {
         "frames": published,
         "frame_shape": [args.window, args.window],
