@@ -39,6 +39,10 @@ from hxn_liveptycho.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+#: Seconds before the solver's final state in which no live snapshot is asked for.
+FINAL_QUIET_S = 1.5
+
+
 class RunStatus(enum.StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -127,6 +131,7 @@ class RunSession:
         self._nn_pool = nn_pool
         self._solver: RemoteSolver | None = None
         self._finish_sent = False
+        self._final_iteration: int | None = None
         self.placement: Placement | None = None
         #: time.monotonic() of the run's milestones (first frame, first snapshot, data
         #: complete, final state, final write), for status pages and the live-path benchmark.
@@ -448,11 +453,22 @@ class RunSession:
             if self._sink is not None:
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
-        if self._finish_sent or solver.added == 0:
+        if solver.added == 0 or self._final_imminent(solver):
             return
         now = time.monotonic()
         if now - self._last_live >= self.settings.live_interval_s and solver.request_snapshot():
             self._last_live = now
+
+    def _final_imminent(self, solver: RemoteSolver) -> bool:
+        """The final state is due within :data:`FINAL_QUIET_S`: a live write started now would
+        only delay it in the sink's queue."""
+        if self._final_iteration is None:
+            return False
+        passes = solver.pass_ends[-20:]
+        if len(passes) < 2 or passes[-1][0] <= passes[0][0]:
+            return False
+        rate = (len(passes) - 1) / (passes[-1][0] - passes[0][0])
+        return (self._final_iteration - solver.iteration) / rate < FINAL_QUIET_S
 
     def _stop_solver(self) -> None:
         """Cancelled: the solver sends what it has after its current pass."""
@@ -491,6 +507,7 @@ class RunSession:
         if not self._finish_sent:
             self._finish_sent = True
             self.timeline["data_complete"] = time.monotonic()
+            self._final_iteration = solver.iteration + self.config.recon.iterations
             solver.finish(self.config.recon.iterations)
         return solver.done.is_set()
 

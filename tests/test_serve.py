@@ -164,6 +164,6 @@ def test_sigterm_mid_scan_ends_the_run_aborted_with_what_was_written(
     assert {"live", "final", "diffraction"} <= set(node)
     assert node["final"]["positions_m"].read().shape == (used, 2)
     assert node["diffraction"]["amplitude"].read().shape[0] == used
-    assert node["live"]["object"].read().shape == tuple(md["canvas"]["shape"])
+    assert node["live"]["object_amplitude"].read().shape == tuple(md["canvas"]["shape"])
     log = serve.log_file.read_text()
     assert "received SIGTERM" in log and "serve stopped; 1 running reconstruction" in log

@@ -365,6 +365,11 @@ class TorchBackend:
         self.input_hw = (int(shape[-2]), int(shape[-1]))  # type: ignore[arg-type]
         if on_gpu:
             torch.backends.cudnn.benchmark = True
+            if self.precision == "fp32":
+                # FP32 is the reference-grade mode: cuDNN's default TF32 convolutions round
+                # operands to 10 bits, which moved phases by 1e-2 rad on the H200.
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
             self._stream = torch.cuda.Stream(device=self.device)
         with self._device_context():
             self.module = GraphModule(graph, device=self.device, precision=self.precision)

@@ -41,8 +41,9 @@ LARGEST = float(np.finfo(np.float16).max)
 #: Bytes of float16 rows aimed at per appended chunk: big enough that a run is a few
 #: dozen requests, small enough that each is quick and live snapshots interleave.
 CHUNK_BYTES = 8 * 1024 * 1024
-#: At most this many chunks go in one request when the writer has fallen behind.
-MAX_CHUNKS_PER_REQUEST = 4
+#: At most this many chunks go in one request when the writer has fallen behind: one, so a
+#: live snapshot or the final result waits for at most one chunk's request.
+MAX_CHUNKS_PER_REQUEST = 1
 
 REPRESENTATION = (
     "amplitude: float16 sqrt(counts) of the ROI crop as the solver saw it (masked pixels 0), "

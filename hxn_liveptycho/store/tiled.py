@@ -3,7 +3,8 @@
 Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
 ``status``, parameters, counters)::
 
-    live/          object, object_amplitude, object_phase, probe, error_history
+    live/          object_amplitude, object_phase, probe, error_history (views to look at:
+                   the complex object is in final/, and half the bytes reach Tiled sooner)
     final/         object, object_amplitude, object_phase, probe, positions_m, error_history
                    (and probe_modes / object_modes when the solver has more than one)
     diffraction/   amplitude (float16 sqrt(counts)), indices, positions_m: appended in
@@ -37,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 ClientFactory = Callable[[], Any]
 
-_OBJECT_KEYS = ("object", "object_amplitude", "object_phase", "probe", "error_history")
+_OBJECT_KEYS = ("object_amplitude", "object_phase", "probe", "error_history")
 _NN_KEYS = ("object", "object_amplitude", "object_phase", "coverage")
 _DIFFRACTION_KEYS = ("amplitude", "indices", "positions_m")
 #: Seconds between attempts to reach Tiled again after a failed diffraction append.
@@ -471,9 +473,15 @@ class TiledSink:
                 self._write_nn(self._nn_latest)  # Tiled was down while the branch ran
             if arrays:
                 final = self._child("final")
-                for key, value in arrays.items():
-                    if key not in final:
-                        final.write_array(value, key=key)
+                missing = {k: v for k, v in arrays.items() if k not in final}
+                # In parallel: the scientist waits for the last of them, and one request at
+                # a time leaves the server idle between them.
+                with ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiled-final") as pool:
+                    for done in [
+                        pool.submit(final.write_array, value, key=key)
+                        for key, value in missing.items()
+                    ]:
+                        done.result()
             self._container.update_metadata(
                 metadata={**metadata, "diffraction": diffraction_state(False)}
             )
