@@ -104,6 +104,7 @@ class TiledWatcher:
         )
         self.path: str | None = None
         self.first_live: float | None = None
+        self.first_nn: float | None = None
         self.final: float | None = None
         self.live_writes: list[float] = []
         self.metadata: dict[str, Any] = {}
@@ -124,6 +125,8 @@ class TiledWatcher:
     def _seen(self, md: dict[str, Any]) -> None:
         now = time.monotonic()
         self.metadata = md
+        if md.get("nn_updated") is not None and self.first_nn is None:
+            self.first_nn = now
         updated = md.get("live_updated")
         if updated is not None and updated != self._last_live_updated:
             self._last_live_updated = updated
@@ -151,14 +154,43 @@ def _rates(passes: list[tuple[float, int]], t0: float, t1: float) -> dict[str, f
     }
 
 
-def solver_alone(capture: dict[str, Any], backend: str, seconds: float) -> dict[str, Any]:
-    """The same solver on the same frames in this process: passes/s at the full scan."""
+def solver_alone(capture: dict[str, Any], backend: str, seconds: float, workdir: Path) -> Any:
+    """The same solver on the same frames in a fresh process of its own: passes/s at the full
+    scan, with nothing else in that process (the live run's threads are not in its way)."""
+    import multiprocessing
+
+    path = workdir / "alone.npz"
+    np.savez(
+        path,
+        amplitudes=np.concatenate(capture["amplitudes"]),
+        positions=np.concatenate(capture["positions"]),
+        probe=capture["probe"],
+        canvas_shape=np.asarray(capture["canvas_shape"]),
+    )
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        result = pool.apply(
+            _solver_alone_in_process,
+            (str(path), capture["params"].model_dump(mode="json"), backend, seconds),
+        )
+    path.unlink()
+    return result
+
+
+def _solver_alone_in_process(
+    path: str, params: dict[str, Any], backend: str, seconds: float
+) -> dict[str, Any]:
     from hxn_liveptycho.recon.backend import get_array_module
-    from hxn_liveptycho.recon.iterative import StreamingSolver
+    from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 
     xp = get_array_module(backend)  # type: ignore[arg-type]
-    amplitudes = np.concatenate(capture["amplitudes"])
-    positions = np.concatenate(capture["positions"])
+    data = np.load(path)
+    amplitudes, positions = data["amplitudes"], data["positions"]
+    capture = {
+        "probe": data["probe"],
+        "canvas_shape": tuple(int(v) for v in data["canvas_shape"]),
+        "params": IterativeParams(**params),
+    }
     solver = StreamingSolver(
         probe=capture["probe"],
         canvas_shape=capture["canvas_shape"],
@@ -222,11 +254,14 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
     began = time.monotonic()
     live = LivePtycho(settings)
     assert live.tiled is not None
-    ready_s = None
+    ready_s: dict[str, Any] = {}
     with contextlib.suppress(Exception):
-        live.engine.solver_worker.info(timeout=600)
+        info = live.engine.solver_worker.info(timeout=600)
+        ready_s["solver"] = round(time.monotonic() - began, 2)
+        ready_s["solver_kernels_compiled_s"] = round(info.warm_s, 2)
+    with contextlib.suppress(Exception):
         live.tiled.client()
-        ready_s = round(time.monotonic() - began, 2)
+        ready_s["tiled"] = round(time.monotonic() - began, 2)
 
     capture: dict[str, Any] = {"amplitudes": [], "positions": []}
     worker = live.engine.solver_worker
@@ -312,7 +347,7 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
     gpu_busy_during = gpu.busy(first_sent or began, t_stop)
     gpu_busy_after = gpu.busy(t_data, last_pass or t_data)
     alone = (
-        solver_alone(capture, args.backend, args.alone_seconds)
+        solver_alone(capture, args.backend, args.alone_seconds, workdir)
         if mode != "nn" and capture["amplitudes"]
         else None
     )
@@ -342,6 +377,9 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
         ),
         "first_live_image_s": (
             round(watcher.first_live - first_sent, 3) if watcher.first_live and first_sent else None
+        ),
+        "first_nn_image_s": (
+            round(watcher.first_nn - first_sent, 3) if watcher.first_nn and first_sent else None
         ),
         "live_images_before_stop": sum(1 for t in watcher.live_writes if t <= t_stop),
         "final_after_last_iteration_s": (
