@@ -132,6 +132,7 @@ class RunSession:
         self._solver: RemoteSolver | None = None
         self._finish_sent = False
         self._final_iteration: int | None = None
+        self._told_final_due = False
         self.placement: Placement | None = None
         #: time.monotonic() of the run's milestones (first frame, first snapshot, data
         #: complete, final state, final write), for status pages and the live-path benchmark.
@@ -453,7 +454,14 @@ class RunSession:
             if self._sink is not None:
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
-        if solver.added == 0 or self._final_imminent(solver):
+        if solver.added == 0:
+            return
+        if self._final_imminent(solver):
+            if not self._told_final_due:
+                self._told_final_due = True
+                final_due = getattr(self._sink, "final_due", None)
+                if final_due is not None:
+                    final_due()
             return
         now = time.monotonic()
         if now - self._last_live >= self.settings.live_interval_s and solver.request_snapshot():

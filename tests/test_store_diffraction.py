@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -229,3 +230,39 @@ def test_encode_rounds_to_half_precision_and_counts_what_it_clips():
 @pytest.mark.parametrize(("shape", "rows"), [((256, 256), 64), ((128, 128), 256), ((4, 4), 1024)])
 def test_chunks_are_about_eight_mebibytes(shape, rows):
     assert stored.chunk_frames_for(shape) == rows
+
+
+def test_once_the_final_result_is_due_frames_wait_for_it_and_follow_it(tiled_server, tmp_path):
+    """final_due(): no chunk is appended before the result; the result is stored first, then
+    every frame, and the metadata says when they are all in."""
+    amplitudes, positions, _arrival, batches = _run_data(seed=3)
+    sink, client = _sink(tiled_server, tmp_path, "due")
+    sink.final_due()
+    _feed(sink, batches, amplitudes, positions)
+    time.sleep(0.5)  # room for a (wrong) append: the writer has whole chunks queued
+    assert sink.diffraction_rows_stored == 0
+    seen: list[dict[str, Any]] = []
+    node_path = ["processed", "due", sink.key]
+
+    def watch() -> None:
+        from tiled.client import from_uri
+
+        reader = from_uri(tiled_server.uri)
+        while not seen or not seen[-1].get("diffraction", {}).get("complete"):
+            with contextlib.suppress(KeyError):
+                md = reader[node_path[0]][node_path[1]][node_path[2]].metadata
+                if "finished" in md:
+                    seen.append(dict(md))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    sink.final({"object": np.ones((32, 32), np.complex64)}, {"status": "complete"})
+    sink.close(30)
+    watcher.join(30)
+    assert seen and seen[-1]["diffraction"]["complete"] is True
+    assert seen[-1]["diffraction"]["stored"] == FRAMES
+    node = client["processed"]["due"][sink.key]
+    assert node["final"]["object"].read().shape == (32, 32)
+    np.testing.assert_array_equal(np.sort(read_diffraction(node).indices), np.arange(FRAMES))
+    assert sink.counters.snapshot()["diffraction_in_final"] == FRAMES

@@ -108,6 +108,7 @@ class TiledSink:
         self.backup_path: Path | None = None
         #: Where the measured frames went that Tiled did not take after the result was stored.
         self.frames_backup_path: Path | None = None
+        self._final_due = False
         self._metadata: dict[str, Any] = {}
         self._container: Any = None
         self._live_arrays: dict[str, Any] = {}
@@ -175,6 +176,13 @@ class TiledSink:
                 self._chunk_frames = stored_diffraction.chunk_frames_for(self._pending.frame_shape)
             if self._chunk_frames and self._pending.rows >= self._chunk_frames:
                 self._cond.notify()
+
+    def final_due(self) -> None:
+        """The final result is about to come: append no more frames until it is written, so
+        it does not wait behind a chunk's request (the frames stay queued, nothing is lost)."""
+        with self._cond:
+            self._final_due = True
+            self._cond.notify()
 
     def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
         with self._cond:
@@ -244,13 +252,14 @@ class TiledSink:
         """Whether a whole chunk of frames waits and Tiled may be tried (caller holds the lock)."""
         return (
             bool(self._chunk_frames)
+            and not self._final_due
             and self._pending.rows >= (self._chunk_frames or 0)
             and time.monotonic() >= self._retry_at
         )
 
     def _retry_wait(self) -> float | None:
         """How long the writer may sleep: until the next retry when a chunk waits for one."""
-        if self._chunk_frames and self._pending.rows >= self._chunk_frames:
+        if self._chunk_frames and not self._final_due and self._pending.rows >= self._chunk_frames:
             return max(0.05, self._retry_at - time.monotonic())
         return None
 
