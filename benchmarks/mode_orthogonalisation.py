@@ -133,7 +133,7 @@ def main() -> None:
             r = {"modes": modes, "fused": fused} | time_alone(cp, modes, 256, 200, fused)
             report["alone"].append(r)
             log.info("alone %s", r)
-    big = replace(SimulatedBeamline(), window=256, step_px=20.0, photons_per_frame=5e5)
+    big = SimulatedBeamline.for_window(256, step_px=20.0, photons_per_frame=5e5)
     sample = SimulatedSample(replace(big, x_num=args.side, y_num=args.side))
     for algorithm in args.algorithms:
         for whole in (True, False):

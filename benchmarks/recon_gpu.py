@@ -117,7 +117,7 @@ def parity_sample(window: int = 128, photons: float | None = None) -> SimulatedS
     positions of 256²; ``photons`` per frame replaces the sample's 5e5."""
     demo = SimulatedBeamline()
     beamline = (
-        replace(demo, window=256, step_px=20.0, photons_per_frame=5e5, x_num=12, y_num=12)
+        SimulatedBeamline.for_window(256, step_px=20.0, photons_per_frame=5e5, x_num=12, y_num=12)
         if window == 256
         else demo
     )
@@ -423,8 +423,7 @@ def main() -> None:
     import cupy as cp
 
     bandwidth = copy_bandwidth(cp)
-    demo = SimulatedBeamline()
-    big = replace(demo, window=256, step_px=20.0, photons_per_frame=5e5)
+    big = SimulatedBeamline.for_window(256, step_px=20.0, photons_per_frame=5e5)
     small = parity_sample(args.parity_window, args.parity_photons)
     label = f"{small.num_points}x{small.beamline.window}^2"
     plans: list[tuple[str, SimulatedSample, IterativeParams, bool, bool, int | None]] = []

@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     import cupy as cp
 
-    big = replace(SimulatedBeamline(), window=256, step_px=20.0, photons_per_frame=5e5)
+    big = SimulatedBeamline.for_window(256, step_px=20.0, photons_per_frame=5e5)
     sample = SimulatedSample(replace(big, x_num=args.side, y_num=args.side))
     report = []
     for algorithm in args.algorithms:

@@ -205,7 +205,7 @@ def main() -> None:
                     f"{s['fraction_of_copy_bandwidth']:6.2f} of copy bw",
                     flush=True,
                 )
-    big = replace(SimulatedBeamline(), window=256, step_px=20.0, photons_per_frame=5e5)
+    big = SimulatedBeamline.for_window(256, step_px=20.0, photons_per_frame=5e5)
     sample = SimulatedSample(replace(big, x_num=args.side, y_num=args.side))
     cases = [(a, m, True) for a in args.algorithms for m in args.modes]
     if args.whole_pixel:

@@ -20,7 +20,6 @@ import argparse
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,9 +37,7 @@ PTYCHI_OPTIONS = {"epie": "EPIEOptions", "dm": "DMOptions", "lsqml": "LSQMLOptio
 
 def simulate(positions: int) -> SimulatedSample:
     side = round(float(np.sqrt(positions)))
-    bl = replace(
-        SimulatedBeamline(), window=256, step_px=20.0, jitter_px=3.0, x_num=side, y_num=side
-    )
+    bl = SimulatedBeamline.for_window(256, step_px=20.0, jitter_px=3.0, x_num=side, y_num=side)
     return SimulatedSample(bl)
 
 

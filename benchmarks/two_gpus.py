@@ -27,7 +27,6 @@ import platform
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +134,8 @@ def main() -> None:
     import torch
 
     gpus = cp.cuda.runtime.getDeviceCount()
-    bl = replace(
-        SimulatedBeamline(),
-        window=256,
+    bl = SimulatedBeamline.for_window(
+        256,
         step_px=20.0,
         photons_per_frame=5e5,
         x_num=args.side,
