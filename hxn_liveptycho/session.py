@@ -133,6 +133,7 @@ class RunSession:
         self._finish_sent = False
         self._final_iteration: int | None = None
         self._told_final_due = False
+        self._solver_failure: str | None = None
         self.placement: Placement | None = None
         #: time.monotonic() of the run's milestones (first frame, first snapshot, data
         #: complete, final state, final write), for status pages and the live-path benchmark.
@@ -238,14 +239,18 @@ class RunSession:
                 return
             self._feed_solver()
             self._pump_solver()
-            if self._solver is not None and self._solver.failure is not None:
-                self._finish(RunStatus.FAILED, f"solver: {self._solver.failure}")
-                return
+            if self._solver is not None and self._solver.failure and self._solver_failure is None:
+                # The run goes on without a solver: its frames are still kept, and it ends
+                # failed, with the reason, when the data are complete.
+                self._solver_failure = f"solver: {self._solver.failure}"
+                self.log.error("%s; the run's frames are still kept", self._solver_failure)
             if self._data_complete() and self._ready_to_finish():
                 status = RunStatus.COMPLETE
                 if self._stop_doc is not None and self._stop_doc.get("exit_status") != "success":
                     status = RunStatus.ABORTED
-                self._finish(status, None)
+                if self._solver_failure is not None:
+                    status = RunStatus.FAILED
+                self._finish(status, self._solver_failure)
                 return
 
     def _drain(self) -> None:
@@ -394,7 +399,7 @@ class RunSession:
         positions_px = self._geometry.to_pixels(positions_um)
         if self._nn is not None:
             self._nn.submit(amplitudes, positions_px)
-        if self.config.mode != "nn":
+        if self.config.mode != "nn" and self._solver_failure is None:
             self._add_to_solver(amplitudes, positions_px)
         if self._sink is not None:
             self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
@@ -510,7 +515,7 @@ class RunSession:
             if self._pending_frames:
                 return False
         solver = self._solver
-        if solver is None or solver.added == 0:
+        if solver is None or solver.added == 0 or self._solver_failure is not None:
             return True
         if not self._finish_sent:
             self._finish_sent = True

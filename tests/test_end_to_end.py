@@ -231,3 +231,53 @@ def test_other_stream_flavours_are_reconstructed(
         live.close()
         eiger.close()
         panda.close()
+
+
+def test_a_solver_process_that_dies_mid_scan_fails_its_run_and_is_replaced(
+    RE, hxn_detectors, tmp_path, tiled_server
+):
+    """The run says why it failed (the scan itself succeeds), the frames received are kept,
+    and the next run gets a new solver process and completes."""
+    import os
+    import signal
+
+    from hxn_liveptycho.sim import SimHXNFlyer, baseline_motors, fly2dpd
+
+    eiger, panda = hxn_detectors
+    sample = SimulatedSample(SMALL)
+    live = make_live(RE, eiger, panda, tmp_path, tiled_uri=tiled_server.uri)
+    try:
+        first_pid = live.engine.solver_worker.pid
+        flyer = SimHXNFlyer(eiger, panda, sample, dwell=0.02, hold_before=24)
+
+        def kill_once_iterating() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                runs = live.status()["runs"]
+                if runs and runs[-1]["iteration"] > 0:
+                    break
+                time.sleep(0.05)
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            flyer.release()
+
+        killer = threading.Thread(target=kill_once_iterating, daemon=True)
+        killer.start()
+        result = RE(fly2dpd(flyer, baseline=baseline_motors(sample.beamline.energy_kev)))
+        killer.join(60)
+        assert result.exit_status == "success"
+        assert live.wait(timeout=120)
+        from tiled.client import from_uri
+
+        client = from_uri(tiled_server.uri)
+        node = processed(client, result.run_start_uids[0])
+        assert node.metadata["status"] == "failed"
+        assert "solver process exited" in node.metadata["error"]
+        assert read_diffraction(node).amplitude.shape[0] == sample.num_points  # nothing lost
+
+        again = fly(RE, eiger, panda, sample, dwell=0.005)
+        assert live.wait(timeout=120)
+        assert live.engine.solver_worker.pid != first_pid
+        assert processed(client, again.run_start_uids[0]).metadata["status"] == "complete"
+    finally:
+        live.close()
