@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 #: Seconds between the watchdog's looks at the parent.
@@ -44,3 +45,33 @@ def exit_with_parent(parent_pid: int, *, death_signal: bool = False) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def start_spawned(process: Any) -> None:
+    """``process.start()`` for a spawn-context process, also from a script read from stdin.
+
+    A spawned child re-runs the parent's ``__main__`` from its file; a script piped in
+    (``python - <<EOF``) has ``__file__ == '<stdin>'``, which the child cannot open, and
+    it dies at start. Such a main is hidden for the moment of the start (the child needs
+    nothing from it: every target lives in the package).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = (
+        main is not None
+        and getattr(main, "__spec__", None) is None
+        and isinstance(path, str)
+        and not os.path.exists(path)
+    )
+    if not hide:
+        process.start()
+        return
+    with _MAIN_LOCK:
+        del main.__file__  # type: ignore[union-attr]
+        try:
+            process.start()
+        finally:
+            main.__file__ = path  # type: ignore[union-attr]
+
+
+_MAIN_LOCK = threading.Lock()

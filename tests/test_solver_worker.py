@@ -177,3 +177,21 @@ def test_the_solver_process_does_not_outlive_a_killed_owner(tmp_path) -> None:
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+def test_the_solver_process_starts_from_a_script_read_from_stdin() -> None:
+    """``python - <<EOF`` has a main module the spawned child cannot re-open."""
+    script = textwrap.dedent(
+        """
+        from hxn_liveptycho.recon.worker import SolverWorker
+
+        worker = SolverWorker(backend="numpy")
+        print(worker.info(timeout=60).backend)
+        worker.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "numpy"

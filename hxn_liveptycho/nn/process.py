@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.children import exit_with_parent
+from hxn_liveptycho.children import exit_with_parent, start_spawned
 from hxn_liveptycho.nn.backends import GraphIO
 from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
@@ -414,7 +414,7 @@ class NNWorker:
             name="liveptycho-nn",
             daemon=True,
         )
-        self.process.start()
+        start_spawned(self.process)
         child_inbox.close()
         to_parent.close()
         self._reader = threading.Thread(

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
@@ -387,7 +388,7 @@ class SolverWorker:
             name="liveptycho-solver",
             daemon=True,
         )
-        self._process.start()
+        start_spawned(self._process)
         child_inbox.close()
         to_parent.close()
         self.counters.add("starts")

@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class PublisherProcess:
             name=f"sim-hxn-{name}",
             daemon=True,
         )
-        self._process.start()
+        start_spawned(self._process)
         child_conn.close()
         self._finalizer = weakref.finalize(self, _shut_down, self._process, self._conn, 5.0)
         try:

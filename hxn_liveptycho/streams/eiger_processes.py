@@ -54,6 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
+from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams._zmq import curve_options, names
@@ -388,7 +389,7 @@ class EigerProcessReceiver:
             process = spawn.Process(
                 target=worker_main, args=(config,), name=f"{self.name}-worker-{index}", daemon=True
             )
-            process.start()
+            start_spawned(process)
             handle = _WorkerHandle(index, process)
             self._workers.append(handle)
             self._by_identity[_identity(index)] = handle
