@@ -44,14 +44,46 @@ FINAL_QUIET_S = 1.5
 
 
 class RunStatus(enum.StrEnum):
+    """A run's state. ``waiting`` and ``running`` are open; every run ends in exactly one of
+    the others, with a reason (:attr:`RunSession.reason`), so nothing stays ``running``
+    once its session has ended and no run claims more than its data show:
+
+    - ``complete``: the scan ended and its frames were reconstructed (recoverable
+      oddities are listed in :attr:`RunSession.warnings`);
+    - ``incomplete``: the scan ended (or was given up on: no ``stop``, a newer run) but
+      data are missing or inconsistent: no frames, no positions, nothing paired, a
+      detector that changed its frame shape;
+    - ``failed``: the reconstruction or the result store broke (``error`` says how);
+    - ``aborted``: the scan or the user stopped it early;
+    - ``skipped``: selected by plan name, but the documents show it is not ptychography.
+    """
+
     WAITING = "waiting"
     RUNNING = "running"
     COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
     FAILED = "failed"
     ABORTED = "aborted"
+    SKIPPED = "skipped"
 
 
-FINAL_STATUSES = frozenset({RunStatus.COMPLETE, RunStatus.FAILED, RunStatus.ABORTED})
+FINAL_STATUSES = frozenset(
+    {
+        RunStatus.COMPLETE,
+        RunStatus.INCOMPLETE,
+        RunStatus.FAILED,
+        RunStatus.ABORTED,
+        RunStatus.SKIPPED,
+    }
+)
+
+#: Added to a scan's expected duration (points x dwell) for the default bound on how long
+#: a run without its ``stop`` may go without any input (``Settings.run_idle_timeout_s``):
+#: long enough for a paused RunEngine or a slow baseline read, short enough that a lost
+#: ``stop`` does not hold the run (and its memory) for the rest of the shift.
+IDLE_MARGIN_S = 600.0
+#: Reason of a run ended because a newer run started before its ``stop`` arrived.
+SUPERSEDED = "a new run started before its stop"
 
 
 @runtime_checkable
@@ -103,10 +135,21 @@ class RunSession:
         self.overrides = dict(overrides)
         self.log = _RunLogger(logger, {"uid": self.uid, "scan_id": self.scan_id})
         self.counters = Counters(
-            ["documents", "frames_received", "frames_used", "masked_pixels", "snapshots"]
+            [
+                "documents",
+                "frames_received",
+                "frames_used",
+                "frames_quarantined",
+                "masked_pixels",
+                "snapshots",
+            ]
         )
         self.status = RunStatus.WAITING
         self.error: str | None = None
+        #: Why the run ended in its terminal state (set once, with the state).
+        self.reason: str | None = None
+        #: Recoverable oddities of a run that still ends ``complete`` (unpaired frames, ...).
+        self.warnings: list[str] = []
         self.config: ScanConfig | None = None
         self.iteration = 0
         self.last_error: float | None = None
@@ -125,6 +168,20 @@ class RunSession:
         self._early_frames: list[tuple[int, np.ndarray]] = []
         self._early_samples: list[tuple[dict[str, np.ndarray], int]] = []
         self._cancel = threading.Event()
+        #: time.monotonic() of the newest input (document, frame, samples, series message):
+        #: a run without its ``stop`` ends once it has been idle for :meth:`idle_bound_s`.
+        self._last_input = time.monotonic()
+        #: Why the run ends without (or before) its ``stop``; set from any thread.
+        self._forced_end: str | None = None
+        self._forced_end_at: float | None = None
+        #: (shape, dtype) every frame of the run must have, from its first frame.
+        self._frame_kind: tuple[tuple[int, ...], np.dtype] | None = None
+        #: Quarantined frames since the last frame of the run's own kind, and the first
+        #: odd kind seen: a series whose every later frame is odd changed its shape.
+        self._odd_streak = 0
+        self._odd_kind: tuple[tuple[int, ...], np.dtype] | None = None
+        #: Light copies kept once the heavy state is released (see :meth:`_release`).
+        self._released: dict[str, Any] = {}
         self._done = threading.Event()
         self._assembler: Assembler | None = None
         self._worker = solver_worker
@@ -166,6 +223,13 @@ class RunSession:
     def put_series_end(self, source: str) -> None:
         self._inbox.put(("series_end", source))
 
+    def end_without_stop(self, reason: str) -> None:
+        """End the run as ``incomplete`` although its ``stop`` never came (a newer run
+        started): it takes no further series, and what it received is written."""
+        if self._forced_end is None and self._stop_doc is None:
+            self._forced_end = reason
+            self._inbox.put(("end", reason))
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop early: whatever was reconstructed so far is written with status 'aborted'."""
         self._inbox.put(("cancel", reason))
@@ -181,7 +245,18 @@ class RunSession:
     @property
     def accepting_streams(self) -> bool:
         """Whether a newly armed detector series may still belong to this run."""
-        return self._stop_doc is None and not self._done.is_set()
+        return self._stop_doc is None and self._forced_end is None and not self._done.is_set()
+
+    def idle_bound_s(self) -> float:
+        """How long the run may go without input before, lacking its ``stop``, it ends:
+        the setting, else the scan's expected duration plus :data:`IDLE_MARGIN_S`."""
+        if self.settings.run_idle_timeout_s is not None:
+            return self.settings.run_idle_timeout_s
+        config = self.config
+        expected = 0.0
+        if config is not None and config.dwell_s:
+            expected = config.num_points * config.dwell_s
+        return expected + IDLE_MARGIN_S
 
     def summary(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -190,29 +265,56 @@ class RunSession:
             "status": str(self.status),
             "iteration": self.iteration,
             "error_metric": self.last_error,
-            "positions": 0 if self._solver is None else self._solver.n_positions,
+            "positions": self._n_positions(),
             "timeline": dict(self.timeline),
-            "counters": self.counters.snapshot(),
+            "counters": self._all_counters(),
         }
+        if self.reason:
+            info["reason"] = self.reason
+        if self.warnings:
+            info["warnings"] = list(self.warnings)
         if self.error:
             info["error"] = self.error
         if self.config is not None:
             info["expected_positions"] = self.config.num_points
-        container_path = getattr(self._sink, "container_path", None)
+        released = self._released
+        container_path = getattr(self._sink, "container_path", released.get("container_path"))
         if container_path:
             info["container_path"] = container_path
-        if self._nn is not None:
-            info["nn"] = self._nn.counters.snapshot()
-        backup = getattr(self._sink, "backup_path", None)
+        nn = self._nn
+        if nn is not None:
+            info["nn"] = nn.counters.snapshot()
+        elif "nn" in released:
+            info["nn"] = released["nn"]
+        backup = getattr(self._sink, "backup_path", released.get("backup_path"))
         if backup is not None:  # Tiled refused the result: say where it is instead
             info["stored_in"] = "local backup"
             info["backup_path"] = str(backup)
         return info
 
+    def _n_positions(self) -> int:
+        if self._solver is not None:
+            return self._solver.n_positions
+        return int(self._released.get("positions", 0))
+
+    def _all_counters(self) -> dict[str, int]:
+        """The session's counters with the assembler's and what never paired."""
+        counters = self.counters.snapshot()
+        if self._assembler is not None:
+            counters.update(
+                {f"assembler_{k}": v for k, v in self._assembler.counters.snapshot().items()}
+            )
+            counters.update(self._assembler.unpaired_report())
+        else:
+            counters.update(self._released.get("assembler", {}))
+        return counters
+
     @property
     def solver_passes(self) -> list[tuple[float, int]]:
         """(time.monotonic() at its end, positions covered) of every solver pass so far."""
-        return [] if self._solver is None else list(self._solver.pass_ends)
+        if self._solver is None:
+            return list(self._released.get("passes", []))
+        return list(self._solver.pass_ends)
 
     def nn_snapshot(self) -> dict[str, Any] | None:
         """The NN branch's current mosaic (None without an NN branch), for status pages."""
@@ -224,8 +326,13 @@ class RunSession:
             self._loop()
         except Exception as exc:  # the session's last line of defence; the RE never sees it
             self.log.exception("reconstruction failed")
-            self._finish(RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            self._finish(RunStatus.FAILED, error, error=error)
         finally:
+            try:
+                self._release()
+            except Exception:  # never leave wait() hanging over a cleanup problem
+                self.log.exception("releasing the run's memory failed")
             self._done.set()
 
     def _loop(self) -> None:
@@ -235,8 +342,14 @@ class RunSession:
                 return
             if self._cancel.is_set():
                 self._stop_solver()
-                self._finish(RunStatus.ABORTED, self.error or "cancelled")
+                reason = self.error or "cancelled"
+                self._finish(RunStatus.ABORTED, reason, error=reason)
                 return
+            self._check_idle()
+            if self._forced_end is not None and self.config is None:
+                self._try_configure(final=True)
+                if self.status in FINAL_STATUSES:
+                    return
             self._feed_solver()
             self._pump_solver()
             if self._solver is not None and self._solver.failure and self._solver_failure is None:
@@ -245,13 +358,81 @@ class RunSession:
                 self._solver_failure = f"solver: {self._solver.failure}"
                 self.log.error("%s; the run's frames are still kept", self._solver_failure)
             if self._data_complete() and self._ready_to_finish():
-                status = RunStatus.COMPLETE
-                if self._stop_doc is not None and self._stop_doc.get("exit_status") != "success":
-                    status = RunStatus.ABORTED
-                if self._solver_failure is not None:
-                    status = RunStatus.FAILED
-                self._finish(status, self._solver_failure)
+                status, reason = self._verdict()
+                self._finish(status, reason, error=self._solver_failure)
                 return
+
+    def _check_idle(self) -> None:
+        """A run whose ``stop`` is lost would otherwise never end (nor free its memory)."""
+        if self._stop_doc is not None or self._forced_end is not None:
+            return
+        bound = self.idle_bound_s()
+        if time.monotonic() - self._last_input > bound:
+            self._forced_end = f"no 'stop' document within {bound:g} s of the run's last input"
+            self._forced_end_at = time.monotonic()
+            self.log.warning("%s: ending it with what was received", self._forced_end)
+
+    def _verdict(self) -> tuple[RunStatus, str]:
+        """The terminal state the data support, and why; oddities go to :attr:`warnings`."""
+        if self._solver_failure is not None:
+            return RunStatus.FAILED, self._solver_failure
+        missing = self._missing_data()
+        if self._forced_end is not None:
+            return RunStatus.INCOMPLETE, "; ".join(filter(None, [self._forced_end, missing]))
+        stop = self._stop_doc or {}
+        if stop.get("exit_status") != "success":
+            why = f"the scan ended with exit status {stop.get('exit_status')!r}"
+            if stop.get("reason"):
+                why += f": {stop['reason']}"
+            return RunStatus.ABORTED, why
+        if missing is not None:
+            return RunStatus.INCOMPLETE, missing
+        return RunStatus.COMPLETE, "the scan ended and its frames were reconstructed"
+
+    def _missing_data(self) -> str | None:
+        """Why the received data cannot make a whole result (None when they can); a
+        recoverable shortfall is appended to :attr:`warnings` instead."""
+        received = self.counters.get("frames_received")
+        used = self.counters.get("frames_used")
+        quarantined = self.counters.get("frames_quarantined")
+        counters = self._all_counters()
+        if quarantined:
+            shape_note = (
+                f"{quarantined} of {received} frames quarantined: "
+                f"{self._describe_kind(self._odd_kind)} instead of the run's "
+                f"{self._describe_kind(self._frame_kind)}"
+            )
+            if self._odd_streak >= 2 or 2 * quarantined >= received:
+                return f"the detector's frame shape changed: {shape_note}"
+            self.warnings.append(shape_note)
+        if self.config is None:
+            return "the run was never configured"
+        if received == 0:
+            armed = "" if self._streams_seen["eiger"] else " (no detector series was armed)"
+            return f"no detector frames were received{armed}"
+        if counters.get("assembler_samples", 0) == 0:
+            return f"no encoder positions were received for the {received} frames"
+        if used == 0:
+            return f"no frame was paired with a position ({self._unpaired_text(counters)})"
+        unpaired = self._unpaired_text(counters)
+        if unpaired:
+            self.warnings.append(f"unpaired at the end: {unpaired}")
+        if used < self.config.num_points:
+            self.warnings.append(
+                f"{used} of the scan's {self.config.num_points} points were reconstructed"
+            )
+        return None
+
+    @staticmethod
+    def _unpaired_text(counters: Mapping[str, int]) -> str:
+        keys = ("frames_without_position", "positions_without_frame", "samples_unassigned")
+        return ", ".join(f"{counters[k]} {k}" for k in keys if counters.get(k))
+
+    @staticmethod
+    def _describe_kind(kind: tuple[tuple[int, ...], np.dtype] | None) -> str:
+        if kind is None:
+            return "?"
+        return f"{'x'.join(map(str, kind[0]))} {kind[1]}"
 
     def _drain(self) -> None:
         """Wait for the next input (the solver's messages wake it too), then take them all."""
@@ -267,6 +448,8 @@ class RunSession:
                 return
 
     def _handle(self, kind: str, payload: Any) -> None:
+        if kind not in ("solver", "cancel", "end"):
+            self._last_input = time.monotonic()
         if kind == "doc":
             name, doc = payload
             self.counters.add("documents")
@@ -275,6 +458,8 @@ class RunSession:
             index, data = payload
             self.counters.add("frames_received")
             self.timeline.setdefault("first_frame", time.monotonic())
+            if not self._admit(index, data):
+                return
             if self._assembler is None:
                 self._early_frames.append((index, data))
             else:
@@ -299,7 +484,33 @@ class RunSession:
                 self._assembler.positions_ended()
         elif kind == "cancel":
             self.error = str(payload)
+        elif kind == "end":
+            self._forced_end_at = time.monotonic()
+            self.log.warning("%s: ending it with what was received", payload)
         # "solver": the solver process answered; _pump_solver reads what it sent
+
+    def _admit(self, index: int, data: np.ndarray) -> bool:
+        """Whether a frame has the run's shape and dtype (its first frame's); one that has
+        not is quarantined, counted and dropped, so that a single odd frame cannot fail
+        the batch it would be stacked with, and the frames around it are kept."""
+        kind = (tuple(np.shape(data)), np.asarray(data).dtype)
+        if self._frame_kind is None and len(kind[0]) == 2:
+            self._frame_kind = kind
+        if kind == self._frame_kind:
+            self._odd_streak = 0
+            return True
+        self.counters.add("frames_quarantined")
+        self._odd_streak += 1
+        if self._odd_kind is None:
+            self._odd_kind = kind
+            self.log.warning(
+                "frame %d is %s, not %s like the run's first frame: quarantined (dropped and "
+                "counted as frames_quarantined; later ones are not logged)",
+                index,
+                self._describe_kind(kind),
+                self._describe_kind(self._frame_kind),
+            )
+        return False
 
     def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
         if name == "descriptor":
@@ -312,6 +523,8 @@ class RunSession:
             self._stop_doc = doc
             self._stop_seen_at = time.monotonic()
             self.log.info("run stopped (%s); finishing the reconstruction", doc.get("exit_status"))
+        if self.status in FINAL_STATUSES:
+            return
         if self.config is None and (name in ("event_page", "stop") or self._early_frames):
             self._try_configure(final=name == "stop")
 
@@ -329,9 +542,13 @@ class RunSession:
                 overrides=self.overrides,
             )
         except NotPtychographyError as exc:
-            if final or self._baseline:
-                raise LivePtychoError(f"cannot configure the reconstruction: {exc}") from exc
-            return
+            if not (final or self._baseline):
+                return
+            if self.start_doc.get(self.settings.metadata_flag) is not True:
+                # Chosen by its plan name only: not a ptychography run, not a failure.
+                self._finish(RunStatus.SKIPPED, f"not a ptychography run: {exc}")
+                return
+            raise LivePtychoError(f"cannot configure the reconstruction: {exc}") from exc
         self._configure(config)
 
     def _configure(self, config: ScanConfig) -> None:
@@ -497,6 +714,9 @@ class RunSession:
         An aborted or failed run waits only a second for stragglers; a successful
         one waits up to ``stream_timeout_s`` for the detectors' end-of-series.
         """
+        if self._forced_end is not None:
+            waited = time.monotonic() - (self._forced_end_at or time.monotonic())
+            return not any(self._streams_open.values()) or waited > 1.0
         if self._stop_doc is None:
             return False
         if not any(self._streams_open.values()):
@@ -555,8 +775,12 @@ class RunSession:
             "status": str(status),
             "mode": config.mode if config is not None else "iterative",
             "placement": None if self.placement is None else self.placement.as_metadata(),
-            "counters": self.counters.snapshot(),
+            "counters": self._all_counters(),
         }
+        if self.reason:
+            md["reason"] = self.reason
+        if self.warnings:
+            md["warnings"] = list(self.warnings)
         if config is not None:
             md.update(
                 energy_kev=config.energy_kev,
@@ -573,11 +797,6 @@ class RunSession:
                 "window": self._geometry.window,
                 "shape": list(self._geometry.canvas_shape),
             }
-        if self._assembler is not None:
-            md["counters"].update(
-                {f"assembler_{k}": v for k, v in self._assembler.counters.snapshot().items()}
-            )
-            md["counters"].update(self._assembler.unpaired_report())
         if self._nn is not None:
             md["nn"] = self._nn.describe()
         if self.error:
@@ -585,11 +804,16 @@ class RunSession:
         md["iteration"] = self.iteration
         return md
 
-    def _finish(self, status: RunStatus, error: str | None) -> None:
-        """Write whatever exists, with its status; a failure is recorded where users look."""
+    def _finish(self, status: RunStatus, reason: str, *, error: str | None = None) -> None:
+        """Write whatever exists, with its terminal state and reason; a failure is recorded
+        where users look. A skipped run writes nothing: it was never a reconstruction."""
         if error:
             self.error = error
+        self.reason = reason
         self.status = status
+        if status is RunStatus.SKIPPED and self._sink is None:
+            self.log.info("not reconstructed: %s", reason)
+            return
         try:
             if self._sink is None:
                 self._sink = self._sink_factory()
@@ -605,27 +829,73 @@ class RunSession:
             if any(unpaired.values()):
                 self.log.warning("unpaired at the end: %s", unpaired)
             self._sink.final(snapshot, self._metadata(status))
-        except Exception:
+        except Exception as exc:
             self.log.exception("final write failed")
-            self.status = RunStatus.FAILED
+            self._fail_write(f"final write failed: {type(exc).__name__}: {exc}")
         finally:
             if self._solver is not None:
                 self._solver.release()
             if self._sink is not None:
                 try:
                     self._sink.close(timeout=self.settings.tiled_write_timeout_s)
-                except Exception:
+                except Exception as exc:
                     self.log.exception("closing the result sink failed")
-                    self.status = RunStatus.FAILED
+                    self._fail_write(f"closing the result sink failed: {type(exc).__name__}: {exc}")
                 backup = getattr(self._sink, "backup_path", None)
                 if backup is not None:
                     self.log.warning(
                         "the result is NOT in Tiled: kept in the local backup %s", backup
                     )
                 self.timeline["final_written"] = time.monotonic()
+        if self.warnings:
+            self.log.warning("warnings: %s", "; ".join(self.warnings))
         self.log.info(
-            "%s after %d iterations (data mismatch %s)",
+            "%s (%s) after %d iterations (data mismatch %s)",
             self.status,
+            self.reason,
             self.iteration,
             self.last_error,
         )
+
+    def _fail_write(self, what: str) -> None:
+        """The result could not be stored: the run is failed, whatever the data said."""
+        if self.status is not RunStatus.FAILED:
+            self.reason = f"{what} (the data said {self.status}: {self.reason})"
+        self.error = self.error or what
+        self.status = RunStatus.FAILED
+
+    def _release(self) -> None:
+        """The final write is done: drop what holds frames and solver state (the solver's
+        ring, the assembler's frames, frames not yet fed, the sink and its buffers) and
+        keep light copies for :meth:`summary`. On CuPy the solver's arrays live in the
+        solver process and go with ``release``; here it is host memory of the RunEngine's
+        process, which a beamline never restarts between scans."""
+        released = self._released
+        solver = self._solver
+        if solver is not None:
+            released["positions"] = solver.n_positions
+            released["passes"] = list(solver.pass_ends)
+        assembler = self._assembler
+        if assembler is not None:
+            counters = {f"assembler_{k}": v for k, v in assembler.counters.snapshot().items()}
+            released["assembler"] = {**counters, **assembler.unpaired_report()}
+        sink = self._sink
+        if sink is not None:
+            released["container_path"] = getattr(sink, "container_path", None)
+            released["backup_path"] = getattr(sink, "backup_path", None)
+        if self._nn is not None:
+            released["nn"] = self._nn.counters.snapshot()
+        self._solver = None
+        self._assembler = None
+        self._sink = None
+        self._pending_frames = []
+        self._early_frames = []
+        self._early_samples = []
+
+    def drop_pictures(self) -> None:
+        """Drop the last snapshot and NN mosaic kept for status pages (the engine keeps
+        them for its newest finished run only; the result itself is in Tiled)."""
+        if not self._done.is_set():
+            return
+        self.latest_snapshot = None
+        self._nn = None

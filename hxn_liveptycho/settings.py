@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     stream_timeout_s: float = Field(
         default=15.0, gt=0.0, description="How long after 'stop' to wait for late frames."
     )
+    run_idle_timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="How long a run whose 'stop' has not come may go without any document "
+        "or frame before it ends 'incomplete' with what it received; None: the scan's "
+        "expected duration (points x dwell) plus 10 minutes.",
+    )
     tiled_write_timeout_s: float = Field(
         default=120.0, gt=0.0, description="How long a run's final write to Tiled may take."
     )
