@@ -23,6 +23,7 @@ from event_model import DocumentRouter
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.engine import Engine
+from hxn_liveptycho.overrides import check_overrides, deep_merge, merge_overrides
 from hxn_liveptycho.session import SinkFactory
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.store.server import TiledConnection
@@ -40,8 +41,9 @@ class LivePtycho(DocumentRouter):
         ``LIVEPTYCHO_*`` environment variables.
     overrides:
         :class:`~hxn_liveptycho.scan.ScanConfig` fields to force on every run
-        (``{"roi": {"size": 256}, "recon": {"iterations": 300}}``); change them
-        later with :meth:`configure`.
+        (``{"roi": {"size": 256}, "recon": {"iterations": 300}}``), deep-merged
+        over ``settings.overrides``; change them later with :meth:`configure`.
+        Invalid ones raise :class:`~hxn_liveptycho.errors.ConfigurationError`.
     sink_factory:
         Where results go; by default a Tiled container (an embedded server is
         started when ``settings.tiled_uri`` is unset).
@@ -57,7 +59,7 @@ class LivePtycho(DocumentRouter):
     ) -> None:
         super().__init__()
         self.settings = settings or Settings(**settings_fields)
-        self._overrides: dict[str, Any] = dict(overrides or {})
+        self._overrides: dict[str, Any] = check_overrides(overrides or {})
         self.enabled = True
         self.counters = Counters(["documents", "callback_errors", "ignored_while_disabled"])
         self.tiled: TiledConnection | None = None
@@ -65,8 +67,12 @@ class LivePtycho(DocumentRouter):
             self.tiled = TiledConnection(self.settings)
             self.tiled.connect_in_background()
             sink_factory = self.tiled.sink_factory
+        # The engine lays these over settings.overrides key by key; handing it the deep merge
+        # of both makes that the same deep merge serve and queueserver use.
         self.engine = Engine(
-            self.settings, sink_factory=sink_factory, overrides=lambda: dict(self._overrides)
+            self.settings,
+            sink_factory=sink_factory,
+            overrides=lambda: deep_merge(self.settings.overrides, self._overrides),
         )
         self._worst_call_s = 0.0
 
@@ -103,14 +109,37 @@ class LivePtycho(DocumentRouter):
         self._hand_over("stop", doc)
 
     # ---- controls ----------------------------------------------------------------------
-    def configure(self, **overrides: Any) -> None:
-        """Replace the overrides applied to the *next* runs (running ones keep theirs)."""
-        self._overrides = dict(overrides)
+    def configure(
+        self,
+        overrides: Mapping[str, Any] | None = None,
+        /,
+        *,
+        replace: bool = False,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Change the overrides of the *next* runs (running ones keep theirs); return them.
+
+        ``overrides`` and keyword ``fields`` (``configure(recon={"iterations": 50})``)
+        are deep-merged into the earlier overrides: ``recon.iterations`` changes,
+        ``recon.algorithm`` set before stays. ``replace=True`` starts from none
+        instead (``configure(replace=True)`` clears them).
+
+        The result is validated as a run would validate it; if it is invalid,
+        :class:`~hxn_liveptycho.errors.ConfigurationError` names each bad field
+        and what it accepts, and the previous overrides stay in place. This is
+        called by users (a profile, queueserver, serve), never by the RunEngine,
+        so raising here stops a typo before a scan instead of failing every run.
+        """
+        update = deep_merge(overrides or {}, fields)
+        new = merge_overrides(self._overrides, update, replace=replace)
+        self._overrides = new
+        logger.info("overrides for the next runs: %s", new)
+        return self.overrides
 
     @property
     def overrides(self) -> dict[str, Any]:
-        """A copy of the overrides the next runs get (``configure`` replaces them)."""
-        return dict(self._overrides)
+        """A copy of the overrides the next runs get (over ``settings.overrides``)."""
+        return deep_merge({}, self._overrides)
 
     def enable(self) -> None:
         self.enabled = True

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
 from hxn_liveptycho.nn.config import NNParams
+from hxn_liveptycho.overrides import deep_merge
 from hxn_liveptycho.recon.iterative import IterativeParams
 
 #: Detector pixel pitch by detector name (Dectris Eigers 75 µm, Merlin/Maxipix 55 µm).
@@ -179,16 +180,6 @@ class ScanConfig(_Frozen):
         return footprint_um / dx_um
 
 
-def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _grid_from_start(start: Mapping[str, Any], missing: list[str]) -> dict[str, Any] | None:
     scan = start.get("scan") or {}
     plan_name = start.get("plan_name", "")
@@ -328,6 +319,6 @@ def scan_config_from_documents(
     if missing:
         raise NotPtychographyError("missing " + "; ".join(missing))
     try:
-        return ScanConfig.model_validate(_deep_merge(derived, overrides))
+        return ScanConfig.model_validate(deep_merge(derived, overrides))
     except ValidationError as exc:
         raise ConfigurationError(f"invalid scan configuration: {exc}") from exc

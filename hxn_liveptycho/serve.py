@@ -147,14 +147,11 @@ class ServeService:
         }
 
     def configure(self, overrides: Mapping[str, Any], *, merge: bool) -> dict[str, Any]:
-        """Set the overrides of the next runs: replace them, or deep-merge into them."""
-        from hxn_liveptycho.control.queueserver import check_overrides
+        """Set the overrides of the next runs: deep-merge into them, or replace them.
 
-        new = _deep_merge(self.live.overrides, overrides) if merge else dict(overrides)
-        check_overrides(new)
-        self.live.configure(**new)
-        logger.info("overrides for the next runs: %s", new)
-        return self.live.overrides
+        Invalid overrides raise ConfigurationError naming the fields; the old ones stay.
+        """
+        return self.live.configure(overrides, replace=not merge)
 
     def select_model(self, name: str) -> dict[str, Any]:
         """Use NN model ``name`` for the next runs; the name is checked against the registry."""
@@ -196,16 +193,6 @@ def _remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:
     store[key] = value
     while len(store) > _REMEMBERED_RUNS:
         store.popitem(last=False)
-
-
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def add_log_file(path: Path) -> logging.Handler:

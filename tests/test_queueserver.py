@@ -260,7 +260,7 @@ def test_stop_ends_a_running_reconstruction_as_aborted(manager, tiled_server):
         assert _call(RM, "liveptycho_stop", uid=uid) == {"stopped": True, "uid": uid}
         run = _wait_until_finished(RM, uid)
     finally:
-        _call(RM, "liveptycho_configure")
+        _call(RM, "liveptycho_configure", replace=True)
     assert run["status"] == "aborted", run
     assert run["error"] == "stopped by the user"
     node = processed(from_uri(tiled_server.uri), uid)

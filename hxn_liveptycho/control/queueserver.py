@@ -20,11 +20,12 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import bluesky.preprocessors as bpp
-from pydantic import BaseModel
 
 from hxn_liveptycho.callback import LivePtycho
 from hxn_liveptycho.jsonsafe import json_safe
-from hxn_liveptycho.scan import ScanConfig
+from hxn_liveptycho.overrides import check_overrides, deep_merge
+
+__all__ = ["PREFIX", "LivePtychoControl", "check_overrides", "ptychography"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,6 @@ def ptychography(
     the caller's (it wins over the plan's own, as ``RE(plan, **md)`` does).
     """
     return (yield from bpp.inject_md_wrapper(plan, {**(md or {}), flag: True}))
-
-
-def check_overrides(overrides: Mapping[str, Any], model: type[BaseModel] = ScanConfig) -> None:
-    """Reject override keys that ScanConfig does not have, before they fail every later run.
-
-    Values are validated when a run is configured (they combine with what
-    the documents say); names can be checked now.
-    """
-    for key, value in overrides.items():
-        field = model.model_fields.get(key)
-        if field is None:
-            known = ", ".join(sorted(model.model_fields))
-            raise ValueError(f"{model.__name__} has no field {key!r}; known fields: {known}")
-        nested = field.annotation
-        if (
-            isinstance(value, Mapping)
-            and isinstance(nested, type)
-            and issubclass(nested, BaseModel)
-        ):
-            check_overrides(value, nested)
 
 
 class LivePtychoControl:
@@ -114,12 +95,17 @@ class LivePtychoControl:
         logger.info("live ptychography disabled from the queue")
         return {"enabled": False}
 
-    def configure(self, **overrides: Any) -> dict[str, Any]:
-        """Replace the ScanConfig overrides of the *next* runs; no arguments clears them."""
+    def configure(self, replace: bool = False, **overrides: Any) -> dict[str, Any]:
+        """Deep-merge ScanConfig overrides into those of the *next* runs; return them all.
+
+        ``replace=True`` replaces them instead (``liveptycho_configure(replace=True)``
+        clears them). The merged overrides are validated as a run would: a bad
+        field fails the call with one line naming it and what it accepts, and the
+        previous overrides stay.
+        """
         live = self._require_live()
-        check_overrides(overrides)
-        live.configure(**overrides)
-        logger.info("live ptychography overrides for the next runs: %s", overrides)
+        live.configure(overrides, replace=replace)
+        logger.info("live ptychography overrides for the next runs: %s", live.overrides)
         return {"overrides": json_safe(live.overrides)}
 
     def select_model(self, name: str) -> dict[str, Any]:
@@ -132,10 +118,7 @@ class LivePtychoControl:
 
         live = self._require_live()
         model = ModelRegistry(live.settings.model_dir).get(name)
-        overrides = live.overrides
-        overrides["nn"] = {**overrides.get("nn", {}), "model": name}
-        check_overrides(overrides)
-        live.configure(**overrides)
+        live.configure({"nn": {"model": name}})
         logger.info("live ptychography NN model for the next runs: %s (%s)", name, model.path)
         return {"nn_model": name, "path": str(model.path), "source": model.source}
 
@@ -163,7 +146,8 @@ class LivePtychoControl:
                 raise RuntimeError(f"{key} is already being reprocessed")
             job: dict[str, Any] = {"source": key, "state": "running", "overrides": overrides}
             self._reprocessing[key] = job
-        settings = live.settings.model_copy(update={"overrides": {**live.overrides, **overrides}})
+        merged = deep_merge(deep_merge(live.settings.overrides, live.overrides), overrides)
+        settings = live.settings.model_copy(update={"overrides": check_overrides(merged)})
         worker = threading.Thread(
             target=self._reprocess, args=(key, settings, job), name=f"liveptycho-reprocess-{key}"
         )
