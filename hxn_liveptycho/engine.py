@@ -31,7 +31,7 @@ from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
 from hxn_liveptycho.scan import RoiConfig
-from hxn_liveptycho.session import RunSession, SinkFactory
+from hxn_liveptycho.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import EigerFrame, EigerReceiver, PandaReceiver
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
@@ -90,6 +90,8 @@ class Engine:
                 "documents",
                 "runs_started",
                 "runs_skipped",
+                "runs_superseded",
+                "duplicate_starts",
                 "frames_routed",
                 "orphan_frames",
                 "orphan_samples",
@@ -239,6 +241,13 @@ class Engine:
             self.counters.add("runs_skipped")
             logger.warning("start document without a uid: run not reconstructed")
             return
+        if start["uid"] in self._sessions:
+            # A replayed or re-published start: a second session would hide the first one,
+            # whose thread would then run on unseen.
+            self.counters.add("duplicate_starts")
+            logger.warning("second start document for run %s ignored", str(start["uid"])[:8])
+            return
+        self._end_open_runs()
         reason = run_selection(start, self.settings)
         if reason is not None:
             self.counters.add("runs_skipped")
@@ -259,14 +268,35 @@ class Engine:
         )
         with self._lock:
             self._sessions[session.uid] = session
-            while len(self._sessions) > _HISTORY:
-                oldest_uid, oldest = next(iter(self._sessions.items()))
-                if not oldest.finished:
-                    break
-                del self._sessions[oldest_uid]
+            self._prune()
         self.counters.add("runs_started")
         logger.info("scan %s (%s): live reconstruction started", session.scan_id, session.uid[:8])
         session.begin()
+
+    def _end_open_runs(self) -> None:
+        """A RunEngine runs one run at a time: a new ``start`` means the open runs' ``stop``
+        was lost. Each ends ``incomplete`` with what it received, rather than holding its
+        memory and the engine's history for ever."""
+        for session in self.sessions():
+            if session.accepting_streams:
+                self.counters.add("runs_superseded")
+                session.end_without_stop(SUPERSEDED)
+
+    def _prune(self) -> None:
+        """Keep every open run and the newest finished ones (up to ``_HISTORY`` in all);
+        only the newest finished run keeps its pictures. Caller holds ``_lock``."""
+        finished = [uid for uid, s in self._sessions.items() if s.finished]
+        excess = len(self._sessions) - _HISTORY
+        for uid in finished[: max(0, excess)]:
+            del self._sessions[uid]
+        for uid in finished[:-1]:
+            session = self._sessions.get(uid)
+            if session is not None:
+                session.drop_pictures()
+        known = set(self._sessions)
+        for descriptor, run_uid in list(self._descriptor_runs.items()):
+            if run_uid not in known:
+                del self._descriptor_runs[descriptor]
 
     def _newest_open_session(self) -> RunSession | None:
         for session in reversed(self._sessions.values()):
