@@ -97,12 +97,9 @@ class Sinks:
 
 def make_engine(tmp_path: Path, sinks: Sinks, **fields: Any) -> Engine:
     fields.setdefault("stream_timeout_s", 1.0)
+    fields.setdefault("overrides", OVERRIDES)
     settings = Settings(
-        data_dir=tmp_path / "data",
-        array_backend="numpy",
-        overrides=OVERRIDES,
-        live_interval_s=0.2,
-        **fields,
+        data_dir=tmp_path / "data", array_backend="numpy", live_interval_s=0.2, **fields
     )
     return Engine(settings, sink_factory=sinks)
 
