@@ -42,7 +42,12 @@ def _iso_now() -> str:
 
 
 class PandaPublisher:
-    """Publishes PandA position messages (used by the simulator and replay)."""
+    """Publishes PandA position messages (used by the simulator and replay).
+
+    With ``curve_secret_key`` (Z85 or base64) the socket is a CurveZMQ server,
+    as the Eiger publisher's is; receivers then need :attr:`curve_public_key`
+    as their ``curve_server_key``.
+    """
 
     def __init__(
         self,
@@ -52,6 +57,7 @@ class PandaPublisher:
         context: zmq.Context | None = None,
         sndhwm: int = 0,
         send_timeout: float | None = None,
+        curve_secret_key: str | bytes | None = None,
     ) -> None:
         self._zmq = ZmqPublisher(
             endpoint,
@@ -59,10 +65,16 @@ class PandaPublisher:
             context=context,
             sndhwm=sndhwm,
             send_timeout=send_timeout,
+            curve_secret_key=curve_secret_key,
         )
         self.endpoint = self._zmq.endpoint
         self._next_sample: dict[str, int] = {}
         self._data_messages = 0
+
+    @property
+    def curve_public_key(self) -> str | None:
+        """The Z85 public key a CurveZMQ client needs as its server key (None without Curve)."""
+        return self._zmq.curve_public_key
 
     def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
         """Wait until ``count`` SUB sockets have subscribed (PUB only; ZMQ's slow joiner)."""
@@ -145,9 +157,9 @@ class PandaReceiver:
         rcvhwm: int = 0,
         name: str = "panda",
         context: zmq.Context | None = None,
-        curve_server_key: str | None = None,
-        curve_public_key: str | None = None,
-        curve_secret_key: str | None = None,
+        curve_server_key: str | bytes | None = None,
+        curve_public_key: str | bytes | None = None,
+        curve_secret_key: str | bytes | None = None,
     ) -> None:
         self._on_start = on_start
         self._on_samples = on_samples

@@ -1,0 +1,124 @@
+"""CurveZMQ on the PandA socket, as on the Eiger's (issue 23: with all keys set it was plain)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from hxn_liveptycho.streams import PandaPublisher, PandaReceiver
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_receiver_threads() -> Iterator[None]:
+    yield
+    leaked = [t.name for t in threading.enumerate() if t.name.endswith("-receiver")]
+    assert not leaked, f"receiver threads left running: {leaked}"
+
+
+class _Got:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def receiver(self, endpoint: str, **keys: Any) -> PandaReceiver:
+        return PandaReceiver(
+            endpoint,
+            on_start=lambda m: self.events.append(("start", m)),
+            on_samples=lambda d, s: self.events.append(("samples", (d, s))),
+            on_stop=lambda m: self.events.append(("stop", m)),
+            **keys,
+        )
+
+
+def _keys() -> tuple[dict[str, str], str]:
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    client = {
+        "curve_server_key": server_public.decode(),
+        "curve_public_key": client_public.decode(),
+        "curve_secret_key": client_secret.decode(),
+    }
+    return client, server_secret.decode()
+
+
+def _send_scan(publisher: PandaPublisher) -> None:
+    publisher.start()
+    publisher.send_samples({"x": np.arange(4.0), "y": np.ones(4)}, frame_number=0)
+    publisher.stop()
+
+
+def test_panda_round_trip_over_curve() -> None:
+    client, server_secret = _keys()
+    publisher = PandaPublisher("tcp://127.0.0.1:*", curve_secret_key=server_secret)
+    got = _Got()
+    receiver = got.receiver(publisher.endpoint, **client)
+    try:
+        assert publisher.curve_public_key == client["curve_server_key"]
+        receiver.start()
+        assert publisher.wait_for_subscribers(1, timeout=5.0)
+        _send_scan(publisher)
+        deadline = time.monotonic() + 5
+        while len(got.events) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [kind for kind, _ in got.events] == ["start", "samples", "stop"]
+        assert got.events[1][1][0]["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        assert receiver.stop(timeout=5.0)
+        publisher.close(linger=0)
+
+
+def test_a_curve_panda_receiver_refuses_a_plain_publisher() -> None:
+    client, _ = _keys()
+    publisher = PandaPublisher("tcp://127.0.0.1:*")  # plain: an impostor on the network
+    got = _Got()
+    receiver = got.receiver(publisher.endpoint, **client)
+    try:
+        receiver.start()
+        assert not publisher.wait_for_subscribers(1, timeout=0.5)
+        _send_scan(publisher)
+        time.sleep(0.3)
+        assert receiver.counters.get("messages") == 0 and got.events == []
+    finally:
+        assert receiver.stop(timeout=5.0)
+        publisher.close(linger=0)
+
+
+def _engine_receivers(settings: Any) -> list[Any]:
+    """The receivers Engine._start_receivers makes, without the rest of an engine."""
+    from hxn_liveptycho.engine import Engine
+
+    engine = Engine.__new__(Engine)
+    engine.settings = settings
+    engine._receivers = []
+    engine._start_receivers()
+    return engine._receivers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine.py _start_receivers does not pass **curve to PandaReceiver yet (lead's file)",
+)
+def test_the_engine_gives_the_panda_socket_the_curve_keys(monkeypatch) -> None:
+    from hxn_liveptycho.settings import Settings
+
+    client, _ = _keys()
+    for name in list(__import__("os").environ):
+        if name.startswith("LIVEPTYCHO_"):
+            monkeypatch.delenv(name)
+    settings = Settings(panda_endpoint="tcp://127.0.0.1:9", **client)
+    receivers = _engine_receivers(settings)
+    try:
+        (panda,) = [r for r in receivers if isinstance(r, PandaReceiver)]
+        sock = panda._zmq._socket
+        assert sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        assert sock.getsockopt(zmq.CURVE_SERVERKEY) == client["curve_server_key"].encode()
+    finally:
+        for receiver in receivers:
+            receiver.stop(timeout=1.0)
