@@ -176,7 +176,7 @@ def _config_reference(args: argparse.Namespace) -> int:
 def _status_json(args: argparse.Namespace) -> int:
     from hxn_liveptycho.settings import Settings
 
-    print(json.dumps(Settings().model_dump(mode="json"), indent=2, default=str))
+    print(json.dumps(Settings().public_view(), indent=2, default=str))
     return 0
 
 
@@ -250,10 +250,13 @@ def _serve_client(args: argparse.Namespace) -> Any:
 
 def _client_call(args: argparse.Namespace, call: Any) -> int:
     from hxn_liveptycho.control.client import ServeError
+    from hxn_liveptycho.errors import ConfigurationError
 
     try:
         with _serve_client(args) as client:
             result = call(client)
+    except ConfigurationError:
+        raise  # bad settings: main's one line and exit status 2
     except (ServeError, ValueError) as exc:
         print(f"liveptycho {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -294,7 +297,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    return _client_call(args, lambda client: client.stop(args.uid))
+    from hxn_liveptycho.control.client import ServeError
+
+    def call(client: Any) -> Any:
+        result = client.stop(args.uid)
+        if args.uid is not None and not result.get("stopped"):
+            run = client.run(args.uid)  # an unknown uid is serve's 404, one line
+            raise ServeError(f"run {args.uid!r} is not running (it ended {run.get('status')})")
+        return result
+
+    return _client_call(args, call)
 
 
 def _configure(args: argparse.Namespace) -> int:
@@ -344,10 +356,26 @@ def _add_serve_commands(sub: Any) -> None:
             command.add_argument("--model", help="NN model for the next runs")
 
 
+def _needs_tiled(source: str) -> bool:
+    """Whether replay would look ``source`` up in Tiled (its rule: no folder, no separator)."""
+    return not (Path(source).exists() or "/" in source or "\\" in source)
+
+
 def _replay(args: argparse.Namespace) -> int:
     from hxn_liveptycho.replay import ReplayError
     from hxn_liveptycho.replay.command import run
+    from hxn_liveptycho.settings import Settings
 
+    if _needs_tiled(args.source) and not args.tiled_uri and Settings().tiled_uri is None:
+        # Without a Tiled URI the run would be looked up in an embedded server that holds
+        # only processed results (and was stopped before the lookup: a minute, then a
+        # ConnectError).
+        print(
+            f"liveptycho replay: {args.source!r} is no archive folder here, and a run uid or "
+            "scan_id is read from Tiled: give --tiled-uri or set LIVEPTYCHO_TILED_URI",
+            file=sys.stderr,
+        )
+        return 2
     try:
         report = run(args)
     except ReplayError as exc:
@@ -439,13 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_models_inspect)
     _add_serve_commands(sub)
     _add_replay_command(sub)
+    for command in (parser, *sub.choices.values(), *models_sub.choices.values()):
+        _one_line_errors(command)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; a user's mistake is one line on stderr and a non-zero exit status.
+
+    Exit status 2: bad settings or arguments; 1: the command failed (serve
+    unreachable, a file missing); 130: interrupted. ``-vv`` shows the traceback.
+    """
+    from hxn_liveptycho.control.client import ServeError
+    from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"liveptycho {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (LivePtychoError, ServeError, ValueError, OSError) as exc:
+        if args.verbose > 1:
+            raise
+        print(f"liveptycho {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
 
 
 if __name__ == "__main__":

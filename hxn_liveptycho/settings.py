@@ -7,15 +7,30 @@ of truth. Scan-specific choices live in :class:`~hxn_liveptycho.scan.ScanConfig`
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.streams.crop import DetectorCrop
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "LIVEPTYCHO_"
+#: ``LIVEPTYCHO_*`` names that are not settings but are read on purpose elsewhere.
+OTHER_ENV_NAMES = frozenset({"LIVEPTYCHO_TEST_ARTIFACTS"})
+#: Query keys whose values are secrets in a URI.
+SECRET_QUERY_KEYS = frozenset({"api_key", "apikey", "token", "access_token", "password", "key"})
 
 DEFAULT_PLAN_NAMES = ("fly2dpd", "fly2d", "FlyPlan2D", "hxn_fly2d_panda")
 
@@ -28,8 +43,26 @@ class Settings(BaseSettings):
     """Where LivePtycho listens and writes; every field has an env var ``LIVEPTYCHO_<NAME>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LIVEPTYCHO_", env_nested_delimiter="__", extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
     )
+
+    def __init__(self, **values: Any) -> None:
+        """Read the fields from ``values`` and ``LIVEPTYCHO_*``; a bad one is one line.
+
+        Raises :class:`~hxn_liveptycho.errors.ConfigurationError` naming the
+        environment variable (or the field, when given here) and what it accepts;
+        an unknown ``LIVEPTYCHO_*`` name is logged once as a warning.
+        """
+        warn_unknown_environment()
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_settings_problem(exc, values)) from None
+        except SettingsError as exc:
+            field = re.search(r'field "(\w+)"', str(exc))
+            where = _env_name((field.group(1),)) if field else "LIVEPTYCHO_*"
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise ConfigurationError(f"invalid settings: {where}: cannot parse: {cause}") from None
 
     tiled_uri: str | None = Field(
         default=None, description="Tiled server URL; None starts an embedded server."
@@ -151,3 +184,106 @@ class Settings(BaseSettings):
     documents_prefix: str = Field(
         default="", description="bluesky Publisher prefix to accept (empty: every publisher)."
     )
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from hxn_liveptycho.overrides import check_overrides  # imports ScanConfig
+
+        return check_overrides(value)
+
+    def public_view(self) -> dict[str, Any]:
+        """The settings as JSON with every secret hidden: keys, tokens, ``api_key=`` in URIs."""
+        return _redact_uris(self.model_dump(mode="json"))
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its password and secret query values (``api_key``, ``token``) hidden."""
+    from hxn_liveptycho.store.server import redact  # the store's own rule for api_key
+
+    try:
+        parts = urlsplit(redact(uri))
+        query = [
+            (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else netloc
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
+    except ValueError:  # not a URI we can take apart: show nothing of it
+        return "***"
+
+
+def _redact_uris(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _redact_uris(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_uris(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_uri(value)
+    return value
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def _settings_problem(exc: ValidationError, given: Mapping[str, Any]) -> str:
+    """One line for a settings ValidationError: the variable (or field), its value, the rule."""
+    from hxn_liveptycho.overrides import validation_problems
+
+    problems = []
+    for path, text in validation_problems(exc, Settings):
+        top = path.split(".")[0]
+        if top in given:
+            problems.append(f"setting {path}: {text}")
+        else:
+            problems.append(f"{_env_name(tuple(path.split('.')))}: {text}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        env = prefix + name.upper()
+        names.append(env)
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names.extend(_env_names(nested, env + "__"))
+    return names
+
+
+def warn_unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warn (once per name) about ``LIVEPTYCHO_*`` variables no setting reads; return them.
+
+    A misspelt name would otherwise be ignored silently and the default used.
+    """
+    environ = os.environ if environ is None else environ
+    known = _env_names(Settings, ENV_PREFIX)
+    known_set = set(known) | OTHER_ENV_NAMES
+    # Nested names are validated by their field: a model refuses unknown ones with an error
+    # (LIVEPTYCHO_GPU_PLACEMENT__ITERATVE), a dict takes any (LIVEPTYCHO_OVERRIDES__ROI__SIZE).
+    open_ended = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known_set:
+            continue
+        if "__" in upper and upper.split("__")[0] in open_ended:
+            continue
+        unknown.append(name)
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logger.warning("environment variable %s is not a liveptycho setting%s", name, hint)
+    return unknown

@@ -164,17 +164,29 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
 
     @app.post("/api/stop", dependencies=auth)
     def stop_newest(request: StopRequest | None = None) -> dict[str, Any]:
-        return {"stopped": service.stop_run(request.uid if request else None)}
+        """Stop run ``uid`` (404 if serve does not know it), or the newest running one."""
+        uid = request.uid if request else None
+        if uid is not None:
+            session_or_404(uid)
+        return {"stopped": service.stop_run(uid)}
 
     @app.get("/api/config", dependencies=auth)
     def config() -> dict[str, Any]:
-        return service.config()
+        """Enabled, overrides and settings; secrets hidden (keys, tokens, api_key= in URIs)."""
+        view = service.config()
+        view["settings"] = service.settings.public_view()
+        return view
 
     def configure(overrides: dict[str, Any], merge: bool) -> dict[str, Any]:
         try:
             return {"overrides": service.configure(overrides, merge=merge)}
-        except (ValueError, ConfigurationError) as exc:
+        except (ValueError, ConfigurationError) as exc:  # one line: each field, what it takes
             raise HTTPException(422, str(exc)) from exc
+
+    @app.patch("/api/config", dependencies=auth)
+    def merge_config(overrides: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """Deep-merge into the overrides of the next runs (as PATCH /api/config/overrides)."""
+        return configure(overrides, merge=True)
 
     @app.put("/api/config/overrides", dependencies=auth)
     def replace_overrides(overrides: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
