@@ -230,7 +230,10 @@ class EmbeddedTiledServer:
 
     def _start(self) -> None:
         began = time.monotonic()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Owner only: the logs name the server's clients and paths (never its key).
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            self.directory.chmod(0o700)
         # Keys reach the child through its stdin only; a key in the parent's environment
         # has no business in the child's.
         env = {k: v for k, v in os.environ.items() if k not in _KEY_VARIABLES}
@@ -249,7 +252,10 @@ class EmbeddedTiledServer:
             "--parent-pid",
             str(os.getpid()),
         ]
-        with open(self.log_path, "ab") as log:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             process = _launcher.popen(
                 argv,
                 stdin=subprocess.PIPE,

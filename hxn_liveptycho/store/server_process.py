@@ -28,6 +28,7 @@ Readiness is the parent's to judge, through ``/healthz``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -96,30 +97,70 @@ def build_app(directory: Path, api_key: str) -> tuple[Any, Any]:
     return app, get_storage(storage_uri)
 
 
-_API_KEY_VALUE = re.compile(r"(api_key=)[^&\s\"']+", re.IGNORECASE)
+#: Query parameters whose values are secrets, in any case and percent-encoding of ``_``.
+_SECRET_PARAMETER = re.compile(
+    r"((?:api(?:_|%5f)key|(?:access(?:_|%5f))?token)=)[^&\s\"']+", re.IGNORECASE
+)
+
+#: The log files of the server's directory; created readable by their owner only.
+LOG_FILES = ("server.log", "access.log", "error.log")
 
 
 class RedactApiKey(logging.Filter):
-    """Hides ``api_key=...`` in access-log lines: tiled's client sends it in the first URL."""
+    """Hides secrets in log records: ``api_key=...`` values, and the server's own key anywhere.
+
+    Tiled's client sends the key in the first URL, users paste URIs with it,
+    and a key may end up in a path or a traceback; the server knows its key, so
+    every appearance of it (and of its URL-encoded forms) is replaced, in the
+    message, its arguments and exception text, before any handler writes it.
+    """
+
+    def __init__(self, name: str = "", secrets: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(name)
+        forms = {form for secret in secrets if secret for form in _encodings(secret)}
+        self._secrets = (
+            re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)))
+            if forms
+            else None
+        )
+
+    def redact(self, text: str) -> str:
+        text = _SECRET_PARAMETER.sub(r"\1***", text)
+        return self._secrets.sub("***", text) if self._secrets is not None else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(
-            isinstance(a, str) and "api_key=" in a.lower() for a in record.args
-        ):
-            record.args = tuple(
-                _API_KEY_VALUE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        elif isinstance(record.msg, str) and "api_key=" in record.msg.lower():
-            record.msg = _API_KEY_VALUE.sub(r"\1***", record.msg)
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {
+                k: self.redact(v) if isinstance(v, str) else v for k, v in record.args.items()
+            }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         return True
 
 
-def uvicorn_log_config(directory: Path) -> dict[str, Any]:
-    """Tiled's uvicorn logging, into ``access.log`` and ``error.log``, API keys hidden."""
+def _encodings(secret: str) -> set[str]:
+    from urllib.parse import quote, quote_plus
+
+    return {secret, quote(secret, safe=""), quote_plus(secret)}
+
+
+def uvicorn_log_config(directory: Path, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Tiled's uvicorn logging, into ``access.log`` and ``error.log``, secrets hidden."""
     from tiled.server.logging_config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"]["redact_api_key"] = {"()": "hxn_liveptycho.store.server_process.RedactApiKey"}
+    config["filters"]["redact_api_key"] = {
+        "()": "hxn_liveptycho.store.server_process.RedactApiKey",
+        "secrets": list(secrets),
+    }
     for handler, filename in (("access", "access.log"), ("default", "error.log")):
         config["handlers"][handler]["class"] = "logging.FileHandler"
         del config["handlers"][handler]["stream"]
@@ -128,6 +169,17 @@ def uvicorn_log_config(directory: Path) -> dict[str, Any]:
     for formatter in config["formatters"].values():
         formatter["use_colors"] = False  # files, not a terminal
     return config
+
+
+def _owner_only(directory: Path) -> None:
+    """The directory and its log files readable by their owner only (they name the server's
+    clients and paths; before the key was redacted, they held it)."""
+    os.umask(0o077)
+    with contextlib.suppress(OSError):
+        directory.chmod(0o700)
+    for name in LOG_FILES:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            (directory / name).chmod(0o600)
 
 
 def bind(port: int) -> socket.socket:
@@ -182,17 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     if not api_key:
         logger.error("no API key on stdin: the parent must write it first")
         return 2
+    redact = RedactApiKey(secrets=(api_key,))
+    for handler in logging.getLogger().handlers:  # server.log, through stderr
+        handler.addFilter(redact)
 
     import uvicorn
 
     directory = args.directory.resolve()
+    _owner_only(directory)
     app, storage = build_app(directory, api_key)
     sock = bind(args.port)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             loop="asyncio",
-            log_config=uvicorn_log_config(directory),
+            log_config=uvicorn_log_config(directory, (api_key,)),
             timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S),
         )
     )
