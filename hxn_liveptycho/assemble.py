@@ -75,6 +75,14 @@ class Assembler:
         self._frames[index] = data
         self.counters.add("frames")
 
+    def discard_frame(self, index: int) -> bool:
+        """Take back a frame not yet paired (quarantined after the fact); False if it was
+        paired already or never came."""
+        if self._frames.pop(index, None) is None:
+            return False
+        self.counters.add("frames", -1)
+        return True
+
     def add_samples(self, samples: Mapping[str, np.ndarray], starting_sample: int) -> None:
         """Take one PandA data message; channels other than the two encoders are ignored."""
         x = samples.get(self.encoder.x_channel)

@@ -180,6 +180,9 @@ class RunSession:
         #: odd kind seen: a series whose every later frame is odd changed its shape.
         self._odd_streak = 0
         self._odd_kind: tuple[tuple[int, ...], np.dtype] | None = None
+        self._first_frame_index: int | None = None
+        self._kind_accepted = 0
+        self._last_odd: tuple[int, np.ndarray] | None = None
         #: Light copies kept once the heavy state is released (see :meth:`_release`).
         self._released: dict[str, Any] = {}
         self._done = threading.Event()
@@ -458,12 +461,8 @@ class RunSession:
             index, data = payload
             self.counters.add("frames_received")
             self.timeline.setdefault("first_frame", time.monotonic())
-            if not self._admit(index, data):
-                return
-            if self._assembler is None:
-                self._early_frames.append((index, data))
-            else:
-                self._assembler.add_frame(index, data)
+            if self._admit(index, data):
+                self._keep(index, data)
         elif kind == "samples":
             samples, starting = payload
             if self._assembler is None:
@@ -489,18 +488,50 @@ class RunSession:
             self.log.warning("%s: ending it with what was received", payload)
         # "solver": the solver process answered; _pump_solver reads what it sent
 
+    def _keep(self, index: int, data: np.ndarray) -> None:
+        if self._assembler is None:
+            self._early_frames.append((index, data))
+        else:
+            self._assembler.add_frame(index, data)
+
     def _admit(self, index: int, data: np.ndarray) -> bool:
         """Whether a frame has the run's shape and dtype (its first frame's); one that has
         not is quarantined, counted and dropped, so that a single odd frame cannot fail
         the batch it would be stacked with, and the frames around it are kept."""
-        kind = (tuple(np.shape(data)), np.asarray(data).dtype)
+        kind = self._kind_of(data)
         if self._frame_kind is None and len(kind[0]) == 2:
             self._frame_kind = kind
+            self._first_frame_index = index
         if kind == self._frame_kind:
             self._odd_streak = 0
+            self._kind_accepted += 1
+            return True
+        if (
+            self._kind_accepted == 1
+            and self._last_odd is not None
+            and self._kind_of(self._last_odd[1]) == kind
+            and self._unadmit(self._first_frame_index)
+        ):
+            # The run's first frame was the odd one: the two after it agree with each other.
+            # It is quarantined in their place, and they set the run's kind.
+            self.log.warning(
+                "frame %s (%s) was the odd one: quarantined; frames are %s",
+                self._first_frame_index,
+                self._describe_kind(self._frame_kind),
+                self._describe_kind(kind),
+            )
+            self._odd_kind, self._frame_kind = self._frame_kind, kind
+            self._odd_streak = 0
+            self._kind_accepted = 2
+            if self._last_odd is not None:
+                self.counters.add("frames_quarantined", -1)
+                self._keep(*self._last_odd)
+            self._last_odd = None
             return True
         self.counters.add("frames_quarantined")
         self._odd_streak += 1
+        # Held until the next frame, in case it shows that the first frame was the odd one.
+        self._last_odd = (index, data) if self._kind_accepted == 1 else None
         if self._odd_kind is None:
             self._odd_kind = kind
             self.log.warning(
@@ -510,6 +541,24 @@ class RunSession:
                 self._describe_kind(kind),
                 self._describe_kind(self._frame_kind),
             )
+        return False
+
+    @staticmethod
+    def _kind_of(data: np.ndarray) -> tuple[tuple[int, ...], np.dtype]:
+        return tuple(np.shape(data)), np.asarray(data).dtype
+
+    def _unadmit(self, index: int | None) -> bool:
+        """Quarantine an admitted frame that is not yet fed (False if it is too late)."""
+        if index is None:
+            return False
+        for i, (early_index, _) in enumerate(self._early_frames):
+            if early_index == index:
+                del self._early_frames[i]
+                self.counters.add("frames_quarantined")
+                return True
+        if self._assembler is not None and self._assembler.discard_frame(index):
+            self.counters.add("frames_quarantined")
+            return True
         return False
 
     def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -891,6 +940,7 @@ class RunSession:
         self._pending_frames = []
         self._early_frames = []
         self._early_samples = []
+        self._last_odd = None
 
     def drop_pictures(self) -> None:
         """Drop the last snapshot and NN mosaic kept for status pages (the engine keeps

@@ -136,3 +136,21 @@ def test_series_that_changed_shape_ends_incomplete(tmp_path: Path) -> None:
         sink = only_sink(sinks)
         assert sorted(sink.indices) == [0, 1, 2]
         assert summary["counters"]["frames_quarantined"] == 6
+
+
+def test_odd_first_frame_is_the_one_quarantined(tmp_path: Path) -> None:
+    """The first frame sets the run's shape, unless the two after it agree on another."""
+    with engine_with(tmp_path) as (engine, sinks):
+        run = Run(engine)
+        run.arm()
+        run.frames(range(1), shape=(FRAME * 2, FRAME * 2))
+        run.frames(range(1, 9))
+        run.positions()
+        run.end_streams()
+        run.stop()
+        assert engine.wait_idle(timeout=60)
+        summary = run.summary()
+        assert summary["status"] == "complete", summary
+        assert summary["counters"]["frames_quarantined"] == 1
+        assert any("128x128" in w for w in summary["warnings"]), summary
+        assert sorted(only_sink(sinks).indices) == list(range(1, 9))
