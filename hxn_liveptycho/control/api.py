@@ -51,7 +51,10 @@ def _bearer(token: str | None) -> Any:
         scheme, _, supplied = header.partition(" ")
         if scheme.lower() != "bearer":
             supplied = request.query_params.get("token", "")
-        if not supplied or not hmac.compare_digest(supplied.strip(), token):
+        # Bytes: compare_digest refuses non-ASCII str (a 500 for a token with an 'é').
+        if not supplied or not hmac.compare_digest(
+            supplied.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+        ):
             raise HTTPException(
                 status_code=401,
                 detail="a valid bearer token is required",

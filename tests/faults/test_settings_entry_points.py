@@ -125,3 +125,12 @@ def test_cli_settings_hides_the_tiled_api_key(
     out = capsys.readouterr().out
     assert "topsecret" not in out and "othersecret" not in out
     assert "http://tiled:8000/api?api_key=***" in out
+
+
+def test_a_non_ascii_token_is_401_not_500(api: httpx.Client, url: str) -> None:
+    with httpx.Client(base_url=url, timeout=10) as anonymous:
+        assert anonymous.get("/api/config", params={"token": "clé"}).status_code == 401
+        latin1 = {"Authorization": "Bearer clé".encode("latin-1")}  # as a raw header
+        reply = anonymous.get("/api/config", headers=latin1)
+        assert reply.status_code == 401
+    assert api.get("/api/config").status_code == 200
