@@ -128,6 +128,7 @@ class Run:
         self.engine = engine
         self.bundle = compose_run(metadata=dict(md or SCAN_MD))
         self.uid = self.bundle.start_doc["uid"]
+        self.stop_doc: Any = None
         engine.submit("start", self.bundle.start_doc)
         primary = self.bundle.compose_descriptor(
             name="primary",
@@ -157,7 +158,10 @@ class Run:
         self.engine._put_stream("series_end", "panda", {})
 
     def stop(self, exit_status: str = "success") -> None:
-        self.engine.submit("stop", self.bundle.compose_stop(exit_status=exit_status))
+        """Send the stop document (the same one again when called twice)."""
+        if self.stop_doc is None:
+            self.stop_doc = self.bundle.compose_stop(exit_status=exit_status)
+        self.engine.submit("stop", self.stop_doc)
 
     def whole(self) -> None:
         """A scan where everything arrives."""
