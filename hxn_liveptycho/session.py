@@ -82,6 +82,9 @@ FINAL_STATUSES = frozenset(
 #: long enough for a paused RunEngine or a slow baseline read, short enough that a lost
 #: ``stop`` does not hold the run (and its memory) for the rest of the shift.
 IDLE_MARGIN_S = 600.0
+#: Least time the solver is given, after the scan's end, to send its final state (see
+#: :meth:`RunSession._final_state_bound_s`).
+FINAL_STATE_MARGIN_S = 120.0
 #: Reason of a run ended because a newer run started before its ``stop`` arrived.
 SUPERSEDED = "a new run started before its stop"
 
@@ -791,7 +794,31 @@ class RunSession:
             self.timeline["data_complete"] = time.monotonic()
             self._final_iteration = solver.iteration + self.config.recon.iterations
             solver.finish(self.config.recon.iterations)
-        return solver.done.is_set()
+        if solver.done.is_set():
+            return True
+        bound = self._final_state_bound_s(solver)
+        waited = time.monotonic() - self.timeline["data_complete"]
+        if waited > bound:
+            # A solver process that is alive but stuck would otherwise hold the run open
+            # (and wait() with it) for ever; its last snapshot is what gets written.
+            self._solver_failure = (
+                f"solver: no final state within {bound:.0f} s of the scan's end; "
+                "its last snapshot is kept"
+            )
+            self.log.error("%s", self._solver_failure)
+            return True
+        return False
+
+    def _final_state_bound_s(self, solver: RemoteSolver) -> float:
+        """How long the post-scan passes may take: :data:`FINAL_STATE_MARGIN_S` plus ten
+        times what they should take at the solver's measured pass rate."""
+        assert self.config is not None
+        passes = solver.pass_ends[-20:]
+        expected = 0.0
+        if len(passes) >= 2 and passes[-1][0] > passes[0][0]:
+            rate = (len(passes) - 1) / (passes[-1][0] - passes[0][0])
+            expected = self.config.recon.iterations / rate
+        return FINAL_STATE_MARGIN_S + 10.0 * expected
 
     def _snapshot(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """A solver state as the sink takes it: with the error history and positions in metres."""

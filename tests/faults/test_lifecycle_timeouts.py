@@ -154,3 +154,24 @@ def test_odd_first_frame_is_the_one_quarantined(tmp_path: Path) -> None:
         assert summary["counters"]["frames_quarantined"] == 1
         assert any("128x128" in w for w in summary["warnings"]), summary
         assert sorted(only_sink(sinks).indices) == list(range(1, 9))
+
+
+def test_solver_that_never_sends_its_final_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A solver that is alive but never answers 'finish' no longer holds the run open."""
+    from hxn_liveptycho import session as session_module
+    from hxn_liveptycho.recon.worker import RemoteSolver
+
+    monkeypatch.setattr(session_module, "FINAL_STATE_MARGIN_S", 1.0)
+    monkeypatch.setattr(RemoteSolver, "finish", lambda self, iterations: None)
+    with engine_with(tmp_path) as (engine, sinks):
+        run = Run(engine)
+        run.whole()
+        assert engine.wait_idle(timeout=60)
+        summary = run.summary()
+        assert summary["status"] == "failed", summary
+        assert "no final state within" in summary["reason"]
+        sink = only_sink(sinks)
+        assert sink.final_metadata["status"] == "failed"
+        assert sorted(sink.indices) == list(range(9))
