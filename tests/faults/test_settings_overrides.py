@@ -170,3 +170,33 @@ def test_queueserver_configure_merges_validates_and_replaces(live: LivePtycho) -
     assert control.status()["overrides"] == {"recon": {"iterations": 10}, "roi": {"size": 64}}
     assert control.configure(replace=True, mode="both") == {"overrides": {"mode": "both"}}
     assert control.configure(replace=True) == {"overrides": {}}
+
+
+def test_reprocess_deep_merges_its_overrides_over_the_live_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reprocessing with recon={"iterations": 3} keeps the live recon.algorithm (was dropped)."""
+    import hxn_liveptycho.replay as replay
+
+    seen: list[Settings] = []
+
+    def fake_replay_run(source: str, *, settings: Settings, pace: str) -> Any:
+        seen.append(settings)
+        raise RuntimeError("not replayed in this test")
+
+    monkeypatch.setattr(replay, "replay_run", fake_replay_run)
+    live = make_live(tmp_path, overrides={"roi": {"size": 64}})
+    try:
+        control = LivePtychoControl(live)
+        control.configure(recon={"algorithm": "lsqml", "iterations": 50})
+        with pytest.raises(ConfigurationError, match=r"recon\.iterations: -1 refused"):
+            control.reprocess("archive", recon={"iterations": -1})
+        control.reprocess("archive", recon={"iterations": 3})
+        assert control.wait_reprocessing(timeout=10)
+        (settings,) = seen
+        assert settings.overrides == {
+            "roi": {"size": 64},
+            "recon": {"algorithm": "lsqml", "iterations": 3},
+        }
+    finally:
+        live.close()
