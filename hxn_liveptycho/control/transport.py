@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -248,6 +249,15 @@ class DocumentSource(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+#: Environment variables a child process that is not ours to configure never gets.
+SECRET_ENV_PREFIXES = ("LIVEPTYCHO_", "TILED_")
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without ``LIVEPTYCHO_*`` and ``TILED_*`` (API keys, tokens)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SECRET_ENV_PREFIXES)}
+
+
 class ProxyProcess:
     """bluesky's 0MQ proxy (``bluesky-0MQ-proxy``) as a child process of serve.
 
@@ -271,7 +281,8 @@ class ProxyProcess:
                 self.in_address,
                 "--out-address",
                 self.out_address,
-            ]
+            ],
+            env=child_environment(),
         )
         logger.info(
             "bluesky 0MQ proxy started (pid %d): publishers connect to %s, output on %s",
