@@ -259,33 +259,45 @@ def child_environment() -> dict[str, str]:
 
 
 class ProxyProcess:
-    """bluesky's 0MQ proxy (``bluesky-0MQ-proxy``) as a child process of serve.
+    """A 0MQ proxy for bluesky's documents as a child process of serve.
 
-    A child process, not a thread: the proxy blocks in ``zmq.proxy`` and cannot
-    be interrupted cleanly from another thread, while a process ends on SIGTERM.
+    The same forwarder as ``bluesky-0MQ-proxy`` (a SUB bound where RunEngines'
+    Publishers connect, a PUB bound where subscribers connect), with the
+    incoming message size bounded by ZMQ's ``MAXMSGSIZE``: a publisher that
+    announces a larger message is disconnected before anything is allocated
+    for it. A child process, not a thread: the forwarder blocks in
+    ``zmq.proxy`` and cannot be interrupted cleanly from another thread, while
+    a process ends on SIGTERM. It gets none of serve's ``LIVEPTYCHO_*`` or
+    ``TILED_*`` environment variables (tokens, API keys).
     """
 
-    def __init__(self, in_address: str, out_address: str) -> None:
+    def __init__(
+        self,
+        in_address: str,
+        out_address: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.in_address = in_address
         self.out_address = out_address
+        self.max_message_bytes = max_message_bytes
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        code = "import sys; from bluesky.commandline.zmq_proxy import main; sys.exit(main())"
+        code = "import sys; from hxn_liveptycho.control.transport import proxy_main; proxy_main()"
         self._process = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 code,
-                "--in-address",
-                self.in_address,
-                "--out-address",
-                self.out_address,
+                _normalize_address(self.in_address),
+                _normalize_address(self.out_address),
+                str(self.max_message_bytes),
             ],
             env=child_environment(),
         )
         logger.info(
-            "bluesky 0MQ proxy started (pid %d): publishers connect to %s, output on %s",
+            "0MQ proxy for documents started (pid %d): publishers connect to %s, output on %s",
             self._process.pid,
             self.in_address,
             self.out_address,
@@ -305,6 +317,29 @@ class ProxyProcess:
             logger.warning("0MQ proxy did not stop on SIGTERM; killing it")
             self._process.kill()
             self._process.wait(timeout)
+
+
+def proxy_main(argv: list[str] | None = None) -> None:
+    """The proxy child: ``IN_ADDRESS OUT_ADDRESS MAX_MESSAGE_BYTES``; runs until SIGTERM."""
+    import signal
+
+    in_address, out_address, limit = (sys.argv[1:] if argv is None else argv)[:3]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    context = zmq.Context()
+    frontend = context.socket(zmq.SUB)
+    frontend.setsockopt(zmq.MAXMSGSIZE, int(limit))
+    frontend.setsockopt(zmq.RCVHWM, 0)
+    frontend.setsockopt(zmq.SUBSCRIBE, b"")
+    frontend.bind(in_address)
+    backend = context.socket(zmq.PUB)
+    backend.setsockopt(zmq.SNDHWM, 0)
+    backend.bind(out_address)
+    try:
+        zmq.proxy(frontend, backend)
+    finally:
+        frontend.close(linger=0)
+        backend.close(linger=0)
+        context.term()
 
 
 class ZmqDocumentSource:
@@ -342,7 +377,11 @@ class ZmqDocumentSource:
         self.address = _normalize_address(address)
         self.prefix = prefix.encode()
         self.max_message_bytes = max_message_bytes
-        self.proxy = ProxyProcess(proxy_in_address, self.address) if proxy_in_address else None
+        self.proxy = (
+            ProxyProcess(proxy_in_address, self.address, max_message_bytes=max_message_bytes)
+            if proxy_in_address
+            else None
+        )
         self.counters = Counters(["documents", "rejected", "disconnects"])
         self._context = context if context is not None else zmq.Context.instance()
         self._deliver: Deliver | None = None

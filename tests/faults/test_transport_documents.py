@@ -223,3 +223,40 @@ def test_bluesky_publisher_messages_go_through(feed, RE):
     assert [name for name, _ in got] == ["start", "stop", "event_page"]
     assert got[2][1]["data"]["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert f.source.counters.get("rejected") == 0
+
+
+def test_the_proxy_serve_starts_refuses_oversized_messages_and_keeps_forwarding():
+    from bluesky.callbacks.zmq import Publisher
+    from serve_helpers import free_port
+
+    source = ZmqDocumentSource(
+        f"tcp://127.0.0.1:{free_port()}",
+        proxy_in_address=f"tcp://127.0.0.1:{free_port()}",
+        max_message_bytes=64 * 1024,
+    )
+    received: list[dict[str, Any]] = []
+    source.start(lambda name, doc: received.append(doc))
+    assert source.proxy is not None
+    pub = Publisher(source.proxy.in_address)
+    pub._socket.setsockopt(zmq.LINGER, 0)
+
+    def until_received(uid: str) -> None:
+        deadline = time.monotonic() + 20
+        while not any(d.get("uid") == uid for d in received):
+            assert time.monotonic() < deadline, f"{uid} never arrived"
+            pub("start", {"uid": uid})
+            time.sleep(0.1)
+
+    try:
+        until_received("first")
+        pub("event", {"uid": "big", "blob": b"x" * 1_000_000})
+        until_received("after")
+        assert source.proxy.running
+        assert all(d["uid"] != "big" for d in received)
+        # The proxy refused it: serve neither saw it nor lost its own connection over it.
+        assert source.counters.get("rejected") == 0
+        assert source.counters.get("disconnects") == 0
+    finally:
+        pub.close()
+        source.stop()
+    assert not source.proxy.running
