@@ -43,16 +43,35 @@ __all__ = [
     "TiledConnection",
     "bluesky_serialization_registry",
     "redact",
+    "split_api_key",
 ]
 
 logger = logging.getLogger(__name__)
 
 
+#: Query parameters whose values are secrets (compared in lower case).
+SECRET_QUERY_KEYS = frozenset({"api_key", "apikey", "token", "access_token"})
+
+
 def redact(uri: str) -> str:
-    """The URI with any ``api_key`` query value hidden, fit for logs and status pages."""
+    """The URI with secret query values (``api_key``, ``token``, any case) hidden."""
     parts = urlsplit(uri)
-    query = [(k, "***" if k == "api_key" else v) for k, v in parse_qsl(parts.query)]
+    query = [
+        (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def split_api_key(uri: str) -> tuple[str, str | None]:
+    """``uri`` without its ``api_key`` query parameter, and that key (None if it has none)."""
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    keys = [v for k, v in query if k.lower() == "api_key"]
+    if not keys:
+        return uri, None
+    rest = [(k, v) for k, v in query if k.lower() != "api_key"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), keys[-1] or None
 
 
 #: Seconds the embedded server may take from its start to answering its health probe.
@@ -523,10 +542,12 @@ class TiledConnection:
                 return self._client
         with self._lock:
             if self._client is None:
+                # An api_key in the URI goes in a header too: in the URL, httpx's INFO log
+                # line for every request (and the server's access log) would show it.
+                uri, key_in_uri = split_api_key(self.settings.tiled_uri or "")
                 api_key = self.settings.tiled_api_key
                 self._client = from_uri(
-                    self.settings.tiled_uri,
-                    api_key=api_key.get_secret_value() if api_key else None,
+                    uri, api_key=api_key.get_secret_value() if api_key else key_in_uri
                 )
             return self._client
 

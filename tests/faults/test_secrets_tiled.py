@@ -84,3 +84,32 @@ def test_the_log_files_are_readable_by_their_owner_only(connection, tmp_path):
     for path in [directory, *directory.glob("*.log")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path.name} is {oct(mode)}"
+
+
+def test_a_key_in_a_remote_uri_never_travels_in_a_url(tmp_path, monkeypatch, caplog):
+    """``LIVEPTYCHO_TILED_URI=...?api_key=...``: httpx's INFO line for each request showed it."""
+    import logging
+
+    from hxn_liveptycho.store.server import EmbeddedTiledServer, redact, split_api_key
+
+    for name in list(os.environ):
+        if name.startswith("LIVEPTYCHO_"):
+            monkeypatch.delenv(name)
+    with EmbeddedTiledServer(tmp_path / "remote", api_key=KEY) as remote:
+        assert KEY in remote.uri
+        conn = TiledConnection(Settings(tiled_uri=remote.uri, data_dir=tmp_path / "data"))
+        try:
+            with caplog.at_level(logging.DEBUG):
+                client = conn.client()
+                client.write_array(np.arange(3), key="b")
+                assert client["b"].read().tolist() == [0, 1, 2]
+                assert conn.reachable()
+            assert conn.describe()["uri"] == redact(remote.uri)
+        finally:
+            conn.close()
+    assert "HTTP Request" in caplog.text  # httpx logged the requests ...
+    assert KEY not in caplog.text  # ... without the key
+    assert KEY not in (tmp_path / "remote" / "access.log").read_text()
+    assert split_api_key("http://h/api/v1?x=1&API_KEY=k") == ("http://h/api/v1?x=1", "k")
+    assert split_api_key("http://h/api/v1") == ("http://h/api/v1", None)
+    assert redact("http://h/?Token=t&api_key=&x=1") == "http://h/?Token=***&api_key=***&x=1"
