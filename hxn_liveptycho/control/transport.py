@@ -3,8 +3,9 @@
 Serve depends only on :class:`DocumentSource` (start with a deliver callback,
 stop, describe, counters). :class:`ZmqDocumentSource` is bluesky's own 0MQ
 path: a ``bluesky.callbacks.zmq.Publisher`` subscribed to the RunEngine, a
-0MQ proxy (``bluesky-0MQ-proxy``, or one serve starts itself), and a
-``RemoteDispatcher`` here. A Kafka source (``bluesky_kafka.RemoteDispatcher``,
+0MQ proxy (``bluesky-0MQ-proxy``, or the bounded one serve starts itself), and
+here a reader of bluesky's wire format that does what ``RemoteDispatcher``
+does without dying on a bad message. A Kafka source (``bluesky_kafka.RemoteDispatcher``,
 as NSLS-II's document pipeline runs it) fits the same protocol: its dispatcher
 also calls subscribers with ``(name, doc)`` and runs a blocking poll loop.
 
