@@ -291,8 +291,8 @@ class ProxyProcess:
                 sys.executable,
                 "-c",
                 code,
-                _normalize_address(self.in_address),
-                _normalize_address(self.out_address),
+                _normalize_address(self.in_address, bind=True),
+                _normalize_address(self.out_address, bind=True),
                 str(self.max_message_bytes),
             ],
             env=child_environment(),
@@ -520,8 +520,14 @@ class ZmqDocumentSource:
 _LOGGED_REJECTIONS = 100
 
 
-def _normalize_address(address: str | tuple[str, int]) -> str:
-    """``host:port``, ``(host, port)`` or a ZMQ endpoint, as a ZMQ endpoint (bluesky's forms)."""
+def _normalize_address(address: str | tuple[str, int], *, bind: bool = False) -> str:
+    """``host:port``, ``(host, port)``, a port or a ZMQ endpoint, as a ZMQ endpoint.
+
+    bluesky's forms: a bare port binds on all interfaces (as ``bluesky-0MQ-proxy
+    --in-address 5577`` does) and connects to localhost.
+    """
     if isinstance(address, tuple):
         return f"tcp://{address[0]}:{address[1]}"
+    if address.strip().isdigit():
+        return f"tcp://{'0.0.0.0' if bind else '127.0.0.1'}:{address.strip()}"
     return address if "://" in address else f"tcp://{address}"

@@ -229,15 +229,16 @@ def test_the_proxy_serve_starts_refuses_oversized_messages_and_keeps_forwarding(
     from bluesky.callbacks.zmq import Publisher
     from serve_helpers import free_port
 
+    in_port = free_port()
     source = ZmqDocumentSource(
         f"tcp://127.0.0.1:{free_port()}",
-        proxy_in_address=f"tcp://127.0.0.1:{free_port()}",
+        proxy_in_address=str(in_port),  # a bare port, as bluesky-0MQ-proxy takes it
         max_message_bytes=64 * 1024,
     )
     received: list[dict[str, Any]] = []
     source.start(lambda name, doc: received.append(doc))
     assert source.proxy is not None
-    pub = Publisher(source.proxy.in_address)
+    pub = Publisher(f"127.0.0.1:{in_port}")
     pub._socket.setsockopt(zmq.LINGER, 0)
 
     def until_received(uid: str) -> None:
