@@ -3,7 +3,7 @@
 Each run sends 60 frames of 256 x 256 but positions for only half of them, so the
 assembler holds ~7.5 MB of unpaired frames when the run ends. Before finished sessions
 released their state, the engine's history (32 runs) kept all of it: ~ 230 MB over
-these 30 runs, on top of the solver handles and last snapshots.
+30 such runs, on top of the solver handles and last snapshots.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hxn_liveptycho.streams import EigerFrame
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNS = 30
+RUNS = 100
 SIDE = 8  # an 8 x 8 grid: 64 points, 60 frames sent
 FRAMES = 60
 PAIRED = 30
