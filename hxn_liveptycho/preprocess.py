@@ -53,7 +53,23 @@ def to_amplitudes(
     frames: Sequence[np.ndarray], window: tuple[slice, slice]
 ) -> tuple[np.ndarray, int]:
     """:func:`to_amplitude` of a batch in a few whole-batch operations: at kHz frame rates
-    the per-frame calls, not the arithmetic, were the session thread's cost."""
+    the per-frame calls, not the arithmetic, were the session thread's cost.
+
+    Every frame must have the batch's shape and dtype (the session quarantines odd ones
+    before they get here); a larger frame would otherwise be cropped silently and a
+    smaller one fail the stack with NumPy's message.
+    """
+    if frames:
+        shape, dtype = frames[0].shape, frames[0].dtype
+        odd = [
+            (i, f.shape, f.dtype)
+            for i, f in enumerate(frames)
+            if f.shape != shape or f.dtype != dtype
+        ]
+        if odd:
+            raise ConfigurationError(
+                f"frames of a batch differ: {shape} {dtype} first, then {odd[:3]}"
+            )
     return _amplitude(np.stack([frame[window] for frame in frames]))
 
 

@@ -175,3 +175,16 @@ def test_solver_that_never_sends_its_final_state(
         sink = only_sink(sinks)
         assert sink.final_metadata["status"] == "failed"
         assert sorted(sink.indices) == list(range(9))
+
+
+def test_to_amplitudes_refuses_a_mixed_batch() -> None:
+    """Defence behind the quarantine: a larger frame is not cropped silently."""
+    from hxn_liveptycho.errors import ConfigurationError
+    from hxn_liveptycho.preprocess import to_amplitudes
+
+    window = (slice(0, 16), slice(0, 16))
+    good = np.ones((32, 32), np.uint32)
+    amplitudes, _ = to_amplitudes([good, good], window)
+    assert amplitudes.shape == (2, 16, 16)
+    with pytest.raises(ConfigurationError, match="differ"):
+        to_amplitudes([good, np.ones((40, 32), np.uint32)], window)
