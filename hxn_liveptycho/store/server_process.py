@@ -137,6 +137,14 @@ class RedactApiKey(logging.Filter):
             record.args = {
                 k: self.redact(v) if isinstance(v, str) else v for k, v in record.args.items()
             }
+        if self._secrets is not None and record.args:
+            # A key inside a container argument (formatted with %r): redact the message.
+            try:
+                message = record.getMessage()
+            except Exception:  # a bad format string: logging reports it itself
+                message = ""
+            if self._secrets.search(message):
+                record.msg, record.args = self.redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -144,6 +152,36 @@ class RedactApiKey(logging.Filter):
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
         return True
+
+
+class RedactingStream:
+    """A text stream that hides secrets in what is written to it (the child's ``sys.stderr``).
+
+    Logging has :class:`RedactApiKey`; this covers what bypasses logging:
+    warnings, uncaught-exception tracebacks of threads, stray prints. Lines
+    are redacted whole, so a key split over two writes is still found.
+    """
+
+    def __init__(self, stream: Any, redact: RedactApiKey) -> None:
+        self._stream = stream
+        self._redact = redact
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        lines, sep, self._pending = self._pending.rpartition("\n")
+        if sep:
+            self._stream.write(self._redact.redact(lines + sep))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(self._redact.redact(self._pending))
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _encodings(secret: str) -> set[str]:
@@ -237,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     redact = RedactApiKey(secrets=(api_key,))
     for handler in logging.getLogger().handlers:  # server.log, through stderr
         handler.addFilter(redact)
+    sys.stderr = RedactingStream(sys.stderr, redact)  # warnings, thread tracebacks, prints
 
     import uvicorn
 

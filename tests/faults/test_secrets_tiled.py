@@ -113,3 +113,33 @@ def test_a_key_in_a_remote_uri_never_travels_in_a_url(tmp_path, monkeypatch, cap
     assert split_api_key("http://h/api/v1?x=1&API_KEY=k") == ("http://h/api/v1?x=1", "k")
     assert split_api_key("http://h/api/v1") == ("http://h/api/v1", None)
     assert redact("http://h/?Token=t&api_key=&x=1") == "http://h/?Token=***&api_key=***&x=1"
+
+
+def test_what_bypasses_logging_in_the_tiled_child_is_redacted_too():
+    """Warnings and thread tracebacks go to stderr (server.log) without a logging filter."""
+    import io
+    import logging
+    import warnings
+
+    from hxn_liveptycho.store.server_process import RedactApiKey, RedactingStream
+
+    redact = RedactApiKey(secrets=(KEY,))
+    out = io.StringIO()
+    stream = RedactingStream(out, redact)
+    stream.write(f"GET /x?api_key={KEY[:10]}")
+    stream.write(f"{KEY[10:]} and {quote(KEY)}\nnext {KEY}")
+    stream.flush()
+    stream.write(warnings.formatwarning(f"no http://h/?t={KEY}", UserWarning, "f.py", 1))
+    stream.flush()
+    assert KEY not in out.getvalue() and out.getvalue().count("***") == 4
+    record = logging.LogRecord("t", logging.ERROR, "f", 1, "key %s in %r", (KEY, {"k": KEY}), None)
+    redact.filter(record)
+    assert KEY not in record.getMessage()
+    try:
+        raise RuntimeError(f"failed with {KEY}")
+    except RuntimeError:
+        import sys
+
+        record = logging.LogRecord("t", logging.ERROR, "f", 1, "boom", None, sys.exc_info())
+    redact.filter(record)
+    assert KEY not in logging.Formatter().format(record)
