@@ -453,19 +453,16 @@ class ZmqDocumentSource:
             poller.register(monitor, zmq.POLLIN)
             while not self._stopping.is_set():
                 ready = dict(poller.poll(50))
+                if sock in ready:
+                    self._receive_queued(sock)
                 if monitor in ready and self._on_monitor(monitor):
                     # ZMQ ends a connection that broke the protocol (MAXMSGSIZE) for good;
-                    # connect again (documents sent meanwhile are lost, as on any reconnect).
+                    # take what it had queued, then connect again (documents sent in
+                    # between are lost, as on any reconnection).
+                    self._receive_queued(sock)
                     with contextlib.suppress(zmq.ZMQError):
                         sock.disconnect(self.address)
                     sock.connect(self.address)
-                if sock in ready:
-                    while not self._stopping.is_set():
-                        try:
-                            message = sock.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.handle_message(message)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 logger.exception("document socket failed; no more documents are received")
@@ -475,6 +472,14 @@ class ZmqDocumentSource:
                     sock.disable_monitor()
                 monitor.close(linger=0)
             sock.close(linger=0)
+
+    def _receive_queued(self, sock: zmq.Socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                message = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_message(message)
 
     def _on_monitor(self, monitor: zmq.Socket) -> bool:
         """Count and log disconnections; True if there was one."""

@@ -192,6 +192,8 @@ def test_a_message_over_the_size_limit_is_refused_by_zmq_and_reading_goes_on(fee
     f.doc("start", 0)
     assert len(f.wait(1)) == 1
     with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.control.transport"):
+        for seq in range(1, 51):  # a burst right before it: all delivered
+            f.doc("event", seq)
         f.send(b"event", pickle.dumps({"big": b"x" * 200_000}))
         deadline = time.monotonic() + 10
         while f.source.counters.get("disconnects") == 0 and time.monotonic() < deadline:
@@ -201,11 +203,13 @@ def test_a_message_over_the_size_limit_is_refused_by_zmq_and_reading_goes_on(fee
     # The source connects again by itself; documents sent once it has are delivered.
     seq = 0
     deadline = time.monotonic() + 10
-    while len(f.wait(2, timeout=0.05)) < 2 and time.monotonic() < deadline:
+    while len(f.wait(52, timeout=0.05)) < 52 and time.monotonic() < deadline:
         seq += 1
-        f.doc("stop", seq)
-    got = f.wait(2)
-    assert [name for name, _ in got] == ["start", "stop"]
+        f.doc("stop", 100 + seq)
+    got = f.wait(52)
+    assert [name for name, _ in got[:51]] == ["start"] + ["event"] * 50
+    assert {name for name, _ in got[51:]} == {"stop"}
+    assert [doc["seq_num"] for _, doc in got[:51]] == list(range(51))
     assert all("big" not in doc for _, doc in got)
 
 
