@@ -968,6 +968,12 @@ class RunSession:
         self._early_frames = []
         self._early_samples = []
         self._last_odd = None
+        # A header_detail=all series header carries the flatfield and pixel mask.
+        self._series_header = {
+            k: v
+            for k, v in self._series_header.items()
+            if not isinstance(v, np.ndarray | bytes | bytearray | memoryview)
+        }
 
     def drop_pictures(self) -> None:
         """Drop the last snapshot and NN mosaic kept for status pages (the engine keeps

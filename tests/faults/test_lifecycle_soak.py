@@ -84,7 +84,8 @@ def one_run(engine: Any, index: int) -> None:
     md["scan_id"] = index
     bundle = compose_run(metadata=md)
     engine.submit("start", bundle.start_doc)
-    engine._put_stream("series_start", "eiger", {"series": index})
+    flatfield = np.ones((BIG, BIG), np.float32)  # as a header_detail=all header carries
+    engine._put_stream("series_start", "eiger", {"series": index, "flatfield": flatfield})
     engine._put_stream("series_start", "panda", {})
     base = np.random.default_rng(index).poisson(40, size=(BIG, BIG)).astype(np.uint32)
     for i in range(FRAMES):
@@ -131,6 +132,7 @@ def test_back_to_back_runs_return_their_memory(tmp_path: Path) -> None:
         sessions = engine.sessions()
         assert all(s._assembler is None and s._solver is None for s in sessions)
         assert all(s._sink is None and not s._pending_frames for s in sessions)
+        assert all("flatfield" not in s._series_header for s in sessions)
         assert sum(s.latest_snapshot is not None for s in sessions) <= 2
     finally:
         engine.close(timeout=20)
