@@ -59,3 +59,39 @@ def test_run_without_frames_is_incomplete_in_tiled(
         assert metadata["counters"]["frames_received"] == 0
     finally:
         live.close()
+
+
+def test_plan_that_raises_is_aborted_with_the_error_text(
+    RE: Any, tmp_path: Path, tiled_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: 'aborted' with no error text anywhere."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+    from ophyd.sim import det
+    from tiled.client import from_uri
+    from tiled.queries import Eq
+
+    @bpp.run_decorator(md=HXN_MD)
+    def plan_that_raises() -> Any:
+        yield from bps.trigger_and_read([det])
+        raise RuntimeError("motor zpssx did not reach its target")
+
+    settings = Settings(tiled_uri=tiled_server.uri, data_dir=tmp_path, stream_timeout_s=1.0)
+    live = LivePtycho(settings)
+    uids: list[str] = []
+    try:
+        RE.subscribe(live)
+        RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+        with caplog.at_level(logging.CRITICAL, logger="hxn_liveptycho"):
+            with pytest.raises(RuntimeError, match="did not reach"):
+                RE(plan_that_raises())
+            assert live.wait(timeout=60)
+        (run,) = live.status()["runs"]
+        assert run["status"] == "aborted", run
+        assert "'fail'" in run["reason"] and "did not reach its target" in run["reason"]
+        found = from_uri(tiled_server.uri)["processed"]["liveptycho"].search(Eq("raw_uid", uids[0]))
+        metadata = found.values().first().metadata
+        assert metadata["status"] == "aborted"
+        assert metadata["reason"] == run["reason"]
+    finally:
+        live.close()
