@@ -12,7 +12,9 @@ function text(id, value) {
 function describe(run) {
   const expected = run.expected_positions ?? "?";
   const error = run.error_metric == null ? "" : `, data mismatch ${Number(run.error_metric).toPrecision(4)}`;
-  const reason = run.error ? ` — ${run.error}` : "";
+  const why = run.error || (run.status === "complete" ? "" : run.reason);
+  const warned = run.warnings ? ` (${run.warnings.length} warning${run.warnings.length > 1 ? "s" : ""})` : "";
+  const reason = (why ? ` — ${why}` : "") + warned;
   return `${run.status}: ${run.positions}/${expected} positions, iteration ${run.iteration}${error}${reason}`;
 }
 
