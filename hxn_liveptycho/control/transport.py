@@ -233,7 +233,12 @@ def load_document(payload: bytes) -> Any:
         raise
     except (Exception, RecursionError) as exc:
         raise DocumentRejected(f"not a pickle ({type(exc).__name__}: {exc})") from None
-    return _plain(loaded, budget=10_000 + 2 * len(payload))
+    try:
+        return _plain(loaded, budget=10_000 + 2 * len(payload))
+    except DocumentRejected:
+        raise
+    except (Exception, RecursionError) as exc:  # an array as a dict key or set member
+        raise DocumentRejected(f"not plain data ({type(exc).__name__}: {exc})") from None
 
 
 class DocumentSource(Protocol):
@@ -425,7 +430,7 @@ class ZmqDocumentSource:
             return
         try:
             doc = load_document(payload)
-        except DocumentRejected as exc:
+        except Exception as exc:  # DocumentRejected; anything else would be a bug here
             self._reject(message, name, str(exc))
             return
         if not isinstance(doc, dict):

@@ -42,6 +42,17 @@ def _shared_reference_bomb(levels: int = 40) -> bytes:
     return b"".join(parts) + b"."
 
 
+class _ArrayLike:
+    """Pickles as a numpy array but is hashable: an array key once unpickled."""
+
+    def __reduce__(self) -> Any:
+        return np.arange(2.0).__reduce__()
+
+
+#: A dict whose key becomes an (unhashable) array.
+ARRAY_KEY = pickle.dumps({_ArrayLike(): 1})
+
+
 def _peak_bytes(payload: bytes) -> int:
     tracemalloc.start()
     try:
@@ -73,6 +84,11 @@ def test_shared_references_cannot_explode_into_a_huge_document():
     assert len(payload) < 400
     with pytest.raises(pickle.UnpicklingError, match="values"):
         load_document(payload)
+
+
+def test_an_array_as_a_key_is_refused():
+    with pytest.raises(pickle.UnpicklingError, match="not plain data"):
+        load_document(ARRAY_KEY)
 
 
 def test_real_documents_still_load():
@@ -146,6 +162,7 @@ BAD_MESSAGES = [
     (b"event", b"not a pickle"),
     (b"event", pickle.dumps([1, 2, 3])),
     (b"event", _shared_reference_bomb()),
+    (b"event", ARRAY_KEY),
     (b"event", pickle.dumps({"p": __import__("pathlib").Path("/etc")})),
     (b"\xff\xfe", pickle.dumps({"uid": "x"})),
 ]
