@@ -471,6 +471,8 @@ class ZmqDocumentSource:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 logger.exception("document socket failed; no more documents are received")
+        except Exception:
+            logger.exception("document reader failed; no more documents are received")
         finally:
             if monitor is not None:
                 with contextlib.suppress(zmq.ZMQError):
