@@ -92,6 +92,7 @@ class Engine:
                 "runs_skipped",
                 "runs_superseded",
                 "duplicate_starts",
+                "late_stops",
                 "frames_routed",
                 "orphan_frames",
                 "orphan_samples",
@@ -230,7 +231,17 @@ class Engine:
         if run_uid is None and name in ("event", "event_page"):
             run_uid = self._descriptor_runs.get(doc.get("descriptor", ""))
         session = self._sessions.get(run_uid) if run_uid else None
-        if session is None or session.finished:
+        if session is None:
+            return
+        if session.finished:
+            if name == "stop":  # e.g. after the run was ended for want of it
+                self.counters.add("late_stops")
+                logger.info(
+                    "stop of scan %s arrived after its run ended %s (%s); ignored",
+                    session.scan_id,
+                    session.status,
+                    session.reason,
+                )
             return
         if name == "descriptor":
             self._descriptor_runs[doc["uid"]] = run_uid

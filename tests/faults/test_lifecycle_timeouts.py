@@ -188,3 +188,18 @@ def test_to_amplitudes_refuses_a_mixed_batch() -> None:
     assert amplitudes.shape == (2, 16, 16)
     with pytest.raises(ConfigurationError, match="differ"):
         to_amplitudes([good, np.ones((40, 32), np.uint32)], window)
+
+
+def test_stop_after_the_idle_bound_is_counted_not_reopened(tmp_path: Path) -> None:
+    with engine_with(tmp_path, run_idle_timeout_s=0.5) as (engine, sinks):
+        run = Run(engine)
+        run.arm()
+        run.frames(range(9))
+        run.positions()
+        run.end_streams()
+        assert engine.wait_idle(timeout=30)
+        run.stop()
+        assert engine.wait_idle(timeout=30)
+        assert run.summary()["status"] == "incomplete"
+        assert engine.status()["engine"]["late_stops"] == 1
+        assert len(sinks.made) == 1
