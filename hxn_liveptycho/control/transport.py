@@ -519,6 +519,7 @@ class ZmqDocumentSource:
         return {
             "transport": "0mq",
             "address": self.address,
+            "reading": self._thread.is_alive(),
             "prefix": self.prefix.decode(),
             "max_message_bytes": self.max_message_bytes,
             "proxy": None

@@ -186,6 +186,7 @@ def test_bad_messages_are_counted_and_the_documents_around_them_kept_in_order(fe
         got = f.wait(len(expected))
     assert [(name, doc["seq_num"]) for name, doc in got] == expected
     counters = f.source.counters.snapshot()
+    assert f.source.describe()["reading"]
     assert counters["documents"] == len(expected)
     assert counters["rejected"] == 3 * (len(BAD_MESSAGES) + 1)
     rejections = [r for r in caplog.records if "rejected" in r.getMessage()]
