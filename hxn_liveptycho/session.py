@@ -333,7 +333,8 @@ class RunSession:
         except Exception as exc:  # the session's last line of defence; the RE never sees it
             self.log.exception("reconstruction failed")
             error = f"{type(exc).__name__}: {exc}"
-            self._finish(RunStatus.FAILED, error, error=error)
+            if self.status not in FINAL_STATUSES:  # one terminal state, one final write
+                self._finish(RunStatus.FAILED, error, error=error)
         finally:
             try:
                 self._release()
