@@ -525,7 +525,7 @@ class SolverWorker:
             if self._process.is_alive():
                 logger.error("the solver process did not exit; killing it")
                 self._process.kill()
-                self._process.join(5)
+                self._process.join()  # SIGKILL cannot be refused: wait for it to land
         with contextlib.suppress(Exception):
             self._to_child.close()
 
