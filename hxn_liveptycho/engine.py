@@ -28,6 +28,7 @@ from hxn_liveptycho.nn.branch import worker_key
 from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.nn.process import WorkerPool
 from hxn_liveptycho.nn.registry import ModelRegistry
+from hxn_liveptycho.overrides import deep_merge
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
 from hxn_liveptycho.scan import RoiConfig
@@ -272,7 +273,7 @@ class Engine:
         session = RunSession(
             start,
             settings=self.settings,
-            overrides={**self.settings.overrides, **self._overrides()},
+            overrides=deep_merge(self.settings.overrides, self._overrides()),
             sink_factory=self._sink_factory,
             solver_worker=self.solver_worker,
             nn_pool=self.nn_pool,
