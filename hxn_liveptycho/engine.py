@@ -185,6 +185,7 @@ class Engine:
                     "samples", "panda", (samples, first)
                 ),
                 on_stop=lambda msg: self._put_stream("series_end", "panda", msg),
+                **curve,
             )
             self._receivers.append(panda)
         for receiver in self._receivers:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -204,6 +205,22 @@ def add_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+#: Environment variables that hold secrets; read once into the settings, then removed so
+#: that no child serve spawns (solver, NN worker, receivers) carries them in its environment.
+SECRET_ENVIRONMENT = (
+    "LIVEPTYCHO_API_TOKEN",
+    "LIVEPTYCHO_TILED_API_KEY",
+    "LIVEPTYCHO_CURVE_SECRET_KEY",
+    "TILED_API_KEY",
+    "TILED_SINGLE_USER_API_KEY",
+)
+
+
+def _drop_secrets_from_environment() -> None:
+    for name in SECRET_ENVIRONMENT:
+        os.environ.pop(name, None)
+
+
 def run_serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; 0 after a clean shutdown."""
     import uvicorn
@@ -212,6 +229,7 @@ def run_serve(settings: Settings) -> int:
 
     token = settings.api_token.get_secret_value() if settings.api_token else None
     check_bind(settings.serve_host, token)
+    _drop_secrets_from_environment()
     if settings.log_file is not None:
         add_log_file(settings.log_file)
     source = ZmqDocumentSource(

@@ -101,10 +101,6 @@ def _engine_receivers(settings: Any) -> list[Any]:
     return engine._receivers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py _start_receivers does not pass **curve to PandaReceiver yet (lead's file)",
-)
 def test_the_engine_gives_the_panda_socket_the_curve_keys(monkeypatch) -> None:
     from hxn_liveptycho.settings import Settings
 
