@@ -30,8 +30,12 @@ def make_live(RE: Any, eiger: Any, panda: Any, tmp_path: Any, **fields: Any) -> 
     )
     live = LivePtycho(settings)
     RE.subscribe(live)
-    assert eiger.publisher.wait_for_subscribers(1, timeout=10)
-    assert panda.publisher.wait_for_subscribers(1, timeout=10)
+    try:
+        assert eiger.publisher.wait_for_subscribers(1, timeout=10)
+        assert panda.publisher.wait_for_subscribers(1, timeout=10)
+    except BaseException:
+        live.close()  # a failed test must not leave receivers running into the next ones
+        raise
     return live
 
 

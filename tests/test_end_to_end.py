@@ -210,7 +210,8 @@ def test_other_stream_flavours_are_reconstructed(
         flavour=flavour,
         curve_secret_key=server_secret.decode() if curve else None,
     )
-    panda = SimPanda()
+    # With the keys set, the PandA's socket is a CurveZMQ one too (the same server key).
+    panda = SimPanda(curve_secret_key=server_secret.decode() if curve else None)
     keys = {}
     if curve:
         client_public, client_secret = zmq.curve_keypair()

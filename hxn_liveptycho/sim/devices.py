@@ -116,11 +116,14 @@ class SimPanda(Device):
         *,
         endpoint: str = "tcp://127.0.0.1:*",
         socket_type: str = "pub",
+        curve_secret_key: str | None = None,
         name: str = "panda1",
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.publisher = PandaProcess(endpoint, socket_type=socket_type, name=name)
+        self.publisher = PandaProcess(
+            endpoint, socket_type=socket_type, curve_secret_key=curve_secret_key, name=name
+        )
 
     @property
     def endpoint(self) -> str:

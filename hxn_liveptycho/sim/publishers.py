@@ -292,8 +292,20 @@ class PandaProcess(PublisherProcess):
 
     kind = "panda"
 
-    def __init__(self, endpoint: str, *, socket_type: str = "pub", name: str = "panda") -> None:
-        super().__init__({"endpoint": endpoint, "socket_type": socket_type}, name=name)
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        socket_type: str = "pub",
+        curve_secret_key: str | None = None,
+        name: str = "panda",
+    ) -> None:
+        options = {
+            "endpoint": endpoint,
+            "socket_type": socket_type,
+            "curve_secret_key": curve_secret_key,
+        }
+        super().__init__(options, name=name)
 
     def prepare(
         self,
