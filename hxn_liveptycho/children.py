@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -75,3 +77,17 @@ def start_spawned(process: Any) -> None:
 
 
 _MAIN_LOCK = threading.Lock()
+
+
+class LogToParent(logging.Handler):
+    """A child's log records travel to its parent (``send`` puts them on the child's pipe as
+    ``("log", level, logger name, formatted text)``); the parent logs them under the same
+    name, so a child's lines reach the host's handlers like any other."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send(("log", record.levelno, record.name, self.format(record)))

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.children import exit_with_parent, start_spawned
+from hxn_liveptycho.children import LogToParent, exit_with_parent, start_spawned
 from hxn_liveptycho.nn.backends import GraphIO
 from hxn_liveptycho.nn.branch import BranchBase, BranchCore, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
@@ -165,14 +165,6 @@ def ring_slots(max_queued_frames: int, batch_size: int, m: int) -> int:
 
 
 # =========================================================================== the child
-class _LogToParent(logging.Handler):
-    def __init__(self, send: Any) -> None:
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self._send(("log", record.levelno, record.name, self.format(record)))
 
 
 @dataclass
@@ -368,7 +360,7 @@ def _child_main(
     exit_with_parent(parent_pid, death_signal=death_signal)
     child = _Child(inbox, outbox, wake, lock, key)
     root = logging.getLogger()
-    root.handlers[:] = [_LogToParent(child.send)]
+    root.handlers[:] = [LogToParent(child.send)]
     root.setLevel(log_level)
     try:
         while True:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.children import start_spawned
+from hxn_liveptycho.children import LogToParent, start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
@@ -75,16 +75,6 @@ class WorkerInfo:
 
 
 # ============================================================================ the child
-class _LogToParent(logging.Handler):
-    """The child's log records travel to the parent, which logs them under the same name."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self._send(("log", record.levelno, record.name, record.getMessage()))
 
 
 @dataclass
@@ -302,7 +292,7 @@ def _child_main(
     exit_with_parent(parent_pid)
     child = _Child(inbox, outbox)
     root = logging.getLogger()
-    root.handlers[:] = [_LogToParent(child.send)]
+    root.handlers[:] = [LogToParent(child.send)]
     root.setLevel(log_level)
     try:
         child.start(backend, placement, warm)
