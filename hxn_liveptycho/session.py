@@ -275,6 +275,9 @@ class RunSession:
             "timeline": dict(self.timeline),
             "counters": self._all_counters(),
         }
+        pairing = self._pairing_report()
+        if pairing is not None:
+            info["pairing"] = pairing
         if self.reason:
             info["reason"] = self.reason
         if self.warnings:
@@ -314,6 +317,12 @@ class RunSession:
         else:
             counters.update(self._released.get("assembler", {}))
         return counters
+
+    def _pairing_report(self) -> dict[str, Any] | None:
+        """The samples-per-frame factor used and what measured it (see Assembler)."""
+        if self._assembler is not None:
+            return self._assembler.pairing_report()
+        return self._released.get("pairing")
 
     @property
     def solver_passes(self) -> list[tuple[float, int]]:
@@ -617,7 +626,9 @@ class RunSession:
             )
         self.config = config
         self._geometry = CanvasGeometry.from_scan(config)
-        self._assembler = Assembler(config.encoder, expected_frames=config.num_points)
+        self._assembler = Assembler(
+            config.encoder, expected_frames=config.num_points, dwell_s=config.dwell_s, log=self.log
+        )
         self._assembler.frame_time_s = self._series_header.get("frame_time")
         for samples, starting in self._early_samples:
             self._assembler.add_samples(samples, starting)
@@ -853,6 +864,7 @@ class RunSession:
             "mode": config.mode if config is not None else "iterative",
             "placement": None if self.placement is None else self.placement.as_metadata(),
             "counters": self._all_counters(),
+            "pairing": self._pairing_report(),
         }
         if self.reason:
             md["reason"] = self.reason
@@ -888,6 +900,8 @@ class RunSession:
             self.error = error
         self.reason = reason
         self.status = status
+        if self._assembler is not None:  # a wrong samples-per-frame factor is never silent
+            self.warnings.extend(w for w in self._assembler.final_check() if w not in self.warnings)
         if status is RunStatus.SKIPPED and self._sink is None:
             self.log.info("not reconstructed: %s", reason)
             return
@@ -956,6 +970,7 @@ class RunSession:
         if assembler is not None:
             counters = {f"assembler_{k}": v for k, v in assembler.counters.snapshot().items()}
             released["assembler"] = {**counters, **assembler.unpaired_report()}
+            released["pairing"] = assembler.pairing_report()
         sink = self._sink
         if sink is not None:
             released["container_path"] = getattr(sink, "container_path", None)
