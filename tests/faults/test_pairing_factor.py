@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scans import fly, make_live, processed
 from test_lifecycle_states import (
     OVERRIDES,
     SCAN_MD,
@@ -37,6 +38,8 @@ from test_lifecycle_states import (
 from hxn_liveptycho.assemble import RATIO_TOLERANCE, Assembler
 from hxn_liveptycho.engine import Engine
 from hxn_liveptycho.scan import EncoderConfig
+from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
+from hxn_liveptycho.store.diffraction import read_diffraction
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,6 +333,45 @@ def test_a_right_factor_is_recorded_and_not_warned_about(
     assert md["counters"]["assembler_samples_per_frame"] == 10
     assert md["counters"]["assembler_pairing_mismatches"] == 0
     np.testing.assert_allclose(written_um(sink), truth, atol=1e-6)
+
+
+def test_simulated_hxn_scan_with_11_sent_and_10_configured(
+    RE: Any, hxn_detectors: tuple[Any, Any], tmp_path: Path, tiled_server: Any
+) -> None:
+    """The same fault over the wire: a real RunEngine flies the simulated HXN scan whose
+    PandA captures 11 samples per frame (with its time channel) while 10 is configured.
+    The processed container in Tiled is ``complete`` with the warning, records 11, and
+    its diffraction rows sit where the simulated stage really was."""
+    eiger, panda = hxn_detectors
+    sample = SimulatedSample(
+        SimulatedBeamline(x_num=8, y_num=8, photons_per_frame=2e5, samples_per_frame=11)
+    )
+    live = make_live(
+        RE,
+        eiger,
+        panda,
+        tmp_path,
+        tiled_uri=tiled_server.uri,
+        overrides={"recon": {"iterations": 5}, "encoder": {"upsample": 10}},
+    )
+    try:
+        result = fly(RE, eiger, panda, sample)
+        assert result.exit_status == "success"
+        assert live.wait(timeout=120)
+        assert live.tiled is not None  # its client sends the key in a header, not the URL
+        node = processed(live.tiled.client(), result.run_start_uids[0])
+        md = node.metadata
+        diffraction = read_diffraction(node)
+    finally:
+        live.close()
+    assert md["status"] == "complete"
+    assert any("configured 10, measured 11" in w for w in md["warnings"]), md["warnings"]
+    assert md["pairing"]["samples_per_frame"] == 11
+    assert md["pairing"]["configured"] == 10
+    assert md["counters"]["assembler_samples_per_frame"] == 11
+    assert md["counters"]["frames_used"] == sample.num_points
+    order = np.argsort(diffraction.indices)
+    np.testing.assert_allclose(diffraction.positions_m[order] * 1e6, sample.positions_um, atol=0.01)
 
 
 # ---- the assembler's rules, one by one ----------------------------------------------------
