@@ -49,6 +49,7 @@ from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.scan import ScanConfig
 from hxn_liveptycho.store import diffraction as stored_diffraction
+from hxn_liveptycho.store.arrays import ArrayGroup, Layout
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,24 @@ def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays["object_amplitude"] = np.abs(arrays["object"]).astype(np.float32)
         arrays["object_phase"] = np.angle(arrays["object"]).astype(np.float32)
     return arrays
+
+
+#: Arrays of ``final/`` made ahead of the result from the live snapshots' layout.
+_PREPARED_KEYS = ("object", "object_amplitude", "object_phase", "probe")
+
+
+def _live_layout(metadata: Mapping[str, Any]) -> Layout:
+    """``live/``'s arrays as the run's canvas fixes them (empty when it does not say)."""
+    canvas = metadata.get("canvas") or {}
+    shape, window = canvas.get("shape"), canvas.get("window")
+    if not shape or not window:
+        return {}
+    real, cplx = np.dtype(np.float32), np.dtype(np.complex64)
+    return {
+        "object_amplitude": (tuple(int(n) for n in shape), real),
+        "object_phase": (tuple(int(n) for n in shape), real),
+        "probe": ((int(window), int(window)), cplx),
+    }
 
 
 class TiledSink:
@@ -109,9 +128,19 @@ class TiledSink:
         #: Where the measured frames went that Tiled did not take after the result was stored.
         self.frames_backup_path: Path | None = None
         self._final_due = False
+        #: When each step of the writer's work happened (``time.monotonic``), first time only:
+        #: where a latency the scientist sees is spent, for benchmarks and the run's summary.
+        self.timeline: dict[str, float] = {}
         self._metadata: dict[str, Any] = {}
         self._container: Any = None
-        self._live_arrays: dict[str, Any] = {}
+        self._live: ArrayGroup | None = None
+        self._live_layout: Layout = {}
+        #: Shape and dtype of each array of the latest live write: the final result's, so
+        #: ``final/`` can be made before the result comes (see :meth:`_prepare_final`).
+        self._result_layout: Layout = {}
+        self._final_group: ArrayGroup | None = None
+        self._final_prepared = False
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiled-arrays")
         self._cond = threading.Condition()
         self._live_slot: Mapping[str, Any] | None = None
         self._nn_slot: Mapping[str, Any] | None = None
@@ -139,10 +168,12 @@ class TiledSink:
         self.key = f"scan{metadata.get('scan_id')}-{raw_uid[:8]}-{stamp}"
         self.container_path = "/".join([*self._catalog_path, self.key])
         self._metadata = {"created": datetime.now(UTC).isoformat(), **json_safe(metadata)}
+        self._live_layout = _live_layout(self._metadata)
         self._open_requested = True
         self._thread.start()
 
     def live(self, snapshot: Mapping[str, Any]) -> None:
+        self.timeline.setdefault("live_handed", time.monotonic())
         with self._cond:
             if self._live_slot is not None:
                 self.counters.add("live_superseded")
@@ -185,6 +216,7 @@ class TiledSink:
             self._cond.notify()
 
     def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+        self.timeline.setdefault("final_handed", time.monotonic())
         with self._cond:
             self._final = (snapshot, metadata)
             self._cond.notify()
@@ -206,6 +238,8 @@ class TiledSink:
     # ---- the writer thread -----------------------------------------------------------
     def _work(self) -> None:
         self._container = self._attempt("create the container", self._create_container)
+        if self._container is not None and self._live_layout:
+            self._attempt("make live/ ahead", self._live_group)
         while True:
             with self._cond:
                 while (
@@ -214,6 +248,7 @@ class TiledSink:
                     and self._final is None
                     and not self._closing
                     and not self._chunk_due()
+                    and not self._prepare_due()
                 ):
                     self._cond.wait(self._retry_wait())
                 live, self._live_slot = self._live_slot, None
@@ -221,6 +256,7 @@ class TiledSink:
                 final, self._final = self._final, None
                 closing = self._closing
                 chunk_due = self._chunk_due()
+                prepare = self._prepare_due()
             if (nn is not None or live is not None or chunk_due) and final is None:
                 self._retry_container()
             if nn is not None and self._container is not None:
@@ -232,7 +268,10 @@ class TiledSink:
                     logger.warning("NN mosaic write to %s failed: %s", self.container_path, exc)
             if final is not None:
                 self._write_final(*final)
+                self._pool.shutdown(wait=False)
                 return
+            if prepare:
+                self._prepare_final()
             if live is not None and self._container is None:
                 self.counters.add("live_skipped")
             if live is not None and self._container is not None:
@@ -246,6 +285,7 @@ class TiledSink:
                 self._append_while_running()
             if closing:
                 self._flush_without_final()
+                self._pool.shutdown(wait=False)
                 return
 
     def _chunk_due(self) -> bool:
@@ -255,6 +295,16 @@ class TiledSink:
             and not self._final_due
             and self._pending.rows >= (self._chunk_frames or 0)
             and time.monotonic() >= self._retry_at
+        )
+
+    def _prepare_due(self) -> bool:
+        """Whether ``final/`` may be made now (caller holds the lock): the result is due,
+        the container exists and a live write has shown the result's shapes."""
+        return (
+            self._final_due
+            and not self._final_prepared
+            and self._container is not None
+            and bool(self._result_layout)
         )
 
     def _retry_wait(self) -> float | None:
@@ -308,29 +358,43 @@ class TiledSink:
         except KeyError:
             return self._container.create_container(name)
 
+    def _live_group(self) -> ArrayGroup:
+        """``live/``, with the arrays the canvas fixes made at once (before the first frame)."""
+        if self._live is None:
+            self._live = ArrayGroup(self._child("live"))
+            self._live.make_ahead(self._live_layout, self._pool)
+            self.timeline.setdefault("live_made", time.monotonic())
+        return self._live
+
     def _write_live(self, snapshot: Mapping[str, Any]) -> None:
         arrays = _with_object_views(snapshot)
-        live = self._child("live")
-        for key in _OBJECT_KEYS:
-            if key in arrays:
-                self._put_live_array(live, key, arrays[key])
+        live = self._live_group()
+        # In parallel: the server takes several requests at once, and the picture is
+        # there when the last of them is.
+        self._all_done(
+            self._pool.submit(live.extend if key == "error_history" else live.put, key, arrays[key])
+            for key in _OBJECT_KEYS
+            if key in arrays
+        )
+        self._result_layout = {
+            key: (value.shape, value.dtype)
+            for key, value in arrays.items()
+            if key in _PREPARED_KEYS
+        }
         self._container.update_metadata(
             metadata={"iteration": int(snapshot.get("iteration", 0)), "live_updated": time.time()},
             drop_revision=True,
         )
+        self.timeline.setdefault("live_written", time.monotonic())
 
-    def _put_live_array(self, live: Any, key: str, value: np.ndarray) -> None:
-        """Overwrite fixed-shape arrays in place; grow the error history by its new tail."""
-        client = self._live_arrays.get(key)
-        if client is None:
-            self._live_arrays[key] = live.write_array(value, key=key)
-        elif key == "error_history":
-            written = client.shape[0]
-            if value.shape[0] > written:
-                client.patch(value[written:], offset=(written,), extend=True)
-                client.refresh()
-        else:
-            client.write(value)
+    @staticmethod
+    def _all_done(futures: Any) -> None:
+        """Wait for every one of ``futures``; the first failure is raised after all ended."""
+        pending = list(futures)
+        errors = [f.exception() for f in pending]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _write_nn(self, snapshot: Mapping[str, Any]) -> None:
         """Overwrite the mosaic in place under ``nn/`` (its canvas never changes shape)."""
@@ -350,6 +414,21 @@ class TiledSink:
             metadata={"nn_frames": int(snapshot.get("frames", 0)), "nn_updated": time.time()},
             drop_revision=True,
         )
+
+    def _prepare_final(self) -> None:
+        """Make ``final/`` and its large arrays (empty) while the last passes run.
+
+        The result then costs one upload per array instead of a creation and an
+        upload, and no catalog write competes with it. A result of another shape
+        than the live ones (it should not happen) is written the usual way.
+        """
+        self._final_prepared = True
+        try:
+            self._final_group = ArrayGroup(self._child("final"))
+            self._final_group.make_ahead(self._result_layout, self._pool)
+        except Exception as exc:
+            logger.info("final/ not made ahead for %s: %s", self.container_path, exc)
+        self.timeline.setdefault("final_prepared", time.monotonic())
 
     # ---- diffraction/: appended in chunks --------------------------------------------
     def _append_while_running(self) -> None:
@@ -460,6 +539,7 @@ class TiledSink:
         in the container's metadata says when they all are (or where the rest
         went: the local backup).
         """
+        self.timeline.setdefault("final_started", time.monotonic())
         metadata = {**json_safe(metadata), "finished": datetime.now(UTC).isoformat()}
         arrays = _with_object_views(snapshot)
         appended = self._diffraction_base
@@ -481,19 +561,19 @@ class TiledSink:
             if self._nn_latest is not None and not self._nn_arrays:
                 self._write_nn(self._nn_latest)  # Tiled was down while the branch ran
             if arrays:
-                final = self._child("final")
-                missing = {k: v for k, v in arrays.items() if k not in final}
+                if self._final_group is None:
+                    self._final_group = ArrayGroup(self._child("final"))
+                final = self._final_group
                 # In parallel: the scientist waits for the last of them, and one request at
                 # a time leaves the server idle between them.
-                with ThreadPoolExecutor(max_workers=4, thread_name_prefix="tiled-final") as pool:
-                    for done in [
-                        pool.submit(final.write_array, value, key=key)
-                        for key, value in missing.items()
-                    ]:
-                        done.result()
+                self._all_done(
+                    self._pool.submit(final.put, key, value) for key, value in arrays.items()
+                )
+                self.timeline.setdefault("final_arrays_written", time.monotonic())
             self._container.update_metadata(
                 metadata={**metadata, "diffraction": diffraction_state(False)}
             )
+            self.timeline.setdefault("final_metadata_written", time.monotonic())
             return True
 
         def write_frames() -> bool:
