@@ -938,6 +938,8 @@ class RunSession:
                         "the result is NOT in Tiled: kept in the local backup %s", backup
                     )
                 self.timeline["final_written"] = time.monotonic()
+                sink_steps = getattr(self._sink, "timeline", {})
+                self.timeline.update({f"sink_{k}": v for k, v in sink_steps.items()})
         if self.warnings:
             self.log.warning("warnings: %s", "; ".join(self.warnings))
         self.log.info(
