@@ -322,22 +322,36 @@ class Assembler:
         (the only witness when there is no time channel) and return every mismatch line.
 
         Positions already paired cannot be taken back from the solver, so a late
-        disagreement is a warning saying the positions are likely misplaced. A count that
-        is no whole number (a scan cut short, a lost message) is no evidence against the
-        factor: the frames it leaves without a position are reported as unpaired.
+        disagreement is a warning saying the positions are likely misplaced. The count is
+        evidence only for a whole scan (every expected frame came): in a scan cut short
+        the two streams stop at different points, and samples / frames may land on a
+        whole number by chance. A count that is no whole number (a lost message) is no
+        evidence either: the frames it leaves without a position are reported as unpaired.
+        A factor that was itself taken from the count of a scan that turned out short is
+        said to be unproven.
         """
         self._settle_upsample()
         count = self._count_ratio()
-        if count is not None and self.upsample is not None and not self._count_checked:
-            self._count_checked = True
-            ratio, n_samples, n_frames = count
-            measured = _whole(ratio)
-            if measured is not None and measured != self.upsample:
+        if count is None or self.upsample is None or self._count_checked:
+            return list(self.warnings)
+        self._count_checked = True
+        ratio, n_samples, n_frames = count
+        received = self.counters.get("frames")
+        if self.expected_frames and received < self.expected_frames:
+            if self.upsample_from == "sample count at the end":
                 self._mismatch(
-                    f"{self.upsample} used ({self.upsample_from}), but the PandA sent "
-                    f"{n_samples} samples for {n_frames} frames ({ratio:.3f} per frame): "
-                    "positions are likely misplaced; fix encoder.upsample"
+                    f"not configured; {self.upsample} from {n_samples} samples over the "
+                    f"scan's {n_frames} points, but only {received} frames came: the factor "
+                    "is unproven and positions may be misplaced; set encoder.upsample"
                 )
+            return list(self.warnings)
+        measured = _whole(ratio)
+        if measured is not None and measured != self.upsample:
+            self._mismatch(
+                f"{self.upsample} used ({self.upsample_from}), but the PandA sent "
+                f"{n_samples} samples for {n_frames} frames ({ratio:.3f} per frame): "
+                "positions are likely misplaced; fix encoder.upsample"
+            )
         return list(self.warnings)
 
     def pairing_report(self) -> dict[str, Any]:

@@ -475,3 +475,30 @@ def test_a_count_that_is_no_whole_number_is_no_evidence_against_the_configured_f
     assembler.positions_ended()
     assert assembler.final_check() == []
     assert assembler.unpaired_report()["frames_without_position"] == 1
+
+
+def test_the_count_of_a_scan_cut_short_is_no_evidence() -> None:
+    """Half of an 8-point scan came (4 frames, 40 samples): 40 / 8 points = 5 is a whole
+    number by chance, and must not be read as 'the PandA sent 5 per frame'."""
+    assembler = Assembler(EncoderConfig(upsample=10, time_channel=None), expected_frames=8)
+    for i in range(4):
+        assembler.add_frame(i, frame(i))
+    samples = panda_samples(grid_um(8, 1), 10, sample_period_s=None)
+    assembler.add_samples({k: v[:40] for k, v in samples.items()}, 0)
+    assert len(assembler.pop_ready()) == 4
+    assembler.positions_ended()
+    assert assembler.final_check() == []
+    assert assembler.pairing_report()["samples_per_frame"] == 10
+
+
+def test_a_factor_from_the_count_of_a_scan_that_came_short_is_unproven() -> None:
+    """Auto without a time channel: 80 samples over the scan's 8 points gives 10, but only
+    6 frames came, so that 10 rests on the PandA having sent the whole scan: said so."""
+    assembler = Assembler(EncoderConfig(time_channel=None), expected_frames=8)
+    for i in range(6):
+        assembler.add_frame(i, frame(i))
+    assembler.add_samples(panda_samples(grid_um(8, 1), 10, sample_period_s=None), 0)
+    assembler.positions_ended()
+    assert len(assembler.pop_ready()) == 6
+    (warning,) = assembler.final_check()
+    assert "10 from 80 samples over the scan's 8 points, but only 6 frames came" in warning
