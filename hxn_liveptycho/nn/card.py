@@ -14,6 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Largest card read: a card is a page of text, so anything bigger is not one.
+MAX_CARD_BYTES = 2**20
+
 
 class TensorSpec(BaseModel):
     """One graph input or output: its name, shape (None or a name for dynamic axes), meaning."""
@@ -69,7 +72,12 @@ class ModelCard(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """The card in ``path``; refused unread when larger than a card can be."""
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CARD_BYTES + 1)
+        if len(data) > MAX_CARD_BYTES:
+            raise ValueError(f"model card {Path(path).name} is over {MAX_CARD_BYTES} bytes")
+        return cls.model_validate(json.loads(data))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")

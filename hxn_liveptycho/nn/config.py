@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODEL = "ptychonn-hxn-128"
 
@@ -31,3 +32,18 @@ class NNParams(BaseModel):
         ge=1,
         description="Frames waiting for inference; beyond this new frames are dropped (counted).",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _plain_model(cls, value: str) -> str:
+        """Refuse what could only climb out of the model folders (the registry confines the rest).
+
+        The name comes from settings, the API, the queue server or a start
+        document; refusing it here makes a bad one fail where it enters, not at
+        the next run's start.
+        """
+        if not value or len(value) > 4096 or any(ord(c) < 32 for c in value):
+            raise ValueError("a model is a name or an .onnx path of printable characters")
+        if ".." in PurePath(value).parts:
+            raise ValueError(f"model {value!r} climbs with '..': give a model name")
+        return value

@@ -28,10 +28,43 @@ DEFAULT_POSITION_KEYS: dict[str, str] = {
 }
 #: The PandA dataset that carries sample times (s), from which receivers tell samples per frame.
 TIME_CHANNEL = "/PCAP.TS_TRIG.Value"
+#: Largest frame replay accepts, in pixels. An EIGER2 X 16M frame is 4148 x 4362 (18 Mpx);
+#: a header claiming more is refused before a frame is read (one 16384² uint32 frame: 1 GiB).
+MAX_FRAME_PIXELS = 2**25
+#: Largest single read from storage (bytes); replay reads fewer frames at a time to stay under.
+MAX_READ_BYTES = 2**30
+#: Pixel types replay sends: the detector's unsigned integers, plus signed and float ones.
+FRAME_KINDS = "uif"
+#: Exceptions a malformed document raises where the code expects a well-formed one.
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An error's text on one line: the CLI prints each refusal as exactly one line."""
+    return " ".join(str(exc).split())
 
 
 class ReplayError(LivePtychoError, ValueError):
     """A run cannot be replayed (missing stream, inconsistent counts, unreadable file)."""
+
+
+def check_declared_frames(where: str, shape: tuple[int, ...], dtype: Any) -> None:
+    """Refuse frames whose declared shape or type replay cannot afford, before reading any.
+
+    Archives and Tiled nodes declare their shape; reading even one frame
+    allocates what the declaration says, so it is checked first.
+    """
+    dtype = np.dtype(dtype)
+    if len(shape) != 3:
+        raise ReplayError(f"{where}: frames must be (n, height, width), got shape {shape}")
+    _, height, width = shape
+    if dtype.kind not in FRAME_KINDS or dtype.itemsize > 8:
+        raise ReplayError(f"{where}: frames of type {dtype} are not detector images")
+    if height < 1 or width < 1 or height * width > MAX_FRAME_PIXELS:
+        raise ReplayError(
+            f"{where}: frames of {height}x{width} pixels are outside 1..{MAX_FRAME_PIXELS} "
+            "pixels a detector frame may have"
+        )
 
 
 @runtime_checkable
@@ -158,8 +191,7 @@ class RecordedRun:
         if "stop" not in names:
             raise ReplayError(f"{where}: the run has no stop document (was it cut short?)")
         shape = tuple(self.frames.shape)
-        if len(shape) != 3:
-            raise ReplayError(f"{where}: frames must be (n, height, width), got shape {shape}")
+        check_declared_frames(where, shape, self.frames.dtype)
         if len(self.frame_numbers) != shape[0]:
             raise ReplayError(
                 f"{where}: {shape[0]} stored frames but {len(self.frame_numbers)} frame numbers"
@@ -189,8 +221,10 @@ class RecordedRun:
             try:  # a truncated or corrupt file fails here, not halfway through the replay
                 self.frames.read(0, 1)
                 self.frames.read(shape[0] - 1, shape[0])
+            except ReplayError:
+                raise
             except Exception as exc:
-                raise ReplayError(f"{where}: the frames cannot be read: {exc}") from exc
+                raise ReplayError(f"{where}: the frames cannot be read: {one_line(exc)}") from exc
 
 
 def detector_key(data_keys: Mapping[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ or Tiled server overlaps with the sending.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,12 @@ from typing import Literal
 
 import numpy as np
 
-from hxn_liveptycho.replay.model import DEFAULT_POSITION_KEYS, TIME_CHANNEL, RecordedRun
+from hxn_liveptycho.replay.model import (
+    DEFAULT_POSITION_KEYS,
+    MAX_READ_BYTES,
+    TIME_CHANNEL,
+    RecordedRun,
+)
 from hxn_liveptycho.streams import EigerPublisher, PandaPublisher
 
 logger = logging.getLogger(__name__)
@@ -210,6 +216,9 @@ def _prefetched(
     run: RecordedRun, rows: np.ndarray, chunk_frames: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(stored index, frame) in order, the next chunk read while this one is sent."""
+    # A chunk of large frames could take gigabytes: read fewer at a time rather than refuse.
+    frame_bytes = math.prod(run.frames.shape[1:]) * np.dtype(run.frames.dtype).itemsize
+    chunk_frames = max(1, min(chunk_frames, MAX_READ_BYTES // max(1, frame_bytes)))
     spans = _contiguous_chunks(rows, chunk_frames)
     with ThreadPoolExecutor(1, thread_name_prefix="liveptycho-replay-read") as pool:
 

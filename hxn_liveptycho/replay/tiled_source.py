@@ -18,9 +18,12 @@ from typing import Any, Literal
 import numpy as np
 
 from hxn_liveptycho.replay.model import (
+    MALFORMED,
+    MAX_READ_BYTES,
     RecordedRun,
     ReplayError,
     detector_info,
+    one_line,
     split_documents,
 )
 
@@ -44,6 +47,12 @@ class TiledFrames:
         return np.dtype(self._node.dtype)
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start..stop-1``; a read larger than MAX_READ_BYTES is refused unsent."""
+        frame_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if max(0, stop - start) * frame_bytes > MAX_READ_BYTES:
+            raise ReplayError(
+                f"reading frames {start}..{stop - 1} would take more than {MAX_READ_BYTES} bytes"
+            )
         return np.asarray(self._node[start:stop])
 
 
@@ -153,7 +162,15 @@ def load_tiled_run(
     uid = run.metadata["start"]["uid"]
     where = f"tiled:{uid}"
     docs = run_documents(run, documents)
-    cleaned, stream, key, descriptor, positions, times = split_documents(where, docs)
+    try:
+        cleaned, stream, key, descriptor, positions, times = split_documents(where, docs)
+        detector = detector_info(cleaned[0][1], descriptor, key)
+    except ReplayError:
+        raise
+    except MALFORMED as exc:  # a recorded value of the wrong type: one line, not a traceback
+        raise ReplayError(
+            f"{where}: malformed documents ({type(exc).__name__}: {one_line(exc)[:200]})"
+        ) from exc
     try:
         frames_node = run[stream][key]
     except KeyError as exc:
@@ -167,6 +184,6 @@ def load_tiled_run(
         positions=positions,
         position_keys=("inenc2_val", "inenc3_val"),
         times=times,
-        detector=detector_info(cleaned[0][1], descriptor, key),
+        detector=detector,
         stream_name=stream,
     )
