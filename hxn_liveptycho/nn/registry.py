@@ -192,7 +192,9 @@ class ModelRegistry:
             raise ConfigurationError(f"model path {name!r} climbs with '..': give a model name")
         if raw.suffix != ".onnx":
             raise ConfigurationError(f"model path {name!r} does not name an .onnx file")
-        refusal = f"model path {name!r} is not inside the model directory or the shipped models"
+        refusal = (
+            f"model path {name!r} is no model file inside the model directory or the shipped models"
+        )
         for folder, _ in self._roots():
             if not folder.is_dir():
                 continue
@@ -201,9 +203,8 @@ class ModelRegistry:
             if not _lies_in(root, candidate):
                 continue
             path = confined(root, candidate, name)  # refuses symlinks pointing out
-            if not path.is_file():
-                raise ConfigurationError(f"model path {name!r} is no model file")
-            return ModelInfo(raw.stem, candidate, "file", _card(root, candidate))
+            if path.is_file():
+                return ModelInfo(raw.stem, candidate, "file", _card(root, candidate))
         raise ConfigurationError(refusal)
 
 

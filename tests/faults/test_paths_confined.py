@@ -30,6 +30,7 @@ from hxn_liveptycho.cli import main
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.nn.registry import SHIPPED_DIR, ModelRegistry
+from hxn_liveptycho.overrides import check_overrides
 from hxn_liveptycho.replay import ReplayError, load_archive, replay_run
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,6 +256,9 @@ def test_a_fifo_or_folder_is_no_frames_file(tmp_path):
     (folder / "frames.h5").unlink()
     (folder / "frames.h5").mkdir()
     _refused(folder, r"not a regular file")
+    (folder / "documents.jsonl").unlink()
+    os.mkfifo(folder / "documents.jsonl")
+    _refused(folder, r"documents file .*not a regular file")
 
 
 # ---- replay: sizes ---------------------------------------------------------------------------
@@ -416,6 +420,7 @@ def test_model_paths_inside_the_model_directory_still_work(model_dir):
     assert registry.get(str(model_dir / "own.onnx")).source == "file"
     assert registry.get("sub/linked.onnx").source == "file"
     assert registry.get(MODEL).source == "shipped"
+    assert registry.get(f"{MODEL}.onnx").source == "file"  # relative: found among the shipped
 
 
 def test_unknown_model_errors_name_no_server_path(model_dir):
@@ -506,6 +511,9 @@ def test_model_names_with_climbing_paths_are_refused_where_they_enter():
         with pytest.raises(ValueError, match="model"):
             NNParams(model=bad)
     assert NNParams(model="ptychonn-hxn-128").model == "ptychonn-hxn-128"
+    # configure (in-process, CLI, API, queue server) validates through the same model
+    with pytest.raises(ConfigurationError, match=r"nn\.model: .*climbs with '\.\.'"):
+        check_overrides({"nn": {"model": "../../etc/x.onnx"}})
 
 
 def test_models_inspect_outside_is_one_line(model_dir, outside_model, capsys):
@@ -513,7 +521,7 @@ def test_models_inspect_outside_is_one_line(model_dir, outside_model, capsys):
     captured = capsys.readouterr()
     assert code != 0 and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1
-    assert "not inside the model directory" in captured.err
+    assert "no model file inside the model directory" in captured.err
 
 
 def test_errors_derive_from_the_package_root():
