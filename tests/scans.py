@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.sim import (
     SimHXNFlyer,
@@ -90,3 +93,74 @@ class RunningPoller(threading.Thread):
                         return
             except KeyError:
                 continue
+
+
+#: Si(111) Bragg angle at 12 keV, worked out by hand from λ = hc/E and d = 3.1355893 Å.
+THETA_12KEV_DEG = math.degrees(math.asin(12.39842 / (2 * 3.1355893 * 12.0)))
+
+_NUMBER = {"dtype": "number", "shape": []}
+
+
+def hxn_start_md(**changes: Any) -> dict[str, Any]:
+    """Start metadata of an HXN 2D_FLY_PANDA scan, as fly2dpd writes it."""
+    md: dict[str, Any] = {
+        "plan_name": "fly2dpd",
+        "scan_id": 404611,
+        "motors": ["zpssx", "zpssy"],
+        "scan": {
+            "type": "2D_FLY_PANDA",
+            "scan_input": [-2.0, 2.0, 41, -1.0, 1.0, 21, 0.01],
+            "detector_distance": 2.05,
+            "detectors": ["eiger2"],
+            "dwell": 0.01,
+        },
+        "x_scale_factor": 0.9542,
+        "z_scale_factor": 1.25,
+    }
+    md.update(changes)
+    return md
+
+
+@dataclass
+class ScanRun:
+    """What a session has seen of a run: start, descriptors and the first baseline reading."""
+
+    start: dict[str, Any]
+    descriptors: list[dict[str, Any]]
+    baseline: dict[str, Any]
+
+    def config(self, **overrides: Any) -> ScanConfig:
+        return scan_config_from_documents(
+            self.start, descriptors=self.descriptors, baseline=self.baseline, overrides=overrides
+        )
+
+
+def make_scan_run(
+    md: dict[str, Any],
+    *,
+    baseline: dict[str, Any] | None = None,
+    primary_keys: tuple[str, ...] = ("eiger2_image", "inenc2_val", "inenc3_val"),
+) -> ScanRun:
+    """Compose a run's documents and read its baseline the way RunSession does (first row)."""
+    from event_model import compose_run
+
+    bundle = compose_run(metadata=md)
+    primary = bundle.compose_descriptor(
+        name="primary",
+        data_keys={key: {"source": f"SIM:{key}", **_NUMBER} for key in primary_keys},
+    )
+    descriptors = [dict(primary.descriptor_doc)]
+    reading: dict[str, Any] = {}
+    if baseline is not None:
+        base = bundle.compose_descriptor(
+            name="baseline",
+            data_keys={key: {"source": f"SIM:{key}", **_NUMBER} for key in baseline},
+        )
+        descriptors.append(dict(base.descriptor_doc))
+        page = base.compose_event_page(
+            data={k: [v] for k, v in baseline.items()},
+            timestamps={k: [0.0] for k in baseline},
+            seq_num=[1],
+        )
+        reading = {k: v[0] for k, v in page["data"].items()}
+    return ScanRun(dict(bundle.start_doc), descriptors, reading)

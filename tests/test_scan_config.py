@@ -3,84 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from event_model import compose_run
+from scans import THETA_12KEV_DEG, hxn_start_md
+from scans import ScanRun as Run
+from scans import make_scan_run as make_run
 
 from hxn_liveptycho.engine import run_selection
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
-from hxn_liveptycho.scan import ScanConfig, energy_kev_from_dcm_theta, scan_config_from_documents
+from hxn_liveptycho.scan import energy_kev_from_dcm_theta
 from hxn_liveptycho.settings import Settings
-
-#: Si(111) Bragg angle at 12 keV, worked out by hand from λ = hc/E and d = 3.1355893 Å.
-THETA_12KEV_DEG = math.degrees(math.asin(12.39842 / (2 * 3.1355893 * 12.0)))
-
-NUMBER = {"dtype": "number", "shape": []}
-
-
-def hxn_start_md(**changes: Any) -> dict[str, Any]:
-    """Start metadata of an HXN 2D_FLY_PANDA scan, as fly2dpd writes it."""
-    md: dict[str, Any] = {
-        "plan_name": "fly2dpd",
-        "scan_id": 404611,
-        "motors": ["zpssx", "zpssy"],
-        "scan": {
-            "type": "2D_FLY_PANDA",
-            "scan_input": [-2.0, 2.0, 41, -1.0, 1.0, 21, 0.01],
-            "detector_distance": 2.05,
-            "detectors": ["eiger2"],
-            "dwell": 0.01,
-        },
-        "x_scale_factor": 0.9542,
-        "z_scale_factor": 1.25,
-    }
-    md.update(changes)
-    return md
-
-
-@dataclass
-class Run:
-    """What a session has seen of a run: start, descriptors and the first baseline reading."""
-
-    start: dict[str, Any]
-    descriptors: list[dict[str, Any]]
-    baseline: dict[str, Any]
-
-    def config(self, **overrides: Any) -> ScanConfig:
-        return scan_config_from_documents(
-            self.start, descriptors=self.descriptors, baseline=self.baseline, overrides=overrides
-        )
-
-
-def make_run(
-    md: dict[str, Any],
-    *,
-    baseline: dict[str, float] | None = None,
-    primary_keys: tuple[str, ...] = ("eiger2_image", "inenc2_val", "inenc3_val"),
-) -> Run:
-    """Compose a run's documents and read its baseline the way RunSession does (first row)."""
-    bundle = compose_run(metadata=md)
-    primary = bundle.compose_descriptor(
-        name="primary",
-        data_keys={key: {"source": f"SIM:{key}", **NUMBER} for key in primary_keys},
-    )
-    descriptors = [dict(primary.descriptor_doc)]
-    reading: dict[str, Any] = {}
-    if baseline is not None:
-        base = bundle.compose_descriptor(
-            name="baseline",
-            data_keys={key: {"source": f"SIM:{key}", **NUMBER} for key in baseline},
-        )
-        descriptors.append(dict(base.descriptor_doc))
-        page = base.compose_event_page(
-            data={k: [v] for k, v in baseline.items()},
-            timestamps={k: [0.0] for k in baseline},
-            seq_num=[1],
-        )
-        reading = {k: v[0] for k, v in page["data"].items()}
-    return Run(dict(bundle.start_doc), descriptors, reading)
 
 
 @pytest.fixture
@@ -104,10 +38,17 @@ def test_fly_panda_start_gives_grid_and_geometry(hxn_run: Run) -> None:
     config = hxn_run.config()
     grid = config.grid
     assert grid.kind == "fly2d_panda"
-    assert (grid.x_start_um, grid.x_end_um, grid.x_num) == (-2.0, 2.0, 41)
+    # x is on the sample: |cos 15°| of the commanded ±2 µm (zpsth = 15°), like the positions
+    cos15 = math.cos(math.radians(15.0))
+    assert (grid.x_start_um, grid.x_end_um) == pytest.approx((-2.0 * cos15, 2.0 * cos15))
+    assert grid.x_num == 41
     assert (grid.y_start_um, grid.y_end_um, grid.y_num) == (-1.0, 1.0, 21)
+    commanded = hxn_run.config(angle_correction=False).grid
+    assert (commanded.x_start_um, commanded.x_end_um) == (-2.0, 2.0)
     assert config.num_points == 41 * 21
-    assert config.step_um == pytest.approx(0.1)
+    # HXN's step is range / points
+    assert (grid.x_step_um, grid.y_step_um) == pytest.approx((4.0 / 41 * cos15, 2.0 / 21))
+    assert config.step_um == pytest.approx(2.0 / 21)
     assert config.distance_m == 2.05
     assert config.dwell_s == 0.01
     assert config.uid == hxn_run.start["uid"]
@@ -151,9 +92,11 @@ def test_detector_from_scan_detectors_without_image_key() -> None:
 
 
 def test_encoder_scale_factors_become_ratios(hxn_run: Run) -> None:
-    """x_scale_factor / z_scale_factor → ratio = -scale/1e4 (x, vertical y), direction -1."""
+    """x_scale_factor / z_scale_factor → ratio = -scale/1e4 (x, vertical y), direction -1;
+    x also carries the stage angle's projection (zpsth = 15° here), y does not."""
     encoder = hxn_run.config().encoder
-    assert encoder.x_ratio == pytest.approx(-0.9542 / 1e4)
+    assert encoder.x_ratio == pytest.approx(-0.9542 / 1e4 * math.cos(math.radians(15.0)))
+    assert hxn_run.config(angle_correction=False).encoder.x_ratio == pytest.approx(-0.9542 / 1e4)
     assert encoder.y_ratio == pytest.approx(-1.25 / 1e4)
     assert (encoder.x_direction, encoder.y_direction) == (-1.0, -1.0)
 
