@@ -46,6 +46,34 @@ import numpy as np
 FINAL = {"complete", "failed", "aborted"}
 
 
+class StallProbe:
+    """How long a thread of this (the RunEngine's) process waits to run again after a 1 ms
+    sleep: long waits mean other threads hold the GIL (or the cores are taken)."""
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            time.sleep(0.001)
+            late = time.monotonic() - t - 0.001
+            if late > 0.002:
+                self.stalls.append((t, late))
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """Stalls between ``t0`` and ``t1``: their total and the longest (s)."""
+        inside = [late for t, late in self.stalls if t0 <= t < t1]
+        return {"total_s": round(sum(inside), 3), "longest_s": round(max(inside, default=0.0), 3)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1)
+
+
 class GpuSampler:
     """``nvidia-smi`` every 100 ms in the background: busy fraction and memory used."""
 
@@ -251,6 +279,7 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
         },
     )
     gpu = GpuSampler()
+    stalls = StallProbe()
     began = time.monotonic()
     live = LivePtycho(settings)
     assert live.tiled is not None
@@ -352,6 +381,7 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
         else None
     )
     gpu.close()
+    stalls.close()
     during = _rates(passes, first_sent or began, t_stop)
     after = _rates(passes, t_data, last_pass or t_data)
     frames_used = summary["counters"].get("frames_used", 0)
@@ -407,6 +437,14 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
         ),
         "engine_ready_s": ready_s,
+        "re_process_stalls": (
+            {
+                "first_2s": stalls.window(first_sent, first_sent + 2.0),
+                "after_scan": stalls.window(t_data, (last_pass or t_data) + 2.0),
+            }
+            if first_sent
+            else None
+        ),
         "timeline_s": {
             k: round(v - first_sent, 3) for k, v in timeline.items() if first_sent is not None
         }

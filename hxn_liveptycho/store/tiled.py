@@ -169,6 +169,7 @@ class TiledSink:
         self.container_path = "/".join([*self._catalog_path, self.key])
         self._metadata = {"created": datetime.now(UTC).isoformat(), **json_safe(metadata)}
         self._live_layout = _live_layout(self._metadata)
+        self.timeline.setdefault("opened", time.monotonic())
         self._open_requested = True
         self._thread.start()
 
@@ -340,6 +341,7 @@ class TiledSink:
 
     def _create_container(self) -> Any:
         node = self._client_factory()
+        self.timeline.setdefault("client_ready", time.monotonic())
         for part in self._catalog_path:
             try:
                 node = node[part]
@@ -349,6 +351,7 @@ class TiledSink:
                 except Exception:
                     node = node[part]  # another session created it meanwhile
         container = node.create_container(self.key, metadata=self._metadata)
+        self.timeline.setdefault("container_created", time.monotonic())
         logger.info("processed container %s created", self.container_path)
         return container
 
@@ -362,6 +365,7 @@ class TiledSink:
         """``live/``, with the arrays the canvas fixes made at once (before the first frame)."""
         if self._live is None:
             self._live = ArrayGroup(self._child("live"))
+            self.timeline.setdefault("live_group_made", time.monotonic())
             self._live.make_ahead(self._live_layout, self._pool)
             self.timeline.setdefault("live_made", time.monotonic())
         return self._live
