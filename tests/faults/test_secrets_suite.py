@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 import zmq
 from conftest import SecretWatch, _SecretLogWatch, redacted_hint, scan_tree
@@ -90,6 +91,17 @@ def test_a_secret_in_tiled_metadata_is_found(outside: Path) -> None:
     finds = scan_tree(outside, ORIGIN)
     assert len(finds) == 1 and ":byte " in finds[0].where
     assert str(outside / "catalog.db") in finds[0].where
+
+
+def test_a_secret_inside_binary_data_is_found_at_its_offset(outside: Path) -> None:
+    """Binary files are searched in their printable runs; the place is the true offset."""
+    noise = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    at = 700_001
+    data = b"\0" + noise[:at] + PLANTED.encode() + noise[at:]
+    (outside / "chunk.0.0").write_bytes(data)
+    (outside / "clean.0.0").write_bytes(b"\0" + noise)
+    finds = scan_tree(outside, ORIGIN)
+    assert [f.where for f in finds] == [f"{outside / 'chunk.0.0'}:byte {at + 1}"]
 
 
 def test_unregistered_credentials_in_clear_are_found_by_their_format(outside: Path) -> None:
@@ -198,4 +210,4 @@ def test_a_clean_session_passes(outside: Path) -> None:
         outside, "def test_clean(tmp_path):\n    (tmp_path / 'x.log').write_text('ok')\n"
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "none found in files, logs, replies or views" in done.stdout
+    assert "none found in 1 files" in done.stdout, done.stdout
