@@ -158,3 +158,25 @@ def test_a_key_tiled_would_refuse_is_a_configuration_error(tmp_path):
 
     with pytest.raises(ConfigurationError):
         TiledConnection(Settings(data_dir=tmp_path, tiled_api_key="not-alnum")).client()
+
+
+def test_the_embedded_catalog_commits_without_waiting_for_the_disk(tmp_path):
+    """The catalog's SQLite connections (aiosqlite's, as Tiled's server makes them) get
+    ``synchronous=NORMAL``; other engines' connections are left alone."""
+    import asyncio
+
+    from sqlalchemy import event, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from hxn_liveptycho.store.server_process import _commit_without_fsync
+
+    async def synchronous_level() -> int:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}")
+        event.listen(engine.sync_engine, "connect", _commit_without_fsync)
+        try:
+            async with engine.connect() as connection:
+                return (await connection.execute(text("PRAGMA synchronous"))).scalar_one()
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(synchronous_level()) == 1  # NORMAL (FULL is 2)

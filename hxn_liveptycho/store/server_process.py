@@ -68,6 +68,29 @@ def bluesky_serialization_registry() -> Any:
     return registry
 
 
+def _commit_without_fsync(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite ``synchronous=NORMAL`` for the catalog (already in WAL mode): a commit no
+    longer waits for the disk to flush.
+
+    Every node the sink makes (the container, ``live/`` and ``final/`` and their
+    arrays) is a catalog commit, and the first live image and the final result
+    wait for them; on a disk with slow flushes each cost a flush. In WAL mode
+    the database stays consistent through a crash; what a power loss can cost
+    is the last commits, of a store on the machine that reconstructs (a
+    facility's Tiled keeps its own settings).
+    """
+    if (
+        "sqlite"
+        not in type(dbapi_connection).__module__.lower() + type(dbapi_connection).__name__.lower()
+    ):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
 def build_app(directory: Path, api_key: str) -> tuple[Any, Any]:
     """Tiled's app over ``directory`` (``SimpleTiledServer``'s setup with the Bluesky exporter).
 
@@ -75,12 +98,17 @@ def build_app(directory: Path, api_key: str) -> tuple[Any, Any]:
     are repeated here. Returns the app and the DuckDB storage, which the caller
     disposes of after the server stops.
     """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
     from tiled.catalog import from_uri as catalog_from_uri
     from tiled.config import Authentication, StreamingCacheConfig
     from tiled.server.app import build_app as tiled_build_app
     from tiled.storage import get_storage
     from tiled.utils import ensure_uri
 
+    # This process serves only the embedded catalog: every engine in it is that catalog's.
+    if not event.contains(Engine, "connect", _commit_without_fsync):
+        event.listen(Engine, "connect", _commit_without_fsync)
     (directory / "data").mkdir(parents=True, exist_ok=True)
     storage_uri = ensure_uri(f"duckdb:///{directory / 'storage.duckdb'}")
     catalog = catalog_from_uri(

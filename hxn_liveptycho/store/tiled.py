@@ -71,7 +71,7 @@ def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 #: Arrays of ``final/`` made ahead of the result from the live snapshots' layout.
-_PREPARED_KEYS = ("object", "object_amplitude", "object_phase", "probe")
+_PREPARED_KEYS = ("object", "object_amplitude", "object_phase", "probe", "positions_m")
 
 
 def _live_layout(metadata: Mapping[str, Any]) -> Layout:
