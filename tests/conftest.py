@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -378,9 +380,23 @@ class _SecretLogWatch(logging.Handler):
             text = self.format(record)
         except Exception:  # a record that cannot format is the test's business, not ours
             return
-        self.watch.check_text(
-            text, f"log record of {record.name} ({record.pathname}:{record.lineno})"
-        )
+        if not self.watch.registry.matcher().matches(text.encode("utf-8", "surrogateescape")):
+            return
+        where = f"log record of {record.name} ({record.pathname}:{record.lineno})"
+        self.watch.check_text(text, f"{where}, logged for {_caller()}")
+
+
+def _caller() -> str:
+    """The innermost frame of the project or its tests on this thread's stack (who made
+    the request or call that a library logged), or '?'."""
+    root = Path(__file__).resolve().parents[1]
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.name != "conftest.py" and path.is_relative_to(root) and ".venv" not in path.parts:
+            return f"{path.relative_to(root)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
 
     def handleError(self, record: logging.LogRecord) -> None:
         pass

@@ -47,6 +47,7 @@ from hxn_liveptycho.callback import LivePtycho
 from hxn_liveptycho.engine import Engine
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.store.diffraction import read_diffraction
+from hxn_liveptycho.store.server import split_api_key
 from hxn_liveptycho.streams import EigerFrame, EigerPublisher, PandaPublisher
 from hxn_liveptycho.streams.crop import DetectorCrop
 
@@ -262,7 +263,8 @@ def stored(tiled_server: Any, raw_uid: str) -> tuple[dict[str, Any], list[int]]:
     """The run's metadata in Tiled and the frame indices its ``diffraction/`` holds."""
     from tiled.client import from_uri
 
-    node = processed(from_uri(tiled_server.uri), raw_uid)
+    uri, key = split_api_key(tiled_server.uri)  # the key in a header: URLs are logged
+    node = processed(from_uri(uri, api_key=key), raw_uid)
     metadata = dict(node.metadata)
     if "diffraction" not in node:
         return metadata, []
