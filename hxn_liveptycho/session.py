@@ -743,15 +743,22 @@ class RunSession:
         if solver.added == 0:
             return
         if self._final_imminent(solver):
-            if not self._told_final_due:
-                self._told_final_due = True
-                final_due = getattr(self._sink, "final_due", None)
-                if final_due is not None:
-                    final_due()
+            self._tell_final_due()
             return
         now = time.monotonic()
         if now - self._last_live >= self.settings.live_interval_s and solver.request_snapshot():
             self._last_live = now
+
+    def _tell_final_due(self) -> None:
+        """From the scan's end the sink appends no frames until the result is written: the
+        post-scan passes then share the host with no Tiled ingest, and the result never
+        waits behind a chunk (the frames stay queued and follow the result)."""
+        if self._told_final_due:
+            return
+        self._told_final_due = True
+        final_due = getattr(self._sink, "final_due", None)
+        if final_due is not None:
+            final_due()
 
     def _final_imminent(self, solver: RemoteSolver) -> bool:
         """The final state is due within :data:`FINAL_QUIET_S`: a live write started now would
@@ -806,6 +813,7 @@ class RunSession:
             self.timeline["data_complete"] = time.monotonic()
             self._final_iteration = solver.iteration + self.config.recon.iterations
             solver.finish(self.config.recon.iterations)
+            self._tell_final_due()
         if solver.done.is_set():
             return True
         bound = self._final_state_bound_s(solver)

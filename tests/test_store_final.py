@@ -128,3 +128,24 @@ def test_live_arrays_are_made_from_the_canvas_before_the_first_snapshot(tiled_se
     sink.final(_snapshot((40, 48), 5, seed=6), {"status": "complete"})
     sink.close(timeout=30)
     assert sink.backup_path is None
+
+
+def test_arrays_made_ahead_follow_a_newer_live_layout(tiled_server, tmp_path):
+    """final/ made from one live layout is made again when a later snapshot has another
+    (positions grow until the scan's end)."""
+    sink, client = _sink(tiled_server, tmp_path, "relayout")
+    sink.live(_snapshot((40, 48), 3, seed=1))
+    assert _until(lambda: "live_written" in sink.timeline)
+    sink.final_due()
+    assert _until(lambda: "final_prepared" in sink.timeline)
+    grown = _snapshot((40, 48), 4, seed=2)
+    grown["positions_m"] = np.zeros((25, 2))
+    sink.live(grown)
+    node = client["processed"]["relayout"][sink.key]
+    assert _until(lambda: node["final"]["positions_m"].shape == (25, 2))
+    result = _snapshot((40, 48), 10, seed=3)
+    result["positions_m"] = np.ones((25, 2))
+    sink.final(result, {"status": "complete"})
+    sink.close(timeout=30)
+    assert sink.backup_path is None
+    np.testing.assert_array_equal(node["final"]["positions_m"].read(), result["positions_m"])

@@ -64,6 +64,10 @@ def fill(client: Any, value: np.ndarray) -> None:
         client.write_block(np.ascontiguousarray(value[region]), block=block)
 
 
+def _layout_of(client: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    return tuple(client.shape), client.structure().data_type.to_numpy_dtype()
+
+
 class ArrayGroup:
     """The arrays under one child container (``live/``, ``final/``), by key.
 
@@ -78,17 +82,31 @@ class ArrayGroup:
         self._uncertain: set[str] = set()
 
     def make_ahead(self, layout: Layout, pool: Executor) -> None:
-        """Make an empty node for every array of ``layout`` not made yet (in parallel)."""
+        """Make an empty node for every array of ``layout`` (in parallel); one made earlier
+        with another layout is replaced."""
+        wanted = {}
+        for key, (shape, dtype) in layout.items():
+            client = self.arrays.get(key)
+            if client is not None and _layout_of(client) == (tuple(shape), np.dtype(dtype)):
+                continue
+            wanted[key] = (shape, dtype)
         made = {
-            key: pool.submit(new_array, self.node, key, shape, dtype)
-            for key, (shape, dtype) in layout.items()
-            if key not in self.arrays
+            key: pool.submit(self._replace, key, shape, dtype)
+            for key, (shape, dtype) in wanted.items()
         }
         for key, future in made.items():
             try:
                 self.arrays[key] = future.result()
             except Exception as exc:  # put() makes it with the data instead
+                self.arrays.pop(key, None)
+                self._uncertain.add(key)
                 logger.info("%s not made ahead: %s", key, exc)
+
+    def _replace(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        old = self.arrays.get(key)
+        if old is not None:
+            old.delete(external_only=False)  # the node and its (empty) Zarr files
+        return new_array(self.node, key, shape, dtype)
 
     def put(self, key: str, value: np.ndarray) -> None:
         """Overwrite the array of ``key`` (made ahead or by an earlier put), or make it now.
@@ -100,7 +118,7 @@ class ArrayGroup:
         if client is None:
             self._make(key, value)
             return
-        held = (tuple(client.shape), client.structure().data_type.to_numpy_dtype())
+        held = _layout_of(client)
         if held == (value.shape, value.dtype):
             fill(client, value)
             return

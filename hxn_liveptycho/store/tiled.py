@@ -210,8 +210,9 @@ class TiledSink:
                 self._cond.notify()
 
     def final_due(self) -> None:
-        """The final result is about to come: append no more frames until it is written, so
-        it does not wait behind a chunk's request (the frames stay queued, nothing is lost)."""
+        """The scan has ended and the final result will follow: append no more frames until
+        it is written, so it does not wait behind a chunk's request (the frames stay
+        queued, nothing is lost), and make ``final/`` ahead of it."""
         with self._cond:
             self._final_due = True
             self._cond.notify()
@@ -380,11 +381,12 @@ class TiledSink:
             for key in _OBJECT_KEYS
             if key in arrays
         )
-        self._result_layout = {
-            key: (value.shape, value.dtype)
-            for key, value in arrays.items()
-            if key in _PREPARED_KEYS
+        layout = {
+            key: (arrays[key].shape, arrays[key].dtype) for key in _PREPARED_KEYS if key in arrays
         }
+        if layout != self._result_layout:
+            self._result_layout = layout
+            self._final_prepared = False  # made ahead with an older layout: make again
         self._container.update_metadata(
             metadata={"iteration": int(snapshot.get("iteration", 0)), "live_updated": time.time()},
             drop_revision=True,
@@ -423,12 +425,14 @@ class TiledSink:
         """Make ``final/`` and its large arrays (empty) while the last passes run.
 
         The result then costs one upload per array instead of a creation and an
-        upload, and no catalog write competes with it. A result of another shape
-        than the live ones (it should not happen) is written the usual way.
+        upload, and no catalog write competes with it. A later live snapshot of
+        another layout makes them again; a result of another layout than the last
+        snapshot replaces them when it is written.
         """
         self._final_prepared = True
         try:
-            self._final_group = ArrayGroup(self._child("final"))
+            if self._final_group is None:
+                self._final_group = ArrayGroup(self._child("final"))
             self._final_group.make_ahead(self._result_layout, self._pool)
         except Exception as exc:
             logger.info("final/ not made ahead for %s: %s", self.container_path, exc)
