@@ -144,7 +144,7 @@ class ServeService:
         return {
             "enabled": self.live.enabled,
             "overrides": self.live.overrides,
-            "settings": self.settings.model_dump(mode="json"),
+            "settings": self.settings.public_view(),
         }
 
     def configure(self, overrides: Mapping[str, Any], *, merge: bool) -> dict[str, Any]:
@@ -160,8 +160,9 @@ class ServeService:
 
         model = ModelRegistry(self.settings.model_dir).get(name)
         overrides = self.configure({"nn": {"model": name}}, merge=True)
-        logger.info("NN model for the next runs: %s (%s)", name, model.path)
-        return {"model": name, "path": str(model.path), "source": model.source, **overrides}
+        logger.info("NN model for the next runs: %s (%s)", name, model.source)
+        # The reply names the model, not where the server keeps it.
+        return {"model": name, "source": model.source, **overrides}
 
     def stop_run(self, uid: str | None = None) -> str | None:
         """Stop a running reconstruction (the newest when ``uid`` is None); its uid, or None."""

@@ -176,9 +176,7 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
     @app.get("/api/config", dependencies=auth)
     def config() -> dict[str, Any]:
         """Enabled, overrides and settings; secrets hidden (keys, tokens, api_key= in URIs)."""
-        view = service.config()
-        view["settings"] = service.settings.public_view()
-        return view
+        return service.config()
 
     def configure(overrides: dict[str, Any], merge: bool) -> dict[str, Any]:
         try:

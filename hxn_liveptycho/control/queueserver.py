@@ -119,8 +119,8 @@ class LivePtychoControl:
         live = self._require_live()
         model = ModelRegistry(live.settings.model_dir).get(name)
         live.configure({"nn": {"model": name}})
-        logger.info("live ptychography NN model for the next runs: %s (%s)", name, model.path)
-        return {"nn_model": name, "path": str(model.path), "source": model.source}
+        logger.info("live ptychography NN model for the next runs: %s (%s)", name, model.source)
+        return {"nn_model": name, "source": model.source}
 
     def stop(self, uid: str | None = None) -> dict[str, Any]:
         """Stop the reconstruction of run ``uid`` (None: the newest running); it ends 'aborted'."""

@@ -35,7 +35,6 @@ def test_run_without_frames_is_incomplete_in_tiled(
 ) -> None:
     from bluesky.plans import count
     from ophyd.sim import det
-    from tiled.client import from_uri
     from tiled.queries import Eq
 
     settings = Settings(tiled_uri=tiled_server.uri, data_dir=tmp_path, stream_timeout_s=1.0)
@@ -51,7 +50,7 @@ def test_run_without_frames_is_incomplete_in_tiled(
         assert run["status"] == "incomplete", run
         assert run["reason"].startswith("no detector frames were received")
         assert run["finished"]
-        found = from_uri(tiled_server.uri)["processed"]["liveptycho"].search(Eq("raw_uid", raw_uid))
+        found = live.tiled.client()["processed"]["liveptycho"].search(Eq("raw_uid", raw_uid))
         assert len(found) == 1
         metadata = found.values().first().metadata
         assert metadata["status"] == "incomplete"
@@ -68,7 +67,6 @@ def test_plan_that_raises_is_aborted_with_the_error_text(
     import bluesky.plan_stubs as bps
     import bluesky.preprocessors as bpp
     from ophyd.sim import det
-    from tiled.client import from_uri
     from tiled.queries import Eq
 
     @bpp.run_decorator(md=HXN_MD)
@@ -89,7 +87,7 @@ def test_plan_that_raises_is_aborted_with_the_error_text(
         (run,) = live.status()["runs"]
         assert run["status"] == "aborted", run
         assert "'fail'" in run["reason"] and "did not reach its target" in run["reason"]
-        found = from_uri(tiled_server.uri)["processed"]["liveptycho"].search(Eq("raw_uid", uids[0]))
+        found = live.tiled.client()["processed"]["liveptycho"].search(Eq("raw_uid", uids[0]))
         metadata = found.values().first().metadata
         assert metadata["status"] == "aborted"
         assert metadata["reason"] == run["reason"]
