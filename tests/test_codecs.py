@@ -80,13 +80,37 @@ def test_bslz4_framing_golden(encoding: str, dtype: str) -> None:
 
 
 def test_lz4_framing_golden() -> None:
-    """lz4< uses the HDF5 LZ4 framing: header (size, block size), one length-prefixed LZ4 block."""
+    """v1 ``lz4<`` is one bare LZ4 block: no size header, no block-length prefix.
+
+    Sources: the SIMPLON API manual on ``dimage_d-1.0``'s ``encoding`` ("lz4 data is written
+    as defined at https://code.google.com/p/lz4/ without any additional data like block size
+    etc.", quoted in LiberTEM/LiberTEM-rs ``libertem_dectris/src/cam_client.rs``, whose
+    ``lz4<`` path decompresses a plain block); areaDetector/ADEiger
+    ``eigerApp/src/streamApi.cpp``, which calls ``LZ4_decompress_fast`` on the blob for
+    ``lz4<`` but skips a 12-byte header for ``bs*-lz4<``. Only the v2 compression tag's
+    ``"lz4"`` uses the HDF5 LZ4 framing (dectris/documentation
+    ``cbor/dectris-compression-tag.md``; see the next test).
+    """
     frame = poisson_frame((64, 64), "uint16")
     blob = encode(frame, "lz4<")
+    assert blob == lz4.block.compress(frame.tobytes(), store_size=False)
+    assert lz4.block.decompress(blob, uncompressed_size=frame.nbytes) == frame.tobytes()
+    assert struct.unpack(">Q", blob[:8])[0] != frame.nbytes  # no HDF5 header
+
+
+def test_lz4_hdf5_framing_golden_and_decodes_as_lz4() -> None:
+    """The v2 tag's ``"lz4"``: the HDF5 LZ4 framing, header (size, block size), then one
+    length-prefixed block (dectris/documentation ``cbor/dectris-compression-tag.md``); read by
+    DECTRIS' own ``decompress(..., "lz4")``. A v1 ``lz4<`` blob in this framing decodes too."""
+    frame = poisson_frame((64, 64), "uint16")
+    blob = codecs.encode_lz4_hdf5(frame)
     assert struct.unpack(">QI", blob[:12]) == (frame.nbytes, frame.nbytes)
     (length,) = struct.unpack(">I", blob[12:16])
     assert len(blob) == 16 + length
     assert lz4.block.decompress(blob[16:], uncompressed_size=frame.nbytes) == frame.tobytes()
+    assert codecs._dectris_decompress(blob, "lz4", elem_size=1) == frame.tobytes()
+    out = decode(blob, encoding="lz4<", shape=frame.shape, dtype="uint16")
+    assert np.array_equal(out, frame)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,10 +134,17 @@ def test_bslz4_single_block_without_header_decodes() -> None:
 
 
 def test_bare_lz4_block_decodes() -> None:
-    """A plain LZ4 block without the HDF5 framing is accepted for lz4<."""
+    """A plain LZ4 block (what a real detector sends for v1 lz4<) decodes, from the lz4
+    library directly; also one of exactly the frame's size (no HDF5 'stored' block)."""
     frame = poisson_frame((50, 30), "uint32")
     bare = lz4.block.compress(frame.tobytes(), store_size=False)
     assert np.array_equal(decode(bare, encoding="lz4<", shape=frame.shape, dtype="uint32"), frame)
+    noise = np.random.default_rng(3).integers(0, 256, 4096 - 22, dtype=np.uint8)
+    same_size = np.concatenate([np.zeros(22, np.uint8), noise]).reshape(64, 64)
+    block = lz4.block.compress(same_size.tobytes(), store_size=False)
+    assert len(block) == same_size.nbytes  # framed, this length would mean "stored raw"
+    out = decode(block, encoding="lz4<", shape=(64, 64), dtype="uint8")
+    assert np.array_equal(out, same_size)
 
 
 def test_raw_is_little_endian_c_order() -> None:

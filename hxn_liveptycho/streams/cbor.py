@@ -90,14 +90,18 @@ def encode_array(array: np.ndarray, encoding: str = "raw") -> cbor2.CBORTag:
     """``array`` as tag 40 [dims, typed array], compressed (in C) per a v1 ``encoding`` name."""
     data = np.asarray(array)
     tag = typed_array_tag(data.dtype)
-    blob = codecs.encode(data, encoding)
-    if encoding == "raw":
-        content: bytes | cbor2.CBORTag = blob
-    elif encoding == "lz4<":
-        content = cbor2.CBORTag(TAG_DECTRIS_COMPRESSION, ["lz4", 0, blob])
+    if encoding == "lz4<":
+        # v2's "lz4" is the HDF5 LZ4 framing; v1's lz4< blob is a bare block (codecs module doc).
+        content: bytes | cbor2.CBORTag = cbor2.CBORTag(
+            TAG_DECTRIS_COMPRESSION, ["lz4", 0, codecs.encode_lz4_hdf5(data)]
+        )
+    elif encoding == "raw":
+        content = codecs.encode(data, encoding)
     else:
         elem = codecs.BSLZ4_ELEMENT_SIZE[encoding]
-        content = cbor2.CBORTag(TAG_DECTRIS_COMPRESSION, ["bslz4", elem, blob])
+        content = cbor2.CBORTag(
+            TAG_DECTRIS_COMPRESSION, ["bslz4", elem, codecs.encode(data, encoding)]
+        )
     return cbor2.CBORTag(
         TAG_MULTI_DIM_ROW_MAJOR, [[int(n) for n in data.shape], cbor2.CBORTag(tag, content)]
     )

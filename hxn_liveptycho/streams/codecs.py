@@ -3,8 +3,16 @@
 - ``bsNN-lz4<``: bitshuffle (element size NN bits) + LZ4 in bitshuffle's HDF5-filter
   framing: a 12-byte big-endian header (uncompressed size uint64, block size in
   bytes uint32), then blocks each led by a 4-byte big-endian compressed size.
-- ``lz4<``: LZ4 in the HDF5 LZ4-filter framing (same 12-byte header), which is
-  what Dectris' own ``decompress(..., "lz4")`` reads.
+- ``lz4<`` (stream v1): one bare LZ4 block, no header. The SIMPLON API manual says of
+  the ``encoding`` field "lz4 data is written as defined at https://code.google.com/p/lz4/
+  without any additional data like block size etc."; DECTRIS-style v1 clients read it
+  so (areaDetector ADEiger ``streamApi.cpp`` runs ``LZ4_decompress_fast`` on the blob,
+  LiberTEM-rs ``libertem_dectris`` decompresses a plain block). What :func:`encode` sends.
+- ``lz4`` in a stream v2 compression tag (56500): the HDF5 LZ4-filter framing (a 12-byte
+  big-endian header, then length-prefixed blocks), per DECTRIS' ``cbor/dectris-compression-
+  tag.md``; what Dectris' ``decompress(..., "lz4")`` reads. :func:`encode_lz4_hdf5` makes it.
+  :func:`decode` of ``lz4<`` accepts both framings (told apart by the header's size field),
+  so either flavour, and a v1 sender that used the HDF5 framing, decodes.
 - ``raw``: the pixels, little-endian, C order.
 
 Compression and decompression run in C (``bitshuffle``, ``lz4``,
@@ -47,8 +55,13 @@ def encode(array: np.ndarray, encoding: str) -> bytes:
     if encoding == "raw":
         return data.tobytes()
     if encoding == "lz4<":
-        return _encode_lz4_hdf5(data.reshape(-1).view(np.uint8))
+        return lz4.block.compress(data.tobytes(), store_size=False)
     return _encode_bslz4(data, BSLZ4_ELEMENT_SIZE[encoding])
+
+
+def encode_lz4_hdf5(array: np.ndarray) -> bytes:
+    """LZ4 in the HDF5 LZ4-filter framing: what a v2 compression tag ``["lz4", 0, ...]`` holds."""
+    return _encode_lz4_hdf5(_little_endian_c(array).reshape(-1).view(np.uint8))
 
 
 #: The bslz4/lz4 framing stores block sizes in 4 bytes: no frame may exceed that.
@@ -82,7 +95,7 @@ def decode(
     if encoding == "raw":
         raw: bytes | memoryview = view
     elif encoding == "lz4<":
-        raw = _decompress(_with_lz4_header(view, expected), "lz4", 1, encoding)
+        raw = _decode_lz4(view, expected, encoding)
     else:
         elem = BSLZ4_ELEMENT_SIZE[encoding]
         if expected % elem:
@@ -235,11 +248,21 @@ def _chain_fits(view: memoryview, expected: int, block: int, elem: int) -> bool:
     return offset + leftover == len(view)
 
 
-def _with_lz4_header(view: memoryview, expected: int) -> bytes | memoryview:
-    """Return the lz4 blob with its header; a bare LZ4 block becomes one framed block."""
+def _decode_lz4(view: memoryview, expected: int, encoding: str) -> bytes:
+    """Decode an ``lz4<`` blob in either framing: HDF5 (v2 tag, some v1 senders) or bare (v1).
+
+    A framed blob starts with the uncompressed size as 8 big-endian bytes; a bare LZ4 block
+    cannot (its first sequence needs literals, so its first 4 bytes are never all zero).
+    """
     if len(view) >= _HEADER.size and _HEADER.unpack_from(view)[0] == expected:
-        return view
-    return _HEADER.pack(expected, expected) + _BLOCK_LEN.pack(len(view)) + bytes(view)
+        return _decompress(view, "lz4", 1, encoding)
+    try:
+        return lz4.block.decompress(view, uncompressed_size=expected)
+    except Exception as exc:  # lz4.block.LZ4BlockError, or a size it refuses
+        raise DecodeError(
+            f"{encoding}: corrupt or truncated LZ4 block ({len(view)} bytes, neither a bare "
+            f"block of {expected} bytes nor the HDF5 LZ4 framing): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _decompress(blob: bytes | memoryview, algorithm: str, elem: int, encoding: str) -> bytes:
