@@ -277,20 +277,40 @@ def decode_channel(message: Message, channel: str) -> np.ndarray:
 
 
 def start_info(message: Message) -> dict[str, Any]:
-    """The start message as a plain dict, its arrays decoded (flatfield, pixel mask, table)."""
+    """The start message as a plain dict, its arrays decoded (flatfield, pixel mask, table).
+
+    A detail array that does not decode is left out rather than losing the whole start
+    (and with it the series): ``info["header_parts_dropped"]`` then names each, with why.
+    """
     info = thaw(message.fields)
+    dropped: list[str] = []
     for key in ("flatfield", "pixel_mask"):
-        if key in info:
-            per_channel = info[key]
-            if not isinstance(per_channel, dict):
-                raise DecodeError(f"v2 start message: {key!r} is not a map of channel -> array")
-            info[key] = {
-                str(name): decode_array(value, f"v2 start message {key}[{name!r}]")
-                for name, value in per_channel.items()
-            }
+        if key not in info:
+            continue
+        per_channel = info[key]
+        if not isinstance(per_channel, dict):
+            dropped.append(f"{key}: not a map of channel -> array")
+            del info[key]
+            continue
+        decoded: dict[str, np.ndarray] = {}
+        for name, value in per_channel.items():
+            try:
+                decoded[str(name)] = decode_array(value, f"v2 start message {key}[{name!r}]")
+            except DecodeError as exc:
+                dropped.append(f"{key}[{name!r}]: {exc}")
+        if decoded:
+            info[key] = decoded
+        else:
+            del info[key]
     table = "countrate_correction_lookup_table"
     if table in info:
-        info[table] = decode_typed_array(info[table], f"v2 start message {table}")
+        try:
+            info[table] = decode_typed_array(info[table], f"v2 start message {table}")
+        except DecodeError as exc:
+            dropped.append(f"{table}: {exc}")
+            del info[table]
+    if dropped:
+        info["header_parts_dropped"] = dropped
     translation = info.get("detector_translation")
     if (
         "detector_distance" not in info

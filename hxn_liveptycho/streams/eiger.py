@@ -483,6 +483,7 @@ EIGER_COUNTERS = names(
         "nonstandard",
         "stale_series",
         "other_channels",
+        "header_parts_dropped",
     ),
 )
 

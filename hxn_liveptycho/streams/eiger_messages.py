@@ -39,11 +39,17 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(slots=True)
 class SeriesStartEvent:
-    """A series header (v1 ``dheader-1.0``, v2 ``start``)."""
+    """A series header (v1 ``dheader-1.0``, v2 ``start``).
+
+    ``dropped`` names the header's detail parts (flatfield, pixel mask, count-rate table)
+    that were broken or missing and left out of ``info``, each with why: the rest of the
+    header still starts the series, and the book counts and logs them.
+    """
 
     series: int
     unique_id: str | None
     info: dict[str, Any]
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -129,7 +135,10 @@ def _parse_header_v1(parts: list[zmq.Frame], first: dict[str, Any]) -> SeriesSta
     if detail not in HEADER_PARTS:
         raise DecodeError(f"dheader-1.0: unknown header_detail {detail!r}")
     needed = HEADER_PARTS[detail]
-    if len(parts) < needed:
+    # The configuration (part 2) is what a series needs; an 'all' header's detail parts
+    # may each be broken or missing without losing it (they are dropped and named).
+    required = min(needed, 2)
+    if len(parts) < required:
         raise DecodeError(
             f"dheader-1.0 (series {series}, header_detail={detail!r}) has {len(parts)} parts, "
             f"needs {needed}"
@@ -137,13 +146,75 @@ def _parse_header_v1(parts: list[zmq.Frame], first: dict[str, Any]) -> SeriesSta
     info: dict[str, Any] = {}
     if needed >= 2:
         info.update(json_part(parts[1], "dheader-1.0 part 2 (config)"))
-    for index in range(2, needed, 2):
-        key, array = _decode_header_array(parts[index], parts[index + 1])
-        info[key] = array
-    if len(parts) > needed:
-        info["header_appendix"] = bytes(buffer(parts[needed])).decode("utf-8", "replace")
+    dropped: list[str] = []
+    appendix_at = needed
+    if detail == "all":
+        arrays, dropped, appendix_at = _header_arrays(parts)
+        info.update(arrays)
+    if len(parts) > appendix_at:
+        info["header_appendix"] = bytes(buffer(parts[appendix_at])).decode("utf-8", "replace")
     info["header_detail"] = detail
-    return SeriesStartEvent(series, None, info)
+    if dropped:
+        info["header_parts_dropped"] = list(dropped)
+    return SeriesStartEvent(series, None, info, tuple(dropped))
+
+
+def _header_arrays(parts: list[zmq.Frame]) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """The detail arrays of an ``all`` header that decode, why the others were dropped, and
+    the index where an appendix would start.
+
+    A whole header (8 parts or more) has three (description, blob) pairs at fixed places:
+    each pair is decoded on its own, so one broken part costs only itself. A shorter header
+    lost parts: pairs are then found by their descriptions' htypes, and whatever is neither
+    a known description nor its blob is dropped.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    dropped: list[str] = []
+
+    def take(index: int, default_htype: str) -> None:
+        description = _header_description(parts[index])
+        htype = description.get("htype") if description is not None else None
+        name = htype if isinstance(htype, str) and htype in _HEADER_ARRAYS else default_htype
+        where = f"{name} (parts {index + 1}-{index + 2})"
+        if index + 1 >= len(parts):
+            dropped.append(f"{where}: no data part")
+            return
+        if _HEADER_ARRAYS.get(name) in arrays:
+            dropped.append(f"{where}: a second {name}")
+            return
+        try:
+            key, array = _decode_header_array(parts[index], parts[index + 1])
+        except DecodeError as exc:
+            dropped.append(f"{where}: {exc}")
+            return
+        arrays[key] = array
+
+    expected = list(_HEADER_ARRAYS)
+    if len(parts) >= HEADER_PARTS["all"]:
+        for slot, htype in enumerate(expected):
+            take(2 + 2 * slot, htype)
+        return arrays, dropped, HEADER_PARTS["all"]
+    index = 2
+    while index < len(parts):
+        description = _header_description(parts[index])
+        if description is not None and description.get("htype") in _HEADER_ARRAYS:
+            take(index, str(description["htype"]))
+            index += 2
+        else:
+            dropped.append(f"part {index + 1}: not a detail description")
+            index += 1
+    found = {htype for htype in expected if _HEADER_ARRAYS[htype] in arrays}
+    named = " ".join(dropped)
+    dropped.extend(f"{h}: missing" for h in expected if h not in found and h not in named)
+    return arrays, dropped, len(parts)
+
+
+def _header_description(part: zmq.Frame) -> dict[str, Any] | None:
+    """A detail part's JSON description, or None when it is not one."""
+    try:
+        return json_part(part, "dheader-1.0 detail description")
+    except DecodeError:
+        return None
 
 
 def _parse_image_v1(
@@ -186,7 +257,9 @@ def _parse_v2(
     message = cbor.loads(buffer(parts[0]))
     series, unique_id = message.series_id, message.series_unique_id
     if message.type == "start":
-        return SeriesStartEvent(series, unique_id, cbor.start_info(message))
+        info = cbor.start_info(message)
+        dropped = tuple(info.get("header_parts_dropped", ()))
+        return SeriesStartEvent(series, unique_id, info, dropped)
     if message.type != "image":
         return SeriesEndEvent(series, unique_id)
     frame = message.image_id

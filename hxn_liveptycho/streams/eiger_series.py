@@ -99,6 +99,8 @@ class EigerSeriesBook:
         if isinstance(event, ImageEvent):
             self._apply_image(event)
         elif isinstance(event, SeriesStartEvent):
+            if event.dropped:
+                self._report_dropped_parts(event)
             self.begin_series(event.series, event.unique_id)
             self._series[event.series].expected = _announced_frames(event.info)
             self.counters.add("headers")
@@ -123,6 +125,18 @@ class EigerSeriesBook:
             return
         self.counters.add("frames")
         self._call(self._on_frame, self._make_frame(event.series, event.frame, event.data))
+
+    def _report_dropped_parts(self, event: SeriesStartEvent) -> None:
+        """A header kept without its broken or missing detail parts: counted, one line."""
+        self.counters.add("header_parts_dropped", len(event.dropped))
+        logger.warning(
+            "%s: series %d header: %d detail part(s) dropped, the rest of the header is used "
+            "and frames flow: %s",
+            self.name,
+            event.series,
+            len(event.dropped),
+            "; ".join(event.dropped),
+        )
 
     # -- series -----------------------------------------------------------------------
 
