@@ -174,6 +174,13 @@ class LivePtycho(DocumentRouter):
         sessions[-1].cancel("stopped by the user")
         return True
 
+    def retry_uploads(self) -> dict[str, Any]:
+        """Upload now every result Tiled did not take (local backups, and results held in
+        memory because the backup folder refused them too); what still waits is listed."""
+        if self.tiled is None:
+            return {"uploaded": [], "errors": {"tiled": "no Tiled connection"}, "pending": []}
+        return self.tiled.retry_uploads()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every run handed over so far is reconstructed and written."""
         return self.engine.wait_idle(timeout)

@@ -323,6 +323,54 @@ def _configure(args: argparse.Namespace) -> int:
     return _client_call(args, call)
 
 
+def _retry_upload(args: argparse.Namespace) -> int:
+    """Upload the results Tiled did not take: through a running serve, or (``--data-dir``)
+    the backups of that folder directly, for a process that has ended."""
+    if args.data_dir is None:
+        if args.list:
+            return _client_call(args, lambda client: client.uploads())
+        return _report_uploads(args, _client_call_result(args, lambda c: c.retry_uploads()))
+    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.store.server import TiledConnection
+
+    settings = Settings(data_dir=args.data_dir)
+    if not (settings.data_dir / "backup").is_dir():
+        print(f"liveptycho retry-upload: no backup folder in {settings.data_dir}", file=sys.stderr)
+        return 1
+    tiled = TiledConnection(settings)
+    try:
+        if args.list:
+            print(json.dumps(tiled.recovery.pending(), indent=2, default=str))
+            return 0
+        return _report_uploads(args, tiled.retry_uploads())
+    finally:
+        tiled.close()
+
+
+def _client_call_result(args: argparse.Namespace, call: Any) -> dict[str, Any] | int:
+    from hxn_liveptycho.control.client import ServeError
+
+    try:
+        with _serve_client(args) as client:
+            return dict(call(client))
+    except ServeError as exc:
+        print(f"liveptycho {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _report_uploads(args: argparse.Namespace, report: dict[str, Any] | int) -> int:
+    if isinstance(report, int):
+        return report
+    for key in report.get("uploaded", []):
+        print(f"uploaded {key}")
+    errors = report.get("errors") or {}
+    for key, error in errors.items():
+        print(f"liveptycho {args.command}: {key}: {error}", file=sys.stderr)
+    waiting = report.get("pending") or []
+    print(f"{len(report.get('uploaded', []))} uploaded, {len(waiting)} still waiting")
+    return 1 if errors or waiting else 0
+
+
 def _add_serve_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the engine as a service fed documents over 0MQ")
     serve.add_argument("--host", help="API bind address (default 127.0.0.1)")
@@ -341,6 +389,11 @@ def _add_serve_commands(sub: Any) -> None:
         ("status", "status of a running serve", _status),
         ("stop", "stop a reconstruction on serve (the newest running by default)", _stop),
         ("configure", "set overrides for the next runs on serve: KEY=VALUE ...", _configure),
+        (
+            "retry-upload",
+            "upload results Tiled did not take (serve's, or a --data-dir's backups)",
+            _retry_upload,
+        ),
     ):
         command = sub.add_parser(name, help=text)
         command.add_argument("--url", help="serve's URL (default from LIVEPTYCHO_SERVE_*)")
@@ -350,6 +403,13 @@ def _add_serve_commands(sub: Any) -> None:
             command.add_argument("--json", action="store_true", help="the full status as JSON")
         elif name == "stop":
             command.add_argument("uid", nargs="?", help="run uid or its first 8+ characters")
+        elif name == "retry-upload":
+            command.add_argument(
+                "--data-dir",
+                type=Path,
+                help="upload this folder's backups directly (no serve needed)",
+            )
+            command.add_argument("--list", action="store_true", help="only list what waits")
         else:
             command.add_argument("assignments", nargs="*", help="e.g. recon.iterations=50")
             command.add_argument("--replace", action="store_true", help="replace, not merge")

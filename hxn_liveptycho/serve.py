@@ -164,6 +164,14 @@ class ServeService:
         # The reply names the model, not where the server keeps it.
         return {"model": name, "source": model.source, **overrides}
 
+    def retry_uploads(self) -> dict[str, Any]:
+        """Upload now every result waiting for Tiled (see ``LivePtycho.retry_uploads``)."""
+        return self.live.retry_uploads()
+
+    def uploads(self) -> list[dict[str, Any]]:
+        """Results waiting for Tiled: in the backup folder, or in memory."""
+        return [] if self.live.tiled is None else self.live.tiled.recovery.pending()
+
     def stop_run(self, uid: str | None = None) -> str | None:
         """Stop a running reconstruction (the newest when ``uid`` is None); its uid, or None."""
         session = self.current_session() if uid is None else self.find_session(uid)

@@ -35,6 +35,7 @@ from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
 from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
 from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.streams.crop import window_source
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +187,12 @@ class RunSession:
         self._first_frame_index: int | None = None
         self._kind_accepted = 0
         self._last_odd: tuple[int, np.ndarray] | None = None
+        #: Whether a frame the receiver's detector crop did not fit was logged yet.
+        self._misfit_logged = False
         #: Light copies kept once the heavy state is released (see :meth:`_release`).
         self._released: dict[str, Any] = {}
+        #: Status and reason before a write that neither Tiled nor the disk took.
+        self._before_write_failure: tuple[RunStatus, str] | None = None
         self._done = threading.Event()
         self._assembler: Assembler | None = None
         self._worker = solver_worker
@@ -299,6 +304,8 @@ class RunSession:
         if backup is not None:  # Tiled refused the result: say where it is instead
             info["stored_in"] = "local backup"
             info["backup_path"] = str(backup)
+        if getattr(self._sink, "write_failure", released.get("write_failure")):
+            info["stored_in"] = "memory (until retry-upload writes it)"
         return info
 
     def _n_positions(self) -> int:
@@ -502,6 +509,7 @@ class RunSession:
         # "solver": the solver process answered; _pump_solver reads what it sent
 
     def _keep(self, index: int, data: np.ndarray) -> None:
+        data = np.asarray(data)  # a receiver's DetectorWindow: plain pixels from here on
         if self._assembler is None:
             self._early_frames.append((index, data))
         else:
@@ -510,7 +518,13 @@ class RunSession:
     def _admit(self, index: int, data: np.ndarray) -> bool:
         """Whether a frame has the run's shape and dtype (its first frame's); one that has
         not is quarantined, counted and dropped, so that a single odd frame cannot fail
-        the batch it would be stacked with, and the frames around it are kept."""
+        the batch it would be stacked with, and the frames around it are kept. With a
+        detector crop the shapes compared are the detector frames' (the receiver says),
+        so a larger frame is not cropped silently; one the crop did not fit is always
+        quarantined."""
+        source = window_source(data)
+        if source is not None and source[1] is not None:
+            return self._quarantine_misfit(index, data, source[1])
         kind = self._kind_of(data)
         if self._frame_kind is None and len(kind[0]) == 2:
             self._frame_kind = kind
@@ -556,9 +570,29 @@ class RunSession:
             )
         return False
 
+    def _quarantine_misfit(self, index: int, data: np.ndarray, why: str) -> bool:
+        """A frame the receiver's detector crop did not fit: it came without pixels, so it
+        is quarantined whatever the run's kind (and never becomes it)."""
+        self.counters.add("frames_quarantined")
+        self._odd_streak += 1
+        if self._odd_kind is None:
+            self._odd_kind = self._kind_of(data)
+        if not self._misfit_logged:
+            self._misfit_logged = True
+            self.log.warning(
+                "frame %d: %s: quarantined (dropped and counted as frames_quarantined; later "
+                "ones are not logged)",
+                index,
+                why,
+            )
+        return False
+
     @staticmethod
     def _kind_of(data: np.ndarray) -> tuple[tuple[int, ...], np.dtype]:
-        return tuple(np.shape(data)), np.asarray(data).dtype
+        """Shape and dtype; the detector frame's shape for a window a receiver cut."""
+        source = window_source(data)
+        shape = source[0] if source is not None else tuple(np.shape(data))
+        return shape, np.asarray(data).dtype
 
     def _unadmit(self, index: int | None) -> bool:
         """Quarantine an admitted frame that is not yet fed (False if it is too late)."""
@@ -639,6 +673,7 @@ class RunSession:
         self._early_frames.clear()
         self._early_samples.clear()
         self._sink = self._sink_factory()
+        self._sink.on_stored_later = self.stored_later
         self._sink.open(config, self._metadata(RunStatus.RUNNING))
         if config.mode != "iterative":
             self._nn = start_nn_branch(
@@ -916,6 +951,7 @@ class RunSession:
         try:
             if self._sink is None:
                 self._sink = self._sink_factory()
+                self._sink.on_stored_later = self.stored_later
                 self._sink.open(self.config, self._metadata(status))
             if self._nn is not None:
                 nn_final = self._nn.close(timeout=self.settings.tiled_write_timeout_s)
@@ -945,6 +981,11 @@ class RunSession:
                     self.log.warning(
                         "the result is NOT in Tiled: kept in the local backup %s", backup
                     )
+                failure = getattr(self._sink, "write_failure", None)
+                if failure:
+                    # Neither Tiled nor the disk took it: held in memory for retry-upload.
+                    self._before_write_failure = (self.status, self.reason)
+                    self._fail_write(f"result not stored: {failure}")
                 self.timeline["final_written"] = time.monotonic()
                 sink_steps = getattr(self._sink, "timeline", {})
                 self.timeline.update({f"sink_{k}": v for k, v in sink_steps.items()})
@@ -957,6 +998,19 @@ class RunSession:
             self.iteration,
             self.last_error,
         )
+
+    def stored_later(self) -> None:
+        """The result a failed write left in memory reached Tiled (retry-upload, or Tiled
+        came back): the run is what its data said again, and its reason says how."""
+        before = self._before_write_failure
+        if before is None:
+            return
+        status, reason = before
+        self._before_write_failure = None
+        self.status = status
+        self.reason = f"{reason} (stored in Tiled later, by retry-upload)"
+        self.error = None
+        self.log.info("result stored in Tiled after all: %s", self.status)
 
     def _fail_write(self, what: str) -> None:
         """The result could not be stored: the run is failed, whatever the data said."""
@@ -985,6 +1039,7 @@ class RunSession:
         if sink is not None:
             released["container_path"] = getattr(sink, "container_path", None)
             released["backup_path"] = getattr(sink, "backup_path", None)
+            released["write_failure"] = getattr(sink, "write_failure", None)
         if self._nn is not None:
             released["nn"] = self._nn.counters.snapshot()
         self._solver = None

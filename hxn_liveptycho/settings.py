@@ -158,6 +158,13 @@ class Settings(BaseSettings):
     tiled_write_timeout_s: float = Field(
         default=120.0, gt=0.0, description="How long a run's final write to Tiled may take."
     )
+    tiled_retry_s: float = Field(
+        default=20.0,
+        ge=0.0,
+        description="How long a run's final write is tried again (waiting longer each time) "
+        "when Tiled refuses it, before the result goes to the local backup; uploaded from "
+        "there when Tiled answers again.",
+    )
     max_frames_in_flight: int = Field(
         default=4096, ge=16, description="Frames received but not yet taken by a session."
     )

@@ -24,6 +24,7 @@ SMALL = SimulatedBeamline(x_num=8, y_num=8, photons_per_frame=2e5)
 def make_live(RE: Any, eiger: Any, panda: Any, tmp_path: Any, **fields: Any) -> LivePtycho:
     """A LivePtycho subscribed to ``RE`` and listening to the simulated detectors."""
     fields.setdefault("overrides", {"recon": {"iterations": 10}})
+    fields.setdefault("tiled_retry_s", 1.0)  # outages in tests: the backup without the wait
     settings = Settings(
         eiger_endpoint=eiger.endpoint,
         panda_endpoint=panda.endpoint,

@@ -77,7 +77,7 @@ class EvilSink:
 
 def settings_for(tmp_path: Path, tiled_uri: str = "http://127.0.0.1:9/") -> Settings:
     """No detector streams; a Tiled URI that the test's sink factory may never use."""
-    return Settings(tiled_uri=tiled_uri, data_dir=tmp_path, stream_timeout_s=1.0)
+    return Settings(tiled_uri=tiled_uri, data_dir=tmp_path, stream_timeout_s=1.0, tiled_retry_s=1.0)
 
 
 class Recorder:

@@ -173,6 +173,16 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
             session_or_404(uid)
         return {"stopped": service.stop_run(uid)}
 
+    @app.get("/api/uploads", dependencies=auth)
+    def uploads() -> list[dict[str, Any]]:
+        """Results Tiled did not take, waiting in the backup folder or in memory."""
+        return service.uploads()
+
+    @app.post("/api/uploads/retry", dependencies=auth)
+    def retry_uploads() -> dict[str, Any]:
+        """Upload every waiting result now; what was uploaded and what still waits."""
+        return service.retry_uploads()
+
     @app.get("/api/config", dependencies=auth)
     def config() -> dict[str, Any]:
         """Enabled, overrides and settings; secrets hidden (keys, tokens, api_key= in URIs)."""

@@ -62,6 +62,12 @@ class ServeClient:
     def select_model(self, name: str) -> dict[str, Any]:
         return self._call("PUT", "/api/config/model", {"name": name})
 
+    def uploads(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/uploads")
+
+    def retry_uploads(self) -> dict[str, Any]:
+        return self._call("POST", "/api/uploads/retry")
+
     def close(self) -> None:
         self._http.close()
 

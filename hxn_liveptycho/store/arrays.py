@@ -81,6 +81,13 @@ class ArrayGroup:
         #: Keys whose making failed half way: the node may exist without its data.
         self._uncertain: set[str] = set()
 
+    @classmethod
+    def existing(cls, node: Any) -> ArrayGroup:
+        """A group over a container that may already hold arrays (a second attempt)."""
+        group = cls(node)
+        group.arrays = {key: node[key] for key in node}
+        return group
+
     def make_ahead(self, layout: Layout, pool: Executor) -> None:
         """Make an empty node for every array of ``layout`` (in parallel); one made earlier
         with another layout is replaced."""

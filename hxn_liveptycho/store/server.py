@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.store.recovery import Recovery
 from hxn_liveptycho.store.server_process import bluesky_serialization_registry
 from hxn_liveptycho.store.tiled import TiledSink
 
@@ -416,6 +417,8 @@ class TiledConnection:
         self._closed = False
         self._client: Any = None
         self._client_uri: str | None = None
+        #: Results Tiled did not take (backups, or memory when the disk refused too).
+        self.recovery = Recovery(settings.data_dir / "backup", self.client, self.reachable)
 
     @property
     def embedded(self) -> bool:
@@ -429,6 +432,7 @@ class TiledConnection:
         threading.Thread(
             target=_import_client_modules, name="liveptycho-tiled-imports", daemon=True
         ).start()
+        self.recovery.start()  # backups of earlier runs go up as soon as Tiled answers
         if self.embedded:
             self._embedded_key()  # a bad key is the caller's error, now
             self._start_server_async(force=True)
@@ -596,6 +600,7 @@ class TiledConnection:
             "uri": redact(uri) if uri else None,
             "embedded": self.embedded,
             "catalog_path": self.settings.catalog_path,
+            "uploads_pending": self.recovery.pending(),
         }
         if self.embedded:
             with self._cond:
@@ -623,10 +628,17 @@ class TiledConnection:
             catalog_path=self.settings.catalog_path,
             backup_dir=self.settings.data_dir / "backup",
             reachable=self.reachable,
+            retry_s=self.settings.tiled_retry_s,
+            recovery=self.recovery,
         )
+
+    def retry_uploads(self) -> dict[str, Any]:
+        """Upload every result waiting for Tiled now (backups and results held in memory)."""
+        return self.recovery.retry()
 
     def close(self) -> None:
         """Stop the embedded server (aborting a start in progress); the client is dropped."""
+        self.recovery.close()
         with self._cond:
             self._closed = True
             server, self._server = self._server, None

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +51,7 @@ from hxn_liveptycho.jsonsafe import json_safe
 from hxn_liveptycho.scan import ScanConfig
 from hxn_liveptycho.store import diffraction as stored_diffraction
 from hxn_liveptycho.store.arrays import ArrayGroup, Layout
+from hxn_liveptycho.store.recovery import Recovery, UnwrittenResult, save_backup
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ _NN_KEYS = ("object", "object_amplitude", "object_phase", "coverage")
 _DIFFRACTION_KEYS = ("amplitude", "indices", "positions_m")
 #: Seconds between attempts to reach Tiled again after a failed diffraction append.
 RETRY_S = 5.0
+#: First and longest wait between attempts of the final write (doubling in between).
+RETRY_FIRST_S = 0.5
+RETRY_LONGEST_S = 8.0
 
 
 def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -72,6 +77,12 @@ def _with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 #: Arrays of ``final/`` made ahead of the result from the live snapshots' layout.
 _PREPARED_KEYS = ("object", "object_amplitude", "object_phase", "probe", "positions_m")
+
+
+def _key_part(text: str) -> str:
+    """A piece of the container's key (and backup file name): no '/', nothing a path or a
+    URL would read differently."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
 def _live_layout(metadata: Mapping[str, Any]) -> Layout:
@@ -106,8 +117,13 @@ class TiledSink:
         backup_dir: Path,
         reachable: Callable[[], bool] = lambda: True,
         diffraction_chunk_frames: int | None = None,
+        retry_s: float = 0.0,
+        recovery: Recovery | None = None,
     ) -> None:
         self._client_factory = client_factory
+        self._retry_s = retry_s
+        self._recovery = recovery
+        self._last_error = ""
         self._reachable = reachable
         self._catalog_path = [p for p in catalog_path.split("/") if p]
         self._backup_dir = Path(backup_dir)
@@ -120,6 +136,7 @@ class TiledSink:
                 "write_errors",
                 "diffraction_appended",
                 "diffraction_in_final",
+                "write_retries",
             ]
         )
         self.key: str | None = None
@@ -127,6 +144,13 @@ class TiledSink:
         self.backup_path: Path | None = None
         #: Where the measured frames went that Tiled did not take after the result was stored.
         self.frames_backup_path: Path | None = None
+        #: Set when neither Tiled nor the backup folder took the result: why (both errors).
+        #: The result is then held by the recovery (memory) for ``retry-upload``.
+        self.write_failure: str | None = None
+        #: Called when a result held in memory (see ``write_failure``) reaches Tiled later.
+        self.on_stored_later: Callable[[], None] | None = None
+        self._final_in_hand: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
+        self._kept = False
         self._final_due = False
         #: When each step of the writer's work happened (``time.monotonic``), first time only:
         #: where a latency the scientist sees is spent, for benchmarks and the run's summary.
@@ -164,8 +188,8 @@ class TiledSink:
     # ---- ResultSink protocol ---------------------------------------------------------
     def open(self, config: ScanConfig | None, metadata: Mapping[str, Any]) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        raw_uid = str(metadata.get("raw_uid", ""))
-        self.key = f"scan{metadata.get('scan_id')}-{raw_uid[:8]}-{stamp}"
+        raw_uid = _key_part(str(metadata.get("raw_uid", ""))[:8])
+        self.key = f"scan{_key_part(str(metadata.get('scan_id')))}-{raw_uid}-{stamp}"
         self.container_path = "/".join([*self._catalog_path, self.key])
         self._metadata = {"created": datetime.now(UTC).isoformat(), **json_safe(metadata)}
         self._live_layout = _live_layout(self._metadata)
@@ -239,6 +263,31 @@ class TiledSink:
 
     # ---- the writer thread -----------------------------------------------------------
     def _work(self) -> None:
+        """The writer never dies: an error no step expected is logged with the run, and what
+        was not written is kept (backup, else memory) like any refused write."""
+        try:
+            self._write_until_done()
+        except Exception as exc:
+            logger.exception("Tiled writer of %s failed", self.container_path)
+            self._last_error = f"writer failed: {type(exc).__name__}: {exc}"
+            with self._cond:
+                final, self._final = self._final or self._final_in_hand, None
+            if self._kept:
+                return
+            if final is not None:
+                snapshot, metadata = final
+                self._keep(
+                    {**json_safe(metadata), "finished": datetime.now(UTC).isoformat()},
+                    final=_with_object_views(snapshot),
+                    nn=_with_object_views(self._nn_latest or {}),
+                )
+            else:
+                with contextlib.suppress(Exception):
+                    self._keep({**self._metadata, "note": self._last_error})
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def _write_until_done(self) -> None:
         self._container = self._attempt("create the container", self._create_container)
         if self._container is not None and self._live_layout:
             self._attempt("make live/ ahead", self._live_group)
@@ -269,8 +318,8 @@ class TiledSink:
                     self.counters.add("write_errors")
                     logger.warning("NN mosaic write to %s failed: %s", self.container_path, exc)
             if final is not None:
+                self._final_in_hand = final
                 self._write_final(*final)
-                self._pool.shutdown(wait=False)
                 return
             if prepare:
                 self._prepare_final()
@@ -287,7 +336,6 @@ class TiledSink:
                 self._append_while_running()
             if closing:
                 self._flush_without_final()
-                self._pool.shutdown(wait=False)
                 return
 
     def _chunk_due(self) -> bool:
@@ -331,14 +379,30 @@ class TiledSink:
         """
         if not self._reachable():
             self.counters.add("write_errors")
+            self._last_error = f"Tiled is unreachable: could not {what}"
             logger.warning("Tiled is unreachable: could not %s for %s", what, self.container_path)
             return None
         try:
             return action()
         except Exception as exc:
             self.counters.add("write_errors")
+            self._last_error = f"Tiled: could not {what}: {type(exc).__name__}: {exc}"
             logger.warning("Tiled: could not %s for %s: %s", what, self.container_path, exc)
             return None
+
+    def _retrying(self, what: str, action: Callable[[], Any], began: float) -> bool:
+        """``action`` until it succeeds, with backoff, while the run is young (``retry_s``
+        from ``began``): an embedded server being restarted, or a remote one's short
+        outage, then costs nothing but the wait."""
+        delay = RETRY_FIRST_S
+        while True:
+            if self._attempt(what, action) is not None:
+                return True
+            if time.monotonic() + delay > began + self._retry_s:
+                return False
+            self.counters.add("write_retries")
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_LONGEST_S)
 
     def _create_container(self) -> Any:
         node = self._client_factory()
@@ -535,7 +599,7 @@ class TiledSink:
             and self._attempt("append diffraction frames", self._append_all) is not None
         ):
             return
-        self._backup({}, {**self._metadata, "note": "closed before its final result"})
+        self._keep({**self._metadata, "note": "closed before its final result"})
 
     # ---- the final write -------------------------------------------------------------
     def _write_final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
@@ -601,16 +665,15 @@ class TiledSink:
             )
             return True
 
-        if self._attempt("write the final result", write_result) is None:
+        began = self.timeline.get("final_handed", time.monotonic())
+        if not self._retrying("write the final result", write_result, began):
             nn = _with_object_views(self._nn_latest or {})
-            self._backup({**arrays, **{f"nn_{k}": v for k, v in nn.items()}}, metadata)
+            self._keep(metadata, final=arrays, nn=nn)
             return
-        if self._attempt("append the remaining diffraction frames", write_frames) is None:
-            self._backup(
-                {},
-                {**metadata, "note": "the result is in Tiled; these frames are not"},
-                result_in_tiled=True,
-            )
+        if not self._retrying("append the remaining diffraction frames", write_frames, began):
+            self._keep(metadata, result_in_tiled=True)
+            if self.frames_backup_path is None:
+                return
             with contextlib.suppress(Exception):
                 self._container.update_metadata(
                     metadata={
@@ -631,41 +694,57 @@ class TiledSink:
                 self.counters.add("write_errors")
                 logger.warning("live write to %s failed: %s", self.container_path, exc)
 
-    def _backup(
+    def _keep(
         self,
-        arrays: Mapping[str, np.ndarray],
         metadata: Mapping[str, Any],
         *,
+        final: Mapping[str, np.ndarray] | None = None,
+        nn: Mapping[str, np.ndarray] | None = None,
         result_in_tiled: bool = False,
     ) -> None:
-        """Save what Tiled lacks to ``<backup_dir>/<key>.npz``; its ``.json`` says the rest."""
-        self._backup_dir.mkdir(parents=True, exist_ok=True)
-        path = self._backup_dir / f"{self.key}.npz"
-        payload = dict(arrays)
+        """What Tiled did not take goes to ``<backup_dir>/<key>.npz`` (+ ``.json``); if the
+        disk refuses too, the recovery keeps it in memory and the run is failed with both
+        errors. Either way it is uploaded when Tiled answers again."""
         with self._cond:
             rows = self._pending.rows
             queued = self._pending.peek(rows)
+        frames = {}
         if rows:
-            payload["diffraction_amplitude"] = queued.encoded()[0]
-            payload["diffraction_indices"] = queued.indices()
-            payload["diffraction_positions_m"] = queued.positions()
-        np.savez_compressed(path, **payload)
-        path.with_suffix(".json").write_text(
-            json.dumps(
-                {
-                    **metadata,
-                    "container_path": self.container_path,
-                    "diffraction": {
-                        "in_tiled": self._diffraction_base,
-                        "in_backup": rows,
-                        "order": "arrival",
-                        "representation": stored_diffraction.REPRESENTATION,
-                    },
-                },
-                indent=2,
-                default=str,
-            )
+            frames = {
+                "amplitude": queued.encoded()[0],
+                "indices": queued.indices(),
+                "positions_m": queued.positions(),
+            }
+        result = UnwrittenResult(
+            key=str(self.key),
+            container_path=str(self.container_path),
+            metadata=json.loads(json.dumps(dict(metadata), default=str)),
+            final=dict(final or {}),
+            nn=dict(nn or {}),
+            frames=frames,
+            frames_in_tiled=self._diffraction_base,
+            result_in_tiled=result_in_tiled,
+            errors=[self._last_error or "Tiled refused it"],
+            on_uploaded=self.on_stored_later,
         )
+        self._kept = True
+        try:
+            path = save_backup(result, self._backup_dir)
+        except Exception as exc:
+            failed = f"backup to {self._backup_dir} failed: {type(exc).__name__}: {exc}"
+            result.errors.append(failed)
+            self.write_failure = "; ".join(result.errors)
+            if self._recovery is not None:
+                self._recovery.keep(result)
+            logger.error(
+                "%s of %s is in memory only (retry-upload writes it): %s",
+                "frames" if result_in_tiled else "the result",
+                self.container_path,
+                self.write_failure,
+            )
+            return
+        if self._recovery is not None:
+            self._recovery.backed_up()
         if result_in_tiled:
             self.frames_backup_path = path
             logger.error(
