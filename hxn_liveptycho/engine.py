@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: How many finished sessions stay visible in status().
 _HISTORY = 32
+#: How many runs not reconstructed at their start stay visible in status()["skipped"].
+MAX_SKIPPED_KEPT = 32
 _STOP = object()
 
 
@@ -106,6 +108,9 @@ class Engine:
         self._lock = threading.Lock()
         self._series_owner: dict[str, RunSession | None] = {"eiger": None, "panda": None}
         self._descriptor_runs: dict[str, str] = {}
+        #: Runs not reconstructed at their start (not chosen, or no uid), newest last: a
+        #: scientist asking "why was my scan not reconstructed" finds the reason here.
+        self._skipped: deque[dict[str, Any]] = deque(maxlen=MAX_SKIPPED_KEPT)
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="liveptycho-engine", daemon=True
         )
@@ -252,6 +257,7 @@ class Engine:
     def _start_run(self, start: Mapping[str, Any]) -> None:
         if not start.get("uid"):
             self.counters.add("runs_skipped")
+            self._remember_skipped(start, "start document without a uid")
             logger.warning("start document without a uid: run not reconstructed")
             return
         if start["uid"] in self._sessions:
@@ -264,6 +270,7 @@ class Engine:
         reason = run_selection(start, self.settings)
         if reason is not None:
             self.counters.add("runs_skipped")
+            self._remember_skipped(start, reason)
             logger.info(
                 "scan %s (%s) not reconstructed: %s",
                 start.get("scan_id"),
@@ -285,6 +292,18 @@ class Engine:
         self.counters.add("runs_started")
         logger.info("scan %s (%s): live reconstruction started", session.scan_id, session.uid[:8])
         session.begin()
+
+    def _remember_skipped(self, start: Mapping[str, Any], reason: str) -> None:
+        self._skipped.append(
+            {
+                "uid": start.get("uid"),
+                "scan_id": start.get("scan_id"),
+                "plan_name": start.get("plan_name"),
+                "status": "skipped",
+                "reason": reason,
+                "time": start.get("time"),
+            }
+        )
 
     def _end_open_runs(self) -> None:
         """A RunEngine runs one run at a time: a new ``start`` means the open runs' ``stop``
@@ -370,6 +389,7 @@ class Engine:
             },
             "receivers": receivers,
             "runs": [s.summary() for s in self.sessions()],
+            "skipped": list(self._skipped),
         }
 
     def wait_idle(self, timeout: float | None = None) -> bool:

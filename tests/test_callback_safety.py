@@ -260,6 +260,9 @@ def test_run_that_is_not_ptychography_is_skipped_with_one_log_line(
         assert result.run_start_uids[0][:8] in line
         assert live.status()["engine"]["runs_skipped"] == 1
         assert live.status()["runs"] == []
+        (skip,) = live.status()["skipped"]  # the reason, where status pages look
+        assert skip["uid"] == result.run_start_uids[0] and skip["status"] == "skipped"
+        assert "'count'" in skip["reason"] and skip["plan_name"] == "count"
         assert evil.calls == 0
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:

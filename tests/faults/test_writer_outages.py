@@ -296,3 +296,40 @@ def test_a_run_whose_result_no_store_took_is_failed_then_complete_once_uploaded(
         assert node["diffraction"]["indices"].shape == (SMALL.x_num * SMALL.y_num,)
     finally:
         live.close()
+
+
+def test_an_embedded_server_killed_before_the_scan_is_restarted_and_gets_the_result(
+    RE, hxn_detectors, tmp_path
+):
+    """The embedded Tiled dies: the first probe sees it and restarts it in the background,
+    and the run's final write, tried again meanwhile, lands in it: no backup, no long
+    wait for a server that will not answer."""
+    import os
+    import signal
+
+    from scans import SMALL, fly, make_live, processed
+
+    from hxn_liveptycho.sim import SimulatedSample
+
+    eiger, panda = hxn_detectors
+    live = make_live(RE, eiger, panda, tmp_path, tiled_retry_s=60.0)
+    try:
+        live.tiled.client()  # running
+        pid = live.tiled.describe()["server"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        began = time.monotonic()
+        result = fly(RE, eiger, panda, SimulatedSample(SMALL))
+        assert result.exit_status == "success"
+        assert live.wait(timeout=180)
+        waited = time.monotonic() - began
+        (run,) = live.status()["runs"]
+        assert run["status"] == "complete", run
+        assert "backup_path" not in run
+        server = live.tiled.describe()["server"]
+        assert server["restarts"] >= 1 and server["pid"] != pid
+        node = processed(live.tiled.client(), result.run_start_uids[0])
+        assert node.metadata["status"] == "complete"
+        assert node["diffraction"]["indices"].shape == (SMALL.x_num * SMALL.y_num,)
+        assert waited < 120, f"the run waited {waited:.0f} s for its store"
+    finally:
+        live.close()
