@@ -58,6 +58,7 @@ from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams._zmq import curve_options, names
+from hxn_liveptycho.streams.crop import as_window, window_source
 from hxn_liveptycho.streams.eiger import (
     DEFAULT_CHANNEL,
     EIGER_COUNTERS,
@@ -198,9 +199,12 @@ class _Worker:
             self._send([_dumps(("malformed", text, decode_error))])
             return
         if isinstance(event, ImageEvent) and event.data is not None:
+            source = window_source(event.data)  # a cut frame's detector shape and misfit
             data = np.ascontiguousarray(event.data)
             event.data = None
-            self._send([_dumps(("image", event, data.dtype.str, data.shape)), data], copy=False)
+            self._send(
+                [_dumps(("image", event, data.dtype.str, data.shape, source)), data], copy=False
+            )
         else:
             self._send([_dumps(("event", event))])
 
@@ -509,8 +513,10 @@ class EigerProcessReceiver:
             elif kind == "bye":  # after its last marker: it needs no unblocking
                 worker.said_bye = True
             elif kind == "image":
-                _, event, dtype, shape = message
+                _, event, dtype, shape, source = message
                 event.data = np.frombuffer(parts[2].buffer, dtype=dtype).reshape(shape)
+                if source is not None:
+                    event.data = as_window(event.data, *source)
                 worker.pending.append(("event", event))
             else:
                 worker.pending.append(message)

@@ -316,32 +316,22 @@ CROP = DetectorCrop(center_y=FRAME / 2, center_x=FRAME / 2, size=48)
 CROP_OVERRIDES = {**OVERRIDES, "roi": {"size": 32, "center_y": 24.0, "center_x": 24.0}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with eiger_crop set, the receiver cuts the detector window from any frame the "
-    "window fits (streams/crop.py WindowCrop), so a larger frame becomes 48x48 like the "
-    "others and is reconstructed: nothing compares it with the series' 64x64 (fix in "
-    "hxn_liveptycho/streams, not in the tests)",
-)
 def test_a_larger_frame_is_not_cropped_silently_by_the_detector_crop(
     wire_factory: Callable[..., Wire], tiled_server: Any
 ) -> None:
     wire = wire_factory(eiger_crop=CROP, overrides=CROP_OVERRIDES)
     wire.scan(lambda i: pixels(i, (FRAME + 8, FRAME + 8) if i == 4 else (FRAME, FRAME)))
     run = wire.run()
+    assert run["status"] == "complete", run
     assert run["counters"]["frames_received"] == 9
     assert run["counters"]["frames_quarantined"] == 1, run
+    # the detector shapes are compared, not the 48x48 windows the receiver cut
+    note = "1 of 9 frames quarantined: 72x72 uint32 instead of the run's 64x64 uint32"
+    assert note in run["warnings"], run
     _, indices = stored(tiled_server, wire.uid)
     assert indices == [0, 1, 2, 3, 5, 6, 7, 8]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with eiger_crop set, a frame the window does not fit is dropped by the receiver "
-    "(counted only as the receiver's 'malformed'): the run counts 8 frames received, 0 "
-    "quarantined, and ends 'complete' with '8 of 9 points': the frame is neither in "
-    "diffraction/ nor counted as quarantined (fix in hxn_liveptycho/streams or engine)",
-)
 def test_a_smaller_frame_the_detector_crop_cannot_cut_is_counted_quarantined(
     wire_factory: Callable[..., Wire], tiled_server: Any
 ) -> None:
@@ -354,6 +344,7 @@ def test_a_smaller_frame_the_detector_crop_cannot_cut_is_counted_quarantined(
     counters = metadata["counters"]
     assert counters["frames_received"] == 9, counters
     assert counters["frames_quarantined"] == 1, counters
+    assert any("1 of 9 frames quarantined: 40x40 uint32" in w for w in metadata["warnings"])
 
 
 # -- finished runs return their memory ---------------------------------------------------------
