@@ -1,4 +1,12 @@
-"""``liveptycho``: the command line (demo now; serve, replay and status as they land)."""
+"""``liveptycho``: live ptychographic reconstruction for HXN, from the command line.
+
+``demo`` runs a simulated scan end to end; ``serve`` runs the engine as a
+service fed by bluesky's 0MQ documents; ``status``, ``stop``, ``configure`` and
+``retry-upload`` talk to a running serve; ``replay`` publishes an archived run
+as the beamline did; ``models``, ``settings`` and ``config-reference``
+describe what is installed and configured. Settings come from ``LIVEPTYCHO_*``
+environment variables (see ``liveptycho config-reference``).
+"""
 
 from __future__ import annotations
 
@@ -371,31 +379,97 @@ def _report_uploads(args: argparse.Namespace, report: dict[str, Any] | int) -> i
     return 1 if errors or waiting else 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has a real one; options whose default comes
+    from the settings (None here) say so in their help instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+            and action.nargs != 0
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub: Any, name: str, text: str, description: str | None = None) -> Any:
+    """A subcommand with a one-line ``help`` for the list and a ``description`` for its page."""
+    return sub.add_parser(
+        name,
+        help=text,
+        description=description or text[:1].upper() + text[1:] + ".",
+        formatter_class=_HelpFormatter,
+    )
+
+
 def _add_serve_commands(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run the engine as a service fed documents over 0MQ")
-    serve.add_argument("--host", help="API bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="API port (default 8765)")
-    serve.add_argument("--documents", help="0MQ proxy output to subscribe to")
-    serve.add_argument("--proxy-in", help="run bluesky's 0MQ proxy here, publishers connect to")
-    serve.add_argument("--prefix", help="accept only this bluesky Publisher prefix")
-    serve.add_argument("--log-file", type=Path, help="also log to this file")
-    serve.add_argument("--tiled-uri", help="Tiled server (default: embedded)")
-    serve.add_argument("--eiger", help="Eiger stream endpoint")
-    serve.add_argument("--panda", help="PandA stream endpoint")
-    serve.add_argument("--data-dir", type=Path, help="embedded Tiled and backups")
+    serve = _command(
+        sub,
+        "serve",
+        "run the engine as a service fed documents over 0MQ",
+        "Run the engine as a long-lived service: documents from bluesky's 0MQ proxy, "
+        "frames from the Eiger and PandA streams, results to Tiled, and an HTTP API and "
+        "live page for status and control. Options override the LIVEPTYCHO_* settings.",
+    )
+    texts = {
+        "host": "API bind address; beyond loopback needs an API token",
+        "port": "API and live page port",
+        "documents": "0MQ proxy output to subscribe to (host:port)",
+        "proxy_in": "run bluesky's 0MQ proxy here; publishers connect to it",
+        "prefix": "accept only this bluesky Publisher prefix",
+        "log_file": "also append the log to this file",
+        "tiled_uri": "Tiled server for results (unset: an embedded one)",
+        "eiger": "Eiger stream endpoint (tcp://host:port)",
+        "panda": "PandA stream endpoint (tcp://host:port)",
+        "data_dir": "folder of the embedded Tiled and of local backups",
+    }
+    kinds: dict[str, Any] = {"port": int, "log_file": Path, "data_dir": Path}
+    for dest, setting in _SERVE_FLAGS.items():
+        serve.add_argument(
+            "--" + dest.replace("_", "-"),
+            dest=dest,
+            type=kinds.get(dest, str),
+            help=f"{texts[dest]} (default: LIVEPTYCHO_{setting.upper()} or its default)",
+        )
     serve.set_defaults(func=_serve)
 
-    for name, text, func in (
-        ("status", "status of a running serve", _status),
-        ("stop", "stop a reconstruction on serve (the newest running by default)", _stop),
-        ("configure", "set overrides for the next runs on serve: KEY=VALUE ...", _configure),
+    for name, text, description, func in (
+        (
+            "status",
+            "status of a running serve",
+            "Print one line per recent run of a running serve (--json: everything).",
+            _status,
+        ),
+        (
+            "stop",
+            "stop a reconstruction on serve (the newest running by default)",
+            "Stop a reconstruction on a running serve; it writes what it has and ends "
+            "'aborted'. Exit status 1 when nothing was running.",
+            _stop,
+        ),
+        (
+            "configure",
+            "set overrides for the next runs on serve: KEY=VALUE ...",
+            "Set overrides for the next runs on a running serve, e.g. recon.iterations=200 "
+            "roi.size=256; merged into the current ones (--replace replaces them). Values "
+            "are checked against the settings' models; a bad one is refused with its field.",
+            _configure,
+        ),
         (
             "retry-upload",
             "upload results Tiled did not take (serve's, or a --data-dir's backups)",
+            "Upload now the results Tiled refused: a running serve's (local backups and "
+            "results held in memory), or with --data-dir the backups of that folder, for a "
+            "process that has ended (its embedded Tiled is started if it has one). Exit "
+            "status 1 while anything still waits.",
             _retry_upload,
         ),
     ):
-        command = sub.add_parser(name, help=text)
+        command = _command(sub, name, text, description)
         command.add_argument("--url", help="serve's URL (default from LIVEPTYCHO_SERVE_*)")
         command.add_argument("--token", help="API token (default LIVEPTYCHO_API_TOKEN)")
         command.set_defaults(func=func)
@@ -451,23 +525,40 @@ def _replay(args: argparse.Namespace) -> int:
 def _add_replay_command(sub: Any) -> None:
     from hxn_liveptycho.replay.command import add_arguments
 
-    replay = sub.add_parser(
-        "replay", help="replay an archived run: documents + Eiger/PandA streams, paced"
+    replay = _command(
+        sub,
+        "replay",
+        "replay an archived run: documents + Eiger/PandA streams, paced",
+        "Replay an archived run (a folder, or a uid / scan_id in Tiled) as the beamline "
+        "published it: documents through a RunEngine-like publisher, Eiger frames and "
+        "PandA positions on their streams, paced as recorded (or faster), into a live "
+        "reconstruction here or into a running serve.",
     )
     add_arguments(replay)
     replay.set_defaults(func=_replay)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liveptycho", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="liveptycho", description=__doc__, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=1, help="-vv: debug")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=1,
+        help="more log lines; -vv: debug, and tracebacks instead of one-line errors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
-        help="simulated HXN scan → live reconstruction → local Tiled",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "simulated HXN scan → live reconstruction → local Tiled",
+        "Run a simulated HXN fly scan through a real RunEngine, reconstruct it live, and "
+        "write the result to a local Tiled (started here): progress lines during the scan, "
+        "pictures in --out, and the Tiled address to look at the live images.",
     )
     _one_line_errors(demo)
     demo.add_argument("--out", default="demo-output", help="folder for pictures and Tiled data")
@@ -511,17 +602,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-serving", action="store_true", help="keep Tiled up afterwards")
     demo.set_defaults(func=_demo)
 
-    ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    ref = _command(sub, "config-reference", "print the configuration reference (Markdown)")
     ref.set_defaults(func=_config_reference)
 
-    settings = sub.add_parser("settings", help="print the settings read from LIVEPTYCHO_*")
+    settings = _command(
+        sub,
+        "settings",
+        "print the settings read from LIVEPTYCHO_*",
+        "Print the settings this machine's LIVEPTYCHO_* environment gives, as JSON, with "
+        "every secret hidden.",
+    )
     settings.set_defaults(func=_status_json)
 
-    models = sub.add_parser("models", help="list or inspect the NN branch's models")
-    models.add_argument("--model-dir", type=Path, default=None, help="default: settings")
+    models = _command(sub, "models", "list or inspect the NN branch's models")
+    models.add_argument(
+        "--model-dir", type=Path, default=None, help="local models' folder (default: settings)"
+    )
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="shipped and local models").set_defaults(func=_models_list)
-    inspect = models_sub.add_parser("inspect", help="a model's graph I/O and card")
+    _command(models_sub, "list", "shipped and local models").set_defaults(func=_models_list)
+    inspect = _command(models_sub, "inspect", "a model's graph I/O and card")
     inspect.add_argument("name", help="model name or path to an .onnx file")
     inspect.add_argument("--json", action="store_true", help="machine-readable")
     inspect.set_defaults(func=_models_inspect)
