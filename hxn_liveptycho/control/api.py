@@ -72,7 +72,8 @@ def _snapshot_version(session: RunSession) -> str:
 
 
 class _Pictures:
-    """Rendered PNGs, keyed by run, picture and snapshot version (rendering costs ~10 ms)."""
+    """Rendered PNGs, keyed by run, picture and snapshot version: each is rendered once per
+    snapshot, however many pages poll it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

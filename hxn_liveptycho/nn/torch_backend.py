@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.nn.backends import GraphIO, as_batch
+from hxn_liveptycho.nn.interface import GraphIO, as_batch
 from hxn_liveptycho.nn.onnx_graph import OnnxGraph, OnnxNode, load_graph
 
 logger = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class TorchBackend:
             torch.backends.cudnn.benchmark = True
             if self.precision == "fp32":
                 # FP32 is the reference-grade mode: cuDNN's default TF32 convolutions round
-                # operands to 10 bits, which moved phases by 1e-2 rad on the H200.
+                # operands to 10 bits, which moved the phases visibly on the H200.
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
             self._stream = torch.cuda.Stream(device=self.device)

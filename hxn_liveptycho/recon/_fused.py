@@ -224,25 +224,22 @@ def _shape_options(shape: TileShape) -> tuple[str, ...]:
 
 #: The tile kernels' shape on the solver's path: 32 x 32 tiles of 256 threads, two windows
 #: loaded together, registers capped at 64 for four blocks an SM (the object-sum kernel
-#: takes 80 uncapped, the step-fit one 118). On the H200 (128 positions of 256², medians
-#: of five rounds) the cap took LSQ-ML's step-fit sums from 0.104 to 0.066 ms and its ratio
-#: into the object from 0.055 to 0.048, and left the object sums at 0.033-0.035; no other
-#: shape of ``benchmarks/tile_sums.py`` did better on all three.
+#: takes 80 uncapped, the step-fit one 118). The cap speeds LSQ-ML's step-fit sums and its
+#: ratio into the object and leaves the object sums as they were; no other shape of
+#: ``benchmarks/tile_sums.py`` did better on all three (figures: docs/benchmarks-history.md).
 _TILE_SHAPE = TileShape(min_blocks=4)
 #: Most modes for which the solver gathers the object sums and LSQ-ML's ratio into the
-#: object by tile (see :func:`window_sums`). At three modes on the H200 (128 positions of
-#: 256²) the tiles made the object sums in 0.070 ms where the atomics took 0.152, and the
-#: ratio in 0.086 against 0.149; whole iterations at 4,096 positions went 0.0401 -> 0.0381 s
-#: (DM), 0.0341 -> 0.0314 (LSQ-ML) and 0.0257 -> 0.0251 (ePIE), at 1,024 unchanged within
-#: the noise (``benchmarks/recon_gpu.py --tile-modes 3``).
+#: object by tile (see :func:`window_sums`): up to three modes the tiles beat the atomics,
+#: and whole iterations of the dense scans got faster with them, the sparse ones no slower
+#: (``benchmarks/recon_gpu.py --tile-modes 3``; figures: docs/benchmarks-history.md).
 _TILE_MODES = 3
 #: Most modes for which LSQ-ML's step-fit sums are gathered by tile
 #: (:func:`tile_step_sums`). At three modes they lost to the per-position kernel at the
-#: 1,024 scan's density (0.165 against 0.124 ms) and tied at the 4,096 one (0.130 / 0.135).
+#: 1,024 scan's density and tied at the 4,096 one.
 _TILE_STEP_MODES = 1
 
-#: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host a few
-#: µs where an ElementwiseKernel's argument checks cost 20-65 µs, and the ePIE and
+#: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host far less
+#: than an ElementwiseKernel's argument checks, and the ePIE and
 #: LSQ-ML passes are bound by that host time (``benchmarks/recon_host.py``). One thread
 #: per element (blocks of :data:`_BLOCK`, as CuPy's element-wise launches); flags are
 #: ``int``; ``target`` arrays are rows of ``width`` elements ``stride`` apart (a box of the
@@ -739,8 +736,8 @@ extern "C" __global__ void liveptycho_mix_modes(
 }
 
 // The probe modes' orthogonalising unitary, recon._modes.orthogonalize_modes in one
-// launch of one block and no host sync (cuSOLVER's eigh took 0.48 ms of host and device
-// a call, every second iteration, in which the host waited): the Gram matrix
+// launch of one block and no host sync (cuSOLVER's eigh made the host wait on every
+// call, every second iteration): the Gram matrix
 // G_ab = sum_r m_a[r] conj(m_b[r]) summed in a fixed order, diagonalised by cyclic
 // complex Jacobi rotations in double precision, the eigenvectors sorted by decreasing
 // eigenvalue, and each row's phase fixed so its largest coefficient (the first of equals)
@@ -989,8 +986,8 @@ def _placeholder(device: int, dtype: str) -> Any:
 def _dummy(dtype: Any) -> Any:
     import cupy as cp
 
-    # ``.str`` ('<f4'), not ``.name``: NumPy computes the name in Python, 2 µs a call,
-    # and a batch takes a placeholder four or five times.
+    # ``.str`` ('<f4'), not ``.name``: NumPy computes the name in Python, and a batch
+    # takes a placeholder four or five times.
     return _placeholder(cp.cuda.runtime.getDevice(), np.dtype(dtype).str)
 
 
@@ -1100,11 +1097,8 @@ def window_sums(
     no atomics, a fixed order), and a second pass makes the probe-side sums, if any were
     asked for (the summed ones, with ``power``, in a kernel of their own that issues a
     chunk of positions' reads at once, as with no ``num`` at all). Otherwise every
-    position adds its window with atomics (one per pixel and sum). On the H200 (128
-    positions of 256², ``benchmarks/tile_sums.py``) the tiles wrote one mode's sums in
-    0.030 ms where the atomics took 0.085-0.094, and with the probe-side sums after them
-    took 0.072-0.075 ms against 0.095-0.117; three modes' sums in 0.070-0.080 ms against
-    0.133-0.152.
+    position adds its window with atomics (one per pixel and sum); the tiles are the
+    faster of the two on the solver's scans (``benchmarks/tile_sums.py``).
 
     ``overwrite``: ``num`` and ``den`` cover exactly ``box`` (``origin`` its corner) and
     become the sums, whatever they held (empty arrays will do): the tiles write them
@@ -1473,7 +1467,7 @@ def pass_tail(
 def mix_modes(waves: Any, u: Any) -> None:
     """``waves[b] <- u @ waves[b]`` over the mode axis of (B, K, n, n), in place: the
     stored exit waves following the orthogonalised probe modes, in one read and one write
-    (CuPy's batched GEMM for K = 3 took 8x the copy time)."""
+    (CuPy's batched GEMM for K = 3 took several times the copy time)."""
     import cupy as cp
 
     _contiguous(waves)

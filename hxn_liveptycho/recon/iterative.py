@@ -114,15 +114,15 @@ class IterativeParams(BaseModel):
         description="'epie': mini-batch parallel rPIE/ePIE (fast, robust; the default). "
         "'dm': difference map (Thibault 2008/2009) with relaxation `dm_beta`; it stores one "
         "far-field exit wave per position and probe mode (complex64, positions x modes x n^2 "
-        "x 8 bytes: 52 MB for 400 positions at n = 128, 6.4 GB for 4,096 positions and 3 "
-        "modes at n = 256), so its memory grows with the scan. All algorithms honour "
+        "x 8 bytes), so its memory grows with the scan. All algorithms honour "
         "sub-pixel positions (the probe is shifted by the fraction with a Fourier phase "
         "ramp). DM, having no damping, is the most sensitive to noise: its Fourier step is "
         "the relaxed projection of `dm_fourier_relax`, without which it wanders on noisy "
         "data; it does not support `position_refinement`. Good as the first stage of a "
         "`schedule`. 'lsqml': LSQ-ML "
         "(Odstrčil 2018), mini-batch, noise model `noise`, per-position least-squares step "
-        "lengths for object and probe; about 1.5x ePIE's cost per iteration on the GPU.",
+        "lengths for object and probe; it costs more per iteration than ePIE (figures in "
+        "docs/benchmarks.md).",
     )
     schedule: tuple[tuple[Algorithm, float], ...] | None = Field(
         None,
@@ -189,8 +189,8 @@ class IterativeParams(BaseModel):
         "low-order Hermite-like patterns at 5 % of its power (unless the probe passed in "
         "already has them) and are kept orthogonal and sorted by power. Costs one FFT pair "
         "per mode and position. On the GPU with 256² or 64² frames, up to 4 modes take the "
-        "modulus step inside the solver's own FFT (1.5-1.8x faster than the cuFFT path for "
-        "that step); more modes, or other frame sizes, use cuFFT.",
+        "modulus step inside the solver's own FFT (faster than the cuFFT path for that "
+        "step); more modes, or other frame sizes, use cuFFT.",
     )
     object_modes: int = Field(
         1,
@@ -218,17 +218,16 @@ class IterativeParams(BaseModel):
         description="LSQ-ML noise model: 'gaussian' (on amplitudes; robust, the usual choice) "
         "or 'poisson' (maximum likelihood for photon counting; better at low counts). "
         "Other algorithms ignore it. On the GPU only 'gaussian' runs as fused kernels; "
-        "'poisson' takes the slower reference path (measured 4-5x the time per iteration).",
+        "'poisson' takes the slower reference path.",
     )
     poisson_floor: float = Field(
         1.0,
         ge=0.0,
         description="Floor of the model intensity (counts per pixel) in LSQ-ML's Poisson step. "
         "Where the model is near zero but the frame is not, A^2/I would dominate the step "
-        "and make it hostage to float32 rounding: with 0 (no floor), a 1e-7 change of "
-        "the data moved the object by 7 % after 20 iterations of the 400 x 128^2 demo "
-        "scan and the error was 0.33; with 1 count the change is 2e-7 and the error "
-        "0.16. Set it in the data's units if frames are not photon counts.",
+        "and make it hostage to float32 rounding (0: no floor, which lets a rounding-sized "
+        "change of the data move the object visibly). Set it in the data's units if "
+        "frames are not photon counts.",
     )
     momentum_gain: float = Field(
         0.1,
@@ -240,10 +239,8 @@ class IterativeParams(BaseModel):
         "v <- momentum_friction v + (x - x_before). 0 turns it off. Costs two copies of the "
         "object and probe and a few whole-array passes per iteration (no per-batch work). "
         "The history carries across frames added while streaming and restarts after DM "
-        "passes. Measured on the simulated demo scan (docs/benchmarks.md): with 0.1 ePIE's "
-        "object error after 20 iterations is 0.065 instead of 0.095 and the error after 60 "
-        "within 1 % of (mostly below) that without; 0.3 gets there sooner still (0.044) but "
-        "ends up to 6 % worse on low-count data.",
+        "passes. Larger gains get there sooner but can end worse on low-count data "
+        "(the measurement that chose 0.1 is in docs/benchmarks.md).",
     )
     momentum_friction: float = Field(
         0.9,
@@ -257,10 +254,9 @@ class IterativeParams(BaseModel):
         description="ePIE and Gaussian LSQ-ML: floor of the model intensity (counts per pixel) "
         "in the modulus step A / sqrt(I). Where the model is near zero but photons were "
         "counted, the far field's phase there is float32 rounding, and the full step would "
-        "carry it into the object: on the CI scan (10^5 photons/frame, 64^2) a 1e-7 change "
-        "of the data moved ePIE's object by 3 % after 20 iterations without a floor and by "
-        "1e-6 with 0.01 counts, at the same object error. Set it in the data's units if "
-        "frames are not photon counts; 0 is the plain projection.",
+        "carry it into the object (a floor of a hundredth of a count keeps it out at the "
+        "same object error; docs/benchmarks.md). Set it in the data's units if frames are "
+        "not photon counts; 0 is the plain projection.",
     )
     dm_beta: float = Field(
         1.0,
@@ -284,11 +280,9 @@ class IterativeParams(BaseModel):
         description="Honour the sub-pixel part of the positions: the object window is cut at "
         "the whole pixel below and the probe shifted by the fraction with a Fourier phase "
         "ramp (the simulator's forward model), the probe update shifted back. Costs two "
-        "more FFTs per position and mode where some position has a fraction (about 2x an "
-        "ePIE iteration on NumPy); whole-pixel data skips it. False rounds positions to "
-        "whole pixels (cheaper, less accurate: measured object error 0.048 against 0.038 "
-        "for ePIE on jittered positions, DM 0.102 against 0.091). `position_refinement` "
-        "needs True.",
+        "more FFTs per position and mode where some position has a fraction; whole-pixel "
+        "data skips it. False rounds positions to whole pixels (cheaper, less accurate on "
+        "jittered positions). `position_refinement` needs True.",
     )
     position_refinement: bool = Field(
         False,
@@ -300,7 +294,7 @@ class IterativeParams(BaseModel):
         "refused (its stored exit waves assume fixed positions), also inside a `schedule`. "
         "Positions added while streaming are refined too; `positions_px` reports the "
         "refined ones. Iterations that refine take the solver's reference path on the GPU "
-        "(not the fused kernels: several times slower per iteration).",
+        "(not the fused kernels), which is slower per iteration.",
     )
     position_refinement_start: int = Field(
         10,
@@ -1213,10 +1207,9 @@ class StreamingSolver:
             power_max=oden_max,
             terms_sum=summed,
             # The object sums gathered by tile, then (whole-pixel) the probe-side sums
-            # in a pass of their own, beat one pass of atomics with one mode (0.075
-            # against 0.117 ms on the H200); with three they tie (0.167 / 0.183 ms at
-            # the 4,096 scan's density, 0.176 / 0.156 at the 1,024 one) and whole
-            # iterations were as fast or faster. With per-position probe terms
+            # in a pass of their own, beat one pass of atomics with one mode; with three
+            # they tie and whole iterations were as fast or faster. With per-position
+            # probe terms
             # (sub-pixel), one read of dpsi with atomics beat two (measured with the
             # earlier tile kernel). benchmarks/tile_sums.py times both.
             box=batch.box if whole or not update_probe else None,

@@ -27,7 +27,8 @@ Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
   ``(a K + c + e K (M - 1)) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
   (per-position arrays), larger with sub-pixel shifts and position
   refinement (fitted to ``tracemalloc`` peaks of the NumPy solver, K = 1-3,
-  B = 16-64, within 7 %; on CuPy's pool, 1,024 frames of 256², within 15 %).
+  B = 16-64, and checked against CuPy's pool; the accuracy is in
+  docs/benchmarks.md).
 * ``fft_work_area``: cuFFT's work area for a batched transform of
   ``(B, K, n, n)`` complex64, about the size of the data it transforms
   (CuPy only; NumPy's pocketfft works in per-line buffers).
@@ -54,10 +55,9 @@ _BATCH_ARRAYS = {
 #: Extra per-position arrays (units of 8 B n^2) for each object mode past the first, per
 #: probe mode: its exit waves, far fields and corrections (LSQ-ML: and its directions
 #: and their exit waves; DM: its stored waves' transforms); with and without sub-pixel
-#: shifts (tracemalloc peaks on NumPy, K = 1-2, M = 2-3, B = 64: the whole estimate 0.3 %
-#: below to 14 % above them). Sub-pixel LSQ-ML and DM raised to cover CuPy's pool on the
-#: H200 (M = 2, K = 1 and 3, 1,024 frames of 256², batch 128: the fitted 7.0 and 4.5 left
-#: the estimate 1-8 % under the bytes in use; now 0-9 % over).
+#: shifts (tracemalloc peaks on NumPy, K = 1-2, M = 2-3, B = 64). Sub-pixel LSQ-ML and DM
+#: raised above the fit so the estimate covers CuPy's pool on the H200 too (M = 2,
+#: K = 1 and 3, 1,024 frames of 256², batch 128).
 _OBJECT_MODE_ARRAYS = {
     True: {"epie": 1.8, "lsqml": 7.8, "dm": 7.5},
     False: {"epie": 2.6, "lsqml": 7.8, "dm": 5.0},
