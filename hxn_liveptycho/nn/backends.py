@@ -15,49 +15,28 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.nn.interface import GraphIO, InferenceBackend, as_batch
+
+__all__ = [
+    "BackendName",
+    "GraphIO",
+    "InferenceBackend",
+    "OnnxRuntimeBackend",
+    "as_batch",
+    "onnxruntime_cuda_available",
+    "open_backend",
+    "tensorrt_available",
+]
 
 logger = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "tensorrt", "torch", "onnxruntime-cuda", "onnxruntime"]
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    """Names of the graph's diffraction input and its amplitude and phase outputs."""
-
-    input: str
-    amplitude: str
-    phase: str
-
-
-class InferenceBackend(Protocol):
-    """A loaded model ready to run; ``infer`` may be called from one thread at a time."""
-
-    name: str
-    input_hw: tuple[int, int]
-
-    def infer(self, amplitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def close(self) -> None: ...
-
-
-def as_batch(amplitudes: np.ndarray) -> np.ndarray:
-    """Amplitudes as the contiguous float32 (B, 1, n, n) batch every graph takes."""
-    x = np.asarray(amplitudes, dtype=np.float32)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected amplitudes (B, n, n) or (B, 1, n, n), got {x.shape}")
-    return np.ascontiguousarray(x)
 
 
 class OnnxRuntimeBackend:

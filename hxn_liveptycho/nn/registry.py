@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.nn.backends import GraphIO
 from hxn_liveptycho.nn.card import MAX_CARD_BYTES, ModelCard
+from hxn_liveptycho.nn.interface import GraphIO
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.nn.backends import GraphIO, as_batch
+from hxn_liveptycho.nn.interface import GraphIO, as_batch
 
 logger = logging.getLogger(__name__)
 
