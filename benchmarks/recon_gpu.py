@@ -101,13 +101,17 @@ def save_report(
     return report
 
 
-def make_solver(sample: SimulatedSample, xp: Any, params: IterativeParams) -> StreamingSolver:
+def make_solver(
+    sample: SimulatedSample, xp: Any, params: IterativeParams, *, fused: bool | None = None
+) -> StreamingSolver:
     bl = sample.beamline
     amplitudes = np.sqrt(sample.intensities).astype(np.float32)
     step = bl.step_px
     probe = initial_probe(amplitudes, footprint_px=3 * step)
     canvas = tuple(s + 8 for s in sample.object.shape)
-    solver = StreamingSolver(probe=xp.asarray(probe), canvas_shape=canvas, params=params, xp=xp)
+    solver = StreamingSolver(
+        probe=xp.asarray(probe), canvas_shape=canvas, params=params, xp=xp, fused=fused
+    )
     solver.add(xp.asarray(amplitudes), sample.positions_px + 4)
     return solver
 
@@ -305,8 +309,7 @@ def run_case(
         result[f"gpu_object_error_{error_at}"] = error_of(sample, solver)
     del solver
     if reference:  # the same solver with the fused kernels off: the xp expressions on CuPy
-        ref = make_solver(sample, cp, params)
-        ref._fused = False
+        ref = make_solver(sample, cp, params, fused=False)
         result["gpu_unfused_s_per_iteration"] = float(np.median(timed(cp, ref, iterations)))
         del ref
     if cufft:  # the fused path with cuFFT instead of the solver's own FFT (recon._fft_lines)

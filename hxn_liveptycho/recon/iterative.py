@@ -449,7 +449,11 @@ class StreamingSolver:
         valid_mask: Any | None = None,
         expected_positions: int | None = None,
         memory_limit_bytes: int | None = None,
+        fused: bool | None = None,
     ) -> None:
+        """``fused``: on CuPy, run the hot steps as the fused kernels (None: wherever they
+        exist, one object mode); False runs the xp reference expressions on the GPU, for
+        parity tests and benchmarks. NumPy has only the reference."""
         self.params = params if params is not None else IterativeParams()
         xp = array_namespace(probe) if xp is None else xp
         self._xp = xp
@@ -496,7 +500,10 @@ class StreamingSolver:
         # CuPy: the hot steps of ePIE, LSQ-ML (Gaussian) and DM run as fused kernels
         # (recon._fused, recon._fused_sums); the xp expressions below are their reference
         # and the NumPy path.
-        self._fused = is_cupy(xp) and self.params.object_modes == 1
+        can_fuse = is_cupy(xp) and self.params.object_modes == 1
+        if fused and not can_fuse:
+            raise ValueError("fused kernels need CuPy arrays and one object mode")
+        self._fused = can_fuse if fused is None else bool(fused)
         # Fused path, n = 64 or 256: the solver's own FFT (recon._fft_lines), with the
         # modulus step folded between its passes; cuFFT otherwise.
         self._lines = self._fused and fft_lines.supports(n)
