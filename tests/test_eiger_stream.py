@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import bitshuffle
+import lz4.block
 import numpy as np
 import pytest
 import zmq
@@ -144,6 +145,26 @@ def test_publisher_wire_layout_matches_dectris_v1(raw_push: tuple[zmq.Socket, st
         "real_time": 1_500_000,
     }
     assert [json.loads(p) for p in end] == [{"htype": "dseries_end-1.0", "series": 2}]
+
+
+def test_v1_lz4_blob_is_a_bare_block_as_dectris_v1_clients_read_it() -> None:
+    """For v1 ``lz4<`` the blob is one plain LZ4 block (SIMPLON manual; ADEiger's
+    ``streamApi.cpp`` and LiberTEM-rs decompress it so), not the HDF5 framing."""
+    publisher = EigerPublisher("tcp://127.0.0.1:*", socket_type="push", encoding="lz4<")
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    try:
+        pull.connect(publisher.endpoint)
+        frame = poisson_frame((20, 30), "uint16", 4)
+        publisher.start_series(3, shape=(20, 30), dtype="uint16")
+        publisher.send_frame(3, 0, frame)
+        assert pull.poll(5000)
+        pull.recv_multipart()
+        _, description, blob, _ = pull.recv_multipart()
+    finally:
+        pull.close(linger=0)
+        publisher.close(linger=0)
+    assert json.loads(description)["encoding"] == "lz4<"
+    assert lz4.block.decompress(blob, uncompressed_size=frame.nbytes) == frame.tobytes()
 
 
 def _hand_built_bslz4(frame: np.ndarray) -> bytes:
