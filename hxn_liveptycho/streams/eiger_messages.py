@@ -196,13 +196,16 @@ def _header_arrays(parts: list[zmq.Frame]) -> tuple[dict[str, np.ndarray], list[
         return arrays, dropped, HEADER_PARTS["all"]
     index = 2
     while index < len(parts):
-        description = _header_description(parts[index])
-        if description is not None and description.get("htype") in _HEADER_ARRAYS:
-            take(index, str(description["htype"]))
-            index += 2
-        else:
+        htype = _detail_htype(parts[index])
+        if htype is None:
             dropped.append(f"part {index + 1}: not a detail description")
             index += 1
+        elif index + 1 < len(parts) and _detail_htype(parts[index + 1]) is not None:
+            dropped.append(f"{htype} (part {index + 1}): no data part")
+            index += 1
+        else:
+            take(index, htype)
+            index += 2
     found = {htype for htype in expected if _HEADER_ARRAYS[htype] in arrays}
     named = " ".join(dropped)
     dropped.extend(f"{h}: missing" for h in expected if h not in found and h not in named)
@@ -215,6 +218,13 @@ def _header_description(part: zmq.Frame) -> dict[str, Any] | None:
         return json_part(part, "dheader-1.0 detail description")
     except DecodeError:
         return None
+
+
+def _detail_htype(part: zmq.Frame) -> str | None:
+    """The htype of a flatfield / pixel mask / count-rate description part, else None."""
+    description = _header_description(part)
+    htype = description.get("htype") if description is not None else None
+    return htype if isinstance(htype, str) and htype in _HEADER_ARRAYS else None
 
 
 def _parse_image_v1(

@@ -74,6 +74,11 @@ BROKEN_V1: dict[str, tuple[list[bytes], str, tuple[str, ...]]] = {
         "flatfield",
         ("dflatfield-1.0: missing",),
     ),
+    "flatfield-without-its-blob": (
+        _header_v1(FLAT_PARTS[:1], MASK_PARTS, TABLE_PARTS),
+        "flatfield",
+        ("dflatfield-1.0 (part 3): no data part",),
+    ),
     "table-without-its-blob": (
         _header_v1(FLAT_PARTS, MASK_PARTS, TABLE_PARTS[:1]),
         "countrate_table",
