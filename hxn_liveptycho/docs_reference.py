@@ -11,8 +11,8 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from hxn_liveptycho.nn.config import NNParams
-from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.nn_params import NNParams
+from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
 from hxn_liveptycho.settings import Settings

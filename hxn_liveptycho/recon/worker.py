@@ -42,7 +42,7 @@ from hxn_liveptycho.children import LogToParent, start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
-from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement, Placement
 
 __all__ = ["RemoteSolver", "SolverWorker", "WarmUp", "WorkerInfo"]
