@@ -51,12 +51,12 @@ from hxn_liveptycho.nn.backends import (
     open_backend,
     tensorrt_available,
 )
-from hxn_liveptycho.nn.config import DEFAULT_MODEL
 from hxn_liveptycho.nn.mosaic import to_complex
 from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule
 from hxn_liveptycho.nn.torch_backend import torch_cuda_available
+from hxn_liveptycho.nn_params import DEFAULT_MODEL
 
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch-cuda", "torch-cuda-fp32")
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.nn.branch import worker_key
-from hxn_liveptycho.nn.config import NNParams
 from hxn_liveptycho.nn.process import WorkerPool
 from hxn_liveptycho.nn.registry import ModelRegistry
+from hxn_liveptycho.nn_params import NNParams
 from hxn_liveptycho.overrides import deep_merge
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp

@@ -1,4 +1,9 @@
-"""Per-scan choices of the neural-network branch (part of ScanConfig, so runs record them)."""
+"""Per-scan choices of the neural-network branch (part of ScanConfig, so runs record them).
+
+Why here and not in :mod:`hxn_liveptycho.nn`: these are configuration, read by
+:mod:`~hxn_liveptycho.scan` below the branch that uses them; in ``nn/`` they
+made the configuration import the pipeline stage it configures.
+"""
 
 from __future__ import annotations
 

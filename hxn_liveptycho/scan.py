@@ -39,9 +39,9 @@ from pydantic import (
 )
 
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
-from hxn_liveptycho.nn.config import NNParams
-from hxn_liveptycho.overrides import deep_merge, validation_problems
+from hxn_liveptycho.nn_params import NNParams
 from hxn_liveptycho.recon.iterative import IterativeParams
+from hxn_liveptycho.validation import deep_merge, validation_problems
 
 logger = logging.getLogger(__name__)
 

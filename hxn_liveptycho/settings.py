@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.streams.crop import DetectorCrop
+from hxn_liveptycho.validation import validation_problems
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +206,13 @@ class Settings(BaseSettings):
 
 
 def redact_uri(uri: str) -> str:
-    """``uri`` with its password and secret query values (``api_key``, ``token``) hidden."""
-    from hxn_liveptycho.store.server import redact  # the store's own rule for api_key
+    """``uri`` with its password and secret query values (``api_key``, ``token``) hidden.
 
+    :data:`SECRET_QUERY_KEYS` holds every query key the store's own ``redact`` hides
+    (and more), so configuration needs nothing from the store to hide them.
+    """
     try:
-        parts = urlsplit(redact(uri))
+        parts = urlsplit(uri)
         query = [
             (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
             for k, v in parse_qsl(parts.query, keep_blank_values=True)
@@ -240,8 +243,6 @@ def _env_name(loc: tuple[Any, ...]) -> str:
 
 def _settings_problem(exc: ValidationError, given: Mapping[str, Any]) -> str:
     """One line for a settings ValidationError: the variable (or field), its value, the rule."""
-    from hxn_liveptycho.overrides import validation_problems
-
     problems = []
     for path, text in validation_problems(exc, Settings):
         top = path.split(".")[0]

@@ -56,9 +56,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("session", ("session",)),
     ("pipeline stages", ("assemble", "preprocess", "geometry", "nn")),
     ("store", ("store",)),
-    ("configuration", ("scan", "settings", "overrides")),
+    ("configuration", ("scan", "settings", "overrides", "nn_params")),
     ("streams and recon", ("streams", "recon")),
-    ("leaf helpers", ("", "errors", "counters", "jsonsafe", "children")),
+    ("leaf helpers", ("", "errors", "counters", "jsonsafe", "children", "validation")),
 )
 
 

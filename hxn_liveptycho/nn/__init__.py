@@ -1,7 +1,8 @@
 """The neural-network branch: single-shot models, their runtimes, and the live mosaic.
 
-``config`` (the per-scan parameters) is pure pydantic; everything else loads
-lazily, so importing the scan configuration never pulls in ONNX Runtime.
+The per-scan parameters live below it, in :mod:`hxn_liveptycho.nn_params`
+(configuration that the scan's model holds); everything here loads lazily, so
+importing the package never pulls in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ _EXPORTS = {
     "ModelRegistry": "registry",
     "Mosaic": "mosaic",
     "NNBranch": "branch",
-    "NNParams": "config",
     "open_backend": "backends",
     "start_nn_branch": "branch",
 }
