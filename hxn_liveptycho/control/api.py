@@ -25,9 +25,9 @@ from pydantic import BaseModel
 
 from hxn_liveptycho import __version__
 from hxn_liveptycho.control.render import KINDS, picture_array, render_png
+from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.jsonsafe import json_safe
-from hxn_liveptycho.serve import ServeService
 from hxn_liveptycho.session import RunSession
 
 #: Seconds between two server-sent status events.
