@@ -89,8 +89,12 @@ def test_curve_round_trip(
 def test_receiver_without_the_right_server_key_gets_nothing_and_stops(
     collector: Collector, client_keys: str
 ) -> None:
-    """A wrong server key (or none) fails the handshake: nothing arrives, and stop is quick."""
-    _, server_secret = zmq.curve_keypair()
+    """A wrong server key (or none) fails the handshake: nothing arrives, and stop is quick.
+
+    "Nothing arrives" is judged once a receiver with the right keys, on the same publisher,
+    has had the whole series: what the first receiver would have had by then, it would have
+    had."""
+    server_public, server_secret = zmq.curve_keypair()
     impostor_public, _ = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
     keys = (
@@ -106,19 +110,32 @@ def test_receiver_without_the_right_server_key_gets_nothing_and_stops(
         "tcp://127.0.0.1:*", socket_type="pub", flavour="v2", curve_secret_key=server_secret
     )
     receiver = _receiver(publisher.endpoint, collector, "sub", **keys)
+    witness, control = Collector(), None
     try:
         receiver.start()
         assert not publisher.wait_for_subscribers(1, timeout=0.5)
+        control = _receiver(
+            publisher.endpoint,
+            witness,
+            "sub",
+            curve_server_key=server_public,
+            curve_public_key=client_public,
+            curve_secret_key=client_secret,
+        )
+        control.start()
+        assert publisher.wait_for_subscribers(1, timeout=5.0)  # the control alone
         publisher.start_series(1, shape=(8, 8), dtype="uint16")
         publisher.send_frame(1, 0, np.ones((8, 8), np.uint16))
         publisher.end_series(1)
-        time.sleep(0.3)
+        assert wait_until(lambda: witness.of("end") == [1])
+        assert len(witness.of("frame")) == 1
         assert receiver.counters.get("messages") == 0
         assert collector.events == []
     finally:
         started = time.monotonic()
         assert receiver.stop(timeout=5.0)
         assert time.monotonic() - started < 1.0
+        assert control is None or control.stop(timeout=5.0)
         publisher.close(linger=0)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import zmq
+from waiting import wait_for
 
 from hxn_liveptycho.streams import PandaPublisher, PandaReceiver
 
@@ -64,9 +64,7 @@ def test_panda_round_trip_over_curve() -> None:
         receiver.start()
         assert publisher.wait_for_subscribers(1, timeout=5.0)
         _send_scan(publisher)
-        deadline = time.monotonic() + 5
-        while len(got.events) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: len(got.events) >= 3, timeout=5, what=lambda: f"events {got.events}")
         assert [kind for kind, _ in got.events] == ["start", "samples", "stop"]
         assert got.events[1][1][0]["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
     finally:
@@ -75,18 +73,25 @@ def test_panda_round_trip_over_curve() -> None:
 
 
 def test_a_curve_panda_receiver_refuses_a_plain_publisher() -> None:
+    """Nothing reaches the Curve receiver: judged once a plain receiver on the same
+    publisher has had the whole scan (what the first would have had by then, it would)."""
     client, _ = _keys()
     publisher = PandaPublisher("tcp://127.0.0.1:*")  # plain: an impostor on the network
-    got = _Got()
-    receiver = got.receiver(publisher.endpoint, **client)
+    got, witness = _Got(), _Got()
+    receiver, control = got.receiver(publisher.endpoint, **client), None
     try:
         receiver.start()
         assert not publisher.wait_for_subscribers(1, timeout=0.5)
+        control = witness.receiver(publisher.endpoint)
+        control.start()
+        assert publisher.wait_for_subscribers(1, timeout=5.0)  # the plain one alone
         _send_scan(publisher)
-        time.sleep(0.3)
+        wait_for(lambda: len(witness.events) >= 3, timeout=5, what="the plain receiver's scan")
+        assert [kind for kind, _ in witness.events] == ["start", "samples", "stop"]
         assert receiver.counters.get("messages") == 0 and got.events == []
     finally:
         assert receiver.stop(timeout=5.0)
+        assert control is None or control.stop(timeout=5.0)
         publisher.close(linger=0)
 
 
