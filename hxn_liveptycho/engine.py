@@ -34,7 +34,7 @@ from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
 from hxn_liveptycho.scan import RoiConfig
 from hxn_liveptycho.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.settings import Settings
-from hxn_liveptycho.streams import EigerFrame, EigerReceiver, PandaReceiver
+from hxn_liveptycho.streams import CurveKeys, EigerFrame, EigerReceiver, PandaReceiver
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
 
 logger = logging.getLogger(__name__)
@@ -151,14 +151,8 @@ class Engine:
 
     def _start_receivers(self) -> None:
         s = self.settings
-        curve = {
-            name: key.get_secret_value() if key else None
-            for name, key in (
-                ("curve_server_key", s.curve_server_key),
-                ("curve_public_key", s.curve_public_key),
-                ("curve_secret_key", s.curve_secret_key),
-            )
-        }
+        # Read (and checked) only when a stream is configured, as the receivers did.
+        curve = CurveKeys.from_settings(s) if s.eiger_endpoint or s.panda_endpoint else None
         if s.eiger_endpoint:
             common: dict[str, Any] = dict(
                 on_series_start=lambda series, header: self._put_stream(
@@ -170,7 +164,8 @@ class Engine:
                 flavour=s.eiger_flavour,
                 channel=s.eiger_channel,
                 transform=None if s.eiger_crop is None else s.eiger_crop.transform(),
-                **curve,
+                # The Eiger receivers still take the three keys apart.
+                **({} if curve is None else curve.as_kwargs()),
             )
             eiger: EigerReceiver | EigerProcessReceiver
             if s.eiger_decode_processes:
@@ -190,7 +185,7 @@ class Engine:
                     "samples", "panda", (samples, first)
                 ),
                 on_stop=lambda msg: self._put_stream("series_end", "panda", msg),
-                **curve,
+                curve=curve,
             )
             self._receivers.append(panda)
         for receiver in self._receivers:

@@ -8,8 +8,6 @@ a count and a logged traceback.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import threading
@@ -18,107 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import zmq
-from zmq.utils import z85
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 
+# The CurveZMQ keys live in streams/curve.py; the receivers of both detectors find them here too.
+from hxn_liveptycho.streams.curve import curve_key as curve_key
+from hxn_liveptycho.streams.curve import curve_options as curve_options
+from hxn_liveptycho.streams.curve import curve_server_options
+
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 50
-
-
-#: The Z85 alphabet (ZMQ RFC 32): CurveZMQ's printable key form.
-_Z85_CHARS = frozenset(
-    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-)
-
-
-def curve_key(value: str | bytes, field: str) -> bytes:
-    """A CurveZMQ key given as Z85 (40 characters) or base64 (44), returned as Z85 bytes.
-
-    A key in any other form is a ConfigurationError that names ``field`` (the key
-    itself is never echoed: it may be a secret).
-    """
-    if isinstance(value, bytes | bytearray):
-        try:
-            text = bytes(value).decode("ascii")
-        except UnicodeDecodeError:
-            raise ConfigurationError(
-                f"{field}: not a Z85 or base64 CurveZMQ key (non-ASCII bytes)"
-            ) from None
-    elif isinstance(value, str):
-        text = value
-    else:
-        raise ConfigurationError(
-            f"{field}: a CurveZMQ key is a Z85 or base64 string, got {type(value).__name__}"
-        )
-    text = text.strip()
-    raw: bytes | None = None
-    if len(text) == 40 and set(text) <= _Z85_CHARS:
-        try:
-            raw = z85.decode(text.encode("ascii"))
-        except Exception:  # a 5-character group above 2**32 does not fit
-            raw = None
-    elif len(text) == 44:
-        for altchars in (b"+/", b"-_"):  # standard or URL-safe alphabet
-            try:
-                raw = base64.b64decode(text.encode("ascii"), altchars=altchars, validate=True)
-                break
-            except (binascii.Error, ValueError):
-                continue
-    if raw is None or len(raw) != 32:
-        raise ConfigurationError(
-            f"{field}: not a CurveZMQ key; expected 32 bytes as Z85 (40 characters) or "
-            f"base64 (44 characters), got {len(text)} characters"
-        )
-    return z85.encode(raw)
-
-
-def curve_options(
-    server_key: str | bytes | None,
-    public_key: str | bytes | None,
-    secret_key: str | bytes | None,
-) -> dict[int, bytes]:
-    """Socket options for a CurveZMQ client; all three keys or none (HXN's rule).
-
-    A partial set raises ConfigurationError naming exactly the missing keys; a key
-    in a wrong format, or a public key that is not the secret key's other half,
-    raises ConfigurationError naming the field.
-    """
-    keys = {
-        "curve_server_key": server_key,
-        "curve_public_key": public_key,
-        "curve_secret_key": secret_key,
-    }
-    missing = [name for name, value in keys.items() if not value]
-    if len(missing) == len(keys):
-        return {}
-    if missing:
-        raise ConfigurationError(
-            "incomplete CurveZMQ configuration: set all of "
-            f"{', '.join(keys)} or none; missing: {', '.join(missing)}"
-        )
-    z = {name: curve_key(value, name) for name, value in keys.items()}  # type: ignore[arg-type]
-    if zmq.curve_public(z["curve_secret_key"]) != z["curve_public_key"]:
-        raise ConfigurationError(
-            "curve_public_key is not the public half of curve_secret_key (mismatched key pair)"
-        )
-    return {
-        zmq.CURVE_SERVERKEY: z["curve_server_key"],
-        zmq.CURVE_PUBLICKEY: z["curve_public_key"],
-        zmq.CURVE_SECRETKEY: z["curve_secret_key"],
-    }
-
-
-def curve_server_options(secret_key: str | bytes | None) -> dict[int, Any]:
-    """Socket options for a CurveZMQ server (a publisher): its secret key, or none for plain."""
-    if not secret_key:
-        return {}
-    return {
-        zmq.CURVE_SERVER: 1,
-        zmq.CURVE_SECRETKEY: curve_key(secret_key, "curve_secret_key"),
-    }
 
 
 def json_part(part: zmq.Frame | bytes, what: str) -> dict[str, Any]:

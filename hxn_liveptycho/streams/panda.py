@@ -20,15 +20,15 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from hxn_liveptycho.errors import DecodeError
+from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams._zmq import (
     ZmqPublisher,
     ZmqReceiver,
-    curve_options,
     int_field,
     json_part,
     names,
 )
+from hxn_liveptycho.streams.curve import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,10 @@ class PandaReceiver:
     samples. Callbacks run on the receiver thread, in wire order. A malformed
     message is counted ("malformed") with one log line; a raising callback is
     counted ("callback_errors"); the thread carries on.
+
+    With ``curve`` (:class:`~hxn_liveptycho.streams.curve.CurveKeys`) the socket
+    is a CurveZMQ client; ``curve_server_key``, ``curve_public_key`` and
+    ``curve_secret_key`` give the same keys apart (all three or none).
     """
 
     counter_names = names(
@@ -157,10 +161,15 @@ class PandaReceiver:
         rcvhwm: int = 0,
         name: str = "panda",
         context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
         curve_server_key: str | bytes | None = None,
         curve_public_key: str | bytes | None = None,
         curve_secret_key: str | bytes | None = None,
     ) -> None:
+        loose = CurveKeys.from_keys(curve_server_key, curve_public_key, curve_secret_key)
+        if curve is not None and loose is not None:
+            raise ConfigurationError("give the CurveZMQ keys as curve= or as curve_*=, not both")
+        curve = curve or loose
         self._on_start = on_start
         self._on_samples = on_samples
         self._on_stop = on_stop
@@ -174,7 +183,7 @@ class PandaReceiver:
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=curve_options(curve_server_key, curve_public_key, curve_secret_key),
+            curve=None if curve is None else curve.socket_options(),
         )
         self.counters = self._zmq.counters
         self.endpoint = endpoint
