@@ -2,7 +2,7 @@
 
     python benchmarks/replay_rate.py [--frames 2048] [--size 256] [--flavour v1]
 
-The clean archive's frames (replay/clean-12x12) are tiled to ``--frames``
+The clean archive's frames (archives/clean-12x12) are tiled to ``--frames``
 frames of ``--size`` x ``--size`` uint32 pixels (zero-padded around the
 recorded 128 x 128 window, as a detector crop would be) and replayed unpaced
 (``pace="fast"``) through the real publishers. One bare ZMQ SUB socket per
@@ -28,7 +28,7 @@ import zmq
 from hxn_liveptycho.replay import StreamPublishers, load_archive, replay_run
 from hxn_liveptycho.replay.model import RecordedRun
 
-ARCHIVE = Path(__file__).resolve().parents[1] / "replay" / "clean-12x12"
+ARCHIVE = Path(__file__).resolve().parents[1] / "archives" / "clean-12x12"
 
 
 class ArrayFrames:

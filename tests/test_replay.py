@@ -20,7 +20,7 @@ from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 from hxn_liveptycho.store.diffraction import read_diffraction
 
-ARCHIVES = Path(__file__).resolve().parents[1] / "replay"
+ARCHIVES = Path(__file__).resolve().parents[1] / "archives"
 CLEAN = ARCHIVES / "clean-12x12"
 FAULTY = ARCHIVES / "faulty-12x12"
 #: Replayed and live reconstructions of the same recorded scan: their object errors against

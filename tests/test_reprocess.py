@@ -13,7 +13,7 @@ from hxn_liveptycho.control.queueserver import LivePtychoControl
 from hxn_liveptycho.replay.files import load_archive
 from hxn_liveptycho.settings import Settings
 
-ARCHIVE = Path(__file__).resolve().parents[1] / "replay" / "clean-12x12"
+ARCHIVE = Path(__file__).resolve().parents[1] / "archives" / "clean-12x12"
 
 
 def test_reprocess_an_archive_from_the_queue_functions(tiled_server, tmp_path):

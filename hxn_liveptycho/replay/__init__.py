@@ -1,7 +1,7 @@
 """Replay of archived runs: documents and detector streams, from Tiled or files, into the live path.
 
 from hxn_liveptycho.replay import replay_run
-report = replay_run("replay/clean-12x12", pace="fast")   # in-process LivePtycho
+report = replay_run("archives/clean-12x12", pace="fast")   # in-process LivePtycho
 """
 
 from hxn_liveptycho.replay.files import load_archive, write_archive

@@ -20,7 +20,7 @@ ENCODING_ALIASES = {"bslz4": "bs32-lz4<", "bslz4-16": "bs16-lz4<", "lz4": "lz4<"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
-        help="archive folder (e.g. replay/clean-12x12), run uid, or scan_id (newest wins)",
+        help="archive folder (e.g. archives/clean-12x12), run uid, or scan_id (newest wins)",
     )
     parser.add_argument("--tiled-uri", help="Tiled to read the run from (default: settings)")
     parser.add_argument(

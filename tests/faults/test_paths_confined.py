@@ -35,7 +35,7 @@ from hxn_liveptycho.replay import ReplayError, load_archive, replay_run
 
 pytestmark = pytest.mark.timeout(120)
 
-CLEAN = Path(__file__).resolve().parents[2] / "replay" / "clean-12x12"
+CLEAN = Path(__file__).resolve().parents[2] / "archives" / "clean-12x12"
 DATASET = "/entry/data/data"
 NUMBERS = "/entry/data/frame_number"
 MODEL = "ptychonn-hxn-128"

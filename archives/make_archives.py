@@ -1,6 +1,6 @@
 """Regenerate the archived runs in this folder (deterministic: same bytes of data every time).
 
-    python replay/make_archives.py            # writes replay/clean-12x12, replay/faulty-12x12
+    python archives/make_archives.py          # writes archives/clean-12x12, archives/faulty-12x12
 
 Each archive is a simulated HXN fly scan (12 x 12 positions) recorded the
 way a document recorder sees it: a real RunEngine flies ``fly2dpd`` with the
