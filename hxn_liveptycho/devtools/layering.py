@@ -21,6 +21,8 @@ name lazily from a module-level ``__getattr__`` gives a dependency to the
 modules that import that name, not to the package itself.
 
 It prints one line per violation and exits 1 if there is any, 0 if none.
+Imports by a computed name (``importlib.import_module``) are not seen; the
+package uses them only for the lazy re-exports of ``nn`` and ``sim`` (their own modules).
 """
 
 from __future__ import annotations
