@@ -57,6 +57,14 @@ def _until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     return False
 
 
+def _writer_waiting(sink: TiledSink) -> bool:
+    """Whether the writer thread is parked on its condition with nothing it may do: it has
+    seen every frame and flag handed to it so far (a notify takes it off the waiters until
+    it has looked again, under the same lock) and found no work it is allowed to do."""
+    with sink._cond:
+        return bool(sink._cond._waiters)  # type: ignore[attr-defined]
+
+
 def _feed(sink: TiledSink, batches: list[np.ndarray], amplitudes, positions) -> list[float]:
     durations = []
     for batch in batches:
@@ -135,7 +143,8 @@ def test_frames_queued_through_an_outage_are_written_with_the_final_result(tiled
     up = threading.Event()
     sink, client = _sink(tiled_server, tmp_path, "outage", reachable=up.is_set)
     _feed(sink, batches, amplitudes, positions)
-    time.sleep(0.5)
+    # The writer has tried Tiled for the due chunks, been refused, and gone back to wait.
+    assert _until(lambda: sink.counters.get("write_errors") >= 2 and _writer_waiting(sink))
     assert sink.diffraction_rows_stored == 0
     up.set()
     sink.final({"object": np.ones((8, 8), np.complex64)}, {"status": "complete"})
@@ -239,7 +248,8 @@ def test_once_the_final_result_is_due_frames_wait_for_it_and_follow_it(tiled_ser
     sink, client = _sink(tiled_server, tmp_path, "due")
     sink.final_due()
     _feed(sink, batches, amplitudes, positions)
-    time.sleep(0.5)  # room for a (wrong) append: the writer has whole chunks queued
+    # The writer has seen the whole chunks queued and gone back to wait without appending.
+    assert _until(lambda: _writer_waiting(sink))
     assert sink.diffraction_rows_stored == 0
     seen: list[dict[str, Any]] = []
     node_path = ["processed", "due", sink.key]
