@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +34,34 @@ def _gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def _until(condition: Callable[[], Any], timeout: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a task that ended while we looked
+        return ""
+
+
+def _server_children(directory: Path) -> list[int]:
+    """Our child processes running an embedded Tiled server on ``directory``."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in _read(task / "children").split():
+            cmdline = _read(Path(f"/proc/{pid}/cmdline")).replace("\0", " ")
+            if "server_process" in cmdline and str(directory) in cmdline:
+                found.append(int(pid))
+    return found
 
 
 def _files_text(directory: Path) -> str:
@@ -69,7 +99,16 @@ def test_a_server_started_from_a_short_lived_thread_outlives_that_thread(tmp_pat
     starter.join(120)
     server = box["server"]
     try:
-        time.sleep(1.0)
+        # The kernel signals the children of a thread as that thread's task goes: wait for
+        # that moment, not for a time. The child was forked by a thread that lives on.
+        tasks = Path(f"/proc/{os.getpid()}/task")
+        assert _until(lambda: not (tasks / str(starter.native_id)).exists())
+        forkers = [
+            int(task.name)
+            for task in tasks.iterdir()
+            if str(server.pid) in _read(task / "children").split()
+        ]
+        assert forkers and starter.native_id not in forkers, forkers
         assert server.alive() and server.healthy()
     finally:
         server.close()
@@ -143,7 +182,11 @@ def test_close_while_starting_aborts_the_start(tmp_path):
     """An engine closed at once (a profile reloaded) leaves no server starting behind."""
     connection = TiledConnection(Settings(data_dir=tmp_path))
     connection.connect_in_background()
-    time.sleep(0.5)
+    # Close while the start is under way: once its child is forked (or, on a machine fast
+    # enough to win the race, once it is up), not after a time that is usually mid-start.
+    assert _until(
+        lambda: _server_children(tmp_path) or connection.describe()["server"]["state"] != "starting"
+    )
     server = connection._server
     began = time.monotonic()
     connection.close()
