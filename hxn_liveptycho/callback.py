@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from event_model import DocumentRouter
+from event_model.documents import EventDescriptor, EventPage, RunStart, RunStop
 
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.engine import Engine
@@ -88,25 +89,31 @@ class LivePtycho(DocumentRouter):
             self._worst_call_s = max(self._worst_call_s, time.perf_counter() - began)
         return None
 
-    def _hand_over(self, name: str, doc: dict) -> None:
+    def _hand_over(self, name: str, doc: Mapping[str, Any]) -> None:
         self.counters.add("documents")
         self.engine.submit(name, doc)
 
-    def start(self, doc: dict) -> None:
+    # event-model's typed documents in, the same document out (the router's contract; the
+    # engine works on its own thread, so nothing here waits for the reconstruction).
+    def start(self, doc: RunStart) -> RunStart:
         if not self.enabled:
             self.counters.add("ignored_while_disabled")
             logger.info("LivePtycho is disabled: scan %s not reconstructed", doc.get("scan_id"))
-            return
+            return doc
         self._hand_over("start", doc)
+        return doc
 
-    def descriptor(self, doc: dict) -> None:
+    def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
         self._hand_over("descriptor", doc)
+        return doc
 
-    def event_page(self, doc: dict) -> None:
+    def event_page(self, doc: EventPage) -> EventPage:
         self._hand_over("event_page", doc)
+        return doc
 
-    def stop(self, doc: dict) -> None:
+    def stop(self, doc: RunStop) -> RunStop:
         self._hand_over("stop", doc)
+        return doc
 
     # ---- controls ----------------------------------------------------------------------
     def configure(

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hxn_liveptycho import __version__
 
@@ -97,7 +97,7 @@ def _bounded(kind: type, name: str) -> Any:
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     """A wrong option is one line (what is wrong) and exit status 2, not the usage block."""
 
-    def error(message: str) -> None:
+    def error(message: str) -> NoReturn:
         parser.exit(2, f"{parser.prog}: {message} (see --help)\n")
 
     parser.error = error  # type: ignore[method-assign]

@@ -136,6 +136,7 @@ def run_demo(
     snapshots read back from Tiled, so a user sees the run is live, not only its end.
     """
     from bluesky import RunEngine
+    from bluesky.run_engine import RunEngineResult
 
     began = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def run_demo(
         panda_endpoint=panda.endpoint,
         data_dir=data_dir or out_dir / "data",
         tiled_uri=tiled_uri,
-        array_backend=array_backend,  # type: ignore[arg-type]
+        array_backend=array_backend,
         overrides={
             "recon": {"iterations": iterations},
             "roi": {"size": bl.window},
@@ -178,6 +179,7 @@ def run_demo(
         RE.subscribe(watch.document)
         watch.start()
         result = RE(fly2dpd(flyer, baseline=baseline_motors(bl.energy_kev)))
+        assert isinstance(result, RunEngineResult)  # call_returns_result=True
         raw_uid = result.run_start_uids[0]
         live.wait()
         watch.close()

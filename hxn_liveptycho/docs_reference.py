@@ -6,7 +6,7 @@ differ, so the documented defaults are always the code's.
 
 from __future__ import annotations
 
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -40,7 +40,7 @@ _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
 ]
 
 
-def _default(field) -> str:  # type: ignore[no-untyped-def]
+def _default(field: Any) -> str:
     if field.default is PydanticUndefined:
         return "from the documents" if field.default_factory is None else "computed"
     value = field.default

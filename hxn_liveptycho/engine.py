@@ -245,7 +245,7 @@ class Engine:
                     session.reason,
                 )
             return
-        if name == "descriptor":
+        if name == "descriptor" and run_uid is not None:
             self._descriptor_runs[doc["uid"]] = run_uid
         session.put_document(name, doc)
 

@@ -94,7 +94,10 @@ SUPERSEDED = "a new run started before its stop"
 class ResultSink(Protocol):
     """Where a session's results go (Tiled in production; anything with these methods)."""
 
-    def open(self, config: ScanConfig, metadata: Mapping[str, Any]) -> None: ...
+    #: Called when a result the sink could not store (held for retry-upload) is stored later.
+    on_stored_later: Callable[[], None] | None
+
+    def open(self, config: ScanConfig | None, metadata: Mapping[str, Any]) -> None: ...
 
     def live(self, snapshot: Mapping[str, Any]) -> None: ...
 
@@ -116,7 +119,8 @@ class _RunLogger(logging.LoggerAdapter):
     """Prefixes every line with the run's scan id and uid, like ophyd-async's device logs."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[scan {self.extra['scan_id']} {self.extra['uid'][:8]}] {msg}", kwargs
+        extra: Any = self.extra
+        return f"[scan {extra['scan_id']} {extra['uid'][:8]}] {msg}", kwargs
 
 
 class RunSession:

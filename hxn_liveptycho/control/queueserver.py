@@ -163,7 +163,7 @@ class LivePtychoControl:
             report = replay_run(source, settings=settings, pace="fast")
         except Exception as exc:  # recorded for status; the queue worker carries on
             logger.exception("reprocessing %s failed", source)
-            update = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            update: dict[str, Any] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
         else:
             result = report.result or {}
             update = {

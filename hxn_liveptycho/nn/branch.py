@@ -163,7 +163,7 @@ class NNBranch(BranchBase):
             mean_pattern = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
             if self.fit is not None:
                 self.rule = self._core.rule = settle_rule(
-                    self.rule, self.fit, mean_pattern, self.model, self.log
+                    self.rule, self.fit, np.asarray(mean_pattern), self.model, self.log
                 )
             self._core.probe = initial_probe(
                 np.sqrt(mean_pattern)[None],  # one frame whose intensity is the mean

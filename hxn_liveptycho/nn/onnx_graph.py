@@ -64,6 +64,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     while pos < end:
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: int | memoryview
         if wire == _VARINT:
             value, pos = _varint(buf, pos)
         elif wire == _I64:
@@ -173,7 +174,8 @@ def _attribute(buf: memoryview) -> tuple[str, Any]:
 
 
 def _value_info(buf: memoryview) -> tuple[str, tuple[int | str | None, ...]]:
-    name, shape = "", ()
+    name: str = ""
+    shape: tuple[int | str | None, ...] = ()
     for number, _, value in _fields(buf):
         if number == 1:
             name = _text(value)

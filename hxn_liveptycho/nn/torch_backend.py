@@ -220,8 +220,9 @@ class GraphModule:
             inputs = inputs[:1]
         elif op in ("ReduceMean", "ReduceSum"):
             axes = a.get("axes")
-            if axes is None and len(node.inputs) > 1 and node.inputs[1]:
-                axes = [int(v) for v in np.ravel(self._static(node, 1))]
+            static = self._static(node, 1)
+            if axes is None and static is not None:
+                axes = [int(v) for v in np.ravel(static)]
             keep = bool(a.get("keepdims", 1))
             dims = tuple(int(v) for v in axes) if axes else None
             reduce = torch.mean if op == "ReduceMean" else torch.sum

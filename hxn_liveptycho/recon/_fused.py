@@ -1235,6 +1235,7 @@ def _tile_launch(
         return
     ratio = canvas is not None
     accumulator = num if num is not None else den
+    assert accumulator is not None, "tile sums need num or den"
     if overwrite and (tuple(origin) != tuple(box[:2]) or accumulator.shape != (height, width)):
         raise ValueError(f"overwritten sums {accumulator.shape} at {origin} are not the box {box}")
     absent = _dummy(np.float32)
@@ -1258,7 +1259,7 @@ def _tile_launch(
         den_slots if den_slots is not None else absent,
         i32(2 if ratio else int(overwrite)),
         canvas if ratio else _dummy(np.complex64),
-        i32(canvas.shape[1] if ratio else 0),
+        i32(canvas.shape[1] if canvas is not None else 0),
         *(reg_args or regularising(den, 0.0, None)),
     )
     _raw("tile_sums", shape.options())((tiles,), (shape.threads,), args)
@@ -1459,7 +1460,7 @@ def pass_tail(
         _raw("power_total")((1,), (_TOTAL_THREADS,), (probes, np.int64(probes.size), total))
     size = objects.size + (probes.size if gauge else 0)
     f32 = np.float32
-    args = (objects, previous, velocity, np.int32(stage), f32(friction), f32(gain))
+    args: tuple[Any, ...] = (objects, previous, velocity, np.int32(stage), f32(friction), f32(gain))
     args += (power if gauge else _dummy(np.float32), total, np.int32(gauge), f32(amax or 0.0))
     _launch("pass_tail", size, (*args, probes, np.int64(objects.size)))
 

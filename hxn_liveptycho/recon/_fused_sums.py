@@ -266,7 +266,7 @@ def _ones(device: int) -> Any:
         return cp.ones(1, dtype=cp.float32)
 
 
-def _mask(valid: Any | None) -> tuple[Any, int]:
+def _mask(valid: Any | None) -> tuple[Any, np.int32]:
     import cupy as cp
 
     return (

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -223,7 +223,7 @@ class StreamingSolver:
             probe = xp.concatenate([probe, extra])
         self._probes = xp.ascontiguousarray(probe[:k])
         if np.isscalar(object_init):
-            first = xp.full((h, w), complex(object_init), dtype=xp.complex64)
+            first = xp.full((h, w), complex(cast(complex, object_init)), dtype=xp.complex64)
         else:
             first = xp.array(object_init, dtype=xp.complex64, copy=True)
             if first.shape != (h, w):
@@ -1234,6 +1234,7 @@ class StreamingSolver:
         xp, p = self._xp, self.params
         self._dm_prepare()
         waves = self._dm_waves
+        assert waves is not None, "_dm_prepare makes the stored waves"
         # One numerator per object mode (the fused path has one mode: its first).
         onum = xp.zeros(self._objects.shape, dtype=xp.complex64)
         oden = xp.zeros(self._shape, dtype=xp.float32)
@@ -1328,6 +1329,7 @@ class StreamingSolver:
         batches, with one inverse FFT at the end."""
         xp, n, k = self._xp, self._n, self._probes.shape[0]
         waves = self._dm_waves
+        assert waves is not None, "_dm_prepare makes the stored waves"
         pnum = xp.zeros_like(self._probes)
         pden = xp.zeros((n, n), dtype=xp.float32)
         spectra = xp.zeros((k + 1, n, n), dtype=xp.complex64) if self._subpixel else None

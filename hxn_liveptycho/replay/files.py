@@ -185,10 +185,10 @@ class HDF5Frames:
                 raise ReplayError(
                     f"{self._path.name}: {name!r} cannot be looked up ({one_line(exc)})"
                 ) from exc
-            if kind == h5py.h5l.TYPE_SOFT:
+            if kind == h5py.h5l.TYPE_SOFT and value is not None:
                 target = posixpath.join(node.name, value.decode(errors="replace"))
                 return self._dataset(file, posixpath.join(target, rest), hops + 1)
-            if kind == h5py.h5l.TYPE_EXTERNAL:
+            if kind == h5py.h5l.TYPE_EXTERNAL and value is not None:
                 filename, path = (v.decode(errors="replace") for v in value)
                 other = self._linked_file(file, filename, f"HDF5 external link {name!r} to")
                 return self._dataset(other, posixpath.join(path, rest), hops + 1)

@@ -305,6 +305,7 @@ def split_documents(
             f"2-D array key in streams {streams})"
         )
     descriptor, key = found[0]
+    assert key is not None  # found keeps only descriptors with a frames key
     stream = str(descriptor.get("name"))
     uids = {d["uid"] for d in descriptors if d.get("name") == stream}
     data_keys = descriptor.get("data_keys") or {}

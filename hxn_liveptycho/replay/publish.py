@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -214,7 +214,7 @@ class _Pacer:
 
 def _prefetched(
     run: RecordedRun, rows: np.ndarray, chunk_frames: int
-) -> Iterator[tuple[int, np.ndarray]]:
+) -> Generator[tuple[int, np.ndarray], None, None]:
     """(stored index, frame) in order, the next chunk read while this one is sent."""
     # A chunk of large frames could take gigabytes: read fewer at a time rather than refuse.
     frame_bytes = math.prod(run.frames.shape[1:]) * np.dtype(run.frames.dtype).itemsize

@@ -556,7 +556,7 @@ class _Child:
         self.counters = _Counters(counters)
         self.counters.reset()
         self._zmq = zmq
-        self.context = zmq.Context.instance()
+        self.context: Any = zmq.Context.instance()
         self.wire = ZmqPublisher(
             options["endpoint"],
             socket_type=options["socket_type"],

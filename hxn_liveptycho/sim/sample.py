@@ -109,18 +109,18 @@ class SimulatedSample:
         y = (
             y0
             + iy * step
-            + rng.normal(0.0, jitter, (ny, nx))
-            + rng.normal(0.0, jitter / 2, (ny, 1))
+            + rng.normal(0.0, jitter, (int(ny), int(nx)))
+            + rng.normal(0.0, jitter / 2, (int(ny), 1))
         )
-        x = x0 + ix * step + rng.normal(0.0, jitter, (ny, nx))
+        x = x0 + ix * step + rng.normal(0.0, jitter, (int(ny), int(nx)))
         #: Actual positions of the probe centre, (N, 2) (y, x) in µm.
         self.positions_um = np.stack([y.ravel(), x.ravel()], axis=1)
         dx_um = bl.pixel_size_m * 1e6
         n = bl.window
         self.origin_um = self.positions_um.min(axis=0) - (n / 2 + 4) * dx_um
         extent = self.positions_um.max(axis=0) - self.origin_um
-        shape = tuple(math.ceil(e / dx_um) + n // 2 + 8 for e in extent)
-        self.object = make_object(shape)  # type: ignore[arg-type]
+        rows, cols = (math.ceil(e / dx_um) + n // 2 + 8 for e in extent)
+        self.object = make_object((rows, cols))
         self.probe = make_probe(n, pixel_size_m=bl.pixel_size_m, wavelength_m=bl.wavelength_m)
         #: Top-left corners of each probe window in object pixels (what a solver must find).
         self.positions_px = (self.positions_um - self.origin_um) / dx_um - n / 2

@@ -82,7 +82,7 @@ def save_backup(result: UnwrittenResult, backup_dir: Path) -> Path:
     """Write ``result`` as ``<key>.npz`` + ``<key>.json``; raises when the disk refuses."""
     backup_dir.mkdir(parents=True, exist_ok=True)
     path = backup_dir / f"{result.key}.npz"
-    payload = dict(result.final)
+    payload: dict[str, Any] = dict(result.final)
     payload.update({f"nn_{k}": v for k, v in result.nn.items()})
     payload.update({f"diffraction_{k}": v for k, v in result.frames.items()})
     np.savez_compressed(path, **payload)

@@ -34,7 +34,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import cbor2
 import numpy as np
@@ -336,7 +336,7 @@ def thaw(value: Any) -> Any:
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _typed_content(typed: Any, what: str) -> tuple[np.dtype, bytes | memoryview, str]:
+def _typed_content(typed: Any, what: str) -> tuple[np.dtype, bytes | bytearray | memoryview, str]:
     """(dtype, blob, codec encoding name) of a typed-array tag and its (compressed) bytes."""
     if not isinstance(typed, cbor2.CBORTag):
         raise DecodeError(f"{what}: expected a typed-array tag, got {_kind(typed)}")
@@ -356,7 +356,7 @@ def _typed_content(typed: Any, what: str) -> tuple[np.dtype, bytes | memoryview,
     )
 
 
-def _compressed(value: Any, what: str) -> tuple[bytes, str]:
+def _compressed(value: Any, what: str) -> tuple[bytes | bytearray, str]:
     """Check a tag-56500 payload [algorithm, modifier, bytes]; return (bytes, codec name)."""
     if not _is_sequence(value) or len(value) != 3:
         raise DecodeError(f"{what}: tag 56500 content must be [algorithm, modifier, bytes]")
@@ -395,7 +395,7 @@ def _rational(value: Any, what: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _is_uint(value: Any) -> bool:
+def _is_uint(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

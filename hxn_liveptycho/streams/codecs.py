@@ -69,10 +69,10 @@ _MAX_FRAME_BYTES = 2**32 - 1
 
 
 def decode(
-    blob: bytes | memoryview,
+    blob: bytes | bytearray | memoryview,
     *,
     encoding: str,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     dtype: np.dtype | str,
 ) -> np.ndarray:
     """Decode one frame to a native-endian array of ``shape`` (numpy order).
@@ -172,7 +172,7 @@ def _encode_lz4_hdf5(data: np.ndarray) -> bytes:
 
 
 def _check_target(
-    encoding: str, shape: tuple[int, int], dtype: np.dtype | str
+    encoding: str, shape: tuple[int, ...], dtype: np.dtype | str
 ) -> tuple[np.dtype, tuple[int, ...]]:
     """Validate what the message header claims before touching the blob."""
     if encoding not in ENCODINGS:

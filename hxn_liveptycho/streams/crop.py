@@ -60,7 +60,8 @@ class DetectorWindow(np.ndarray):
         self.misfit = getattr(obj, "misfit", None)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rebuild, args, state = super().__reduce__()  # type: ignore[misc]
+        reduced: Any = super().__reduce__()
+        rebuild, args, state = reduced
         return rebuild, args, (state, self.detector_shape, self.misfit)
 
     def __setstate__(self, state: Any) -> None:

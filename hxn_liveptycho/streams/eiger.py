@@ -460,7 +460,9 @@ def _default_countrate_table() -> np.ndarray:
     return np.vstack([counts, counts])
 
 
-def _array_parts(htype: str, array: np.ndarray, kind: type) -> list[bytes]:
+def _array_parts(htype: str, array: np.ndarray | None, kind: type) -> list[bytes]:
+    if array is None:
+        raise ValueError(f"{htype}: an 'all' header needs this array")
     data = np.ascontiguousarray(array, dtype=np.dtype(kind).newbyteorder("<"))
     height, width = data.shape
     description = {"htype": htype, "shape": [width, height], "type": np.dtype(kind).name}
@@ -660,4 +662,8 @@ class _DecodePipeline:
             item = self._ordered.get()
             if item is self._STOP:
                 return
-            socket._handle_safely([], lambda _, parsed=item: book.apply(parsed.result()))
+
+            def apply(_: Any, parsed: Any = item) -> None:
+                book.apply(parsed.result())
+
+            socket._handle_safely([], apply)

@@ -196,15 +196,15 @@ def _header_arrays(parts: list[zmq.Frame]) -> tuple[dict[str, np.ndarray], list[
         return arrays, dropped, HEADER_PARTS["all"]
     index = 2
     while index < len(parts):
-        htype = _detail_htype(parts[index])
-        if htype is None:
+        detail = _detail_htype(parts[index])
+        if detail is None:
             dropped.append(f"part {index + 1}: not a detail description")
             index += 1
         elif index + 1 < len(parts) and _detail_htype(parts[index + 1]) is not None:
-            dropped.append(f"{htype} (part {index + 1}): no data part")
+            dropped.append(f"{detail} (part {index + 1}): no data part")
             index += 1
         else:
-            take(index, htype)
+            take(index, detail)
             index += 2
     found = {htype for htype in expected if _HEADER_ARRAYS[htype] in arrays}
     named = " ".join(dropped)
@@ -308,6 +308,8 @@ def decode_image(description_part: zmq.Frame, blob_part: zmq.Frame, what: str) -
             f"{what}: shape [{width}, {height}] exceeds {cbor.MAX_ELEMENTS} pixels (corrupt header)"
         )
     encoding = description.get("encoding")
+    if not isinstance(encoding, str):
+        raise DecodeError(f"{what}: 'encoding' {encoding!r} is not an encoding name")
     pixel_type = description.get("type")
     if not isinstance(pixel_type, str):
         raise DecodeError(f"{what}: pixel 'type' {pixel_type!r} is not a type name")
@@ -338,13 +340,16 @@ def _decode_header_array(
     """Decode a flatfield / pixel mask / count-rate table of an ``all`` header."""
     description = json_part(description_part, "dheader-1.0 detail description")
     htype = description.get("htype")
-    key = _HEADER_ARRAYS.get(htype)
-    if key is None:
+    key = _HEADER_ARRAYS.get(htype) if isinstance(htype, str) else None
+    if key is None or not isinstance(htype, str):
         raise DecodeError(f"dheader-1.0: unexpected detail htype {htype!r}")
     width, height = _wire_shape(description.get("shape"), htype)
+    pixel_type = description.get("type")
+    if not isinstance(pixel_type, str):
+        raise DecodeError(f"{htype}: pixel 'type' {pixel_type!r} is not a type name")
     try:
         return key, codecs.decode(
-            buffer(blob_part), encoding="raw", shape=(height, width), dtype=description.get("type")
+            buffer(blob_part), encoding="raw", shape=(height, width), dtype=pixel_type
         )
     except DecodeError as exc:
         raise DecodeError(f"dheader-1.0 {htype}: {exc}") from exc

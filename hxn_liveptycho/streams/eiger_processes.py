@@ -586,7 +586,7 @@ class EigerProcessReceiver:
                         if barrier is not None and item[1] == barrier.token:
                             barrier.waiting.discard(worker.index)
                         continue
-                    event = item[1] if item[0] == "event" else None
+                    event = item[1] if item[0] == "event" else None  # type: ignore[assignment]
                     if not isinstance(event, SeriesStartEvent | SeriesEndEvent):
                         self._apply(item)
                         continue
