@@ -56,7 +56,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("callback", ("callback",)),
     ("engine", ("engine",)),
     ("session", ("session",)),
-    ("pipeline stages", ("assemble", "preprocess", "geometry", "nn")),
+    ("pipeline stages", ("assemble", "preprocess", "geometry", "inputs", "nn")),
     ("store", ("store",)),
     ("configuration", ("scan", "settings", "overrides", "nn_params")),
     ("streams and recon", ("streams", "recon")),
