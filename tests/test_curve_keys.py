@@ -129,7 +129,8 @@ def test_a_panda_receiver_with_curve_keys_gets_a_scan_over_curve() -> None:
         curve=CurveKeys.from_keys(**keys),
     )
     try:
-        assert receiver._zmq._socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        sock = receiver._zmq._socket
+        assert sock is not None and sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
         receiver.start()
         assert publisher.wait_for_subscribers(1, timeout=5.0)
         publisher.start()
@@ -153,5 +154,7 @@ def test_a_panda_receiver_refuses_keys_given_twice() -> None:
             on_samples=lambda d, s: None,
             on_stop=lambda m: None,
             curve=CurveKeys.from_keys(**keys),
-            **keys,
+            curve_server_key=keys["curve_server_key"],
+            curve_public_key=keys["curve_public_key"],
+            curve_secret_key=keys["curve_secret_key"],
         )

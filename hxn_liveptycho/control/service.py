@@ -103,7 +103,8 @@ class ServeService:
         """The newest run that is still being reconstructed, else the newest one."""
         sessions = self.sessions()
         running = [s for s in sessions if not s.finished]
-        return (running or sessions or [None])[-1]
+        newest = running or sessions
+        return newest[-1] if newest else None
 
     def status(self) -> dict[str, Any]:
         info = self.live.status()

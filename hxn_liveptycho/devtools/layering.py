@@ -276,7 +276,7 @@ def _shortest_cycle(start: str, members: set[str], edges: Mapping[str, set[str]]
     while frontier:
         following: list[str] = []
         for node in frontier:
-            for child in sorted(edges.get(node, ()) & members):
+            for child in sorted(edges.get(node, set()) & members):
                 if child == start:
                     path = [node]
                     while path[-1] != start:
@@ -308,7 +308,12 @@ def check(
     for module in modules:
         if layer_index(module, package, layers) < 0:
             violations.append(
-                Violation(where(module), 1, "unplaced", f"{module} is in no layer of the table")
+                Violation(
+                    where(module),
+                    1,
+                    "unplaced",
+                    f"{module} is in no layer of the table (LAYERS in {__name__})",
+                )
             )
     for imp in imports:
         if imp.typing_only:
