@@ -42,6 +42,7 @@ __all__ = [
     "check",
     "find_modules",
     "import_graph",
+    "layer_index",
     "main",
 ]
 
@@ -56,9 +57,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("callback", ("callback",)),
     ("engine", ("engine",)),
     ("session", ("session",)),
+    # The stages are built from a run's ScanConfig and Settings, so they sit above them.
     ("pipeline stages", ("assemble", "preprocess", "geometry", "inputs", "nn")),
+    # The store writes a ScanConfig's record and reads Settings; nothing below knows Tiled.
     ("store", ("store",)),
+    # The models of a run and of a process; they hold the solver's and receivers' settings.
     ("configuration", ("scan", "settings", "overrides", "nn_params")),
+    # The wire formats and the numerics: reusable without a run, a session or a setting.
     ("streams and recon", ("streams", "recon")),
     ("leaf helpers", ("", "errors", "counters", "jsonsafe", "children", "validation")),
 )
