@@ -24,6 +24,18 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.inputs import (
+    Document,
+    Flush,
+    Frame,
+    Input,
+    Receiver,
+    Samples,
+    SeriesEnd,
+    SeriesStart,
+    Stop,
+    Stream,
+)
 from hxn_liveptycho.nn.branch import worker_key
 from hxn_liveptycho.nn.process import WorkerPool
 from hxn_liveptycho.nn.registry import ModelRegistry
@@ -43,7 +55,6 @@ logger = logging.getLogger(__name__)
 _HISTORY = 32
 #: How many runs not reconstructed at their start stay visible in status()["skipped"].
 MAX_SKIPPED_KEPT = 32
-_STOP = object()
 
 
 def warm_up_for(settings: Settings) -> WarmUp | None:
@@ -102,11 +113,11 @@ class Engine:
                 "backpressure_waits",
             ]
         )
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Input] = queue.SimpleQueue()
         self._in_flight = threading.BoundedSemaphore(settings.max_frames_in_flight)
         self._sessions: OrderedDict[str, RunSession] = OrderedDict()
         self._lock = threading.Lock()
-        self._series_owner: dict[str, RunSession | None] = {"eiger": None, "panda": None}
+        self._series_owner: dict[Stream, RunSession | None] = {"eiger": None, "panda": None}
         self._descriptor_runs: dict[str, str] = {}
         #: Runs not reconstructed at their start (not chosen, or no uid), newest last: a
         #: scientist asking "why was my scan not reconstructed" finds the reason here.
@@ -114,7 +125,7 @@ class Engine:
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="liveptycho-engine", daemon=True
         )
-        self._receivers: list[Any] = []
+        self._receivers: list[Receiver] = []
         self._closed = False
         self.solver_worker = SolverWorker(
             backend=settings.array_backend,
@@ -147,7 +158,7 @@ class Engine:
     # ---- inputs ----------------------------------------------------------------------
     def submit(self, name: str, doc: Mapping[str, Any]) -> None:
         """Hand over one document; never blocks (the queue is unbounded, documents are small)."""
-        self._queue.put(("doc", name, doc))
+        self._queue.put(Document(name, doc))
 
     def _start_receivers(self) -> None:
         s = self.settings
@@ -155,11 +166,11 @@ class Engine:
         curve = CurveKeys.from_settings(s) if s.eiger_endpoint or s.panda_endpoint else None
         if s.eiger_endpoint:
             common: dict[str, Any] = dict(
-                on_series_start=lambda series, header: self._put_stream(
-                    "series_start", "eiger", header
+                on_series_start=lambda series, header: self._queue.put(
+                    SeriesStart("eiger", header or {})
                 ),
                 on_frame=self._on_frame,
-                on_series_end=lambda series: self._put_stream("series_end", "eiger", None),
+                on_series_end=lambda series: self._queue.put(SeriesEnd("eiger")),
                 socket_type=s.eiger_socket,
                 flavour=s.eiger_flavour,
                 channel=s.eiger_channel,
@@ -180,19 +191,22 @@ class Engine:
         if s.panda_endpoint:
             panda = PandaReceiver(
                 s.panda_endpoint,
-                on_start=lambda msg: self._put_stream("series_start", "panda", msg),
-                on_samples=lambda samples, first: self._put_stream(
-                    "samples", "panda", (samples, first)
-                ),
-                on_stop=lambda msg: self._put_stream("series_end", "panda", msg),
+                on_start=lambda msg: self._queue.put(SeriesStart("panda", msg or {})),
+                on_samples=lambda samples, first: self._queue.put(Samples(samples, first)),
+                on_stop=lambda msg: self._queue.put(SeriesEnd("panda")),
                 curve=curve,
             )
             self._receivers.append(panda)
         for receiver in self._receivers:
             receiver.start()
 
-    def _put_stream(self, kind: str, source: str, payload: Any) -> None:
-        self._queue.put((kind, source, payload))
+    def put(self, item: Input) -> None:
+        """Hand over one input as a receiver does (tests, embedders); never blocks, except
+        that a frame waits, like the receivers' frames, while too many are in flight."""
+        if isinstance(item, Frame):
+            self._on_frame(item.frame)
+        else:
+            self._queue.put(item)
 
     def _on_frame(self, frame: EigerFrame) -> None:
         """Receiver thread: wait (counted) rather than drop when sessions fall behind."""
@@ -201,27 +215,26 @@ class Engine:
             while not self._in_flight.acquire(timeout=1.0):
                 if self._closed:
                     return
-        self._queue.put(("frame", "eiger", frame))
+        self._queue.put(Frame(frame))
 
     # ---- the dispatcher thread -------------------------------------------------------
     def _dispatch(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
+            if isinstance(item, Stop):
                 return
-            kind, source, payload = item
-            if kind == "flush":
-                payload.set()
+            if isinstance(item, Flush):
+                item.done.set()
                 continue
             try:
-                if kind == "doc":
-                    self._route_document(source, payload)
+                if isinstance(item, Document):
+                    self._route_document(item.name, item.doc)
                 else:
-                    self._route_stream(kind, source, payload)
+                    self._route_stream(item)
             except Exception:
-                logger.exception("could not route %s from %s", kind, source)
+                logger.exception("could not route %s", type(item).__name__)
             finally:
-                if kind == "frame":
+                if isinstance(item, Frame):
                     self._in_flight.release()
 
     def _route_document(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -331,33 +344,36 @@ class Engine:
                 return session
         return None
 
-    def _route_stream(self, kind: str, source: str, payload: Any) -> None:
-        if kind == "series_start":
+    def _route_stream(self, item: SeriesStart | Frame | Samples | SeriesEnd) -> None:
+        if isinstance(item, SeriesStart):
             owner = self._newest_open_session()
-            self._series_owner[source] = owner
+            self._series_owner[item.source] = owner
             if owner is None:
-                logger.warning("%s series armed while no ptychography run is open; ignored", source)
+                logger.warning(
+                    "%s series armed while no ptychography run is open; ignored", item.source
+                )
                 return
-            owner.put_series_start(source, payload or {})
+            owner.put_series_start(item.source, item.header)
             return
+        source: Stream = "eiger" if isinstance(item, Frame) else "panda"
+        if isinstance(item, SeriesEnd):
+            source = item.source
         owner = self._series_owner.get(source)
         if owner is None:
             owner = self._newest_open_session()
             self._series_owner[source] = owner
-        if kind == "frame":
+        if isinstance(item, Frame):
             if owner is None:
                 self.counters.add("orphan_frames")
                 return
             self.counters.add("frames_routed")
-            frame: EigerFrame = payload
-            owner.put_frame(frame.frame, frame.data)
-        elif kind == "samples":
+            owner.put_frame(item.frame.frame, item.frame.data)
+        elif isinstance(item, Samples):
             if owner is None:
                 self.counters.add("orphan_samples")
                 return
-            samples, first = payload
-            owner.put_samples({k: np.asarray(v) for k, v in samples.items()}, first)
-        elif kind == "series_end":
+            owner.put_samples({k: np.asarray(v) for k, v in item.samples.items()}, item.first)
+        else:
             if owner is not None:
                 owner.put_series_end(source)
             self._series_owner[source] = None
@@ -391,7 +407,7 @@ class Engine:
         """Block until every queued item is routed and every session has finished."""
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = threading.Event()
-        self._queue.put(("flush", "", flushed))
+        self._queue.put(Flush(flushed))
         if not flushed.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
             return False
         for session in self.sessions():
@@ -416,7 +432,7 @@ class Engine:
         deadline = time.monotonic() + timeout
         for session in self.sessions():
             session.join(max(0.0, deadline - time.monotonic()))
-        self._queue.put(_STOP)
+        self._queue.put(Stop())
         self._dispatcher.join(max(0.1, deadline - time.monotonic()))
         self.solver_worker.close(max(1.0, deadline - time.monotonic()))
         self.nn_pool.shutdown()

@@ -29,6 +29,7 @@ from scans import THETA_12KEV_DEG, ScanRun, hxn_start_md, make_scan_run
 from hxn_liveptycho import scan as scan_module
 from hxn_liveptycho.engine import Engine
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
+from hxn_liveptycho.inputs import Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.scan import energy_kev_from_dcm_theta, scan_config_from_documents
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import EigerFrame
@@ -551,17 +552,17 @@ def feed_run(engine: Engine, md: dict[str, Any], baseline: dict[str, float]) -> 
         seq_num=[1],
     )
     engine.submit("event_page", page)
-    engine._put_stream("series_start", "eiger", {"series": 1})
-    engine._put_stream("series_start", "panda", {})
+    engine.put(SeriesStart("eiger", {"series": 1}))
+    engine.put(SeriesStart("panda", {}))
     rng = np.random.default_rng(3)
     for i in range(9):
         data = rng.poisson(50, size=(FRAME, FRAME)).astype(np.uint32)
         engine._on_frame(EigerFrame(series=1, frame=i, data=data))
     yy, xx = np.meshgrid(np.linspace(-1.0, 1.0, 3), np.linspace(-1.0, 1.0, 3), indexing="ij")
     samples = {X_CHANNEL: xx.ravel() * 1e4, Y_CHANNEL: yy.ravel() * 1e4}
-    engine._put_stream("samples", "panda", (samples, 0))
-    engine._put_stream("series_end", "eiger", None)
-    engine._put_stream("series_end", "panda", {})
+    engine.put(Samples(samples, 0))
+    engine.put(SeriesEnd("eiger"))
+    engine.put(SeriesEnd("panda"))
     engine.submit("stop", bundle.compose_stop(exit_status="success"))
     return str(bundle.start_doc["uid"])
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from test_lifecycle_states import SCAN_MD, X_CHANNEL, Y_CHANNEL, make_engine
 
+from hxn_liveptycho.inputs import Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.streams import EigerFrame
 
 pytestmark = pytest.mark.timeout(300)
@@ -85,17 +86,17 @@ def one_run(engine: Any, index: int) -> None:
     bundle = compose_run(metadata=md)
     engine.submit("start", bundle.start_doc)
     flatfield = np.ones((BIG, BIG), np.float32)  # as a header_detail=all header carries
-    engine._put_stream("series_start", "eiger", {"series": index, "flatfield": flatfield})
-    engine._put_stream("series_start", "panda", {})
+    engine.put(SeriesStart("eiger", {"series": index, "flatfield": flatfield}))
+    engine.put(SeriesStart("panda", {}))
     base = np.random.default_rng(index).poisson(40, size=(BIG, BIG)).astype(np.uint32)
     for i in range(FRAMES):
         engine._on_frame(EigerFrame(series=index, frame=i, data=np.roll(base, i, axis=1)))
     grid = np.linspace(-1.0, 1.0, SIDE)
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     samples = {X_CHANNEL: xx.ravel()[:PAIRED] * 1e4, Y_CHANNEL: yy.ravel()[:PAIRED] * 1e4}
-    engine._put_stream("samples", "panda", (samples, 0))
-    engine._put_stream("series_end", "eiger", None)
-    engine._put_stream("series_end", "panda", {})
+    engine.put(Samples(samples, 0))
+    engine.put(SeriesEnd("eiger"))
+    engine.put(SeriesEnd("panda"))
     engine.submit("stop", bundle.compose_stop())
     assert engine.wait_idle(timeout=60)
 

@@ -18,6 +18,7 @@ import pytest
 from event_model import compose_run
 
 from hxn_liveptycho.engine import Engine
+from hxn_liveptycho.inputs import Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import EigerFrame
 
@@ -138,9 +139,9 @@ class Run:
 
     def arm(self, eiger: bool = True, panda: bool = True) -> None:
         if eiger:
-            self.engine._put_stream("series_start", "eiger", {"series": 1})
+            self.engine.put(SeriesStart("eiger", {"series": 1}))
         if panda:
-            self.engine._put_stream("series_start", "panda", {})
+            self.engine.put(SeriesStart("panda", {}))
 
     def frames(self, indices: range, **kw: Any) -> None:
         for i in indices:
@@ -151,11 +152,11 @@ class Run:
         yy, xx = np.meshgrid(grid, grid, indexing="ij")
         x = xx.ravel()[first : first + n] * 1e4
         y = yy.ravel()[first : first + n] * 1e4
-        self.engine._put_stream("samples", "panda", ({X_CHANNEL: x, Y_CHANNEL: y}, first))
+        self.engine.put(Samples({X_CHANNEL: x, Y_CHANNEL: y}, first))
 
     def end_streams(self) -> None:
-        self.engine._put_stream("series_end", "eiger", None)
-        self.engine._put_stream("series_end", "panda", {})
+        self.engine.put(SeriesEnd("eiger"))
+        self.engine.put(SeriesEnd("panda"))
 
     def stop(self, exit_status: str = "success") -> None:
         """Send the stop document (the same one again when called twice)."""

@@ -37,6 +37,7 @@ from test_lifecycle_states import (
 
 from hxn_liveptycho.assemble import RATIO_TOLERANCE, Assembler
 from hxn_liveptycho.engine import Engine
+from hxn_liveptycho.inputs import Samples, SeriesStart
 from hxn_liveptycho.scan import EncoderConfig
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 from hxn_liveptycho.store.diffraction import read_diffraction
@@ -126,10 +127,10 @@ def scan(
     header: dict[str, Any] = {"series": 1}
     if frame_time is not None:
         header["frame_time"] = frame_time
-    engine._put_stream("series_start", "eiger", header)
-    engine._put_stream("series_start", "panda", {})
+    engine.put(SeriesStart("eiger", header))
+    engine.put(SeriesStart("panda", {}))
     run.frames(range(n_frames))
-    engine._put_stream("samples", "panda", (dict(samples), 0))
+    engine.put(Samples(dict(samples), 0))
     run.end_streams()
     run.stop()
     assert engine.wait_idle(timeout=60)

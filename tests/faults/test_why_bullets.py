@@ -45,6 +45,7 @@ from test_lifecycle_states import (
 
 from hxn_liveptycho.callback import LivePtycho
 from hxn_liveptycho.engine import Engine
+from hxn_liveptycho.inputs import Samples, SeriesStart
 from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.store.diffraction import read_diffraction
 from hxn_liveptycho.store.server import split_api_key
@@ -102,7 +103,7 @@ def test_run_whose_frames_and_positions_never_pair_is_incomplete(tmp_path: Path)
         run = Run(engine)
         run.arm()
         run.frames(range(9))
-        engine._put_stream("samples", "panda", (grid_positions(), 100))
+        engine.put(Samples(grid_positions(), 100))
         run.end_streams()
         run.stop()
         assert engine.wait_idle(timeout=60)
@@ -427,8 +428,8 @@ def _superseded(engine: Engine, tracked: Tracked) -> None:
     tracked.feed(engine, range(5))
     first.positions(n=5)
     second = Run(engine)  # no stop for the first run: the next scan starts
-    engine._put_stream("series_start", "eiger", {"series": 2})
-    engine._put_stream("series_start", "panda", {})
+    engine.put(SeriesStart("eiger", {"series": 2}))
+    engine.put(SeriesStart("panda", {}))
     tracked.feed(engine, range(9), series=2)
     second.positions()
     second.end_streams()
