@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.settings import Settings, redact_uri
 from hxn_liveptycho.store.recovery import Recovery
 from hxn_liveptycho.store.server_process import bluesky_serialization_registry
 from hxn_liveptycho.store.tiled import TiledSink
@@ -50,18 +50,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-#: Query parameters whose values are secrets (compared in lower case).
-SECRET_QUERY_KEYS = frozenset({"api_key", "apikey", "token", "access_token"})
-
-
 def redact(uri: str) -> str:
-    """The URI with secret query values (``api_key``, ``token``, any case) hidden."""
-    parts = urlsplit(uri)
-    query = [
-        (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+    """The URI with secret query values and a password hidden (the settings' own rule)."""
+    return redact_uri(uri)
 
 
 def split_api_key(uri: str) -> tuple[str, str | None]:
