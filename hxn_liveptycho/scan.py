@@ -377,7 +377,7 @@ def _axes(
 ) -> dict[str, Any] | None:
     """(x_start, x_end, x_num, y_start, y_end, y_num) as grid fields, each checked by name."""
     x0, x1, nx, y0, y1, ny = values
-    grid = {
+    grid: dict[str, Any] = {
         "kind": kind,
         "x_start_um": _number(x0, names[0], problems),
         "x_end_um": _number(x1, names[1], problems),
@@ -432,11 +432,9 @@ def _grid_from_start(start: Mapping[str, Any], problems: _Problems) -> dict[str,
     plan_args = plan_args if isinstance(plan_args, Mapping) else {}
     scan_type = scan.get("type")
     shape = scan.get("shape")
-    is_3d = isinstance(shape, list | tuple) and len(shape) > 2
-    if is_3d and any(isinstance(n, Real) and n > 1 for n in shape[:-2]):
-        problems.not_ptychography(
-            f"a 3-D scan (scan.shape {list(shape)}) is not reconstructed live"
-        )
+    dims: list[Any] = list(shape) if isinstance(shape, list | tuple) else []
+    if len(dims) > 2 and any(isinstance(n, int | float) and n > 1 for n in dims[:-2]):
+        problems.not_ptychography(f"a 3-D scan (scan.shape {dims}) is not reconstructed live")
         return None
     if scan_type == "2D_FLY_PANDA":
         scan_input = scan.get("scan_input")
@@ -520,13 +518,15 @@ def _dwell(
     Dwell only bounds how long a run may wait for its ``stop``; an unusable
     value is logged and the next source tried rather than failing the run.
     """
-    scan = start.get("scan") if isinstance(start.get("scan"), Mapping) else {}
-    plan_args = start.get("plan_args") if isinstance(start.get("plan_args"), Mapping) else {}
+    scan: Mapping[str, Any] = start.get("scan") or {}
+    scan = scan if isinstance(scan, Mapping) else {}
+    plan_args: Mapping[str, Any] = start.get("plan_args") or {}
+    plan_args = plan_args if isinstance(plan_args, Mapping) else {}
     candidates: list[tuple[Any, str]] = [(scan.get("dwell"), "scan.dwell")]
     scan_input = scan.get("scan_input")
-    is_fly = scan.get("type") == "2D_FLY_PANDA" and isinstance(scan_input, list | tuple)
-    if is_fly and len(scan_input) > 6:
-        candidates.append((scan_input[6], "scan.scan_input[6]"))
+    inputs: list[Any] = list(scan_input) if isinstance(scan_input, list | tuple) else []
+    if scan.get("type") == "2D_FLY_PANDA" and len(inputs) > 6:
+        candidates.append((inputs[6], "scan.scan_input[6]"))
     for key in ("dwell", "exposure_time"):
         candidates.append((plan_args.get(key), f"plan_args.{key}"))
     for key in ("exposure_time", "dwell"):
@@ -668,7 +668,7 @@ def _scan_id(value: Any) -> int | str | None:
     if isinstance(value, Integral):
         return int(value)
     if isinstance(value, Real) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     text = str(value).strip()
     return int(text) if text.isdigit() else text or None
 
@@ -694,7 +694,8 @@ def scan_config_from_documents(
     baseline = baseline or {}
     overrides = dict(overrides or {})
     problems = _Problems()
-    scan = start.get("scan") if isinstance(start.get("scan"), Mapping) else {}
+    found = start.get("scan")
+    scan: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     plan_name = str(start.get("plan_name") or "")
     derived: dict[str, Any] = {
         "uid": start.get("uid", ""),
