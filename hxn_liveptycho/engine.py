@@ -175,8 +175,7 @@ class Engine:
                 flavour=s.eiger_flavour,
                 channel=s.eiger_channel,
                 transform=None if s.eiger_crop is None else s.eiger_crop.transform(),
-                # The Eiger receivers still take the three keys apart.
-                **({} if curve is None else curve.as_kwargs()),
+                curve=curve,
             )
             eiger: EigerReceiver | EigerProcessReceiver
             if s.eiger_decode_processes:

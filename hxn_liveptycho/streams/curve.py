@@ -170,6 +170,19 @@ class CurveKeys:
     __str__ = __repr__
 
 
+def client_keys(
+    curve: CurveKeys | None,
+    server_key: str | bytes | None = None,
+    public_key: str | bytes | None = None,
+    secret_key: str | bytes | None = None,
+) -> CurveKeys | None:
+    """A receiver's CurveZMQ keys, given as one value or as three loose keys (not both)."""
+    loose = CurveKeys.from_keys(server_key, public_key, secret_key)
+    if curve is not None and loose is not None:
+        raise ConfigurationError("give the CurveZMQ keys as curve= or as curve_*=, not both")
+    return curve or loose
+
+
 def curve_options(
     server_key: str | bytes | None,
     public_key: str | bytes | None,

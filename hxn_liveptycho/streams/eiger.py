@@ -45,7 +45,8 @@ import zmq
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import cbor, codecs
-from hxn_liveptycho.streams._zmq import ZmqPublisher, ZmqReceiver, curve_options, names
+from hxn_liveptycho.streams._zmq import ZmqPublisher, ZmqReceiver, names
+from hxn_liveptycho.streams.curve import CurveKeys, client_keys
 from hxn_liveptycho.streams.eiger_messages import EigerEvent, parse
 from hxn_liveptycho.streams.eiger_series import EigerSeriesBook
 
@@ -460,6 +461,10 @@ def _default_countrate_table() -> np.ndarray:
     return np.vstack([counts, counts])
 
 
+def _socket_options(keys: CurveKeys | None) -> dict[int, bytes]:
+    return {} if keys is None else keys.socket_options()
+
+
 def _array_parts(htype: str, array: np.ndarray | None, kind: type) -> list[bytes]:
     if array is None:
         raise ValueError(f"{htype}: an 'all' header needs this array")
@@ -530,6 +535,7 @@ class EigerReceiver:
         rcvhwm: int = 0,
         name: str = "eiger",
         context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
         curve_server_key: str | bytes | None = None,
         curve_public_key: str | bytes | None = None,
         curve_secret_key: str | bytes | None = None,
@@ -550,7 +556,9 @@ class EigerReceiver:
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=curve_options(curve_server_key, curve_public_key, curve_secret_key),
+            curve=_socket_options(
+                client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
+            ),
         )
         self.counters = self._zmq.counters
         self.endpoint = endpoint

@@ -57,8 +57,9 @@ import zmq
 from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
-from hxn_liveptycho.streams._zmq import curve_options, names
+from hxn_liveptycho.streams._zmq import names
 from hxn_liveptycho.streams.crop import as_window, window_source
+from hxn_liveptycho.streams.curve import CurveKeys, client_keys
 from hxn_liveptycho.streams.eiger import (
     DEFAULT_CHANNEL,
     EIGER_COUNTERS,
@@ -272,6 +273,7 @@ class EigerProcessReceiver:
         socket_type: Literal["sub", "pull"] = "pull",
         rcvhwm: int = 0,
         name: str = "eiger",
+        curve: CurveKeys | None = None,
         curve_server_key: str | bytes | None = None,
         curve_public_key: str | bytes | None = None,
         curve_secret_key: str | bytes | None = None,
@@ -329,7 +331,8 @@ class EigerProcessReceiver:
             make_frame=EigerFrame,
             reorder_window=1024 * processes if reorder_window is None else reorder_window,
         )
-        self._curve = curve_options(curve_server_key, curve_public_key, curve_secret_key)
+        keys = client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
+        self._curve = {} if keys is None else keys.socket_options()
         self._rcvhwm = rcvhwm
         self._worker_queue = worker_queue
         self._workers: list[_WorkerHandle] = []

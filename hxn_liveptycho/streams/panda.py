@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from hxn_liveptycho.errors import ConfigurationError, DecodeError
+from hxn_liveptycho.errors import DecodeError
 from hxn_liveptycho.streams._zmq import (
     ZmqPublisher,
     ZmqReceiver,
@@ -28,7 +28,7 @@ from hxn_liveptycho.streams._zmq import (
     json_part,
     names,
 )
-from hxn_liveptycho.streams.curve import CurveKeys
+from hxn_liveptycho.streams.curve import CurveKeys, client_keys
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +166,7 @@ class PandaReceiver:
         curve_public_key: str | bytes | None = None,
         curve_secret_key: str | bytes | None = None,
     ) -> None:
-        loose = CurveKeys.from_keys(curve_server_key, curve_public_key, curve_secret_key)
-        if curve is not None and loose is not None:
-            raise ConfigurationError("give the CurveZMQ keys as curve= or as curve_*=, not both")
-        curve = curve or loose
+        curve = client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
         self._on_start = on_start
         self._on_samples = on_samples
         self._on_stop = on_stop
