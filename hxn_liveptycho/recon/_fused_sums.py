@@ -392,7 +392,7 @@ def dm_fourier_step(
     stored far-field exit waves of the same positions. ``waves`` becomes ``psi + beta
     (P_F(2 phi - psi) - phi)`` and ``phi`` that times ``scale`` (ready for an unscaled
     inverse FFT). ``P_F`` is the projection relaxed by ``relax`` (see
-    ``StreamingSolver._dm_fourier_factor``).
+    ``recon.dm.DifferenceMap._fourier_factor``).
     """
     import cupy as cp
 

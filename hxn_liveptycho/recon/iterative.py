@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import types
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -46,11 +45,14 @@ import numpy as np
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon import memory
+from hxn_liveptycho.recon._batch import (
+    WHOLE_PIXEL_TOL,
+    Batch,
+    Sums,
+    grow,
+)
 from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
-    add_scaled,
-    add_window_ratio,
-    divide_regularised,
     exit_waves,
     max_slots,
     mix_modes,
@@ -58,19 +60,13 @@ from hxn_liveptycho.recon._fused import (
     momentum_step,
     pass_tail,
     ramp_table,
-    regularised_step,
-    scaled_copy,
     shift_spectra,
     unshift_sum_spectra,
     window_sums,
 )
 from hxn_liveptycho.recon._fused_sums import (
-    dm_fourier_step,
-    lsqml_step_sums,
-    lsqml_steps,
     modulus_residual,
 )
-from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._momentum import Momentum
 from hxn_liveptycho.recon._positions import (
@@ -89,71 +85,14 @@ from hxn_liveptycho.recon.backend import (
     is_cupy,
     to_host,
 )
+from hxn_liveptycho.recon.dm import DifferenceMap
+from hxn_liveptycho.recon.epie import Epie
+from hxn_liveptycho.recon.lsqml import LsqMl
 from hxn_liveptycho.recon.params import Algorithm, IterativeParams
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
 
 log = logging.getLogger(__name__)
-
-#: Tikhonov weight of the LSQ-ML step-length fit (times the batch-mean diagonal).
-_LSQ_STEP_REG = 0.1
-#: Positions closer than this to a whole pixel are taken as whole (float noise).
-_WHOLE_PIXEL_TOL = 1e-4
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """Positions updated together: their active-set rows, window corners and bounding box."""
-
-    rows: Any  # (B,) int64 on xp
-    corners: Any  # (B, 2) int32 on xp: each window's top-left canvas pixel
-    box: tuple[int, int, int, int]  # (y0, x0, y1, x1) on the host: the windows' bounding box
-    table: Any | None = None  # fused path, sub-pixel data: the shift ramp table (B, 2, n)
-    # (made for the whole pass in StreamingSolver._batches; the fused steps read it here)
-
-    @property
-    def origin(self) -> tuple[int, int]:
-        return self.box[0], self.box[1]
-
-    @property
-    def box_shape(self) -> tuple[int, int]:
-        return self.box[2] - self.box[0], self.box[3] - self.box[1]
-
-    @property
-    def box_slices(self) -> tuple[slice, slice]:
-        return slice(self.box[0], self.box[2]), slice(self.box[1], self.box[3])
-
-
-@dataclass
-class _Sums:
-    """The fused path's sums of one batch (:meth:`StreamingSolver._fused_sums`)."""
-
-    num: Any  # (box) complex64: sum of w conj(P) dpsi over the windows
-    den: Any  # (box) float32: sum of |P|^2 over the windows
-    oden: Any | None  # (n, n) float32: sum of |O|^2 over the batch (probe update only)
-    den_max: Any  # max(den), as window_sums tracked it (recon._fused.max_slots)
-    oden_max: Any  # max(oden), likewise
-    terms: Any | None  # (B, C, n, n) probe terms (sub-pixel probe update only)
-    terms_sum: Any | None  # (K, n, n) their sum over the batch (whole-pixel probe update)
-
-
-def _grow(buf: Any, needed: int, xp: types.ModuleType, *, exact: bool = False) -> Any:
-    """Return ``buf`` with room for ``needed`` rows (capacity doubles unless ``exact``,
-    old rows kept)."""
-    if buf.shape[0] >= needed:
-        return buf
-    cap = needed if exact else max(needed, 2 * buf.shape[0], 16)
-    new = xp.zeros((cap, *buf.shape[1:]), dtype=buf.dtype)
-    new[: buf.shape[0]] = buf
-    return new
-
-
-def _regularised(den: Any, r: float, xp: types.ModuleType) -> Any:
-    """``(1 - r) den + r max(den)``, floored above zero, in place."""
-    den *= 1.0 - r
-    den += r * xp.max(den)
-    xp.maximum(den, 1e-30, out=den)
-    return den
 
 
 class StreamingSolver:
@@ -246,6 +185,10 @@ class StreamingSolver:
         if fused and not can_fuse:
             raise ValueError("fused kernels need CuPy arrays and one object mode")
         self._fused = can_fuse if fused is None else bool(fused)
+        # The algorithms' steps: stateless, each pass hands them this solver's state.
+        self._epie = Epie()
+        self._lsqml = LsqMl()
+        self._dm = DifferenceMap()
         # Fused path, n = 64 or 256: the solver's own FFT (recon._fft_lines), with the
         # modulus step folded between its passes; cuFFT otherwise.
         self._lines = self._fused and fft_lines.supports(n)
@@ -434,12 +377,12 @@ class StreamingSolver:
             want = needed
             self._check_memory(want, self.held_bytes(), "growing to")
         xp = self._xp
-        self._amps = _grow(self._amps, want, xp, exact=True)
-        self._pos = _grow(self._pos, want, xp, exact=True)
-        self._meas = _grow(self._meas, want, xp, exact=True)
-        self._shift = _grow(self._shift, want, xp, exact=True)
+        self._amps = grow(self._amps, want, xp, exact=True)
+        self._pos = grow(self._pos, want, xp, exact=True)
+        self._meas = grow(self._meas, want, xp, exact=True)
+        self._shift = grow(self._shift, want, xp, exact=True)
         if self._dm_waves is not None:
-            self._dm_waves = _grow(self._dm_waves, want, xp, exact=True)
+            self._dm_waves = grow(self._dm_waves, want, xp, exact=True)
 
     # ------------------------------------------------------------------ input
     def add(self, amplitudes: Any, positions_px: Any) -> int:
@@ -485,7 +428,7 @@ class StreamingSolver:
             )
         # Whole pixels up to float noise are whole pixels (no probe shift needed for them).
         whole = np.rint(clipped)
-        clipped = np.where(np.abs(clipped - whole) < _WHOLE_PIXEL_TOL, whole, clipped)
+        clipped = np.where(np.abs(clipped - whole) < WHOLE_PIXEL_TOL, whole, clipped)
         if not self._subpixel and self.params.subpixel_positions and np.any(clipped != whole):
             self._subpixel = True
 
@@ -518,7 +461,7 @@ class StreamingSolver:
         return self._n_active
 
     # ------------------------------------------------------------------ batches
-    def _batches(self, order: np.ndarray) -> list[_Batch]:
+    def _batches(self, order: np.ndarray) -> list[Batch]:
         """The active-set rows ``order`` in batches of ``params.batch_size``.
 
         Window corners come from the host copy of the positions: one upload of
@@ -541,26 +484,26 @@ class StreamingSolver:
             box = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
             part = slice(start, start + size)
             batches.append(
-                _Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
+                Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
             )
         return batches
 
-    def _gather(self, batch: _Batch, canvas: Any | None = None) -> Any:
+    def _gather(self, batch: Batch, canvas: Any | None = None) -> Any:
         """Windows (B, n, n) of the object, or of a ``canvas`` covering the batch's box."""
         if canvas is None:
             return gather_windows(self._object, batch.corners, self._n, self._xp)
         return gather_windows(canvas, batch.corners, self._n, self._xp, batch.origin)
 
-    def _scatter(self, batch: _Batch, values: Any, canvas: Any, *, whole: bool = False) -> None:
+    def _scatter(self, batch: Batch, values: Any, canvas: Any, *, whole: bool = False) -> None:
         """Add windows ``values`` ((B, n, n), or one (n, n) for all) onto ``canvas`` in
         place: an array covering the batch's box, or (``whole``) the whole canvas."""
         origin = (0, 0) if whole else batch.origin
         scatter_add_windows(canvas, batch.corners, values, self._xp, origin)
 
-    def _box_zeros(self, batch: _Batch, dtype: Any) -> Any:
+    def _box_zeros(self, batch: Batch, dtype: Any) -> Any:
         return self._xp.zeros(batch.box_shape, dtype=dtype)
 
-    def _batch_probes(self, batch: _Batch, fused: bool) -> tuple[Any, Any | None]:
+    def _batch_probes(self, batch: Batch, fused: bool) -> tuple[Any, Any | None]:
         """``(probes, shift)`` for the positions of ``batch``: the modes shifted by each
         position's sub-pixel fraction (B, K, n, n) and the shift that did it (the ramps
         (B, n, n); with ``fused``, the separable ramp table (B, 2, n) of the fused
@@ -591,7 +534,7 @@ class StreamingSolver:
             return fft_lines.ifft2_unscaled(x)
         return ifft2_unscaled(x, xp=self._xp, overwrite_x=True)
 
-    def _probe_update_terms(self, sums: _Sums, table: Any | None) -> Any:
+    def _probe_update_terms(self, sums: Sums, table: Any | None) -> Any:
         """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of the batch's probe terms;
         on whole-pixel data ``window_sums`` already summed them."""
         if table is None:
@@ -614,12 +557,12 @@ class StreamingSolver:
         out += spectra
         return out
 
-    def _batch_fractions(self, batch: _Batch) -> Any:
+    def _batch_fractions(self, batch: Batch) -> Any:
         """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
         pos = self._pos[batch.rows]
         return pos - self._xp.floor(pos)
 
-    def _batch_ramp(self, batch: _Batch) -> Any:
+    def _batch_ramp(self, batch: Batch) -> Any:
         """Phase ramps (B, n, n) shifting the probe by the fractions of ``batch``'s positions."""
         return fraction_ramps(self._batch_fractions(batch), self._n, self._xp)
 
@@ -628,7 +571,7 @@ class StreamingSolver:
         """Mode ``k`` of shared (K, n, n) or per-position (B, K, n, n) probes."""
         return probes[:, k] if probes.ndim == 4 else probes[k]
 
-    def _exit_wave_spectra(self, batch: _Batch, probes: Any) -> Any:
+    def _exit_wave_spectra(self, batch: Batch, probes: Any) -> Any:
         """Far fields (B, K, n, n), unnormalised, of ``batch``'s exit waves (DM's start):
         fused, read from the canvas; otherwise from the gathered windows."""
         if self._lines:
@@ -639,7 +582,7 @@ class StreamingSolver:
             psi = self._all_exit_waves(self._object_windows(batch), probes)
         return fft2(psi, xp=self._xp, overwrite_x=True)
 
-    def _object_windows(self, batch: _Batch) -> list[Any]:
+    def _object_windows(self, batch: Batch) -> list[Any]:
         """Windows (B, n, n) of every object mode at ``batch``'s positions."""
         return [gather_windows(o, batch.corners, self._n, self._xp) for o in self._objects]
 
@@ -814,7 +757,7 @@ class StreamingSolver:
 
     # ------------------------------------------------------------------ positions
     def _estimate_shifts(
-        self, batch: _Batch, obj: Any, obj_num: Any, illum: Any, refine: bool
+        self, batch: Batch, obj: Any, obj_num: Any, illum: Any, refine: bool
     ) -> None:
         """Record the least-squares position shifts of ``batch`` (applied after the pass)."""
         if not refine:
@@ -843,79 +786,9 @@ class StreamingSolver:
         self._shift[:m] = 0
 
     # ------------------------------------------------------------------ ePIE
-    def _epie_batch(self, batch: _Batch, update_probe: bool, refine: bool, err: Any) -> None:
-        """One parallel rPIE step on the positions of ``batch``; adds their squared error
-        into ``err`` (0-d, in place)."""
-        xp, p = self._xp, self.params
-        if self._objects.shape[0] > 1:
-            self._epie_object_modes_batch(batch, update_probe, refine, err)
-            return
-        fused = self._fused and not refine  # refinement needs the object numerator itself
-        probes, ramp = self._batch_probes(batch, fused)
-        if fused:
-            self._epie_fused(batch, probes, ramp, update_probe, err)
-            return
-        obj = self._gather(batch)
-        psi = self._exit_waves(obj, probes)
-        dpsi, e = self._fourier_residual(psi, self._amps[batch.rows])
-        err += e
-        # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
-        num = self._box_zeros(batch, xp.complex64)
-        den = self._box_zeros(batch, xp.float32)
-        if update_probe:
-            # Probe sums first: they need the object before this batch changes it.
-            onum = self._probe_numerator(obj, dpsi, ramp)
-            oden = self._object_power(obj)
-        obj_num = self._object_numerator(dpsi, probes)
-        del dpsi
-        illum = self._probe_intensity(probes)
-        self._estimate_shifts(batch, obj, obj_num, illum, refine)
-        self._scatter(batch, obj_num, num)
-        self._scatter(batch, illum, den)
-        num /= _regularised(den, p.object_reg, xp)
-        num *= p.alpha
-        self._object[batch.box_slices] += num
-        if update_probe:
-            onum /= _regularised(oden, p.probe_reg, xp)
-            onum *= p.beta
-            self._probes += onum
-
-    def _epie_object_modes_batch(
-        self, batch: _Batch, update_probe: bool, refine: bool, err: Any
-    ) -> None:
-        """:meth:`_epie_batch` with several object modes: each pair of object mode m and
-        probe mode k makes an exit wave ``P_k O_m``, all of them share the modulus
-        constraint; object mode m moves by its own waves' corrections over ``sum_k |P_k|^2``,
-        the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
-        mode."""
-        xp, p = self._xp, self.params
-        probes, ramp = self._batch_probes(batch, False)
-        objs = self._object_windows(batch)
-        dpsi, e = self._fourier_residual(self._all_exit_waves(objs, probes), self._amps[batch.rows])
-        err += e
-        parts = self._object_mode_blocks(dpsi)
-        if update_probe:  # probe sums first: they need the objects before this batch
-            onum, oden = self._probe_sums_over_modes(objs, parts, ramp)
-        illum = self._probe_intensity(probes)
-        den = self._box_zeros(batch, xp.float32)
-        self._scatter(batch, illum, den)
-        step = p.alpha / _regularised(den, p.object_reg, xp)
-        for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
-            obj_num = self._object_numerator(d, probes)
-            if m == 0:
-                self._estimate_shifts(batch, o, obj_num, illum, refine)
-            num = self._box_zeros(batch, xp.complex64)
-            self._scatter(batch, obj_num, num)
-            num *= step
-            self._objects[m][batch.box_slices] += num
-        if update_probe:
-            onum /= _regularised(oden, p.probe_reg, xp)
-            onum *= p.beta
-            self._probes += onum
-
     def _fused_sums(
-        self, batch: _Batch, probes: Any, update_probe: bool, floor: float, err: Any
-    ) -> tuple[Any, _Sums]:
+        self, batch: Batch, probes: Any, update_probe: bool, floor: float, err: Any
+    ) -> tuple[Any, Sums]:
         """The common start of fused ePIE and LSQ-ML: the exit-wave update ``dpsi`` (the
         modulus residual, intensity floored at ``floor``; its squared error added into
         ``err``) and, in one pass over it, the object sums on the batch's box and, with
@@ -964,10 +837,10 @@ class StreamingSolver:
             box=batch.box if whole or not update_probe else None,
             overwrite=True,
         )
-        return dpsi, _Sums(num, den, oden, den_max, oden_max, terms, summed)
+        return dpsi, Sums(num, den, oden, den_max, oden_max, terms, summed)
 
     def _fused_accumulators(
-        self, batch: _Batch, update_probe: bool, summed_modes: int
+        self, batch: Batch, update_probe: bool, summed_modes: int
     ) -> tuple[Any, ...]:
         """``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`: the
         object sums on the batch's box (not zeroed: ``window_sums`` overwrites them), and
@@ -997,370 +870,8 @@ class StreamingSolver:
         _, oden, den_max, oden_max, summed = self._batch_sums[key]
         return num, den, oden, den_max, oden_max, summed
 
-    def _epie_fused(
-        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool, err: Any
-    ) -> None:
-        """:meth:`_epie_batch` in fused kernels: four passes over the batch plus the FFTs."""
-        p = self.params
-        floor = max(p.modulus_floor, 1e-24)
-        dpsi, acc = self._fused_sums(batch, probes, update_probe, floor, err)
-        del dpsi  # only its sums are needed: free it before the updates
-        obj = self._object[batch.box_slices]
-        regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
-        if update_probe:
-            onum = self._probe_update_terms(acc, table)
-            regularised_step(self._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)
-
     # ------------------------------------------------------------------ LSQ-ML
-    def _lsqml_batch(self, batch: _Batch, update_probe: bool, refine: bool, err: Any) -> None:
-        """One LSQ-ML step (Odstrčil 2018) on ``batch``; adds its positions' squared error
-        into ``err`` (0-d, in place).
-
-        chi = the exit-wave update the noise model asks for; directions
-        dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
-        (alpha_O,j, alpha_P,j) from the least-squares fit of chi_j by
-        alpha_O,j P dO_j + alpha_P,j dP O_j. The object gets each position's
-        contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
-        """
-        xp, p = self._xp, self.params
-        if self._objects.shape[0] > 1:
-            self._lsqml_object_modes_batch(batch, update_probe, refine, err)
-            return
-        # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
-        # object numerator itself.
-        fused = self._fused and p.noise == "gaussian" and not refine
-        probes, ramp = self._batch_probes(batch, fused)
-        if fused:
-            self._lsqml_fused(batch, probes, ramp, update_probe, err)
-            return
-        obj = self._gather(batch)
-        chi = self._lsqml_chi(self._exit_waves(obj, probes), self._amps[batch.rows], err)
-        # Object direction over the batch footprint, and its windows.
-        pnum = self._object_numerator(chi, probes)
-        illum = self._probe_intensity(probes)
-        self._estimate_shifts(batch, obj, pnum, illum, refine)
-        num = self._box_zeros(batch, xp.complex64)
-        den = self._box_zeros(batch, xp.float32)
-        self._scatter(batch, pnum, num)
-        self._scatter(batch, illum, den)
-        _regularised(den, p.object_reg, xp)
-        d_obj = self._gather(batch, num) / self._gather(batch, den)
-        u = self._exit_waves(d_obj, probes)
-        if update_probe:
-            oden = _regularised(self._object_power(obj), p.probe_reg, xp)
-            d_probe = self._probe_numerator(obj, chi, ramp) / oden
-            if ramp is None:
-                v = obj[:, None] * d_probe[None]
-            else:  # the probe step as each position sees it: shifted by its fraction
-                v = obj[:, None] * self._shift_modes(fft2(d_probe, xp=xp), ramp, False)
-        else:
-            v = None
-        alpha_o, alpha_p = optimal_steps(u, v, chi, _LSQ_STEP_REG, xp)
-        del u, v, chi
-        num[...] = 0
-        pnum *= (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
-        self._scatter(batch, pnum, num)
-        num /= den
-        self._object[batch.box_slices] += num
-        if update_probe:
-            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
-            self._probes += d_probe
-
-    def _lsqml_chi(self, psi: Any, amps: Any, err: Any) -> Any:
-        """The exit-wave update ``chi`` (B, C, n, n) the noise model asks of the waves
-        ``psi`` (consumed); their squared error is added into ``err`` (0-d, in place)."""
-        xp, p = self._xp, self.params
-        f, inten, e = self._far_field(psi, amps)
-        err += e
-        g = far_field_factor(
-            inten, amps, self._valid, p.noise, xp, p.poisson_floor, p.modulus_floor
-        )
-        f *= g[:, None]
-        del inten
-        return ifft2(f, xp=xp, overwrite_x=True)
-
-    def _lsqml_object_modes_batch(
-        self, batch: _Batch, update_probe: bool, refine: bool, err: Any
-    ) -> None:
-        """:meth:`_lsqml_batch` with several object modes: each pair of object mode m and
-        probe mode k makes an exit wave ``P_k O_m``; object mode m's direction is its own
-        waves' ``sum_k P_k* chi_mk`` over the illumination, the probe's all of them over
-        ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
-        Refinement follows the first mode."""
-        xp, p = self._xp, self.params
-        probes, ramp = self._batch_probes(batch, False)
-        objs = self._object_windows(batch)
-        chi = self._lsqml_chi(self._all_exit_waves(objs, probes), self._amps[batch.rows], err)
-        parts = self._object_mode_blocks(chi)
-        illum = self._probe_intensity(probes)
-        den = self._box_zeros(batch, xp.float32)
-        self._scatter(batch, illum, den)
-        _regularised(den, p.object_reg, xp)
-        windows_den = self._gather(batch, den)
-        pnums, u = [], []
-        for m, part in enumerate(parts):
-            pnum = self._object_numerator(part, probes)
-            if m == 0:
-                self._estimate_shifts(batch, objs[0], pnum, illum, refine)
-            num = self._box_zeros(batch, xp.complex64)
-            self._scatter(batch, pnum, num)
-            u.append(self._exit_waves(self._gather(batch, num) / windows_den, probes))
-            pnums.append(pnum)
-        v = d_probe = None
-        if update_probe:
-            d_probe, oden = self._probe_sums_over_modes(objs, parts, ramp)
-            d_probe /= _regularised(oden, p.probe_reg, xp)
-            # The probe step as each position sees it: shifted by its fraction.
-            seen = (
-                d_probe[None]
-                if ramp is None
-                else self._shift_modes(fft2(d_probe, xp=xp), ramp, False)
-            )
-            v = xp.concatenate([o[:, None] * seen for o in objs], axis=1)
-        alpha_o, alpha_p = optimal_steps(xp.concatenate(u, axis=1), v, chi, _LSQ_STEP_REG, xp)
-        del u, v, chi, parts
-        weights = (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
-        for m, pnum in enumerate(pnums):
-            num = self._box_zeros(batch, xp.complex64)
-            pnum *= weights
-            self._scatter(batch, pnum, num)
-            num /= den
-            self._objects[m][batch.box_slices] += num
-        if update_probe:
-            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
-            self._probes += d_probe
-
-    def _lsqml_fused(
-        self, batch: _Batch, probes: Any, table: Any | None, update_probe: bool, err: Any
-    ) -> None:
-        """:meth:`_lsqml_batch` (Gaussian noise) in fused kernels: the directions' sums, the
-        step-length sums and the weighted object sums are one pass each over the batch."""
-        p = self.params
-        floor = max(p.modulus_floor, 1e-12)
-        chi, acc = self._fused_sums(batch, probes, update_probe, floor, err)
-        # den is regularised where it is read (the step sums and the object update).
-        num, den, den_max, reg = acc.num, acc.den, acc.den_max, p.object_reg
-        d_probe = seen = None
-        if update_probe:
-            d_probe = self._probe_update_terms(acc, table)
-            divide_regularised(d_probe, acc.oden, p.probe_reg, acc.oden_max)
-            del acc  # the per-position probe terms: free them before the step sums
-            # The probe step as each position sees it: shifted by its fraction.
-            seen = (
-                d_probe
-                if table is None
-                else self._shift_modes(self._fft(d_probe.copy()), table, True)
-            )
-        sums = lsqml_step_sums(
-            chi,
-            probes,
-            seen,
-            self._object,
-            num,
-            den,
-            batch.corners,
-            batch.origin,
-            reg,
-            den_max,
-            box=batch.box,
-        )
-        del seen
-        weights, probe_scale = lsqml_steps(sums, _LSQ_STEP_REG, p.alpha, p.beta, update_probe)
-        add_window_ratio(
-            self._object,
-            chi,
-            probes,
-            batch.corners,
-            den,
-            box=batch.box,
-            weights=weights,
-            reg=reg,
-            den_max=den_max,
-        )
-        del chi
-        if d_probe is not None:
-            add_scaled(self._probes, d_probe, probe_scale)
-
     # ------------------------------------------------------------------ DM
-    def _dm_prepare(self) -> None:
-        """Make room for all active positions' exit waves and start new ones at P O_j."""
-        xp, n = self._xp, self._n
-        k = self._probes.shape[0] * self._objects.shape[0]  # a wave per probe-object pair
-        if self._dm_waves is None:
-            # Sized like the frame buffer (the memory check of add() counted it).
-            self._dm_waves = xp.zeros((self._amps.shape[0], k, n, n), dtype=xp.complex64)
-        self._dm_waves = _grow(self._dm_waves, self._n_active, xp)
-        new = np.arange(self._dm_ready, self._n_active)
-        for start, batch in zip(
-            range(self._dm_ready, self._n_active, self.params.batch_size),
-            self._batches(new),
-            strict=True,
-        ):
-            probes = self._batch_probes(batch, self._fused)[0]
-            stop = start + int(batch.rows.shape[0])
-            self._dm_waves[start:stop] = self._exit_wave_spectra(batch, probes)
-        self._dm_ready = self._n_active
-
-    def _dm_fourier_factor(self, inten: Any, amps: Any) -> Any:
-        """Far-field scale (B, n, n) of the relaxed modulus projection of waves of ``inten``.
-
-        Frames whose amplitude mismatch ``sum (|R| - A)^2`` is within
-        ``dm_fourier_relax^2 sum A^2`` are left as they are; the others are moved
-        onto that ball around the measurement (ptypy's noise-tolerant
-        projection): ``|R| -> A + (|R| - A) sqrt(bound / mismatch)``.
-        """
-        xp, relax = self._xp, self.params.dm_fourier_relax
-        mag = xp.sqrt(xp.maximum(inten, 1e-24))
-        dev = mag - amps
-        if self._valid is not None:
-            dev *= self._valid
-        if relax > 0:
-            mis = xp.sum(dev * dev, axis=(-2, -1), keepdims=True)
-            bound = relax**2 * xp.sum(amps * amps, axis=(-2, -1), keepdims=True)
-            keep = xp.sqrt(xp.minimum(bound / xp.maximum(mis, 1e-30), 1.0))
-            dev *= 1.0 - keep  # the part of the deviation that is removed
-        return (mag - dev) / mag
-
-    def _dm_pass(self, update_probe: bool) -> Any:
-        """One difference-map iteration over all positions; returns the squared error.
-
-        Per position: phi = P O_j (the overlap projection of the stored waves,
-        held by the current O, P); psi <- psi + beta [P_F(2 phi - psi) - phi],
-        done in Fourier space where psi is stored. The new exit waves then
-        give the overlap update from the summed illumination: the object
-        first, then the probe from the new object (one alternating step).
-        The Fourier step is the relaxed projection of :meth:`_dm_fourier_factor`.
-        """
-        xp, p = self._xp, self.params
-        self._dm_prepare()
-        waves = self._dm_waves
-        assert waves is not None, "_dm_prepare makes the stored waves"
-        # One numerator per object mode (the fused path has one mode: its first).
-        onum = xp.zeros(self._objects.shape, dtype=xp.complex64)
-        oden = xp.zeros(self._shape, dtype=xp.float32)
-        # Fused: each position's error sums in a row of this, added up once for the pass.
-        sums = xp.zeros((self._n_active, 3), dtype=xp.float32) if self._fused else None
-        err = xp.zeros((), dtype=xp.float32) if sums is None else None
-        batches = self._batches(np.arange(self._n_active))
-        starts = range(0, self._n_active, p.batch_size)
-        for start, batch in zip(starts, batches, strict=True):
-            stop = start + int(batch.rows.shape[0])
-            probes, _ = self._batch_probes(batch, self._fused)
-            if sums is not None:
-                self._dm_fused_batch(
-                    batch, probes, waves[start:stop], onum[0], oden, sums[start:stop]
-                )
-                continue
-            objs = self._object_windows(batch)
-            amps = self._amps[start:stop]
-            phi, _, e = self._far_field(self._all_exit_waves(objs, probes), amps)
-            err = err + e
-            old = waves[start:stop]
-            refl = 2.0 * phi - old
-            ri = xp.sum(refl.real**2 + refl.imag**2, axis=1, dtype=xp.float32)
-            g = self._dm_fourier_factor(ri, amps)
-            refl *= g[:, None].astype(xp.float32)
-            refl -= phi
-            refl *= p.dm_beta
-            refl += old
-            waves[start:stop] = refl
-            psi = ifft2(refl, xp=xp, overwrite_x=True)
-            for num, part in zip(onum, self._object_mode_blocks(psi), strict=True):
-                self._scatter(batch, self._object_numerator(part, probes), num, whole=True)
-            self._scatter(batch, self._probe_intensity(probes), oden, whole=True)
-        if sums is not None:
-            err = xp.sum(sums[:, 2])
-        # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
-        d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
-        oden += d
-        self._objects *= d
-        self._objects += onum
-        self._objects /= oden
-        del onum, oden
-        if update_probe and self._fused:
-            pnum, pden = self._dm_fused_probe_sums(batches)
-        elif update_probe:
-            # The probe from the same waves and the NEW object (one alternating step of the
-            # overlap projection; updating both from the old pair oscillates).
-            pnum = xp.zeros_like(self._probes)
-            pden = xp.zeros((self._n, self._n), dtype=xp.float32)
-            for start, batch in zip(starts, batches, strict=True):
-                stop = start + int(batch.rows.shape[0])
-                ramp = self._batch_ramp(batch) if self._subpixel else None
-                psi = self._object_mode_blocks(ifft2(waves[start:stop], xp=xp))
-                for obj, part in zip(self._object_windows(batch), psi, strict=True):
-                    pnum += self._probe_numerator(obj, part, ramp)
-                    ointen = obj.real**2 + obj.imag**2
-                    if ramp is None:
-                        pden += xp.sum(ointen, axis=0)
-                    else:  # DM's probe is a projection, not a step: its weights shift too
-                        pden += unshift_sum(ointen[:, None], ramp, xp)[0].real
-        if update_probe:
-            d = p.probe_reg * xp.max(pden) + 1e-30
-            self._probes = ((pnum + d * self._probes) / (pden + d)).astype(xp.complex64)
-        return err
-
-    def _dm_fused_batch(
-        self, batch: _Batch, probes: Any, waves: Any, onum: Any, oden: Any, sums: Any
-    ) -> None:
-        """DM's Fourier step and overlap sums for ``batch`` in fused kernels; ``waves``: the
-        batch's stored exit waves (updated in place); ``sums``: the batch's rows of the
-        pass's error sums (``dm_fourier_step``)."""
-        p = self.params
-        phi = self._exit_wave_spectra(batch, probes)
-        dm_fourier_step(
-            phi,
-            waves,
-            self._amps,
-            batch.rows,
-            self._valid_f32,
-            p.dm_fourier_relax,
-            p.dm_beta,
-            self._n**-2,
-            sums,
-        )
-        psi = self._ifft_unscaled(phi)
-        window_sums(psi, probes, self._object, batch.corners, num=onum, den=oden, box=batch.box)
-
-    def _dm_fused_probe_sums(self, batches: list[_Batch]) -> tuple[Any, Any]:
-        """DM's probe numerator (K, n, n) and weights (n, n) from the stored waves and the
-        current object, in fused kernels. With sub-pixel shifts the terms ``conj(O) psi_k``
-        and ``|O|^2`` are shifted back together and summed in Fourier space over all
-        batches, with one inverse FFT at the end."""
-        xp, n, k = self._xp, self._n, self._probes.shape[0]
-        waves = self._dm_waves
-        assert waves is not None, "_dm_prepare makes the stored waves"
-        pnum = xp.zeros_like(self._probes)
-        pden = xp.zeros((n, n), dtype=xp.float32)
-        spectra = xp.zeros((k + 1, n, n), dtype=xp.complex64) if self._subpixel else None
-        start = 0
-        for batch in batches:
-            stop = start + int(batch.rows.shape[0])
-            if self._lines:  # the scaled copy is the first pass's read
-                psi = fft_lines.scaled_ifft2_unscaled(waves[start:stop], n**-2)
-            else:
-                psi = self._ifft_unscaled(scaled_copy(waves[start:stop], n**-2))
-            start = stop
-            if spectra is None:
-                window_sums(
-                    psi,
-                    self._probes,
-                    self._object,
-                    batch.corners,
-                    terms_channels=k,
-                    power=pden,
-                    terms_sum=pnum,
-                )
-                continue
-            terms = window_sums(
-                psi, self._probes, self._object, batch.corners, terms_channels=k + 1
-            )
-            self._unshift_sum(terms, batch.table, out=spectra)
-        if spectra is not None:
-            both = self._ifft_unscaled(spectra)
-            pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
-        return pnum, pden
-
     # ------------------------------------------------------------------ driver
     def iterate(self, n: int = 1) -> float:
         """Run ``n`` passes over all active positions; return the latest error.
@@ -1388,14 +899,14 @@ class StreamingSolver:
             update_probe = self._iteration >= p.probe_update_start
             refine = p.position_refinement and self._iteration >= p.position_refinement_start
             if algorithm == "dm":
-                err = self._dm_pass(update_probe)
+                err = self._dm.run_pass(self, update_probe)
             else:
                 self._dm_ready = 0  # stored DM waves go stale once another algorithm runs
-                step = self._epie_batch if algorithm == "epie" else self._lsqml_batch
+                step = self._epie.batch if algorithm == "epie" else self._lsqml.batch
                 err = xp.zeros((), dtype=xp.float32)
                 order = self._rng.permutation(self._n_active)
                 for batch in self._batches(order):
-                    step(batch, update_probe, refine, err)
+                    step(self, batch, update_probe, refine, err)
                 if refine:
                     self._apply_shifts()
             self._end_pass(algorithm, update_probe)

@@ -1,0 +1,121 @@
+"""ePIE: mini-batch parallel rPIE, the solver's default algorithm.
+
+A random batch of positions is updated in parallel (one batched FFT pair), the
+object and probe corrections normalised by the batch's *summed* illumination,
+so overlapping positions in one batch never overshoot. Three ways to run one
+batch, side by side: the reference xp expressions (NumPy, and CuPy with
+``fused=False``), the same with several object modes, and the fused CUDA
+kernels (:mod:`hxn_liveptycho.recon._fused`); :meth:`Epie.batch` picks one.
+The solver holds the state; the steps read and update it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hxn_liveptycho.recon._batch import (
+    Batch,
+    regularised,
+)
+from hxn_liveptycho.recon._fused import (
+    regularised_step,
+)
+
+if TYPE_CHECKING:
+    from hxn_liveptycho.recon.iterative import StreamingSolver
+
+
+class Epie:
+    """One ePIE batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state."""
+
+    def batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """One parallel rPIE step on the positions of ``batch``; adds their squared error
+        into ``err`` (0-d, in place)."""
+        xp, p = s._xp, s.params
+        if s._objects.shape[0] > 1:
+            self._object_modes_batch(s, batch, update_probe, refine, err)
+            return
+        fused = s._fused and not refine  # refinement needs the object numerator itself
+        probes, ramp = s._batch_probes(batch, fused)
+        if fused:
+            self._fused_batch(s, batch, probes, ramp, update_probe, err)
+            return
+        obj = s._gather(batch)
+        psi = s._exit_waves(obj, probes)
+        dpsi, e = s._fourier_residual(psi, s._amps[batch.rows])
+        err += e
+        # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
+        num = s._box_zeros(batch, xp.complex64)
+        den = s._box_zeros(batch, xp.float32)
+        if update_probe:
+            # Probe sums first: they need the object before this batch changes it.
+            onum = s._probe_numerator(obj, dpsi, ramp)
+            oden = s._object_power(obj)
+        obj_num = s._object_numerator(dpsi, probes)
+        del dpsi
+        illum = s._probe_intensity(probes)
+        s._estimate_shifts(batch, obj, obj_num, illum, refine)
+        s._scatter(batch, obj_num, num)
+        s._scatter(batch, illum, den)
+        num /= regularised(den, p.object_reg, xp)
+        num *= p.alpha
+        s._object[batch.box_slices] += num
+        if update_probe:
+            onum /= regularised(oden, p.probe_reg, xp)
+            onum *= p.beta
+            s._probes += onum
+
+    def _object_modes_batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """:meth:`batch` with several object modes: each pair of object mode m and
+        probe mode k makes an exit wave ``P_k O_m``, all of them share the modulus
+        constraint; object mode m moves by its own waves' corrections over ``sum_k |P_k|^2``,
+        the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
+        mode."""
+        xp, p = s._xp, s.params
+        probes, ramp = s._batch_probes(batch, False)
+        objs = s._object_windows(batch)
+        dpsi, e = s._fourier_residual(s._all_exit_waves(objs, probes), s._amps[batch.rows])
+        err += e
+        parts = s._object_mode_blocks(dpsi)
+        if update_probe:  # probe sums first: they need the objects before this batch
+            onum, oden = s._probe_sums_over_modes(objs, parts, ramp)
+        illum = s._probe_intensity(probes)
+        den = s._box_zeros(batch, xp.float32)
+        s._scatter(batch, illum, den)
+        step = p.alpha / regularised(den, p.object_reg, xp)
+        for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
+            obj_num = s._object_numerator(d, probes)
+            if m == 0:
+                s._estimate_shifts(batch, o, obj_num, illum, refine)
+            num = s._box_zeros(batch, xp.complex64)
+            s._scatter(batch, obj_num, num)
+            num *= step
+            s._objects[m][batch.box_slices] += num
+        if update_probe:
+            onum /= regularised(oden, p.probe_reg, xp)
+            onum *= p.beta
+            s._probes += onum
+
+    def _fused_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        table: Any | None,
+        update_probe: bool,
+        err: Any,
+    ) -> None:
+        """:meth:`batch` in fused kernels: four passes over the batch plus the FFTs."""
+        p = s.params
+        floor = max(p.modulus_floor, 1e-24)
+        dpsi, acc = s._fused_sums(batch, probes, update_probe, floor, err)
+        del dpsi  # only its sums are needed: free it before the updates
+        obj = s._object[batch.box_slices]
+        regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
+        if update_probe:
+            onum = s._probe_update_terms(acc, table)
+            regularised_step(s._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)

@@ -1,0 +1,208 @@
+"""LSQ-ML (Odstrčil et al. 2018): mini-batch, Gaussian or Poisson noise model, and
+per-position least-squares step lengths for object and probe.
+
+As for ePIE, one batch runs as the reference xp expressions, with several object
+modes, or as fused CUDA kernels (Gaussian noise; :mod:`hxn_liveptycho.recon._fused`
+and :mod:`~hxn_liveptycho.recon._fused_sums`); the step-length algebra is in
+:mod:`hxn_liveptycho.recon._lsqml`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hxn_liveptycho.recon._batch import (
+    LSQ_STEP_REG,
+    Batch,
+    regularised,
+)
+from hxn_liveptycho.recon._fused import (
+    add_scaled,
+    add_window_ratio,
+    divide_regularised,
+)
+from hxn_liveptycho.recon._fused_sums import (
+    lsqml_step_sums,
+    lsqml_steps,
+)
+from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
+from hxn_liveptycho.recon.backend import (
+    fft2,
+    ifft2,
+)
+
+if TYPE_CHECKING:
+    from hxn_liveptycho.recon.iterative import StreamingSolver
+
+
+class LsqMl:
+    """One LSQ-ML batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state."""
+
+    def batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """One LSQ-ML step (Odstrčil 2018) on ``batch``; adds its positions' squared error
+        into ``err`` (0-d, in place).
+
+        chi = the exit-wave update the noise model asks for; directions
+        dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
+        (alpha_O,j, alpha_P,j) from the least-squares fit of chi_j by
+        alpha_O,j P dO_j + alpha_P,j dP O_j. The object gets each position's
+        contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
+        """
+        xp, p = s._xp, s.params
+        if s._objects.shape[0] > 1:
+            self._object_modes_batch(s, batch, update_probe, refine, err)
+            return
+        # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
+        # object numerator itself.
+        fused = s._fused and p.noise == "gaussian" and not refine
+        probes, ramp = s._batch_probes(batch, fused)
+        if fused:
+            self._fused_batch(s, batch, probes, ramp, update_probe, err)
+            return
+        obj = s._gather(batch)
+        chi = self._chi(s, s._exit_waves(obj, probes), s._amps[batch.rows], err)
+        # Object direction over the batch footprint, and its windows.
+        pnum = s._object_numerator(chi, probes)
+        illum = s._probe_intensity(probes)
+        s._estimate_shifts(batch, obj, pnum, illum, refine)
+        num = s._box_zeros(batch, xp.complex64)
+        den = s._box_zeros(batch, xp.float32)
+        s._scatter(batch, pnum, num)
+        s._scatter(batch, illum, den)
+        regularised(den, p.object_reg, xp)
+        d_obj = s._gather(batch, num) / s._gather(batch, den)
+        u = s._exit_waves(d_obj, probes)
+        if update_probe:
+            oden = regularised(s._object_power(obj), p.probe_reg, xp)
+            d_probe = s._probe_numerator(obj, chi, ramp) / oden
+            if ramp is None:
+                v = obj[:, None] * d_probe[None]
+            else:  # the probe step as each position sees it: shifted by its fraction
+                v = obj[:, None] * s._shift_modes(fft2(d_probe, xp=xp), ramp, False)
+        else:
+            v = None
+        alpha_o, alpha_p = optimal_steps(u, v, chi, LSQ_STEP_REG, xp)
+        del u, v, chi
+        num[...] = 0
+        pnum *= (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
+        s._scatter(batch, pnum, num)
+        num /= den
+        s._object[batch.box_slices] += num
+        if update_probe:
+            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            s._probes += d_probe
+
+    def _chi(self, s: StreamingSolver, psi: Any, amps: Any, err: Any) -> Any:
+        """The exit-wave update ``chi`` (B, C, n, n) the noise model asks of the waves
+        ``psi`` (consumed); their squared error is added into ``err`` (0-d, in place)."""
+        xp, p = s._xp, s.params
+        f, inten, e = s._far_field(psi, amps)
+        err += e
+        g = far_field_factor(inten, amps, s._valid, p.noise, xp, p.poisson_floor, p.modulus_floor)
+        f *= g[:, None]
+        del inten
+        return ifft2(f, xp=xp, overwrite_x=True)
+
+    def _object_modes_batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """:meth:`batch` with several object modes: each pair of object mode m and
+        probe mode k makes an exit wave ``P_k O_m``; object mode m's direction is its own
+        waves' ``sum_k P_k* chi_mk`` over the illumination, the probe's all of them over
+        ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
+        Refinement follows the first mode."""
+        xp, p = s._xp, s.params
+        probes, ramp = s._batch_probes(batch, False)
+        objs = s._object_windows(batch)
+        chi = self._chi(s, s._all_exit_waves(objs, probes), s._amps[batch.rows], err)
+        parts = s._object_mode_blocks(chi)
+        illum = s._probe_intensity(probes)
+        den = s._box_zeros(batch, xp.float32)
+        s._scatter(batch, illum, den)
+        regularised(den, p.object_reg, xp)
+        windows_den = s._gather(batch, den)
+        pnums, u = [], []
+        for m, part in enumerate(parts):
+            pnum = s._object_numerator(part, probes)
+            if m == 0:
+                s._estimate_shifts(batch, objs[0], pnum, illum, refine)
+            num = s._box_zeros(batch, xp.complex64)
+            s._scatter(batch, pnum, num)
+            u.append(s._exit_waves(s._gather(batch, num) / windows_den, probes))
+            pnums.append(pnum)
+        v = d_probe = None
+        if update_probe:
+            d_probe, oden = s._probe_sums_over_modes(objs, parts, ramp)
+            d_probe /= regularised(oden, p.probe_reg, xp)
+            # The probe step as each position sees it: shifted by its fraction.
+            seen = (
+                d_probe[None] if ramp is None else s._shift_modes(fft2(d_probe, xp=xp), ramp, False)
+            )
+            v = xp.concatenate([o[:, None] * seen for o in objs], axis=1)
+        alpha_o, alpha_p = optimal_steps(xp.concatenate(u, axis=1), v, chi, LSQ_STEP_REG, xp)
+        del u, v, chi, parts
+        weights = (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
+        for m, pnum in enumerate(pnums):
+            num = s._box_zeros(batch, xp.complex64)
+            pnum *= weights
+            s._scatter(batch, pnum, num)
+            num /= den
+            s._objects[m][batch.box_slices] += num
+        if update_probe:
+            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            s._probes += d_probe
+
+    def _fused_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        table: Any | None,
+        update_probe: bool,
+        err: Any,
+    ) -> None:
+        """:meth:`batch` (Gaussian noise) in fused kernels: the directions' sums, the
+        step-length sums and the weighted object sums are one pass each over the batch."""
+        p = s.params
+        floor = max(p.modulus_floor, 1e-12)
+        chi, acc = s._fused_sums(batch, probes, update_probe, floor, err)
+        # den is regularised where it is read (the step sums and the object update).
+        num, den, den_max, reg = acc.num, acc.den, acc.den_max, p.object_reg
+        d_probe = seen = None
+        if update_probe:
+            d_probe = s._probe_update_terms(acc, table)
+            divide_regularised(d_probe, acc.oden, p.probe_reg, acc.oden_max)
+            del acc  # the per-position probe terms: free them before the step sums
+            # The probe step as each position sees it: shifted by its fraction.
+            seen = d_probe if table is None else s._shift_modes(s._fft(d_probe.copy()), table, True)
+        sums = lsqml_step_sums(
+            chi,
+            probes,
+            seen,
+            s._object,
+            num,
+            den,
+            batch.corners,
+            batch.origin,
+            reg,
+            den_max,
+            box=batch.box,
+        )
+        del seen
+        weights, probe_scale = lsqml_steps(sums, LSQ_STEP_REG, p.alpha, p.beta, update_probe)
+        add_window_ratio(
+            s._object,
+            chi,
+            probes,
+            batch.corners,
+            den,
+            box=batch.box,
+            weights=weights,
+            reg=reg,
+            den_max=den_max,
+        )
+        del chi
+        if d_probe is not None:
+            add_scaled(s._probes, d_probe, probe_scale)
