@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxn_liveptycho.recon import _fft_lines as fft_lines
+from hxn_liveptycho.recon import forward
 from hxn_liveptycho.recon._batch import (
     Batch,
     grow,
@@ -54,9 +55,9 @@ class DifferenceMap:
             s._batches(new),
             strict=True,
         ):
-            probes = s._batch_probes(batch, s._fused)[0]
+            probes = forward.batch_probes(s, batch, s._fused)[0]
             stop = start + int(batch.rows.shape[0])
-            s._dm_waves[start:stop] = s._exit_wave_spectra(batch, probes)
+            s._dm_waves[start:stop] = forward.exit_wave_spectra(s, batch, probes)
         s._dm_ready = s._n_active
 
     def _fourier_factor(self, s: StreamingSolver, inten: Any, amps: Any) -> Any:
@@ -103,15 +104,15 @@ class DifferenceMap:
         starts = range(0, s._n_active, p.batch_size)
         for start, batch in zip(starts, batches, strict=True):
             stop = start + int(batch.rows.shape[0])
-            probes, _ = s._batch_probes(batch, s._fused)
+            probes, _ = forward.batch_probes(s, batch, s._fused)
             if sums is not None:
                 self._fused_batch(
                     s, batch, probes, waves[start:stop], onum[0], oden, sums[start:stop]
                 )
                 continue
-            objs = s._object_windows(batch)
+            objs = forward.object_windows(s, batch)
             amps = s._amps[start:stop]
-            phi, _, e = s._far_field(s._all_exit_waves(objs, probes), amps)
+            phi, _, e = forward.far_field(s, forward.all_exit_waves(s, objs, probes), amps)
             err = err + e
             old = waves[start:stop]
             refl = 2.0 * phi - old
@@ -123,9 +124,11 @@ class DifferenceMap:
             refl += old
             waves[start:stop] = refl
             psi = ifft2(refl, xp=xp, overwrite_x=True)
-            for num, part in zip(onum, s._object_mode_blocks(psi), strict=True):
-                s._scatter(batch, s._object_numerator(part, probes), num, whole=True)
-            s._scatter(batch, s._probe_intensity(probes), oden, whole=True)
+            for num, part in zip(onum, forward.object_mode_blocks(s, psi), strict=True):
+                forward.scatter(
+                    s, batch, forward.object_numerator(s, part, probes), num, whole=True
+                )
+            forward.scatter(s, batch, forward.probe_intensity(s, probes), oden, whole=True)
         if sums is not None:
             err = xp.sum(sums[:, 2])
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
@@ -144,10 +147,10 @@ class DifferenceMap:
             pden = xp.zeros((s._n, s._n), dtype=xp.float32)
             for start, batch in zip(starts, batches, strict=True):
                 stop = start + int(batch.rows.shape[0])
-                ramp = s._batch_ramp(batch) if s._subpixel else None
-                psi = s._object_mode_blocks(ifft2(waves[start:stop], xp=xp))
-                for obj, part in zip(s._object_windows(batch), psi, strict=True):
-                    pnum += s._probe_numerator(obj, part, ramp)
+                ramp = forward.batch_ramp(s, batch) if s._subpixel else None
+                psi = forward.object_mode_blocks(s, ifft2(waves[start:stop], xp=xp))
+                for obj, part in zip(forward.object_windows(s, batch), psi, strict=True):
+                    pnum += forward.probe_numerator(s, obj, part, ramp)
                     ointen = obj.real**2 + obj.imag**2
                     if ramp is None:
                         pden += xp.sum(ointen, axis=0)
@@ -172,7 +175,7 @@ class DifferenceMap:
         batch's stored exit waves (updated in place); ``sums``: the batch's rows of the
         pass's error sums (``dm_fourier_step``)."""
         p = s.params
-        phi = s._exit_wave_spectra(batch, probes)
+        phi = forward.exit_wave_spectra(s, batch, probes)
         dm_fourier_step(
             phi,
             waves,
@@ -184,7 +187,7 @@ class DifferenceMap:
             s._n**-2,
             sums,
         )
-        psi = s._ifft_unscaled(phi)
+        psi = forward.ifft_unscaled(s, phi)
         window_sums(psi, probes, s._object, batch.corners, num=onum, den=oden, box=batch.box)
 
     def _fused_probe_sums(self, s: StreamingSolver, batches: list[Batch]) -> tuple[Any, Any]:
@@ -204,7 +207,7 @@ class DifferenceMap:
             if s._lines:  # the scaled copy is the first pass's read
                 psi = fft_lines.scaled_ifft2_unscaled(waves[start:stop], n**-2)
             else:
-                psi = s._ifft_unscaled(scaled_copy(waves[start:stop], n**-2))
+                psi = forward.ifft_unscaled(s, scaled_copy(waves[start:stop], n**-2))
             start = stop
             if spectra is None:
                 window_sums(
@@ -218,8 +221,8 @@ class DifferenceMap:
                 )
                 continue
             terms = window_sums(psi, s._probes, s._object, batch.corners, terms_channels=k + 1)
-            s._unshift_sum(terms, batch.table, out=spectra)
+            forward.unshifted_sum(s, terms, batch.table, out=spectra)
         if spectra is not None:
-            both = s._ifft_unscaled(spectra)
+            both = forward.ifft_unscaled(s, spectra)
             pnum, pden = both[:k], xp.ascontiguousarray(both[k].real)
         return pnum, pden

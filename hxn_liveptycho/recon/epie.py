@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hxn_liveptycho.recon import forward
 from hxn_liveptycho.recon._batch import (
     Batch,
     regularised,
@@ -38,27 +39,27 @@ class Epie:
             self._object_modes_batch(s, batch, update_probe, refine, err)
             return
         fused = s._fused and not refine  # refinement needs the object numerator itself
-        probes, ramp = s._batch_probes(batch, fused)
+        probes, ramp = forward.batch_probes(s, batch, fused)
         if fused:
             self._fused_batch(s, batch, probes, ramp, update_probe, err)
             return
-        obj = s._gather(batch)
-        psi = s._exit_waves(obj, probes)
-        dpsi, e = s._fourier_residual(psi, s._amps[batch.rows])
+        obj = forward.gather(s, batch)
+        psi = forward.batch_exit_waves(s, obj, probes)
+        dpsi, e = forward.fourier_residual(s, psi, s._amps[batch.rows])
         err += e
         # Object: sum_jk P_k* dpsi_jk / ((1-r) sum_jk |P_k|^2 + r max), over the batch's box.
-        num = s._box_zeros(batch, xp.complex64)
-        den = s._box_zeros(batch, xp.float32)
+        num = forward.box_zeros(s, batch, xp.complex64)
+        den = forward.box_zeros(s, batch, xp.float32)
         if update_probe:
             # Probe sums first: they need the object before this batch changes it.
-            onum = s._probe_numerator(obj, dpsi, ramp)
-            oden = s._object_power(obj)
-        obj_num = s._object_numerator(dpsi, probes)
+            onum = forward.probe_numerator(s, obj, dpsi, ramp)
+            oden = forward.object_power(s, obj)
+        obj_num = forward.object_numerator(s, dpsi, probes)
         del dpsi
-        illum = s._probe_intensity(probes)
+        illum = forward.probe_intensity(s, probes)
         s._estimate_shifts(batch, obj, obj_num, illum, refine)
-        s._scatter(batch, obj_num, num)
-        s._scatter(batch, illum, den)
+        forward.scatter(s, batch, obj_num, num)
+        forward.scatter(s, batch, illum, den)
         num /= regularised(den, p.object_reg, xp)
         num *= p.alpha
         s._object[batch.box_slices] += num
@@ -76,23 +77,25 @@ class Epie:
         the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
         mode."""
         xp, p = s._xp, s.params
-        probes, ramp = s._batch_probes(batch, False)
-        objs = s._object_windows(batch)
-        dpsi, e = s._fourier_residual(s._all_exit_waves(objs, probes), s._amps[batch.rows])
+        probes, ramp = forward.batch_probes(s, batch, False)
+        objs = forward.object_windows(s, batch)
+        dpsi, e = forward.fourier_residual(
+            s, forward.all_exit_waves(s, objs, probes), s._amps[batch.rows]
+        )
         err += e
-        parts = s._object_mode_blocks(dpsi)
+        parts = forward.object_mode_blocks(s, dpsi)
         if update_probe:  # probe sums first: they need the objects before this batch
-            onum, oden = s._probe_sums_over_modes(objs, parts, ramp)
-        illum = s._probe_intensity(probes)
-        den = s._box_zeros(batch, xp.float32)
-        s._scatter(batch, illum, den)
+            onum, oden = forward.probe_sums_over_modes(s, objs, parts, ramp)
+        illum = forward.probe_intensity(s, probes)
+        den = forward.box_zeros(s, batch, xp.float32)
+        forward.scatter(s, batch, illum, den)
         step = p.alpha / regularised(den, p.object_reg, xp)
         for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
-            obj_num = s._object_numerator(d, probes)
+            obj_num = forward.object_numerator(s, d, probes)
             if m == 0:
                 s._estimate_shifts(batch, o, obj_num, illum, refine)
-            num = s._box_zeros(batch, xp.complex64)
-            s._scatter(batch, obj_num, num)
+            num = forward.box_zeros(s, batch, xp.complex64)
+            forward.scatter(s, batch, obj_num, num)
             num *= step
             s._objects[m][batch.box_slices] += num
         if update_probe:
@@ -112,10 +115,10 @@ class Epie:
         """:meth:`batch` in fused kernels: four passes over the batch plus the FFTs."""
         p = s.params
         floor = max(p.modulus_floor, 1e-24)
-        dpsi, acc = s._fused_sums(batch, probes, update_probe, floor, err)
+        dpsi, acc = forward.fused_sums(s, batch, probes, update_probe, floor, err)
         del dpsi  # only its sums are needed: free it before the updates
         obj = s._object[batch.box_slices]
         regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
         if update_probe:
-            onum = s._probe_update_terms(acc, table)
+            onum = forward.probe_update_terms(s, acc, table)
             regularised_step(s._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)

@@ -44,44 +44,27 @@ import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import _fft_lines as fft_lines
-from hxn_liveptycho.recon import memory
+from hxn_liveptycho.recon import forward, memory
 from hxn_liveptycho.recon._batch import (
     WHOLE_PIXEL_TOL,
     Batch,
-    Sums,
     grow,
 )
 from hxn_liveptycho.recon._fused import (
-    SLOT_FLOATS,
-    exit_waves,
-    max_slots,
     mix_modes,
     mode_unitary,
     momentum_step,
     pass_tail,
     ramp_table,
-    shift_spectra,
-    unshift_sum_spectra,
-    window_sums,
-)
-from hxn_liveptycho.recon._fused_sums import (
-    modulus_residual,
 )
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._momentum import Momentum
 from hxn_liveptycho.recon._positions import (
     constrain_drift,
-    fraction_ramps,
     shift_gradient,
-    shifted_probes,
-    unshift_sum,
 )
-from hxn_liveptycho.recon._windows import gather_windows, scatter_add_windows
 from hxn_liveptycho.recon.backend import (
     array_namespace,
-    fft2,
-    ifft2,
-    ifft2_unscaled,
     is_cupy,
     to_host,
 )
@@ -488,192 +471,6 @@ class StreamingSolver:
             )
         return batches
 
-    def _gather(self, batch: Batch, canvas: Any | None = None) -> Any:
-        """Windows (B, n, n) of the object, or of a ``canvas`` covering the batch's box."""
-        if canvas is None:
-            return gather_windows(self._object, batch.corners, self._n, self._xp)
-        return gather_windows(canvas, batch.corners, self._n, self._xp, batch.origin)
-
-    def _scatter(self, batch: Batch, values: Any, canvas: Any, *, whole: bool = False) -> None:
-        """Add windows ``values`` ((B, n, n), or one (n, n) for all) onto ``canvas`` in
-        place: an array covering the batch's box, or (``whole``) the whole canvas."""
-        origin = (0, 0) if whole else batch.origin
-        scatter_add_windows(canvas, batch.corners, values, self._xp, origin)
-
-    def _box_zeros(self, batch: Batch, dtype: Any) -> Any:
-        return self._xp.zeros(batch.box_shape, dtype=dtype)
-
-    def _batch_probes(self, batch: Batch, fused: bool) -> tuple[Any, Any | None]:
-        """``(probes, shift)`` for the positions of ``batch``: the modes shifted by each
-        position's sub-pixel fraction (B, K, n, n) and the shift that did it (the ramps
-        (B, n, n); with ``fused``, the separable ramp table (B, 2, n) of the fused
-        kernels); on whole-pixel data the shared modes (K, n, n) and None."""
-        if not self._subpixel:
-            return self._probes, None
-        xp = self._xp
-        shift = batch.table if fused else self._batch_ramp(batch)
-        spectra = self._fft(self._probes.copy()) if fused else fft2(self._probes, xp=xp)
-        return self._shift_modes(spectra, shift, fused), shift
-
-    def _shift_modes(self, modes_ft: Any, shift: Any, fused: bool) -> Any:
-        """Modes given by their spectra (K, n, n), shifted per position: (B, K, n, n)."""
-        if fused and self._lines:
-            return fft_lines.shifted_modes(modes_ft, shift, 1.0 / self._n**2)
-        if fused:
-            spectra = shift_spectra(modes_ft, shift, 1.0 / self._n**2)
-            return self._ifft_unscaled(spectra)
-        return shifted_probes(modes_ft, shift, self._xp)
-
-    def _fft(self, x: Any) -> Any:
-        """Fused path: unnormalised forward FFT of ``x`` (consumed)."""
-        return fft_lines.fft2(x) if self._lines else fft2(x, xp=self._xp, overwrite_x=True)
-
-    def _ifft_unscaled(self, x: Any) -> Any:
-        """Fused path: ``n² ifft2`` of ``x`` (consumed)."""
-        if self._lines:
-            return fft_lines.ifft2_unscaled(x)
-        return ifft2_unscaled(x, xp=self._xp, overwrite_x=True)
-
-    def _probe_update_terms(self, sums: Sums, table: Any | None) -> Any:
-        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of the batch's probe terms;
-        on whole-pixel data ``window_sums`` already summed them."""
-        if table is None:
-            return sums.terms_sum
-        return self._probe_from_terms(sums.terms, table)
-
-    def _probe_from_terms(self, terms: Any, table: Any) -> Any:
-        """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
-        (B, C, n, n) (``window_sums``)."""
-        return self._ifft_unscaled(self._unshift_sum(terms, table))
-
-    def _unshift_sum(self, terms: Any, table: Any, out: Any | None = None) -> Any:
-        """Fused path: ``sum_j fft2(terms_j) conj(ramp_j) / n²`` (C, n, n), added into
-        ``out`` when given; ``terms`` (B, C, n, n) is consumed."""
-        if self._lines:
-            return fft_lines.unshift_sum(terms, table, self._n**-2, out=out)
-        spectra = unshift_sum_spectra(self._fft(terms), table, self._n**-2)
-        if out is None:
-            return spectra
-        out += spectra
-        return out
-
-    def _batch_fractions(self, batch: Batch) -> Any:
-        """Sub-pixel parts (B, 2) of ``batch``'s positions: what the probe is shifted by."""
-        pos = self._pos[batch.rows]
-        return pos - self._xp.floor(pos)
-
-    def _batch_ramp(self, batch: Batch) -> Any:
-        """Phase ramps (B, n, n) shifting the probe by the fractions of ``batch``'s positions."""
-        return fraction_ramps(self._batch_fractions(batch), self._n, self._xp)
-
-    @staticmethod
-    def _mode(probes: Any, k: int) -> Any:
-        """Mode ``k`` of shared (K, n, n) or per-position (B, K, n, n) probes."""
-        return probes[:, k] if probes.ndim == 4 else probes[k]
-
-    def _exit_wave_spectra(self, batch: Batch, probes: Any) -> Any:
-        """Far fields (B, K, n, n), unnormalised, of ``batch``'s exit waves (DM's start):
-        fused, read from the canvas; otherwise from the gathered windows."""
-        if self._lines:
-            return fft_lines.exit_wave_spectra(self._object, batch.corners, probes)
-        if self._fused:
-            psi = exit_waves(self._object, batch.corners, probes)
-        else:
-            psi = self._all_exit_waves(self._object_windows(batch), probes)
-        return fft2(psi, xp=self._xp, overwrite_x=True)
-
-    def _object_windows(self, batch: Batch) -> list[Any]:
-        """Windows (B, n, n) of every object mode at ``batch``'s positions."""
-        return [gather_windows(o, batch.corners, self._n, self._xp) for o in self._objects]
-
-    def _all_exit_waves(self, objs: list[Any], probes: Any) -> Any:
-        """Exit waves (B, M K, n, n) of every object mode's windows ``objs`` with every probe
-        mode, object mode by object mode (mode m's waves at ``[:, m K : (m + 1) K]``)."""
-        if len(objs) == 1:
-            return self._exit_waves(objs[0], probes)
-        return self._xp.concatenate([self._exit_waves(o, probes) for o in objs], axis=1)
-
-    def _object_mode_blocks(self, waves: Any) -> list[Any]:
-        """Views (B, K, n, n) of waves (B, M K, n, n) laid out as :meth:`_all_exit_waves`
-        lays them out: object mode m's waves with every probe mode."""
-        k = waves.shape[1] // self._objects.shape[0]
-        return [waves[:, m * k : (m + 1) * k] for m in range(self._objects.shape[0])]
-
-    def _probe_sums_over_modes(
-        self, objs: list[Any], parts: list[Any], shift: Any | None
-    ) -> tuple[Any, Any]:
-        """``(sum_m probe numerator of (O_m, parts_m), sum_m sum_j |O_mj|^2)``: the probe's
-        gradient and weights over every object mode's windows ``objs`` and waves."""
-        num = self._probe_numerator(objs[0], parts[0], shift)
-        den = self._object_power(objs[0])
-        for obj, part in zip(objs[1:], parts[1:], strict=True):
-            num += self._probe_numerator(obj, part, shift)
-            den += self._object_power(obj)
-        return num, den
-
-    def _exit_waves(self, obj: Any, probes: Any) -> Any:
-        """Exit waves (B, K, n, n) of object windows ``obj`` (B, n, n) and the probe modes
-        ``probes`` ((K, n, n) shared or (B, K, n, n) per position)."""
-        return obj[:, None] * (probes if probes.ndim == 4 else probes[None])
-
-    def _far_field(self, psi: Any, amps: Any) -> tuple[Any, Any, Any]:
-        """``(Psi, I, err)``: far fields (B, K, n, n) of ``psi`` (consumed), model intensity
-        ``sum_k |Psi_k|^2`` (B, n, n) and the squared amplitude error against ``amps``."""
-        xp = self._xp
-        f = fft2(psi, xp=xp, overwrite_x=True)
-        inten = xp.sum(f.real**2 + f.imag**2, axis=1, dtype=xp.float32)
-        diff = xp.sqrt(inten) - amps
-        if self._valid is not None:
-            diff *= self._valid
-        err = xp.vdot(diff.ravel(), diff.ravel())
-        return f, inten, err
-
-    def _fourier_residual(self, psi: Any, amps: Any) -> tuple[Any, Any]:
-        """Exit-wave correction ``P_F(psi) - psi`` (B, K, n, n) and the squared error of ``psi``.
-
-        ``P_F`` scales every mode's far field by ``A / sqrt(sum_k |Psi_k|^2)``
-        (the mixed-state modulus constraint; the sum floored at ``modulus_floor``). Computed as
-        ``ifft2(Psi * (A/|Psi| - 1))``, so ``psi`` (consumed: its memory is
-        reused) need not be kept.
-        """
-        xp = self._xp
-        f, inten, err = self._far_field(psi, amps)
-        xp.maximum(inten, max(self.params.modulus_floor, 1e-24), out=inten)
-        xp.sqrt(inten, out=inten)
-        xp.divide(amps, inten, out=inten)
-        inten -= 1.0
-        if self._valid is not None:
-            inten *= self._valid
-        f *= inten[:, None]
-        return ifft2(f, xp=xp, overwrite_x=True), err
-
-    def _probe_intensity(self, probes: Any | None = None) -> Any:
-        """``sum_k |P_k|^2``: (n, n) float32 for shared modes, (B, n, n) for per-position ones."""
-        p = self._probes if probes is None else probes
-        return (p.real**2 + p.imag**2).sum(axis=-3).astype(self._xp.float32)
-
-    def _object_numerator(self, dpsi: Any, probes: Any) -> Any:
-        """``sum_k conj(P_k) dpsi_k`` (B, n, n) for exit-wave changes ``dpsi`` (B, K, n, n)."""
-        xp = self._xp
-        out = xp.conj(self._mode(probes, 0)) * dpsi[:, 0]
-        for k in range(1, dpsi.shape[1]):
-            out += xp.conj(self._mode(probes, k)) * dpsi[:, k]
-        return out
-
-    def _probe_numerator(self, obj: Any, dpsi: Any, shift: Any | None) -> Any:
-        """``sum_j shift_{-f_j}(conj(O_j) dpsi_jk)`` (K, n, n): the probe gradient, each
-        position's part shifted back by its fraction (none on whole-pixel data). ``shift``:
-        ramps (B, n, n) or None."""
-        xp = self._xp
-        oc = xp.conj(obj)
-        if shift is not None:
-            return unshift_sum(oc[:, None] * dpsi, shift, xp)
-        return xp.stack([xp.sum(oc * dpsi[:, k], axis=0) for k in range(dpsi.shape[1])])
-
-    def _object_power(self, obj: Any) -> Any:
-        """``sum_j |O_j|^2`` (n, n) float32 over the batch's windows."""
-        return self._xp.sum(obj.real**2 + obj.imag**2, axis=0)
-
     def _end_pass(self, algorithm: str, update_probe: bool) -> None:
         """Momentum (ePIE, LSQ-ML), the probe's gauge and the object's clamp after a pass.
         Fused: three launches at most (the xp path takes some thirty small ones, which
@@ -718,7 +515,7 @@ class StreamingSolver:
     def _fix_gauge(self) -> None:
         """Hold the probe power at the data's value by trading scale with the object."""
         xp = self._xp
-        s = xp.sqrt(self._probe_power / xp.sum(self._probe_intensity())).astype(xp.float32)
+        s = xp.sqrt(self._probe_power / xp.sum(forward.probe_intensity(self))).astype(xp.float32)
         self._probes *= s
         self._objects /= s
 
@@ -786,90 +583,6 @@ class StreamingSolver:
         self._shift[:m] = 0
 
     # ------------------------------------------------------------------ ePIE
-    def _fused_sums(
-        self, batch: Batch, probes: Any, update_probe: bool, floor: float, err: Any
-    ) -> tuple[Any, Sums]:
-        """The common start of fused ePIE and LSQ-ML: the exit-wave update ``dpsi`` (the
-        modulus residual, intensity floored at ``floor``; its squared error added into
-        ``err``) and, in one pass over it, the object sums on the batch's box and, with
-        ``update_probe``, the probe terms and ``sum |O|^2``. Returns ``(dpsi, sums)``."""
-        xp, n = self._xp, self._n
-        valid = self._valid_f32
-        if self._lines and fft_lines.supports(n, probes.shape[-3]):
-            dpsi = fft_lines.modulus_update(
-                self._object,
-                batch.corners,
-                probes,
-                self._amps,
-                batch.rows,
-                valid,
-                floor,
-                n**-2,
-                err=err,
-            )[1]
-        else:
-            f = fft2(exit_waves(self._object, batch.corners, probes), xp=xp, overwrite_x=True)
-            modulus_residual(f, self._amps, batch.rows, valid, floor, n**-2, err=err)
-            dpsi = ifft2_unscaled(f, xp=xp, overwrite_x=True)
-        whole = batch.table is None
-        num, den, oden, den_max, oden_max, summed = self._fused_accumulators(
-            batch, update_probe, probes.shape[-3] if update_probe and whole else 0
-        )
-        terms = window_sums(
-            dpsi,
-            probes,
-            self._object,
-            batch.corners,
-            origin=batch.origin,
-            num=num,
-            den=den,
-            terms_channels=dpsi.shape[1] if update_probe else 0,
-            power=oden,
-            den_max=den_max,
-            power_max=oden_max,
-            terms_sum=summed,
-            # The object sums gathered by tile, then (whole-pixel) the probe-side sums
-            # in a pass of their own, beat one pass of atomics with one mode; with three
-            # they tie and whole iterations were as fast or faster. With per-position
-            # probe terms
-            # (sub-pixel), one read of dpsi with atomics beat two (measured with the
-            # earlier tile kernel). benchmarks/tile_sums.py times both.
-            box=batch.box if whole or not update_probe else None,
-            overwrite=True,
-        )
-        return dpsi, Sums(num, den, oden, den_max, oden_max, terms, summed)
-
-    def _fused_accumulators(
-        self, batch: Batch, update_probe: bool, summed_modes: int
-    ) -> tuple[Any, ...]:
-        """``(num, den, oden, den_max, oden_max, summed)`` for :meth:`_fused_sums`: the
-        object sums on the batch's box (not zeroed: ``window_sums`` overwrites them), and
-        as views of one zeroed buffer (kept for the next batch of the kind, zeroed by one
-        memset per batch) the object power (n, n)
-        (None without ``update_probe``), the maximum slots of both
-        (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the maximum
-        of nothing lands in an unused slot set) and, for ``summed_modes`` > 0, the probe
-        terms summed over the batch (K, n, n) (else None)."""
-        xp, n = self._xp, self._n
-        num = xp.empty(batch.box_shape, dtype=xp.complex64)
-        den = xp.empty(batch.box_shape, dtype=xp.float32)
-        key = (update_probe, summed_modes)
-        if key not in self._batch_sums:
-            slots = SLOT_FLOATS
-            power = n * n if update_probe else 0
-            terms = 2 * summed_modes * n * n
-            buffer = xp.zeros(terms + slots + power + slots, dtype=xp.float32)
-            summed = buffer[:terms].view(xp.complex64).reshape(-1, n, n) if terms else None
-            den_max = max_slots(buffer[terms:])
-            rest = buffer[terms + slots :]
-            oden = rest[:power].reshape(n, n) if update_probe else None
-            oden_max = max_slots(rest[power:])
-            self._batch_sums[key] = (buffer, oden, den_max, oden_max, summed)
-        else:  # the last batch's readers come first in the stream's order
-            self._batch_sums[key][0].fill(0)
-        _, oden, den_max, oden_max, summed = self._batch_sums[key]
-        return num, den, oden, den_max, oden_max, summed
-
     # ------------------------------------------------------------------ LSQ-ML
     # ------------------------------------------------------------------ DM
     # ------------------------------------------------------------------ driver

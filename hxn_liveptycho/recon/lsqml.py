@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hxn_liveptycho.recon import forward
 from hxn_liveptycho.recon._batch import (
     LSQ_STEP_REG,
     Batch,
@@ -57,37 +58,37 @@ class LsqMl:
         # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
         # object numerator itself.
         fused = s._fused and p.noise == "gaussian" and not refine
-        probes, ramp = s._batch_probes(batch, fused)
+        probes, ramp = forward.batch_probes(s, batch, fused)
         if fused:
             self._fused_batch(s, batch, probes, ramp, update_probe, err)
             return
-        obj = s._gather(batch)
-        chi = self._chi(s, s._exit_waves(obj, probes), s._amps[batch.rows], err)
+        obj = forward.gather(s, batch)
+        chi = self._chi(s, forward.batch_exit_waves(s, obj, probes), s._amps[batch.rows], err)
         # Object direction over the batch footprint, and its windows.
-        pnum = s._object_numerator(chi, probes)
-        illum = s._probe_intensity(probes)
+        pnum = forward.object_numerator(s, chi, probes)
+        illum = forward.probe_intensity(s, probes)
         s._estimate_shifts(batch, obj, pnum, illum, refine)
-        num = s._box_zeros(batch, xp.complex64)
-        den = s._box_zeros(batch, xp.float32)
-        s._scatter(batch, pnum, num)
-        s._scatter(batch, illum, den)
+        num = forward.box_zeros(s, batch, xp.complex64)
+        den = forward.box_zeros(s, batch, xp.float32)
+        forward.scatter(s, batch, pnum, num)
+        forward.scatter(s, batch, illum, den)
         regularised(den, p.object_reg, xp)
-        d_obj = s._gather(batch, num) / s._gather(batch, den)
-        u = s._exit_waves(d_obj, probes)
+        d_obj = forward.gather(s, batch, num) / forward.gather(s, batch, den)
+        u = forward.batch_exit_waves(s, d_obj, probes)
         if update_probe:
-            oden = regularised(s._object_power(obj), p.probe_reg, xp)
-            d_probe = s._probe_numerator(obj, chi, ramp) / oden
+            oden = regularised(forward.object_power(s, obj), p.probe_reg, xp)
+            d_probe = forward.probe_numerator(s, obj, chi, ramp) / oden
             if ramp is None:
                 v = obj[:, None] * d_probe[None]
             else:  # the probe step as each position sees it: shifted by its fraction
-                v = obj[:, None] * s._shift_modes(fft2(d_probe, xp=xp), ramp, False)
+                v = obj[:, None] * forward.shift_modes(s, fft2(d_probe, xp=xp), ramp, False)
         else:
             v = None
         alpha_o, alpha_p = optimal_steps(u, v, chi, LSQ_STEP_REG, xp)
         del u, v, chi
         num[...] = 0
         pnum *= (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
-        s._scatter(batch, pnum, num)
+        forward.scatter(s, batch, pnum, num)
         num /= den
         s._object[batch.box_slices] += num
         if update_probe:
@@ -98,7 +99,7 @@ class LsqMl:
         """The exit-wave update ``chi`` (B, C, n, n) the noise model asks of the waves
         ``psi`` (consumed); their squared error is added into ``err`` (0-d, in place)."""
         xp, p = s._xp, s.params
-        f, inten, e = s._far_field(psi, amps)
+        f, inten, e = forward.far_field(s, psi, amps)
         err += e
         g = far_field_factor(inten, amps, s._valid, p.noise, xp, p.poisson_floor, p.modulus_floor)
         f *= g[:, None]
@@ -114,40 +115,44 @@ class LsqMl:
         ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
         Refinement follows the first mode."""
         xp, p = s._xp, s.params
-        probes, ramp = s._batch_probes(batch, False)
-        objs = s._object_windows(batch)
-        chi = self._chi(s, s._all_exit_waves(objs, probes), s._amps[batch.rows], err)
-        parts = s._object_mode_blocks(chi)
-        illum = s._probe_intensity(probes)
-        den = s._box_zeros(batch, xp.float32)
-        s._scatter(batch, illum, den)
+        probes, ramp = forward.batch_probes(s, batch, False)
+        objs = forward.object_windows(s, batch)
+        chi = self._chi(s, forward.all_exit_waves(s, objs, probes), s._amps[batch.rows], err)
+        parts = forward.object_mode_blocks(s, chi)
+        illum = forward.probe_intensity(s, probes)
+        den = forward.box_zeros(s, batch, xp.float32)
+        forward.scatter(s, batch, illum, den)
         regularised(den, p.object_reg, xp)
-        windows_den = s._gather(batch, den)
+        windows_den = forward.gather(s, batch, den)
         pnums, u = [], []
         for m, part in enumerate(parts):
-            pnum = s._object_numerator(part, probes)
+            pnum = forward.object_numerator(s, part, probes)
             if m == 0:
                 s._estimate_shifts(batch, objs[0], pnum, illum, refine)
-            num = s._box_zeros(batch, xp.complex64)
-            s._scatter(batch, pnum, num)
-            u.append(s._exit_waves(s._gather(batch, num) / windows_den, probes))
+            num = forward.box_zeros(s, batch, xp.complex64)
+            forward.scatter(s, batch, pnum, num)
+            u.append(
+                forward.batch_exit_waves(s, forward.gather(s, batch, num) / windows_den, probes)
+            )
             pnums.append(pnum)
         v = d_probe = None
         if update_probe:
-            d_probe, oden = s._probe_sums_over_modes(objs, parts, ramp)
+            d_probe, oden = forward.probe_sums_over_modes(s, objs, parts, ramp)
             d_probe /= regularised(oden, p.probe_reg, xp)
             # The probe step as each position sees it: shifted by its fraction.
             seen = (
-                d_probe[None] if ramp is None else s._shift_modes(fft2(d_probe, xp=xp), ramp, False)
+                d_probe[None]
+                if ramp is None
+                else forward.shift_modes(s, fft2(d_probe, xp=xp), ramp, False)
             )
             v = xp.concatenate([o[:, None] * seen for o in objs], axis=1)
         alpha_o, alpha_p = optimal_steps(xp.concatenate(u, axis=1), v, chi, LSQ_STEP_REG, xp)
         del u, v, chi, parts
         weights = (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
         for m, pnum in enumerate(pnums):
-            num = s._box_zeros(batch, xp.complex64)
+            num = forward.box_zeros(s, batch, xp.complex64)
             pnum *= weights
-            s._scatter(batch, pnum, num)
+            forward.scatter(s, batch, pnum, num)
             num /= den
             s._objects[m][batch.box_slices] += num
         if update_probe:
@@ -167,16 +172,20 @@ class LsqMl:
         step-length sums and the weighted object sums are one pass each over the batch."""
         p = s.params
         floor = max(p.modulus_floor, 1e-12)
-        chi, acc = s._fused_sums(batch, probes, update_probe, floor, err)
+        chi, acc = forward.fused_sums(s, batch, probes, update_probe, floor, err)
         # den is regularised where it is read (the step sums and the object update).
         num, den, den_max, reg = acc.num, acc.den, acc.den_max, p.object_reg
         d_probe = seen = None
         if update_probe:
-            d_probe = s._probe_update_terms(acc, table)
+            d_probe = forward.probe_update_terms(s, acc, table)
             divide_regularised(d_probe, acc.oden, p.probe_reg, acc.oden_max)
             del acc  # the per-position probe terms: free them before the step sums
             # The probe step as each position sees it: shifted by its fraction.
-            seen = d_probe if table is None else s._shift_modes(s._fft(d_probe.copy()), table, True)
+            seen = (
+                d_probe
+                if table is None
+                else forward.shift_modes(s, forward.fft(s, d_probe.copy()), table, True)
+            )
         sums = lsqml_step_sums(
             chi,
             probes,
