@@ -212,10 +212,10 @@ def test_the_fused_end_of_a_pass_does_what_the_xp_path_does(scan, settings, monk
     momentum, gauge and clamp, and which arrays each touches match the xp path's. The
     kernels are stood in for by their element-wise NumPy equivalents (their CUDA is
     checked against the xp path on the GPU: ``benchmarks/recon_gpu.py --variants``)."""
-    from hxn_liveptycho.recon import iterative
+    from hxn_liveptycho.recon import pass_end
 
-    monkeypatch.setattr(iterative, "momentum_step", _momentum_like_the_kernel)
-    monkeypatch.setattr(iterative, "pass_tail", _pass_tail_like_the_kernel)
+    monkeypatch.setattr(pass_end, "momentum_step", _momentum_like_the_kernel)
+    monkeypatch.setattr(pass_end, "pass_tail", _pass_tail_like_the_kernel)
     params = IterativeParams(probe_update_start=1, **settings)
     solvers = []
     for fused in (False, True):
@@ -240,7 +240,7 @@ def test_the_fused_end_of_a_pass_does_what_the_xp_path_does(scan, settings, monk
         for s in solvers:
             s._objects += step.astype(np.complex64)
             s._probes += probe_step.astype(np.complex64)
-            s._end_pass(algorithm, update_probe)
+            pass_end.end_pass(s, algorithm, update_probe)
         np.testing.assert_allclose(fused._objects, reference._objects, rtol=2e-6, atol=2e-7)
         np.testing.assert_allclose(fused._probes, reference._probes, rtol=2e-6, atol=2e-6)
         for mine, theirs in [
@@ -261,7 +261,7 @@ def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorith
     The unitary is stood in for by the xp path's own and the mixing by NumPy's matmul (the
     CUDA of both is checked against the xp path on the GPU:
     ``benchmarks/mode_orthogonalisation.py``)."""
-    from hxn_liveptycho.recon import iterative
+    from hxn_liveptycho.recon import pass_end
 
     unitaries = []
 
@@ -269,8 +269,8 @@ def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorith
         unitaries.append(orthogonalize_modes(modes, np)[1])
         return unitaries[-1]
 
-    monkeypatch.setattr(iterative, "mode_unitary", unitary)
-    monkeypatch.setattr(iterative, "mix_modes", mix_modes_like_the_kernel)
+    monkeypatch.setattr(pass_end, "mode_unitary", unitary)
+    monkeypatch.setattr(pass_end, "mix_modes", mix_modes_like_the_kernel)
     params = IterativeParams(
         algorithm=algorithm, probe_modes=3, probe_update_start=0, momentum_gain=GAIN
     )
@@ -291,7 +291,7 @@ def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorith
         s._probes[...] = np.einsum("kl,lmn->kmn", mixing, s._probes)
     held = fused._probes
     for s in solvers:
-        s._orthogonalize()
+        pass_end.orthogonalize(s)
     assert len(unitaries) == 1 and fused._probes is held  # in place, one unitary
     np.testing.assert_allclose(fused._probes, reference._probes, rtol=1e-5, atol=1e-6)
     mine, theirs = fused._probe_momentum.buffers, reference._probe_momentum.buffers

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hxn_liveptycho.recon import forward
+from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import (
     Batch,
     regularised,
@@ -57,7 +57,7 @@ class Epie:
         obj_num = forward.object_numerator(s, dpsi, probes)
         del dpsi
         illum = forward.probe_intensity(s, probes)
-        s._estimate_shifts(batch, obj, obj_num, illum, refine)
+        pass_end.estimate_shifts(s, batch, obj, obj_num, illum, refine)
         forward.scatter(s, batch, obj_num, num)
         forward.scatter(s, batch, illum, den)
         num /= regularised(den, p.object_reg, xp)
@@ -93,7 +93,7 @@ class Epie:
         for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
             obj_num = forward.object_numerator(s, d, probes)
             if m == 0:
-                s._estimate_shifts(batch, o, obj_num, illum, refine)
+                pass_end.estimate_shifts(s, batch, o, obj_num, illum, refine)
             num = forward.box_zeros(s, batch, xp.complex64)
             forward.scatter(s, batch, obj_num, num)
             num *= step

@@ -44,25 +44,17 @@ import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import _fft_lines as fft_lines
-from hxn_liveptycho.recon import forward, memory
+from hxn_liveptycho.recon import memory, pass_end
 from hxn_liveptycho.recon._batch import (
     WHOLE_PIXEL_TOL,
     Batch,
     grow,
 )
 from hxn_liveptycho.recon._fused import (
-    mix_modes,
-    mode_unitary,
-    momentum_step,
-    pass_tail,
     ramp_table,
 )
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._momentum import Momentum
-from hxn_liveptycho.recon._positions import (
-    constrain_drift,
-    shift_gradient,
-)
 from hxn_liveptycho.recon.backend import (
     array_namespace,
     is_cupy,
@@ -471,117 +463,7 @@ class StreamingSolver:
             )
         return batches
 
-    def _end_pass(self, algorithm: str, update_probe: bool) -> None:
-        """Momentum (ePIE, LSQ-ML), the probe's gauge and the object's clamp after a pass.
-        Fused: three launches at most (the xp path takes some thirty small ones, which
-        cost the host more than the GPU's work on a small scan)."""
-        p = self.params
-        moving = algorithm != "dm" and p.momentum_gain > 0
-        if algorithm == "dm":  # a fixed-point map of its waves: no history carried over
-            self._object_momentum.reset()
-            self._probe_momentum.reset()
-        gauge = update_probe and p.fix_probe_power
-        if not self._fused:
-            if moving:
-                self._object_momentum.step(self._objects)
-                if update_probe:
-                    self._probe_momentum.step(self._probes)
-            if gauge:
-                self._fix_gauge()
-            self._clamp_object()
-            return
-        if moving and update_probe:
-            momentum_step(
-                self._probes,
-                *self._probe_momentum.buffers_for(self._probes),
-                p.momentum_friction,
-                p.momentum_gain,
-            )
-        if not (moving or gauge or p.object_amplitude_max is not None):
-            return
-        objects = self._objects
-        pass_tail(
-            objects,
-            self._probes,
-            momentum=self._object_momentum.buffers_for(objects)
-            if moving
-            else (0, objects, objects),
-            friction=p.momentum_friction,
-            gain=p.momentum_gain,
-            power=self._probe_power if gauge else None,
-            amax=p.object_amplitude_max,
-        )
-
-    def _fix_gauge(self) -> None:
-        """Hold the probe power at the data's value by trading scale with the object."""
-        xp = self._xp
-        s = xp.sqrt(self._probe_power / xp.sum(forward.probe_intensity(self))).astype(xp.float32)
-        self._probes *= s
-        self._objects /= s
-
-    def _clamp_object(self) -> None:
-        amax = self.params.object_amplitude_max
-        if amax is None:
-            return
-        xp = self._xp
-        a = xp.abs(self._objects)
-        self._objects *= xp.where(a > amax, amax / xp.maximum(a, 1e-30), 1.0).astype(xp.float32)
-
-    def _orthogonalize(self) -> None:
-        """Orthogonalise the probe modes; their momentum and stored DM exit waves follow the
-        same mixing."""
-        waves = self._dm_waves[: self._dm_ready] if self._dm_waves is not None else None
-        if self._fused:  # each array mixed in place, one read and one write; no host sync
-            u = mode_unitary(self._probes)
-            for modes in (self._probes, *self._probe_momentum.buffers):
-                mix_modes(modes[None], u)
-            if waves is not None and len(waves):
-                mix_modes(waves, u)
-            return
-        xp = self._xp
-        self._probes, u = orthogonalize_modes(self._probes, xp)
-        self._probe_momentum.mix(u)
-        if waves is None or not len(waves):
-            return
-        # Batch by batch: one copy of all the waves would double DM's biggest buffer. Each
-        # object mode's block of K waves follows the probe modes' mixing.
-        m = self._objects.shape[0]
-        for start in range(0, self._dm_ready, self.params.batch_size):
-            rows = waves[start : start + self.params.batch_size]
-            shape = rows.shape
-            blocks = rows.reshape(shape[0], m, shape[1] // m, -1)
-            rows[...] = xp.matmul(u[None, None], blocks).reshape(shape)
-
     # ------------------------------------------------------------------ positions
-    def _estimate_shifts(
-        self, batch: Batch, obj: Any, obj_num: Any, illum: Any, refine: bool
-    ) -> None:
-        """Record the least-squares position shifts of ``batch`` (applied after the pass)."""
-        if not refine:
-            return
-        xp = self._xp
-        self._shift[batch.rows] = shift_gradient(obj, obj_num, illum, xp).astype(xp.float64)
-
-    def _apply_shifts(self) -> None:
-        """Move every active position by its recorded shift, within the bounds, mean fixed."""
-        xp, p, m = self._xp, self.params, self._n_active
-        h, w = self._shape
-        meas = self._meas[:m]
-        drift = self._pos[:m] - meas
-        limit = xp.asarray([h - self._n, w - self._n], dtype=xp.float64)
-        new = constrain_drift(
-            drift,
-            p.position_step * self._shift[:m],
-            -meas,
-            limit[None] - meas,
-            p.max_position_step_px,
-            p.max_position_shift_px,
-            xp,
-        )
-        self._pos[:m] = meas + new
-        self._pos_host = np.array(to_host(self._pos[:m]), dtype=np.float64)
-        self._shift[:m] = 0
-
     # ------------------------------------------------------------------ ePIE
     # ------------------------------------------------------------------ LSQ-ML
     # ------------------------------------------------------------------ DM
@@ -621,14 +503,14 @@ class StreamingSolver:
                 for batch in self._batches(order):
                     step(self, batch, update_probe, refine, err)
                 if refine:
-                    self._apply_shifts()
-            self._end_pass(algorithm, update_probe)
+                    pass_end.apply_shifts(self)
+            pass_end.end_pass(self, algorithm, update_probe)
             if (
                 update_probe
                 and self._probes.shape[0] > 1
                 and (self._iteration + 1) % p.orthogonalize_every == 0
             ):
-                self._orthogonalize()
+                pass_end.orthogonalize(self)
             errors.append(err)
             self._iteration += 1
         # One division for the call, not two launches a pass (the frames cannot change

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hxn_liveptycho.recon import forward
+from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import (
     LSQ_STEP_REG,
     Batch,
@@ -67,7 +67,7 @@ class LsqMl:
         # Object direction over the batch footprint, and its windows.
         pnum = forward.object_numerator(s, chi, probes)
         illum = forward.probe_intensity(s, probes)
-        s._estimate_shifts(batch, obj, pnum, illum, refine)
+        pass_end.estimate_shifts(s, batch, obj, pnum, illum, refine)
         num = forward.box_zeros(s, batch, xp.complex64)
         den = forward.box_zeros(s, batch, xp.float32)
         forward.scatter(s, batch, pnum, num)
@@ -128,7 +128,7 @@ class LsqMl:
         for m, part in enumerate(parts):
             pnum = forward.object_numerator(s, part, probes)
             if m == 0:
-                s._estimate_shifts(batch, objs[0], pnum, illum, refine)
+                pass_end.estimate_shifts(s, batch, objs[0], pnum, illum, refine)
             num = forward.box_zeros(s, batch, xp.complex64)
             forward.scatter(s, batch, pnum, num)
             u.append(
