@@ -23,7 +23,7 @@ class Batch:
     corners: Any  # (B, 2) int32 on xp: each window's top-left canvas pixel
     box: tuple[int, int, int, int]  # (y0, x0, y1, x1) on the host: the windows' bounding box
     table: Any | None = None  # fused path, sub-pixel data: the shift ramp table (B, 2, n)
-    # (made for the whole pass in StreamingSolver._batches; the fused steps read it here)
+    # (made for the whole pass in forward.batches; the fused steps read it here)
 
     @property
     def origin(self) -> tuple[int, int]:
@@ -40,7 +40,7 @@ class Batch:
 
 @dataclass
 class Sums:
-    """The fused path's sums of one batch (:meth:`StreamingSolver._fused_sums`)."""
+    """The fused path's sums of one batch (:func:`~hxn_liveptycho.recon.forward.fused_sums`)."""
 
     num: Any  # (box) complex64: sum of w conj(P) dpsi over the windows
     den: Any  # (box) float32: sum of |P|^2 over the windows

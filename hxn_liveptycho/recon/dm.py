@@ -52,7 +52,7 @@ class DifferenceMap:
         new = np.arange(s._dm_ready, s._n_active)
         for start, batch in zip(
             range(s._dm_ready, s._n_active, s.params.batch_size),
-            s._batches(new),
+            forward.batches(s, new),
             strict=True,
         ):
             probes = forward.batch_probes(s, batch, s._fused)[0]
@@ -100,7 +100,7 @@ class DifferenceMap:
         # Fused: each position's error sums in a row of this, added up once for the pass.
         sums = xp.zeros((s._n_active, 3), dtype=xp.float32) if s._fused else None
         err = xp.zeros((), dtype=xp.float32) if sums is None else None
-        batches = s._batches(np.arange(s._n_active))
+        batches = forward.batches(s, np.arange(s._n_active))
         starts = range(0, s._n_active, p.batch_size)
         for start, batch in zip(starts, batches, strict=True):
             stop = start + int(batch.rows.shape[0])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon._batch import Batch, Sums
 from hxn_liveptycho.recon._fused import (
     SLOT_FLOATS,
     exit_waves,
     max_slots,
+    ramp_table,
     shift_spectra,
     unshift_sum_spectra,
     window_sums,
@@ -335,3 +338,31 @@ def fused_accumulators(
         s._batch_sums[key][0].fill(0)
     _, oden, den_max, oden_max, summed = s._batch_sums[key]
     return num, den, oden, den_max, oden_max, summed
+
+
+def batches(s: StreamingSolver, order: np.ndarray) -> list[Batch]:
+    """The active-set rows ``order`` in batches of ``params.batch_size``.
+
+    Window corners come from the host copy of the positions: one upload of
+    rows and corners per pass, none per batch (a per-batch upload would
+    wait for the GPU's queue to drain).
+    """
+    xp, n, size = s._xp, s._n, s.params.batch_size
+    whole = np.floor if s._subpixel else np.rint
+    corners = whole(s._pos_host[order]).astype(np.int32)
+    rows = xp.asarray(order.astype(np.int64))
+    dev_corners = xp.asarray(corners)
+    table = None
+    if s._fused and s._subpixel:  # the fractions' ramps, one launch for the pass
+        fractions = (s._pos_host[order] - corners).astype(np.float32)
+        table = ramp_table(xp.asarray(fractions), n)
+    batches = []
+    for start in range(0, len(order), size):
+        c = corners[start : start + size]
+        lo, hi = c.min(axis=0), c.max(axis=0) + n
+        box = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+        part = slice(start, start + size)
+        batches.append(
+            Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
+        )
+    return batches

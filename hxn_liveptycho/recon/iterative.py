@@ -2,36 +2,22 @@
 
 Frames arrive while the scan runs; :meth:`StreamingSolver.add` appends them to
 the active set and :meth:`StreamingSolver.iterate` sweeps over everything
-received so far. Three algorithms share the state, the forward model and
-the mixed-state probe modes, and can follow each other in one run
-(:attr:`IterativeParams.schedule`):
+received so far. The solver holds the state (object and probe modes, frames,
+positions, the buffers' capacity); the algorithms are strategies it hands that
+state each pass: :mod:`~hxn_liveptycho.recon.epie` (the default),
+:mod:`~hxn_liveptycho.recon.lsqml` and :mod:`~hxn_liveptycho.recon.dm`, which
+may follow each other in one run (:attr:`IterativeParams.schedule`). What they
+share is in :mod:`~hxn_liveptycho.recon.forward` (windows, exit waves, far
+field, sums) and :mod:`~hxn_liveptycho.recon.pass_end` (momentum, gauge, mode
+orthogonalisation, position refinement); :mod:`~hxn_liveptycho.recon.buffers`
+sizes the state, and the solver refuses one that would not fit.
 
-* ``epie`` (default): mini-batch rPIE-style ePIE. A random batch of positions
-  is updated in parallel (one batched FFT pair), with the object and probe
-  corrections normalised by the *summed* illumination of the batch, so
-  overlapping positions in one batch never overshoot. That keeps the
-  per-position Python loop out of the hot path (vital on NumPy) and gives the
-  GPU large kernels.
-* ``dm``: the difference map (Thibault et al. 2008/2009), exit waves stored
-  per position and mode (in Fourier space), object and probe from the
-  summed illumination once per pass.
-* ``lsqml``: LSQ-ML (Odstrčil et al. 2018), mini-batch, Gaussian or Poisson
-  noise model, per-position least-squares step lengths for object and probe.
-
-Forward model and FFT convention: exit waves ``psi_k = P_k * O[window]`` for
-the incoherent probe modes ``P_k``; far field ``Psi_k = fft2(psi_k)``
-*unnormalised* (NumPy ``norm="backward"``), so ``sum |Psi|^2 = n^2 sum
-|psi|^2``; the measured amplitudes ``A = sqrt(I)`` are compared to
-``sqrt(sum_k |Psi_k|^2)``. Frames are stored in FFT order (zero frequency at
-index 0) once on arrival, so iterations never shift. Positions keep their
-sub-pixel part: the object window is cut at the whole pixel below and the
-probe is shifted by the fraction with a Fourier phase ramp
-(:mod:`hxn_liveptycho.recon._positions`; whole-pixel data skips the shift).
-With :attr:`IterativeParams.position_refinement` the positions are refined
-(gradient-based, ePIE and LSQ-ML); with :attr:`IterativeParams.momentum_gain`
-ePIE and LSQ-ML take mPIE's momentum step between passes
-(:mod:`hxn_liveptycho.recon._momentum`). :mod:`hxn_liveptycho.recon.memory` sizes a
-run; the solver refuses one that would not fit.
+Forward model and FFT convention: exit waves ``psi_k = P_k * O[window]``; far
+field ``Psi_k = fft2(psi_k)`` *unnormalised* (NumPy ``norm="backward"``), compared
+as ``sqrt(sum_k |Psi_k|^2)`` with the measured amplitudes ``A = sqrt(I)``. Frames
+are stored in FFT order once on arrival, so iterations never shift. Positions
+keep their sub-pixel part: the window is cut at the whole pixel below and the
+probe shifted by the fraction with a Fourier phase ramp.
 """
 
 from __future__ import annotations
@@ -42,16 +28,10 @@ from typing import Any, cast
 
 import numpy as np
 
-from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import _fft_lines as fft_lines
-from hxn_liveptycho.recon import memory, pass_end
+from hxn_liveptycho.recon import buffers, forward, pass_end
 from hxn_liveptycho.recon._batch import (
     WHOLE_PIXEL_TOL,
-    Batch,
-    grow,
-)
-from hxn_liveptycho.recon._fused import (
-    ramp_table,
 )
 from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
 from hxn_liveptycho.recon._momentum import Momentum
@@ -131,7 +111,7 @@ class StreamingSolver:
         self._shape = (h, w)
         k = self.params.probe_modes
         # Before the big allocations: refuse a scan that cannot fit.
-        self._check_memory(expected_positions or 0, held=0, what="the expected scan")
+        buffers.check_memory(self, expected_positions or 0, held=0, what="the expected scan")
         if probe.shape[0] < k:
             extra = initial_modes(probe[0], k - probe.shape[0] + 1, xp)[1:]
             probe = xp.concatenate([probe, extra])
@@ -142,7 +122,7 @@ class StreamingSolver:
             first = xp.array(object_init, dtype=xp.complex64, copy=True)
             if first.shape != (h, w):
                 raise ValueError(f"object_init shape {first.shape} != canvas_shape {(h, w)}")
-        self._objects = self._object_modes_from(first)
+        self._objects = buffers.object_modes_from(self, first)
         # Mode 0 as a view: every in-place update of ``_object`` is the first mode's.
         self._object = self._objects[0]
         if valid_mask is not None:
@@ -196,20 +176,6 @@ class StreamingSolver:
         self._iteration = 0
         self.clipped_positions = 0
         self.error_history: list[float] = []
-
-    def _object_modes_from(self, first: Any) -> Any:
-        """``(m, H, W)`` object modes: ``first`` and ``object_modes - 1`` weak random fields
-        (10 % of its mean amplitude, seeded): a copy of it would get the same updates and
-        never split off."""
-        xp, m = self._xp, self.params.object_modes
-        objects = xp.empty((m, *first.shape), dtype=xp.complex64)
-        objects[0] = first
-        if m > 1:
-            rng = np.random.default_rng((self.params.seed, 1))
-            noise = rng.normal(size=(m - 1, *first.shape, 2)).astype(np.float32)
-            scale = 0.1 * float(xp.mean(xp.abs(first))) / np.sqrt(2.0)
-            objects[1:] = xp.asarray((noise[..., 0] + 1j * noise[..., 1]) * scale)
-        return objects
 
     # ------------------------------------------------------------------ state
     @property
@@ -282,82 +248,19 @@ class StreamingSolver:
         return snap
 
     # ------------------------------------------------------------------ memory
-    def _held_arrays(self) -> list[Any]:
-        arrays = [self._objects, self._probes, self._amps, self._pos, self._meas]
-        arrays += [self._shift, self._amp_power]
-        if self._xp is np:  # on CuPy the host copy of the positions is no device memory
-            arrays.append(self._pos_host)
-        arrays += [a for a in (self._valid, self._dm_waves, self._probe_power) if a is not None]
-        return arrays + self._object_momentum.buffers + self._probe_momentum.buffers
-
     def held_bytes(self) -> int:
         """Bytes of the arrays the solver holds between calls (buffers at their capacity)."""
-        return int(sum(a.nbytes for a in self._held_arrays()))
+        return int(sum(a.nbytes for a in buffers.held_arrays(self)))
 
     def peak_bytes(self) -> int:
         """Expected peak bytes while iterating: :meth:`held_bytes` plus the batch and canvas
         temporaries and (CuPy) cuFFT's work area of :func:`memory.estimate_terms`."""
-        terms = self._estimate_terms(self._amps.shape[0], subpixel=self._subpixel)
+        terms = buffers.estimate_terms(self, self._amps.shape[0], subpixel=self._subpixel)
         transient = ("canvas_temporaries", "batch_temporaries", "fft_work_area")
         held = self.held_bytes()
         if self._dm_waves is None:  # DM waves not yet allocated: they come with DM's first pass
             held += terms["dm_exit_waves"]
         return held + sum(terms[t] for t in transient)
-
-    def _estimate_terms(self, rows: int, subpixel: bool | None = None) -> dict[str, int]:
-        """Memory terms for ``rows`` positions; ``subpixel`` None: as configured (the
-        refusal checks count the shifts even before the data shows whether it needs them)."""
-        return memory.estimate_terms(
-            rows,
-            self._n,
-            self.params.probe_modes,
-            self.params.algorithms,
-            self._shape,
-            self.params.batch_size,
-            backend="cupy" if is_cupy(self._xp) else "numpy",
-            subpixel=self.params.subpixel_positions if subpixel is None else subpixel,
-            position_refinement=self.params.position_refinement,
-            momentum=self.params.momentum_gain > 0,
-            object_modes=self.params.object_modes,
-        )
-
-    def _check_memory(self, rows: int, held: int, what: str) -> None:
-        """Refuse (ConfigurationError) a state of ``rows`` positions that would not fit."""
-        needed = sum(self._estimate_terms(rows).values())
-        p = self.params
-        what = (
-            f"{what} ({rows} positions of {self._n}x{self._n}, {p.probe_modes} probe mode(s), "
-            f"{p.object_modes} object mode(s), "
-            f"{'/'.join(sorted(p.algorithms))}, batch {p.batch_size}, canvas "
-            f"{self._shape[0]}x{self._shape[1]})"
-        )
-        memory.check_fits(needed, held, self._xp, self._memory_limit, what)
-
-    def _reserve(self, needed: int) -> None:
-        """Grow the per-position buffers to hold ``needed`` rows, checking memory first.
-
-        Capacity doubles (or jumps to ``expected_positions``) so streaming appends stay
-        cheap; when the doubled capacity would not fit but ``needed`` does, it grows to
-        ``needed`` only; when neither fits, ConfigurationError and nothing is changed.
-        """
-        cap = self._amps.shape[0]
-        if cap >= needed:
-            return
-        want = max(needed, 2 * cap, 16, self._expected or 0)
-        try:
-            self._check_memory(want, self.held_bytes(), "growing to")
-        except ConfigurationError:
-            if want == needed:
-                raise
-            want = needed
-            self._check_memory(want, self.held_bytes(), "growing to")
-        xp = self._xp
-        self._amps = grow(self._amps, want, xp, exact=True)
-        self._pos = grow(self._pos, want, xp, exact=True)
-        self._meas = grow(self._meas, want, xp, exact=True)
-        self._shift = grow(self._shift, want, xp, exact=True)
-        if self._dm_waves is not None:
-            self._dm_waves = grow(self._dm_waves, want, xp, exact=True)
 
     # ------------------------------------------------------------------ input
     def add(self, amplitudes: Any, positions_px: Any) -> int:
@@ -408,7 +311,7 @@ class StreamingSolver:
             self._subpixel = True
 
         start, stop = self._n_active, self._n_active + k
-        self._reserve(stop)
+        buffers.reserve(self, stop)
         # Into the buffer directly (one temporary of the chunk's size); the input stays untouched.
         stored = self._amps[start:stop]
         stored[...] = xp.fft.ifftshift(amps, axes=(-2, -1))
@@ -436,33 +339,6 @@ class StreamingSolver:
         return self._n_active
 
     # ------------------------------------------------------------------ batches
-    def _batches(self, order: np.ndarray) -> list[Batch]:
-        """The active-set rows ``order`` in batches of ``params.batch_size``.
-
-        Window corners come from the host copy of the positions: one upload of
-        rows and corners per pass, none per batch (a per-batch upload would
-        wait for the GPU's queue to drain).
-        """
-        xp, n, size = self._xp, self._n, self.params.batch_size
-        whole = np.floor if self._subpixel else np.rint
-        corners = whole(self._pos_host[order]).astype(np.int32)
-        rows = xp.asarray(order.astype(np.int64))
-        dev_corners = xp.asarray(corners)
-        table = None
-        if self._fused and self._subpixel:  # the fractions' ramps, one launch for the pass
-            fractions = (self._pos_host[order] - corners).astype(np.float32)
-            table = ramp_table(xp.asarray(fractions), n)
-        batches = []
-        for start in range(0, len(order), size):
-            c = corners[start : start + size]
-            lo, hi = c.min(axis=0), c.max(axis=0) + n
-            box = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
-            part = slice(start, start + size)
-            batches.append(
-                Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
-            )
-        return batches
-
     # ------------------------------------------------------------------ positions
     # ------------------------------------------------------------------ ePIE
     # ------------------------------------------------------------------ LSQ-ML
@@ -500,7 +376,7 @@ class StreamingSolver:
                 step = self._epie.batch if algorithm == "epie" else self._lsqml.batch
                 err = xp.zeros((), dtype=xp.float32)
                 order = self._rng.permutation(self._n_active)
-                for batch in self._batches(order):
+                for batch in forward.batches(self, order):
                     step(self, batch, update_probe, refine, err)
                 if refine:
                     pass_end.apply_shifts(self)
