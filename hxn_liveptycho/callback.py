@@ -181,6 +181,21 @@ class LivePtycho(DocumentRouter):
         sessions[-1].cancel("stopped by the user")
         return True
 
+    def select_model(self, name: str) -> dict[str, Any]:
+        """Run the NN branch of the next runs with model ``name``, checked against the
+        model registry now (a typo fails here, not in every later run). Returns the model,
+        where it comes from (never the server's folders) and the overrides."""
+        from hxn_liveptycho.nn.registry import ModelRegistry  # the NN branch loads lazily
+
+        model = ModelRegistry(self.settings.model_dir).get(name)
+        overrides = self.configure({"nn": {"model": name}})
+        logger.info("NN model for the next runs: %s (%s)", name, model.source)
+        return {"model": name, "source": model.source, "overrides": overrides}
+
+    def uploads(self) -> list[dict[str, Any]]:
+        """Results waiting for Tiled: in the backup folder, or in memory."""
+        return [] if self.tiled is None else self.tiled.recovery.pending()
+
     def retry_uploads(self) -> dict[str, Any]:
         """Upload now every result Tiled did not take (local backups, and results held in
         memory because the backup folder refused them too); what still waits is listed."""

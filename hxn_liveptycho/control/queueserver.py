@@ -114,13 +114,8 @@ class LivePtychoControl:
         The name is checked against the model registry now, so a typo fails
         here rather than in every later run.
         """
-        from hxn_liveptycho.nn.registry import ModelRegistry  # the NN branch loads lazily
-
-        live = self._require_live()
-        model = ModelRegistry(live.settings.model_dir).get(name)
-        live.configure({"nn": {"model": name}})
-        logger.info("live ptychography NN model for the next runs: %s (%s)", name, model.source)
-        return {"nn_model": name, "source": model.source}
+        chosen = self._require_live().select_model(name)
+        return {"nn_model": chosen["model"], "source": chosen["source"]}
 
     def stop(self, uid: str | None = None) -> dict[str, Any]:
         """Stop the reconstruction of run ``uid`` (None: the newest running); it ends 'aborted'."""

@@ -132,14 +132,9 @@ class ServeService:
         return self.live.configure(overrides, replace=not merge)
 
     def select_model(self, name: str) -> dict[str, Any]:
-        """Use NN model ``name`` for the next runs; the name is checked against the registry."""
-        from hxn_liveptycho.nn.registry import ModelRegistry
-
-        model = ModelRegistry(self.settings.model_dir).get(name)
-        overrides = self.configure({"nn": {"model": name}}, merge=True)
-        logger.info("NN model for the next runs: %s (%s)", name, model.source)
-        # The reply names the model, not where the server keeps it.
-        return {"model": name, "source": model.source, **overrides}
+        """Use NN model ``name`` for the next runs (``LivePtycho.select_model``)."""
+        chosen = self.live.select_model(name)
+        return {"model": chosen["model"], "source": chosen["source"], **chosen["overrides"]}
 
     def retry_uploads(self) -> dict[str, Any]:
         """Upload now every result waiting for Tiled (see ``LivePtycho.retry_uploads``)."""
@@ -147,7 +142,7 @@ class ServeService:
 
     def uploads(self) -> list[dict[str, Any]]:
         """Results waiting for Tiled: in the backup folder, or in memory."""
-        return [] if self.live.tiled is None else self.live.tiled.recovery.pending()
+        return self.live.uploads()
 
     def stop_run(self, uid: str | None = None) -> str | None:
         """Stop a running reconstruction (the newest when ``uid`` is None); its uid, or None."""
