@@ -50,6 +50,13 @@ def stand_in_cupy(used_bytes: int) -> types.ModuleType:
     return cp
 
 
+#: These two run the benchmark's demo-size parity case (400 frames of 128², 20 iterations on
+#: each side) on NumPy: they check the script's bookkeeping, not the package, at a minute of
+#: CPU or more on two cores. ``pytest -m slow`` (and .ci/run) runs them.
+_LONG = pytest.mark.slow
+
+
+@_LONG
 def test_recon_gpu_plans_times_and_reports_every_case(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -107,6 +114,7 @@ def test_recon_gpu_plans_times_and_reports_every_case(
     assert "| 9 | epie | 1 | 0.0100 | 0.2000 | 20.0x | 0.300 | 0.400 |" in printed
 
 
+@_LONG
 def test_recon_gpu_runs_object_modes_on_the_reference_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
