@@ -258,9 +258,11 @@ def test_schedule_accepts_json_lists():
 
 def test_poisson_step_is_not_hostage_to_rounding():
     """With the intensity floor, a change of the data at float32 rounding level stays at
-    that level after 20 LSQ-ML Poisson iterations (with no floor it grew to ~7 %)."""
-    sample = SimulatedSample(SimulatedBeamline())
-    params = IterativeParams(algorithm="lsqml", noise="poisson", batch_size=128)
+    that level after 20 LSQ-ML Poisson iterations (with no floor it grew to ~7 % on the
+    demo's 20 x 20 scan). Here on an 8 x 8 scan of the same beamline, two batches a pass
+    (measured: 3e-7 with the floor, 4 % without), the same bound: ten times faster."""
+    sample = SimulatedSample(SimulatedBeamline(x_num=8, y_num=8))
+    params = IterativeParams(algorithm="lsqml", noise="poisson", batch_size=32)
     amps = np.sqrt(sample.intensities).astype(np.float32)
     objects = []
     for scale in (1.0, 1.0 + 1e-7):

@@ -81,17 +81,21 @@ def test_mixing_follows_the_modes():
 @pytest.mark.parametrize("algorithm", ["epie", "lsqml"])
 def test_momentum_gets_there_sooner(scan, algorithm):
     """On the noisy CI scan, momentum lowers the object error at 10 and 20 iterations and
-    ends close to the run without it: within 0.005 at gain 0.3, 0.002 at the default 0.1."""
-    off = _errors(scan, IterativeParams(algorithm=algorithm, momentum_gain=0.0), (10, 20, 60))
+    ends close to the run without it: within 0.005 at gain 0.3, 0.002 at the default 0.1.
+    The end is taken at 40 iterations (first measured at 60; the bounds are the same)."""
+    checkpoints = (10, 20, 40)
+    off = _errors(scan, IterativeParams(algorithm=algorithm, momentum_gain=0.0), checkpoints)
     params = IterativeParams(algorithm=algorithm, momentum_gain=GAIN, momentum_friction=FRICTION)
-    on = _errors(scan, params, (10, 20, 60))
-    # Measured: ePIE 0.159 / 0.056 / 0.038 off, 0.099 / 0.042 / 0.039 on;
-    # LSQ-ML 0.171 / 0.066 / 0.040 off, 0.127 / 0.046 / 0.042 on.
+    on = _errors(scan, params, checkpoints)
+    # Measured at 10 / 20 / 60: ePIE 0.159 / 0.056 / 0.038 off, 0.099 / 0.042 / 0.039 on;
+    # LSQ-ML 0.171 / 0.066 / 0.040 off, 0.127 / 0.046 / 0.042 on. At 40, on - off is
+    # -0.001 (ePIE) and 0.000 (LSQ-ML).
     assert on[0] < 0.85 * off[0], (on, off)
     assert on[1] < 0.9 * off[1], (on, off)
     assert on[2] <= off[2] + 0.005, (on, off)
-    default = _errors(scan, IterativeParams(algorithm=algorithm), (10, 20, 60))
-    # Measured: ePIE 0.130 / 0.041 / 0.038, LSQ-ML 0.148 / 0.043 / 0.040.
+    default = _errors(scan, IterativeParams(algorithm=algorithm), checkpoints)
+    # Measured at 10 / 20 / 60: ePIE 0.130 / 0.041 / 0.038, LSQ-ML 0.148 / 0.043 / 0.040; at
+    # 40, default - off is -0.002 (ePIE) and -0.001 (LSQ-ML).
     assert default[0] < 0.9 * off[0] and default[1] < 0.8 * off[1], (default, off)
     assert default[2] <= off[2] + 0.002, (default, off)
 

@@ -41,9 +41,11 @@ class VibratingScan:
         self.power_ratio = power[order[1]] / power[order[0]]
         self.modes = (vectors[:, order].T @ states).reshape(2, *scan.obj.shape)
 
-    def solve(self, object_modes: int, algorithm: str = "epie", **settings) -> StreamingSolver:
+    def solve(
+        self, object_modes: int, algorithm: str = "epie", iterations: int = ITERATIONS, **settings
+    ) -> StreamingSolver:
         if algorithm == "dm-then-lsqml":  # HXN's usual schedule
-            settings |= {"schedule": [("dm", 0.3), ("lsqml", 0.7)], "iterations": ITERATIONS}
+            settings |= {"schedule": [("dm", 0.3), ("lsqml", 0.7)], "iterations": iterations}
         else:
             settings["algorithm"] = algorithm
         params = IterativeParams(object_modes=object_modes, **settings)
@@ -51,7 +53,7 @@ class VibratingScan:
             probe=self.scan.probe_guess, canvas_shape=self.scan.canvas, params=params
         )
         solver.add(self.amplitudes, self.scan.positions)
-        solver.iterate(ITERATIONS)
+        solver.iterate(iterations)
         return solver
 
     def error(self, mode: int, estimate: np.ndarray) -> float:
@@ -63,7 +65,17 @@ def vibrating() -> VibratingScan:
     return VibratingScan()
 
 
-@pytest.mark.parametrize("algorithm", ["epie", "lsqml", "dm-then-lsqml"])
+@pytest.mark.parametrize(
+    "algorithm",
+    # The same claim for each; LSQ-ML's take 15 s each on two cores (at 30 iterations the
+    # bounds are not met yet), so they run with ``-m slow``; LSQ-ML with object modes stays
+    # in the default run through the sub-pixel and memory tests below.
+    [
+        "epie",
+        pytest.param("lsqml", marks=pytest.mark.slow),
+        pytest.param("dm-then-lsqml", marks=pytest.mark.slow),
+    ],
+)
 def test_two_object_modes_recover_the_mixture_of_a_moving_sample(vibrating, algorithm):
     """Two object modes fit the data clearly better than one, and their first mode is
     the mixture's dominant mode twice as closely as one mode gets; the second is its
@@ -108,11 +120,13 @@ def test_object_modes_with_probe_modes_and_sub_pixel_positions(vibrating, settin
 
 
 def test_dm_alone_fits_better_but_recovers_the_modes_slowly(vibrating):
-    """DM with two object modes lowers the data error (measured 0.0124 against 0.0139),
-    but in 60 iterations (and 150) its first mode is no closer to the mixture's than one
-    mode's (0.066 both): its relaxed projection leaves a weak second mode inside the
-    noise ball. What the docs say: run DM as the first stage of a schedule."""
-    one, two = vibrating.solve(1, "dm"), vibrating.solve(2, "dm")
+    """DM with two object modes lowers the data error (measured at 60 iterations 0.0124
+    against 0.0139), but in 60 iterations (and 150) its first mode is no closer to the
+    mixture's than one mode's (0.066 both): its relaxed projection leaves a weak second
+    mode inside the noise ball. What the docs say: run DM as the first stage of a
+    schedule. Checked at 30 iterations, with the same bounds (measured: data error
+    ratio 0.92, first mode 0.069 against 0.070)."""
+    one, two = vibrating.solve(1, "dm", 30), vibrating.solve(2, "dm", 30)
     assert all(np.isfinite(two.error_history))
     assert two.error < 0.95 * one.error, (two.error, one.error)
     assert vibrating.error(0, two.object) < vibrating.error(0, one.object) + 0.01
