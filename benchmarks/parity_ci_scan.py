@@ -8,7 +8,7 @@ The recon tests' scan (``tests/recon_helpers.py``: 15 x 15 positions of 64²,
 10⁵ photons per frame) has detector pixels where the model is near zero but
 photons were counted; there the plain modulus step hands float32 rounding on
 to the object, and NumPy and CuPy drifted 1-2 % apart in 20 iterations
-(docs/benchmarks.md). This runs both for 20 iterations per case and prints the
+(docs/benchmarks-history.md). This runs both for 20 iterations per case and prints the
 relative object difference and both object errors, for the floor at 0 and at
 its default. ``--xp numpy`` runs NumPy on both sides (a CPU check of the script).
 """

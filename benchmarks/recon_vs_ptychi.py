@@ -1,7 +1,7 @@
 """Our streaming solver against pty-chi 2.2.0, on the same simulated data, in the same run.
 
 Run on the lent GPU machine from the repository root, with the ``ptychi`` and
-``pydantic`` wheels carried (see docs/benchmarks.md):
+``pydantic`` wheels carried (see docs/benchmarks-history.md):
 
     PYTHONPATH=. python3 benchmarks/recon_vs_ptychi.py --positions 1024 4096 --epochs 100
 

@@ -12,7 +12,7 @@ of the same frames in batches of 256, each batch copied from pinned host
 memory and both outputs copied back (what the live branch pays), frames/s.
 The weights are random: they do not change the arithmetic, so the speed is
 the trained network's (the ONNX graph has no CUDA runtime on the lent machine;
-see docs/benchmarks.md). Placement comes from the project's own rule
+see docs/benchmarks-history.md). Placement comes from the project's own rule
 (:func:`hxn_liveptycho.recon.placement.resolve_placement`). "both" runs the two
 branches in two threads of one process, as a session does, for the same
 wall time; each branch's figure is compared with the same branch alone on
