@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from hxn_liveptycho.nn.backends import OnnxRuntimeBackend
 from hxn_liveptycho.nn.branch import NNBranch
@@ -95,7 +96,11 @@ def test_the_process_mosaic_is_the_thread_mosaic_and_the_worker_is_reused(model,
         footprint_px=0.28 * 128,
     )
     thread.submit(amplitudes[:40], sample.positions_px[:40])  # the same probe estimate
-    time.sleep(0.5)  # taken alone, before the rest arrives
+    wait_for(  # taken alone, before the rest arrives
+        lambda: thread.describe()["nn_frames_inferred"] >= 40,
+        timeout=60,
+        what=lambda: f"the first 40 frames inferred: {thread.describe()}",
+    )
     thread.submit(amplitudes[40:], sample.positions_px[40:])
     reference = thread.close(timeout=120)
     assert reference is not None
@@ -194,15 +199,16 @@ def test_no_worker_outlives_its_owner(tmp_path):
                 )
                 b.submit(np.ones((4, 128, 128), np.float32), np.zeros((4, 2)))
                 holder.append(b)
+                starter.append(threading.get_native_id())
 
             if __name__ == "__main__":
-                holder = []
+                holder, starter = [], []
                 t = threading.Thread(target=start)
                 t.start()
                 t.join()
                 while holder[0].snapshot() is None:
                     time.sleep(0.05)
-                print(holder[0].pid, flush=True)
+                print(holder[0].pid, starter[0], flush=True)
                 time.sleep(600)
             """
         )
@@ -213,8 +219,14 @@ def test_no_worker_outlives_its_owner(tmp_path):
     try:
         line = owner.stdout.readline()
         assert line.strip(), "the owner printed no worker pid"
-        worker = int(line)
-        time.sleep(0.5)
+        worker, starter = (int(word) for word in line.split())
+        # A child signalled at its starting thread's end is signalled as that thread's task
+        # goes: wait for that moment, not for a time.
+        wait_for(
+            lambda: not os.path.exists(f"/proc/{owner.pid}/task/{starter}"),
+            timeout=10,
+            what="the end of the owner's starting thread",
+        )
         assert _alive(worker), "the worker died with the thread that started it"
         owner.kill()
         owner.wait(10)
