@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from scans import fly
 from serve_helpers import ServeProcess
+from waiting import wait_for
 
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 
@@ -45,6 +45,18 @@ _PICTURE_STATE = """(() => {
     .filter((i) => i.naturalWidth > 0).map((i) => i.alt);
   return {progress, hash, version: img.dataset.version, loaded};
 })()"""
+
+
+#: The finished run's state: progress line, pictures shown and the Tiled link of the run.
+_FINAL_STATE = """(() => {
+  const loaded = [...document.querySelectorAll('#pictures figure:not([hidden]) img')]
+    .filter((i) => i.complete && i.naturalWidth > 0).map((i) => i.alt);
+  const link = document.querySelector('#runs tbody a');
+  return {progress: document.getElementById('run-progress').textContent, loaded,
+          link: link ? link.href : null};
+})()"""
+#: What the page shows once the run is complete.
+FINAL_PICTURES = {"object amplitude", "object phase", "probe amplitude", "error curve"}
 
 
 def _chromium() -> str:
@@ -78,10 +90,12 @@ class DevTools:
             stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text().strip():
-            assert time.monotonic() < deadline and self.process.poll() is None, "no chromium"
-            time.sleep(0.1)
+
+        def port_written() -> bool:
+            assert self.process.poll() is None, "chromium exited"
+            return port_file.exists() and bool(port_file.read_text().strip())
+
+        wait_for(port_written, timeout=30, interval=0.05, what="chromium's DevTools port")
         port = port_file.read_text().split()[0]
         targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
         page = next(t for t in targets if t["type"] == "page")
@@ -147,19 +161,25 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
         result = fly(RE, eiger, panda, SimulatedSample(beamline), dwell=0.12)
         raw_uid = result.run_start_uids[0]
         serve.wait_finished(raw_uid)
-        time.sleep(1.5)  # one more event: the final picture and the Tiled link
-        watcher.stop.set()
+        watcher.stop.set()  # the run is over; one DevTools caller at a time from here
         watcher.join(10)
+        # The page learns of the end at its next event: wait for the final picture and the
+        # Tiled link to be shown, not for a time that is usually enough.
+        seen: list[dict[str, Any]] = []
+
+        def final_shown() -> bool:
+            seen.append(browser.evaluate(_FINAL_STATE))
+            state = seen[-1]
+            return (
+                state["progress"].startswith("complete: 100/100 positions")
+                and set(state["loaded"]) >= FINAL_PICTURES
+                and "/api/v1/metadata/processed/liveptycho/scan" in (state["link"] or "")
+            )
+
+        wait_for(final_shown, timeout=30, interval=0.1, what=lambda: f"final page {seen[-1]}")
 
         running = [s for s in watcher.samples if s["hash"] and "running" in s["progress"]]
         assert len({s["hash"] for s in running}) >= 2, watcher.samples  # changed mid-scan
-        final = browser.evaluate(_PICTURE_STATE)
-        assert final["progress"].startswith("complete: 100/100 positions"), final
-        assert {"object amplitude", "object phase", "probe amplitude", "error curve"} <= set(
-            final["loaded"]
-        )
-        link = browser.evaluate("document.querySelector('#runs tbody a').href")
-        assert "/api/v1/metadata/processed/liveptycho/scan" in link
 
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
         picture = tmp_path / "live-page.png"
