@@ -12,6 +12,7 @@ from hxn_liveptycho.demo import run_demo
 from hxn_liveptycho.sim import SimulatedBeamline
 
 
+@pytest.mark.slow  # 26 s of acquisition by design, 40 s on two loaded cores: `pytest -m slow`
 def test_live_snapshots_reach_tiled_before_the_scan_stops(tmp_path):
     """The demo reads the processed container back from Tiled while it runs; at least two
     different live snapshots (``live_updated``) were read before the stop document was made,
