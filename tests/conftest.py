@@ -165,6 +165,8 @@ CREDENTIAL_PATTERNS: tuple[re.Pattern[bytes], ...] = (
         rb"(?![" + _Z85 + rb"])"
     ),
 )
+#: Folders of a test browser's profile (tests/test_live_page.py), left out of the search.
+BROWSER_PROFILES = frozenset({"chromium-profile"})
 #: Binary files are searched in their runs of at least this many printable bytes.
 MIN_PRINTABLE_RUN = 8
 #: Leaks found and reported but whose fix lies outside the tests: listed in the summary as
@@ -310,7 +312,11 @@ def scan_tree(
     ``stats`` counts the ``files`` and ``bytes`` searched."""
     matcher = SecretMatcher(secrets, patterns=patterns)
     finds: list[SecretFinding] = []
-    for folder, _dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):
+        # A test browser's own profile (its cache and history of the URLs the test opened,
+        # the live page's ?token= among them) is the browser's storage, not an output of
+        # the project; the project's logs, views and Tiled data are all still searched.
+        dirs[:] = [d for d in dirs if d not in BROWSER_PROFILES]
         for name in sorted(files):
             path = Path(folder) / name
             try:

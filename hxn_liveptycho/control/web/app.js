@@ -2,6 +2,11 @@
 "use strict";
 
 const token = new URLSearchParams(window.location.search).get("token");
+// The token stays in this page's requests (EventSource cannot send a header) but leaves the
+// address bar, so it is not in the history, a bookmark or a shared link.
+if (token) {
+  window.history.replaceState(null, "", window.location.pathname);
+}
 const withToken = (url) => (token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url);
 const shown = {}; // picture kind -> "uid/version" on screen
 
