@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -21,15 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def use_cupy_stand_in(
     monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[types.ModuleType, types.ModuleType, list]:
-    """Put ``benchmarks/host_launches.py``'s CuPy stand-in (kernels are recorded no-ops)
-    in place for one test: ``(host_launches, the stand-in, the launches it records)``."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    host_launches = importlib.import_module("benchmarks.host_launches")
+    """Put the CuPy stand-in (:mod:`hxn_liveptycho.devtools.cupy_stand_in`: kernels are
+    recorded no-ops) in place for one test: ``(its module, the stand-in, the launches it
+    records)``."""
+    from hxn_liveptycho.devtools import cupy_stand_in
+
     launches: list = []
-    modules = host_launches.stand_in_modules(launches)
+    modules = cupy_stand_in.stand_in_modules(launches)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    return host_launches, modules["cupy"], launches
+    return cupy_stand_in, modules["cupy"], launches
 
 
 def mix_modes_like_the_kernel(waves: np.ndarray, u: np.ndarray) -> None:
