@@ -34,10 +34,15 @@ def _snapshot(shape: tuple[int, int], iteration: int, seed: int) -> dict[str, An
 
 
 def _until(condition: Any, timeout: float = 30.0) -> bool:
+    """Poll ``condition``; a read that fails meanwhile (a node being replaced answers 404
+    for a moment) counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return True
+        try:
+            if condition():
+                return True
+        except Exception:  # any failed read is "not yet"
+            pass
         time.sleep(0.05)
     return False
 

@@ -511,11 +511,14 @@ class SolverWorker:
         with contextlib.suppress(Exception):
             self._send(("shutdown",))
         if self._process is not None:
-            self._process.join(timeout)
-            if self._process.is_alive():
+            # The reader thread reaps the child once its pipe ends; joining it here too
+            # would race that waitpid (the loser sees no child, and the process would look
+            # alive for ever). So wait for the reader, and kill only a child still running.
+            self._reader.join(timeout)
+            if self._reader.is_alive():
                 logger.error("the solver process did not exit; killing it")
                 self._process.kill()
-                self._process.join()  # SIGKILL cannot be refused: wait for it to land
+                self._reader.join()  # SIGKILL cannot be refused: its pipe ends, it is reaped
         with contextlib.suppress(Exception):
             self._to_child.close()
 
