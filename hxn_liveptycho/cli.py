@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -256,7 +257,13 @@ def _serve_client(args: argparse.Namespace) -> Any:
     return ServeClient.from_settings(Settings(), url=args.url, token=args.token)
 
 
-def _client_call(args: argparse.Namespace, call: Any) -> int:
+def _client_call(
+    args: argparse.Namespace,
+    call: Any,
+    report: Callable[[argparse.Namespace, Any], int] | None = None,
+) -> int:
+    """``call`` on a client of the running serve; its result printed as JSON, or handed to
+    ``report`` (which returns the exit status)."""
     from hxn_liveptycho.control.client import ServeError
     from hxn_liveptycho.errors import ConfigurationError
 
@@ -268,6 +275,8 @@ def _client_call(args: argparse.Namespace, call: Any) -> int:
     except (ServeError, ValueError) as exc:
         print(f"liveptycho {args.command}: {exc}", file=sys.stderr)
         return 1
+    if report is not None:
+        return report(args, result)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
@@ -337,7 +346,7 @@ def _retry_upload(args: argparse.Namespace) -> int:
     if args.data_dir is None:
         if args.list:
             return _client_call(args, lambda client: client.uploads())
-        return _report_uploads(args, _client_call_result(args, lambda c: c.retry_uploads()))
+        return _client_call(args, lambda client: client.retry_uploads(), _report_uploads)
     from hxn_liveptycho.settings import Settings
     from hxn_liveptycho.store.server import TiledConnection
 
@@ -355,20 +364,7 @@ def _retry_upload(args: argparse.Namespace) -> int:
         tiled.close()
 
 
-def _client_call_result(args: argparse.Namespace, call: Any) -> dict[str, Any] | int:
-    from hxn_liveptycho.control.client import ServeError
-
-    try:
-        with _serve_client(args) as client:
-            return dict(call(client))
-    except ServeError as exc:
-        print(f"liveptycho {args.command}: {exc}", file=sys.stderr)
-        return 1
-
-
-def _report_uploads(args: argparse.Namespace, report: dict[str, Any] | int) -> int:
-    if isinstance(report, int):
-        return report
+def _report_uploads(args: argparse.Namespace, report: dict[str, Any]) -> int:
     for key in report.get("uploaded", []):
         print(f"uploaded {key}")
     errors = report.get("errors") or {}
