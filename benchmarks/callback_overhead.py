@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.sim import (
     SimEiger,
     SimHXNFlyer,

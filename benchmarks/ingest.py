@@ -84,7 +84,7 @@ PLACEHOLDERS = _ensure_importable()
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from hxn_liveptycho.preprocess import crop_window, to_amplitude  # noqa: E402
+from hxn_liveptycho.pipeline.preprocess import crop_window, to_amplitude  # noqa: E402
 from hxn_liveptycho.streams import EigerFrame, EigerReceiver, decode, encode  # noqa: E402
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver  # noqa: E402
 

@@ -245,7 +245,7 @@ def run_case(args: argparse.Namespace, feed_hz: float, mode: str, workdir: Path)
     from bluesky import RunEngine
 
     from hxn_liveptycho.callback import LivePtycho
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.sim import (
         SimEiger,
         SimHXNFlyer,

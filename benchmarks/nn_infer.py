@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.config.nn_params import DEFAULT_MODEL
 from hxn_liveptycho.nn.backends import (
     InferenceBackend,
     onnxruntime_cuda_available,
@@ -56,7 +57,6 @@ from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule
 from hxn_liveptycho.nn.torch_backend import torch_cuda_available
-from hxn_liveptycho.nn_params import DEFAULT_MODEL
 
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch-cuda", "torch-cuda-fp32")
 

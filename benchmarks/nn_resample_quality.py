@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from hxn_liveptycho.config.nn_params import DEFAULT_MODEL
 from hxn_liveptycho.nn.backends import OnnxRuntimeBackend
 from hxn_liveptycho.nn.branch import NNBranch
 from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule
-from hxn_liveptycho.nn_params import DEFAULT_MODEL
 from hxn_liveptycho.recon.metrics import illuminated_mask
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 from hxn_liveptycho.sim.optics import make_probe

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from hxn_liveptycho.callback import LivePtycho
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
 
 __all__ = ["LivePtycho", "Settings", "__version__"]
 
@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return LivePtycho
     if name == "Settings":
-        from hxn_liveptycho.settings import Settings
+        from hxn_liveptycho.config.settings import Settings
 
         return Settings
     raise AttributeError(name)

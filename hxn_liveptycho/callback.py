@@ -6,7 +6,7 @@ It is an :class:`event_model.DocumentRouter` rather than bluesky's
 ``CallbackBase`` because the router converts ``event`` ↔ ``event_page`` for us
 (we implement only the paged form) and is the base bluesky's own newer
 callbacks (``TiledWriter``) use. Each document is handed to the
-:class:`~hxn_liveptycho.engine.Engine` with one queue put: the RunEngine's
+:class:`~hxn_liveptycho.pipeline.engine.Engine` with one queue put: the RunEngine's
 thread never waits for reconstruction, Tiled or the network, and nothing
 raised here ever reaches the RunEngine (a callback exception aborts a scan).
 """
@@ -22,12 +22,12 @@ from typing import Any
 from event_model import DocumentRouter
 from event_model.documents import EventDescriptor, EventPage, RunStart, RunStop
 
-from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.engine import Engine
-from hxn_liveptycho.overrides import check_overrides, deep_merge, merge_overrides
-from hxn_liveptycho.session import SinkFactory
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.overrides import check_overrides, deep_merge, merge_overrides
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.pipeline.engine import Engine
+from hxn_liveptycho.pipeline.session import SinkFactory
 from hxn_liveptycho.store.server import TiledConnection
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LivePtycho(DocumentRouter):
         Endpoints, Tiled location and run selection; ``Settings()`` reads
         ``LIVEPTYCHO_*`` environment variables.
     overrides:
-        :class:`~hxn_liveptycho.scan.ScanConfig` fields to force on every run
+        :class:`~hxn_liveptycho.config.scan.ScanConfig` fields to force on every run
         (``{"roi": {"size": 256}, "recon": {"iterations": 300}}``), deep-merged
         over ``settings.overrides``; change them later with :meth:`configure`.
         Invalid ones raise :class:`~hxn_liveptycho.errors.ConfigurationError`.

@@ -176,22 +176,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
-    from hxn_liveptycho.docs_reference import configuration_reference
+    from hxn_liveptycho.devtools.docs_reference import configuration_reference
 
     print(configuration_reference())
     return 0
 
 
 def _status_json(args: argparse.Namespace) -> int:
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
 
     print(json.dumps(Settings().public_view(), indent=2, default=str))
     return 0
 
 
 def _model_registry(args: argparse.Namespace) -> Any:
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.nn.registry import ModelRegistry
-    from hxn_liveptycho.settings import Settings
 
     return ModelRegistry(args.model_dir or Settings().model_dir)
 
@@ -238,9 +238,9 @@ _SERVE_FLAGS = {
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.errors import ConfigurationError
     from hxn_liveptycho.serve import run_serve
-    from hxn_liveptycho.settings import Settings
 
     fields = {f: getattr(args, flag) for flag, f in _SERVE_FLAGS.items()}
     try:
@@ -251,8 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_client(args: argparse.Namespace) -> Any:
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.control.client import ServeClient
-    from hxn_liveptycho.settings import Settings
 
     return ServeClient.from_settings(Settings(), url=args.url, token=args.token)
 
@@ -347,7 +347,7 @@ def _retry_upload(args: argparse.Namespace) -> int:
         if args.list:
             return _client_call(args, lambda client: client.uploads())
         return _client_call(args, lambda client: client.retry_uploads(), _report_uploads)
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.store.server import TiledConnection
 
     settings = Settings(data_dir=args.data_dir)
@@ -492,9 +492,9 @@ def _needs_tiled(source: str) -> bool:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.replay import ReplayError
     from hxn_liveptycho.replay.command import run
-    from hxn_liveptycho.settings import Settings
 
     if _needs_tiled(args.source) and not args.tiled_uri and Settings().tiled_uri is None:
         # Without a Tiled URI the run would be looked up in an embedded server that holds

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error, register_object
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.sim import (
     SimEiger,
     SimHXNFlyer,
@@ -95,7 +95,7 @@ def aligned_pair(
 
     Phantom pixel ``q`` sits at stage coordinate ``origin_sim + q dx``; canvas
     pixel ``q`` of the reconstruction at ``origin_canvas + (q - n/2) dx``
-    (see :class:`~hxn_liveptycho.geometry.CanvasGeometry`), which fixes the
+    (see :class:`~hxn_liveptycho.pipeline.geometry.CanvasGeometry`), which fixes the
     whole-pixel offset between them; the metric registers the rest.
     """
     bl = sample.beamline

@@ -20,11 +20,11 @@ import threading
 from pathlib import Path
 
 from hxn_liveptycho import __version__
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.control.transport import ZmqDocumentSource
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.settings import Settings
 
 # ServeService (the service the API fronts) lives in control/service.py; it is found here too.
 __all__ = [

@@ -521,7 +521,7 @@ def _register_made_secrets(watch: SecretWatch, mp: pytest.MonkeyPatch) -> None:
         if data_dir is not None:
             watch.data_dirs.add(Path(data_dir).resolve())
 
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
 
     _after(Settings, "__init__", settings, mp)
 
@@ -586,9 +586,9 @@ def _watch_what_tests_see(watch: SecretWatch, mp: pytest.MonkeyPatch) -> None:
         return lambda result, *a, **k: watch.check_view(result, label)
 
     from hxn_liveptycho.callback import LivePtycho
-    from hxn_liveptycho.engine import Engine
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.engine import Engine
     from hxn_liveptycho.serve import ServeService
-    from hxn_liveptycho.settings import Settings
 
     views: list[tuple[Any, str]] = [
         (LivePtycho, "status"),

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.scan import ScanConfig, scan_config_from_documents
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.sim import (
     SimHXNFlyer,
     SimulatedBeamline,

@@ -15,12 +15,12 @@ import pytest
 import uvicorn
 from serve_helpers import free_port
 
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.client import parse_assignments
 from hxn_liveptycho.control.transport import ZmqDocumentSource, load_document
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.serve import ServeService, check_bind
-from hxn_liveptycho.settings import Settings
 
 TOKEN = "s3cret-token"
 

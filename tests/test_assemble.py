@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from hxn_liveptycho.assemble import Assembler
-from hxn_liveptycho.scan import EncoderConfig
+from hxn_liveptycho.config.scan import EncoderConfig
+from hxn_liveptycho.pipeline.assemble import Assembler
 
 X = "/INENC2.VAL.Value"
 Y = "/INENC3.VAL.Value"
@@ -106,7 +106,7 @@ def test_upsample_from_sample_count_once_the_panda_stream_ended(
     assert assembler.pop_ready() == []
     assert assembler.upsample is None
     assembler.positions_ended()
-    with caplog.at_level(logging.INFO, logger="hxn_liveptycho.assemble"):
+    with caplog.at_level(logging.INFO, logger="hxn_liveptycho.pipeline.assemble"):
         ready = assembler.pop_ready()
     assert assembler.upsample == 5
     assert [p.x_um for p in ready] == pytest.approx([0.0, 1.0, 2.0, 3.0])

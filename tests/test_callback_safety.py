@@ -11,7 +11,7 @@ import pytest
 from event_model import compose_run
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -13,8 +13,8 @@ import pytest
 import zmq
 from zmq.utils import z85
 
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import CurveKeys, PandaPublisher, PandaReceiver
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")

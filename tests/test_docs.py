@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hxn_liveptycho.docs_reference import configuration_reference
+from hxn_liveptycho.devtools.docs_reference import configuration_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -274,8 +274,8 @@ def test_sub_socket_and_bad_options_are_refused() -> None:
 
 def test_engine_builds_the_process_receiver_from_settings(tmp_path: Any) -> None:
     """eiger_decode_processes > 0 gives the engine a multi-process receiver; frames reach it."""
-    from hxn_liveptycho.engine import Engine
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.engine import Engine
 
     publisher = EigerPublisher("tcp://127.0.0.1:*", socket_type="push")
     settings = Settings(

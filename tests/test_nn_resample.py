@@ -154,9 +154,9 @@ def test_a_256_run_through_start_nn_branch_in_its_process(tmp_path):
     run's 256² canvas."""
     from types import SimpleNamespace
 
+    from hxn_liveptycho.config.scan import ScanConfig
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.nn.branch import start_nn_branch
-    from hxn_liveptycho.scan import ScanConfig
-    from hxn_liveptycho.settings import Settings
 
     beamline = SimulatedBeamline.for_window(
         256, x_num=8, y_num=8, step_px=18.0, jitter_px=1.2, seed=6, photons_per_frame=2e5

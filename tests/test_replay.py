@@ -13,10 +13,10 @@ import pytest
 from scans import SMALL, fly, make_live, processed
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.demo import final_object_error
 from hxn_liveptycho.replay import ReplayError, StreamPublishers, load_archive, replay_run
 from hxn_liveptycho.replay.tiled_source import load_tiled_run
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 from hxn_liveptycho.store.diffraction import read_diffraction
 

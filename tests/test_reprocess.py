@@ -9,9 +9,9 @@ from scans import processed
 from tiled.client import from_uri
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.queueserver import LivePtychoControl
 from hxn_liveptycho.replay.files import load_archive
-from hxn_liveptycho.settings import Settings
 
 ARCHIVE = Path(__file__).resolve().parents[1] / "archives" / "clean-12x12"
 

@@ -11,10 +11,10 @@ from scans import THETA_12KEV_DEG, hxn_start_md
 from scans import ScanRun as Run
 from scans import make_scan_run as make_run
 
-from hxn_liveptycho.engine import run_selection
+from hxn_liveptycho.config.scan import energy_kev_from_dcm_theta
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
-from hxn_liveptycho.scan import energy_kev_from_dcm_theta
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.pipeline.engine import run_selection
 
 
 @pytest.fixture

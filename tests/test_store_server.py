@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.store.server import EmbeddedTiledServer, TiledConnection
 
 KEY = "storeserverkey0123456789"

@@ -27,8 +27,8 @@ from hxn_liveptycho import __version__
 from hxn_liveptycho.control.render import KINDS, picture_array, render_png
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.jsonsafe import json_safe
-from hxn_liveptycho.session import RunSession
+from hxn_liveptycho.pipeline.session import RunSession
+from hxn_liveptycho.util.jsonsafe import json_safe
 
 #: Seconds between two server-sent status events.
 EVENT_INTERVAL_S = 0.5

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 
 
 class ServeError(RuntimeError):

@@ -22,8 +22,8 @@ from typing import Any
 import bluesky.preprocessors as bpp
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.jsonsafe import json_safe
-from hxn_liveptycho.overrides import check_overrides, deep_merge
+from hxn_liveptycho.config.overrides import check_overrides, deep_merge
+from hxn_liveptycho.util.jsonsafe import json_safe
 
 __all__ = ["PREFIX", "LivePtychoControl", "check_overrides", "ptychography"]
 

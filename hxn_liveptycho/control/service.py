@@ -17,10 +17,10 @@ from typing import Any
 
 from hxn_liveptycho import __version__
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.transport import DocumentSource
-from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.session import RunSession
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.pipeline.session import RunSession
+from hxn_liveptycho.util.counters import Counters
 
 __all__ = ["SHUTDOWN_REASON", "ServeService"]
 

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
-from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

@@ -52,20 +52,20 @@ __all__ = [
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "entry points and outside drivers",
-        ("cli", "serve", "control", "replay", "demo", "sim", "docs_reference", "devtools"),
+        ("cli", "serve", "control", "replay", "demo", "sim", "devtools"),
     ),
     ("callback", ("callback",)),
-    ("engine", ("engine",)),
-    ("session", ("session",)),
+    ("engine", ("pipeline.engine",)),
+    ("session", ("pipeline.session",)),
     # The stages are built from a run's ScanConfig and Settings, so they sit above them.
-    ("pipeline stages", ("assemble", "preprocess", "geometry", "inputs", "nn")),
+    ("pipeline stages", ("pipeline", "nn")),
     # The store writes a ScanConfig's record and reads Settings; nothing below knows Tiled.
     ("store", ("store",)),
     # The models of a run and of a process; they hold the solver's and receivers' settings.
-    ("configuration", ("scan", "settings", "overrides", "nn_params")),
+    ("configuration", ("config",)),
     # The wire formats and the numerics: reusable without a run, a session or a setting.
     ("streams and recon", ("streams", "recon")),
-    ("leaf helpers", ("", "errors", "counters", "jsonsafe", "children", "validation")),
+    ("leaf helpers", ("", "errors", "util")),
 )
 
 

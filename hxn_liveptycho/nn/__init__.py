@@ -1,6 +1,6 @@
 """The neural-network branch: single-shot models, their runtimes, and the live mosaic.
 
-The per-scan parameters live below it, in :mod:`hxn_liveptycho.nn_params`
+The per-scan parameters live below it, in :mod:`hxn_liveptycho.config.nn_params`
 (configuration that the scan's model holds); everything here loads lazily, so
 importing the package never pulls in ONNX Runtime.
 """

@@ -46,9 +46,9 @@ from hxn_liveptycho.nn.resample import Fit, InputRule
 from hxn_liveptycho.recon.probe import initial_probe
 
 if TYPE_CHECKING:
-    from hxn_liveptycho.geometry import CanvasGeometry
-    from hxn_liveptycho.scan import ScanConfig
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.scan import ScanConfig
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.geometry import CanvasGeometry
 
 # check_input_shape and settle_rule live in nn.core and are re-exported for callers of branch.
 __all__ = ["NNBranch", "check_input_shape", "settle_rule", "start_nn_branch", "worker_key"]

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.nn.interface import InferenceBackend
 from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, to_complex
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule, choose_rule
 from hxn_liveptycho.recon.probe import pupil_radius_px
+from hxn_liveptycho.util.counters import Counters
 
 __all__ = [
     "COUNTER_NAMES",

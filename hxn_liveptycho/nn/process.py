@@ -52,12 +52,12 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.children import LogToParent, exit_with_parent, start_spawned
 from hxn_liveptycho.nn.core import BranchBase, BranchCore, Publish, settle_rule
 from hxn_liveptycho.nn.interface import GraphIO
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule
 from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.util.children import LogToParent, exit_with_parent, start_spawned
 
 logger = logging.getLogger(__name__)
 

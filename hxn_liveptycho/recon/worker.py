@@ -19,7 +19,7 @@ child process (spawned, one per engine and GPU) that does nothing else:
 The parent side is :class:`SolverWorker` (the process) and :class:`RemoteSolver`
 (one run's handle). A reader thread in the parent turns the child's messages
 into state and wakes the run's session. The child exits when its parent dies
-(:func:`~hxn_liveptycho.children.exit_with_parent`, and a closed pipe), and a
+(:func:`~hxn_liveptycho.util.children.exit_with_parent`, and a closed pipe), and a
 child that dies fails its open runs with the reason instead of hanging them.
 """
 
@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.children import LogToParent, start_spawned
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement, Placement
+from hxn_liveptycho.util.children import LogToParent, start_spawned
+from hxn_liveptycho.util.counters import Counters
 
 __all__ = ["RemoteSolver", "SolverWorker", "WarmUp", "WorkerInfo"]
 
@@ -287,7 +287,7 @@ def _child_main(
     warm: WarmUp | None,
     log_level: int,
 ) -> None:
-    from hxn_liveptycho.children import exit_with_parent
+    from hxn_liveptycho.util.children import exit_with_parent
 
     exit_with_parent(parent_pid)
     child = _Child(inbox, outbox)

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.replay.runner import ReplayOptions, ReplayReport, replay_run
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import ENCODINGS
 
 #: How long a fresh 0MQ Publisher is given to connect before the first document.

@@ -16,8 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from hxn_liveptycho.config.scan import DETECTOR_KEYS
 from hxn_liveptycho.errors import LivePtychoError
-from hxn_liveptycho.scan import DETECTOR_KEYS
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.replay.files import load_archive
 from hxn_liveptycho.replay.model import MALFORMED, RecordedRun, ReplayError, one_line
 from hxn_liveptycho.replay.publish import Pace, Selection, StreamPublishers, select
 from hxn_liveptycho.replay.tiled_source import DocumentsMode, load_tiled_run
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import ENCODINGS
 
 logger = logging.getLogger(__name__)

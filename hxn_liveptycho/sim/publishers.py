@@ -39,8 +39,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from hxn_liveptycho.children import start_spawned
 from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.util.children import start_spawned
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def _child_main(
     os.environ["OMP_NUM_THREADS"] = "1"
     # Ctrl-C in a terminal reaches the whole process group; the owner decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from hxn_liveptycho.children import exit_with_parent
+    from hxn_liveptycho.util.children import exit_with_parent
 
     exit_with_parent(parent_pid)
     try:

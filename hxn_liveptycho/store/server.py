@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
+from hxn_liveptycho.config.settings import Settings, redact_uri
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.settings import Settings, redact_uri
 from hxn_liveptycho.store.recovery import Recovery
 from hxn_liveptycho.store.server_process import bluesky_serialization_registry
 from hxn_liveptycho.store.tiled import TiledSink

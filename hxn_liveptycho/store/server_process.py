@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hxn_liveptycho.children import exit_with_parent
+from hxn_liveptycho.util.children import exit_with_parent
 
 logger = logging.getLogger("hxn_liveptycho.store.server_process")
 

@@ -46,12 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.jsonsafe import json_safe
-from hxn_liveptycho.scan import ScanConfig
+from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.store import diffraction as stored_diffraction
 from hxn_liveptycho.store.arrays import ArrayGroup, Layout
 from hxn_liveptycho.store.recovery import Recovery, UnwrittenResult, save_backup
+from hxn_liveptycho.util.counters import Counters
+from hxn_liveptycho.util.jsonsafe import json_safe
 
 logger = logging.getLogger(__name__)
 

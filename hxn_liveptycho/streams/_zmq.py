@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import zmq
 
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 
 # The CurveZMQ keys live in streams/curve.py; the receivers of both detectors find them here too.
 from hxn_liveptycho.streams.curve import curve_key as curve_key
 from hxn_liveptycho.streams.curve import curve_options as curve_options
 from hxn_liveptycho.streams.curve import curve_server_options
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

@@ -54,8 +54,6 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from hxn_liveptycho.children import start_spawned
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams._zmq import names
 from hxn_liveptycho.streams.crop import as_window, window_source
@@ -75,6 +73,8 @@ from hxn_liveptycho.streams.eiger_messages import (
     parse,
 )
 from hxn_liveptycho.streams.eiger_series import EigerSeriesBook
+from hxn_liveptycho.util.children import start_spawned
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

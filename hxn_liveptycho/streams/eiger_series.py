@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.errors import DecodeError
 from hxn_liveptycho.streams.eiger_messages import (
     EigerEvent,
@@ -31,6 +30,7 @@ from hxn_liveptycho.streams.eiger_messages import (
     SeriesEndEvent,
     SeriesStartEvent,
 )
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ def _start_live_ptycho():
         _liveptycho_log.error("live ptychography not started: the profile has no RunEngine 'RE'")
         return None, None
     try:
+        from hxn_liveptycho import Settings
         from hxn_liveptycho.callback import LivePtycho
-        from hxn_liveptycho.settings import Settings
 
         live = LivePtycho(Settings())
     except Exception:

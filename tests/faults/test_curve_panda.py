@@ -97,7 +97,7 @@ def test_a_curve_panda_receiver_refuses_a_plain_publisher() -> None:
 
 def _engine_receivers(settings: Any) -> list[Any]:
     """The receivers Engine._start_receivers makes, without the rest of an engine."""
-    from hxn_liveptycho.engine import Engine
+    from hxn_liveptycho.pipeline.engine import Engine
 
     engine = Engine.__new__(Engine)
     engine.settings = settings
@@ -107,7 +107,7 @@ def _engine_receivers(settings: Any) -> list[Any]:
 
 
 def test_the_engine_gives_the_panda_socket_the_curve_keys(monkeypatch) -> None:
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
 
     client, _ = _keys()
     for name in list(__import__("os").environ):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_lifecycle_states import Run, Sinks, make_engine
 
-from hxn_liveptycho.session import FINAL_STATUSES
+from hxn_liveptycho.pipeline.session import FINAL_STATUSES
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_lifecycle_states import SCAN_MD, X_CHANNEL, Y_CHANNEL, make_engine
 
-from hxn_liveptycho.inputs import Samples, SeriesEnd, SeriesStart
+from hxn_liveptycho.pipeline.inputs import Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.streams import EigerFrame
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,6 +1,6 @@
 """A run's life ends in exactly one terminal state, with a reason, whatever its data did.
 
-These drive an :class:`~hxn_liveptycho.engine.Engine` directly (documents through
+These drive an :class:`~hxn_liveptycho.pipeline.engine.Engine` directly (documents through
 ``submit``, detector and PandA messages through the engine's own stream queue, as the
 receivers put them) with a recording sink, so each fault is reproduced exactly and in
 a second or two; the real RunEngine/Tiled paths are covered by the end-to-end tests.
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from event_model import compose_run
 
-from hxn_liveptycho.engine import Engine
-from hxn_liveptycho.inputs import Samples, SeriesEnd, SeriesStart
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.pipeline.engine import Engine
+from hxn_liveptycho.pipeline.inputs import Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.streams import EigerFrame
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 

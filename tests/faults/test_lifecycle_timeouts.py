@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from test_lifecycle_states import FRAME, Run, Sinks, make_engine, only_sink
 
-from hxn_liveptycho.engine import Engine
-from hxn_liveptycho.session import SUPERSEDED
+from hxn_liveptycho.pipeline.engine import Engine
+from hxn_liveptycho.pipeline.session import SUPERSEDED
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,7 +160,7 @@ def test_solver_that_never_sends_its_final_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A solver that is alive but never answers 'finish' no longer holds the run open."""
-    from hxn_liveptycho import session as session_module
+    from hxn_liveptycho.pipeline import session as session_module
     from hxn_liveptycho.recon.worker import RemoteSolver
 
     monkeypatch.setattr(session_module, "FINAL_STATE_MARGIN_S", 1.0)
@@ -180,7 +180,7 @@ def test_solver_that_never_sends_its_final_state(
 def test_to_amplitudes_refuses_a_mixed_batch() -> None:
     """Defence behind the quarantine: a larger frame is not cropped silently."""
     from hxn_liveptycho.errors import ConfigurationError
-    from hxn_liveptycho.preprocess import to_amplitudes
+    from hxn_liveptycho.pipeline.preprocess import to_amplitudes
 
     window = (slice(0, 16), slice(0, 16))
     good = np.ones((32, 32), np.uint32)

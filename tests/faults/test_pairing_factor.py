@@ -3,7 +3,7 @@
 Issue 23, 'Why': configured 10 with 11, 5 or 20 sent, or auto with a ratio like 10.4,
 misplaced positions by up to the whole scan width and the run still ended ``complete``;
 the factor used was not recorded (the config shows ``upsample: None``). Each case is
-reproduced here through an :class:`~hxn_liveptycho.engine.Engine` with a recording sink
+reproduced here through an :class:`~hxn_liveptycho.pipeline.engine.Engine` with a recording sink
 (the scaffolding of ``test_lifecycle_states``), feeding the PandA's messages as HXN sends
 them: the encoders plus the ``/PCAP.TS_TRIG.Value`` time channel, and the Eiger's series
 header with ``frame_time``. Each test first shows what the old pairing would have made of
@@ -35,10 +35,10 @@ from test_lifecycle_states import (
     only_sink,
 )
 
-from hxn_liveptycho.assemble import RATIO_TOLERANCE, Assembler
-from hxn_liveptycho.engine import Engine
-from hxn_liveptycho.inputs import Samples, SeriesStart
-from hxn_liveptycho.scan import EncoderConfig
+from hxn_liveptycho.config.scan import EncoderConfig
+from hxn_liveptycho.pipeline.assemble import RATIO_TOLERANCE, Assembler
+from hxn_liveptycho.pipeline.engine import Engine
+from hxn_liveptycho.pipeline.inputs import Samples, SeriesStart
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 from hxn_liveptycho.store.diffraction import read_diffraction
 

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from hxn_liveptycho.cli import main
+from hxn_liveptycho.config.nn_params import NNParams
+from hxn_liveptycho.config.overrides import check_overrides
 from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.nn.registry import SHIPPED_DIR, ModelRegistry
-from hxn_liveptycho.nn_params import NNParams
-from hxn_liveptycho.overrides import check_overrides
 from hxn_liveptycho.replay import ReplayError, load_archive, replay_run
 
 pytestmark = pytest.mark.timeout(120)

@@ -26,7 +26,7 @@ import pytest
 import zmq
 from conftest import SecretWatch, _SecretLogWatch, redacted_hint, scan_tree
 
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 
 PLANTED = "plantedKey0123456789abcdefXYZ"  # not a KEY/TOKEN name: the session never registers it
 ORIGIN = {PLANTED: "planted by test_secrets_suite"}

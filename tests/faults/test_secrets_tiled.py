@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.store.server import TiledConnection
 
 KEY = "secretsTiledKey0123456789abcdef"

@@ -21,10 +21,10 @@ from conftest import TILED_API_KEY
 from serve_helpers import free_port
 
 from hxn_liveptycho import cli
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.transport import ZmqDocumentSource
 from hxn_liveptycho.serve import ServeService
-from hxn_liveptycho.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 

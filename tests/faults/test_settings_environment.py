@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from hxn_liveptycho import cli
+from hxn_liveptycho.config.settings import Settings, warn_unknown_environment
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.settings import Settings, warn_unknown_environment
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,7 +81,7 @@ def test_a_misspelt_variable_is_warned_about_once_with_the_closest_name(
     monkeypatch.setenv("LIVEPTYCHO_TILED_URL", "http://tiled:8000")
     monkeypatch.setenv("LIVEPTYCHO_OVERRIDES__RECON__ITERATIONS", "5")  # nested: valid
     monkeypatch.setenv("HXN_LIVEPTYCHO_OFF", "1")  # not ours
-    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.settings"):
+    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.settings"):
         settings = Settings(data_dir=tmp_path)
         Settings(data_dir=tmp_path)
     assert settings.tiled_uri is None  # the misspelt name was not read

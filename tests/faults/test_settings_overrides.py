@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from hxn_liveptycho.callback import LivePtycho
+from hxn_liveptycho.config.overrides import OverrideError, check_overrides, deep_merge
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.queueserver import LivePtychoControl
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.overrides import OverrideError, check_overrides, deep_merge
-from hxn_liveptycho.settings import Settings
 
 pytestmark = pytest.mark.timeout(90)
 

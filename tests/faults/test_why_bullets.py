@@ -44,9 +44,9 @@ from test_lifecycle_states import (
 )
 
 from hxn_liveptycho.callback import LivePtycho
-from hxn_liveptycho.engine import Engine
-from hxn_liveptycho.inputs import Samples, SeriesStart
-from hxn_liveptycho.settings import Settings
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.pipeline.engine import Engine
+from hxn_liveptycho.pipeline.inputs import Samples, SeriesStart
 from hxn_liveptycho.store.diffraction import read_diffraction
 from hxn_liveptycho.store.server import split_api_key
 from hxn_liveptycho.streams import EigerFrame, EigerPublisher, PandaPublisher

@@ -217,7 +217,7 @@ def test_retry_upload_on_the_command_line_uploads_a_data_dir_s_backups(tmp_path,
     """For a process that has ended: ``liveptycho retry-upload --data-dir`` starts the
     folder's embedded Tiled, uploads the backups and says what it did, in lines."""
     from hxn_liveptycho.cli import main
-    from hxn_liveptycho.settings import Settings
+    from hxn_liveptycho.config.settings import Settings
     from hxn_liveptycho.store.server import TiledConnection
 
     data = tmp_path / "data"

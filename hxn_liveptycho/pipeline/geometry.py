@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hxn_liveptycho.scan import ScanConfig
+from hxn_liveptycho.config.scan import ScanConfig
 
 
 @dataclass(frozen=True)

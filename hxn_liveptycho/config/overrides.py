@@ -1,4 +1,4 @@
-"""Overrides of :class:`~hxn_liveptycho.scan.ScanConfig`: one deep merge, checked where they enter.
+"""Overrides of a run's ScanConfig: one deep merge, checked where they enter.
 
 Overrides reach a run from four places: ``LivePtycho(overrides=...)`` and
 :meth:`LivePtycho.configure <hxn_liveptycho.callback.LivePtycho.configure>`
@@ -18,11 +18,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.scan import ScanConfig
-from hxn_liveptycho.validation import deep_merge, plain, validation_problems
+from hxn_liveptycho.util.validation import deep_merge, plain, validation_problems
 
-# deep_merge and validation_problems live in hxn_liveptycho.validation; callers of the
+# deep_merge and validation_problems live in hxn_liveptycho.util.validation; callers of the
 # override checks find them here too.
 __all__ = [
     "OverrideError",
@@ -67,7 +67,7 @@ def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Overrides as plain dicts if a run can be configured with them, else :class:`OverrideError`.
 
     They are validated merged over what a scan's documents provide, the way
-    :func:`~hxn_liveptycho.scan.scan_config_from_documents` merges them, so
+    :func:`~hxn_liveptycho.config.scan.scan_config_from_documents` merges them, so
     partial nested overrides (``{"recon": {"iterations": 50}}``) pass and any
     value ``ScanConfig`` would refuse on a run is refused now.
     """

@@ -3,8 +3,8 @@
 :func:`deep_merge` combines a base configuration with partial updates key by
 key; :func:`validation_problems` turns a pydantic ``ValidationError`` into one
 (field path, message) pair per field, with the close match for a misspelt
-name. Why a leaf module: ``ScanConfig`` (:mod:`~hxn_liveptycho.scan`),
-``Settings`` and the override checks (:mod:`~hxn_liveptycho.overrides`) all
+name. Why a leaf module: ``ScanConfig`` (:mod:`~hxn_liveptycho.config.scan`),
+``Settings`` and the override checks (:mod:`~hxn_liveptycho.config.overrides`) all
 use them, and the override checks need ``ScanConfig``; with the shared tools
 here the imports point one way (overrides -> scan -> validation).
 """

@@ -5,7 +5,7 @@ events (from the Eiger and PandA receivers) share one ordered queue, so a
 detector series armed after a run's ``start`` is always seen after that
 ``start``: the series is bound to the newest run still taking data. The
 dispatcher thread does bookkeeping only; each run's heavy work happens in
-its own :class:`~hxn_liveptycho.session.RunSession` thread, and every run's
+its own :class:`~hxn_liveptycho.pipeline.session.RunSession` thread, and every run's
 solver iterates in the engine's solver process
 (:class:`~hxn_liveptycho.recon.worker.SolverWorker`), started with the engine
 so that its kernels are compiled before the first scan.
@@ -23,8 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.inputs import (
+from hxn_liveptycho.config.nn_params import NNParams
+from hxn_liveptycho.config.overrides import deep_merge
+from hxn_liveptycho.config.scan import RoiConfig
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.nn.branch import worker_key
+from hxn_liveptycho.nn.process import WorkerPool
+from hxn_liveptycho.nn.registry import ModelRegistry
+from hxn_liveptycho.pipeline.inputs import (
     Document,
     Flush,
     Frame,
@@ -36,18 +42,12 @@ from hxn_liveptycho.inputs import (
     Stop,
     Stream,
 )
-from hxn_liveptycho.nn.branch import worker_key
-from hxn_liveptycho.nn.process import WorkerPool
-from hxn_liveptycho.nn.registry import ModelRegistry
-from hxn_liveptycho.nn_params import NNParams
-from hxn_liveptycho.overrides import deep_merge
+from hxn_liveptycho.pipeline.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
-from hxn_liveptycho.scan import RoiConfig
-from hxn_liveptycho.session import SUPERSEDED, RunSession, SinkFactory
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams import CurveKeys, EigerFrame, EigerReceiver, PandaReceiver
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

@@ -23,19 +23,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from hxn_liveptycho.assemble import Assembler, PairedFrame
-from hxn_liveptycho.counters import Counters
+from hxn_liveptycho.config.scan import ScanConfig, scan_config_from_documents
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
-from hxn_liveptycho.geometry import CanvasGeometry
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
 from hxn_liveptycho.nn.process import NNProcessBranch, WorkerPool
-from hxn_liveptycho.preprocess import beam_center, crop_window, to_amplitudes
+from hxn_liveptycho.pipeline.assemble import Assembler, PairedFrame
+from hxn_liveptycho.pipeline.geometry import CanvasGeometry
+from hxn_liveptycho.pipeline.preprocess import beam_center, crop_window, to_amplitudes
 from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
-from hxn_liveptycho.scan import ScanConfig, scan_config_from_documents
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams.crop import window_source
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from pydantic import (
     model_validator,
 )
 
+from hxn_liveptycho.config.nn_params import NNParams
 from hxn_liveptycho.errors import ConfigurationError, NotPtychographyError
-from hxn_liveptycho.nn_params import NNParams
 from hxn_liveptycho.recon.iterative import IterativeParams
-from hxn_liveptycho.validation import deep_merge, validation_problems
+from hxn_liveptycho.util.validation import deep_merge, validation_problems
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from hxn_liveptycho.nn_params import NNParams
+from hxn_liveptycho.config.nn_params import NNParams
+from hxn_liveptycho.config.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
+from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
-from hxn_liveptycho.scan import EncoderConfig, ProbeGuess, RoiConfig, ScanConfig, ScanGrid
-from hxn_liveptycho.settings import Settings
 from hxn_liveptycho.streams.crop import DetectorCrop
 
 _SECTIONS: list[tuple[str, type[BaseModel], str]] = [

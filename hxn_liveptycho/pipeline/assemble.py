@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.counters import Counters
-from hxn_liveptycho.scan import EncoderConfig
+from hxn_liveptycho.config.scan import EncoderConfig
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 

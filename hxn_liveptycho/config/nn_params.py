@@ -1,7 +1,7 @@
 """Per-scan choices of the neural-network branch (part of ScanConfig, so runs record them).
 
 Why here and not in :mod:`hxn_liveptycho.nn`: these are configuration, read by
-:mod:`~hxn_liveptycho.scan` below the branch that uses them; in ``nn/`` they
+:mod:`~hxn_liveptycho.config.scan` below the branch that uses them; in ``nn/`` they
 made the configuration import the pipeline stage it configures.
 """
 

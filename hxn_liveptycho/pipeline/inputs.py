@@ -15,8 +15,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from hxn_liveptycho.counters import Counters
 from hxn_liveptycho.streams import EigerFrame
+from hxn_liveptycho.util.counters import Counters
 
 #: Which stream a series message came from.
 Stream = Literal["eiger", "panda"]

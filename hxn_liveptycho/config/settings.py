@@ -2,7 +2,7 @@
 
 Read from ``LIVEPTYCHO_*`` environment variables (nested fields with ``__``),
 so a beamline profile, ``liveptycho serve`` and queueserver share one source
-of truth. Scan-specific choices live in :class:`~hxn_liveptycho.scan.ScanConfig`.
+of truth. Scan-specific choices live in :class:`~hxn_liveptycho.config.scan.ScanConfig`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.streams.crop import DetectorCrop
-from hxn_liveptycho.validation import validation_problems
+from hxn_liveptycho.util.validation import validation_problems
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     @field_validator("overrides")
     @classmethod
     def _check_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from hxn_liveptycho.overrides import check_overrides  # imports ScanConfig
+        from hxn_liveptycho.config.overrides import check_overrides  # imports ScanConfig
 
         return check_overrides(value)
 
