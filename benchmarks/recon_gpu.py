@@ -1,6 +1,6 @@
 """The solver on the GPU: NumPy ⇄ CuPy parity, seconds per iteration, memory and the floor.
 
-Run on a CUDA machine (the lent H100), from the repository root:
+Run on a CUDA machine (the lent H200), from the repository root:
 
     PYTHONPATH=. python benchmarks/recon_gpu.py [--out results.json]
 
@@ -8,7 +8,7 @@ For each case (simulated HXN data: defocused zone-plate probe, phantom
 object, jittered raster, Poisson noise; ePIE, LSQ-ML and DM with 1 and 3
 probe modes at 1,024 and 4,096 positions of 256²) it times iterations of
 ``StreamingSolver`` on CuPy after a warm-up, with the fused kernels
-(:mod:`hxn_liveptycho.recon._fused`) and, for one mode, without them; reports
+(`StreamingSolver(fused=None)`) and, for one mode, without them; reports
 CuPy's memory pool after the run (an upper bound of the peak), the peak of bytes in
 use over a second, untimed run (:func:`peak_used_bytes`) and the solver's own
 estimate, and the memory-traffic floors of one iteration at the
@@ -23,39 +23,22 @@ seconds per epoch and both final errors (:func:`benchmarks.recon_vs_ptychi.compa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
 import platform
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from benchmarks.recon_vs_ptychi import compare_cases, print_table
-from hxn_liveptycho.recon import _fused, iterative
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
-
-
-@contextlib.contextmanager
-def tile_modes(modes: int | None) -> Iterator[None]:
-    """The solver's tile kernels for up to ``modes`` probe modes while inside (None: the
-    solver's own bounds, ``_fused._TILE_MODES`` and ``_TILE_STEP_MODES``): to time what it
-    would do with others."""
-    saved = _fused._TILE_MODES, _fused._TILE_STEP_MODES
-    if modes is not None:
-        _fused._TILE_MODES = _fused._TILE_STEP_MODES = modes
-    try:
-        yield
-    finally:
-        _fused._TILE_MODES, _fused._TILE_STEP_MODES = saved
 
 
 def copy_bandwidth(cp: Any) -> float:
@@ -201,35 +184,14 @@ def peak_used_bytes(cp: Any, solver: StreamingSolver, iterations: int) -> tuple[
     return resident, int(hook.peak)
 
 
-@contextlib.contextmanager
-def enqueue_clock(marks: list[float]) -> Iterator[None]:
-    """Append to ``marks`` the moment ``iterate`` asks for its errors, its one host sync:
-    the host has then issued every launch of the call. Close to the round's end, the
-    GPU waited for the host; well before it, the host waited for the GPU."""
-    real = iterative.to_host
-
-    def marked(a: Any) -> Any:
-        marks.append(time.perf_counter())
-        return real(a)
-
-    iterative.to_host = marked
-    try:
-        yield
-    finally:
-        iterative.to_host = real
-
-
 def timed(
     cp: Any,
     solver: StreamingSolver,
     iterations: int,
     rounds: int = 3,
-    enqueued: list[float] | None = None,
 ) -> list[float]:
     """Seconds per iteration of each of ``rounds`` rounds of ``iterations`` iterations;
-    the cases report their median (the lent machines are shared) and the spread.
-    ``enqueued`` receives each round's seconds per iteration until the host had issued
-    the round's last launch (:func:`enqueue_clock`)."""
+    the cases report their median (the lent machines are shared) and the spread."""
     # Warm-up past the first probe update and orthogonalisation, so every kernel is
     # compiled and every cuFFT plan made before the clock starts.
     solver.iterate(max(3, solver.params.probe_update_start + solver.params.orthogonalize_every + 1))
@@ -239,14 +201,10 @@ def timed(
     gc.disable()  # as timeit does: a collector pause is a large share of a short round
     try:
         for _ in range(rounds):
-            marks: list[float] = []
-            with enqueue_clock(marks):
-                t0 = time.perf_counter()
-                solver.iterate(iterations)
-                cp.cuda.Device().synchronize()
-                seconds.append((time.perf_counter() - t0) / iterations)
-            if enqueued is not None and marks:
-                enqueued.append((marks[-1] - t0) / iterations)
+            t0 = time.perf_counter()
+            solver.iterate(iterations)
+            cp.cuda.Device().synchronize()
+            seconds.append((time.perf_counter() - t0) / iterations)
     finally:
         if collecting:
             gc.enable()
@@ -263,7 +221,6 @@ def run_case(
     parity: bool,
     reference: bool,
     error_at: int,
-    cufft: bool = False,
     timing_rounds: int = 3,
 ) -> dict:
     bl = sample.beamline
@@ -271,8 +228,7 @@ def run_case(
     pool.free_all_blocks()
     cp.cuda.Device().synchronize()
     solver = make_solver(sample, cp, params)
-    enqueued: list[float] = []
-    rounds = timed(cp, solver, iterations, timing_rounds, enqueued)
+    rounds = timed(cp, solver, iterations, timing_rounds)
     result: dict[str, Any] = {
         "case": name,
         "algorithm": params.algorithm,
@@ -283,8 +239,6 @@ def run_case(
         "canvas": list(solver.object.shape),
         "gpu_s_per_iteration": float(np.median(rounds)),
         "gpu_rounds_s_per_iteration": rounds,
-        # The host's share: near 1, the GPU waited for the host's launches.
-        "host_enqueued_fraction": [e / r for e, r in zip(enqueued, rounds, strict=True)],
         "gpu_pool_bytes": int(pool.total_bytes()),
         "solver_peak_estimate_bytes": solver.peak_bytes(),
         "floor_bytes": floor_bytes(
@@ -293,7 +247,7 @@ def run_case(
             # An exit wave per probe-object pair (the object's own M reads left out).
             params.probe_modes * params.object_modes,
             params.algorithm,
-            solver._subpixel,
+            params.position_refinement or bool(np.any(sample.positions_px % 1)),
         ),
     }
     del solver
@@ -311,11 +265,6 @@ def run_case(
     if reference:  # the same solver with the fused kernels off: the xp expressions on CuPy
         ref = make_solver(sample, cp, params, fused=False)
         result["gpu_unfused_s_per_iteration"] = float(np.median(timed(cp, ref, iterations)))
-        del ref
-    if cufft:  # the fused path with cuFFT instead of the solver's own FFT (recon._fft_lines)
-        ref = make_solver(sample, cp, params)
-        ref._lines = False
-        result["gpu_cufft_s_per_iteration"] = float(np.median(timed(cp, ref, iterations)))
         del ref
     if parity:
         cpu = make_solver(sample, np, params)
@@ -379,23 +328,11 @@ def main() -> None:
         "on CuPy too)",
     )
     parser.add_argument(
-        "--compare-cufft",
-        action="store_true",
-        help="time the big cases with cuFFT in place of the solver's own FFT as well",
-    )
-    parser.add_argument(
         "--parity-window",
         type=int,
         choices=(128, 256),
         default=128,
         help="frame size of the parity cases (256: 144 positions, the solver's own FFT)",
-    )
-    parser.add_argument(
-        "--tile-modes",
-        type=int,
-        default=None,
-        help="time each big case of more modes than the solver gathers by tile a second "
-        "time, with the tile kernels up to this many modes",
     )
     parser.add_argument(
         "--parity-photons",
@@ -444,10 +381,10 @@ def main() -> None:
             )
             name = f"demo {label} {algorithm} K={modes}" + objects
             if not args.whole_pixel_parity:
-                plans.append((name, small, params, True, reference, None))
+                plans.append((name, small, params, True, reference))
             if args.variants or args.whole_pixel_parity:  # the whole-pixel fused path
                 params = params.model_copy(update={"subpixel_positions": False})
-                plans.append((f"{name} whole-pixel", small, params, True, False, None))
+                plans.append((f"{name} whole-pixel", small, params, True, False))
     if args.variants:  # paths that stay on the xp reference on CuPy
         for name, params in (
             ("lsqml poisson", IterativeParams(algorithm="lsqml", noise="poisson", batch_size=128)),
@@ -461,7 +398,7 @@ def main() -> None:
                 ),
             ),
         ):
-            plans.append((f"demo {label} {name}", small, params, True, False, None))
+            plans.append((f"demo {label} {name}", small, params, True, False))
     if 0 < args.ptychi_epochs < 3:
         parser.error(
             f"--ptychi-epochs must be at least 3 (2 warm-up + 1 timed), got {args.ptychi_epochs}"
@@ -489,42 +426,24 @@ def main() -> None:
                     if gain is not None:
                         params = base.model_copy(update={"momentum_gain": gain})
                         name += f" momentum {gain:g}"
-                    tiles = [None]
-                    if args.tile_modes and modes > min(_fused._TILE_MODES, _fused._TILE_STEP_MODES):
-                        tiles.append(args.tile_modes)
-                    tagged = {tile: "" if tile is None else f" tiles to K={tile}" for tile in tiles}
-                    for tile in tiles:
-                        plans.append(
-                            (
-                                name + tagged[tile],
-                                sample,
-                                params,
-                                False,
-                                reference and modes == 1,
-                                tile,
-                            )
-                        )
-                    whole = params.model_copy(update={"subpixel_positions": False})
-                    for tile in tiles if args.whole_pixel_big else []:
-                        plans.append(
-                            (f"{name} whole-pixel{tagged[tile]}", sample, whole, False, False, tile)
-                        )
+                    plans.append((name, sample, params, False, reference and modes == 1))
+                    if args.whole_pixel_big:
+                        whole = params.model_copy(update={"subpixel_positions": False})
+                        plans.append((f"{name} whole-pixel", sample, whole, False, False))
     results = []
-    for name, sample, params, parity, reference, tile in plans:
+    for name, sample, params, parity, reference in plans:
         try:
-            with tile_modes(tile):
-                r = run_case(
-                    cp,
-                    name,
-                    sample,
-                    params,
-                    args.iterations,
-                    parity=parity,
-                    reference=reference,
-                    error_at=args.error_at,
-                    cufft=args.compare_cufft and not parity,
-                    timing_rounds=args.rounds,
-                )
+            r = run_case(
+                cp,
+                name,
+                sample,
+                params,
+                args.iterations,
+                parity=parity,
+                reference=reference,
+                error_at=args.error_at,
+                timing_rounds=args.rounds,
+            )
         except Exception as exc:  # keep the other cases' figures
             r = {"case": name, "failed": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(r), flush=True)
@@ -545,11 +464,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     save_report(cp, bandwidth, results, args.out, comparisons)
     print(
-        "| case | GPU s/it (rounds' range) | host issued by | cuFFT s/it | unfused s/it | CPU s/it "
+        "| case | GPU s/it (rounds' range) | unfused s/it | CPU s/it "
         "| floor s (data / +FFTs / algorithm) | ratio | pool / peak used / estimate GiB "
         "| parity |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in results:
         if "failed" in r:
@@ -559,8 +478,6 @@ def main() -> None:
             r["case"],
             f"{r['gpu_s_per_iteration']:.4f} ({min(r['gpu_rounds_s_per_iteration']):.4f}-"
             f"{max(r['gpu_rounds_s_per_iteration']):.4f})",
-            f"{min(r['host_enqueued_fraction']):.0%}-{max(r['host_enqueued_fraction']):.0%}",
-            f"{r.get('gpu_cufft_s_per_iteration', nan):.4f}",
             f"{r.get('gpu_unfused_s_per_iteration', nan):.4f}",
             f"{r.get('cpu_s_per_iteration', nan):.3f}",
             f"{r['floor_s']['data']:.5f} / {r['floor_s']['with_ffts']:.5f} / "

@@ -264,7 +264,7 @@ def test_the_fused_orthogonalisation_mixes_what_the_xp_path_mixes(scan, algorith
     momentum and DM's stored waves mixed in place) leaves every array as the xp path does.
     The unitary is stood in for by the xp path's own and the mixing by NumPy's matmul (the
     CUDA of both is checked against the xp path on the GPU:
-    ``benchmarks/mode_orthogonalisation.py``)."""
+    ``pytest -m gpu``, tests/test_gpu_parity.py)."""
     from hxn_liveptycho.recon import pass_end
 
     unitaries = []
