@@ -42,6 +42,12 @@ def json_part(part: zmq.Frame | bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def iso_now() -> str:
+    """UTC time with nanoseconds, as the Eiger and the PandA write their timestamps."""
+    seconds, fraction = divmod(time.time_ns(), 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
+
+
 def int_field(obj: dict[str, Any], key: str, what: str) -> int:
     """A required non-negative integer field (JSON bools are not integers here)."""
     value = obj.get(key)

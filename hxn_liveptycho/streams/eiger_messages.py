@@ -25,6 +25,12 @@ from hxn_liveptycho.errors import DecodeError
 from hxn_liveptycho.streams import cbor, codecs
 from hxn_liveptycho.streams._zmq import int_field, json_part
 
+#: How much a v1 series header carries (``header_detail``).
+HEADER_DETAILS = ("none", "basic", "all")
+#: The wire formats: v1 JSON multipart, v2 CBOR.
+FLAVOURS = ("v1", "v2")
+#: The channel a single-channel detector (and the simulator by default) names its data.
+DEFAULT_CHANNEL = "threshold_1"
 #: Parts of a dheader-1.0 message per header_detail (an appendix may follow).
 HEADER_PARTS = {"none": 1, "basic": 2, "all": 8}
 #: The "all" header's detail arrays: htype -> key in the series-start dict.

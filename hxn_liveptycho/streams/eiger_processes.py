@@ -58,13 +58,9 @@ from hxn_liveptycho.errors import ConfigurationError, DecodeError
 from hxn_liveptycho.streams._zmq import names
 from hxn_liveptycho.streams.crop import as_window, window_source
 from hxn_liveptycho.streams.curve import CurveKeys, client_keys
-from hxn_liveptycho.streams.eiger import (
-    DEFAULT_CHANNEL,
-    EIGER_COUNTERS,
-    EigerFrame,
-    check_receiver_options,
-)
+from hxn_liveptycho.streams.eiger import EIGER_COUNTERS, EigerFrame, check_receiver_options
 from hxn_liveptycho.streams.eiger_messages import (
+    DEFAULT_CHANNEL,
     EigerEvent,
     ImageEvent,
     SeriesEndEvent,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from hxn_liveptycho.streams._zmq import (
     ZmqPublisher,
     ZmqReceiver,
     int_field,
+    iso_now,
     json_part,
     names,
 )
@@ -33,12 +33,6 @@ from hxn_liveptycho.streams.curve import CurveKeys, client_keys
 logger = logging.getLogger(__name__)
 
 MSG_TYPES = ("start", "data", "stop")
-
-
-def _iso_now() -> str:
-    """UTC time with nanoseconds, as the PandA writes arm_time/start_time."""
-    seconds, fraction = divmod(time.time_ns(), 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
 
 
 class PandaPublisher:
@@ -84,7 +78,7 @@ class PandaPublisher:
         """Send the start message; sample numbering and the data-message count restart at 0."""
         self._next_sample = {}
         self._data_messages = 0
-        now = _iso_now()
+        now = iso_now()
         self._send(
             {"msg_type": "start", "arm_time": now, "start_time": now, "hw_time_offset_ns": None}
         )
