@@ -45,338 +45,34 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from dataclasses import dataclass
-from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.nn.core import BranchBase, BranchCore, Publish, settle_rule
-from hxn_liveptycho.nn.interface import GraphIO
+from hxn_liveptycho.nn.core import BranchBase, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule
-from hxn_liveptycho.recon.probe import initial_probe
-from hxn_liveptycho.util.children import LogToParent, exit_with_parent, start_spawned
+from hxn_liveptycho.nn.run_memory import (
+    CONSUMED,
+    MAILBOX_FRAMES,
+    MAILBOX_SEQ,
+    PATTERN_SET,
+    RULE_BIN,
+    WRITTEN,
+    RunMemory,
+    ring_slots,
+)
+from hxn_liveptycho.nn.worker_child import WorkerKey, child_main
+from hxn_liveptycho.util.children import start_spawned
 
 logger = logging.getLogger(__name__)
 
+# WorkerKey lives with the worker's body, which opens the runtime it names; callers
+# import it from here, with the branch and the pool.
 __all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool"]
 
-#: Most shared memory one run's frame ring takes; a longer queue is cut to fit.
-RING_BYTES = 512 * 2**20
-# bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, pattern_set, rule's bin, ...]
-_HEADER = 64
-_WRITTEN, _CONSUMED, _SEQ, _FRAMES, _PROBE, _BIN = 0, 1, 2, 3, 4, 5
 
-
-@dataclass(frozen=True)
-class WorkerKey:
-    """What a worker's runtime depends on; runs with the same key can share a worker."""
-
-    backend: str = "auto"
-    device_id: int = 0
-    cache_dir: str | None = None
-    cpu_threads: int = 0
-
-
-# =========================================================================== shared memory
-class RunMemory:
-    """One run's segment: header, frame ring (slots, m, m) float32, positions (slots, 2),
-    hand-over times (slots,), the mailbox (object complex64 and coverage float32), and the
-    first frames' mean pattern at the run's crop (window, window) float32, from which the
-    worker estimates the probe (too large for a pipe that must not block, and only the
-    parent sees the frames before they are cut to the model's input)."""
-
-    def __init__(
-        self,
-        slots: int,
-        m: int,
-        canvas_shape: tuple[int, int],
-        window: int,
-        *,
-        name: str | None = None,
-    ) -> None:
-        self.slots, self.m, self.window = slots, m, window
-        self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
-        h, w = self.canvas_shape
-        sizes = [
-            _HEADER,
-            slots * m * m * 4,
-            slots * 16,
-            slots * 8,
-            h * w * 8,
-            h * w * 4,
-            window * window * 4,
-        ]
-        offsets = list(itertools.accumulate([0, *sizes]))
-        self.owner = name is None
-        if name is None:
-            self.shm = shared_memory.SharedMemory(create=True, size=offsets[-1])
-        else:
-            # A spawned child shares its parent's resource tracker, so attaching registers
-            # the name a second time in the same set; the parent's unlink removes it once.
-            self.shm = shared_memory.SharedMemory(name=name)
-        _populate(self.shm, allocate=self.owner)
-        buf = self.shm.buf
-        self.header = np.ndarray((8,), np.int64, buf, offsets[0])
-        self.frames = np.ndarray((slots, m, m), np.float32, buf, offsets[1])
-        self.positions = np.ndarray((slots, 2), np.float64, buf, offsets[2])
-        self.stamps = np.ndarray((slots,), np.float64, buf, offsets[3])
-        self.object = np.ndarray((h, w), np.complex64, buf, offsets[4])
-        self.coverage = np.ndarray((h, w), np.float32, buf, offsets[5])
-        self.pattern = np.ndarray((window, window), np.float32, buf, offsets[6])
-        if self.owner:
-            self.header[:] = 0
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
-
-    def close(self) -> None:
-        for attr in ("header", "frames", "positions", "stamps", "object", "coverage", "pattern"):
-            self.__dict__.pop(attr, None)
-        with contextlib.suppress(Exception):
-            self.shm.close()
-        if self.owner:
-            with contextlib.suppress(FileNotFoundError):
-                self.shm.unlink()
-
-
-def _populate(shm: shared_memory.SharedMemory, *, allocate: bool) -> None:
-    """Back the segment with memory and map it now, not one page fault at a time while
-    frames are copied in: a first touch cost several times the copy itself on the
-    virtual machines measured. Both calls are best effort (Linux; MADV_POPULATE_WRITE
-    needs 5.14)."""
-    fd = getattr(shm, "_fd", -1)
-    if allocate and fd >= 0 and hasattr(os, "posix_fallocate"):
-        with contextlib.suppress(OSError):
-            os.posix_fallocate(fd, 0, shm.size)
-    mapping = getattr(shm, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise"):
-        with contextlib.suppress(OSError, ValueError):
-            mapping.madvise(23)  # MADV_POPULATE_WRITE
-
-
-def ring_slots(max_queued_frames: int, batch_size: int, m: int) -> int:
-    """Slots of a run's ring: the queue it may hold, within :data:`RING_BYTES`."""
-    fit = max(batch_size, RING_BYTES // (m * m * 4))
-    return max(1, min(max_queued_frames, fit))
-
-
-# =========================================================================== the child
-
-
-@dataclass
-class _ChildRun:
-    run_id: int
-    mem: RunMemory
-    core: BranchCore | None
-    batch_size: int
-    interval_s: float
-    footprint_px: float | None
-    defocus_sign: int
-    consumed: int = 0
-    finishing: bool = False
-    failed: bool = False
-    last_publish: float = 0.0
-
-
-class _Child:
-    def __init__(self, inbox: Connection, outbox: Connection, wake: Any, lock: Any, key: WorkerKey):
-        self.inbox, self.outbox, self.wake, self.lock, self.key = inbox, outbox, wake, lock, key
-        self.backend: Any = None
-        self.backend_id: tuple[Any, ...] | None = None
-        self.run: _ChildRun | None = None
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self.outbox.send(message)
-
-    def load(self, model_path: str, sha256: str, io: GraphIO, max_batch: int) -> Any:
-        """The runtime for this model, kept from the last run when it is the same."""
-        wanted = (model_path, sha256, max_batch)
-        if self.backend is not None and self.backend_id == wanted:
-            return self.backend
-        from pathlib import Path
-
-        from hxn_liveptycho.nn.backends import open_backend
-
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        key = self.key
-        backend = open_backend(
-            Path(model_path),
-            io,
-            kind=key.backend,  # type: ignore[arg-type]
-            device_id=key.device_id,
-            cache_dir=None if key.cache_dir is None else Path(key.cache_dir),
-            max_batch=max_batch,
-            cpu_threads=key.cpu_threads,
-        )
-        warm = getattr(backend, "warm", None)
-        if warm is not None:
-            warm()
-        self.backend, self.backend_id = backend, wanted
-        return backend
-
-    def handle(self, message: tuple[Any, ...]) -> bool:
-        kind = message[0]
-        if kind == "quit":
-            return False
-        if kind == "load":
-            _, model_path, sha256, io, max_batch = message
-            try:
-                backend = self.load(model_path, sha256, io, max_batch)
-                self.send(("loaded", None, backend.name))
-            except Exception as exc:
-                logging.getLogger(__name__).warning("could not preload the model: %s", exc)
-        elif kind == "open":
-            self.open(message[1])
-        elif kind == "finish" and self.run is not None and self.run.run_id == message[1]:
-            self.run.finishing = True
-        return True
-
-    def open(self, spec: dict[str, Any]) -> None:
-        mem = RunMemory(
-            spec["slots"], spec["m"], spec["canvas_shape"], spec["window"], name=spec["shm"]
-        )
-        run = _ChildRun(
-            run_id=spec["run_id"],
-            mem=mem,
-            core=None,
-            batch_size=spec["batch_size"],
-            interval_s=spec["interval_s"],
-            footprint_px=spec["footprint_px"],
-            defocus_sign=spec["defocus_sign"],
-        )
-        self.run = run
-        try:
-            backend = self.load(spec["model_path"], spec["sha256"], spec["io"], spec["max_batch"])
-            rule: InputRule = spec["rule"]
-            if tuple(backend.input_hw) != (rule.model, rule.model):
-                raise ValueError(
-                    f"the runtime takes {backend.input_hw} but the rule gives {rule.model}"
-                )
-            run.core = BranchCore(
-                backend, rule, canvas_shape=mem.canvas_shape, window=spec["window"]
-            )
-            self.send(("loaded", run.run_id, backend.name))
-        except Exception as exc:
-            self.fail(run, exc, "could not load the model")
-
-    def fail(self, run: _ChildRun, exc: BaseException, what: str) -> None:
-        run.failed = True
-        logging.getLogger(__name__).error("%s: %s", what, exc, exc_info=exc)
-        self.send(("error", run.run_id, f"{type(exc).__name__}: {exc}"))
-
-    def publish(self, run: _ChildRun) -> bool:
-        if run.core is None or run.core.mosaic is None:
-            return False
-        image, coverage = run.core.mosaic.image(), run.core.mosaic.coverage
-        if not self.lock.acquire(timeout=10.0):
-            return False
-        try:
-            run.mem.object[:] = image
-            run.mem.coverage[:] = coverage
-            run.mem.header[_FRAMES] = run.core.mosaic.placed
-            run.mem.header[_SEQ] += 1
-        finally:
-            self.lock.release()
-        return True
-
-    def step(self) -> bool:
-        """One batch of the current run, or its end; False when there was nothing to do."""
-        run = self.run
-        if run is None:
-            return False
-        mem = run.mem
-        available = int(mem.header[_WRITTEN]) - run.consumed
-        if available > 0 and (run.failed or run.core is None):
-            run.consumed += available  # nothing will infer them: free the slots
-            mem.header[_CONSUMED] = run.consumed
-            self.send(("discarded", run.run_id, available))
-            return True
-        if available > 0 and run.core is not None:
-            start = run.consumed % mem.slots
-            count = min(available, run.batch_size, mem.slots - start)
-            frames = mem.frames[start : start + count]
-            positions = mem.positions[start : start + count].copy()
-            handed = float(mem.stamps[start : start + count].min())
-            try:
-                if run.core.probe is None:  # the parent writes it before the first frames
-                    if not mem.header[_PROBE]:
-                        raise RuntimeError("no mean pattern arrived before the first frames")
-                    rule = run.core.rule  # the parent settled it on the same frames
-                    run.core.rule = InputRule(rule.crop, rule.model, int(mem.header[_BIN]))
-                    run.core.probe = initial_probe(
-                        np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
-                        footprint_px=run.footprint_px,
-                        defocus_sign=run.defocus_sign,
-                    )
-                outside = run.core.process(frames, positions)
-            except Exception as exc:
-                self.fail(run, exc, "NN inference failed")
-                return True
-            finally:
-                run.consumed += count
-                mem.header[_CONSUMED] = run.consumed
-            now = time.monotonic()
-            snapshot = False
-            if now - run.last_publish >= run.interval_s:
-                run.last_publish = now
-                snapshot = self.publish(run)
-            self.send(
-                (
-                    "progress",
-                    run.run_id,
-                    count,
-                    outside,
-                    now - handed,
-                    run.core.infer_seconds,
-                    snapshot,
-                )
-            )
-            return True
-        if run.finishing:
-            final = self.publish(run)
-            self.send(("done", run.run_id, final))
-            mem.close()
-            self.run = None
-            return True
-        return False
-
-
-def _child_main(
-    inbox: Connection,
-    outbox: Connection,
-    wake: Any,
-    lock: Any,
-    parent_pid: int,
-    key: WorkerKey,
-    log_level: int,
-    death_signal: bool,
-) -> None:
-    exit_with_parent(parent_pid, death_signal=death_signal)
-    child = _Child(inbox, outbox, wake, lock, key)
-    root = logging.getLogger()
-    root.handlers[:] = [LogToParent(child.send)]
-    root.setLevel(log_level)
-    try:
-        while True:
-            while inbox.poll(0):
-                if not child.handle(inbox.recv()):
-                    return
-            if child.step():
-                continue
-            wake.acquire(timeout=0.25)
-            if os.getppid() != parent_pid:
-                return
-    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
-        return  # the parent is gone
-
-
-# =========================================================================== the parent
 class NNWorker:
     """One NN process and the parent's ends of its pipes, semaphore and mailbox lock."""
 
@@ -392,7 +88,7 @@ class NNWorker:
         self.backend_name: str | None = None
         self.dead = False
         self.process = spawn.Process(
-            target=_child_main,
+            target=child_main,
             args=(
                 child_inbox,
                 to_parent,
@@ -623,17 +319,17 @@ class NNProcessBranch(BranchBase):
             if mem is None or self.error is not None or self._closed:
                 self._drop(k, 0)
                 return
-            queued = self._written - int(mem.header[_CONSUMED])
+            queued = self._written - int(mem.header[CONSUMED])
             if queued + k > mem.slots:
                 self._drop(k, queued)
                 return
-            if not mem.header[_PROBE]:
+            if not mem.header[PATTERN_SET]:
                 # The probe estimate itself is the worker's job; the mean pattern is cheap.
                 mem.pattern[:] = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
                 if self.fit is not None:
                     self.rule = settle_rule(self.rule, self.fit, mem.pattern, self.model, self.log)
-                mem.header[_BIN] = self.rule.bin
-                mem.header[_PROBE] = 1
+                mem.header[RULE_BIN] = self.rule.bin
+                mem.header[PATTERN_SET] = 1
             frames = self.rule.frames(amplitudes)
             positions = np.asarray(positions_px, dtype=np.float64).reshape(k, 2)
             now = time.monotonic()
@@ -646,7 +342,7 @@ class NNProcessBranch(BranchBase):
                 mem.stamps[start : start + count] = now
                 done += count
             self._written += k
-            mem.header[_WRITTEN] = self._written
+            mem.header[WRITTEN] = self._written
         self._worker.wake()
 
     def close(self, timeout: float | None = None) -> dict[str, Any] | None:
@@ -691,12 +387,12 @@ class NNProcessBranch(BranchBase):
         if not self._worker.lock.acquire(timeout=10.0):
             return self._last
         try:
-            if int(mem.header[_SEQ]) == 0:
+            if int(mem.header[MAILBOX_SEQ]) == 0:
                 return self._last
             return {
                 "object": mem.object.copy(),
                 "coverage": mem.coverage.copy(),
-                "frames": int(mem.header[_FRAMES]),
+                "frames": int(mem.header[MAILBOX_FRAMES]),
             }
         finally:
             self._worker.lock.release()
@@ -737,6 +433,6 @@ class NNProcessBranch(BranchBase):
             self.log.error("NN branch: %s; its last mosaic is kept", self.error)
             with self._lock:
                 mem = self._mem
-                queued = 0 if mem is None else self._written - int(mem.header[_CONSUMED])
+                queued = 0 if mem is None else self._written - int(mem.header[CONSUMED])
             self.counters.add("nn_frames_dropped", max(0, queued))
             self._done.set()
