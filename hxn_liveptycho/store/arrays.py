@@ -6,6 +6,11 @@ first live image and at the final result. A sink that knows the layout early
 (the canvas is fixed when the run is configured; the final result has the
 live snapshots' layout) makes the nodes while nothing is waiting, and the
 writes that matter become uploads only.
+
+Arrays that grow by rows (``diffraction/``) are appended with
+:func:`append_rows`, which both the run's writer and the recovery of a kept
+result use: each array at its own length, so an attempt that failed half way
+is completed, never duplicated.
 """
 
 from __future__ import annotations
@@ -159,3 +164,42 @@ class ArrayGroup:
         except Exception:
             self._uncertain.add(key)
             raise
+
+
+def append_rows(
+    group: Any,
+    key: str,
+    data: np.ndarray,
+    *,
+    first: int,
+    client: Any = None,
+    held: int | None = None,
+) -> tuple[Any, int]:
+    """Make array ``key`` of ``group`` hold ``data`` as its rows from row ``first`` on,
+    writing only the rows it lacks; returns its client and ``first + len(data)``.
+
+    ``client`` and ``held`` are the node and the rows it holds when the caller's own
+    earlier writes tell it; without them Tiled is asked. A node the caller did not
+    see made either starts at ``data`` (an earlier ``write_array`` that may have
+    failed before its data landed: its rows are written again) or holds rows past
+    ``first`` from an earlier append (skipped).
+    """
+    if client is None and key in group:
+        client = group[key]
+        held = int(client.shape[0])
+        if first == 0:
+            if held > len(data):
+                raise RuntimeError(f"{key} has {held} rows, {len(data)} to write")
+            client.write(np.ascontiguousarray(data[:held]))
+    elif client is None:
+        if first:
+            raise RuntimeError(f"{key} is missing its first {first} rows in Tiled")
+        return group.write_array(np.ascontiguousarray(data), key=key), len(data)
+    if held is None:
+        held = int(client.shape[0])
+    skip = held - first
+    if skip < 0:
+        raise RuntimeError(f"{key} holds {held} rows, the data follows row {first}")
+    if skip < len(data):
+        client.patch(np.ascontiguousarray(data[skip:]), offset=(held,), extend=True)
+    return client, first + len(data)

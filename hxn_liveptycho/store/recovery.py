@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.store import diffraction as stored_diffraction
-from hxn_liveptycho.store.arrays import ArrayGroup
+from hxn_liveptycho.store.arrays import ArrayGroup, append_rows
 
 logger = logging.getLogger(__name__)
 
@@ -207,24 +207,8 @@ def _append_frames(container: Any, result: UnwrittenResult) -> int:
         )
     rows = []
     for key in _FRAME_KEYS:
-        data = np.ascontiguousarray(result.frames[key])
-        if key not in group:
-            if result.frames_in_tiled:
-                raise RuntimeError(f"diffraction/{key} is missing its first rows in Tiled")
-            group.write_array(data, key=key)
-            rows.append(len(data))
-            continue
-        client = group[key]
-        held = int(client.shape[0])
-        skip = held - result.frames_in_tiled  # appended by an attempt that failed later
-        if skip < 0:
-            raise RuntimeError(
-                f"diffraction/{key} holds {held} rows, the backup follows row "
-                f"{result.frames_in_tiled}"
-            )
-        if skip < len(data):
-            client.patch(data[skip:], offset=(held,), extend=True)
-        rows.append(result.frames_in_tiled + len(data))
+        _, stored = append_rows(group, key, result.frames[key], first=result.frames_in_tiled)
+        rows.append(stored)
     stored = min(rows)
     group.update_metadata(metadata={"frames": stored, "complete": True})
     return stored

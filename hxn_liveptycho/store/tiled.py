@@ -48,7 +48,7 @@ import numpy as np
 
 from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.store import diffraction as stored_diffraction
-from hxn_liveptycho.store.arrays import ArrayGroup, Layout
+from hxn_liveptycho.store.arrays import ArrayGroup, Layout, append_rows
 from hxn_liveptycho.store.recovery import Recovery, UnwrittenResult, save_backup
 from hxn_liveptycho.util.counters import Counters
 from hxn_liveptycho.util.jsonsafe import json_safe
@@ -553,23 +553,14 @@ class TiledSink:
                 data, clipped = queued.encoded(start)
             else:
                 data = queued.indices(start) if key == "indices" else queued.positions(start)
-            client = self._diffraction_arrays.get(key)
-            if client is None and key in group:
-                # Created by an attempt that failed before its data landed: fill it now.
-                client = group[key]
-                created = client.shape[0]
-                if created > len(data):
-                    raise RuntimeError(f"diffraction/{key} has {created} rows, {len(data)} queued")
-                client.write(data[:created])
-                data, stored = data[created:], stored + created
-            elif client is None:
-                client = group.write_array(data, key=key)
-                data, stored = data[:0], stored + len(data)
-            self._diffraction_arrays[key] = client
-            self._diffraction_rows[key] = stored
-            if len(data):
-                client.patch(np.ascontiguousarray(data), offset=(stored,), extend=True)
-                self._diffraction_rows[key] = stored + len(data)
+            self._diffraction_arrays[key], self._diffraction_rows[key] = append_rows(
+                group,
+                key,
+                data,
+                first=stored,
+                client=self._diffraction_arrays.get(key),
+                held=stored,
+            )
             self._clipped_pixels += clipped  # counted once written, not once per attempt
         done = min(self._diffraction_rows.values()) - self._diffraction_base
         with self._cond:
