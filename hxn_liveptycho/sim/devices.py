@@ -20,7 +20,12 @@ from ophyd import Device
 from ophyd.sim import SynAxis
 from ophyd.status import Status
 
-from hxn_liveptycho.sim.publishers import DEFAULT_PREENCODE_BYTES, EigerProcess, PandaProcess
+from hxn_liveptycho.sim.publishers import (
+    DEFAULT_PREENCODE_BYTES,
+    EigerProcess,
+    PandaProcess,
+    PublisherProcess,
+)
 from hxn_liveptycho.sim.sample import SimulatedSample, dcm_theta_deg
 
 logger = logging.getLogger(__name__)
@@ -34,13 +39,41 @@ TS_CHANNEL = "/PCAP.TS_TRIG.Value"
 START_LEAD_S = 0.05
 
 
-class SimEiger(Device):
+class _SimDetector(Device):
+    """What both simulated detectors share: a publisher process, and what it says."""
+
+    publisher: PublisherProcess
+
+    @property
+    def endpoint(self) -> str:
+        return self.publisher.endpoint
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """Frames published in the current (or last) series and the rate achieved (for the
+        PandA, frames whose encoder samples went out)."""
+        return self.publisher.counters
+
+    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
+        return self.publisher.wait_for_subscribers(count, timeout)
+
+    def release(self) -> None:
+        """Let a series held by the flyer's ``hold_before`` go on."""
+        self.publisher.release()
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+class SimEiger(_SimDetector):
     """An Eiger2 whose frames go out on a SIMPLON stream socket (JSON v1 or CBOR v2).
 
     The socket lives in the device's own process; :attr:`publisher` is that
     process's handle (``endpoint``, ``wait_for_subscribers``, live ``counters``).
     Call :meth:`close` when done.
     """
+
+    publisher: EigerProcess
 
     def __init__(
         self,
@@ -66,25 +99,9 @@ class SimEiger(Device):
         )
         self._series = 0
 
-    @property
-    def endpoint(self) -> str:
-        return self.publisher.endpoint
-
-    @property
-    def counters(self) -> dict[str, Any]:
-        """Frames published in the current (or last) series and the rate achieved."""
-        return self.publisher.counters
-
-    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
-        return self.publisher.wait_for_subscribers(count, timeout)
-
     def next_series(self) -> int:
         self._series += 1
         return self._series
-
-    def release(self) -> None:
-        """Let a series held by the flyer's ``hold_before`` go on."""
-        self.publisher.release()
 
     def series_header(self, sample: SimulatedSample, *, frame_time: float) -> dict[str, Any]:
         """The detector configuration a series header carries (v1 names)."""
@@ -104,12 +121,11 @@ class SimEiger(Device):
             "description": "Dectris EIGER2 Si 1M (simulated)",
         }
 
-    def close(self) -> None:
-        self.publisher.close()
 
-
-class SimPanda(Device):
+class SimPanda(_SimDetector):
     """A PandA whose position capture goes out on its JSON publisher, from its own process."""
+
+    publisher: PandaProcess
 
     def __init__(
         self,
@@ -124,25 +140,6 @@ class SimPanda(Device):
         self.publisher = PandaProcess(
             endpoint, socket_type=socket_type, curve_secret_key=curve_secret_key, name=name
         )
-
-    @property
-    def endpoint(self) -> str:
-        return self.publisher.endpoint
-
-    @property
-    def counters(self) -> dict[str, Any]:
-        """Frames whose encoder samples went out in the current (or last) series."""
-        return self.publisher.counters
-
-    def release(self) -> None:
-        """Let a series held by the flyer's ``hold_before`` go on."""
-        self.publisher.release()
-
-    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
-        return self.publisher.wait_for_subscribers(count, timeout)
-
-    def close(self) -> None:
-        self.publisher.close()
 
 
 class SimHXNFlyer:
