@@ -13,13 +13,12 @@ is still running.
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,90 +28,38 @@ from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
 from hxn_liveptycho.nn.process import NNProcessBranch, WorkerPool
 from hxn_liveptycho.pipeline.assemble import Assembler, PairedFrame
+from hxn_liveptycho.pipeline.frame_gate import FrameGate
 from hxn_liveptycho.pipeline.geometry import CanvasGeometry
 from hxn_liveptycho.pipeline.preprocess import beam_center, crop_window, to_amplitudes
+from hxn_liveptycho.pipeline.result_sink import ResultSink, SinkFactory
+from hxn_liveptycho.pipeline.run_status import (
+    FINAL_STATUSES,
+    SUPERSEDED,
+    RunStatus,
+    missing_data,
+    verdict,
+)
+from hxn_liveptycho.pipeline.solver_link import SolverLink
 from hxn_liveptycho.recon.placement import Placement
-from hxn_liveptycho.recon.probe import initial_probe
-from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
-from hxn_liveptycho.streams.crop import window_source
+from hxn_liveptycho.recon.worker import SolverWorker
 from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 
-
-#: Seconds before the solver's final state in which no live snapshot is asked for.
-FINAL_QUIET_S = 1.5
-
-
-class RunStatus(enum.StrEnum):
-    """A run's state. ``waiting`` and ``running`` are open; every run ends in exactly one of
-    the others, with a reason (:attr:`RunSession.reason`), so nothing stays ``running``
-    once its session has ended and no run claims more than its data show:
-
-    - ``complete``: the scan ended and its frames were reconstructed (recoverable
-      oddities are listed in :attr:`RunSession.warnings`);
-    - ``incomplete``: the scan ended (or was given up on: no ``stop``, a newer run) but
-      data are missing or inconsistent: no frames, no positions, nothing paired, a
-      detector that changed its frame shape;
-    - ``failed``: the reconstruction or the result store broke (``error`` says how);
-    - ``aborted``: the scan or the user stopped it early;
-    - ``skipped``: selected by plan name, but the documents show it is not ptychography.
-    """
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    COMPLETE = "complete"
-    INCOMPLETE = "incomplete"
-    FAILED = "failed"
-    ABORTED = "aborted"
-    SKIPPED = "skipped"
-
-
-FINAL_STATUSES = frozenset(
-    {
-        RunStatus.COMPLETE,
-        RunStatus.INCOMPLETE,
-        RunStatus.FAILED,
-        RunStatus.ABORTED,
-        RunStatus.SKIPPED,
-    }
-)
+__all__ = [
+    "FINAL_STATUSES",
+    "SUPERSEDED",
+    "ResultSink",
+    "RunSession",
+    "RunStatus",
+    "SinkFactory",
+]
 
 #: Added to a scan's expected duration (points x dwell) for the default bound on how long
 #: a run without its ``stop`` may go without any input (``Settings.run_idle_timeout_s``):
 #: long enough for a paused RunEngine or a slow baseline read, short enough that a lost
 #: ``stop`` does not hold the run (and its memory) for the rest of the shift.
 IDLE_MARGIN_S = 600.0
-#: Least time the solver is given, after the scan's end, to send its final state (see
-#: :meth:`RunSession._final_state_bound_s`).
-FINAL_STATE_MARGIN_S = 120.0
-#: Reason of a run ended because a newer run started before its ``stop`` arrived.
-SUPERSEDED = "a new run started before its stop"
-
-
-@runtime_checkable
-class ResultSink(Protocol):
-    """Where a session's results go (Tiled in production; anything with these methods)."""
-
-    #: Called when a result the sink could not store (held for retry-upload) is stored later.
-    on_stored_later: Callable[[], None] | None
-
-    def open(self, config: ScanConfig | None, metadata: Mapping[str, Any]) -> None: ...
-
-    def live(self, snapshot: Mapping[str, Any]) -> None: ...
-
-    def diffraction(
-        self, indices: np.ndarray, amplitudes: np.ndarray, positions_m: np.ndarray
-    ) -> None: ...
-
-    def nn(self, snapshot: Mapping[str, Any]) -> None: ...
-
-    def final(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None: ...
-
-    def close(self, timeout: float | None = None) -> None: ...
-
-
-SinkFactory = Callable[[], ResultSink]
 
 
 class _RunLogger(logging.LoggerAdapter):
@@ -182,17 +129,9 @@ class RunSession:
         #: Why the run ends without (or before) its ``stop``; set from any thread.
         self._forced_end: str | None = None
         self._forced_end_at: float | None = None
-        #: (shape, dtype) every frame of the run must have, from its first frame.
-        self._frame_kind: tuple[tuple[int, ...], np.dtype] | None = None
-        #: Quarantined frames since the last frame of the run's own kind, and the first
-        #: odd kind seen: a series whose every later frame is odd changed its shape.
-        self._odd_streak = 0
-        self._odd_kind: tuple[tuple[int, ...], np.dtype] | None = None
-        self._first_frame_index: int | None = None
-        self._kind_accepted = 0
-        self._last_odd: tuple[int, np.ndarray] | None = None
-        #: Whether a frame the receiver's detector crop did not fit was logged yet.
-        self._misfit_logged = False
+        self._gate = FrameGate(
+            self.counters, keep=self._keep, withdraw=self._withdraw, log=self.log
+        )
         #: Light copies kept once the heavy state is released (see :meth:`_release`).
         self._released: dict[str, Any] = {}
         #: Status and reason before a write that neither Tiled nor the disk took.
@@ -201,11 +140,14 @@ class RunSession:
         self._assembler: Assembler | None = None
         self._worker = solver_worker
         self._nn_pool = nn_pool
-        self._solver: RemoteSolver | None = None
-        self._finish_sent = False
-        self._final_iteration: int | None = None
+        self._solver = SolverLink(
+            solver_worker,
+            uid=self.uid,
+            settings=settings,
+            notify=lambda: self._inbox.put(("solver", None)),
+            log=self.log,
+        )
         self._told_final_due = False
-        self._solver_failure: str | None = None
         self.placement: Placement | None = None
         #: time.monotonic() of the run's milestones (first frame, first snapshot, data
         #: complete, final state, final write), for status pages and the live-path benchmark.
@@ -214,7 +156,6 @@ class RunSession:
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
-        self._last_live = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"liveptycho-{self.scan_id}-{self.uid[:8]}", daemon=True
         )
@@ -280,7 +221,7 @@ class RunSession:
             "status": str(self.status),
             "iteration": self.iteration,
             "error_metric": self.last_error,
-            "positions": self._n_positions(),
+            "positions": self._solver.n_positions,
             "timeline": dict(self.timeline),
             "counters": self._all_counters(),
         }
@@ -312,11 +253,6 @@ class RunSession:
             info["stored_in"] = "memory (until retry-upload writes it)"
         return info
 
-    def _n_positions(self) -> int:
-        if self._solver is not None:
-            return self._solver.n_positions
-        return int(self._released.get("positions", 0))
-
     def _all_counters(self) -> dict[str, int]:
         """The session's counters with the assembler's and what never paired."""
         counters = self.counters.snapshot()
@@ -338,9 +274,7 @@ class RunSession:
     @property
     def solver_passes(self) -> list[tuple[float, int]]:
         """(time.monotonic() at its end, positions covered) of every solver pass so far."""
-        if self._solver is None:
-            return list(self._released.get("passes", []))
-        return list(self._solver.pass_ends)
+        return self._solver.pass_ends
 
     def nn_snapshot(self) -> dict[str, Any] | None:
         """The NN branch's current mosaic (None without an NN branch), for status pages."""
@@ -368,7 +302,7 @@ class RunSession:
             if self.status in FINAL_STATUSES:
                 return
             if self._cancel.is_set():
-                self._stop_solver()
+                self._solver.cancel()
                 reason = self.error or "cancelled"
                 self._finish(RunStatus.ABORTED, reason, error=reason)
                 return
@@ -379,14 +313,10 @@ class RunSession:
                     return
             self._feed_solver()
             self._pump_solver()
-            if self._solver is not None and self._solver.failure and self._solver_failure is None:
-                # The run goes on without a solver: its frames are still kept, and it ends
-                # failed, with the reason, when the data are complete.
-                self._solver_failure = f"solver: {self._solver.failure}"
-                self.log.error("%s; the run's frames are still kept", self._solver_failure)
+            self._solver.check()
             if self._data_complete() and self._ready_to_finish():
                 status, reason = self._verdict()
-                self._finish(status, reason, error=self._solver_failure)
+                self._finish(status, reason, error=self._solver.failure)
                 return
 
     def _check_idle(self) -> None:
@@ -401,65 +331,21 @@ class RunSession:
 
     def _verdict(self) -> tuple[RunStatus, str]:
         """The terminal state the data support, and why; oddities go to :attr:`warnings`."""
-        if self._solver_failure is not None:
-            return RunStatus.FAILED, self._solver_failure
-        missing = self._missing_data()
-        if self._forced_end is not None:
-            return RunStatus.INCOMPLETE, "; ".join(filter(None, [self._forced_end, missing]))
-        stop = self._stop_doc or {}
-        if stop.get("exit_status") != "success":
-            why = f"the scan ended with exit status {stop.get('exit_status')!r}"
-            if stop.get("reason"):
-                why += f": {stop['reason']}"
-            return RunStatus.ABORTED, why
-        if missing is not None:
-            return RunStatus.INCOMPLETE, missing
-        return RunStatus.COMPLETE, "the scan ended and its frames were reconstructed"
-
-    def _missing_data(self) -> str | None:
-        """Why the received data cannot make a whole result (None when they can); a
-        recoverable shortfall is appended to :attr:`warnings` instead."""
-        received = self.counters.get("frames_received")
-        used = self.counters.get("frames_used")
-        quarantined = self.counters.get("frames_quarantined")
-        counters = self._all_counters()
-        if quarantined:
-            shape_note = (
-                f"{quarantined} of {received} frames quarantined: "
-                f"{self._describe_kind(self._odd_kind)} instead of the run's "
-                f"{self._describe_kind(self._frame_kind)}"
-            )
-            if self._odd_streak >= 2 or 2 * quarantined >= received:
-                return f"the detector's frame shape changed: {shape_note}"
-            self.warnings.append(shape_note)
-        if self.config is None:
-            return "the run was never configured"
-        if received == 0:
-            armed = "" if self._streams_seen["eiger"] else " (no detector series was armed)"
-            return f"no detector frames were received{armed}"
-        if counters.get("assembler_samples", 0) == 0:
-            return f"no encoder positions were received for the {received} frames"
-        if used == 0:
-            return f"no frame was paired with a position ({self._unpaired_text(counters)})"
-        unpaired = self._unpaired_text(counters)
-        if unpaired:
-            self.warnings.append(f"unpaired at the end: {unpaired}")
-        if used < self.config.num_points:
-            self.warnings.append(
-                f"{used} of the scan's {self.config.num_points} points were reconstructed"
-            )
-        return None
-
-    @staticmethod
-    def _unpaired_text(counters: Mapping[str, int]) -> str:
-        keys = ("frames_without_position", "positions_without_frame", "samples_unassigned")
-        return ", ".join(f"{counters[k]} {k}" for k in keys if counters.get(k))
-
-    @staticmethod
-    def _describe_kind(kind: tuple[tuple[int, ...], np.dtype] | None) -> str:
-        if kind is None:
-            return "?"
-        return f"{'x'.join(map(str, kind[0]))} {kind[1]}"
+        if self._solver.failure is not None:
+            return RunStatus.FAILED, self._solver.failure
+        config = self.config
+        missing, warnings = missing_data(
+            self._all_counters(),
+            shape_change=self._gate.shape_change(self.counters.get("frames_received")),
+            expected_points=None if config is None else config.num_points,
+            detector_armed=self._streams_seen["eiger"],
+        )
+        self.warnings.extend(warnings)
+        return verdict(
+            forced_end=self._forced_end,
+            stop_doc=self._stop_doc,
+            missing=missing,
+        )
 
     def _drain(self) -> None:
         """Wait for the next input (the solver's messages wake it too), then take them all."""
@@ -485,7 +371,7 @@ class RunSession:
             index, data = payload
             self.counters.add("frames_received")
             self.timeline.setdefault("first_frame", time.monotonic())
-            if self._admit(index, data):
+            if self._gate.admit(index, data):
                 self._keep(index, data)
         elif kind == "samples":
             samples, starting = payload
@@ -519,98 +405,13 @@ class RunSession:
         else:
             self._assembler.add_frame(index, data)
 
-    def _admit(self, index: int, data: np.ndarray) -> bool:
-        """Whether a frame has the run's shape and dtype (its first frame's); one that has
-        not is quarantined, counted and dropped, so that a single odd frame cannot fail
-        the batch it would be stacked with, and the frames around it are kept. With a
-        detector crop the shapes compared are the detector frames' (the receiver says),
-        so a larger frame is not cropped silently; one the crop did not fit is always
-        quarantined."""
-        source = window_source(data)
-        if source is not None and source[1] is not None:
-            return self._quarantine_misfit(index, data, source[1])
-        kind = self._kind_of(data)
-        if self._frame_kind is None and len(kind[0]) == 2:
-            self._frame_kind = kind
-            self._first_frame_index = index
-        if kind == self._frame_kind:
-            self._odd_streak = 0
-            self._kind_accepted += 1
-            return True
-        if (
-            self._kind_accepted == 1
-            and self._last_odd is not None
-            and self._kind_of(self._last_odd[1]) == kind
-            and self._unadmit(self._first_frame_index)
-        ):
-            # The run's first frame was the odd one: the two after it agree with each other.
-            # It is quarantined in their place, and they set the run's kind.
-            self.log.warning(
-                "frame %s (%s) was the odd one: quarantined; frames are %s",
-                self._first_frame_index,
-                self._describe_kind(self._frame_kind),
-                self._describe_kind(kind),
-            )
-            self._odd_kind, self._frame_kind = self._frame_kind, kind
-            self._odd_streak = 0
-            self._kind_accepted = 2
-            if self._last_odd is not None:
-                self.counters.add("frames_quarantined", -1)
-                self._keep(*self._last_odd)
-            self._last_odd = None
-            return True
-        self.counters.add("frames_quarantined")
-        self._odd_streak += 1
-        # Held until the next frame, in case it shows that the first frame was the odd one.
-        self._last_odd = (index, data) if self._kind_accepted == 1 else None
-        if self._odd_kind is None:
-            self._odd_kind = kind
-            self.log.warning(
-                "frame %d is %s, not %s like the run's first frame: quarantined (dropped and "
-                "counted as frames_quarantined; later ones are not logged)",
-                index,
-                self._describe_kind(kind),
-                self._describe_kind(self._frame_kind),
-            )
-        return False
-
-    def _quarantine_misfit(self, index: int, data: np.ndarray, why: str) -> bool:
-        """A frame the receiver's detector crop did not fit: it came without pixels, so it
-        is quarantined whatever the run's kind (and never becomes it)."""
-        self.counters.add("frames_quarantined")
-        self._odd_streak += 1
-        if self._odd_kind is None:
-            self._odd_kind = self._kind_of(data)
-        if not self._misfit_logged:
-            self._misfit_logged = True
-            self.log.warning(
-                "frame %d: %s: quarantined (dropped and counted as frames_quarantined; later "
-                "ones are not logged)",
-                index,
-                why,
-            )
-        return False
-
-    @staticmethod
-    def _kind_of(data: np.ndarray) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype; the detector frame's shape for a window a receiver cut."""
-        source = window_source(data)
-        shape = source[0] if source is not None else tuple(np.shape(data))
-        return shape, np.asarray(data).dtype
-
-    def _unadmit(self, index: int | None) -> bool:
-        """Quarantine an admitted frame that is not yet fed (False if it is too late)."""
-        if index is None:
-            return False
+    def _withdraw(self, index: int) -> bool:
+        """Take back an admitted frame that is not yet fed (False if it is too late)."""
         for i, (early_index, _) in enumerate(self._early_frames):
             if early_index == index:
                 del self._early_frames[i]
-                self.counters.add("frames_quarantined")
                 return True
-        if self._assembler is not None and self._assembler.discard_frame(index):
-            self.counters.add("frames_quarantined")
-            return True
-        return False
+        return self._assembler is not None and self._assembler.discard_frame(index)
 
     def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
         if name == "descriptor":
@@ -719,32 +520,17 @@ class RunSession:
         positions_px = self._geometry.to_pixels(positions_um)
         if self._nn is not None:
             self._nn.submit(amplitudes, positions_px)
-        if self.config.mode != "nn" and self._solver_failure is None:
-            self._add_to_solver(amplitudes, positions_px)
+        if self.config.mode != "nn" and self._solver.failure is None:
+            self._solver.add(
+                amplitudes,
+                positions_px,
+                config=self.config,
+                canvas_shape=self._geometry.canvas_shape,
+            )
         if self._sink is not None:
             self._sink.diffraction(indices, amplitudes, self._geometry.to_metres(positions_um))
         self.counters.add("frames_used", len(indices))
         self._pending_frames.clear()
-
-    def _add_to_solver(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
-        assert self.config is not None and self._geometry is not None
-        if self._solver is None:
-            self._solver = self._worker.open_run(
-                self.uid,
-                probe=initial_probe(
-                    amplitudes,
-                    footprint_px=self.config.probe_footprint_px,
-                    defocus_sign=self.config.probe.defocus_sign,
-                ),
-                canvas_shape=self._geometry.canvas_shape,
-                params=self.config.recon,
-                expected_positions=self.config.num_points,
-                notify=lambda: self._inbox.put(("solver", None)),
-            )
-            self.log.info(
-                "solver (%s) started with %d frames", self._solver.backend, len(amplitudes)
-            )
-        self._solver.add(amplitudes, positions_px)
 
     def _roi_center(self, center_y: float | None, center_x: float | None) -> tuple[float, float]:
         header = self._series_header
@@ -767,7 +553,7 @@ class RunSession:
 
     def _pump_solver(self) -> None:
         """Pass on the snapshot the solver answered, and ask for the next one when it is due."""
-        solver = self._solver
+        solver = self._solver.remote
         if solver is None:
             return
         self.iteration = solver.iteration
@@ -779,14 +565,7 @@ class RunSession:
             if self._sink is not None:
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
-        if solver.added == 0:
-            return
-        if self._final_imminent(solver):
-            self._tell_final_due()
-            return
-        now = time.monotonic()
-        if now - self._last_live >= self.settings.live_interval_s and solver.request_snapshot():
-            self._last_live = now
+        self._solver.request_live(final_due=self._tell_final_due)
 
     def _tell_final_due(self) -> None:
         """From the scan's end the sink appends no frames until the result is written: the
@@ -798,25 +577,6 @@ class RunSession:
         final_due = getattr(self._sink, "final_due", None)
         if final_due is not None:
             final_due()
-
-    def _final_imminent(self, solver: RemoteSolver) -> bool:
-        """The final state is due within :data:`FINAL_QUIET_S`: a live write started now would
-        only delay it in the sink's queue."""
-        if self._final_iteration is None:
-            return False
-        passes = solver.pass_ends[-20:]
-        if len(passes) < 2 or passes[-1][0] <= passes[0][0]:
-            return False
-        rate = (len(passes) - 1) / (passes[-1][0] - passes[0][0])
-        return (self._final_iteration - solver.iteration) / rate < FINAL_QUIET_S
-
-    def _stop_solver(self) -> None:
-        """Cancelled: the solver sends what it has after its current pass."""
-        if self._solver is None or self._solver.done.is_set():
-            return
-        self._solver.cancel()
-        if not self._solver.done.wait(self.settings.tiled_write_timeout_s):
-            self.log.error("the solver did not answer the cancel; its last snapshot is kept")
 
     def _data_complete(self) -> bool:
         """No more frames will come: the run stopped and both streams ended (or timed out).
@@ -844,53 +604,26 @@ class RunSession:
             self._pending_frames.extend(self._assembler.pop_ready())
             if self._pending_frames:
                 return False
-        solver = self._solver
-        if solver is None or solver.added == 0 or self._solver_failure is not None:
+        if not self._solver.fed:
             return True
-        if not self._finish_sent:
-            self._finish_sent = True
+        if self._solver.finish_sent_at is None:
             self.timeline["data_complete"] = time.monotonic()
-            self._final_iteration = solver.iteration + self.config.recon.iterations
-            solver.finish(self.config.recon.iterations)
+            self._solver.finish(self.config.recon.iterations)
             self._tell_final_due()
-        if solver.done.is_set():
-            return True
-        bound = self._final_state_bound_s(solver)
-        waited = time.monotonic() - self.timeline["data_complete"]
-        if waited > bound:
-            # A solver process that is alive but stuck would otherwise hold the run open
-            # (and wait() with it) for ever; its last snapshot is what gets written.
-            self._solver_failure = (
-                f"solver: no final state within {bound:.0f} s of the scan's end; "
-                "its last snapshot is kept"
-            )
-            self.log.error("%s", self._solver_failure)
-            return True
-        return False
-
-    def _final_state_bound_s(self, solver: RemoteSolver) -> float:
-        """How long the post-scan passes may take: :data:`FINAL_STATE_MARGIN_S` plus ten
-        times what they should take at the solver's measured pass rate."""
-        assert self.config is not None
-        passes = solver.pass_ends[-20:]
-        expected = 0.0
-        if len(passes) >= 2 and passes[-1][0] > passes[0][0]:
-            rate = (len(passes) - 1) / (passes[-1][0] - passes[0][0])
-            expected = self.config.recon.iterations / rate
-        return FINAL_STATE_MARGIN_S + 10.0 * expected
+        return self._solver.final_state_in(self.config.recon.iterations)
 
     def _snapshot(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """A solver state as the sink takes it: with the error history and positions in metres."""
         snap = {k: v for k, v in state.items() if k != "positions_px"}
-        if self._solver is not None:
-            snap["error_history"] = np.asarray(self._solver.error_history, dtype=np.float64)
+        if self._solver.remote is not None:
+            snap["error_history"] = np.asarray(self._solver.remote.error_history, dtype=np.float64)
         if self._geometry is not None and "positions_px" in state:
             snap["positions_m"] = self._geometry.pixels_to_metres(state["positions_px"])
         return snap
 
     def _final_snapshot(self) -> dict[str, Any]:
         """The solver's final state; its last live snapshot when the solver failed."""
-        solver = self._solver
+        solver = self._solver.remote
         if solver is None:
             return {}
         if solver.final is not None and solver.final.get("object") is not None:
@@ -972,8 +705,7 @@ class RunSession:
             self.log.exception("final write failed")
             self._fail_write(f"final write failed: {type(exc).__name__}: {exc}")
         finally:
-            if self._solver is not None:
-                self._solver.release()
+            self._solver.release()
             if self._sink is not None:
                 try:
                     self._sink.close(timeout=self.settings.tiled_write_timeout_s)
@@ -1030,10 +762,7 @@ class RunSession:
         solver process and go with ``release``; here it is host memory of the RunEngine's
         process, which a beamline never restarts between scans."""
         released = self._released
-        solver = self._solver
-        if solver is not None:
-            released["positions"] = solver.n_positions
-            released["passes"] = list(solver.pass_ends)
+        self._solver.drop()
         assembler = self._assembler
         if assembler is not None:
             counters = {f"assembler_{k}": v for k, v in assembler.counters.snapshot().items()}
@@ -1046,13 +775,12 @@ class RunSession:
             released["write_failure"] = getattr(sink, "write_failure", None)
         if self._nn is not None:
             released["nn"] = self._nn.counters.snapshot()
-        self._solver = None
         self._assembler = None
         self._sink = None
         self._pending_frames = []
         self._early_frames = []
         self._early_samples = []
-        self._last_odd = None
+        self._gate.release()
         # A header_detail=all series header carries the flatfield and pixel mask.
         self._series_header = {
             k: v

@@ -131,7 +131,7 @@ def test_back_to_back_runs_return_their_memory(tmp_path: Path) -> None:
         assert sinks.rows == (3 + RUNS) * PAIRED
         # finished sessions hold no frames, solver, sink; only the newest keeps a picture
         sessions = engine.sessions()
-        assert all(s._assembler is None and s._solver is None for s in sessions)
+        assert all(s._assembler is None and s._solver.remote is None for s in sessions)
         assert all(s._sink is None and not s._pending_frames for s in sessions)
         assert all("flatfield" not in s._series_header for s in sessions)
         assert sum(s.latest_snapshot is not None for s in sessions) <= 2

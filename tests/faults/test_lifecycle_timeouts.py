@@ -160,10 +160,10 @@ def test_solver_that_never_sends_its_final_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A solver that is alive but never answers 'finish' no longer holds the run open."""
-    from hxn_liveptycho.pipeline import session as session_module
+    from hxn_liveptycho.pipeline import solver_link
     from hxn_liveptycho.recon.worker import RemoteSolver
 
-    monkeypatch.setattr(session_module, "FINAL_STATE_MARGIN_S", 1.0)
+    monkeypatch.setattr(solver_link, "FINAL_STATE_MARGIN_S", 1.0)
     monkeypatch.setattr(RemoteSolver, "finish", lambda self, iterations: None)
     with engine_with(tmp_path) as (engine, sinks):
         run = Run(engine)

@@ -392,7 +392,7 @@ def assert_released(engine: Engine, tracked: Tracked) -> None:
     assert engine.solver_worker._runs == {}, "the solver still tracks a finished run"
     for session in engine.sessions():
         assert session.finished
-        assert session._solver is None and session._assembler is None
+        assert session._solver.remote is None and session._assembler is None
         assert session._sink is None and not session._pending_frames
 
 

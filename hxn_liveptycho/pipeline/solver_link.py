@@ -1,0 +1,192 @@
+"""SolverLink: a session's end of its run in the engine's solver process.
+
+Why: the solver iterates in its own process (:mod:`hxn_liveptycho.recon.worker`);
+the session only feeds it, and decides when to ask for a live snapshot, when
+to tell it the scan ended and how long to wait for its final state. Those
+decisions are timing policy over the solver's pass rate, apart from what the
+session does with the snapshots (the result sink's business).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.config.scan import ScanConfig
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before the solver's final state in which no live snapshot is asked for.
+FINAL_QUIET_S = 1.5
+#: Least time the solver is given, after the scan's end, to send its final state (see
+#: :meth:`SolverLink.final_state_bound_s`).
+FINAL_STATE_MARGIN_S = 120.0
+
+
+def pass_rate(pass_ends: Sequence[tuple[float, int]]) -> float | None:
+    """Passes a second over the solver's last twenty; None before two passes have ended."""
+    passes = pass_ends[-20:]
+    if len(passes) < 2 or passes[-1][0] <= passes[0][0]:
+        return None
+    return (len(passes) - 1) / (passes[-1][0] - passes[0][0])
+
+
+class SolverLink:
+    """Opens the run on the solver process with its first frames, feeds it, paces its live
+    snapshots and waits (boundedly) for its final state. Used from the session's thread."""
+
+    def __init__(
+        self,
+        worker: SolverWorker,
+        *,
+        uid: str,
+        settings: Settings,
+        notify: Callable[[], None],
+        log: logging.Logger | logging.LoggerAdapter[Any] = logger,
+    ) -> None:
+        self._worker = worker
+        self._uid = uid
+        self._settings = settings
+        self._notify = notify
+        self.log = log
+        #: The run on the solver process; None before the first frames and once dropped.
+        self.remote: RemoteSolver | None = None
+        #: Why the solver can no longer be used (None while it can): the run goes on
+        #: without it and ends failed, with this reason.
+        self.failure: str | None = None
+        #: time.monotonic() when the solver was told the scan ended (None before).
+        self.finish_sent_at: float | None = None
+        self._final_iteration: int | None = None
+        self._last_live = 0.0
+        #: What :attr:`n_positions` and :attr:`pass_ends` say once the remote is dropped.
+        self._dropped_positions = 0
+        self._dropped_passes: list[tuple[float, int]] = []
+
+    @property
+    def fed(self) -> bool:
+        """Whether the solver holds frames and is usable, so its final state is worth a wait."""
+        return self.remote is not None and self.remote.added > 0 and self.failure is None
+
+    @property
+    def n_positions(self) -> int:
+        return self._dropped_positions if self.remote is None else self.remote.n_positions
+
+    @property
+    def pass_ends(self) -> list[tuple[float, int]]:
+        """(time.monotonic() at its end, positions covered) of every solver pass so far."""
+        source = self._dropped_passes if self.remote is None else self.remote.pass_ends
+        return list(source)
+
+    def add(
+        self,
+        amplitudes: np.ndarray,
+        positions_px: np.ndarray,
+        *,
+        config: ScanConfig,
+        canvas_shape: tuple[int, int],
+    ) -> None:
+        """Hand frames to the solver; the first ones open the run (and guess the probe)."""
+        if self.remote is None:
+            self.remote = self._worker.open_run(
+                self._uid,
+                probe=initial_probe(
+                    amplitudes,
+                    footprint_px=config.probe_footprint_px,
+                    defocus_sign=config.probe.defocus_sign,
+                ),
+                canvas_shape=canvas_shape,
+                params=config.recon,
+                expected_positions=config.num_points,
+                notify=self._notify,
+            )
+            backend = self.remote.backend
+            self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))
+        self.remote.add(amplitudes, positions_px)
+
+    def check(self) -> None:
+        """Note a solver process that failed: the run goes on without it."""
+        if self.remote is not None and self.remote.failure and self.failure is None:
+            # The run goes on without a solver: its frames are still kept, and it ends
+            # failed, with the reason, when the data are complete.
+            self.failure = f"solver: {self.remote.failure}"
+            self.log.error("%s; the run's frames are still kept", self.failure)
+
+    def request_live(self, final_due: Callable[[], None]) -> None:
+        """Ask for the next live snapshot when ``live_interval_s`` has passed, unless the
+        final state is due within :data:`FINAL_QUIET_S` (a live write started now would
+        only delay it in the sink's queue): then ``final_due`` is called instead."""
+        remote = self.remote
+        if remote is None or remote.added == 0:
+            return
+        if self._final_imminent(remote):
+            final_due()
+            return
+        now = time.monotonic()
+        if now - self._last_live >= self._settings.live_interval_s and remote.request_snapshot():
+            self._last_live = now
+
+    def _final_imminent(self, remote: RemoteSolver) -> bool:
+        if self._final_iteration is None:
+            return False
+        rate = pass_rate(remote.pass_ends)
+        if rate is None:
+            return False
+        return (self._final_iteration - remote.iteration) / rate < FINAL_QUIET_S
+
+    def finish(self, iterations: int) -> None:
+        """The scan's frames are all in: ``iterations`` post-scan passes, then the final state."""
+        assert self.remote is not None
+        self.finish_sent_at = time.monotonic()
+        self._final_iteration = self.remote.iteration + iterations
+        self.remote.finish(iterations)
+
+    def final_state_in(self, iterations: int) -> bool:
+        """Whether the final state came, or will not come in time: a solver process that is
+        alive but stuck would otherwise hold the run open (and wait() with it) for ever;
+        its last snapshot is then what gets written."""
+        assert self.remote is not None and self.finish_sent_at is not None
+        if self.remote.done.is_set():
+            return True
+        bound = self.final_state_bound_s(iterations)
+        if time.monotonic() - self.finish_sent_at > bound:
+            self.failure = (
+                f"solver: no final state within {bound:.0f} s of the scan's end; "
+                "its last snapshot is kept"
+            )
+            self.log.error("%s", self.failure)
+            return True
+        return False
+
+    def final_state_bound_s(self, iterations: int) -> float:
+        """How long the post-scan passes may take: :data:`FINAL_STATE_MARGIN_S` plus ten
+        times what they should take at the solver's measured pass rate."""
+        rate = pass_rate(self.pass_ends)
+        expected = 0.0 if rate is None else iterations / rate
+        return FINAL_STATE_MARGIN_S + 10.0 * expected
+
+    def cancel(self) -> None:
+        """Cancelled: the solver sends what it has after its current pass."""
+        if self.remote is None or self.remote.done.is_set():
+            return
+        self.remote.cancel()
+        if not self.remote.done.wait(self._settings.tiled_write_timeout_s):
+            self.log.error("the solver did not answer the cancel; its last snapshot is kept")
+
+    def release(self) -> None:
+        """The final write is done: the solver process frees the run's state and ring."""
+        if self.remote is not None:
+            self.remote.release()
+
+    def drop(self) -> None:
+        """Forget the run's handle (its ring, its history), keeping its counts."""
+        if self.remote is not None:
+            self._dropped_positions = self.remote.n_positions
+            self._dropped_passes = list(self.remote.pass_ends)
+        self.remote = None
