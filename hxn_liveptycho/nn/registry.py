@@ -27,6 +27,7 @@ from typing import Any
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.nn.card import MAX_CARD_BYTES, ModelCard
 from hxn_liveptycho.nn.interface import GraphIO
+from hxn_liveptycho.util.paths import lies_in
 
 logger = logging.getLogger(__name__)
 
@@ -200,22 +201,12 @@ class ModelRegistry:
                 continue
             root = folder.resolve()
             candidate = raw if raw.is_absolute() else folder / raw
-            if not _lies_in(root, candidate):
+            if not lies_in(root, candidate):
                 continue
             path = confined(root, candidate, name)  # refuses symlinks pointing out
             if path.is_file():
                 return ModelInfo(raw.stem, candidate, "file", _card(root, candidate))
         raise ConfigurationError(refusal)
-
-
-def _lies_in(root: Path, path: Path) -> bool:
-    """Whether ``path`` names a place in ``root`` (resolved root), as written or resolved."""
-    if Path(os.path.normpath(path)).is_relative_to(root):
-        return True
-    try:
-        return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):
-        return False
 
 
 def confined(root: Path, path: Path, shown: str) -> Path:
