@@ -7,8 +7,7 @@ importing the package never pulls in ONNX Runtime.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hxn_liveptycho.util.lazy import lazy_exports
 
 _EXPORTS = {
     "ModelCard": "card",
@@ -22,8 +21,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(name)
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

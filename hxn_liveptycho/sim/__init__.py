@@ -6,8 +6,7 @@ without ophyd or ZMQ, e.g. on a GPU node that only benchmarks the solver.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hxn_liveptycho.util.lazy import lazy_exports
 
 _EXPORTS = {
     "EigerProcess": "publishers",
@@ -23,8 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(name)
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
