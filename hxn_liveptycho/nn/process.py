@@ -53,16 +53,7 @@ import numpy as np
 from hxn_liveptycho.nn.core import BranchBase, Publish, settle_rule
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule
-from hxn_liveptycho.nn.run_memory import (
-    CONSUMED,
-    MAILBOX_FRAMES,
-    MAILBOX_SEQ,
-    PATTERN_SET,
-    RULE_BIN,
-    WRITTEN,
-    RunMemory,
-    ring_slots,
-)
+from hxn_liveptycho.nn.run_memory import Header, RunMemory, ring_slots
 from hxn_liveptycho.nn.worker_child import WorkerKey, child_main
 from hxn_liveptycho.util.children import start_spawned
 
@@ -319,17 +310,17 @@ class NNProcessBranch(BranchBase):
             if mem is None or self.error is not None or self._closed:
                 self._drop(k, 0)
                 return
-            queued = self._written - int(mem.header[CONSUMED])
+            queued = self._written - int(mem.header[Header.CONSUMED])
             if queued + k > mem.slots:
                 self._drop(k, queued)
                 return
-            if not mem.header[PATTERN_SET]:
+            if not mem.header[Header.PATTERN_SET]:
                 # The probe estimate itself is the worker's job; the mean pattern is cheap.
                 mem.pattern[:] = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
                 if self.fit is not None:
                     self.rule = settle_rule(self.rule, self.fit, mem.pattern, self.model, self.log)
-                mem.header[RULE_BIN] = self.rule.bin
-                mem.header[PATTERN_SET] = 1
+                mem.header[Header.RULE_BIN] = self.rule.bin
+                mem.header[Header.PATTERN_SET] = 1
             frames = self.rule.frames(amplitudes)
             positions = np.asarray(positions_px, dtype=np.float64).reshape(k, 2)
             now = time.monotonic()
@@ -342,7 +333,7 @@ class NNProcessBranch(BranchBase):
                 mem.stamps[start : start + count] = now
                 done += count
             self._written += k
-            mem.header[WRITTEN] = self._written
+            mem.header[Header.WRITTEN] = self._written
         self._worker.wake()
 
     def close(self, timeout: float | None = None) -> dict[str, Any] | None:
@@ -387,12 +378,12 @@ class NNProcessBranch(BranchBase):
         if not self._worker.lock.acquire(timeout=10.0):
             return self._last
         try:
-            if int(mem.header[MAILBOX_SEQ]) == 0:
+            if int(mem.header[Header.MAILBOX_SEQ]) == 0:
                 return self._last
             return {
                 "object": mem.object.copy(),
                 "coverage": mem.coverage.copy(),
-                "frames": int(mem.header[MAILBOX_FRAMES]),
+                "frames": int(mem.header[Header.MAILBOX_FRAMES]),
             }
         finally:
             self._worker.lock.release()
@@ -433,6 +424,6 @@ class NNProcessBranch(BranchBase):
             self.log.error("NN branch: %s; its last mosaic is kept", self.error)
             with self._lock:
                 mem = self._mem
-                queued = 0 if mem is None else self._written - int(mem.header[CONSUMED])
+                queued = 0 if mem is None else self._written - int(mem.header[Header.CONSUMED])
             self.counters.add("nn_frames_dropped", max(0, queued))
             self._done.set()

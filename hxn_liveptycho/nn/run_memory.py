@@ -11,27 +11,27 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from enum import IntEnum
 from multiprocessing import shared_memory
 
 import numpy as np
 
-__all__ = [
-    "CONSUMED",
-    "MAILBOX_FRAMES",
-    "MAILBOX_SEQ",
-    "PATTERN_SET",
-    "RING_BYTES",
-    "RULE_BIN",
-    "WRITTEN",
-    "RunMemory",
-    "ring_slots",
-]
+__all__ = ["RING_BYTES", "Header", "RunMemory", "ring_slots"]
 
 #: Most shared memory one run's frame ring takes; a longer queue is cut to fit.
 RING_BYTES = 512 * 2**20
-# bytes: int64 [written, consumed, mailbox_seq, mailbox_frames, pattern_set, rule's bin, ...]
-_HEADER = 64
-WRITTEN, CONSUMED, MAILBOX_SEQ, MAILBOX_FRAMES, PATTERN_SET, RULE_BIN = 0, 1, 2, 3, 4, 5
+_HEADER_BYTES = 64
+
+
+class Header(IntEnum):
+    """The int64 counters at the segment's start, by index."""
+
+    WRITTEN = 0  # frames the parent has copied in
+    CONSUMED = 1  # frames the worker has taken (inferred or discarded)
+    MAILBOX_SEQ = 2  # mosaics posted to the mailbox
+    MAILBOX_FRAMES = 3  # frames placed in the posted mosaic
+    PATTERN_SET = 4  # the mean pattern is in place
+    RULE_BIN = 5  # the input rule's binning, settled on the first frames
 
 
 class RunMemory:
@@ -54,7 +54,7 @@ class RunMemory:
         self.canvas_shape = (int(canvas_shape[0]), int(canvas_shape[1]))
         h, w = self.canvas_shape
         sizes = [
-            _HEADER,
+            _HEADER_BYTES,
             slots * m * m * 4,
             slots * 16,
             slots * 8,

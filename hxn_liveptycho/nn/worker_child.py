@@ -21,15 +21,7 @@ import numpy as np
 from hxn_liveptycho.nn.core import BranchCore
 from hxn_liveptycho.nn.interface import GraphIO
 from hxn_liveptycho.nn.resample import InputRule
-from hxn_liveptycho.nn.run_memory import (
-    CONSUMED,
-    MAILBOX_FRAMES,
-    MAILBOX_SEQ,
-    PATTERN_SET,
-    RULE_BIN,
-    WRITTEN,
-    RunMemory,
-)
+from hxn_liveptycho.nn.run_memory import Header, RunMemory
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.util.children import LogToParent, exit_with_parent
 
@@ -158,8 +150,8 @@ class _Child:
         try:
             run.mem.object[:] = image
             run.mem.coverage[:] = coverage
-            run.mem.header[MAILBOX_FRAMES] = run.core.mosaic.placed
-            run.mem.header[MAILBOX_SEQ] += 1
+            run.mem.header[Header.MAILBOX_FRAMES] = run.core.mosaic.placed
+            run.mem.header[Header.MAILBOX_SEQ] += 1
         finally:
             self.lock.release()
         return True
@@ -170,10 +162,10 @@ class _Child:
         if run is None:
             return False
         mem = run.mem
-        available = int(mem.header[WRITTEN]) - run.consumed
+        available = int(mem.header[Header.WRITTEN]) - run.consumed
         if available > 0 and (run.failed or run.core is None):
             run.consumed += available  # nothing will infer them: free the slots
-            mem.header[CONSUMED] = run.consumed
+            mem.header[Header.CONSUMED] = run.consumed
             self.send(("discarded", run.run_id, available))
             return True
         if available > 0 and run.core is not None:
@@ -184,10 +176,11 @@ class _Child:
             handed = float(mem.stamps[start : start + count].min())
             try:
                 if run.core.probe is None:  # the parent writes it before the first frames
-                    if not mem.header[PATTERN_SET]:
+                    if not mem.header[Header.PATTERN_SET]:
                         raise RuntimeError("no mean pattern arrived before the first frames")
                     rule = run.core.rule  # the parent settled it on the same frames
-                    run.core.rule = InputRule(rule.crop, rule.model, int(mem.header[RULE_BIN]))
+                    settled_bin = int(mem.header[Header.RULE_BIN])
+                    run.core.rule = InputRule(rule.crop, rule.model, settled_bin)
                     run.core.probe = initial_probe(
                         np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
                         footprint_px=run.footprint_px,
@@ -199,7 +192,7 @@ class _Child:
                 return True
             finally:
                 run.consumed += count
-                mem.header[CONSUMED] = run.consumed
+                mem.header[Header.CONSUMED] = run.consumed
             now = time.monotonic()
             snapshot = False
             if now - run.last_publish >= run.interval_s:
