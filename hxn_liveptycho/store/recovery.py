@@ -29,12 +29,17 @@ import numpy as np
 
 from hxn_liveptycho.store import diffraction as stored_diffraction
 from hxn_liveptycho.store.arrays import ArrayGroup, append_rows
+from hxn_liveptycho.store.container import (
+    DIFFRACTION_KEYS,
+    catalog_node,
+    child,
+    diffraction_group,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between upload attempts while results wait and Tiled does not answer.
 RECOVERY_INTERVAL_S = 10.0
-_FRAME_KEYS = ("amplitude", "indices", "positions_m")
 
 
 @dataclass
@@ -149,11 +154,11 @@ def upload(result: UnwrittenResult, root: Any) -> None:
     """
     container = _container(root, result)
     if result.final:
-        group = ArrayGroup.existing(_child(container, "final"))
+        group = ArrayGroup.existing(child(container, "final"))
         for key, value in result.final.items():
             group.put(key, np.asarray(value))
     if result.nn:
-        group = ArrayGroup.existing(_child(container, "nn"))
+        group = ArrayGroup.existing(child(container, "nn"))
         for key, value in result.nn.items():
             group.put(key, np.asarray(value))
     stored = result.frames_in_tiled
@@ -179,34 +184,22 @@ def upload(result: UnwrittenResult, root: Any) -> None:
 
 
 def _container(root: Any, result: UnwrittenResult) -> Any:
-    node = root
+    """The run's container, made with the result's metadata if the run never made it."""
     parts = [p for p in result.container_path.split("/") if p]
-    for i, part in enumerate(parts):
-        try:
-            node = node[part]
-        except KeyError:
-            last = i == len(parts) - 1
-            node = node.create_container(part, metadata=result.metadata if last else None)
-    return node
-
-
-def _child(container: Any, name: str) -> Any:
+    if not parts:
+        return root
+    node = catalog_node(root, parts[:-1])
     try:
-        return container[name]
+        return node[parts[-1]]
     except KeyError:
-        return container.create_container(name)
+        return node.create_container(parts[-1], metadata=result.metadata)
 
 
 def _append_frames(container: Any, result: UnwrittenResult) -> int:
     """Append the frames Tiled lacks to each ``diffraction/`` array; rows now stored."""
-    try:
-        group = container["diffraction"]
-    except KeyError:
-        group = container.create_container(
-            "diffraction", metadata=stored_diffraction.group_metadata(0)
-        )
+    group = diffraction_group(container, 0)
     rows = []
-    for key in _FRAME_KEYS:
+    for key in DIFFRACTION_KEYS:
         _, stored = append_rows(group, key, result.frames[key], first=result.frames_in_tiled)
         rows.append(stored)
     stored = min(rows)
