@@ -118,6 +118,7 @@ class _Child:
         self._readback = self.context.socket(zmq.PULL)
         self._readback.setsockopt(zmq.RCVTIMEO, 10_000)
         self._readback.connect(address)
+        self.plan: dict[str, Any] | None = None
         self.counters.state("idle")
 
     def describe(self) -> dict[str, Any]:
@@ -136,6 +137,16 @@ class _Child:
 
     def publish(self, pacer: Pacer) -> dict[str, Any]:
         raise NotImplementedError
+
+    def begin_series(self, pacer: Pacer) -> dict[str, Any]:
+        """The prepared plan, taken once (a start without a prepare is refused), with the
+        counters marked as publishing from ``pacer.t0``."""
+        plan, self.plan = self.plan, None
+        if plan is None:
+            raise RuntimeError("start without prepare")
+        self.counters["t0"] = pacer.t0
+        self.counters.state("publishing")
+        return plan
 
     def close(self) -> None:
         self._readback.close(linger=0)
@@ -159,7 +170,6 @@ class _EigerChild(_Child):
 
         super().__init__(options, counters, make_encoder)
         self.budget = int(options["preencode_bytes"])
-        self.plan: dict[str, Any] | None = None
 
     def prepare(self, spec: dict[str, Any]) -> dict[str, Any]:
         began = time.monotonic()
@@ -196,14 +206,10 @@ class _EigerChild(_Child):
         }
 
     def publish(self, pacer: Pacer) -> dict[str, Any]:
-        plan, self.plan = self.plan, None
-        if plan is None:
-            raise RuntimeError("start without prepare")
+        plan = self.begin_series(pacer)
         series, sample, frames = plan["series"], plan["sample"], plan["frames"]
         period = plan["frame_time"]
         messages = plan["messages"]
-        self.counters["t0"] = pacer.t0
-        self.counters.state("publishing")
         self.wire.send_parts(plan["header_parts"])
         sent_wall: list[float] = []
         try:
@@ -244,7 +250,6 @@ class _PandaChild(_Child):
             return PandaPublisher(address, socket_type="push", context=context)
 
         super().__init__(options, counters, make_encoder)
-        self.plan: dict[str, Any] | None = None
 
     def prepare(self, spec: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -262,14 +267,10 @@ class _PandaChild(_Child):
     def publish(self, pacer: Pacer) -> dict[str, Any]:
         import numpy as np
 
-        plan, self.plan = self.plan, None
-        if plan is None:
-            raise RuntimeError("start without prepare")
+        plan = self.begin_series(pacer)
         samples, frames, row = plan["samples"], plan["frames"], plan["row_length"]
         period = plan["frame_time"]
         per_frame = next(iter(samples.values())).shape[1]
-        self.counters["t0"] = pacer.t0
-        self.counters.state("publishing")
         self.encoder.start()
         self.wire.send_parts(self.read_back()[0])
         published = 0
