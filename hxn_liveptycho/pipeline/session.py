@@ -9,6 +9,12 @@ for a snapshot every ``live_interval_s`` (the first as soon as the first frames
 have been iterated) and passes snapshots to the result sink. Data keeps flowing
 into the solver between its passes, so the first picture appears while the scan
 is still running.
+
+The session's parts have modules of their own: the frame quarantine
+(:mod:`.frame_gate`), its end of the solver process (:mod:`.solver_link`), the
+run's states and the verdict from its data (:mod:`.run_status`), what it writes
+and how it ends (:mod:`.session_results`) and how it looks from outside
+(:mod:`.session_report`). This module holds the thread that drives them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from hxn_liveptycho.pipeline.run_status import (
     missing_data,
     verdict,
 )
+from hxn_liveptycho.pipeline.session_results import SessionResults
 from hxn_liveptycho.pipeline.solver_link import SolverLink
 from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.worker import SolverWorker
@@ -70,7 +77,7 @@ class _RunLogger(logging.LoggerAdapter):
         return f"[scan {extra['scan_id']} {extra['uid'][:8]}] {msg}", kwargs
 
 
-class RunSession:
+class RunSession(SessionResults):
     """Reconstructs one run; every public method is safe to call from any thread."""
 
     def __init__(
@@ -213,72 +220,6 @@ class RunSession:
         if config is not None and config.dwell_s:
             expected = config.num_points * config.dwell_s
         return expected + IDLE_MARGIN_S
-
-    def summary(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "uid": self.uid,
-            "scan_id": self.scan_id,
-            "status": str(self.status),
-            "iteration": self.iteration,
-            "error_metric": self.last_error,
-            "positions": self._solver.n_positions,
-            "timeline": dict(self.timeline),
-            "counters": self._all_counters(),
-        }
-        pairing = self._pairing_report()
-        if pairing is not None:
-            info["pairing"] = pairing
-        if self.reason:
-            info["reason"] = self.reason
-        if self.warnings:
-            info["warnings"] = list(self.warnings)
-        if self.error:
-            info["error"] = self.error
-        if self.config is not None:
-            info["expected_positions"] = self.config.num_points
-        released = self._released
-        container_path = getattr(self._sink, "container_path", released.get("container_path"))
-        if container_path:
-            info["container_path"] = container_path
-        nn = self._nn
-        if nn is not None:
-            info["nn"] = nn.counters.snapshot()
-        elif "nn" in released:
-            info["nn"] = released["nn"]
-        backup = getattr(self._sink, "backup_path", released.get("backup_path"))
-        if backup is not None:  # Tiled refused the result: say where it is instead
-            info["stored_in"] = "local backup"
-            info["backup_path"] = str(backup)
-        if getattr(self._sink, "write_failure", released.get("write_failure")):
-            info["stored_in"] = "memory (until retry-upload writes it)"
-        return info
-
-    def _all_counters(self) -> dict[str, int]:
-        """The session's counters with the assembler's and what never paired."""
-        counters = self.counters.snapshot()
-        if self._assembler is not None:
-            counters.update(
-                {f"assembler_{k}": v for k, v in self._assembler.counters.snapshot().items()}
-            )
-            counters.update(self._assembler.unpaired_report())
-        else:
-            counters.update(self._released.get("assembler", {}))
-        return counters
-
-    def _pairing_report(self) -> dict[str, Any] | None:
-        """The samples-per-frame factor used and what measured it (see Assembler)."""
-        if self._assembler is not None:
-            return self._assembler.pairing_report()
-        return self._released.get("pairing")
-
-    @property
-    def solver_passes(self) -> list[tuple[float, int]]:
-        """(time.monotonic() at its end, positions covered) of every solver pass so far."""
-        return self._solver.pass_ends
-
-    def nn_snapshot(self) -> dict[str, Any] | None:
-        """The NN branch's current mosaic (None without an NN branch), for status pages."""
-        return None if self._nn is None else self._nn.snapshot()
 
     # ---- the session thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -567,17 +508,6 @@ class RunSession:
             self.counters.add("snapshots")
         self._solver.request_live(final_due=self._tell_final_due)
 
-    def _tell_final_due(self) -> None:
-        """From the scan's end the sink appends no frames until the result is written: the
-        post-scan passes then share the host with no Tiled ingest, and the result never
-        waits behind a chunk (the frames stay queued and follow the result)."""
-        if self._told_final_due:
-            return
-        self._told_final_due = True
-        final_due = getattr(self._sink, "final_due", None)
-        if final_due is not None:
-            final_due()
-
     def _data_complete(self) -> bool:
         """No more frames will come: the run stopped and both streams ended (or timed out).
 
@@ -611,187 +541,3 @@ class RunSession:
             self._solver.finish(self.config.recon.iterations)
             self._tell_final_due()
         return self._solver.final_state_in(self.config.recon.iterations)
-
-    def _snapshot(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """A solver state as the sink takes it: with the error history and positions in metres."""
-        snap = {k: v for k, v in state.items() if k != "positions_px"}
-        if self._solver.remote is not None:
-            snap["error_history"] = np.asarray(self._solver.remote.error_history, dtype=np.float64)
-        if self._geometry is not None and "positions_px" in state:
-            snap["positions_m"] = self._geometry.pixels_to_metres(state["positions_px"])
-        return snap
-
-    def _final_snapshot(self) -> dict[str, Any]:
-        """The solver's final state; its last live snapshot when the solver failed."""
-        solver = self._solver.remote
-        if solver is None:
-            return {}
-        if solver.final is not None and solver.final.get("object") is not None:
-            self.timeline["final_state"] = time.monotonic()
-            self.iteration = solver.iteration
-            self.last_error = solver.last_error
-            return self._snapshot(solver.final)
-        return dict(self.latest_snapshot or {})
-
-    def _metadata(self, status: RunStatus) -> dict[str, Any]:
-        config = self.config
-        md: dict[str, Any] = {
-            "raw_uid": self.uid,
-            "scan_id": self.scan_id,
-            "raw_start_time": self.start_doc.get("time"),
-            "plan_name": self.start_doc.get("plan_name"),
-            "status": str(status),
-            "mode": config.mode if config is not None else "iterative",
-            "placement": None if self.placement is None else self.placement.as_metadata(),
-            "counters": self._all_counters(),
-            "pairing": self._pairing_report(),
-        }
-        if self.reason:
-            md["reason"] = self.reason
-        if self.warnings:
-            md["warnings"] = list(self.warnings)
-        if config is not None:
-            md.update(
-                energy_kev=config.energy_kev,
-                wavelength_m=config.wavelength_m,
-                distance_m=config.distance_m,
-                pixel_size_m=config.pixel_size_m,
-                algorithm=config.recon.algorithm,
-                config=config.model_dump(mode="json"),
-            )
-        if self._geometry is not None:
-            md["canvas"] = {
-                "origin_um": list(self._geometry.origin_um),
-                "pixel_size_m": self._geometry.pixel_size_m,
-                "window": self._geometry.window,
-                "shape": list(self._geometry.canvas_shape),
-            }
-        if self._nn is not None:
-            md["nn"] = self._nn.describe()
-        if self.error:
-            md["error"] = self.error
-        md["iteration"] = self.iteration
-        return md
-
-    def _finish(self, status: RunStatus, reason: str, *, error: str | None = None) -> None:
-        """Write whatever exists, with its terminal state and reason; a failure is recorded
-        where users look. A skipped run writes nothing: it was never a reconstruction."""
-        if error:
-            self.error = error
-        self.reason = reason
-        self.status = status
-        if self._assembler is not None:  # a wrong samples-per-frame factor is never silent
-            self.warnings.extend(w for w in self._assembler.final_check() if w not in self.warnings)
-        if status is RunStatus.SKIPPED and self._sink is None:
-            self.log.info("not reconstructed: %s", reason)
-            return
-        try:
-            if self._sink is None:
-                self._sink = self._sink_factory()
-                self._sink.on_stored_later = self.stored_later
-                self._sink.open(self.config, self._metadata(status))
-            if self._nn is not None:
-                nn_final = self._nn.close(timeout=self.settings.tiled_write_timeout_s)
-                if nn_final is not None:
-                    self._sink.nn(nn_final)
-            snapshot = self._final_snapshot()
-            if snapshot:
-                self.latest_snapshot = snapshot
-            unpaired = self._assembler.unpaired_report() if self._assembler else {}
-            if any(unpaired.values()):
-                self.log.warning("unpaired at the end: %s", unpaired)
-            self._sink.final(snapshot, self._metadata(status))
-        except Exception as exc:
-            self.log.exception("final write failed")
-            self._fail_write(f"final write failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._solver.release()
-            if self._sink is not None:
-                try:
-                    self._sink.close(timeout=self.settings.tiled_write_timeout_s)
-                except Exception as exc:
-                    self.log.exception("closing the result sink failed")
-                    self._fail_write(f"closing the result sink failed: {type(exc).__name__}: {exc}")
-                backup = getattr(self._sink, "backup_path", None)
-                if backup is not None:
-                    self.log.warning(
-                        "the result is NOT in Tiled: kept in the local backup %s", backup
-                    )
-                failure = getattr(self._sink, "write_failure", None)
-                if failure:
-                    # Neither Tiled nor the disk took it: held in memory for retry-upload.
-                    self._before_write_failure = (self.status, self.reason)
-                    self._fail_write(f"result not stored: {failure}")
-                self.timeline["final_written"] = time.monotonic()
-                sink_steps = getattr(self._sink, "timeline", {})
-                self.timeline.update({f"sink_{k}": v for k, v in sink_steps.items()})
-        if self.warnings:
-            self.log.warning("warnings: %s", "; ".join(self.warnings))
-        self.log.info(
-            "%s (%s) after %d iterations (data mismatch %s)",
-            self.status,
-            self.reason,
-            self.iteration,
-            self.last_error,
-        )
-
-    def stored_later(self) -> None:
-        """The result a failed write left in memory reached Tiled (retry-upload, or Tiled
-        came back): the run is what its data said again, and its reason says how."""
-        before = self._before_write_failure
-        if before is None:
-            return
-        status, reason = before
-        self._before_write_failure = None
-        self.status = status
-        self.reason = f"{reason} (stored in Tiled later, by retry-upload)"
-        self.error = None
-        self.log.info("result stored in Tiled after all: %s", self.status)
-
-    def _fail_write(self, what: str) -> None:
-        """The result could not be stored: the run is failed, whatever the data said."""
-        if self.status is not RunStatus.FAILED:
-            self.reason = f"{what} (the data said {self.status}: {self.reason})"
-        self.error = self.error or what
-        self.status = RunStatus.FAILED
-
-    def _release(self) -> None:
-        """The final write is done: drop what holds frames and solver state (the solver's
-        ring, the assembler's frames, frames not yet fed, the sink and its buffers) and
-        keep light copies for :meth:`summary`. On CuPy the solver's arrays live in the
-        solver process and go with ``release``; here it is host memory of the RunEngine's
-        process, which a beamline never restarts between scans."""
-        released = self._released
-        self._solver.drop()
-        assembler = self._assembler
-        if assembler is not None:
-            counters = {f"assembler_{k}": v for k, v in assembler.counters.snapshot().items()}
-            released["assembler"] = {**counters, **assembler.unpaired_report()}
-            released["pairing"] = assembler.pairing_report()
-        sink = self._sink
-        if sink is not None:
-            released["container_path"] = getattr(sink, "container_path", None)
-            released["backup_path"] = getattr(sink, "backup_path", None)
-            released["write_failure"] = getattr(sink, "write_failure", None)
-        if self._nn is not None:
-            released["nn"] = self._nn.counters.snapshot()
-        self._assembler = None
-        self._sink = None
-        self._pending_frames = []
-        self._early_frames = []
-        self._early_samples = []
-        self._gate.release()
-        # A header_detail=all series header carries the flatfield and pixel mask.
-        self._series_header = {
-            k: v
-            for k, v in self._series_header.items()
-            if not isinstance(v, np.ndarray | bytes | bytearray | memoryview)
-        }
-
-    def drop_pictures(self) -> None:
-        """Drop the last snapshot and NN mosaic kept for status pages (the engine keeps
-        them for its newest finished run only; the result itself is in Tiled)."""
-        if not self._done.is_set():
-            return
-        self.latest_snapshot = None
-        self._nn = None
