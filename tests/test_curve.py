@@ -13,7 +13,7 @@ from zmq.utils import z85
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerPublisher, EigerReceiver
-from hxn_liveptycho.streams._zmq import curve_key
+from hxn_liveptycho.streams.curve import curve_key
 
 pytestmark = [
     pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ"),

@@ -129,7 +129,7 @@ def test_a_panda_receiver_with_curve_keys_gets_a_scan_over_curve() -> None:
         curve=CurveKeys.from_keys(**keys),
     )
     try:
-        sock = receiver._zmq._socket
+        sock = receiver._socket
         assert sock is not None and sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
         receiver.start()
         assert publisher.wait_for_subscribers(1, timeout=5.0)

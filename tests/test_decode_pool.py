@@ -36,7 +36,7 @@ def _collect(flavour: str, decode_threads: int, frames: int = 40) -> tuple[list,
             publisher.send_frame(1, index, frame)
             if index == 10:
                 # a corrupt image in the middle: counted, the rest still arrives in order
-                publisher._zmq.send_parts([b'{"htype": "dimage-1.0", "series": 1}'])
+                publisher.send_parts([b'{"htype": "dimage-1.0", "series": 1}'])
         publisher.end_series(1)
         assert done.wait(10)
     finally:

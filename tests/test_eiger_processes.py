@@ -168,8 +168,8 @@ def test_corrupt_frame_is_counted_and_later_frames_kept() -> None:
             if index == 4:
                 head = b'{"htype":"dimage-1.0","series":5,"frame":4}'
                 bad = b'{"htype":"dimage_d-1.0","shape":[40,48],"type":"uint16","encoding":"raw"}'
-                publisher._zmq.send_parts([head, bad, b"short", b'{"htype":"dconfig-1.0"}'])
-                publisher._zmq.send_parts([b"\xff not json"])
+                publisher.send_parts([head, bad, b"short", b'{"htype":"dconfig-1.0"}'])
+                publisher.send_parts([b"\xff not json"])
                 continue
             publisher.send_frame(5, index, frame)
         publisher.end_series(5)

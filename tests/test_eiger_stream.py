@@ -525,7 +525,7 @@ def test_stop_drains_frames_already_received(collector: Collector) -> None:
         stopped: list[bool] = []
         stopper = threading.Thread(target=lambda: stopped.append(receiver.stop(timeout=5.0)))
         stopper.start()
-        assert wait_until(lambda: not receiver.running or receiver._zmq._stopping.is_set())
+        assert wait_until(lambda: not receiver.running or receiver._stopping.is_set())
         gate.set()  # the stop request is in before the first callback returns
         stopper.join(5.0)
         assert stopped == [True]

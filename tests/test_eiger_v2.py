@@ -666,8 +666,8 @@ def test_v2_same_series_id_new_unique_id_is_a_new_series(
     stale_image = _image_message(5, 2, {"threshold_1": _raw_array(frame)}, unique_id="A")
     stale_end = cbor2.dumps({"type": "end", "series_id": 5, "series_unique_id": "A"})
     # Replay the old arm's straggler through the publisher's own socket (a PUSH peer).
-    publisher._zmq.send_parts([stale_image])
-    publisher._zmq.send_parts([stale_end])
+    publisher.send_parts([stale_image])
+    publisher.send_parts([stale_end])
     assert wait_until(lambda: receiver.counters.get("stale_series") == 2)
     assert [s for s, _ in collector.of("start")] == [5, 5]
     assert [f.frame for f in collector.of("frame")] == [0, 1, 0]

@@ -23,7 +23,14 @@ from hxn_liveptycho.errors import ConfigurationError
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
-__all__ = ["CurveKeys", "curve_key", "curve_options", "curve_server_options"]
+__all__ = [
+    "CurveKeys",
+    "client_keys",
+    "client_options",
+    "curve_key",
+    "curve_options",
+    "curve_server_options",
+]
 
 #: The Z85 alphabet (ZMQ RFC 32): CurveZMQ's printable key form.
 _Z85_CHARS = frozenset(
@@ -183,6 +190,20 @@ def client_keys(
     return curve or loose
 
 
+def client_options(
+    curve: CurveKeys | None,
+    server_key: str | bytes | None = None,
+    public_key: str | bytes | None = None,
+    secret_key: str | bytes | None = None,
+) -> dict[int, bytes]:
+    """A receiver socket's CurveZMQ client options from :func:`client_keys`' arguments.
+
+    No keys give no options (a plain socket).
+    """
+    keys = client_keys(curve, server_key, public_key, secret_key)
+    return {} if keys is None else keys.socket_options()
+
+
 def curve_options(
     server_key: str | bytes | None,
     public_key: str | bytes | None,
@@ -192,8 +213,7 @@ def curve_options(
 
     Errors as :meth:`CurveKeys.from_keys`; no keys give no options (a plain socket).
     """
-    keys = CurveKeys.from_keys(server_key, public_key, secret_key)
-    return {} if keys is None else keys.socket_options()
+    return client_options(None, server_key, public_key, secret_key)
 
 
 def curve_server_options(secret_key: str | bytes | None) -> dict[int, Any]:

@@ -35,39 +35,37 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
 import zmq
 
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.streams._zmq import ZmqReceiver, names
-from hxn_liveptycho.streams.curve import CurveKeys, client_keys
-from hxn_liveptycho.streams.eiger_messages import DEFAULT_CHANNEL, FLAVOURS, EigerEvent, parse
+from hxn_liveptycho.streams.curve import CurveKeys, client_options
+from hxn_liveptycho.streams.eiger_messages import (
+    DEFAULT_CHANNEL,
+    FLAVOURS,
+    EigerEvent,
+    EigerFrame,
+    parse,
+)
 from hxn_liveptycho.streams.eiger_publisher import EigerPublisher
 from hxn_liveptycho.streams.eiger_series import EigerSeriesBook
+from hxn_liveptycho.streams.receiver import (
+    RECEIVER_COUNTERS,
+    SocketReceiver,
+    handle_guarded,
+    names,
+)
+from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class EigerFrame:
-    """One decoded image; ``frame`` is 0-based within the series, as the detector counts."""
-
-    series: int
-    frame: int
-    data: np.ndarray
-
-
-def _socket_options(keys: CurveKeys | None) -> dict[int, bytes]:
-    return {} if keys is None else keys.socket_options()
-
-
 #: The counters of every Eiger receiver (threaded or multi-process).
 EIGER_COUNTERS = names(
-    ZmqReceiver.counter_names,
+    RECEIVER_COUNTERS,
     (
         "headers",
         "frames",
@@ -95,7 +93,7 @@ def check_receiver_options(flavour: str, channel: str | None) -> None:
         raise ConfigurationError(f"channel must be a channel name or None, got {channel!r}")
 
 
-class EigerReceiver:
+class EigerReceiver(SocketReceiver):
     """Receives an Eiger stream on a background thread and hands decoded frames to callbacks.
 
     ``flavour`` is ``"auto"`` (each message is looked at: a CBOR map is v2, a
@@ -138,85 +136,55 @@ class EigerReceiver:
         check_receiver_options(flavour, channel)
         self.flavour = flavour
         self.channel = channel
-        self._zmq = _EigerSocket(
-            self,
+        #: Applied to each decoded frame (e.g. an ROI crop), on the decode pool when there is one.
+        self.transform = transform
+        super().__init__(
             endpoint,
             socket_type=socket_type,
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=_socket_options(
-                client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
-            ),
+            curve=client_options(curve, curve_server_key, curve_public_key, curve_secret_key),
         )
-        self.counters = self._zmq.counters
-        self.endpoint = endpoint
-        self.name = name
-        #: Applied to each decoded frame (e.g. an ROI crop), on the decode pool when there is one.
-        self.transform = transform
         self._book = EigerSeriesBook(
             name,
             self.counters,
             on_series_start=on_series_start,
             on_frame=on_frame,
             on_series_end=on_series_end,
-            run_callback=self._zmq.call,
-            make_frame=EigerFrame,
         )
-        self._pipeline = _DecodePipeline(self, decode_threads) if decode_threads else None
-
-    @property
-    def running(self) -> bool:
-        return self._zmq.running
+        self._pipeline = (
+            _DecodePipeline(name, self.counters, self._parse, self._book.apply, decode_threads)
+            if decode_threads
+            else None
+        )
 
     def start(self) -> None:
         """Start receiving on a background thread (and the decode pool, if any)."""
         if self._pipeline is not None:
             self._pipeline.start()
-        self._zmq.start()
+        super().start()
 
     def stop(self, timeout: float = 5.0, *, drain: bool = True) -> bool:
         """Stop the thread and close the socket; True if it ended within ``timeout``.
 
         With a decode pool, frames already received are decoded and delivered first.
         """
-        stopped = self._zmq.stop(timeout, drain=drain)
+        stopped = super().stop(timeout, drain=drain)
         if self._pipeline is not None:
             stopped = self._pipeline.stop(timeout) and stopped
         return stopped
 
-    def __enter__(self) -> EigerReceiver:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    # -- message handling -----------------------------------------------------------
+    # -- message handling (receiver thread) -----------------------------------------
 
     def _parse(self, parts: list[zmq.Frame]) -> EigerEvent:
         return parse(parts, flavour=self.flavour, channel=self.channel, transform=self.transform)
 
     def _handle(self, parts: list[zmq.Frame]) -> None:
-        self._book.apply(self._parse(parts))
-
-
-class _EigerSocket(ZmqReceiver):
-    """The socket thread behind an EigerReceiver."""
-
-    counter_names = EIGER_COUNTERS
-
-    def __init__(self, owner: EigerReceiver, endpoint: str, **kwargs: Any) -> None:
-        self._owner = owner
-        super().__init__(endpoint, **kwargs)
-
-    def handle_message(self, parts: list[zmq.Frame]) -> None:
-        pipeline = self._owner._pipeline
-        if pipeline is None:
-            self._owner._handle(parts)
+        if self._pipeline is None:
+            self._book.apply(self._parse(parts))
         else:
-            pipeline.submit(parts)
+            self._pipeline.submit(parts)
 
 
 class _DecodePipeline:
@@ -231,19 +199,27 @@ class _DecodePipeline:
 
     _STOP = object()
 
-    def __init__(self, owner: EigerReceiver, threads: int) -> None:
-        self._owner = owner
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{owner.name}-decode")
+    def __init__(
+        self,
+        name: str,
+        counters: Counters,
+        parse: Callable[[list[zmq.Frame]], EigerEvent],
+        apply: Callable[[EigerEvent], None],
+        threads: int,
+    ) -> None:
+        self._name = name
+        self._counters = counters
+        self._parse = parse
+        self._apply = apply
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{name}-decode")
         self._ordered: queue.Queue[Any] = queue.Queue(maxsize=4 * threads)
-        self._thread = threading.Thread(
-            target=self._deliver, name=f"{owner.name}-deliver", daemon=True
-        )
+        self._thread = threading.Thread(target=self._deliver, name=f"{name}-deliver", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, parts: list[zmq.Frame]) -> None:
-        self._ordered.put(self._pool.submit(self._owner._parse, parts))
+        self._ordered.put(self._pool.submit(self._parse, parts))
 
     def stop(self, timeout: float) -> bool:
         if self._thread.is_alive():
@@ -253,17 +229,15 @@ class _DecodePipeline:
         return not self._thread.is_alive()
 
     def _deliver(self) -> None:
-        socket = self._owner._zmq
-        book = self._owner._book
         while True:
             item = self._ordered.get()
             if item is self._STOP:
                 return
+            handle_guarded(self._name, self._counters, self._apply_parsed, item)
 
-            def apply(_: Any, parsed: Any = item) -> None:
-                book.apply(parsed.result())
-
-            socket._handle_safely([], apply)
+    def _apply_parsed(self, parsed: Future[EigerEvent]) -> None:
+        """A parse error (raised on the pool) drops the message like any other."""
+        self._apply(parsed.result())
 
 
 __all__ = [

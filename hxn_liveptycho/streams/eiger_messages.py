@@ -43,6 +43,15 @@ _HEADER_ARRAYS = {
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True, slots=True)
+class EigerFrame:
+    """One decoded image; ``frame`` is 0-based within the series, as the detector counts."""
+
+    series: int
+    frame: int
+    data: np.ndarray
+
+
 @dataclass(slots=True)
 class SeriesStartEvent:
     """A series header (v1 ``dheader-1.0``, v2 ``start``).

@@ -55,13 +55,13 @@ import numpy as np
 import zmq
 
 from hxn_liveptycho.errors import ConfigurationError, DecodeError
-from hxn_liveptycho.streams._zmq import names
 from hxn_liveptycho.streams.crop import as_window, window_source
-from hxn_liveptycho.streams.curve import CurveKeys, client_keys
-from hxn_liveptycho.streams.eiger import EIGER_COUNTERS, EigerFrame, check_receiver_options
+from hxn_liveptycho.streams.curve import CurveKeys, client_options
+from hxn_liveptycho.streams.eiger import EIGER_COUNTERS, check_receiver_options
 from hxn_liveptycho.streams.eiger_messages import (
     DEFAULT_CHANNEL,
     EigerEvent,
+    EigerFrame,
     ImageEvent,
     SeriesEndEvent,
     SeriesStartEvent,
@@ -69,8 +69,8 @@ from hxn_liveptycho.streams.eiger_messages import (
     parse,
 )
 from hxn_liveptycho.streams.eiger_series import EigerSeriesBook
+from hxn_liveptycho.streams.receiver import StreamReceiver, handle_guarded, names
 from hxn_liveptycho.util.children import start_spawned
-from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class _Barrier:
     complete_since: float | None = None
 
 
-class EigerProcessReceiver:
+class EigerProcessReceiver(StreamReceiver):
     """Receives an Eiger PUSH stream with ``processes`` worker processes; same callbacks.
 
     Options as :class:`~hxn_liveptycho.streams.eiger.EigerReceiver`, plus:
@@ -303,8 +303,7 @@ class EigerProcessReceiver:
                     f"{name}: the transform runs in worker processes and must be picklable "
                     f"(a module-level function or object, not a lambda): {exc}"
                 ) from exc
-        self.endpoint = endpoint
-        self.name = name
+        super().__init__(endpoint, name)
         self.processes = processes
         self.flavour = flavour
         self.channel = channel
@@ -316,19 +315,15 @@ class EigerProcessReceiver:
         self._flushing = False
         self._next_liveness_check = 0.0
         self.start_timeout = start_timeout
-        self.counters = Counters(self.counter_names)
         self._book = EigerSeriesBook(
             name,
             self.counters,
             on_series_start=on_series_start,
             on_frame=on_frame,
             on_series_end=on_series_end,
-            run_callback=self._call,
-            make_frame=EigerFrame,
             reorder_window=1024 * processes if reorder_window is None else reorder_window,
         )
-        keys = client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
-        self._curve = {} if keys is None else keys.socket_options()
+        self._curve = client_options(curve, curve_server_key, curve_public_key, curve_secret_key)
         self._rcvhwm = rcvhwm
         self._worker_queue = worker_queue
         self._workers: list[_WorkerHandle] = []
@@ -364,6 +359,10 @@ class EigerProcessReceiver:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     @property
     def worker_pids(self) -> list[int]:
@@ -433,14 +432,6 @@ class EigerProcessReceiver:
                 worker.process.join(5)
                 stopped = False
         return stopped
-
-    def __enter__(self) -> EigerProcessReceiver:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _close(self) -> None:
         if self._socket is not None:
@@ -705,25 +696,12 @@ class EigerProcessReceiver:
         """One parsed message through the book; malformed ones are counted and logged."""
         if item[0] != "event" or not isinstance(item[1], SeriesStartEvent | SeriesEndEvent):
             self.counters.add("messages")
-        try:
-            if item[0] == "malformed":
-                raise DecodeError(item[1]) if item[2] else RuntimeError(item[1])
-            self._book.apply(item[1])
-        except DecodeError as exc:
-            self.counters.add("malformed")
-            logger.warning("%s: malformed message dropped: %s", self.name, exc)
-        except Exception:
-            self.counters.add("malformed")
-            logger.exception("%s: message could not be handled (dropped)", self.name)
+        handle_guarded(self.name, self.counters, self._apply_item, item)
 
-    def _call(self, callback: Callable[..., Any], *args: Any) -> None:
-        try:
-            callback(*args)
-        except Exception:
-            self.counters.add("callback_errors")
-            logger.exception(
-                "%s: callback %s raised", self.name, getattr(callback, "__name__", callback)
-            )
+    def _apply_item(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "malformed":  # a worker could not parse it: dropped as if parsed here
+            raise DecodeError(item[1]) if item[2] else RuntimeError(item[1])
+        self._book.apply(item[1])
 
 
 def _wire_order(controls: list[EigerEvent]) -> list[EigerEvent]:

@@ -38,7 +38,7 @@ class _PublishedSeries:
     series_date: datetime.datetime | None = None
 
 
-class EigerPublisher:
+class EigerPublisher(ZmqPublisher):
     """Publishes Eiger series exactly as a SIMPLON stream interface does (used by the simulator).
 
     ``flavour`` picks the wire format: ``"v1"`` (JSON multipart) or ``"v2"`` (CBOR).
@@ -70,7 +70,7 @@ class EigerPublisher:
         self.flavour = flavour
         self._series: dict[int, _PublishedSeries] = {}
         self._unannounced_ids: dict[int, str] = {}
-        self._zmq = ZmqPublisher(
+        super().__init__(
             endpoint,
             socket_type=socket_type,
             context=context,
@@ -78,16 +78,6 @@ class EigerPublisher:
             send_timeout=send_timeout,
             curve_secret_key=curve_secret_key,
         )
-        self.endpoint = self._zmq.endpoint
-
-    @property
-    def curve_public_key(self) -> str | None:
-        """The Z85 public key a CurveZMQ client needs as its server key (None without Curve)."""
-        return self._zmq.curve_public_key
-
-    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
-        """Wait until ``count`` SUB sockets have subscribed (PUB only; ZMQ's slow joiner)."""
-        return self._zmq.wait_for_subscribers(count, timeout)
 
     def start_series(
         self,
@@ -145,9 +135,7 @@ class EigerPublisher:
             "countrate_table": countrate_table,
         }
         if self.flavour == "v2":
-            self._zmq.send_parts(
-                [_start_message_v2(series, published, config, header_detail, arrays)]
-            )
+            self.send_parts([_start_message_v2(series, published, config, header_detail, arrays)])
             return
         parts = [_dumps({"htype": "dheader-1.0", "series": series, "header_detail": header_detail})]
         if header_detail in ("basic", "all"):
@@ -163,7 +151,7 @@ class EigerPublisher:
             }
             for htype, (array, kind) in details.items():
                 parts.extend(_array_parts(htype, array, kind))
-        self._zmq.send_parts(parts)
+        self.send_parts(parts)
 
     def send_frame(
         self, series: int, frame: int, data: np.ndarray | Mapping[str, np.ndarray]
@@ -210,12 +198,12 @@ class EigerPublisher:
             }
             if message["series_date"] is None:
                 del message["series_date"]
-            self._zmq.send_parts([cbor.dumps(message)])
+            self.send_parts([cbor.dumps(message)])
             return
         (data,) = channels.values()
         blob = codecs.encode(data, self.encoding)
         height, width = data.shape
-        self._zmq.send_parts(
+        self.send_parts(
             [
                 _dumps(
                     {
@@ -250,29 +238,19 @@ class EigerPublisher:
         """Send the series end (v1 ``dseries_end-1.0``, v2 ``end``)."""
         if self.flavour == "v2":
             unique_id = self._unique_id(series)
-            self._zmq.send_parts(
+            self.send_parts(
                 [cbor.dumps({"type": "end", "series_id": series, "series_unique_id": unique_id})]
             )
         else:
-            self._zmq.send_parts([_dumps({"htype": "dseries_end-1.0", "series": series})])
+            self.send_parts([_dumps({"htype": "dseries_end-1.0", "series": series})])
         self._series.pop(series, None)
         self._unannounced_ids.pop(series, None)
-
-    def close(self, linger: float = 2.0) -> None:
-        """Close the socket; queued messages get ``linger`` seconds to leave."""
-        self._zmq.close(linger)
 
     def _unique_id(self, series: int) -> str:
         known = self._series.get(series)
         if known is not None:
             return known.unique_id
         return self._unannounced_ids.setdefault(series, str(uuid.uuid4()))
-
-    def __enter__(self) -> EigerPublisher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _default_config(width: int, height: int, dtype: np.dtype) -> dict[str, Any]:

@@ -26,10 +26,12 @@ from typing import Any
 from hxn_liveptycho.errors import DecodeError
 from hxn_liveptycho.streams.eiger_messages import (
     EigerEvent,
+    EigerFrame,
     ImageEvent,
     SeriesEndEvent,
     SeriesStartEvent,
 )
+from hxn_liveptycho.streams.receiver import run_callback
 from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,8 @@ class _SeriesTrack:
 class EigerSeriesBook:
     """Applies parsed Eiger events: series bookkeeping, counters and the user callbacks.
 
-    ``run_callback(callback, *args)`` runs a user callback (the receiver counts and
-    logs what it raises). Used from one thread at a time.
+    A user callback that raises is counted and logged (``callback_errors``), as
+    every receiver's are. Used from one thread at a time.
     """
 
     def __init__(
@@ -71,10 +73,8 @@ class EigerSeriesBook:
         counters: Counters,
         *,
         on_series_start: Callable[[int, dict], None],
-        on_frame: Callable[[Any], None],
+        on_frame: Callable[[EigerFrame], None],
         on_series_end: Callable[[int], None],
-        run_callback: Callable[..., None],
-        make_frame: Callable[[int, int, Any], Any],
         reorder_window: int = 0,
     ) -> None:
         if reorder_window < 0:
@@ -85,14 +85,15 @@ class EigerSeriesBook:
         self._on_series_start = on_series_start
         self._on_frame = on_frame
         self._on_series_end = on_series_end
-        self._call = run_callback
-        self._make_frame = make_frame
         self._series: dict[int, _SeriesTrack] = {}
         #: (series id, unique id) of the newest header: what "current" means.
         self._current: tuple[int, str | None] | None = None
         self._stale_ids: dict[int, None] = {}
         self._stale_unique_ids: dict[str, None] = {}
         self._stale_warned: dict[int, None] = {}
+
+    def _call(self, callback: Callable[..., Any], *args: Any) -> None:
+        run_callback(self.name, self.counters, callback, *args)
 
     def apply(self, event: EigerEvent) -> None:
         """Bookkeeping and callbacks for one event; DecodeError for an image with bad pixels."""
@@ -119,12 +120,13 @@ class EigerSeriesBook:
             return
         if event.error is not None:
             raise DecodeError(event.error)
+        assert event.data is not None  # an image parsed without an error has its pixels
         for name, n in event.counts_if_kept:
             self.counters.add(name, n)
         if not self._accept_frame(event.series, event.frame, event.unique_id):
             return
         self.counters.add("frames")
-        self._call(self._on_frame, self._make_frame(event.series, event.frame, event.data))
+        self._call(self._on_frame, EigerFrame(event.series, event.frame, event.data))
 
     def _report_dropped_parts(self, event: SeriesStartEvent) -> None:
         """A header kept without its broken or missing detail parts: counted, one line."""

@@ -20,22 +20,16 @@ import numpy as np
 import zmq
 
 from hxn_liveptycho.errors import DecodeError
-from hxn_liveptycho.streams._zmq import (
-    ZmqPublisher,
-    ZmqReceiver,
-    int_field,
-    iso_now,
-    json_part,
-    names,
-)
-from hxn_liveptycho.streams.curve import CurveKeys, client_keys
+from hxn_liveptycho.streams._zmq import ZmqPublisher, int_field, iso_now, json_part
+from hxn_liveptycho.streams.curve import CurveKeys, client_options
+from hxn_liveptycho.streams.receiver import RECEIVER_COUNTERS, SocketReceiver, names
 
 logger = logging.getLogger(__name__)
 
 MSG_TYPES = ("start", "data", "stop")
 
 
-class PandaPublisher:
+class PandaPublisher(ZmqPublisher):
     """Publishes PandA position messages (used by the simulator and replay).
 
     With ``curve_secret_key`` (Z85 or base64) the socket is a CurveZMQ server,
@@ -53,7 +47,7 @@ class PandaPublisher:
         send_timeout: float | None = None,
         curve_secret_key: str | bytes | None = None,
     ) -> None:
-        self._zmq = ZmqPublisher(
+        super().__init__(
             endpoint,
             socket_type=socket_type,
             context=context,
@@ -61,18 +55,8 @@ class PandaPublisher:
             send_timeout=send_timeout,
             curve_secret_key=curve_secret_key,
         )
-        self.endpoint = self._zmq.endpoint
         self._next_sample: dict[str, int] = {}
         self._data_messages = 0
-
-    @property
-    def curve_public_key(self) -> str | None:
-        """The Z85 public key a CurveZMQ client needs as its server key (None without Curve)."""
-        return self._zmq.curve_public_key
-
-    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
-        """Wait until ``count`` SUB sockets have subscribed (PUB only; ZMQ's slow joiner)."""
-        return self._zmq.wait_for_subscribers(count, timeout)
 
     def start(self) -> None:
         """Send the start message; sample numbering and the data-message count restart at 0."""
@@ -103,21 +87,11 @@ class PandaPublisher:
         """Send the stop message with the number of data messages since start."""
         self._send({"msg_type": "stop", "emitted_frames": self._data_messages})
 
-    def close(self, linger: float = 2.0) -> None:
-        """Close the socket; queued messages get ``linger`` seconds to leave."""
-        self._zmq.close(linger)
-
     def _send(self, message: Mapping[str, Any]) -> None:
-        self._zmq.send_parts([json.dumps(message).encode()])
-
-    def __enter__(self) -> PandaPublisher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self.send_parts([json.dumps(message).encode()])
 
 
-class PandaReceiver:
+class PandaReceiver(SocketReceiver):
     """Receives the PandA stream on a background thread and hands samples to callbacks.
 
     ``on_samples(datasets, starting_sample_number)`` gets channel -> float64
@@ -131,7 +105,7 @@ class PandaReceiver:
     """
 
     counter_names = names(
-        ZmqReceiver.counter_names,
+        RECEIVER_COUNTERS,
         (
             "starts",
             "data",
@@ -160,45 +134,20 @@ class PandaReceiver:
         curve_public_key: str | bytes | None = None,
         curve_secret_key: str | bytes | None = None,
     ) -> None:
-        curve = client_keys(curve, curve_server_key, curve_public_key, curve_secret_key)
         self._on_start = on_start
         self._on_samples = on_samples
         self._on_stop = on_stop
-        self._started = False
+        self._armed = False
         self._next_sample: int | None = None
         self._data_since_start = 0
-        self._zmq = _PandaSocket(
-            self,
+        super().__init__(
             endpoint,
             socket_type=socket_type,
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=None if curve is None else curve.socket_options(),
+            curve=client_options(curve, curve_server_key, curve_public_key, curve_secret_key),
         )
-        self.counters = self._zmq.counters
-        self.endpoint = endpoint
-        self.name = name
-
-    @property
-    def running(self) -> bool:
-        return self._zmq.running
-
-    def start(self) -> None:
-        """Start receiving on a background thread."""
-        self._zmq.start()
-
-    def stop(self, timeout: float = 5.0, *, drain: bool = True) -> bool:
-        """Stop the thread and close the socket; True if it ended within ``timeout``."""
-        return self._zmq.stop(timeout, drain=drain)
-
-    def __enter__(self) -> PandaReceiver:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- message handling (receiver thread) -----------------------------------------
 
@@ -210,11 +159,11 @@ class PandaReceiver:
         if kind == "data":
             self._handle_data(message)
         elif kind == "start":
-            self._started = True
+            self._armed = True
             self._next_sample = None
             self._data_since_start = 0
             self.counters.add("starts")
-            self._zmq.call(self._on_start, message)
+            self._call(self._on_start, message)
         elif kind == "stop":
             self._handle_stop(message)
         else:
@@ -225,13 +174,13 @@ class PandaReceiver:
     def _handle_data(self, message: dict[str, Any]) -> None:
         frame_number = int_field(message, "frame_number", "PandA data")
         datasets, start, size = _decode_datasets(message.get("datasets"), frame_number)
-        if not self._started:
+        if not self._armed:
             self.counters.add("data_before_start")
         self._check_continuity(start, size, frame_number)
         self._data_since_start += 1
         self.counters.add("data")
         self.counters.add("samples", size)
-        self._zmq.call(self._on_samples, datasets, start)
+        self._call(self._on_samples, datasets, start)
 
     def _check_continuity(self, start: int, size: int, frame_number: int) -> None:
         """Count samples skipped (gaps) or repeated (overlaps) between data messages."""
@@ -267,22 +216,9 @@ class PandaReceiver:
                 emitted,
                 self._data_since_start,
             )
-        self._started = False
+        self._armed = False
         self.counters.add("stops")
-        self._zmq.call(self._on_stop, message)
-
-
-class _PandaSocket(ZmqReceiver):
-    """The socket thread behind a PandaReceiver."""
-
-    counter_names = PandaReceiver.counter_names
-
-    def __init__(self, owner: PandaReceiver, endpoint: str, **kwargs: Any) -> None:
-        self._owner = owner
-        super().__init__(endpoint, **kwargs)
-
-    def handle_message(self, parts: list[zmq.Frame]) -> None:
-        self._owner._handle(parts)
+        self._call(self._on_stop, message)
 
 
 def _decode_datasets(raw: Any, frame_number: int) -> tuple[dict[str, np.ndarray], int, int]:

@@ -117,7 +117,7 @@ def test_the_engine_gives_the_panda_socket_the_curve_keys(monkeypatch) -> None:
     receivers = _engine_receivers(settings)
     try:
         (panda,) = [r for r in receivers if isinstance(r, PandaReceiver)]
-        sock = panda._zmq._socket
+        sock = panda._socket
         assert sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
     finally:
         for receiver in receivers:
