@@ -157,7 +157,7 @@ def test_a_killed_child_is_seen_and_restarted_on_next_use(tmp_path, caplog):
 
         os.kill(first["pid"], signal.SIGKILL)
         assert _gone(first["pid"], 10.0)
-        with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.store.server"):
+        with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.store.embedded"):
             assert not connection.reachable()
             again = connection.client()
         second = connection.describe()["server"]
