@@ -33,8 +33,8 @@ def use_cupy_stand_in(
 
 
 def mix_modes_like_the_kernel(waves: np.ndarray, u: np.ndarray) -> None:
-    """``liveptycho_mix_modes``' arithmetic (``recon._fused.mix_modes``) in NumPy: (B, K,
-    ...) mixed over K by ``u``, in place."""
+    """``liveptycho_mix_modes``' arithmetic (``recon._pass_end_kernels.mix_modes``) in
+    NumPy: (B, K, ...) mixed over K by ``u``, in place."""
     shape = waves.shape
     waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
 

@@ -179,7 +179,8 @@ def test_memory_counts_the_history(scan):
 
 
 def _momentum_like_the_kernel(x, stage, previous, velocity, friction, gain):
-    """``liveptycho_momentum`` of ``recon._fused``, element by element, in NumPy."""
+    """``liveptycho_momentum`` of ``recon._pass_end_kernels``, element by element, in
+    NumPy."""
     if stage >= 2:
         change = x - previous
         v = change if stage == 2 else velocity * np.float32(friction) + change

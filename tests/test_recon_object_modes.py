@@ -187,10 +187,11 @@ def test_object_modes_run_on_cupys_branches(algorithm, monkeypatch):
     the CuPy stand-in of ``benchmarks/host_launches.py`` (kernels are no-ops, so only
     that every call exists on that branch is checked: no NumPy-only call, no shape
     error), 1 and 2 probe modes, whole-pixel and sub-pixel."""
-    from hxn_liveptycho.recon import _fused, _windows
+    from hxn_liveptycho.recon import _exit_waves, _raw_kernels, _windows
 
     _, cp, launches = use_cupy_stand_in(monkeypatch)
-    caches = (_windows._kernels, _fused._kernels, _fused._raw, _fused._placeholder)
+    caches = (_windows._kernels, _exit_waves._kernels)
+    caches += (_raw_kernels.raw_kernel, _raw_kernels._placeholder)
     for cache in caches:
         cache.cache_clear()
     scan = SimulatedScan()

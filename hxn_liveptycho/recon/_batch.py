@@ -45,7 +45,7 @@ class Sums:
     num: Any  # (box) complex64: sum of w conj(P) dpsi over the windows
     den: Any  # (box) float32: sum of |P|^2 over the windows
     oden: Any | None  # (n, n) float32: sum of |O|^2 over the batch (probe update only)
-    den_max: Any  # max(den), as window_sums tracked it (recon._fused.max_slots)
+    den_max: Any  # max(den), as the sums tracked it (recon._raw_kernels.max_slots)
     oden_max: Any  # max(oden), likewise
     terms: Any | None  # (B, C, n, n) probe terms (sub-pixel probe update only)
     terms_sum: Any | None  # (K, n, n) their sum over the batch (whole-pixel probe update)

@@ -15,7 +15,7 @@ the 2-D transform, and the steps between them ride along:
   transform (one kernel). Three passes where the cuFFT path made seven.
 * :func:`fft2` / :func:`ifft2_unscaled`: plain transforms in place, two passes.
 
-The arithmetic is that of :func:`~hxn_liveptycho.recon._fused_sums.modulus_residual`
+The arithmetic is that of :func:`~hxn_liveptycho.recon._fourier_steps.modulus_residual`
 between unnormalised transforms, so the results match the cuFFT path to float32
 rounding (``benchmarks/fft_lines.py`` checks both against ``cupy.fft``). Other
 frame sizes, and more than :data:`MAX_MODES` modes, keep the cuFFT path.
@@ -257,7 +257,7 @@ def scaled_ifft2_unscaled(x: Any, scale: float) -> Any:
 def shifted_modes(spectra: Any, table: Any, scale: float) -> Any:
     """``ifft2_unscaled(scale spectra_k ramp_b)`` (B, K, n, n): the modes, given by their
     spectra (K, n, n), shifted by each position's fraction (``table`` (B, 2, n), as
-    :func:`~hxn_liveptycho.recon._fused.shift_spectra`). Two passes, the first reading
+    :func:`~hxn_liveptycho.recon._exit_waves.shift_spectra`). Two passes, the first reading
     only the shared spectra."""
     import cupy as cp
 

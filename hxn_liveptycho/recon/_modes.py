@@ -6,7 +6,7 @@ unitary mixing of the modes, so the modes are only defined up to one: the
 solver keeps them orthogonal and sorted by power (mode 0 the dominant one)
 by diagonalising their K x K Gram matrix. Written over ``xp``; the K x K
 eigen-decomposition stays on the device. The solver's fused CuPy path makes the same
-unitary in one launch (:func:`hxn_liveptycho.recon._fused.mode_unitary`): cuSOLVER's eigh
+unitary in one launch (:func:`hxn_liveptycho.recon._pass_end_kernels.mode_unitary`): cuSOLVER's eigh
 held the host for half a millisecond a call.
 """
 

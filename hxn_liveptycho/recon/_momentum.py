@@ -60,9 +60,10 @@ class Momentum:
 
     def buffers_for(self, x: Any) -> tuple[int, Any, Any]:
         """``(stage, previous, velocity)`` for a kernel that makes :meth:`step` on ``x``
-        itself (``recon._fused``): stage 1, it only records ``x`` into ``previous``; 2, the
-        velocity is this pass's change; 3, a full step. Allocates the buffers the kernel
-        fills, so this object's state is :meth:`step`'s after the kernel has run."""
+        itself (``recon._pass_end_kernels``): stage 1, it only records ``x`` into
+        ``previous``; 2, the velocity is this pass's change; 3, a full step. Allocates the
+        buffers the kernel fills, so this object's state is :meth:`step`'s after the kernel
+        has run."""
         xp = self._xp
         if self._previous is None or self._previous.shape != x.shape:
             self._previous, self._velocity = xp.empty_like(x), None

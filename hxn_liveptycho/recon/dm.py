@@ -20,15 +20,19 @@ from hxn_liveptycho.recon._batch import (
     Batch,
     grow,
 )
-from hxn_liveptycho.recon._fused import (
+from hxn_liveptycho.recon._exit_waves import (
     scaled_copy,
-    window_sums,
 )
-from hxn_liveptycho.recon._fused_sums import (
+from hxn_liveptycho.recon._fourier_steps import (
     dm_fourier_step,
 )
 from hxn_liveptycho.recon._positions import (
     unshift_sum,
+)
+from hxn_liveptycho.recon._update_sums import (
+    add_probe_terms,
+    object_sums,
+    probe_terms_with_power,
 )
 from hxn_liveptycho.recon.backend import (
     ifft2,
@@ -188,7 +192,7 @@ class DifferenceMap:
             sums,
         )
         psi = forward.ifft_unscaled(s, phi)
-        window_sums(psi, probes, s._object, batch.corners, num=onum, den=oden, box=batch.box)
+        object_sums(psi, probes, s._object, batch.corners, onum, oden, box=batch.box)
 
     def _fused_probe_sums(self, s: StreamingSolver, batches: list[Batch]) -> tuple[Any, Any]:
         """DM's probe numerator (K, n, n) and weights (n, n) from the stored waves and the
@@ -210,17 +214,9 @@ class DifferenceMap:
                 psi = forward.ifft_unscaled(s, scaled_copy(waves[start:stop], n**-2))
             start = stop
             if spectra is None:
-                window_sums(
-                    psi,
-                    s._probes,
-                    s._object,
-                    batch.corners,
-                    terms_channels=k,
-                    power=pden,
-                    terms_sum=pnum,
-                )
+                add_probe_terms(psi, s._object, batch.corners, into=pnum, power=pden)
                 continue
-            terms = window_sums(psi, s._probes, s._object, batch.corners, terms_channels=k + 1)
+            terms = probe_terms_with_power(psi, s._probes, s._object, batch.corners)
             forward.unshifted_sum(s, terms, batch.table, out=spectra)
         if spectra is not None:
             both = forward.ifft_unscaled(s, spectra)

@@ -5,7 +5,7 @@ object and probe corrections normalised by the batch's *summed* illumination,
 so overlapping positions in one batch never overshoot. Three ways to run one
 batch, side by side: the reference xp expressions (NumPy, and CuPy with
 ``fused=False``), the same with several object modes, and the fused CUDA
-kernels (:mod:`hxn_liveptycho.recon._fused`); :meth:`Epie.batch` picks one.
+kernels (:mod:`hxn_liveptycho.recon._update_sums`); :meth:`Epie.batch` picks one.
 The solver holds the state; the steps read and update it.
 """
 
@@ -18,7 +18,7 @@ from hxn_liveptycho.recon._batch import (
     Batch,
     regularised,
 )
-from hxn_liveptycho.recon._fused import (
+from hxn_liveptycho.recon._regularised import (
     regularised_step,
 )
 

@@ -14,22 +14,25 @@ import numpy as np
 
 from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon._batch import Batch, Sums
-from hxn_liveptycho.recon._fused import (
-    SLOT_FLOATS,
+from hxn_liveptycho.recon._exit_waves import (
     exit_waves,
-    max_slots,
     ramp_table,
     shift_spectra,
     unshift_sum_spectra,
-    window_sums,
 )
-from hxn_liveptycho.recon._fused_sums import (
+from hxn_liveptycho.recon._fourier_steps import (
     modulus_residual,
 )
 from hxn_liveptycho.recon._positions import (
     fraction_ramps,
     shifted_probes,
     unshift_sum,
+)
+from hxn_liveptycho.recon._raw_kernels import SLOT_FLOATS, max_slots
+from hxn_liveptycho.recon._update_sums import (
+    object_sums,
+    object_sums_and_probe_sum,
+    object_sums_and_probe_terms,
 )
 from hxn_liveptycho.recon._windows import gather_windows, scatter_add_windows
 from hxn_liveptycho.recon.backend import (
@@ -99,7 +102,7 @@ def ifft_unscaled(s: StreamingSolver, x: Any) -> Any:
 
 def probe_update_terms(s: StreamingSolver, sums: Sums, table: Any | None) -> Any:
     """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of the batch's probe terms;
-    on whole-pixel data ``window_sums`` already summed them."""
+    on whole-pixel data :func:`fused_sums` already summed them."""
     if table is None:
         return sums.terms_sum
     return probe_from_terms(s, sums.terms, table)
@@ -107,7 +110,7 @@ def probe_update_terms(s: StreamingSolver, sums: Sums, table: Any | None) -> Any
 
 def probe_from_terms(s: StreamingSolver, terms: Any, table: Any) -> Any:
     """Fused path: ``sum_j shift_{-f_j}(terms_j)`` (C, n, n) of per-position probe terms
-    (B, C, n, n) (``window_sums``)."""
+    (B, C, n, n) (:func:`fused_sums`)."""
     return ifft_unscaled(s, unshifted_sum(s, terms, table))
 
 
@@ -283,28 +286,54 @@ def fused_sums(
     num, den, oden, den_max, oden_max, summed = fused_accumulators(
         s, batch, update_probe, probes.shape[-3] if update_probe and whole else 0
     )
-    terms = window_sums(
-        dpsi,
-        probes,
-        s._object,
-        batch.corners,
-        origin=batch.origin,
-        num=num,
-        den=den,
-        terms_channels=dpsi.shape[1] if update_probe else 0,
-        power=oden,
-        den_max=den_max,
-        power_max=oden_max,
-        terms_sum=summed,
-        # The object sums gathered by tile, then (whole-pixel) the probe-side sums
-        # in a pass of their own, beat one pass of atomics with one mode; with three
-        # they tie and whole iterations were as fast or faster. With per-position
-        # probe terms
-        # (sub-pixel), one read of dpsi with atomics beat two (measured with the
-        # earlier tile kernel). benchmarks/tile_sums.py times both.
-        box=batch.box if whole or not update_probe else None,
-        overwrite=True,
-    )
+    canvas, corners, origin, terms = s._object, batch.corners, batch.origin, None
+    if not update_probe:
+        object_sums(
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            num,
+            den,
+            origin=origin,
+            box=batch.box,
+            den_max=den_max,
+            overwrite=True,
+        )
+    elif whole:
+        # The object sums gathered by tile, then the probe-side sums in a pass of their
+        # own, beat one pass of atomics with one mode; with three they tie and whole
+        # iterations were as fast or faster.
+        object_sums_and_probe_sum(
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            num,
+            den,
+            into=summed,
+            power=oden,
+            origin=origin,
+            box=batch.box,
+            den_max=den_max,
+            power_max=oden_max,
+            overwrite=True,
+        )
+    else:
+        # Per-position probe terms (sub-pixel): one read of dpsi with atomics beat two.
+        terms = object_sums_and_probe_terms(
+            dpsi,
+            probes,
+            canvas,
+            corners,
+            num,
+            den,
+            power=oden,
+            origin=origin,
+            den_max=den_max,
+            power_max=oden_max,
+            overwrite=True,
+        )
     return dpsi, Sums(num, den, oden, den_max, oden_max, terms, summed)
 
 
@@ -312,11 +341,11 @@ def fused_accumulators(
     s: StreamingSolver, batch: Batch, update_probe: bool, summed_modes: int
 ) -> tuple[Any, ...]:
     """``(num, den, oden, den_max, oden_max, summed)`` for :func:`fused_sums`: the
-    object sums on the batch's box (not zeroed: ``window_sums`` overwrites them), and
+    object sums on the batch's box (not zeroed: the sums overwrite them), and
     as views of one zeroed buffer (kept for the next batch of the kind, zeroed by one
     memset per batch) the object power (n, n)
     (None without ``update_probe``), the maximum slots of both
-    (:func:`~hxn_liveptycho.recon._fused.max_slots`; with no object power, the maximum
+    (:func:`~hxn_liveptycho.recon._raw_kernels.max_slots`; with no object power, the maximum
     of nothing lands in an unused slot set) and, for ``summed_modes`` > 0, the probe
     terms summed over the batch (K, n, n) (else None)."""
     xp, n = s._xp, s._n

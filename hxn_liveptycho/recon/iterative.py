@@ -134,7 +134,7 @@ class StreamingSolver:
             self._valid = None
         self._valid_f32 = None if self._valid is None else self._valid.astype(xp.float32)
         # CuPy: the hot steps of ePIE, LSQ-ML (Gaussian) and DM run as fused kernels
-        # (recon._fused, recon._fused_sums); the xp expressions below are their reference
+        # (recon._update_sums and its siblings); the xp expressions below are their reference
         # and the NumPy path.
         can_fuse = is_cupy(xp) and self.params.object_modes == 1
         if fused and not can_fuse:

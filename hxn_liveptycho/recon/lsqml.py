@@ -2,8 +2,8 @@
 per-position least-squares step lengths for object and probe.
 
 As for ePIE, one batch runs as the reference xp expressions, with several object
-modes, or as fused CUDA kernels (Gaussian noise; :mod:`hxn_liveptycho.recon._fused`
-and :mod:`~hxn_liveptycho.recon._fused_sums`); the step-length algebra is in
+modes, or as fused CUDA kernels (Gaussian noise; :mod:`hxn_liveptycho.recon._update_sums`
+and :mod:`~hxn_liveptycho.recon._lsqml_step_fit`); the step-length algebra is in
 :mod:`hxn_liveptycho.recon._lsqml`.
 """
 
@@ -17,16 +17,16 @@ from hxn_liveptycho.recon._batch import (
     Batch,
     regularised,
 )
-from hxn_liveptycho.recon._fused import (
-    add_scaled,
-    add_window_ratio,
-    divide_regularised,
-)
-from hxn_liveptycho.recon._fused_sums import (
+from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
+from hxn_liveptycho.recon._lsqml_step_fit import (
     lsqml_step_sums,
     lsqml_steps,
 )
-from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
+from hxn_liveptycho.recon._regularised import (
+    add_scaled,
+    divide_regularised,
+)
+from hxn_liveptycho.recon._update_sums import add_window_ratio
 from hxn_liveptycho.recon.backend import (
     fft2,
     ifft2,

@@ -13,13 +13,13 @@ import numpy as np
 
 from hxn_liveptycho.recon import forward
 from hxn_liveptycho.recon._batch import Batch
-from hxn_liveptycho.recon._fused import (
+from hxn_liveptycho.recon._modes import orthogonalize_modes
+from hxn_liveptycho.recon._pass_end_kernels import (
     mix_modes,
     mode_unitary,
     momentum_step,
     pass_tail,
 )
-from hxn_liveptycho.recon._modes import orthogonalize_modes
 from hxn_liveptycho.recon._positions import (
     constrain_drift,
     shift_gradient,
