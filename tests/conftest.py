@@ -670,43 +670,96 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _WATCH.check_text(content, f"{report.nodeid} ({title})", name_test=False)
 
 
+@dataclasses.dataclass
+class SecretCheckResult:
+    """What one process's secrets check found: the whole run's, or one xdist worker's
+    (sent to the controller in ``config.workeroutput``, so only plain values)."""
+
+    unknown: list[str] = dataclasses.field(default_factory=list)
+    known: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    secrets: int = 0
+    files: int = 0
+    bytes: int = 0
+    scan_s: float = 0.0
+
+    @classmethod
+    def of(cls, watch: SecretWatch) -> SecretCheckResult:
+        return cls(
+            unknown=[str(f) for f in watch.unknown()],
+            known=[str(f) for f in watch.known()],
+            notes=list(watch.notes),
+            secrets=len(watch.registry.secrets()),
+            files=watch.scanned.get("files", 0),
+            bytes=watch.scanned.get("bytes", 0),
+            scan_s=watch.scan_s,
+        )
+
+    def merge(self, other: SecretCheckResult) -> None:
+        self.unknown += other.unknown
+        self.known += other.known
+        self.notes += other.notes
+        self.secrets = max(self.secrets, other.secrets)
+        self.files += other.files
+        self.bytes += other.bytes
+        self.scan_s += other.scan_s
+
+
+#: The checks of this run: this process's own, then each xdist worker's as it finishes.
+_CHECKS: list[SecretCheckResult] = []
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """After every fixture is torn down: search the files, then fail the session on a find."""
-    if not _WATCH.active:
-        return
-    _WATCH.scan_files()
-    if _WATCH.unknown() and session.exitstatus in (
+    """After every fixture is torn down: search the files, then fail the session on a find.
+
+    Under pytest-xdist each worker checks what its own tests made and saw and sends the
+    result to the controller (``workeroutput``), which fails the run on any worker's find."""
+    if _WATCH.active:
+        _WATCH.scan_files()
+        result = SecretCheckResult.of(_WATCH)
+        if hasattr(session.config, "workeroutput"):
+            session.config.workeroutput["secrets_check"] = dataclasses.asdict(result)
+        _CHECKS.append(result)
+    if any(c.unknown for c in _CHECKS) and session.exitstatus in (
         pytest.ExitCode.OK,
         pytest.ExitCode.NO_TESTS_COLLECTED,
     ):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: a worker finished; keep its secrets check for the run's verdict."""
+    sent = getattr(node, "workeroutput", {}).get("secrets_check")
+    if sent is not None:
+        _CHECKS.append(SecretCheckResult(**sent))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _WATCH.active:
+    if not _CHECKS:
         return
+    total = SecretCheckResult()
+    for check in _CHECKS:
+        total.merge(check)
     for prefix, why in KNOWN_LEAKS.items():
-        places = [f for f in _WATCH.known() if f.where.startswith(prefix)]
+        places = [f for f in total.known if f.startswith(prefix)]
         if places:
             terminalreporter.write_line(
                 f"secrets check: known leak in {len(places)} places, not failing: {why}; "
                 f"first: {places[0]}"
             )
-    for note in _WATCH.notes:
+    for note in total.notes:
         terminalreporter.write_line(f"secrets check: {note}")
-    unknown = _WATCH.unknown()
-    searched = (
-        f"{_WATCH.scanned.get('files', 0)} files ({_WATCH.scanned.get('bytes', 0) / 1e6:.0f} MB "
-        f"in {_WATCH.scan_s:.1f} s)"
-    )
-    if not unknown:
+    workers = f" ({len(_CHECKS)} workers)" if len(_CHECKS) > 1 else ""
+    searched = f"{total.files} files ({total.bytes / 1e6:.0f} MB in {total.scan_s:.1f} s)"
+    if not total.unknown:
         terminalreporter.write_line(
-            f"secrets check: {len(_WATCH.registry.secrets())} registered secrets and "
+            f"secrets check{workers}: {total.secrets} registered secrets and "
             f"credentials in clear: none found in {searched}, logs, replies or views"
         )
         return
     terminalreporter.section("secrets found in what the suite wrote or showed (issue 23)", red=True)
-    for find in unknown:
-        terminalreporter.write_line(str(find))
-    terminalreporter.write_line(f"{len(unknown)} finds; the session fails")
+    for find in total.unknown:
+        terminalreporter.write_line(find)
+    terminalreporter.write_line(f"{len(total.unknown)} finds; the session fails")

@@ -174,22 +174,28 @@ def test_the_session_registers_secrets_where_they_are_made(secrets_watch: Secret
     assert PLANTED not in known
 
 
-def _run_session(folder: Path, test_source: str) -> subprocess.CompletedProcess[str]:
-    """A pytest session of one test file, with this suite's conftest, in ``folder``."""
+def _run_session(
+    folder: Path, test_source: str, workers: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """A pytest session of one test file, with this suite's conftest, in ``folder``
+    (``workers`` > 0: spread over that many pytest-xdist workers, as the suite runs)."""
     (folder / "conftest.py").write_text((Path(__file__).parents[1] / "conftest.py").read_text())
     (folder / "pytest.ini").write_text("[pytest]\n")
     (folder / "test_one.py").write_text(test_source)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command += ["--basetemp", str(folder / "basetemp"), "test_one.py"]
+    command += ["-n", str(workers)] if workers else ["-p", "no:xdist"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     return subprocess.run(
         command, cwd=folder, env=env, capture_output=True, text=True, timeout=120, check=False
     )
 
 
-def test_a_session_that_wrote_a_secret_fails(outside: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_session_that_wrote_a_secret_fails(outside: Path, workers: int) -> None:
     """End to end: every test passes, one wrote an API key to a log; the session fails,
-    naming the file and line, without printing the key."""
+    naming the file and line, without printing the key; also when a worker process of
+    pytest-xdist ran the test (its check reaches the controller)."""
     leaked = "0123456789abcdef0123456789abcdef"
     done = _run_session(
         outside,
@@ -197,6 +203,7 @@ def test_a_session_that_wrote_a_secret_fails(outside: Path) -> None:
         "    (tmp_path / 'server.log').write_text('start\\n')\n"
         "    with open(tmp_path / 'server.log', 'a') as log:\n"
         f"        log.write('GET /?api_key={leaked}')\n",
+        workers,
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 passed" in done.stdout
@@ -205,9 +212,11 @@ def test_a_session_that_wrote_a_secret_fails(outside: Path) -> None:
     assert leaked not in done.stdout + done.stderr
 
 
-def test_a_clean_session_passes(outside: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_clean_session_passes(outside: Path, workers: int) -> None:
     done = _run_session(
-        outside, "def test_clean(tmp_path):\n    (tmp_path / 'x.log').write_text('ok')\n"
+        outside, "def test_clean(tmp_path):\n    (tmp_path / 'x.log').write_text('ok')\n", workers
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "none found in 1 files" in done.stdout, done.stdout
+
