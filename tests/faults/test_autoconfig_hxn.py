@@ -100,7 +100,7 @@ def test_zone_plate_scan_without_zpsth_does_not_borrow_dsth(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before: a zp scan whose baseline lacked zpsth took the other stage's dsth."""
-    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.scan"):
+    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.hxn_documents"):
         config = run_with({"dcm_th": THETA_12KEV_DEG, "dsth": 30.0}).config()
     assert config.angle_deg == 0.0
     assert config.x_projection == 1.0
@@ -243,7 +243,7 @@ def test_unusable_dwell_falls_through_with_a_warning(caplog: pytest.LogCaptureFi
     """A dwell only bounds the wait for 'stop': a bad one is logged, the next source used."""
     md = hxn_start_md()
     md["scan"]["dwell"] = -1.0
-    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.scan"):
+    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.hxn_documents"):
         config = make_scan_run(md, baseline={"dcm_th": 10.0}).config()
     assert config.dwell_s == 0.01  # scan_input[6]
     assert "scan.dwell = -1.0" in caplog.text
@@ -313,7 +313,7 @@ def test_dcm_th_zero_is_a_one_line_error_not_a_zero_division() -> None:
 def test_dcm_th_zero_with_an_energy_reading_uses_the_energy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.scan"):
+    with caplog.at_level(logging.WARNING, logger="hxn_liveptycho.config.hxn_documents"):
         config = run_with({"dcm_th": 0.0, "energy": 12.0}).config()
     assert config.energy_kev == 12.0
     assert "dcm_th" in caplog.text
