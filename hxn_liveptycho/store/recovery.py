@@ -153,14 +153,11 @@ def upload(result: UnwrittenResult, root: Any) -> None:
     appended only past the rows Tiled already holds.
     """
     container = _container(root, result)
-    if result.final:
-        group = ArrayGroup.existing(child(container, "final"))
-        for key, value in result.final.items():
-            group.put(key, np.asarray(value))
-    if result.nn:
-        group = ArrayGroup.existing(child(container, "nn"))
-        for key, value in result.nn.items():
-            group.put(key, np.asarray(value))
+    for name, arrays in (("final", result.final), ("nn", result.nn)):
+        if arrays:
+            group = ArrayGroup.existing(child(container, name))
+            for key, value in arrays.items():
+                group.put(key, np.asarray(value))
     stored = result.frames_in_tiled
     if result.frames_missing:
         stored = _append_frames(container, result)
