@@ -42,6 +42,7 @@ from test_lifecycle_states import (
     make_engine,
     only_sink,
 )
+from waiting import wait_for
 
 from hxn_liveptycho.callback import LivePtycho
 from hxn_liveptycho.config.settings import Settings
@@ -233,9 +234,20 @@ class Wire:
             self.panda.send_samples(grid_positions(), frame_number=0)
         self.panda.stop()
         self.eiger.end_series(1)
-        time.sleep(0.5)  # the stop document comes after the detectors' last messages
+        # The stop document comes after the detectors' last messages, as at the beamline.
+        wait_for(self.streams_ended, timeout=30, what=lambda: str(self.receivers()))
         self.live("stop", self.bundle.compose_stop(exit_status="success"))
         assert self.live.wait(timeout=90)
+
+    def receivers(self) -> dict[str, dict[str, int]]:
+        return dict(self.live.status()["receivers"])
+
+    def streams_ended(self) -> bool:
+        """Both receivers took their stream's end: the Eiger series' and the PandA's stop."""
+        counters = self.receivers().values()
+        return any(c.get("series_end", 0) for c in counters) and any(
+            c.get("stops", 0) for c in counters
+        )
 
     def run(self) -> dict[str, Any]:
         (run,) = self.live.status()["runs"]
