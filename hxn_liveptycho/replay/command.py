@@ -1,4 +1,4 @@
-"""The ``liveptycho replay`` arguments and what they do (printing stays in ``cli.py``)."""
+"""The ``liveptycho replay`` arguments and what they do (``cli/replay_command.py`` prints)."""
 
 from __future__ import annotations
 
