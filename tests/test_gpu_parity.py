@@ -103,8 +103,8 @@ def test_sub_pixel_shifts_are_the_fourier_phase_ramps():
     got = _exit_waves.shift_spectra(ft, table, 0.5)
     f = np.fft.fftfreq(n)  # the ramp exp(-2 pi i f k) in the FFT's own frequency order
     fr = frac.get().astype(np.float64)
-    ramp_y = np.exp(-2j * np.pi * fr[:, 0, None] * f[None] * n)
-    ramp_x = np.exp(-2j * np.pi * fr[:, 1, None] * f[None] * n)
+    ramp_y = np.exp(-2j * np.pi * fr[:, 0, None] * f[None])
+    ramp_x = np.exp(-2j * np.pi * fr[:, 1, None] * f[None])
     want = 0.5 * ft.get()[None] * ramp_y[:, None, :, None] * ramp_x[:, None, None, :]
     assert not bool(cp.isnan(got).any())
     assert _rel(got, want) < 1e-4  # float32 phases against float64 ones
@@ -378,10 +378,12 @@ def _solver(sample: Any, xp: Any, fused: bool | None, **params: Any) -> Any:
 
 #: (algorithm, probe modes) -> tolerance after ITERATIONS: ePIE and LSQ-ML agree to
 #: float32 rounding; DM with one mode amplifies rounding on its own (NumPy alone moves
-#: its object by ~4e-4 under a 1e-7 change of the data).
+#: its object by ~4e-4 under a 1e-7 change of the data). ePIE with three modes adds its
+#: whole-pixel probe sums with atomics in no fixed order, so runs differ by more than
+#: one mode's rounding (2e-5 seen before and after the launchers were split).
 TOLERANCE = {
     ("epie", 1): 1e-5,
-    ("epie", 3): 1e-5,
+    ("epie", 3): 5e-5,
     ("lsqml", 1): 1e-5,
     ("lsqml", 3): 1e-5,
     ("dm", 1): 2e-3,
