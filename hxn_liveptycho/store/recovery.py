@@ -110,6 +110,42 @@ def save_backup(result: UnwrittenResult, backup_dir: Path) -> Path:
     return path
 
 
+def keep_unwritten(
+    result: UnwrittenResult, backup_dir: Path, recovery: Recovery | None
+) -> Path | None:
+    """Save ``result`` as a backup; if the disk refuses too, ``recovery`` holds it in memory
+    (None is returned and ``result.errors`` says why). Either way it is uploaded when
+    Tiled answers again, and the log says where it is."""
+    try:
+        path = save_backup(result, backup_dir)
+    except Exception as exc:
+        result.errors.append(f"backup to {backup_dir} failed: {type(exc).__name__}: {exc}")
+        if recovery is not None:
+            recovery.keep(result)
+        logger.error(
+            "%s of %s is in memory only (retry-upload writes it): %s",
+            "frames" if result.result_in_tiled else "the result",
+            result.container_path,
+            "; ".join(result.errors),
+        )
+        return None
+    if recovery is not None:
+        recovery.backed_up()
+    if result.result_in_tiled:
+        logger.error(
+            "Tiled did not take the last diffraction frames of %s; saved to %s",
+            result.container_path,
+            path,
+        )
+    else:
+        logger.error(
+            "Tiled refused the final result of %s; saved to %s instead",
+            result.container_path,
+            path,
+        )
+    return path
+
+
 def load_backup(note_path: Path) -> UnwrittenResult:
     """A backup written by :func:`save_backup` (or by the sink before it existed)."""
     note = json.loads(note_path.read_text())

@@ -46,7 +46,7 @@ from hxn_liveptycho.store.container import (
 )
 from hxn_liveptycho.store.diffraction_appends import DiffractionAppends
 from hxn_liveptycho.store.image_groups import ImageGroups
-from hxn_liveptycho.store.recovery import Recovery, UnwrittenResult, save_backup
+from hxn_liveptycho.store.recovery import Recovery, UnwrittenResult, keep_unwritten
 from hxn_liveptycho.util.counters import Counters
 from hxn_liveptycho.util.jsonsafe import json_safe
 
@@ -373,17 +373,16 @@ class TiledSink:
         else:
             self.counters.add("diffraction_appended", done)
 
-    def _append_all(self) -> int:
-        """Append every queued frame (the final write); raises if Tiled refuses."""
-        return self._frames.append_all(self._container)
-
     def _flush_without_final(self) -> None:
         """Closed before any final result: store the queued frames, in Tiled or the backup."""
         if not self._frames.queued():
             return
         if (
             self._container is not None
-            and self._attempt("append diffraction frames", self._append_all) is not None
+            and self._attempt(
+                "append diffraction frames", lambda: self._frames.append_all(self._container)
+            )
+            is not None
         ):
             return
         self._keep({**self._metadata, "note": "closed before its final result"})
@@ -428,7 +427,7 @@ class TiledSink:
             return True
 
         def write_frames() -> bool:
-            in_final = self._append_all()
+            in_final = self._frames.append_all(self._container)
             self.counters.add("diffraction_in_final", in_final)
             frames = self._frames.stored
             if frames:
@@ -480,46 +479,23 @@ class TiledSink:
         """What Tiled did not take goes to ``<backup_dir>/<key>.npz`` (+ ``.json``); if the
         disk refuses too, the recovery keeps it in memory and the run is failed with both
         errors. Either way it is uploaded when Tiled answers again."""
-        frames = self._frames.unstored()
         result = UnwrittenResult(
             key=str(self.key),
             container_path=str(self.container_path),
             metadata=json.loads(json.dumps(dict(metadata), default=str)),
             final=dict(final or {}),
             nn=dict(nn or {}),
-            frames=frames,
+            frames=self._frames.unstored(),
             frames_in_tiled=self._frames.stored,
             result_in_tiled=result_in_tiled,
             errors=[self._last_error or "Tiled refused it"],
             on_uploaded=self.on_stored_later,
         )
         self._kept = True
-        try:
-            path = save_backup(result, self._backup_dir)
-        except Exception as exc:
-            failed = f"backup to {self._backup_dir} failed: {type(exc).__name__}: {exc}"
-            result.errors.append(failed)
+        path = keep_unwritten(result, self._backup_dir, self._recovery)
+        if path is None:
             self.write_failure = "; ".join(result.errors)
-            if self._recovery is not None:
-                self._recovery.keep(result)
-            logger.error(
-                "%s of %s is in memory only (retry-upload writes it): %s",
-                "frames" if result_in_tiled else "the result",
-                self.container_path,
-                self.write_failure,
-            )
-            return
-        if self._recovery is not None:
-            self._recovery.backed_up()
-        if result_in_tiled:
+        elif result_in_tiled:
             self.frames_backup_path = path
-            logger.error(
-                "Tiled did not take the last diffraction frames of %s; saved to %s",
-                self.container_path,
-                path,
-            )
-            return
-        self.backup_path = path
-        logger.error(
-            "Tiled refused the final result of %s; saved to %s instead", self.container_path, path
-        )
+        else:
+            self.backup_path = path
