@@ -41,11 +41,14 @@ from hxn_liveptycho.replay.model import (
     MAX_READ_BYTES,
     RecordedRun,
     ReplayError,
+    SlicedFrames,
     check_declared_frames,
     detector_info,
     one_line,
+    refusing_malformed,
     split_documents,
 )
+from hxn_liveptycho.util.paths import lies_in
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def regular_file(path: Path, *, what: str, shown: str) -> Path:
     return path
 
 
-class HDF5Frames:
+class HDF5Frames(SlicedFrames):
     """An HDF5 image dataset, read a chunk at a time, its links and storage checked first.
 
     HDF5 itself would follow an external link or a virtual dataset's source to
@@ -115,8 +118,7 @@ class HDF5Frames:
         try:
             regular_file(path, what="the frames file", shown=path.name)
             self._file = self._open(path)
-            self._data = self._dataset(self._file, dataset)
-            self._label = f"{path.name}:{dataset}"
+            super().__init__(self._dataset(self._file, dataset), f"{path.name}:{dataset}")
             check_declared_frames(self._label, tuple(self._data.shape), self._data.dtype)
             self._check_stored(self._data, self._label, hops=0)
         except BaseException:
@@ -275,22 +277,8 @@ class HDF5Frames:
             self._check_stored(part, f"{label} (source {source.file_name})", hops=hops + 1)
 
     # ---- FrameSource --------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._data.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self._data.dtype)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start..stop-1``; a read beyond MAX_READ_BYTES or a corrupt chunk refused."""
-        nbytes = max(0, stop - start) * math.prod(self.shape[1:]) * self.dtype.itemsize
-        if nbytes > MAX_READ_BYTES:
-            raise ReplayError(
-                f"{self._label}: reading frames {start}..{stop - 1} would take {nbytes} bytes, "
-                f"more than {MAX_READ_BYTES}"
-            )
+    def _read_slice(self, start: int, stop: int) -> np.ndarray:
+        """A corrupt chunk is refused as one line."""
         try:
             return np.asarray(self._data[start:stop])
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
@@ -324,16 +312,6 @@ class HDF5Frames:
     def close(self) -> None:
         while self._files:
             self._files.pop().close()
-
-
-def _lies_in(root: Path, path: Path) -> bool:
-    """Whether absolute ``path`` names a place in ``root``, as written or once resolved."""
-    if Path(os.path.normpath(path)).is_relative_to(root):
-        return True
-    try:
-        return path.resolve().is_relative_to(root)
-    except (OSError, RuntimeError):
-        return False
 
 
 def _described(shape: tuple[int, ...]) -> str:
@@ -382,7 +360,7 @@ def load_archive(folder: str | Path) -> RecordedRun:
             "replay reads"
         )
     documents = read_documents(docs_path)
-    try:
+    with refusing_malformed(str(folder)):
         cleaned, stream, key, descriptor, positions, times = split_documents(str(folder), documents)
         detector = detector_info(cleaned[0][1] if cleaned else {}, descriptor, key)
         resource = next(
@@ -390,12 +368,6 @@ def load_archive(folder: str | Path) -> RecordedRun:
             None,
         )
         frames_path, dataset = _frames_location(root, resource)
-    except ReplayError:
-        raise
-    except MALFORMED as exc:
-        raise ReplayError(
-            f"{folder}: malformed documents ({type(exc).__name__}: {one_line(exc)[:200]})"
-        ) from exc
     frames = HDF5Frames(frames_path, dataset, root=root)
     try:
         numbers = frames.frame_numbers(FRAME_NUMBERS)
@@ -443,7 +415,7 @@ def _frames_location(root: Path, resource: dict[str, Any] | None) -> tuple[Path,
             raise ReplayError(f"the stream_resource uri {uri!r} names another host")
         raw = unquote(parsed.path)
     path = Path(raw)
-    outside = path.is_absolute() and not _lies_in(root, path)
+    outside = path.is_absolute() and not lies_in(root, path)
     if outside and ".." not in path.parts:
         logger.debug("frames recorded at %s are read from the archive copy", path)
         if not path.name:

@@ -10,7 +10,9 @@ scan starts publishing after its first chunk, not after its last.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +50,19 @@ class ReplayError(LivePtychoError, ValueError):
     """A run cannot be replayed (missing stream, inconsistent counts, unreadable file)."""
 
 
+@contextmanager
+def refusing_malformed(where: str) -> Iterator[None]:
+    """Turn a recorded value of the wrong type into one ReplayError line, not a traceback."""
+    try:
+        yield
+    except ReplayError:  # a ValueError too, but already one line
+        raise
+    except MALFORMED as exc:
+        raise ReplayError(
+            f"{where}: malformed documents ({type(exc).__name__}: {one_line(exc)[:200]})"
+        ) from exc
+
+
 def check_declared_frames(where: str, shape: tuple[int, ...], dtype: Any) -> None:
     """Refuse frames whose declared shape or type replay cannot afford, before reading any.
 
@@ -65,6 +80,39 @@ def check_declared_frames(where: str, shape: tuple[int, ...], dtype: Any) -> Non
             f"{where}: frames of {height}x{width} pixels are outside 1..{MAX_FRAME_PIXELS} "
             "pixels a detector frame may have"
         )
+
+
+class SlicedFrames:
+    """Frames of an array-like (an HDF5 dataset, a Tiled array node), read a slice at a time.
+
+    A read larger than MAX_READ_BYTES is refused before it is sent; ``label``
+    names the frames in that refusal.
+    """
+
+    def __init__(self, data: Any, label: str) -> None:
+        self._data = data
+        self._label = label
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._data.dtype)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start..stop-1``; a read beyond MAX_READ_BYTES is refused unsent."""
+        nbytes = max(0, stop - start) * math.prod(self.shape[1:]) * self.dtype.itemsize
+        if nbytes > MAX_READ_BYTES:
+            raise ReplayError(
+                f"{self._label}: reading frames {start}..{stop - 1} would take {nbytes} bytes, "
+                f"more than {MAX_READ_BYTES}"
+            )
+        return self._read_slice(start, stop)
+
+    def _read_slice(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._data[start:stop])
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.replay.files import load_archive
-from hxn_liveptycho.replay.model import MALFORMED, RecordedRun, ReplayError, one_line
+from hxn_liveptycho.replay.model import RecordedRun, ReplayError, refusing_malformed
 from hxn_liveptycho.replay.publish import Pace, Selection, StreamPublishers, select
 from hxn_liveptycho.replay.tiled_source import DocumentsMode, load_tiled_run
 from hxn_liveptycho.streams import ENCODINGS
@@ -166,17 +166,11 @@ def replay_run(
         else load_run(source, settings=settings, client=client, documents=opts.documents)
     )
     try:
-        try:
+        with refusing_malformed(run.source):
             run.validate()
             selection = select(run, skip_frames=opts.skip_frames, max_frames=opts.max_frames)
             documents = _adjusted(run, selection)
             report = _report(run, selection, documents, opts, dry_run=dry_run)
-        except ReplayError:
-            raise
-        except MALFORMED as exc:  # a recorded value of the wrong type: one line, not a traceback
-            raise ReplayError(
-                f"{run.source}: malformed documents ({type(exc).__name__}: {one_line(exc)[:200]})"
-            ) from exc
         if report.missing_frames:
             logger.warning(
                 "%d frames are missing from the recording: %s",

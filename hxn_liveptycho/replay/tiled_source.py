@@ -18,12 +18,11 @@ from typing import Any, Literal
 import numpy as np
 
 from hxn_liveptycho.replay.model import (
-    MALFORMED,
-    MAX_READ_BYTES,
     RecordedRun,
     ReplayError,
+    SlicedFrames,
     detector_info,
-    one_line,
+    refusing_malformed,
     split_documents,
 )
 
@@ -32,28 +31,8 @@ logger = logging.getLogger(__name__)
 DocumentsMode = Literal["auto", "export", "streams"]
 
 
-class TiledFrames:
-    """A Tiled array node of frames, sliced a chunk at a time."""
-
-    def __init__(self, node: Any) -> None:
-        self._node = node
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._node.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self._node.dtype)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start..stop-1``; a read larger than MAX_READ_BYTES is refused unsent."""
-        frame_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        if max(0, stop - start) * frame_bytes > MAX_READ_BYTES:
-            raise ReplayError(
-                f"reading frames {start}..{stop - 1} would take more than {MAX_READ_BYTES} bytes"
-            )
-        return np.asarray(self._node[start:stop])
+class TiledFrames(SlicedFrames):
+    """A Tiled array node of frames, sliced a chunk at a time (each slice one request)."""
 
 
 def find_run(client: Any, source: str | int) -> Any:
@@ -162,20 +141,14 @@ def load_tiled_run(
     uid = run.metadata["start"]["uid"]
     where = f"tiled:{uid}"
     docs = run_documents(run, documents)
-    try:
+    with refusing_malformed(where):
         cleaned, stream, key, descriptor, positions, times = split_documents(where, docs)
         detector = detector_info(cleaned[0][1], descriptor, key)
-    except ReplayError:
-        raise
-    except MALFORMED as exc:  # a recorded value of the wrong type: one line, not a traceback
-        raise ReplayError(
-            f"{where}: malformed documents ({type(exc).__name__}: {one_line(exc)[:200]})"
-        ) from exc
     try:
         frames_node = run[stream][key]
     except KeyError as exc:
         raise ReplayError(f"{where}: stream {stream!r} has no frame node {key!r}") from exc
-    frames = TiledFrames(frames_node)
+    frames = TiledFrames(frames_node, f"{where} {stream}/{key}")
     return RecordedRun(
         source=where,
         documents=cleaned,
