@@ -5,75 +5,312 @@ size) and before every buffer growth in ``add()``, so a scan that cannot fit
 is refused with a :class:`~hxn_liveptycho.errors.ConfigurationError` naming
 both byte counts, never run into an out-of-memory crash half-way.
 
+The estimate is computed from the arrays the solver holds and the arrays its
+steps allocate, counted from the step code, not fitted to measurements.
 Terms of :func:`estimate_terms` (bytes; ``N`` positions, ``n`` the window,
-``K`` probe modes, ``M`` object modes (``e`` their extra arrays),
-``B = min(batch_size, N)``, ``H x W`` the canvas):
+``K`` probe modes, ``M`` object modes, ``B = min(batch_size, N)``, ``H x W``
+the canvas):
 
 * ``frames``: the measured amplitudes, float32, ``4 N n^2``.
 * ``positions``: current, measured and per-iteration shift, float64 (y, x),
   ``48 N`` (small).
 * ``dm_exit_waves``: DM only (also as a stage of a schedule): one far-field
   exit wave per position and pair of probe and object mode, complex64, ``8 N K M n^2``.
-* ``object``: the canvas, complex64, ``8 M H W`` with ``M`` object modes (usually 1).
+* ``object``: the canvas, complex64, ``8 M H W``.
 * ``probe``: the modes, complex64, ``8 K n^2``.
 * ``momentum``: with ``IterativeParams.momentum_gain`` > 0 and ePIE or LSQ-ML
   among the algorithms, the previous object and probe and their velocities,
   ``2 x 8 (M H W + K n^2)``.
-* ``canvas_temporaries``: the per-batch (ePIE, LSQ-ML) or per-pass (DM)
-  numerator (complex64) and illumination (float32) canvases of the object
-  update and the expressions that combine them.
-* ``batch_temporaries``: the batch's object windows, exit waves, far fields,
-  shifted probes, corrections and updates at the peak of a batch:
-  ``(a K + c + e K (M - 1)) 8 B n^2`` with per-algorithm ``a`` (arrays per mode) and ``c``
-  (per-position arrays), larger with sub-pixel shifts and position
-  refinement (fitted to ``tracemalloc`` peaks of the NumPy solver, K = 1-3,
-  B = 16-64, and checked against CuPy's pool; the accuracy is in
-  docs/benchmarks.md).
+* ``canvas_temporaries``: the canvas-sized arrays of an update (a batch's box
+  is at most the canvas): ePIE and LSQ-ML sum a batch's object numerator
+  (complex64) and illumination (float32) on its box, and with several object
+  modes zero the next mode's numerator while the last one is still bound
+  (ePIE also keeps the step ``alpha / illumination``); DM sums every object
+  mode's numerator and the illumination over the pass; the amplitude clamp
+  (``object_amplitude_max``) takes ``|O|``, a mask and two factors per object
+  mode at a pass's end. The largest of these.
+* ``batch_temporaries``: the batch-sized arrays live at the peak of a batch
+  (ePIE, LSQ-ML) or of DM's pass, the largest sum over the phases of the
+  step (:func:`batch_phases` names them and their arrays), and three probe-sized
+  arrays of the probe update (:data:`_PROBE_ARRAYS`). The arrays come in
+  three sizes: an exit wave per position and probe mode ``(B, K, n, n)``
+  complex64, a window per position ``(B, n, n)`` complex64 (object windows,
+  ramps, numerators), and a real window ``(B, n, n)`` float32 (frames,
+  intensities). Every expression's result counts as a new array, as CuPy
+  allocates them: NumPy elides some temporaries of chained arithmetic, so
+  there the count is an upper bound. CuPy's fused kernels (one object mode)
+  allocate a subset of the reference path's arrays counted here.
 * ``fft_work_area``: cuFFT's work area for a batched transform of
-  ``(B, K, n, n)`` complex64, about the size of the data it transforms
+  ``(B, M K, n, n)`` complex64, about the size of the data it transforms
   (CuPy only; NumPy's pocketfft works in per-line buffers).
+
+Not counted: index arrays of a pass (a few integers per position) and
+:meth:`StreamingSolver.add`'s temporaries, the size of the chunk it is given
+(frames as float32) plus, while a buffer grows, its old rows.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import types
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, ParamSpec
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.backend import is_cupy
 
-__all__ = ["available_bytes", "check_fits", "estimate_bytes", "estimate_terms", "format_bytes"]
+__all__ = [
+    "available_bytes",
+    "batch_phases",
+    "check_fits",
+    "estimate_bytes",
+    "estimate_terms",
+    "format_bytes",
+]
 
-#: Batch temporaries at the peak of a batch: (a, c) in ``(a K + c) x 8 B n^2`` bytes, with
-#: and without sub-pixel shifts (least-squares fits to tracemalloc peaks on NumPy).
-_BATCH_ARRAYS = {
-    True: {"epie": (4.0, 4.5), "lsqml": (5.0, 7.0), "dm": (4.5, 5.0)},
-    False: {"epie": (1.7, 2.5), "lsqml": (4.0, 3.5), "dm": (3.75, 3.25)},
+_P = ParamSpec("_P")
+
+#: The float32 windows LSQ-ML's far-field factor (``_lsqml.far_field_factor``) holds at
+#: once with the Poisson model: the model intensity, its floored copy and the safe
+#: divisor, the measured intensity, xi and its products with the intensity, the Newton
+#: step's divisor and three transients of its sums. The Gaussian model holds fewer
+#: (intensity, safe divisor, two transients); the estimate is not told the model.
+_FACTOR_REALS = 11
+#: Batch-sized windows of a position shift (``_positions.shift_gradient``): the previous
+#: axis's gradient, ``numpy.gradient``'s output and its two difference temporaries.
+_GRADIENT_WINDOWS = 4
+#: Probe-sized (K, n, n) complex64 arrays beside a batch's peak: the probe update's
+#: numerator and weights, and the modes' spectra or the update's transient.
+_PROBE_ARRAYS = 3
+#: Bytes per canvas pixel and object mode of the amplitude clamp: ``|O|`` (float32), the
+#: mask ``|O| > max`` (bool), the floored ``|O|`` and the factor (float32 each).
+_CLAMP_BYTES = 13
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes of the arrays a batch's step allocates, and what decides which it makes."""
+
+    wave: int  # (B, K, n, n) complex64: an exit wave per position and probe mode
+    window: int  # (B, n, n) complex64: an object window, a ramp, a numerator
+    real: int  # (B, n, n) float32: a frame, an intensity
+    probe_modes: int
+    object_modes: int
+    subpixel: bool
+    refine: bool
+
+    @property
+    def waves(self) -> int:
+        """(B, M K, n, n): a wave per position and pair of probe and object mode."""
+        return self.object_modes * self.wave
+
+    @property
+    def windows(self) -> int:
+        """(B, n, n) per object mode: every mode's windows."""
+        return self.object_modes * self.window
+
+    @property
+    def shifted(self) -> int:
+        """The probe modes shifted per position (B, K, n, n) and their ramps (B, n, n);
+        none on whole-pixel data (the batch shares the modes)."""
+        return self.wave + self.window if self.subpixel else 0
+
+    @property
+    def illumination(self) -> int:
+        """``sum_k |P_k|^2``: a real window per position when the probes are shifted."""
+        return self.real if self.subpixel else 0
+
+    @property
+    def illumination_parts(self) -> int:
+        """``|P|^2`` of shifted probes: real and imaginary squares and their sum."""
+        return 3 * self.wave // 2 if self.subpixel else 0
+
+    @property
+    def far_field_parts(self) -> int:
+        """``sum_k |Psi_k|^2`` of waves (B, M K, n, n): squares of both parts and their sum."""
+        return 3 * self.waves // 2
+
+    @property
+    def object_numerator(self) -> int:
+        """``sum_k conj(P_k) dpsi_k``: the sum, the conjugate of a shifted mode and the
+        product added in (after the first mode)."""
+        extra = (self.window if self.subpixel else 0) + (self.window if self.probe_modes > 1 else 0)
+        return self.window + extra
+
+    @property
+    def probe_numerator(self) -> int:
+        """``sum_j conj(O_j) dpsi_j`` per mode: ``conj(O)`` and, shifted back per position,
+        the products, their spectra and the ramps' conjugates; else one product."""
+        if self.subpixel:
+            return 2 * self.window + 2 * self.wave
+        return 2 * self.window
+
+    @property
+    def shift_estimate(self) -> int:
+        """Position refinement: the object numerator kept, the illumination and the
+        gradients' windows; none without refinement."""
+        if not self.refine:
+            return 0
+        return self.window + self.illumination + _GRADIENT_WINDOWS * self.window
+
+
+def _epie(z: _Sizes) -> dict[str, int]:
+    """Phases of ``Epie.batch`` (one object mode) and ``Epie._object_modes_batch``."""
+    if z.object_modes == 1:
+        # Held through the batch: shifted probes, the object windows, the exit waves
+        # (the far field and the correction dpsi are them, transformed in place).
+        held = z.shifted + z.window + z.wave
+        return {
+            # The batch's frames (a copy: gathered by row) and |Psi|^2's parts.
+            "far field": held + z.real + z.far_field_parts,
+            "probe numerator": held + z.probe_numerator,
+            "object numerator": held + z.object_numerator,
+            "illumination": held + z.window + z.illumination_parts,
+            "position shift": held + z.shift_estimate,
+        }
+    held = z.shifted + z.windows + z.waves  # every object mode's windows and waves
+    return {
+        "exit waves": z.shifted + z.windows + 2 * z.waves,  # each mode's, and joined
+        "far field": held + z.real + z.far_field_parts,
+        "probe numerator": held + z.probe_numerator,
+        "illumination": held + z.illumination_parts,
+        # The last mode's numerator bound while the next is summed.
+        "object numerator": held + z.illumination + z.window + z.object_numerator,
+        "position shift": held + z.shift_estimate,
+    }
+
+
+def _lsqml(z: _Sizes) -> dict[str, int]:
+    """Phases of ``LsqMl.batch`` (one object mode) and ``LsqMl._object_modes_batch``."""
+    if z.object_modes == 1:
+        start = z.shifted + z.window  # shifted probes, object windows
+        # After the far field: chi (B, K, n, n), the object numerator and illumination.
+        held = start + z.wave + z.window + z.illumination
+        # Then the direction dO's windows and its exit waves u = P dO.
+        directed = held + z.window + z.wave
+        return {
+            "far field": start + z.wave + z.real + z.far_field_parts,
+            "far-field factor": start + z.wave + z.real + _FACTOR_REALS * z.real,
+            "object numerator": start + z.wave + z.object_numerator,
+            "illumination": start + z.wave + z.window + z.illumination_parts,
+            "position shift": start + z.wave + z.shift_estimate,
+            # The numerator's and illumination's windows and their quotient.
+            "object direction": held + 2 * z.window + z.real,
+            "probe numerator": directed + z.probe_numerator,
+            # v = dP O: the probe step shifted per position, then times the windows.
+            "probe direction": directed + (2 * z.wave if z.subpixel else z.wave),
+            # u, v and chi held; each of the five dot products makes conj(a) and conj(a) b.
+            "step lengths": directed + z.wave + 2 * z.wave,
+        }
+    start = z.shifted + z.windows
+    # After the far field: chi (B, M K, n, n), the illumination and its windows.
+    held = start + z.waves + z.illumination + z.real
+    seen = z.wave if z.subpixel else 0  # the probe step shifted per position
+    return {
+        "exit waves": start + 2 * z.waves,
+        "far field": start + z.waves + z.real + z.far_field_parts,
+        "far-field factor": start + z.waves + z.real + _FACTOR_REALS * z.real,
+        "illumination": start + z.waves + z.illumination_parts,
+        # Object mode by mode: the numerators and waves u of the earlier modes, then the
+        # last mode's numerator, its direction and its waves.
+        "object directions": held + z.windows + z.window + z.waves,
+        "object numerator": held + (z.windows - z.window) + (z.waves - z.wave) + z.object_numerator,
+        "position shift": held - z.illumination + z.shift_estimate,
+        "probe numerator": held + z.windows + z.waves + z.probe_numerator,
+        # v: each object mode's windows times the probe step, and their concatenation.
+        "probe direction": held + z.windows + z.waves + seen + 2 * z.waves,
+        # u (its list and concatenation), v, the dot products' two transients.
+        "step lengths": held + z.windows + 3 * z.waves + seen + 2 * z.waves,
+    }
+
+
+def _dm(z: _Sizes) -> dict[str, int]:
+    """Phases of ``DifferenceMap.run_pass`` on its reference path. One function runs the
+    whole pass, so each batch starts with the last batch's arrays still bound (windows,
+    far fields phi, reflections, three real windows: intensity, reflection intensity
+    and Fourier factor) until their names are bound again."""
+    probes = z.wave if z.subpixel else 0  # the ramps are let go after the far field
+    # Bound from the previous batch: windows, phi, and the previous reflection (kept
+    # by the name of its inverse transform) with three real windows.
+    last = z.windows + 2 * z.waves + 3 * z.real
+    ramp_or_intensity = z.window if z.subpixel else z.real
+    phases = {
+        "shifted probes": last + 2 * probes + (z.window if z.subpixel else 0),
+        "far field": probes + last - z.real + ramp_or_intensity + z.waves + z.far_field_parts,
+        "reflection": probes + last + 2 * z.waves,  # 2 phi and 2 phi - psi
+        "reflection intensity": probes + last + z.waves + z.far_field_parts,
+        # |R|, its deviation from the frame and two transients of the factor.
+        "Fourier factor": probes + last + z.waves + 4 * z.real,
+        "object numerator": probes + last + z.object_numerator,
+        "illumination": probes + last + z.illumination_parts,
+    }
+    # The probe update, after the loop: its last phi and reflection still bound, the
+    # ramps, the stored waves' inverse transform and the previous |O|^2. The last
+    # batch's transform and window stay bound (by the names of a mode's block and
+    # window) until the loop over the next batch's new windows starts.
+    after = probes + last + (z.window if z.subpixel else 0) + z.waves + z.real
+    phases["probe-update windows"] = after + z.waves + z.window + z.windows
+    phases["probe numerator"] = after + z.windows + z.probe_numerator
+    return phases
+
+
+_PHASES: dict[str, Callable[[_Sizes], dict[str, int]]] = {
+    "epie": _epie,
+    "lsqml": _lsqml,
+    "dm": _dm,
 }
-#: Extra per-position arrays (units of 8 B n^2) for each object mode past the first, per
-#: probe mode: its exit waves, far fields and corrections (LSQ-ML: and its directions
-#: and their exit waves; DM: its stored waves' transforms); with and without sub-pixel
-#: shifts (tracemalloc peaks on NumPy, K = 1-2, M = 2-3, B = 64). Sub-pixel LSQ-ML and DM
-#: raised above the fit so the estimate covers CuPy's pool on the H200 too (M = 2,
-#: K = 1 and 3, 1,024 frames of 256², batch 128).
-_OBJECT_MODE_ARRAYS = {
-    True: {"epie": 1.8, "lsqml": 7.8, "dm": 7.5},
-    False: {"epie": 2.6, "lsqml": 7.8, "dm": 5.0},
-}
-#: Extra per-position arrays (units of 8 B n^2) of position refinement: the object's gradients.
-_REFINEMENT_ARRAYS = 1.5
-#: Canvas temporaries (update numerator complex64 + illumination float32), bytes per pixel.
-_CANVAS_BYTES = 12
 
 
 def _algorithms(algorithm: str | Iterable[str]) -> set[str]:
     names = {algorithm} if isinstance(algorithm, str) else set(algorithm)
-    unknown = names - set(_BATCH_ARRAYS[True])
+    unknown = names - set(_PHASES)
     if unknown or not names:
         raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; use 'epie', 'dm' or 'lsqml'")
     return names
+
+
+def batch_phases(
+    algorithm: str,
+    window: int,
+    probe_modes: int,
+    batch: int,
+    *,
+    subpixel: bool = True,
+    position_refinement: bool = False,
+    object_modes: int = 1,
+) -> dict[str, int]:
+    """Bytes of the batch-sized arrays live in each phase of ``algorithm``'s step with
+    ``batch`` positions (its largest is the ``batch_temporaries`` term): each phase's
+    count names its arrays in this module's source."""
+    n, b = int(window), int(batch)
+    refine = bool(position_refinement)
+    sizes = _Sizes(
+        wave=8 * b * int(probe_modes) * n * n,
+        window=8 * b * n * n,
+        real=4 * b * n * n,
+        probe_modes=int(probe_modes),
+        object_modes=int(object_modes),
+        # Refinement shifts the probes by the fractions it finds.
+        subpixel=bool(subpixel) or refine,
+        refine=refine,
+    )
+    return _PHASES[algorithm](sizes)
+
+
+def _canvas_temporaries(names: set[str], object_modes: int, pixels: int) -> int:
+    """Bytes of the canvas-sized temporaries (the module docstring names them)."""
+    m = object_modes
+    per_pixel = [_CLAMP_BYTES * m]
+    if names & {"epie", "lsqml"}:
+        numerators = 8 * (2 if m > 1 else 1)  # the next mode's zeroed while the last is bound
+        step = 4 if m > 1 and "epie" in names else 0  # ePIE's alpha / illumination
+        per_pixel.append(numerators + 4 + step)
+    if "dm" in names:
+        per_pixel.append(8 * m + 4)
+    return max(per_pixel) * pixels
 
 
 def estimate_terms(
@@ -96,9 +333,18 @@ def estimate_terms(
     pix = n * n
     canvas = int(canvas_shape[0]) * int(canvas_shape[1])
     b = max(1, min(int(batch_size), max(n_pos, 1)))
-    batch = [_BATCH_ARRAYS[bool(subpixel)][a] for a in names]
-    extra = _REFINEMENT_ARRAYS if position_refinement else 0.0
-    batch_wave = 8 * b * k * pix
+    phases = [
+        batch_phases(
+            a,
+            n,
+            k,
+            b,
+            subpixel=subpixel,
+            position_refinement=position_refinement,
+            object_modes=m,
+        )
+        for a in sorted(names)
+    ]
     return {
         "frames": 4 * n_pos * pix,
         "positions": 48 * n_pos,
@@ -106,63 +352,42 @@ def estimate_terms(
         "object": 8 * m * canvas,
         "probe": 8 * k * pix,
         "momentum": 2 * 8 * (m * canvas + k * pix) if momentum and names - {"dm"} else 0,
-        # DM sums every object mode's numerator over the pass: one canvas more per mode.
-        "canvas_temporaries": (_CANVAS_BYTES + (8 * (m - 1) if "dm" in names else 0)) * canvas,
-        "batch_temporaries": int(
-            (
-                max(a * k + c for a, c in batch)
-                + extra
-                + max(_OBJECT_MODE_ARRAYS[bool(subpixel)][a] for a in names) * k * (m - 1)
-            )
-            * 8
-            * b
-            * pix
-        ),
-        "fft_work_area": batch_wave if backend == "cupy" else 0,
+        "canvas_temporaries": _canvas_temporaries(names, m, canvas),
+        "batch_temporaries": max(max(p.values()) for p in phases) + _PROBE_ARRAYS * 8 * k * pix,
+        "fft_work_area": 8 * b * k * m * pix if backend == "cupy" else 0,
     }
 
 
-def estimate_bytes(
-    n_positions: int,
-    window: int,
-    probe_modes: int,
-    algorithm: str | Iterable[str],
-    canvas_shape: tuple[int, int],
-    batch_size: int,
-    *,
-    backend: Literal["cupy", "numpy"] = "cupy",
-    subpixel: bool = True,
-    position_refinement: bool = False,
-    momentum: bool = False,
-    object_modes: int = 1,
-) -> int:
-    """Peak bytes of a reconstruction of ``n_positions`` frames of ``window``² pixels.
+def _summed(terms: Callable[_P, dict[str, int]], name: str, doc: str) -> Callable[_P, int]:
+    """A function ``name`` of ``terms``' arguments (same signature) that returns the sum
+    of its terms."""
+
+    @functools.wraps(terms)
+    def total(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        return sum(terms(*args, **kwargs).values())
+
+    total.__name__ = total.__qualname__ = name
+    total.__doc__ = doc
+    total.__signature__ = inspect.signature(terms).replace(return_annotation="int")  # type: ignore[attr-defined]
+    return total
+
+
+estimate_bytes = _summed(
+    estimate_terms,
+    "estimate_bytes",
+    """Peak bytes of a reconstruction of ``n_positions`` frames of ``window``² pixels: the
+    sum of :func:`estimate_terms` (same arguments).
 
     ``algorithm`` is one name or the set a schedule runs (DM's exit waves are
-    counted when DM is among them; the batch temporaries of the most
-    demanding one). ``backend`` 'cupy' adds cuFFT's work area; ``subpixel``
-    False is the cheaper whole-pixel model (``IterativeParams.subpixel_positions``);
-    ``position_refinement`` adds the object gradients of the shift estimate;
-    ``momentum`` the history of :mod:`hxn_liveptycho.recon._momentum`;
-    ``object_modes`` the object's incoherent modes (``IterativeParams.object_modes``).
-    Not counted: :meth:`StreamingSolver.add` needs one temporary the size of
-    the chunk it is given (frames as float32).
-    """
-    return sum(
-        estimate_terms(
-            n_positions,
-            window,
-            probe_modes,
-            algorithm,
-            canvas_shape,
-            batch_size,
-            backend=backend,
-            subpixel=subpixel,
-            position_refinement=position_refinement,
-            momentum=momentum,
-            object_modes=object_modes,
-        ).values()
-    )
+    counted when DM is among them; the temporaries of the most demanding one).
+    ``backend`` 'cupy' adds cuFFT's work area; ``subpixel`` False is the cheaper
+    whole-pixel model (``IterativeParams.subpixel_positions``);
+    ``position_refinement`` adds the object gradients of the shift estimate (and
+    implies sub-pixel shifts); ``momentum`` the history of
+    :mod:`hxn_liveptycho.recon._momentum`; ``object_modes`` the object's incoherent
+    modes (``IterativeParams.object_modes``).
+    """,
+)
 
 
 def available_bytes(xp: types.ModuleType) -> int:
