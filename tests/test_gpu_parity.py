@@ -380,7 +380,7 @@ def _solver(sample: Any, xp: Any, fused: bool | None, **params: Any) -> Any:
 #: float32 rounding; DM with one mode amplifies rounding on its own (NumPy alone moves
 #: its object by ~4e-4 under a 1e-7 change of the data). ePIE with three modes adds its
 #: whole-pixel probe sums with atomics in no fixed order, so runs differ by more than
-#: one mode's rounding (2e-5 seen before and after the launchers were split).
+#: one mode's rounding.
 TOLERANCE = {
     ("epie", 1): 1e-5,
     ("epie", 3): 5e-5,

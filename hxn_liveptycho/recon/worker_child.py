@@ -1,0 +1,306 @@
+"""The solver process's own side: its loop over the pipe's messages and the open runs.
+
+Spawned by :class:`~hxn_liveptycho.recon.worker.SolverWorker` (the parent side, with
+the reasons for a process of its own): it resolves the array backend and the GPU
+placement, compiles the kernels on a small synthetic scan, then iterates every open run
+between messages, reading each run's frames from its
+:class:`~hxn_liveptycho.recon.frame_ring.FrameRing` and sending progress, snapshots and
+the final state back over the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.recon.frame_ring import FrameRingReader
+from hxn_liveptycho.recon.params import IterativeParams
+from hxn_liveptycho.recon.placement import GpuPlacement, Placement
+from hxn_liveptycho.util.children import LogToParent
+
+__all__ = ["WarmUp", "WorkerInfo", "child_main"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between the child's progress messages (errors of the passes since the last one).
+PROGRESS_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What to compile before the first run: the window edge and the solver parameters."""
+
+    n: int
+    params: IterativeParams
+    positions: int = 64
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the child found at start: its array module, its GPU, how long warming took."""
+
+    backend: str
+    placement: Placement
+    device_name: str
+    warm_s: float
+
+
+@dataclass
+class _ChildRun:
+    """One open run in the child: its solver, its ring, and what the parent asked of it."""
+
+    solver: Any
+    ring: FrameRingReader
+    errors_sent: int = 0
+    snapshot_wanted: bool = False
+    finish_after: int | None = None
+    cancelled: bool = False
+    last_progress: float = 0.0
+    pass_ends: list[tuple[float, int]] = field(default_factory=list)
+    params: IterativeParams = field(default_factory=IterativeParams)
+
+
+class _Child:
+    """The child's state: its backend and device, its open runs, the pipe back."""
+
+    def __init__(self, inbox: Connection, outbox: Connection) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.runs: dict[str, _ChildRun] = {}
+        self.xp: Any = np
+        self.device: int | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.outbox.send(message)
+
+    def start(self, backend: str, wanted: GpuPlacement, warm: WarmUp | None) -> None:
+        from hxn_liveptycho.recon.backend import get_array_module
+        from hxn_liveptycho.recon.placement import resolve_placement, visible_gpus
+
+        self.xp = get_array_module(backend)  # type: ignore[arg-type]
+        placement = resolve_placement(wanted, visible_gpus(self.xp))
+        self.device = placement.iterative
+        name = "CPU (NumPy)"
+        if self.device is not None:
+            self.xp.cuda.Device(self.device).use()
+            props = self.xp.cuda.runtime.getDeviceProperties(self.device)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        began = time.perf_counter()
+        if warm is not None and self.device is not None:
+            self._warm(warm)
+        info = WorkerInfo(
+            backend=self.xp.__name__,
+            placement=placement,
+            device_name=name,
+            warm_s=time.perf_counter() - began,
+        )
+        self.send(("ready", info))
+
+    def _warm(self, warm: WarmUp) -> None:
+        """One tiny scan per algorithm, past the first probe update: every kernel compiled."""
+        from hxn_liveptycho.recon.iterative import StreamingSolver
+
+        xp, n = self.xp, warm.n
+        rng = np.random.default_rng(0)
+        side = int(np.ceil(np.sqrt(warm.positions)))
+        step = max(1, n // 4)
+        canvas = (n + step * side + 2, n + step * side + 2)
+        grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
+        positions = grid.reshape(-1, 2)[: warm.positions] * step + rng.uniform(0, 1, (1, 2))
+        amplitudes = rng.uniform(0.5, 1.5, (len(positions), n, n)).astype(np.float32)
+        yy, xx = np.mgrid[:n, :n] - n / 2
+        probe = np.exp(-(yy**2 + xx**2) / (2 * (n / 8) ** 2)).astype(np.complex64)
+        for algorithm in sorted(warm.params.algorithms):
+            params = warm.params.model_copy(
+                update={"algorithm": algorithm, "schedule": None, "probe_update_start": 0}
+            )
+            for where in (positions, np.floor(positions)):  # sub-pixel and whole-pixel paths
+                solver = StreamingSolver(
+                    probe=probe, canvas_shape=canvas, params=params, xp=xp, expected_positions=None
+                )
+                solver.add(amplitudes, where)
+                solver.iterate(2)
+                solver.snapshot()
+                del solver
+        with contextlib.suppress(Exception):
+            xp.get_default_memory_pool().free_all_blocks()
+
+    # ---- messages
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "shutdown":
+            return False
+        run_id = message[1]
+        try:
+            if kind == "open":
+                self._open(run_id, message[2])
+            elif kind == "add":
+                self._add(run_id, message[2], message[3], message[4])
+            elif kind == "snapshot":
+                if run_id in self.runs:
+                    self.runs[run_id].snapshot_wanted = True
+            elif kind == "finish":
+                if run_id in self.runs:
+                    self.runs[run_id].finish_after = int(message[2])
+            elif kind == "cancel":
+                if run_id in self.runs:
+                    self.runs[run_id].cancelled = True
+            elif kind == "close":
+                self._drop(run_id)
+        except Exception as exc:
+            logger.exception("solver: %s failed for run %s", kind, run_id)
+            self._fail(run_id, f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _open(self, run_id: str, spec: dict[str, Any]) -> None:
+        from hxn_liveptycho.recon.iterative import StreamingSolver
+
+        ring = FrameRingReader(spec["ring"], spec["slots"], spec["n"])
+        try:
+            solver = StreamingSolver(
+                probe=spec["probe"],
+                canvas_shape=spec["canvas_shape"],
+                params=spec["params"],
+                xp=self.xp,
+                expected_positions=spec["expected_positions"],
+            )
+        except BaseException:
+            ring.close()
+            raise
+        self.runs[run_id] = _ChildRun(solver=solver, ring=ring, params=spec["params"])
+        logger.info(
+            "solver started on %s for run %s",
+            "CPU" if self.device is None else f"GPU {self.device}",
+            run_id[:8],
+        )
+
+    def _add(self, run_id: str, start: int, count: int, positions: np.ndarray) -> None:
+        run = self.runs.get(run_id)
+        if run is None:
+            self.send(("consumed", run_id, count, 0))
+            return
+        try:
+            run.solver.add(run.ring.view(start, count), positions)
+        finally:
+            self.send(("consumed", run_id, count, run.solver.n_positions))
+
+    def _fail(self, run_id: str, reason: str) -> None:
+        self._drop(run_id)
+        self.send(("failed", run_id, reason))
+
+    def _drop(self, run_id: str) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is None:
+            return
+        run.ring.close()
+        del run
+        if self.xp is not np:
+            with contextlib.suppress(Exception):
+                self.xp.get_default_memory_pool().free_all_blocks()
+
+    # ---- work
+    def step(self) -> bool:
+        """One pass of every run that has frames; False when there was nothing to do."""
+        worked = False
+        for run_id, run in list(self.runs.items()):
+            solver = run.solver
+            if run.cancelled or run.finish_after == 0:
+                self._final(run_id, run)
+                continue
+            if solver.n_positions == 0:
+                continue
+            try:
+                solver.iterate(1)
+            except Exception as exc:
+                logger.exception("solver: iteration failed for run %s", run_id)
+                self._fail(run_id, f"{type(exc).__name__}: {exc}")
+                continue
+            worked = True
+            run.pass_ends.append((time.monotonic(), solver.n_positions))
+            if run.finish_after is not None:
+                run.finish_after -= 1
+            now = time.monotonic()
+            if run.snapshot_wanted:
+                self._progress(run_id, run, now)
+                self.send(("snapshot", run_id, self._snapshot(solver)))
+                run.snapshot_wanted = False
+            elif now - run.last_progress >= PROGRESS_INTERVAL_S:
+                self._progress(run_id, run, now)
+            if run.finish_after == 0:
+                self._final(run_id, run)
+        return worked
+
+    def _progress(self, run_id: str, run: _ChildRun, now: float) -> None:
+        history = run.solver.error_history
+        new = list(history[run.errors_sent :])
+        run.errors_sent = len(history)
+        run.last_progress = now
+        ends, run.pass_ends = run.pass_ends, []
+        self.send(("progress", run_id, run.solver.iteration, new, ends, run.solver.n_positions))
+
+    @staticmethod
+    def _snapshot(solver: Any) -> dict[str, Any]:
+        snap = solver.snapshot() if solver.n_positions else {}
+        snap["positions_px"] = np.asarray(solver.positions_px)
+        return snap
+
+    def _final(self, run_id: str, run: _ChildRun) -> None:
+        self._progress(run_id, run, time.monotonic())
+        self.send(("final", run_id, self._snapshot(run.solver)))
+        self._drop(run_id)
+
+
+def child_main(
+    inbox: Connection,
+    outbox: Connection,
+    parent_pid: int,
+    backend: str,
+    placement: GpuPlacement,
+    warm: WarmUp | None,
+    log_level: int,
+) -> None:
+    from hxn_liveptycho.util.children import exit_with_parent
+
+    exit_with_parent(parent_pid)
+    child = _Child(inbox, outbox)
+    root = logging.getLogger()
+    root.handlers[:] = [LogToParent(child.send)]
+    root.setLevel(log_level)
+    try:
+        child.start(backend, placement, warm)
+    except Exception as exc:
+        child.send(("start_failed", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        _serve(child, inbox)
+    finally:
+        # Leave without Python's teardown: freeing a CUDA context and cuFFT plans at exit can
+        # take longer than the owner waits, and the driver releases them with the process.
+        with contextlib.suppress(Exception):
+            outbox.close()
+        os._exit(0)
+
+
+def _serve(child: _Child, inbox: Connection) -> None:
+    try:
+        while True:
+            busy = any(
+                r.solver.n_positions or r.cancelled or r.finish_after is not None
+                for r in child.runs.values()
+            )
+            if inbox.poll(0 if busy else 0.5):
+                while True:
+                    if not child.handle(inbox.recv()):
+                        return
+                    if not inbox.poll(0):
+                        break
+            child.step()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone
