@@ -137,27 +137,18 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     power = np.zeros((n, n), np.float32)
     slots = [np.zeros(_raw_kernels.SLOT_FLOATS, np.float32) for _ in range(2)]
     weights = np.ones(b, np.float32)
+    plain = _update_sums.ObjectSums(box, den)
+    tracked = _update_sums.ObjectSums(box, den, (0, 0), slots[0])
     # Two modes, no box: the object sums with atomics (weighted; den tracked), one launch.
-    assert _update_sums.object_sums(dpsi, probes, canvas, corners, box, den) is None
-    _update_sums.object_sums(
-        dpsi, probes, canvas, corners, box, den, weights=weights, den_max=slots[0]
-    )
+    assert _update_sums.object_sums(dpsi, probes, canvas, corners, plain) is None
+    _update_sums.object_sums(dpsi, probes, canvas, corners, tracked, weights=weights)
     sums = recorder.launches[-1][3]
     assert sums[12] == 1 and sums[13] == 1 and sums[14] == 1 and sums[17] == 1  # w, num, den
     assert sums[15] == 0 and sums[16] == 0 and sums[18] == 0  # no probe-side sums
     # With the probe terms per position (K channels) and the object power, one pass.
     summed = np.zeros((k, n, n), c64)
     terms = _update_sums.object_sums_and_probe_terms(
-        dpsi,
-        probes,
-        canvas,
-        corners,
-        box,
-        den,
-        power=power,
-        origin=(0, 0),
-        den_max=slots[0],
-        power_max=slots[1],
+        dpsi, probes, canvas, corners, tracked, power=power, power_max=slots[1]
     )
     assert terms.shape == (b, k, n, n) and recorder.launches[-1][3][21] is terms
     assert recorder.launches[-1][3][15] == k and recorder.launches[-1][3][16] == 1
@@ -174,13 +165,13 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     # with the summed probe-side sums (their own kernel).
     box_of = (0, 0, 17, 20)
     one, one_probe, one_summed = dpsi[:, :1].copy(), probes[:1].copy(), summed[:1].copy()
-    assert _update_sums.object_sums(one, one_probe, canvas, corners, box, den, box=box_of) is None
+    assert _update_sums.object_sums(one, one_probe, canvas, corners, plain, box=box_of) is None
     assert recorder.launches[-1][3][-6] == 0  # mode 0: added
-    _update_sums.object_sums(one, one_probe, canvas, corners, box, den, box=box_of, overwrite=True)
+    _update_sums.object_sums(one, one_probe, canvas, corners, plain, box=box_of, overwrite=True)
     assert recorder.launches[-1][3][-6] == 1  # mode 1: overwritten, nothing zeroed first
     with pytest.raises(ValueError, match="are not the box"):
         _update_sums.object_sums(
-            one, one_probe, canvas, corners, box, den, box=(1, 0, 18, 20), overwrite=True
+            one, one_probe, canvas, corners, plain, box=(1, 0, 18, 20), overwrite=True
         )
     n_before = len(recorder.launches)
     _update_sums.object_sums_and_probe_sum(
@@ -188,14 +179,11 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         one_probe,
         canvas,
         corners,
-        box,
-        den,
+        tracked,
         into=one_summed,
         power=power,
-        origin=(0, 0),
-        box=box_of,
-        den_max=slots[0],
         power_max=slots[1],
+        box=box_of,
     )
     gathered, rest = recorder.launches[n_before:]
     assert gathered[0] == "liveptycho_tile_sums" and gathered[1] == (1,)  # 17 x 20: one tile
@@ -225,7 +213,7 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
             one, one_probe, None, canvas, box[1:], den[1:], corners, (0, 0), box=box_of
         )
     # Two modes: the object sums by tile; the step-fit sums per position (TILE_STEP_MODES).
-    _update_sums.object_sums(dpsi, probes, canvas, corners, box, den, box=box_of, overwrite=True)
+    _update_sums.object_sums(dpsi, probes, canvas, corners, plain, box=box_of, overwrite=True)
     assert recorder.launches[-1][0] == "liveptycho_tile_sums"
     _lsqml_step_fit.lsqml_step_sums(
         dpsi, probes, None, canvas, box, den, corners, (0, 0), box=box_of
@@ -237,9 +225,7 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
     many_probes = np.ones(many.shape[1:], c64)
     n_before = len(recorder.launches)
     box[...], den[...] = 1, 1
-    _update_sums.object_sums(
-        many, many_probes, canvas, corners, box, den, box=box_of, overwrite=True
-    )
+    _update_sums.object_sums(many, many_probes, canvas, corners, plain, box=box_of, overwrite=True)
     assert [name for name, *_ in recorder.launches[n_before:]] == ["liveptycho_window_sums"]
     assert not box.any() and not den.any()
     many_summed = np.zeros(many.shape[1:], c64)
@@ -249,14 +235,11 @@ def test_every_raw_kernel_of_the_fused_module_is_launched_as_declared(
         many_probes,
         canvas,
         corners,
-        box,
-        den,
+        tracked,
         into=many_summed,
         power=power,
-        origin=(0, 0),
-        box=box_of,
-        den_max=slots[0],
         power_max=slots[1],
+        box=box_of,
         overwrite=True,
     )
     (both,) = recorder.launches[-1:]
@@ -352,6 +335,16 @@ def test_launchers_refuse_what_the_kernels_cannot_address(recorder: Recorder) ->
         )
     with pytest.raises(ValueError, match="repeat"):
         _regularised.regularised_step(num.copy(), num, np.ones(5, np.float32), 0.1, 1.0)
+    with pytest.raises(ValueError, match="power_max is tracked with"):  # both maxima or none
+        _update_sums.object_sums_and_probe_terms(
+            np.zeros((1, 1, 8, 8), np.complex64),
+            np.zeros((1, 8, 8), np.complex64),
+            np.zeros((20, 24), np.complex64),
+            np.zeros((1, 2), np.int32),
+            _update_sums.ObjectSums(num, den),
+            power=np.zeros((8, 8), np.float32),
+            power_max=np.zeros(_raw_kernels.SLOT_FLOATS, np.float32),
+        )
     assert recorder.launches == []
 
 

@@ -177,7 +177,7 @@ def _tracked(slots: Any, of: Any) -> bool:
 @pytest.mark.parametrize("k", [_TILED, _ATOMIC])
 @pytest.mark.parametrize("per_position", [False, True])
 def test_object_sums_are_the_windows_sums(k, per_position):
-    from hxn_liveptycho.recon._update_sums import TILE_MODES, object_sums
+    from hxn_liveptycho.recon._update_sums import TILE_MODES, ObjectSums, object_sums
 
     assert _TILED <= TILE_MODES < _ATOMIC
     rng = np.random.default_rng(10 + k + per_position)
@@ -188,25 +188,14 @@ def test_object_sums_are_the_windows_sums(k, per_position):
     num = cp.empty(want_num.shape, cp.complex64)  # overwritten: what they held is not read
     den = cp.empty(want_den.shape, cp.float32)
     slots = _slots()
-    object_sums(
-        dpsi,
-        probes,
-        canvas,
-        corners,
-        num,
-        den,
-        origin=box[:2],
-        box=box,
-        weights=weights,
-        den_max=slots,
-        overwrite=True,
-    )
+    sums = ObjectSums(num, den, box[:2], slots)
+    object_sums(dpsi, probes, canvas, corners, sums, box=box, weights=weights, overwrite=True)
     assert not bool(cp.isnan(num).any()) and not bool(cp.isnan(den).any())
     assert _rel(num, want_num) < STEP_TOL and _rel(den, want_den) < STEP_TOL
     assert _tracked(slots, den)
     # Added into a canvas-wide pair (DM's overlap sums), no illumination: the ratio's numerator.
     whole = cp.ones(canvas.shape, cp.complex64)
-    object_sums(dpsi, probes, canvas, corners, whole)
+    object_sums(dpsi, probes, canvas, corners, ObjectSums(whole))
     want = cp.ones(canvas.shape, cp.complex64)
     want[box[0] : box[2], box[1] : box[3]] += _reference_sums(dpsi, probes, canvas, corners, box)[0]
     assert _rel(whole, want) < STEP_TOL
@@ -214,7 +203,7 @@ def test_object_sums_are_the_windows_sums(k, per_position):
 
 @pytest.mark.parametrize("k", [_TILED, _ATOMIC])
 def test_the_sums_of_a_whole_pixel_update_are_the_windows_sums(k):
-    from hxn_liveptycho.recon._update_sums import object_sums_and_probe_sum
+    from hxn_liveptycho.recon._update_sums import ObjectSums, object_sums_and_probe_sum
 
     rng = np.random.default_rng(20 + k)
     dpsi, probes, canvas, corners, box = _update_inputs(rng, k)
@@ -228,14 +217,11 @@ def test_the_sums_of_a_whole_pixel_update_are_the_windows_sums(k):
         probes,
         canvas,
         corners,
-        num,
-        den,
+        ObjectSums(num, den, box[:2], den_max),
         into=into,
         power=power,
-        origin=box[:2],
-        box=box,
-        den_max=den_max,
         power_max=power_max,
+        box=box,
         overwrite=True,
     )
     assert _rel(num, want_num) < STEP_TOL and _rel(den, want_den) < STEP_TOL
@@ -244,7 +230,7 @@ def test_the_sums_of_a_whole_pixel_update_are_the_windows_sums(k):
 
 
 def test_the_sums_of_a_sub_pixel_update_are_the_windows_sums():
-    from hxn_liveptycho.recon._update_sums import object_sums_and_probe_terms
+    from hxn_liveptycho.recon._update_sums import ObjectSums, object_sums_and_probe_terms
 
     rng = np.random.default_rng(30)
     dpsi, probes, canvas, corners, box = _update_inputs(rng, 2, per_position=True)
@@ -258,11 +244,8 @@ def test_the_sums_of_a_sub_pixel_update_are_the_windows_sums():
         probes,
         canvas,
         corners,
-        num,
-        den,
+        ObjectSums(num, den, box[:2], den_max),
         power=power,
-        origin=box[:2],
-        den_max=den_max,
         power_max=power_max,
         overwrite=True,
     )

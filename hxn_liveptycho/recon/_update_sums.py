@@ -12,10 +12,10 @@ which can add the probe-side sums in the same read. The tiles are the faster of 
 on the solver's scans.
 
 ``O_b`` is the window of ``canvas`` at ``corners`` (B, 2) int32: the object before this
-update; ``probes`` are shared (K, n, n) or per position (B, K, n, n). ``num`` (complex64)
-and ``den`` (float32) cover the canvas from ``origin``; ``overwrite``: they cover exactly
-``box`` (``origin`` its corner) and become the sums, whatever they held (empty arrays
-will do): the tiles write them without reading them, the atomics zero them first.
+update; ``probes`` are shared (K, n, n) or per position (B, K, n, n). The object sums
+(:class:`ObjectSums`) cover the canvas from their ``origin``; ``overwrite``: they cover
+exactly ``box`` (``origin`` its corner) and become the sums, whatever they held (empty
+arrays will do): the tiles write them without reading them, the atomics zero them first.
 ``den_max`` / ``power_max``: zeroed slots (:func:`~hxn_liveptycho.recon._raw_kernels.max_slots`)
 that receive the maximum of ``den`` / ``power`` after the sums: the sums only grow, so
 the largest partial sum is the largest total, with no reduction of its own.
@@ -23,7 +23,7 @@ the largest partial sum is the largest total, with no reduction of its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from hxn_liveptycho.recon._regularised import regularising
 
 __all__ = [
     "TILE_MODES",
+    "ObjectSums",
     "add_probe_terms",
     "add_window_ratio",
     "object_sums",
@@ -64,26 +65,34 @@ _WINDOW_CHUNK = 8
 TILE_MODES = 3
 
 
+class ObjectSums(NamedTuple):
+    """Where an update's object sums go: ``num`` (complex64) and ``den`` (float32; None:
+    no illumination) covering the canvas from ``origin``, and ``den_max``, slots that
+    track ``max(den)`` (None: not tracked)."""
+
+    num: Any
+    den: Any | None = None
+    origin: tuple[int, int] = (0, 0)
+    den_max: Any | None = None
+
+
 def object_sums(
     dpsi: Any,
     probes: Any,
     canvas: Any,
     corners: Any,
-    num: Any,
-    den: Any | None = None,
+    sums: ObjectSums,
     *,
-    origin: tuple[int, int] = (0, 0),
     box: Box | None = None,
     weights: Any | None = None,
-    den_max: Any | None = None,
     overwrite: bool = False,
 ) -> None:
     """``num += w_b sum_k conj(P_k) dpsi_bk`` and ``den += sum_k |P_k|^2`` at each window
-    (``w_b``: ``weights`` (B,) float32, or 1; ``den`` None: no illumination), by canvas
-    tile given ``box`` ``(y0, x0, y1, x1)`` (the canvas pixels the windows cover) and up
-    to :data:`TILE_MODES` modes, else with atomics."""
-    _require_contiguous_sums(dpsi, probes, canvas, corners, num, den, den_max)
-    den_slots = den_max if den is not None else None
+    (``w_b``: ``weights`` (B,) float32, or 1), by canvas tile given ``box`` ``(y0, x0,
+    y1, x1)`` (the canvas pixels the windows cover) and up to :data:`TILE_MODES` modes,
+    else with atomics."""
+    _require_contiguous_sums(dpsi, probes, canvas, corners, *sums[:2], sums.den_max)
+    den_slots = sums.den_max if sums.den is not None else None
     if _by_tile(dpsi, box):
         assert box is not None
         _tile_launch(
@@ -92,18 +101,15 @@ def object_sums(
             corners,
             box,
             weights,
-            num=num,
-            den=den,
-            origin=origin,
+            num=sums.num,
+            den=sums.den,
+            origin=sums.origin,
             overwrite=overwrite,
             den_slots=den_slots,
         )
         return
-    _zero_if(overwrite, num, den)
-    slots = None if den_slots is None else (den_slots, placeholder_for(np.float32))
-    _window_launch(
-        dpsi, probes, canvas, corners, origin=origin, num=num, den=den, weights=weights, slots=slots
-    )
+    _zero_if(overwrite, sums)
+    _window_launch(dpsi, probes, canvas, corners, sums, weights=weights)
 
 
 def object_sums_and_probe_sum(
@@ -111,50 +117,27 @@ def object_sums_and_probe_sum(
     probes: Any,
     canvas: Any,
     corners: Any,
-    num: Any,
-    den: Any,
+    sums: ObjectSums,
     *,
     into: Any,
     power: Any,
-    origin: tuple[int, int],
-    box: Box,
-    den_max: Any,
     power_max: Any,
+    box: Box,
     overwrite: bool = False,
 ) -> None:
-    """The sums of a whole-pixel update: :func:`object_sums` (tracking ``den_max``) and
-    :func:`add_probe_terms` (``into`` (K, n, n), ``power`` (n, n), tracking
-    ``power_max``). Up to :data:`TILE_MODES` modes, the object sums by tile and the
-    probe-side sums in a kernel of their own; beyond, one pass of atomics makes both."""
+    """The sums of a whole-pixel update: :func:`object_sums` (``den_max`` tracked) and
+    :func:`add_probe_terms` (``into`` (K, n, n), ``power`` (n, n), ``power_max``
+    tracked). Up to :data:`TILE_MODES` modes, the object sums by tile and the probe-side
+    sums in a kernel of their own; beyond, one pass of atomics makes both."""
     require_contiguous(into, power, power_max)
     if _by_tile(dpsi, box):
-        object_sums(
-            dpsi,
-            probes,
-            canvas,
-            corners,
-            num,
-            den,
-            origin=origin,
-            box=box,
-            den_max=den_max,
-            overwrite=overwrite,
-        )
+        object_sums(dpsi, probes, canvas, corners, sums, box=box, overwrite=overwrite)
         add_probe_terms(dpsi, canvas, corners, into=into, power=power, power_max=power_max)
         return
-    _require_contiguous_sums(dpsi, probes, canvas, corners, num, den, den_max)
-    _zero_if(overwrite, num, den)
+    _require_contiguous_sums(dpsi, probes, canvas, corners, *sums[:2], sums.den_max)
+    _zero_if(overwrite, sums)
     _window_launch(
-        dpsi,
-        probes,
-        canvas,
-        corners,
-        origin=origin,
-        num=num,
-        den=den,
-        power=power,
-        slots=(den_max, power_max),
-        terms_sum=into,
+        dpsi, probes, canvas, corners, sums, power=power, power_max=power_max, terms_sum=into
     )
 
 
@@ -163,37 +146,25 @@ def object_sums_and_probe_terms(
     probes: Any,
     canvas: Any,
     corners: Any,
-    num: Any,
-    den: Any,
+    sums: ObjectSums,
     *,
     power: Any,
-    origin: tuple[int, int],
-    den_max: Any,
     power_max: Any,
     overwrite: bool = False,
 ) -> Any:
     """The sums of a sub-pixel update in one pass of atomics: :func:`object_sums`
-    (tracking ``den_max``), ``power += sum_b |O_b|^2`` (tracking ``power_max``), and
-    returns each position's probe terms ``conj(O_b) dpsi_bk`` (B, K, n, n), which are
-    shifted back before they are summed. (One read of ``dpsi`` with atomics beat the
-    tiles and a second read.)"""
+    (``den_max`` tracked) and ``power += sum_b |O_b|^2`` (``power_max`` tracked); returns
+    each position's probe terms ``conj(O_b) dpsi_bk`` (B, K, n, n), which are shifted
+    back before they are summed. (One read of ``dpsi`` with atomics beat the tiles and a
+    second read.)"""
     import cupy as cp
 
-    _require_contiguous_sums(dpsi, probes, canvas, corners, num, den, den_max)
+    _require_contiguous_sums(dpsi, probes, canvas, corners, *sums[:2], sums.den_max)
     require_contiguous(power, power_max)
     terms = cp.empty(dpsi.shape, dtype=dpsi.dtype)
-    _zero_if(overwrite, num, den)
+    _zero_if(overwrite, sums)
     _window_launch(
-        dpsi,
-        probes,
-        canvas,
-        corners,
-        origin=origin,
-        num=num,
-        den=den,
-        terms=terms,
-        power=power,
-        slots=(den_max, power_max),
+        dpsi, probes, canvas, corners, sums, terms=terms, power=power, power_max=power_max
     )
     return terms
 
@@ -237,10 +208,10 @@ def _require_contiguous_sums(*arrays: Any | None) -> None:
     require_contiguous(*(a for a in arrays if a is not None))
 
 
-def _zero_if(overwrite: bool, *accumulators: Any | None) -> None:
+def _zero_if(overwrite: bool, sums: ObjectSums) -> None:
     """The atomics add: sums that must be overwritten start from zero."""
     if overwrite:
-        for accumulator in (a for a in accumulators if a is not None):
+        for accumulator in (a for a in sums[:2] if a is not None):
             accumulator.fill(0)
 
 
@@ -249,24 +220,26 @@ def _window_launch(
     probes: Any,
     canvas: Any,
     corners: Any,
+    sums: ObjectSums | None = None,
     *,
-    origin: tuple[int, int] = (0, 0),
-    num: Any | None = None,
-    den: Any | None = None,
     weights: Any | None = None,
     terms: Any | None = None,
     power: Any | None = None,
-    slots: tuple[Any, Any] | None = None,
+    power_max: Any | None = None,
     terms_sum: Any | None = None,
 ) -> None:
     """One launch of ``liveptycho_window_sums``, one thread per window pixel and chunk of
-    positions, each sum asked for added with atomics: ``num``, ``den`` (weighted by
-    ``weights``), per-position ``terms`` (K or K + 1 channels), ``power``, the probe terms
-    summed into ``terms_sum``; ``slots`` ``(den_max, power_max)`` track the maxima."""
+    positions, each sum asked for added with atomics: the object ``sums`` (``num``
+    weighted by ``weights``), per-position ``terms`` (K or K + 1 channels), ``power``, the
+    probe terms summed into ``terms_sum``. The kernel tracks both maxima or neither:
+    ``power_max`` is tracked with the sums' ``den_max``."""
     b, k, n = dpsi.shape[0], dpsi.shape[1], dpsi.shape[-1]
     channels = terms.shape[1] if terms is not None else (k if terms_sum is not None else 0)
     absent = placeholder_for(np.float32)
-    den_max, power_max = slots if slots is not None else (absent, absent)
+    num, den, origin, den_max = sums if sums is not None else ObjectSums(None)
+    track = den is not None and den_max is not None
+    if (power_max is not None) != (track and power is not None):
+        raise ValueError("power_max is tracked with the object sums' den_max, or neither")
     i32 = np.int32
     args = (
         dpsi,
@@ -286,14 +259,14 @@ def _window_launch(
         i32(den is not None),
         i32(channels),
         i32(power is not None),
-        i32(slots is not None),
+        i32(track),
         i32(terms_sum is not None),
         num if num is not None else absent,
         den if den is not None else absent,
         terms if terms is not None else absent,
         power if power is not None else absent,
-        den_max,
-        power_max,
+        den_max if track else absent,
+        power_max if power_max is not None else absent,
         terms_sum if terms_sum is not None else absent,
         i32(b),
         i32(_WINDOW_CHUNK),
@@ -397,7 +370,7 @@ def add_window_ratio(
     reg_args = regularising(den, reg, den_max)
     if not _by_tile(dpsi, box):
         num = cp.zeros(den.shape, dtype=cp.complex64)
-        object_sums(dpsi, probes, canvas, corners, num, origin=box[:2], weights=weights)
+        object_sums(dpsi, probes, canvas, corners, ObjectSums(num, None, box[:2]), weights=weights)
         target = canvas[box[0] : box[2], box[1] : box[3]]
         width, stride = row_layout(target, num.size)
         launch("add_ratio", num.size, (num, den, *reg_args, target, width, stride))

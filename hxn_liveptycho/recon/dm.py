@@ -30,6 +30,7 @@ from hxn_liveptycho.recon._positions import (
     unshift_sum,
 )
 from hxn_liveptycho.recon._update_sums import (
+    ObjectSums,
     add_probe_terms,
     object_sums,
     probe_terms_with_power,
@@ -192,7 +193,7 @@ class DifferenceMap:
             sums,
         )
         psi = forward.ifft_unscaled(s, phi)
-        object_sums(psi, probes, s._object, batch.corners, onum, oden, box=batch.box)
+        object_sums(psi, probes, s._object, batch.corners, ObjectSums(onum, oden), box=batch.box)
 
     def _fused_probe_sums(self, s: StreamingSolver, batches: list[Batch]) -> tuple[Any, Any]:
         """DM's probe numerator (K, n, n) and weights (n, n) from the stored waves and the

@@ -26,23 +26,22 @@ if TYPE_CHECKING:
     from hxn_liveptycho.recon.iterative import StreamingSolver
 
 
-class Epie:
-    """One ePIE batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state."""
+class Epie(forward.BatchPaths):
+    """One ePIE batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state:
+    a parallel rPIE step on the batch's positions."""
 
-    def batch(
-        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    def _reference_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        ramp: Any | None,
+        update_probe: bool,
+        refine: bool,
+        err: Any,
     ) -> None:
-        """One parallel rPIE step on the positions of ``batch``; adds their squared error
-        into ``err`` (0-d, in place)."""
+        """:meth:`batch` as the reference xp expressions."""
         xp, p = s._xp, s.params
-        if s._objects.shape[0] > 1:
-            self._object_modes_batch(s, batch, update_probe, refine, err)
-            return
-        fused = s._fused and not refine  # refinement needs the object numerator itself
-        probes, ramp = forward.batch_probes(s, batch, fused)
-        if fused:
-            self._fused_batch(s, batch, probes, ramp, update_probe, err)
-            return
         obj = forward.gather(s, batch)
         psi = forward.batch_exit_waves(s, obj, probes)
         dpsi, e = forward.fourier_residual(s, psi, s._amps[batch.rows])

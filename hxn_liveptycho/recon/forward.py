@@ -30,6 +30,7 @@ from hxn_liveptycho.recon._positions import (
 )
 from hxn_liveptycho.recon._raw_kernels import SLOT_FLOATS, max_slots
 from hxn_liveptycho.recon._update_sums import (
+    ObjectSums,
     object_sums,
     object_sums_and_probe_sum,
     object_sums_and_probe_terms,
@@ -286,54 +287,20 @@ def fused_sums(
     num, den, oden, den_max, oden_max, summed = fused_accumulators(
         s, batch, update_probe, probes.shape[-3] if update_probe and whole else 0
     )
-    canvas, corners, origin, terms = s._object, batch.corners, batch.origin, None
+    args = (dpsi, probes, s._object, batch.corners, ObjectSums(num, den, batch.origin, den_max))
+    terms = None
     if not update_probe:
-        object_sums(
-            dpsi,
-            probes,
-            canvas,
-            corners,
-            num,
-            den,
-            origin=origin,
-            box=batch.box,
-            den_max=den_max,
-            overwrite=True,
-        )
+        object_sums(*args, box=batch.box, overwrite=True)
     elif whole:
         # The object sums gathered by tile, then the probe-side sums in a pass of their
         # own, beat one pass of atomics with one mode; with three they tie and whole
         # iterations were as fast or faster.
         object_sums_and_probe_sum(
-            dpsi,
-            probes,
-            canvas,
-            corners,
-            num,
-            den,
-            into=summed,
-            power=oden,
-            origin=origin,
-            box=batch.box,
-            den_max=den_max,
-            power_max=oden_max,
-            overwrite=True,
+            *args, into=summed, power=oden, power_max=oden_max, box=batch.box, overwrite=True
         )
     else:
         # Per-position probe terms (sub-pixel): one read of dpsi with atomics beat two.
-        terms = object_sums_and_probe_terms(
-            dpsi,
-            probes,
-            canvas,
-            corners,
-            num,
-            den,
-            power=oden,
-            origin=origin,
-            den_max=den_max,
-            power_max=oden_max,
-            overwrite=True,
-        )
+        terms = object_sums_and_probe_terms(*args, power=oden, power_max=oden_max, overwrite=True)
     return dpsi, Sums(num, den, oden, den_max, oden_max, terms, summed)
 
 
@@ -395,3 +362,58 @@ def batches(s: StreamingSolver, order: np.ndarray) -> list[Batch]:
             Batch(rows[part], dev_corners[part], box, None if table is None else table[part])
         )
     return batches
+
+
+class BatchPaths:
+    """An algorithm's batch, run one of three ways, side by side in its class: with several
+    object modes (the reference expressions over every pair of modes), in fused CUDA
+    kernels, or as the reference xp expressions (NumPy, and CuPy with ``fused=False``).
+    :meth:`batch` picks one; an algorithm writes the three and says when it may fuse."""
+
+    def batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        """One step on the positions of ``batch``; adds their squared error into ``err``
+        (0-d, in place)."""
+        if s._objects.shape[0] > 1:
+            self._object_modes_batch(s, batch, update_probe, refine, err)
+            return
+        fused = s._fused and self._fusable(s, refine)
+        probes, ramp = batch_probes(s, batch, fused)
+        if fused:
+            self._fused_batch(s, batch, probes, ramp, update_probe, err)
+        else:
+            self._reference_batch(s, batch, probes, ramp, update_probe, refine, err)
+
+    def _fusable(self, s: StreamingSolver, refine: bool) -> bool:
+        """Whether the fused kernels may take this batch on a solver that fuses: not while
+        positions are refined, which needs the object numerator itself."""
+        return not refine
+
+    def _object_modes_batch(
+        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    ) -> None:
+        raise NotImplementedError
+
+    def _fused_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        table: Any | None,
+        update_probe: bool,
+        err: Any,
+    ) -> None:
+        raise NotImplementedError
+
+    def _reference_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        ramp: Any | None,
+        update_probe: bool,
+        refine: bool,
+        err: Any,
+    ) -> None:
+        raise NotImplementedError

@@ -36,32 +36,34 @@ if TYPE_CHECKING:
     from hxn_liveptycho.recon.iterative import StreamingSolver
 
 
-class LsqMl:
-    """One LSQ-ML batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state."""
+class LsqMl(forward.BatchPaths):
+    """One LSQ-ML batch (Odstrčil 2018) on a
+    :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state.
 
-    def batch(
-        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
+    chi = the exit-wave update the noise model asks for; directions
+    dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
+    (alpha_O,j, alpha_P,j) from the least-squares fit of chi_j by
+    alpha_O,j P dO_j + alpha_P,j dP O_j. The object gets each position's
+    contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
+    """
+
+    def _fusable(self, s: StreamingSolver, refine: bool) -> bool:
+        """Fused: the Gaussian far-field step is the modulus residual; refinement needs the
+        object numerator itself."""
+        return s.params.noise == "gaussian" and not refine
+
+    def _reference_batch(
+        self,
+        s: StreamingSolver,
+        batch: Batch,
+        probes: Any,
+        ramp: Any | None,
+        update_probe: bool,
+        refine: bool,
+        err: Any,
     ) -> None:
-        """One LSQ-ML step (Odstrčil 2018) on ``batch``; adds its positions' squared error
-        into ``err`` (0-d, in place).
-
-        chi = the exit-wave update the noise model asks for; directions
-        dO = sum P* chi / illumination, dP = sum O* chi / sum |O|^2; steps
-        (alpha_O,j, alpha_P,j) from the least-squares fit of chi_j by
-        alpha_O,j P dO_j + alpha_P,j dP O_j. The object gets each position's
-        contribution weighted by its alpha_O,j, the probe the batch-mean alpha_P.
-        """
+        """:meth:`batch` as the reference xp expressions."""
         xp, p = s._xp, s.params
-        if s._objects.shape[0] > 1:
-            self._object_modes_batch(s, batch, update_probe, refine, err)
-            return
-        # Fused: the Gaussian far-field step is the modulus residual; refinement needs the
-        # object numerator itself.
-        fused = s._fused and p.noise == "gaussian" and not refine
-        probes, ramp = forward.batch_probes(s, batch, fused)
-        if fused:
-            self._fused_batch(s, batch, probes, ramp, update_probe, err)
-            return
         obj = forward.gather(s, batch)
         chi = self._chi(s, forward.batch_exit_waves(s, obj, probes), s._amps[batch.rows], err)
         # Object direction over the batch footprint, and its windows.
