@@ -1,6 +1,6 @@
 """The solver's own 2-D FFT for n = 64 and 256, with the modulus step folded into it.
 
-Why not cuFFT alone: the profile of the fused solver (``benchmarks/recon_profile.py``)
+Why not cuFFT alone: the profile of the fused solver (docs/benchmarks-history.md)
 showed cuFFT taking each 256² transform in two passes at under half the copy
 bandwidth, and the exit wave, the forward FFT, the modulus step and the inverse
 FFT as five full passes over the batch. Here one n = P² point transform is done
@@ -17,7 +17,7 @@ the 2-D transform, and the steps between them ride along:
 
 The arithmetic is that of :func:`~hxn_liveptycho.recon._fourier_steps.modulus_residual`
 between unnormalised transforms, so the results match the cuFFT path to float32
-rounding (``benchmarks/fft_lines.py`` checks both against ``cupy.fft``). Other
+rounding (``tests/test_gpu_parity.py`` checks it against ``cupy.fft``). Other
 frame sizes, and more than :data:`MAX_MODES` modes, keep the cuFFT path.
 """
 

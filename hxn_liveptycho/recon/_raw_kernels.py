@@ -118,13 +118,13 @@ def _shape_options(shape: TileShape) -> tuple[str, ...]:
 #: The tile kernels' shape on the solver's path: 32 x 32 tiles of 256 threads, two windows
 #: loaded together, registers capped at 64 for four blocks an SM (the object-sum kernel
 #: takes 80 uncapped, the step-fit one 118). The cap speeds LSQ-ML's step-fit sums and its
-#: ratio into the object and leaves the object sums as they were; no other shape of
-#: ``benchmarks/tile_sums.py`` did better on all three (figures: docs/benchmarks-history.md).
+#: ratio into the object and leaves the object sums as they were; no other shape tried did
+#: better on all three (figures: docs/benchmarks-history.md).
 TILE_SHAPE = TileShape(min_blocks=4)
 
 #: The kernels called on every batch, as raw CUDA: a RawKernel call costs the host far less
 #: than an ElementwiseKernel's argument checks, and the ePIE and
-#: LSQ-ML passes are bound by that host time (``benchmarks/recon_host.py``). One thread
+#: LSQ-ML passes are bound by that host time (``benchmarks/host_launches.py``). One thread
 #: per element (blocks of :data:`BLOCK`, as CuPy's element-wise launches); flags are
 #: ``int``; ``target`` arrays are rows of ``width`` elements ``stride`` apart (a box of the
 #: canvas, or any C-contiguous array); ``den`` repeats every ``den_size`` elements (the

@@ -61,7 +61,7 @@ _WINDOW_CHUNK = 8
 #: Most modes for which the solver gathers the object sums and LSQ-ML's ratio into the
 #: object by tile: up to three modes the tiles beat the atomics, and whole iterations of
 #: the dense scans got faster with them, the sparse ones no slower
-#: (``benchmarks/recon_gpu.py --tile-modes 3``; figures: docs/benchmarks-history.md).
+#: (figures: docs/benchmarks-history.md).
 TILE_MODES = 3
 
 
