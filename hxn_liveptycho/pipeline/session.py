@@ -10,7 +10,8 @@ have been iterated) and passes snapshots to the result sink. Data keeps flowing
 into the solver between its passes, so the first picture appears while the scan
 is still running.
 
-The session's parts have modules of their own: the frame quarantine
+The session's parts have modules of their own: what the run has been told and
+whether its input is over (:mod:`.run_inputs`), the frame quarantine
 (:mod:`.frame_gate`), its end of the solver process (:mod:`.solver_link`), the
 run's states and the verdict from its data (:mod:`.run_status`), what it writes
 and how it ends (:mod:`.session_results`) and how it looks from outside
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_liveptycho.config.scan import ScanConfig, scan_config_from_documents
+from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.errors import LivePtychoError, NotPtychographyError
 from hxn_liveptycho.nn.branch import NNBranch, start_nn_branch
@@ -38,6 +39,7 @@ from hxn_liveptycho.pipeline.frame_gate import FrameGate
 from hxn_liveptycho.pipeline.geometry import CanvasGeometry
 from hxn_liveptycho.pipeline.preprocess import beam_center, crop_window, to_amplitudes
 from hxn_liveptycho.pipeline.result_sink import ResultSink, SinkFactory
+from hxn_liveptycho.pipeline.run_inputs import RunInputs
 from hxn_liveptycho.pipeline.run_status import (
     FINAL_STATUSES,
     SUPERSEDED,
@@ -120,22 +122,11 @@ class RunSession(SessionResults):
         self._sink_factory = sink_factory
         self._sink: ResultSink | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._descriptors: dict[str, Mapping[str, Any]] = {}
-        self._baseline: dict[str, Any] = {}
-        self._stop_doc: Mapping[str, Any] | None = None
-        self._stop_seen_at: float | None = None
-        self._streams_open = {"eiger": False, "panda": False}
-        self._streams_seen = {"eiger": False, "panda": False}
+        self._inputs = RunInputs(self.start_doc, self.overrides)
         self._series_header: dict[str, Any] = {}
         self._early_frames: list[tuple[int, np.ndarray]] = []
         self._early_samples: list[tuple[dict[str, np.ndarray], int]] = []
         self._cancel = threading.Event()
-        #: time.monotonic() of the newest input (document, frame, samples, series message):
-        #: a run without its ``stop`` ends once it has been idle for :meth:`idle_bound_s`.
-        self._last_input = time.monotonic()
-        #: Why the run ends without (or before) its ``stop``; set from any thread.
-        self._forced_end: str | None = None
-        self._forced_end_at: float | None = None
         self._gate = FrameGate(
             self.counters, keep=self._keep, withdraw=self._withdraw, log=self.log
         )
@@ -189,8 +180,7 @@ class RunSession(SessionResults):
     def end_without_stop(self, reason: str) -> None:
         """End the run as ``incomplete`` although its ``stop`` never came (a newer run
         started): it takes no further series, and what it received is written."""
-        if self._forced_end is None and self._stop_doc is None:
-            self._forced_end = reason
+        if self._inputs.end_without_stop(reason):
             self._inbox.put(("end", reason))
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -208,7 +198,7 @@ class RunSession(SessionResults):
     @property
     def accepting_streams(self) -> bool:
         """Whether a newly armed detector series may still belong to this run."""
-        return self._stop_doc is None and self._forced_end is None and not self._done.is_set()
+        return self._inputs.open and not self._done.is_set()
 
     def idle_bound_s(self) -> float:
         """How long the run may go without input before, lacking its ``stop``, it ends:
@@ -248,27 +238,23 @@ class RunSession(SessionResults):
                 self._finish(RunStatus.ABORTED, reason, error=reason)
                 return
             self._check_idle()
-            if self._forced_end is not None and self.config is None:
+            if self._inputs.forced_end is not None and self.config is None:
                 self._try_configure(final=True)
                 if self.status in FINAL_STATUSES:
                     return
             self._feed_solver()
             self._pump_solver()
             self._solver.check()
-            if self._data_complete() and self._ready_to_finish():
+            if self._inputs.complete(self.settings.stream_timeout_s) and self._ready_to_finish():
                 status, reason = self._verdict()
                 self._finish(status, reason, error=self._solver.failure)
                 return
 
     def _check_idle(self) -> None:
         """A run whose ``stop`` is lost would otherwise never end (nor free its memory)."""
-        if self._stop_doc is not None or self._forced_end is not None:
-            return
-        bound = self.idle_bound_s()
-        if time.monotonic() - self._last_input > bound:
-            self._forced_end = f"no 'stop' document within {bound:g} s of the run's last input"
-            self._forced_end_at = time.monotonic()
-            self.log.warning("%s: ending it with what was received", self._forced_end)
+        given_up = self._inputs.give_up_if_idle(self.idle_bound_s())
+        if given_up is not None:
+            self.log.warning("%s: ending it with what was received", given_up)
 
     def _verdict(self) -> tuple[RunStatus, str]:
         """The terminal state the data support, and why; oddities go to :attr:`warnings`."""
@@ -279,12 +265,12 @@ class RunSession(SessionResults):
             self._all_counters(),
             shape_change=self._gate.shape_change(self.counters.get("frames_received")),
             expected_points=None if config is None else config.num_points,
-            detector_armed=self._streams_seen["eiger"],
+            detector_armed=self._inputs.streams_seen["eiger"],
         )
         self.warnings.extend(warnings)
         return verdict(
-            forced_end=self._forced_end,
-            stop_doc=self._stop_doc,
+            forced_end=self._inputs.forced_end,
+            stop_doc=self._inputs.stop_doc,
             missing=missing,
         )
 
@@ -303,7 +289,7 @@ class RunSession(SessionResults):
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind not in ("solver", "cancel", "end"):
-            self._last_input = time.monotonic()
+            self._inputs.last_input = time.monotonic()
         if kind == "doc":
             name, doc = payload
             self.counters.add("documents")
@@ -322,20 +308,19 @@ class RunSession(SessionResults):
                 self._assembler.add_samples(samples, starting)
         elif kind == "series_start":
             source, header = payload
-            self._streams_open[source] = True
-            self._streams_seen[source] = True
+            self._inputs.series_started(source)
             if source == "eiger":
                 self._series_header = header
                 if self._assembler is not None:
                     self._assembler.frame_time_s = header.get("frame_time")
         elif kind == "series_end":
-            self._streams_open[payload] = False
+            self._inputs.series_ended(payload)
             if payload == "panda" and self._assembler is not None:
                 self._assembler.positions_ended()
         elif kind == "cancel":
             self.error = str(payload)
         elif kind == "end":
-            self._forced_end_at = time.monotonic()
+            self._inputs.end_seen()
             self.log.warning("%s: ending it with what was received", payload)
         # "solver": the solver process answered; _pump_solver reads what it sent
 
@@ -355,15 +340,8 @@ class RunSession(SessionResults):
         return self._assembler is not None and self._assembler.discard_frame(index)
 
     def _on_document(self, name: str, doc: Mapping[str, Any]) -> None:
-        if name == "descriptor":
-            self._descriptors[doc["uid"]] = doc
-        elif name == "event_page":
-            descriptor = self._descriptors.get(doc.get("descriptor", ""), {})
-            if descriptor.get("name") == "baseline" and not self._baseline:
-                self._baseline = {k: v[0] for k, v in doc.get("data", {}).items() if v}
-        elif name == "stop":
-            self._stop_doc = doc
-            self._stop_seen_at = time.monotonic()
+        self._inputs.take_document(name, doc)
+        if name == "stop":
             self.log.info("run stopped (%s); finishing the reconstruction", doc.get("exit_status"))
         if self.status in FINAL_STATUSES:
             return
@@ -371,27 +349,16 @@ class RunSession(SessionResults):
             self._try_configure(final=name == "stop")
 
     def _try_configure(self, *, final: bool) -> None:
-        waiting_for_baseline = (
-            not self._baseline and not final and "energy_kev" not in self.overrides
-        )
-        if waiting_for_baseline:
-            return
         try:
-            config = scan_config_from_documents(
-                self.start_doc,
-                descriptors=list(self._descriptors.values()),
-                baseline=self._baseline,
-                overrides=self.overrides,
-            )
+            config = self._inputs.scan_config(final=final)
         except NotPtychographyError as exc:
-            if not (final or self._baseline):
-                return
             if self.start_doc.get(self.settings.metadata_flag) is not True:
                 # Chosen by its plan name only: not a ptychography run, not a failure.
                 self._finish(RunStatus.SKIPPED, f"not a ptychography run: {exc}")
                 return
             raise LivePtychoError(f"cannot configure the reconstruction: {exc}") from exc
-        self._configure(config)
+        if config is not None:
+            self._configure(config)
 
     def _configure(self, config: ScanConfig) -> None:
         # The solver process resolved the backend and the GPUs (the RunEngine's process
@@ -414,7 +381,7 @@ class RunSession(SessionResults):
             self._assembler.add_samples(samples, starting)
         for index, data in self._early_frames:
             self._assembler.add_frame(index, data)
-        if self._streams_seen["panda"] and not self._streams_open["panda"]:
+        if self._inputs.streams_seen["panda"] and not self._inputs.streams_open["panda"]:
             self._assembler.positions_ended()
         self._early_frames.clear()
         self._early_samples.clear()
@@ -507,23 +474,6 @@ class RunSession(SessionResults):
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
         self._solver.request_live(final_due=self._tell_final_due)
-
-    def _data_complete(self) -> bool:
-        """No more frames will come: the run stopped and both streams ended (or timed out).
-
-        An aborted or failed run waits only a second for stragglers; a successful
-        one waits up to ``stream_timeout_s`` for the detectors' end-of-series.
-        """
-        if self._forced_end is not None:
-            waited = time.monotonic() - (self._forced_end_at or time.monotonic())
-            return not any(self._streams_open.values()) or waited > 1.0
-        if self._stop_doc is None:
-            return False
-        if not any(self._streams_open.values()):
-            return True
-        waited = time.monotonic() - (self._stop_seen_at or 0.0)
-        limit = 1.0 if self._stop_doc.get("exit_status") != "success" else None
-        return waited > (limit or self.settings.stream_timeout_s)
 
     def _ready_to_finish(self) -> bool:
         """All frames are with the solver and it has sent its final state after the
