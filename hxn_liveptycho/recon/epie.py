@@ -11,11 +11,10 @@ The solver holds the state; the steps read and update it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import (
-    Batch,
     regularised,
 )
 from hxn_liveptycho.recon._regularised import (
@@ -23,24 +22,17 @@ from hxn_liveptycho.recon._regularised import (
 )
 
 if TYPE_CHECKING:
-    from hxn_liveptycho.recon.iterative import StreamingSolver
+    pass
 
 
 class Epie(forward.BatchPaths):
     """One ePIE batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state:
     a parallel rPIE step on the batch's positions."""
 
-    def _reference_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        ramp: Any | None,
-        update_probe: bool,
-        refine: bool,
-        err: Any,
-    ) -> None:
+    def _reference_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` as the reference xp expressions."""
+        s, batch, probes, ramp, err = job.s, job.batch, job.probes, job.ramp, job.err
+        update_probe, refine = job.update_probe, job.refine
         xp, p = s._xp, s.params
         obj = forward.gather(s, batch)
         psi = forward.batch_exit_waves(s, obj, probes)
@@ -67,14 +59,14 @@ class Epie(forward.BatchPaths):
             onum *= p.beta
             s._probes += onum
 
-    def _object_modes_batch(
-        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
-    ) -> None:
+    def _object_modes_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` with several object modes: each pair of object mode m and
         probe mode k makes an exit wave ``P_k O_m``, all of them share the modulus
         constraint; object mode m moves by its own waves' corrections over ``sum_k |P_k|^2``,
         the probe by all of them over ``sum_m |O_m|^2``. Refinement follows the first
         mode."""
+        s, batch, err = job.s, job.batch, job.err
+        update_probe, refine = job.update_probe, job.refine
         xp, p = s._xp, s.params
         probes, ramp = forward.batch_probes(s, batch, False)
         objs = forward.object_windows(s, batch)
@@ -102,16 +94,10 @@ class Epie(forward.BatchPaths):
             onum *= p.beta
             s._probes += onum
 
-    def _fused_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        table: Any | None,
-        update_probe: bool,
-        err: Any,
-    ) -> None:
+    def _fused_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` in fused kernels: four passes over the batch plus the FFTs."""
+        s, batch, probes, table, err = job.s, job.batch, job.probes, job.ramp, job.err
+        update_probe = job.update_probe
         p = s.params
         floor = max(p.modulus_floor, 1e-24)
         dpsi, acc = forward.fused_sums(s, batch, probes, update_probe, floor, err)

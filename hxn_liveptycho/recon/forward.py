@@ -8,6 +8,7 @@ expression and, where one exists, the fused kernel beside it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -364,6 +365,23 @@ def batches(s: StreamingSolver, order: np.ndarray) -> list[Batch]:
     return batches
 
 
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """One batch as an algorithm's paths take it: the solver, the positions, the
+    batch's probes (shifted per position with sub-pixel positions) and the shift that
+    did it (the ramps, or with the fused kernels their table; None without a shift),
+    whether this step updates the probe and estimates position shifts, and the 0-d
+    squared-error sum it adds into in place."""
+
+    s: StreamingSolver
+    batch: Batch
+    update_probe: bool
+    refine: bool
+    err: Any
+    probes: Any = None
+    ramp: Any | None = None
+
+
 class BatchPaths:
     """An algorithm's batch, run one of three ways, side by side in its class: with several
     object modes (the reference expressions over every pair of modes), in fused CUDA
@@ -376,44 +394,29 @@ class BatchPaths:
         """One step on the positions of ``batch``; adds their squared error into ``err``
         (0-d, in place)."""
         if s._objects.shape[0] > 1:
-            self._object_modes_batch(s, batch, update_probe, refine, err)
+            self._object_modes_batch(BatchJob(s, batch, update_probe, refine, err))
             return
         fused = s._fused and self._fusable(s, refine)
         probes, ramp = batch_probes(s, batch, fused)
+        job = BatchJob(s, batch, update_probe, refine, err, probes, ramp)
         if fused:
-            self._fused_batch(s, batch, probes, ramp, update_probe, err)
+            self._fused_batch(job)
         else:
-            self._reference_batch(s, batch, probes, ramp, update_probe, refine, err)
+            self._reference_batch(job)
 
     def _fusable(self, s: StreamingSolver, refine: bool) -> bool:
         """Whether the fused kernels may take this batch on a solver that fuses: not while
         positions are refined, which needs the object numerator itself."""
         return not refine
 
-    def _object_modes_batch(
-        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
-    ) -> None:
+    def _object_modes_batch(self, job: BatchJob) -> None:
+        """The batch with several object modes (its probes are not shifted yet)."""
         raise NotImplementedError
 
-    def _fused_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        table: Any | None,
-        update_probe: bool,
-        err: Any,
-    ) -> None:
+    def _fused_batch(self, job: BatchJob) -> None:
+        """The batch in fused kernels (``job.ramp`` is the ramp table)."""
         raise NotImplementedError
 
-    def _reference_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        ramp: Any | None,
-        update_probe: bool,
-        refine: bool,
-        err: Any,
-    ) -> None:
+    def _reference_batch(self, job: BatchJob) -> None:
+        """The batch as the reference xp expressions."""
         raise NotImplementedError

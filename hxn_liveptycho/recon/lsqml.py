@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import (
     LSQ_STEP_REG,
-    Batch,
     regularised,
 )
 from hxn_liveptycho.recon._lsqml import far_field_factor, optimal_steps
@@ -52,17 +51,10 @@ class LsqMl(forward.BatchPaths):
         object numerator itself."""
         return s.params.noise == "gaussian" and not refine
 
-    def _reference_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        ramp: Any | None,
-        update_probe: bool,
-        refine: bool,
-        err: Any,
-    ) -> None:
+    def _reference_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` as the reference xp expressions."""
+        s, batch, probes, ramp, err = job.s, job.batch, job.probes, job.ramp, job.err
+        update_probe, refine = job.update_probe, job.refine
         xp, p = s._xp, s.params
         obj = forward.gather(s, batch)
         chi = self._chi(s, forward.batch_exit_waves(s, obj, probes), s._amps[batch.rows], err)
@@ -108,14 +100,14 @@ class LsqMl(forward.BatchPaths):
         del inten
         return ifft2(f, xp=xp, overwrite_x=True)
 
-    def _object_modes_batch(
-        self, s: StreamingSolver, batch: Batch, update_probe: bool, refine: bool, err: Any
-    ) -> None:
+    def _object_modes_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` with several object modes: each pair of object mode m and
         probe mode k makes an exit wave ``P_k O_m``; object mode m's direction is its own
         waves' ``sum_k P_k* chi_mk`` over the illumination, the probe's all of them over
         ``sum_m |O_m|^2``; one pair of steps per position fits ``chi`` over every pair.
         Refinement follows the first mode."""
+        s, batch, err = job.s, job.batch, job.err
+        update_probe, refine = job.update_probe, job.refine
         xp, p = s._xp, s.params
         probes, ramp = forward.batch_probes(s, batch, False)
         objs = forward.object_windows(s, batch)
@@ -161,17 +153,11 @@ class LsqMl(forward.BatchPaths):
             d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
             s._probes += d_probe
 
-    def _fused_batch(
-        self,
-        s: StreamingSolver,
-        batch: Batch,
-        probes: Any,
-        table: Any | None,
-        update_probe: bool,
-        err: Any,
-    ) -> None:
+    def _fused_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` (Gaussian noise) in fused kernels: the directions' sums, the
         step-length sums and the weighted object sums are one pass each over the batch."""
+        s, batch, probes, table, err = job.s, job.batch, job.probes, job.ramp, job.err
+        update_probe = job.update_probe
         p = s.params
         floor = max(p.modulus_floor, 1e-12)
         chi, acc = forward.fused_sums(s, batch, probes, update_probe, floor, err)
