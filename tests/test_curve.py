@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from zmq.utils import z85
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerPublisher, EigerReceiver
-from hxn_liveptycho.streams.curve import curve_key
+from hxn_liveptycho.streams.curve import CurveKeys, curve_key
 
 pytestmark = [
     pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ"),
@@ -29,15 +30,16 @@ def as_base64(key: bytes) -> str:
 
 
 def _receiver(
-    endpoint: str, collector: Collector, socket_type: str, **keys: object
+    endpoint: str, collector: Collector, socket_type: str, **keys: str | bytes
 ) -> EigerReceiver:
+    """A receiver with the client keys given as the ``curve_*`` settings are (all or none)."""
     return EigerReceiver(
         endpoint,
         on_series_start=collector.on_series_start,
         on_frame=collector.on_frame,
         on_series_end=collector.on_series_end,
         socket_type=socket_type,  # type: ignore[arg-type]
-        **keys,  # type: ignore[arg-type]
+        curve=CurveKeys.from_keys(**keys),
     )
 
 
@@ -179,7 +181,7 @@ def test_wrong_key_format_names_the_field(
     """A key that is neither Z85 (40) nor base64 (44) of 32 bytes is refused by field name."""
     server_public, _ = zmq.curve_keypair()
     client_public, client_secret = zmq.curve_keypair()
-    keys: dict[str, object] = {
+    keys: dict[str, Any] = {
         "curve_server_key": server_public.decode(),
         "curve_public_key": client_public.decode(),
         "curve_secret_key": client_secret.decode(),

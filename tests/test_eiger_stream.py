@@ -19,6 +19,7 @@ from eiger_helpers import Collector, linked_pairs, wait_until
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.streams import EigerFrame, EigerPublisher, EigerReceiver, encode
+from hxn_liveptycho.streams.curve import CurveKeys
 
 TRANSPORTS = [("pub", "sub"), ("push", "pull")]
 
@@ -547,7 +548,9 @@ def test_bad_configuration_is_a_clear_error(collector: Collector) -> None:
     with pytest.raises(ConfigurationError, match="socket_type"):
         EigerReceiver("tcp://127.0.0.1:1", socket_type="req", **callbacks)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="missing: curve_public_key, curve_secret_key"):
-        EigerReceiver("tcp://127.0.0.1:1", curve_server_key="x" * 40, **callbacks)
+        EigerReceiver(
+            "tcp://127.0.0.1:1", curve=CurveKeys.from_keys(curve_server_key="x" * 40), **callbacks
+        )
     with pytest.raises(ConfigurationError, match="unknown Eiger encoding"):
         EigerPublisher("tcp://127.0.0.1:*", encoding="gzip")
     with pytest.raises(ConfigurationError, match="cannot bind"):

@@ -25,10 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CurveKeys",
-    "client_keys",
     "client_options",
     "curve_key",
-    "curve_options",
     "curve_server_options",
 ]
 
@@ -162,14 +160,6 @@ class CurveKeys:
             zmq.CURVE_SECRETKEY: self.secret_key,
         }
 
-    def as_kwargs(self) -> dict[str, bytes]:
-        """The keys as the ``curve_*`` keyword arguments of a constructor that takes them apart."""
-        return {
-            "curve_server_key": self.server_key,
-            "curve_public_key": self.public_key,
-            "curve_secret_key": self.secret_key,
-        }
-
     def __repr__(self) -> str:
         server, public = (k.decode("ascii")[:5] for k in (self.server_key, self.public_key))
         return f"CurveKeys(server_key='{server}...', public_key='{public}...', secret_key=***)"
@@ -177,43 +167,9 @@ class CurveKeys:
     __str__ = __repr__
 
 
-def client_keys(
-    curve: CurveKeys | None,
-    server_key: str | bytes | None = None,
-    public_key: str | bytes | None = None,
-    secret_key: str | bytes | None = None,
-) -> CurveKeys | None:
-    """A receiver's CurveZMQ keys, given as one value or as three loose keys (not both)."""
-    loose = CurveKeys.from_keys(server_key, public_key, secret_key)
-    if curve is not None and loose is not None:
-        raise ConfigurationError("give the CurveZMQ keys as curve= or as curve_*=, not both")
-    return curve or loose
-
-
-def client_options(
-    curve: CurveKeys | None,
-    server_key: str | bytes | None = None,
-    public_key: str | bytes | None = None,
-    secret_key: str | bytes | None = None,
-) -> dict[int, bytes]:
-    """A receiver socket's CurveZMQ client options from :func:`client_keys`' arguments.
-
-    No keys give no options (a plain socket).
-    """
-    keys = client_keys(curve, server_key, public_key, secret_key)
-    return {} if keys is None else keys.socket_options()
-
-
-def curve_options(
-    server_key: str | bytes | None,
-    public_key: str | bytes | None,
-    secret_key: str | bytes | None,
-) -> dict[int, bytes]:
-    """Socket options for a CurveZMQ client from three loose keys; all three or none.
-
-    Errors as :meth:`CurveKeys.from_keys`; no keys give no options (a plain socket).
-    """
-    return client_options(None, server_key, public_key, secret_key)
+def client_options(curve: CurveKeys | None) -> dict[int, bytes]:
+    """A receiver socket's CurveZMQ client options; no keys give none (a plain socket)."""
+    return {} if curve is None else curve.socket_options()
 
 
 def curve_server_options(secret_key: str | bytes | None) -> dict[int, Any]:

@@ -100,8 +100,8 @@ class EigerReceiver(SocketReceiver):
     JSON multipart is v1), ``"v1"`` or ``"v2"``. Under v2, ``channel`` names the
     threshold delivered (None: the first channel of each image); other channels
     are counted (``other_channels``), and an image without the configured channel
-    is malformed. CurveZMQ needs all of ``curve_server_key``, ``curve_public_key``
-    and ``curve_secret_key`` (Z85 or base64), or none.
+    is malformed. With ``curve`` (:class:`~hxn_liveptycho.streams.curve.CurveKeys`)
+    the socket is a CurveZMQ client.
 
     Callbacks run on the receiver thread, in wire order: keep them short (put
     the frame on a queue). A malformed message is counted in ``counters``
@@ -123,9 +123,6 @@ class EigerReceiver(SocketReceiver):
         name: str = "eiger",
         context: zmq.Context | None = None,
         curve: CurveKeys | None = None,
-        curve_server_key: str | bytes | None = None,
-        curve_public_key: str | bytes | None = None,
-        curve_secret_key: str | bytes | None = None,
         flavour: Literal["auto", "v1", "v2"] = "auto",
         channel: str | None = DEFAULT_CHANNEL,
         decode_threads: int = 0,
@@ -144,7 +141,7 @@ class EigerReceiver(SocketReceiver):
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=client_options(curve, curve_server_key, curve_public_key, curve_secret_key),
+            curve=client_options(curve),
         )
         self._book = EigerSeriesBook(
             name,

@@ -87,9 +87,6 @@ class EigerProcessReceiver(StreamReceiver):
         rcvhwm: int = 0,
         name: str = "eiger",
         curve: CurveKeys | None = None,
-        curve_server_key: str | bytes | None = None,
-        curve_public_key: str | bytes | None = None,
-        curve_secret_key: str | bytes | None = None,
         flavour: Literal["auto", "v1", "v2"] = "auto",
         channel: str | None = DEFAULT_CHANNEL,
         transform: Transform | None = None,
@@ -127,7 +124,7 @@ class EigerProcessReceiver(StreamReceiver):
         self.transform = transform
         self._next_liveness_check = 0.0
         self.start_timeout = start_timeout
-        self._curve = client_options(curve, curve_server_key, curve_public_key, curve_secret_key)
+        self._curve = client_options(curve)
         self._rcvhwm = rcvhwm
         self._worker_queue = worker_queue
         self._workers: list[WorkerHandle] = []

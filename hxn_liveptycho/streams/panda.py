@@ -100,8 +100,7 @@ class PandaReceiver(SocketReceiver):
     counted ("callback_errors"); the thread carries on.
 
     With ``curve`` (:class:`~hxn_liveptycho.streams.curve.CurveKeys`) the socket
-    is a CurveZMQ client; ``curve_server_key``, ``curve_public_key`` and
-    ``curve_secret_key`` give the same keys apart (all three or none).
+    is a CurveZMQ client.
     """
 
     counter_names = names(
@@ -130,9 +129,6 @@ class PandaReceiver(SocketReceiver):
         name: str = "panda",
         context: zmq.Context | None = None,
         curve: CurveKeys | None = None,
-        curve_server_key: str | bytes | None = None,
-        curve_public_key: str | bytes | None = None,
-        curve_secret_key: str | bytes | None = None,
     ) -> None:
         self._on_start = on_start
         self._on_samples = on_samples
@@ -146,7 +142,7 @@ class PandaReceiver(SocketReceiver):
             rcvhwm=rcvhwm,
             name=name,
             context=context,
-            curve=client_options(curve, curve_server_key, curve_public_key, curve_secret_key),
+            curve=client_options(curve),
         )
 
     # -- message handling (receiver thread) -----------------------------------------

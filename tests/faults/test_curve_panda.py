@@ -12,6 +12,7 @@ import zmq
 from waiting import wait_for
 
 from hxn_liveptycho.streams import PandaPublisher, PandaReceiver
+from hxn_liveptycho.streams.curve import CurveKeys
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
 
@@ -27,13 +28,14 @@ class _Got:
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
 
-    def receiver(self, endpoint: str, **keys: Any) -> PandaReceiver:
+    def receiver(self, endpoint: str, **keys: str) -> PandaReceiver:
+        """A receiver with the client keys given as the ``curve_*`` settings are."""
         return PandaReceiver(
             endpoint,
             on_start=lambda m: self.events.append(("start", m)),
             on_samples=lambda d, s: self.events.append(("samples", (d, s))),
             on_stop=lambda m: self.events.append(("stop", m)),
-            **keys,
+            curve=CurveKeys.from_keys(**keys),
         )
 
 

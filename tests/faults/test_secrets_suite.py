@@ -219,4 +219,3 @@ def test_a_clean_session_passes(outside: Path, workers: int) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "none found in 1 files" in done.stdout, done.stdout
-
