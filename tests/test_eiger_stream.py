@@ -502,8 +502,12 @@ def test_stop_before_start_closes_the_socket(collector: Collector) -> None:
 
 
 def test_stop_drains_frames_already_received(collector: Collector) -> None:
-    """Frames already queued in the socket when stop() is called are handed over, not lost."""
-    publisher = EigerPublisher("tcp://127.0.0.1:*", socket_type="push")
+    """Frames already queued in the socket when stop() is called are handed over, not lost.
+
+    Over ``inproc`` a sent message is in the receiving socket's queue when ``send``
+    returns (no I/O thread carries it), so all 20 are queued before stop() is asked."""
+    context = zmq.Context()
+    publisher = EigerPublisher("inproc://drain-on-stop", socket_type="push", context=context)
     gate = threading.Event()
 
     def slow(frame: EigerFrame) -> None:
@@ -516,13 +520,13 @@ def test_stop_drains_frames_already_received(collector: Collector) -> None:
         on_frame=slow,
         on_series_end=collector.on_series_end,
         socket_type="pull",
+        context=context,
     )
     try:
         receiver.start()
         for number in range(20):
             publisher.send_frame(1, number, poisson_frame((8, 8), "uint32", number))
         assert wait_until(lambda: receiver.counters.get("messages") >= 1)
-        time.sleep(0.2)  # let the rest reach the receiving socket
         stopped: list[bool] = []
         stopper = threading.Thread(target=lambda: stopped.append(receiver.stop(timeout=5.0)))
         stopper.start()
@@ -534,6 +538,7 @@ def test_stop_drains_frames_already_received(collector: Collector) -> None:
     finally:
         receiver.stop()
         publisher.close(linger=0)
+        context.term()
 
 
 def test_bad_configuration_is_a_clear_error(collector: Collector) -> None:
