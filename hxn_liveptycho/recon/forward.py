@@ -208,6 +208,24 @@ def far_field(s: StreamingSolver, psi: Any, amps: Any) -> tuple[Any, Any, Any]:
     return f, inten, err
 
 
+def state_error_sum(s: StreamingSolver) -> Any:
+    """Squared amplitude error (0-d float32) of the object and probe modes the solver holds
+    now, over every active position: the forward model of a pass (sub-pixel probe
+    shifts, every object and probe mode, valid pixels), batch by batch, nothing updated.
+
+    A pass's own error is summed batch by batch before each batch's update and before
+    the pass's end (momentum, gauge, clamp), so it describes no state the solver ever
+    held; this one describes the state it returns. The reference xp expressions on
+    either array module: an occasional evaluation, not worth a kernel of its own."""
+    xp = s._xp
+    err = xp.zeros((), dtype=xp.float32)
+    for batch in batches(s, np.arange(s._n_active)):
+        probes, _ = batch_probes(s, batch, fused=False)
+        psi = all_exit_waves(s, object_windows(s, batch), probes)
+        err += far_field(s, psi, s._amps[batch.rows])[2]
+    return err
+
+
 def fourier_residual(s: StreamingSolver, psi: Any, amps: Any) -> tuple[Any, Any]:
     """Exit-wave correction ``P_F(psi) - psi`` (B, K, n, n) and the squared error of ``psi``.
 

@@ -175,6 +175,7 @@ class StreamingSolver:
         self._probe_momentum = Momentum(p.momentum_friction, p.momentum_gain, xp)
         self._iteration = 0
         self.clipped_positions = 0
+        #: Each pass's running error (see :meth:`iterate`): during the pass, before its updates.
         self.error_history: list[float] = []
 
     # ------------------------------------------------------------------ state
@@ -226,11 +227,33 @@ class StreamingSolver:
 
     @property
     def error(self) -> float:
-        """Latest normalised amplitude error (NaN before the first iteration)."""
+        """The last pass's running error (:attr:`error_history`'s last entry; NaN before the
+        first iteration): the error during the pass, before the pass's updates. The error
+        of the state the solver holds is :meth:`state_error`."""
         return self.error_history[-1] if self.error_history else float("nan")
 
-    def snapshot(self) -> dict[str, np.ndarray | int | float]:
-        """Host copies of object and dominant probe mode, with iteration count and latest error.
+    def state_error(self) -> float:
+        """The normalised amplitude error of the object and probe modes the solver holds now:
+        ``sum (|Psi| - A)^2 / sum A^2`` over every active frame (valid pixels), ``|Psi|^2 =
+        sum_k |Psi_k|^2`` of the exit waves ``P_k O[window]`` at :attr:`positions_px`
+        (probe shifted by each position's sub-pixel part). NaN before any frame.
+
+        What :attr:`error` is not: a pass sums its error batch by batch, each before its
+        own update and all before the pass's momentum step, gauge and clamp, so the
+        running error describes no state the solver returns. This costs one forward pass
+        over all positions (no update, one host sync) and changes nothing: call it when
+        the figure is reported, not every pass."""
+        if self._n_active == 0:
+            return float("nan")
+        xp = self._xp
+        err = forward.state_error_sum(self) / xp.maximum(self._amp_power, 1e-30)
+        return float(to_host(err))
+
+    def snapshot(self, *, state_error: bool = False) -> dict[str, np.ndarray | int | float]:
+        """Host copies of object and dominant probe mode, with iteration count and the last
+        pass's running error ``error`` (:attr:`error`); with ``state_error``, also
+        ``state_error``, the error of the state copied (:meth:`state_error`: one more
+        forward pass, so ask for it where the figure is reported, e.g. the final snapshot).
 
         With more than one probe mode, ``probe_modes`` (k, n, n) holds them all; with more
         than one object mode, ``object_modes`` (m, H, W).
@@ -241,6 +264,8 @@ class StreamingSolver:
             "iteration": self._iteration,
             "error": self.error,
         }
+        if state_error:
+            snap["state_error"] = self.state_error()
         if self._probes.shape[0] > 1:
             snap["probe_modes"] = to_host(self._probes).copy()
         if self._objects.shape[0] > 1:
@@ -345,13 +370,16 @@ class StreamingSolver:
     # ------------------------------------------------------------------ DM
     # ------------------------------------------------------------------ driver
     def iterate(self, n: int = 1) -> float:
-        """Run ``n`` passes over all active positions; return the latest error.
+        """Run ``n`` passes over all active positions; return the last pass's running error.
 
         The algorithm of each pass follows ``params.algorithm`` or
-        ``params.schedule``. The error of a pass is ``sum (|Psi| - A)^2 / sum
-        A^2`` over all active frames (valid pixels), ``|Psi|^2 = sum_k
-        |Psi_k|^2``, measured on the model entering the pass's Fourier
-        update. With ``position_refinement``, from iteration
+        ``params.schedule``. The running error of a pass (appended to
+        :attr:`error_history`) is ``sum (|Psi| - A)^2 / sum A^2`` over all
+        active frames (valid pixels), ``|Psi|^2 = sum_k |Psi_k|^2``, each
+        batch's part measured on the model entering that batch's Fourier
+        update: the error during the pass, before the pass's updates (what
+        iterative codes log, for free). The error of the state after the
+        pass is :meth:`state_error`. With ``position_refinement``, from iteration
         ``position_refinement_start`` every pass also estimates a shift per
         position and applies them all at its end (within the bounds, the
         mean position fixed). Errors stay on the device until the end of the
