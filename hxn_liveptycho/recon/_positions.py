@@ -21,17 +21,39 @@ position ``j`` along axis ``a`` is
 is the object-update numerator the solver computes anyway, and
 ``sum_k |P_k|^2`` the illumination, so the shift costs two gradients and four
 reductions per position.
+
+Global model (``params.position_model`` other than "free"): each pass's shifts
+are split into what a global affine map and slow drift of the measured
+positions explain (:mod:`~hxn_liveptycho.recon.position_model`, fitted to all
+positions at once) and a per-position rest, applied with
+``position_residual_gain`` and held within ``max_position_shift_px`` of the
+model; see :func:`apply_model_shifts`.
 """
 
 from __future__ import annotations
 
 import math
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hxn_liveptycho.recon.backend import fft2, ifft2
+import numpy as np
 
-__all__ = ["constrain_drift", "fraction_ramps", "shift_gradient", "shifted_probes", "unshift_sum"]
+from hxn_liveptycho.recon.backend import fft2, ifft2, to_host
+from hxn_liveptycho.recon.position_model import PositionModel, fit_position_model
+
+if TYPE_CHECKING:
+    from hxn_liveptycho.recon.iterative import StreamingSolver
+
+__all__ = [
+    "apply_model_shifts",
+    "constrain_drift",
+    "fitted_position_model",
+    "fraction_ramps",
+    "position_model_entries",
+    "shift_gradient",
+    "shifted_probes",
+    "unshift_sum",
+]
 
 #: Rounds of the alternating projection onto {zero mean drift} and the bound box.
 _PROJECTION_ROUNDS = 6
@@ -83,7 +105,13 @@ def shift_gradient(obj: Any, obj_num: Any, illum: Any, xp: types.ModuleType) -> 
 
 
 def constrain_drift(
-    drift: Any, step: Any, lo: Any, hi: Any, max_step: float, max_shift: float, xp: types.ModuleType
+    drift: Any,
+    step: Any,
+    lo: Any,
+    hi: Any,
+    max_step: float | Any,
+    max_shift: float,
+    xp: types.ModuleType,
 ) -> Any:
     """New drifts (N, 2): ``drift + step`` within the bounds, with zero mean over positions.
 
@@ -93,7 +121,8 @@ def constrain_drift(
     moves the reconstruction). Alternating projections onto the zero-mean
     plane and the box; the box comes last, so the bounds hold exactly and
     the mean is zero up to the rounds' residual. ``drift`` itself lies in both
-    sets (zero mean, within bounds), so they intersect.
+    sets (zero mean, within bounds), so they intersect. ``max_step`` may be an
+    (N, 1) array: a bound per position.
     """
     low = xp.maximum(xp.maximum(drift - max_step, -max_shift), lo)
     high = xp.minimum(xp.minimum(drift + max_step, max_shift), hi)
@@ -102,3 +131,105 @@ def constrain_drift(
         new = new - xp.mean(new, axis=0, keepdims=True)
         new = xp.clip(new, low, high)
     return new
+
+
+def _drift_degree(s: StreamingSolver) -> int:
+    """Degree of the drift polynomial the solver's settings fit (0: the affine map alone)."""
+    p = s.params
+    return p.position_drift_degree if p.position_model == "affine+drift" else 0
+
+
+def _fit_or_none(
+    measured: np.ndarray, positions: np.ndarray, degree: int, weights: np.ndarray | None = None
+) -> PositionModel | None:
+    """The robust fit, or None with too few positions for its parameters: then the
+    positions move freely (a model fitted to a handful would only echo their noise)."""
+    used = len(measured) if weights is None else int(np.count_nonzero(weights))
+    if used < 3 * (3 + degree):
+        return None
+    return fit_position_model(measured, positions, drift_degree=degree, weights=weights)
+
+
+def apply_model_shifts(s: StreamingSolver) -> None:
+    """Move the positions by this pass's shifts through the global model (``position_model``).
+
+    Per position the shift is ``position_step x`` the estimate, at most
+    ``max_position_step_px`` per axis. The model's fit to these shifts (all
+    positions pooled, robustly) moves every position, times
+    ``position_model_gain`` (the per-position estimates see only part of a global
+    distortion each pass: the object, updated from the same wrong positions,
+    absorbs the rest, so the global part needs a larger gain than the positions'
+    own noise would allow each alone); the rest of each shift is
+    applied times ``position_residual_gain``, so a position the gradients cannot
+    place still follows the global distortion while its own evidence is used,
+    more slowly. The result is refitted and each position held within
+    ``max_position_shift_px`` of that fit. Positions never refined (they sit
+    exactly on their measured value: added since the last pass) first jump onto
+    the current model. Last, as without a model, the positions stay inside the
+    canvas, move at most ``max_position_step_px`` (except that jump) and keep
+    their mean at the measured mean (a global translation is not observable).
+    """
+    xp, p, m = s._xp, s.params, s._n_active
+    degree = _drift_degree(s)
+    meas = np.asarray(to_host(s._meas[:m]), dtype=np.float64)
+    old = np.asarray(to_host(s._pos[:m]), dtype=np.float64)
+    step = np.clip(
+        p.position_step * np.asarray(to_host(s._shift[:m]), dtype=np.float64),
+        -p.max_position_step_px,
+        p.max_position_step_px,
+    )
+    start = old.copy()
+    fresh = ~np.any(old != meas, axis=1)
+    if fresh.any() and not fresh.all():
+        current = _fit_or_none(meas, old, degree, weights=(~fresh).astype(np.float64))
+        if current is not None:
+            frames = np.flatnonzero(fresh)
+            start[fresh] = current.predict(meas[fresh], frames)
+            step[fresh] = 0.0  # estimated at the old place: stale once the position jumped
+    else:
+        fresh[:] = False
+    pooled = _fit_or_none(meas, meas + step, degree, weights=(~fresh).astype(np.float64))
+    if pooled is None:
+        target = start + step
+    else:
+        explained = pooled.displacement(meas, np.arange(m))
+        explained[fresh] = 0.0
+        residual = step - explained
+        target = start + p.position_model_gain * explained + p.position_residual_gain * residual
+    total = _fit_or_none(meas, target, degree)
+    if total is not None:
+        model = total.predict(meas, np.arange(m))
+        bound = p.max_position_shift_px
+        target = model + np.clip(target - model, -bound, bound)
+    h, w = s._shape
+    limit = np.array([h - s._n, w - s._n], dtype=np.float64)
+    max_step = np.where(fresh, np.inf, p.max_position_step_px)[:, None]
+    new = constrain_drift(old - meas, target - old, -meas, limit[None] - meas, max_step, np.inf, np)
+    s._pos[:m] = xp.asarray(meas + new)
+    s._pos_host = meas + new
+    s._shift[:m] = 0
+
+
+def fitted_position_model(s: StreamingSolver) -> PositionModel | None:
+    """The global model of the solver's current positions against the measured ones.
+
+    Fitted with the settings' drift degree (none for "free" and "affine"); None
+    without ``position_refinement`` or with too few positions for the model.
+    """
+    if not s.params.position_refinement:
+        return None
+    m = s._n_active
+    meas = np.asarray(to_host(s._meas[:m]), dtype=np.float64)
+    pos = np.asarray(to_host(s._pos[:m]), dtype=np.float64)
+    return _fit_or_none(meas, pos, _drift_degree(s))
+
+
+def position_model_entries(
+    s: StreamingSolver, pixel_size_m: float | None = None
+) -> dict[str, float]:
+    """:func:`fitted_position_model`'s named quantities for a snapshot, each key prefixed
+    ``position_model_`` (empty when there is no fit)."""
+    fit = fitted_position_model(s)
+    if fit is None:
+        return {}
+    return {f"position_model_{k}": v for k, v in fit.summary(pixel_size_m).items()}

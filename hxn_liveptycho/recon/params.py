@@ -227,6 +227,44 @@ class IterativeParams(BaseModel):
         description="Largest distance of a refined position coordinate from the measured one "
         "(pixels, per axis).",
     )
+    position_model: Literal["free", "affine", "affine+drift"] = Field(
+        "free",
+        description="How refined positions are tied together. 'free': each position moves on "
+        "its own (within `max_position_shift_px` of the measured one). 'affine': each pass, the "
+        "positions' shifts are split into a global affine map of the measured positions (scale "
+        "and shear per axis, rotation, offset: encoder scale and stage angle errors), fitted "
+        "robustly to all positions at once and applied to every one times `position_model_gain`, "
+        "and a per-position rest, "
+        "applied times `position_residual_gain` and held within `max_position_shift_px` of the "
+        "model; positions that arrive later start on the model. 'affine+drift' adds a slow "
+        "drift, a polynomial in acquisition time (frame order) of degree "
+        "`position_drift_degree`. Needs `position_refinement`; the fitted scales, rotation, "
+        "shear, offset and drift are reported with the results.",
+    )
+    position_drift_degree: int = Field(
+        1,
+        ge=1,
+        le=3,
+        description="Degree of the drift polynomial in acquisition time with `position_model` "
+        "'affine+drift' (1 = constant velocity).",
+    )
+    position_model_gain: float = Field(
+        4.0,
+        gt=0.0,
+        le=8.0,
+        description="With `position_model` other than 'free': gain on the part of each pass's "
+        "position shifts that the global model explains, applied to every position (the "
+        "per-position estimates see only part of a global distortion each pass, because the "
+        "object is updated from the same wrong positions; too large a gain overshoots).",
+    )
+    position_residual_gain: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="With `position_model` other than 'free': gain on the part of each pass's "
+        "position shifts that the global model does not explain (0 = positions stay on the "
+        "model, 1 = that part moves as freely as without a model).",
+    )
     seed: int = Field(0, description="Seed of the batch order, for reproducible runs.")
 
     @model_validator(mode="after")
@@ -238,6 +276,8 @@ class IterativeParams(BaseModel):
             )
         if self.position_refinement and not self.subpixel_positions:
             raise ValueError("position_refinement needs subpixel_positions=True")
+        if self.position_model != "free" and not self.position_refinement:
+            raise ValueError(f"position_model {self.position_model!r} needs position_refinement")
         if self.schedule is None:
             return self
         if not self.schedule:

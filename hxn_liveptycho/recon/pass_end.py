@@ -21,6 +21,7 @@ from hxn_liveptycho.recon._pass_end_kernels import (
     pass_tail,
 )
 from hxn_liveptycho.recon._positions import (
+    apply_model_shifts,
     constrain_drift,
     shift_gradient,
 )
@@ -127,6 +128,9 @@ def estimate_shifts(
 
 def apply_shifts(s: StreamingSolver) -> None:
     """Move every active position by its recorded shift, within the bounds, mean fixed."""
+    if s.params.position_model != "free":  # global affine + drift model (title 11)
+        apply_model_shifts(s)
+        return
     xp, p, m = s._xp, s.params, s._n_active
     h, w = s._shape
     meas = s._meas[:m]
