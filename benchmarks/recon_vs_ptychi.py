@@ -35,9 +35,16 @@ from hxn_liveptycho.sim.sample import SimulatedBeamline, SimulatedSample
 PTYCHI_OPTIONS = {"epie": "EPIEOptions", "dm": "DMOptions", "lsqml": "LSQMLOptions"}
 
 
-def simulate(positions: int) -> SimulatedSample:
+def simulate(positions: int, window: int = 256) -> SimulatedSample:
+    """The comparison's scan: a jittered square raster of ``positions`` frames of ``window``²;
+    the step (20 px at 256²) scales with the window, as the probe's footprint does, so a
+    smaller window keeps the overlap."""
     side = round(float(np.sqrt(positions)))
-    bl = SimulatedBeamline.for_window(256, step_px=20.0, jitter_px=3.0, x_num=side, y_num=side)
+    step = 20.0 * window / 256
+    jitter = 3.0 * window / 256
+    bl = SimulatedBeamline.for_window(
+        window, step_px=step, jitter_px=jitter, x_num=side, y_num=side
+    )
     return SimulatedSample(bl)
 
 
@@ -119,9 +126,11 @@ def ours_to_error(
     return {"epochs": epochs, "seconds": seconds, "error": error, "reached": error <= target}
 
 
-def run_ptychi(
+def ptychi_task(
     sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
-) -> dict:
+) -> Any:
+    """A pty-chi ``PtychographyTask`` over ``sample`` from ``probe`` (K, n, n) and a flat
+    object, positions fixed, data on the device, at most ``epochs`` epochs."""
     import ptychi.api as api
     import torch
     from ptychi.api.task import PtychographyTask
@@ -141,7 +150,15 @@ def run_ptychi(
     options.probe_position_options.optimizable = False
     options.reconstructor_options.batch_size = batch
     options.reconstructor_options.num_epochs = epochs
-    task = PtychographyTask(options)
+    return PtychographyTask(options)
+
+
+def run_ptychi(
+    sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
+) -> dict:
+    import torch
+
+    task = ptychi_task(sample, probe, algorithm, epochs, batch)
     task.run(2)
     torch.cuda.synchronize()
     began = time.perf_counter()
