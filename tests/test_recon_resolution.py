@@ -55,6 +55,7 @@ def test_frc_of_independent_noise_stays_near_zero_and_crosses_at_the_first_ring(
     assert abs(float(np.mean(unregistered.values))) < 0.02
     estimate = resolution(curve, PIXEL_M)
     assert estimate.crossing_frequency_per_m == pytest.approx(curve.frequencies_per_m[0])
+    assert estimate.half_period_nm is not None
     assert estimate.period_nm == pytest.approx(2 * estimate.half_period_nm)
 
 
@@ -130,7 +131,7 @@ class NoisyScan:
 
 def _estimate_and_truth(photons: float) -> tuple[float, float]:
     """Half-set estimate and true resolution (half-periods, nm) after frames arrive in three
-    parts with passes between them, then 30 passes in all."""
+    parts with passes between them, then 20 passes in all."""
     scan = NoisyScan(photons)
     full = StreamingSolver(probe=scan.probe, canvas_shape=scan.canvas)
     halves = HalfSets(probe=scan.probe, canvas_shape=scan.canvas)
@@ -139,8 +140,8 @@ def _estimate_and_truth(photons: float) -> tuple[float, float]:
         halves.add(scan.amplitudes[part], scan.positions[part])
         full.iterate(2)
         halves.iterate(2)
-    full.iterate(24)
-    halves.iterate(24)
+    full.iterate(14)
+    halves.iterate(14)
     estimate = halves.estimate(scan.pixel_m)
     truth = resolution_against_reference(scan.obj, full.object, scan.pixel_m, scan.mask)
     assert estimate.half_period_nm is not None and truth.half_period_nm is not None
