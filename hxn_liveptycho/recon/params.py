@@ -258,7 +258,7 @@ class IterativeParams(BaseModel):
         "object is updated from the same wrong positions; too large a gain overshoots).",
     )
     position_residual_gain: float = Field(
-        0.5,
+        1.0,
         ge=0.0,
         le=1.0,
         description="With `position_model` other than 'free': gain on the part of each pass's "
