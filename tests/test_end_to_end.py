@@ -52,8 +52,15 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         assert md["config"]["recon"]["algorithm"] == "epie"
         assert md["iteration"] >= 60
         assert {"live", "final", "diffraction"} <= set(node)
-        assert {"object_amplitude", "object_phase", "probe", "error_history"} == set(node["live"])
+        quality = {"coverage", "position_count", "constrained", "error_map"}
+        assert {"object_amplitude", "object_phase", "probe", "error_history"} | quality == set(
+            node["live"]
+        )
         final = node["final"]
+        assert quality | {"position_errors"} <= set(final)
+        assert final["coverage"].read().shape == final["object"].shape
+        assert final["position_errors"].read().shape == (sample.num_points,)
+        assert set(md["convergence"]) == {"rate", "converged", "window", "tolerance"}
         assert final["object"].read().dtype == np.complex64
         assert final["probe"].read().shape == (128, 128)
         positions = final["positions_m"].read()

@@ -29,21 +29,27 @@ from waiting import wait_for
 
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 
-#: Reads the amplitude picture's pixels back through a canvas and hashes them.
+#: Reads the amplitude and quality pictures' pixels back through a canvas and hashes them.
 _PICTURE_STATE = """(() => {
+  const hashOf = (kind) => {
+    const img = document.querySelector(`figure[data-kind="${kind}"] img`);
+    if (!img.complete || !img.naturalWidth) return null;
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const g = canvas.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const data = g.getImageData(0, 0, canvas.width, canvas.height).data;
+    let hash = 0;
+    for (let i = 0; i < data.length; i++) hash = (hash * 31 + data[i]) >>> 0;
+    return hash;
+  };
   const img = document.querySelector('figure[data-kind="amplitude"] img');
   const progress = document.getElementById('run-progress').textContent;
-  if (!img.complete || !img.naturalWidth) return {progress, hash: null};
-  const canvas = document.createElement('canvas');
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-  const g = canvas.getContext('2d');
-  g.drawImage(img, 0, 0);
-  const data = g.getImageData(0, 0, canvas.width, canvas.height).data;
-  let hash = 0;
-  for (let i = 0; i < data.length; i++) hash = (hash * 31 + data[i]) >>> 0;
   const loaded = [...document.querySelectorAll('#pictures figure:not([hidden]) img')]
     .filter((i) => i.naturalWidth > 0).map((i) => i.alt);
-  return {progress, hash, version: img.dataset.version, loaded};
+  return {progress, hash: hashOf('amplitude'), coverage: hashOf('coverage'),
+          error_map: hashOf('error_map'), version: img.dataset.version, loaded,
+          convergence: document.getElementById('run-convergence').textContent};
 })()"""
 
 
@@ -53,10 +59,19 @@ _FINAL_STATE = """(() => {
     .filter((i) => i.complete && i.naturalWidth > 0).map((i) => i.alt);
   const link = document.querySelector('#runs tbody a');
   return {progress: document.getElementById('run-progress').textContent, loaded,
-          link: link ? link.href : null};
+          link: link ? link.href : null,
+          convergence: document.getElementById('run-convergence').textContent};
 })()"""
 #: What the page shows once the run is complete.
-FINAL_PICTURES = {"object amplitude", "object phase", "probe amplitude", "error curve"}
+FINAL_PICTURES = {
+    "object amplitude",
+    "object phase",
+    "probe amplitude",
+    "error curve",
+    "illumination map",
+    "data error map",
+    "constrained amplitude",
+}
 
 
 def _chromium() -> str:
@@ -174,12 +189,18 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
                 state["progress"].startswith("complete: 100/100 positions")
                 and set(state["loaded"]) >= FINAL_PICTURES
                 and "/api/v1/metadata/processed/liveptycho/scan" in (state["link"] or "")
+                and ("converged" in state["convergence"] or "improving" in state["convergence"])
             )
 
         wait_for(final_shown, timeout=30, interval=0.1, what=lambda: f"final page {seen[-1]}")
 
         running = [s for s in watcher.samples if s["hash"] and "running" in s["progress"]]
         assert len({s["hash"] for s in running}) >= 2, watcher.samples  # changed mid-scan
+        # The quality maps are shown, and follow the scan, while it runs.
+        for kind in ("coverage", "error_map"):
+            hashes = {s[kind] for s in watcher.samples if s[kind] and "running" in s["progress"]}
+            assert len(hashes) >= 2, (kind, watcher.samples)
+        assert any(s["convergence"] for s in running), watcher.samples
 
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
         picture = tmp_path / "live-page.png"

@@ -169,3 +169,66 @@ def test_convergence_flag_on_synthetic_histories() -> None:
     assert convergence(falling, window=10, tolerance=0.2).converged
     with pytest.raises(ValueError):
         convergence(falling, window=0, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_snapshot_quality_of_a_running_solver(subpixel: bool) -> None:
+    """The solver process's snapshot maps (worker_child.quality_snapshot) read the frames the
+    solver holds and agree with the public functions on its state; off means no maps."""
+    from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+    from hxn_liveptycho.recon.worker_child import quality_snapshot
+
+    probe = _probe()
+    positions = _grid(4, 4, 4) + (np.array([0.3, 0.7]) if subpixel else 0.0)
+    shape = (3 * 4 + N + 2, 3 * 4 + N + 2)
+    obj = _object(shape, seed=4)
+    amps = _amplitudes(obj, probe, np.floor(positions))
+    params = IterativeParams(probe_modes=2, subpixel_positions=subpixel, batch_size=5)
+    solver = StreamingSolver(probe=probe, canvas_shape=shape, params=params, xp=np)
+    solver.add(amps, positions)
+    solver.iterate(3)
+    settings = QualitySettings(convergence_window=2)
+    snap = quality_snapshot(solver, params, settings)
+
+    expected = position_errors(
+        solver.object_modes,
+        solver.probe_modes,
+        solver.positions_px,
+        amps,
+        subpixel=subpixel,
+    )
+    np.testing.assert_allclose(snap["position_errors"], expected, rtol=1e-5)
+    assert snap["position_errors"].shape == (len(positions),)
+    np.testing.assert_allclose(
+        snap["coverage"], coverage(solver.positions_px, solver.probe_modes, shape), rtol=1e-6
+    )
+    assert snap["error_map"].shape == shape and snap["constrained"].dtype == np.uint8
+    assert snap["convergence"]["window"] == 2
+
+    off = quality_snapshot(solver, params, QualitySettings(maps=False))
+    assert set(off) == {"convergence"}
+    no_errors = quality_snapshot(solver, params, QualitySettings(error_map=False))
+    assert "error_map" not in no_errors and "coverage" in no_errors
+
+
+@pytest.mark.parametrize("whole_pixels", [True, False])
+def test_position_errors_add_up_to_the_solvers_state_error(whole_pixels: bool) -> None:
+    """Weighted by each frame's power, the per-position errors are the solver's own error of
+    the state it holds (one forward model: windows, sub-pixel shifts, probe modes)."""
+    from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+
+    if not hasattr(StreamingSolver, "state_error"):
+        pytest.skip("this solver has no state_error to compare with")
+    probe = _probe()
+    positions = _grid(4, 4, 4) + (0.0 if whole_pixels else np.array([0.4, 0.2]))
+    shape = (3 * 4 + N + 2, 3 * 4 + N + 2)
+    amps = _amplitudes(_object(shape, seed=5), probe, np.floor(positions))
+    params = IterativeParams(probe_modes=2)
+    solver = StreamingSolver(probe=probe, canvas_shape=shape, params=params, xp=np)
+    solver.add(amps, positions)
+    solver.iterate(3)
+    errors = position_errors(solver.object_modes, solver.probe_modes, solver.positions_px, amps)
+    power = (amps.astype(np.float64) ** 2).sum(axis=(1, 2))
+    assert float((errors * power).sum() / power.sum()) == pytest.approx(
+        solver.state_error(), rel=1e-4
+    )

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import GpuPlacement
+from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.streams.crop import DetectorCrop
 from hxn_liveptycho.util.validation import validation_problems
 
@@ -145,6 +146,11 @@ class Settings(BaseSettings):
     )
     live_interval_s: float = Field(
         default=2.0, gt=0.0, description="Least time between live snapshots written to Tiled."
+    )
+    live_quality: QualitySettings = Field(
+        default_factory=QualitySettings,
+        description="Quality maps and convergence flag sent with every snapshot "
+        "(LIVEPTYCHO_LIVE_QUALITY__<FIELD>).",
     )
     stream_timeout_s: float = Field(
         default=15.0, gt=0.0, description="How long after 'stop' to wait for late frames."

@@ -116,6 +116,9 @@ def _run_view(service: ServeService, run: dict[str, Any]) -> dict[str, Any]:
     if session is not None:
         view["version"] = _snapshot_version(session)
         view["has_mosaic"] = session.nn_snapshot() is not None
+        snap = session.latest_snapshot or {}
+        view["has_quality"] = snap.get("coverage") is not None
+        view["convergence"] = snap.get("convergence")
     return view
 
 

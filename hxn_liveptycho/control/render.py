@@ -19,7 +19,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "probe": ("magma", "probe amplitude"),
     "mosaic": ("viridis", "NN mosaic phase"),
     "error": ("", "error curve"),
+    "coverage": ("cividis", "illumination (coverage) map"),
+    "error_map": ("inferno", "data error map"),
+    "constrained": ("gray", "object amplitude where constrained"),
 }
+#: Pictures of the solver's quality maps: the snapshot's array of the same name.
+QUALITY_KINDS = ("coverage", "error_map")
 
 
 def picture_array(
@@ -34,12 +39,28 @@ def picture_array(
     if kind == "error":
         history = snapshot.get("error_history")
         return None if history is None or len(history) == 0 else np.asarray(history, float)
+    if kind in QUALITY_KINDS:
+        value = snapshot.get(kind)
+        return None if value is None else np.asarray(value, dtype=np.float32)
+    if kind == "constrained":
+        return _constrained_amplitude(snapshot)
     key = "probe" if kind == "probe" else "object"
     value = snapshot.get(key)
     if value is None:
         return None
     array = np.asarray(value)
     return np.angle(array) if kind == "phase" else np.abs(array)
+
+
+def _constrained_amplitude(snapshot: Mapping[str, Any]) -> np.ndarray | None:
+    """The object's amplitude where the data constrain it, NaN (drawn transparent)
+    elsewhere: what of the picture can be trusted yet."""
+    obj, mask = snapshot.get("object"), snapshot.get("constrained")
+    if obj is None or mask is None or np.shape(obj) != np.shape(mask):
+        return None
+    amplitude = np.abs(np.asarray(obj)).astype(np.float32)
+    amplitude[~np.asarray(mask, dtype=bool)] = np.nan
+    return amplitude
 
 
 def render_png(kind: str, array: np.ndarray) -> bytes:

@@ -16,6 +16,7 @@ from hxn_liveptycho.config.scan import EncoderConfig, ProbeGuess, RoiConfig, Sca
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
+from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.streams.crop import DetectorCrop
 
 _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
@@ -24,6 +25,11 @@ _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
         "Settings.gpu_placement (GpuPlacement)",
         GpuPlacement,
         "GPU per branch; environment variable `LIVEPTYCHO_GPU_PLACEMENT__<FIELD>`.",
+    ),
+    (
+        "Settings.live_quality (QualitySettings)",
+        QualitySettings,
+        "Live quality maps and convergence flag; `LIVEPTYCHO_LIVE_QUALITY__<FIELD>`.",
     ),
     (
         "Settings.eiger_crop (DetectorCrop)",

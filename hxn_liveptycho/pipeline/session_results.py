@@ -23,6 +23,7 @@ from hxn_liveptycho.pipeline.frame_gate import FrameGate
 from hxn_liveptycho.pipeline.result_sink import SinkFactory
 from hxn_liveptycho.pipeline.run_status import RunStatus
 from hxn_liveptycho.pipeline.session_report import SessionReport
+from hxn_liveptycho.store.container import quality_metadata
 
 
 class SessionResults(SessionReport):
@@ -101,7 +102,9 @@ class SessionResults(SessionReport):
             unpaired = self._assembler.unpaired_report() if self._assembler else {}
             if any(unpaired.values()):
                 self.log.warning("unpaired at the end: %s", unpaired)
-            self._sink.final(snapshot, self._metadata(status))
+            # The final state's convergence flag with the run's metadata, as each live
+            # write put the latest one there.
+            self._sink.final(snapshot, {**self._metadata(status), **quality_metadata(snapshot)})
         except Exception as exc:
             self.log.exception("final write failed")
             self._fail_write(f"final write failed: {type(exc).__name__}: {exc}")

@@ -105,6 +105,7 @@ class SolverLink:
                 params=config.recon,
                 expected_positions=config.num_points,
                 notify=self._notify,
+                quality=self._settings.live_quality,
             )
             backend = self.remote.backend
             self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))

@@ -110,8 +110,8 @@ class Convergence:
     tolerance: float
 
     def as_dict(self) -> dict[str, float | bool | int | None]:
-        """JSON-ready (a NaN rate is None), for metadata and the live page."""
-        rate = None if math.isnan(self.rate) else self.rate
+        """JSON-ready (a rate that is not finite is None), for metadata and the live page."""
+        rate = self.rate if math.isfinite(self.rate) else None
         return {
             "rate": rate,
             "converged": self.converged,

@@ -41,6 +41,7 @@ from hxn_liveptycho.errors import ConfigurationError, LivePtychoError
 from hxn_liveptycho.recon.frame_ring import FrameRing
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
+from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.recon.worker_child import WarmUp, WorkerInfo, child_main
 from hxn_liveptycho.util.children import start_spawned
 from hxn_liveptycho.util.counters import Counters
@@ -145,7 +146,10 @@ class SolverWorker:
         params: IterativeParams,
         expected_positions: int | None,
         notify: Callable[[], None] = lambda: None,
+        quality: QualitySettings | None = None,
     ) -> RemoteSolver:
+        """Open ``run_id`` on the solver process; its snapshots carry the quality maps and
+        convergence flag of ``quality`` (the defaults when None)."""
         with self._lock:
             if self._closed:
                 raise LivePtychoError("the solver process is closed")
@@ -167,6 +171,7 @@ class SolverWorker:
             "canvas_shape": tuple(canvas_shape),
             "params": params,
             "expected_positions": expected_positions,
+            "quality": quality or QualitySettings(),
         }
         try:
             self._send(("open", run_id, spec))

@@ -23,6 +23,7 @@ import numpy as np
 from hxn_liveptycho.recon.frame_ring import FrameRingReader
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement, Placement
+from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.util.children import LogToParent
 
 __all__ = ["WarmUp", "WorkerInfo", "child_main"]
@@ -65,6 +66,7 @@ class _ChildRun:
     last_progress: float = 0.0
     pass_ends: list[tuple[float, int]] = field(default_factory=list)
     params: IterativeParams = field(default_factory=IterativeParams)
+    quality: QualitySettings = field(default_factory=QualitySettings)
 
 
 class _Child:
@@ -174,7 +176,12 @@ class _Child:
         except BaseException:
             ring.close()
             raise
-        self.runs[run_id] = _ChildRun(solver=solver, ring=ring, params=spec["params"])
+        self.runs[run_id] = _ChildRun(
+            solver=solver,
+            ring=ring,
+            params=spec["params"],
+            quality=spec.get("quality") or QualitySettings(),
+        )
         logger.info(
             "solver started on %s for run %s",
             "CPU" if self.device is None else f"GPU {self.device}",
@@ -229,7 +236,7 @@ class _Child:
             now = time.monotonic()
             if run.snapshot_wanted:
                 self._progress(run_id, run, now)
-                self.send(("snapshot", run_id, self._snapshot(solver)))
+                self.send(("snapshot", run_id, self._snapshot(run)))
                 run.snapshot_wanted = False
             elif now - run.last_progress >= PROGRESS_INTERVAL_S:
                 self._progress(run_id, run, now)
@@ -246,15 +253,68 @@ class _Child:
         self.send(("progress", run_id, run.solver.iteration, new, ends, run.solver.n_positions))
 
     @staticmethod
-    def _snapshot(solver: Any) -> dict[str, Any]:
+    def _snapshot(run: _ChildRun) -> dict[str, Any]:
+        """The solver's state for the session, with its quality maps (:func:`quality_snapshot`):
+        computed here, at snapshot time only, so their forward pass never slows a pass."""
+        solver = run.solver
         snap = solver.snapshot() if solver.n_positions else {}
         snap["positions_px"] = np.asarray(solver.positions_px)
+        if solver.n_positions:
+            snap.update(quality_snapshot(solver, run.params, run.quality))
         return snap
 
     def _final(self, run_id: str, run: _ChildRun) -> None:
         self._progress(run_id, run, time.monotonic())
-        self.send(("final", run_id, self._snapshot(run.solver)))
+        self.send(("final", run_id, self._snapshot(run)))
         self._drop(run_id)
+
+
+def quality_snapshot(
+    solver: Any, params: IterativeParams, quality: QualitySettings
+) -> dict[str, Any]:
+    """The live quality of ``solver``'s state as host arrays for the snapshot: ``coverage``
+    (illumination), ``position_count``, ``constrained`` (uint8 mask), with
+    ``quality.error_map`` also ``position_errors`` and ``error_map``, and ``convergence``
+    (a dict, :meth:`~hxn_liveptycho.recon.quality.Convergence.as_dict`). Empty with
+    ``quality.maps`` off. A failure is logged and leaves the maps out: a picture without
+    them is better than no picture."""
+    from hxn_liveptycho.recon import quality as q
+    from hxn_liveptycho.recon.backend import to_host
+
+    history = list(solver.error_history)
+    out: dict[str, Any] = {
+        "convergence": q.convergence(
+            history, quality.convergence_window, quality.convergence_tolerance
+        ).as_dict()
+    }
+    if not quality.maps:
+        return out
+    try:
+        probes, positions = solver.probe_modes, solver.positions_px
+        shape = tuple(solver.object.shape)
+        dose = q.coverage(positions, probes, shape)
+        counts = q.position_count(positions, probes, shape, quality.footprint_fraction)
+        out["coverage"] = to_host(dose)
+        out["position_count"] = to_host(counts)
+        out["constrained"] = to_host(q.constrained_mask(counts, dose, quality)).astype(np.uint8)
+        if quality.error_map:
+            # The frames as the solver holds them (FFT order, cleaned, masked): no public
+            # view of them, and a copy of every frame for this would double their memory.
+            errors = q.position_errors(
+                solver.object_modes,
+                probes,
+                positions,
+                solver._amps[: solver.n_positions],
+                valid=solver._valid,
+                fft_order=True,
+                subpixel=params.subpixel_positions or params.position_refinement,
+                batch_size=params.batch_size,
+            )
+            out["position_errors"] = to_host(errors)
+            out["error_map"] = to_host(q.error_map(positions, errors, probes, shape))
+    except Exception:
+        logger.exception("solver: the quality maps failed; the snapshot goes without them")
+    return out
 
 
 def child_main(

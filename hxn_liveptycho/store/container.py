@@ -1,12 +1,15 @@
 """The processed container of one run: its key, its groups and the arrays each holds.
 
 Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
-``status``, parameters, counters)::
+``status``, parameters, counters, ``convergence`` of the latest snapshot)::
 
     live/          object_amplitude, object_phase, probe, error_history (views to look at:
-                   the complex object is in final/, and half the bytes reach Tiled sooner)
+                   the complex object is in final/, and half the bytes reach Tiled sooner),
+                   and the quality maps: coverage, position_count, constrained, error_map
+                   (when the solver sends them)
     final/         object, object_amplitude, object_phase, probe, positions_m, error_history
-                   (and probe_modes / object_modes when the solver has more than one)
+                   (and probe_modes / object_modes when the solver has more than one), and
+                   the final state's quality maps and position_errors
     diffraction/   amplitude (float16 sqrt(counts)), indices, positions_m: appended in
                    chunks while the run goes on, in arrival order (see store.diffraction)
     nn/            object, object_amplitude, object_phase, coverage (the NN branch's mosaic)
@@ -30,6 +33,11 @@ from hxn_liveptycho.store.arrays import Layout
 
 #: The arrays of ``live/``.
 OBJECT_KEYS = ("object_amplitude", "object_phase", "probe", "error_history")
+#: The quality maps of ``live/`` (and ``final/``), when the solver sends them
+#: (:func:`hxn_liveptycho.recon.worker_child.quality_snapshot`). The canvas fixes their
+#: shape; ``position_errors`` grows with the scan, so only ``final/`` holds it (one
+#: node made again per live write would cost more than the map that shows it).
+QUALITY_KEYS = ("coverage", "position_count", "constrained", "error_map")
 #: The arrays of ``nn/``.
 NN_KEYS = ("object", "object_amplitude", "object_phase", "coverage")
 #: The arrays of ``diffraction/``, one row per frame.
@@ -46,6 +54,13 @@ def with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays["object_amplitude"] = np.abs(arrays["object"]).astype(np.float32)
         arrays["object_phase"] = np.angle(arrays["object"]).astype(np.float32)
     return arrays
+
+
+def quality_metadata(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """The container metadata a snapshot's quality carries: its ``convergence`` (rate,
+    flag, window, tolerance), or nothing when the solver sent none."""
+    convergence = snapshot.get("convergence")
+    return {} if convergence is None else {"convergence": dict(convergence)}
 
 
 def key_part(text: str) -> str:

@@ -23,7 +23,9 @@ from hxn_liveptycho.store.container import (
     NN_KEYS,
     OBJECT_KEYS,
     PREPARED_KEYS,
+    QUALITY_KEYS,
     child,
+    quality_metadata,
     with_object_views,
 )
 
@@ -85,7 +87,7 @@ class ImageGroups:
         # there when the last of them is.
         _all_done(
             self._pool.submit(live.extend if key == "error_history" else live.put, key, arrays[key])
-            for key in OBJECT_KEYS
+            for key in OBJECT_KEYS + QUALITY_KEYS
             if key in arrays
         )
         layout = {
@@ -95,7 +97,11 @@ class ImageGroups:
             self._result_layout = layout
             self._final_prepared = False  # made ahead with an older layout: make again
         container.update_metadata(
-            metadata={"iteration": int(snapshot.get("iteration", 0)), "live_updated": time.time()},
+            metadata={
+                "iteration": int(snapshot.get("iteration", 0)),
+                "live_updated": time.time(),
+                **quality_metadata(snapshot),
+            },
             drop_revision=True,
         )
         self._timeline.setdefault("live_written", time.monotonic())

@@ -27,6 +27,7 @@ function showPictures(run) {
   for (const figure of document.querySelectorAll("#pictures figure")) {
     const kind = figure.dataset.kind;
     if (kind === "mosaic") figure.hidden = !run.has_mosaic;
+    if ("quality" in figure.dataset) figure.hidden = !run.has_quality;
     if (figure.hidden || !run.version) continue;
     const wanted = `${run.uid}/${run.version}`;
     if (shown[kind] === wanted) continue;
@@ -39,6 +40,17 @@ function showPictures(run) {
     };
     next.src = withToken(`api/runs/${run.uid}/images/${kind}.png?v=${encodeURIComponent(run.version)}`);
   }
+}
+
+// The convergence flag of the latest snapshot (recon.quality.convergence): the rule and its
+// numbers, so the scientist reads why, not only the verdict.
+function describeConvergence(convergence) {
+  if (!convergence) return "";
+  const window = `${convergence.window} iterations`;
+  if (convergence.rate == null) return `(convergence: too early, under ${window})`;
+  const percent = (100 * convergence.rate).toPrecision(2);
+  const verdict = convergence.converged ? "converged" : "still improving";
+  return `(${verdict}: ${percent} % per iteration over ${window})`;
 }
 
 function showRuns(runs) {
@@ -79,6 +91,7 @@ function update(state) {
   if (!run) return;
   text("run-title", `Scan ${run.scan_id} (${run.uid.slice(0, 8)})`);
   text("run-progress", describe(run));
+  text("run-convergence", describeConvergence(run.convergence));
   showPictures(run);
 }
 
