@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = (
-    pytest.mark.slow
-)  # the whole dry run in a subprocess: longer than the default run allows
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FIELDS = (
     "positions",
