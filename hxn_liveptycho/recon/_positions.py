@@ -168,6 +168,8 @@ def apply_model_shifts(s: StreamingSolver) -> None:
     the current model. Last, as without a model, the positions stay inside the
     canvas, move at most ``max_position_step_px`` (except that jump) and keep
     their mean at the measured mean (a global translation is not observable).
+    The step bound wins over the model: a model that moves faster than it is
+    followed over several passes.
     """
     xp, p, m = s._xp, s.params, s._n_active
     degree = _drift_degree(s)
@@ -197,14 +199,17 @@ def apply_model_shifts(s: StreamingSolver) -> None:
         residual = step - explained
         target = start + p.position_model_gain * explained + p.position_residual_gain * residual
     total = _fit_or_none(meas, target, degree)
-    if total is not None:
-        model = total.predict(meas, np.arange(m))
-        bound = p.max_position_shift_px
-        target = model + np.clip(target - model, -bound, bound)
+    # Too few positions for a model: held near the measured ones, as without a model.
+    model = meas if total is None else total.predict(meas, np.arange(m))
+    bound = p.max_position_shift_px
+    target = model + np.clip(target - model, -bound, bound)
     h, w = s._shape
     limit = np.array([h - s._n, w - s._n], dtype=np.float64)
     max_step = np.where(fresh, np.inf, p.max_position_step_px)[:, None]
-    new = constrain_drift(old - meas, target - old, -meas, limit[None] - meas, max_step, np.inf, np)
+    max_shift = bound if total is None else np.inf  # the model's rest is bounded above
+    new = constrain_drift(
+        old - meas, target - old, -meas, limit[None] - meas, max_step, max_shift, np
+    )
     s._pos[:m] = xp.asarray(meas + new)
     s._pos_host = meas + new
     s._shift[:m] = 0
