@@ -418,6 +418,54 @@ def run_ptychi(
     return trace, setup
 
 
+def build_report(
+    args: argparse.Namespace,
+    common: dict[str, Any],
+    runs: list[tuple[dict[str, Any], Trace]],
+    ptychi_trace: Trace | None,
+    ptychi_info: dict[str, Any],
+    ptychi_reason: str | None,
+    comparison: list[dict[str, Any]],
+    scored: bool,
+) -> dict[str, Any]:
+    """The run's report; before the object errors are ``scored``, the timed runs' lengths only
+    (written first, so that a run cut short in the scoring still leaves its timings)."""
+    ptychi_summary = summary(ptychi_trace) if ptychi_trace and scored else {}
+    results = []
+    for case, trace in runs:
+        if not scored:
+            results.append({**common, **case, "iterations": len(trace.seconds)})
+            results[-1]["seconds_total"] = trace.seconds[-1]
+            continue
+        row = {**common, **case, **summary(trace)}
+        row["ptychi_seconds_to_0.03"] = ptychi_summary.get("seconds_to_0.03")
+        if ptychi_trace is None:
+            row["reason_ptychi"] = ptychi_reason
+        elif row["ptychi_seconds_to_0.03"] is None:
+            row["reason_ptychi"] = ptychi_summary.get("reason_0.03")
+        elif row["seconds_to_0.03"]:
+            row["ptychi_over_ours_to_0.03"] = row["ptychi_seconds_to_0.03"] / row["seconds_to_0.03"]
+        results.append(row)
+    ptychi = {**ptychi_info, **ptychi_summary}
+    if ptychi_reason:
+        ptychi["reason"] = ptychi_reason
+    else:
+        ptychi.update(algorithm="lsqml", batch=args.ptychi_batch, epochs=args.ptychi_epochs)
+    return {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        **common,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "timing": "from the first frame, the device synchronised after each timed step; the object "
+        "copies and their error evaluation are outside the timed time, for both tools; a warm-up "
+        "(kernels compiled, FFT plans made) precedes each clock",
+        "object_errors_scored": scored,
+        "cases": results,
+        "ptychi": ptychi,
+        "data_error_comparison": comparison,
+    }
+
+
 # ---------------------------------------------------------------- driver
 def device(backend: str) -> Device:
     if backend == "numpy":
@@ -618,6 +666,27 @@ def main() -> None:
     if ptychi_reason:
         log.info("pty-chi part skipped: %s", ptychi_reason)
 
+    common: dict[str, Any] = {
+        "positions": sample.num_points,
+        "frame_shape": [args.window, args.window],
+        "device": dev.name,
+        "date": date,
+    }
+    if args.backend == "cupy":
+        common["cupy"] = dev.xp.__version__
+    for row in comparison:
+        log.info(
+            "data error after %d iterations, %d modes: %s",
+            row["iterations"],
+            row["modes"],
+            json.dumps({k: v for k, v in row.items() if k not in ("iterations", "modes")}),
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            partial = build_report(
+                args, common, runs, ptychi_trace, ptychi_info, ptychi_reason, comparison, False
+            )
+            json.dump(partial, f, indent=2)
     traces = [t for _, t in runs] + ([ptychi_trace] if ptychi_trace else [])
     log.info("timed work done at %.1f s; evaluating object errors", time.perf_counter() - wall)
     # One thread per worker: the workers fill the cores, a BLAS thread pool each would
@@ -641,54 +710,16 @@ def main() -> None:
             per_round=max(1, args.eval_workers // (len(TARGETS) * max(1, len(traces)))),
         )
 
-    ptychi_summary = summary(ptychi_trace) if ptychi_trace else {}
-    if ptychi_trace:
-        ptychi_info.update(ptychi_summary)
-    common = {
-        "positions": sample.num_points,
-        "frame_shape": [args.window, args.window],
-        "device": dev.name,
-        "date": date,
-    }
-    results = []
-    for case, trace in runs:
-        row = {**common, **case, **summary(trace)}
-        row["ptychi_seconds_to_0.03"] = ptychi_summary.get("seconds_to_0.03")
-        if ptychi_trace is None:
-            row["reason_ptychi"] = ptychi_reason
-        elif row["ptychi_seconds_to_0.03"] is None:
-            row["reason_ptychi"] = ptychi_summary.get("reason_0.03")
-        elif row["seconds_to_0.03"]:
-            row["ptychi_over_ours_to_0.03"] = row["ptychi_seconds_to_0.03"] / row["seconds_to_0.03"]
-        results.append(row)
-    report = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        **common,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "timing": "from the first frame, the device synchronised after each timed step; the object "
-        "copies and their error evaluation are outside the timed time, for both tools; a warm-up "
-        "(kernels compiled, FFT plans made) precedes each clock",
-        "cases": results,
-        "ptychi": {**ptychi_info, "reason": ptychi_reason}
-        if ptychi_reason
-        else {
-            **ptychi_info,
-            "algorithm": "lsqml",
-            "batch": args.ptychi_batch,
-            "epochs": args.ptychi_epochs,
-        },
-        "data_error_comparison": comparison,
-        "copies_scored": sum(len(t.errors) for t in traces),
-        "scoring_seconds": time.perf_counter() - scoring,
-        "benchmark_wall_seconds": time.perf_counter() - wall,
-    }
-    if args.backend == "cupy":
-        report["cupy"] = dev.xp.__version__
+    report = build_report(
+        args, common, runs, ptychi_trace, ptychi_info, ptychi_reason, comparison, scored=True
+    )
+    report["copies_scored"] = sum(len(t.errors) for t in traces)
+    report["scoring_seconds"] = time.perf_counter() - scoring
+    report["benchmark_wall_seconds"] = time.perf_counter() - wall
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
-    for row in results:
+    for row in report["cases"]:
         log.info(
             "%s | %s | to 0.05: %s s | to 0.03: %s s | pty-chi to 0.03: %s s",
             row["schedule"],
@@ -696,13 +727,6 @@ def main() -> None:
             row["seconds_to_0.05"],
             row["seconds_to_0.03"],
             row["ptychi_seconds_to_0.03"],
-        )
-    for row in comparison:
-        log.info(
-            "data error after %d iterations, %d modes: %s",
-            row["iterations"],
-            row["modes"],
-            json.dumps({k: v for k, v in row.items() if k not in ("iterations", "modes")}),
         )
     log.info("done in %.1f s", report["benchmark_wall_seconds"])
 
