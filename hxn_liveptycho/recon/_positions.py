@@ -182,14 +182,14 @@ def apply_model_shifts(s: StreamingSolver) -> None:
     )
     start = old.copy()
     fresh = ~np.any(old != meas, axis=1)
+    current = None
     if fresh.any() and not fresh.all():
         current = _fit_or_none(meas, old, degree, weights=(~fresh).astype(np.float64))
-        if current is not None:
-            frames = np.flatnonzero(fresh)
-            start[fresh] = current.predict(meas[fresh], frames)
-            step[fresh] = 0.0  # estimated at the old place: stale once the position jumped
-    else:
+    if current is None:  # nothing refined yet, or too little to fit: all move alike
         fresh[:] = False
+    else:
+        start[fresh] = current.predict(meas[fresh], np.flatnonzero(fresh))
+        step[fresh] = 0.0  # estimated at the old place: stale once the position jumped
     pooled = _fit_or_none(meas, meas + step, degree, weights=(~fresh).astype(np.float64))
     if pooled is None:
         target = start + step
