@@ -61,6 +61,7 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         assert final["coverage"].read().shape == final["object"].shape
         assert final["position_errors"].read().shape == (sample.num_points,)
         assert set(md["convergence"]) == {"rate", "converged", "window", "tolerance"}
+        assert md["live_quality"]["maps"] and md["live_quality"]["error_map"]
         assert final["object"].read().dtype == np.complex64
         assert final["probe"].read().shape == (128, 128)
         positions = final["positions_m"].read()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
@@ -213,3 +214,23 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
         publisher._socket.setsockopt(zmq.LINGER, 0)  # see tests/test_serve.py
         publisher.close()
         serve.close()
+
+
+def test_quality_pictures_come_from_the_snapshot_maps():
+    """The quality pictures show the snapshot's maps; the constrained amplitude is blank
+    (NaN, drawn transparent) where the data do not constrain the object."""
+    from hxn_liveptycho.control.render import picture_array, render_png
+
+    obj = np.full((6, 8), 2.0 + 0j, dtype=np.complex64)
+    mask = np.zeros((6, 8), dtype=np.uint8)
+    mask[1:4, 2:6] = 1
+    coverage = np.arange(48, dtype=np.float32).reshape(6, 8)
+    snapshot = {"object": obj, "constrained": mask, "coverage": coverage}
+    assert picture_array("error_map", snapshot, None) is None  # maps off: no picture
+    np.testing.assert_array_equal(picture_array("coverage", snapshot, None), coverage)
+    shown = picture_array("constrained", snapshot, None)
+    assert shown is not None
+    np.testing.assert_array_equal(np.isnan(shown), mask == 0)
+    assert np.all(shown[mask == 1] == 2.0)
+    assert render_png("constrained", shown).startswith(b"\x89PNG")
+    assert picture_array("constrained", {"object": obj}, None) is None

@@ -232,3 +232,20 @@ def test_position_errors_add_up_to_the_solvers_state_error(whole_pixels: bool) -
     assert float((errors * power).sum() / power.sum()) == pytest.approx(
         solver.state_error(), rel=1e-4
     )
+
+
+def test_live_layout_makes_the_maps_the_solver_will_send_ahead() -> None:
+    """live/ is made ahead with the quality maps its recorded settings turn on, and only those."""
+    from hxn_liveptycho.store.container import live_layout
+
+    canvas = {"shape": [40, 50], "window": 16}
+    on = live_layout({"canvas": canvas, "live_quality": QualitySettings().model_dump()})
+    assert on["coverage"] == ((40, 50), np.dtype(np.float32))
+    assert on["position_count"] == ((40, 50), np.dtype(np.int32))
+    assert on["constrained"] == ((40, 50), np.dtype(np.uint8))
+    assert on["error_map"] == ((40, 50), np.dtype(np.float32))
+    no_errors = QualitySettings(error_map=False).model_dump()
+    assert "error_map" not in live_layout({"canvas": canvas, "live_quality": no_errors})
+    off = live_layout({"canvas": canvas, "live_quality": QualitySettings(maps=False).model_dump()})
+    assert set(off) == {"object_amplitude", "object_phase", "probe"}
+    assert set(live_layout({"canvas": canvas})) == set(off)

@@ -124,6 +124,7 @@ class SessionReport:
             "placement": None if self.placement is None else self.placement.as_metadata(),
             "counters": self._all_counters(),
             "pairing": self._pairing_report(),
+            "live_quality": self._solver.quality.model_dump(mode="json"),
         }
         if self.reason:
             md["reason"] = self.reason

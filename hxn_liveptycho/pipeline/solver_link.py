@@ -19,6 +19,7 @@ import numpy as np
 from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ class SolverLink:
         self._dropped_passes: list[tuple[float, int]] = []
 
     @property
+    def quality(self) -> QualitySettings:
+        """The quality maps the solver sends with each snapshot (the container records it:
+        what ``constrained`` was decided on, and which maps ``live/`` is made ahead with)."""
+        return self._settings.live_quality
+
+    @property
     def fed(self) -> bool:
         """Whether the solver holds frames and is usable, so its final state is worth a wait."""
         return self.remote is not None and self.remote.added > 0 and self.failure is None
@@ -105,7 +112,7 @@ class SolverLink:
                 params=config.recon,
                 expected_positions=config.num_points,
                 notify=self._notify,
-                quality=self._settings.live_quality,
+                quality=self.quality,
             )
             backend = self.remote.backend
             self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))

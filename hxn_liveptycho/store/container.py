@@ -78,17 +78,27 @@ def container_key(metadata: Mapping[str, Any]) -> str:
 
 
 def live_layout(metadata: Mapping[str, Any]) -> Layout:
-    """``live/``'s arrays as the run's canvas fixes them (empty when it does not say)."""
+    """``live/``'s arrays as the run's canvas fixes them (empty when it does not say), with
+    the quality maps its ``live_quality`` says the solver sends."""
     canvas = metadata.get("canvas") or {}
     shape, window = canvas.get("shape"), canvas.get("window")
     if not shape or not window:
         return {}
     real, cplx = np.dtype(np.float32), np.dtype(np.complex64)
-    return {
-        "object_amplitude": (tuple(int(n) for n in shape), real),
-        "object_phase": (tuple(int(n) for n in shape), real),
+    canvas_shape = tuple(int(n) for n in shape)
+    layout: Layout = {
+        "object_amplitude": (canvas_shape, real),
+        "object_phase": (canvas_shape, real),
         "probe": ((int(window), int(window)), cplx),
     }
+    quality = metadata.get("live_quality") or {}
+    if quality.get("maps"):  # the maps the solver will send (recon.quality.QualitySettings)
+        layout["coverage"] = (canvas_shape, real)
+        layout["position_count"] = (canvas_shape, np.dtype(np.int32))
+        layout["constrained"] = (canvas_shape, np.dtype(np.uint8))
+        if quality.get("error_map"):
+            layout["error_map"] = (canvas_shape, real)
+    return layout
 
 
 def catalog_node(root: Any, parts: Sequence[str]) -> Any:
