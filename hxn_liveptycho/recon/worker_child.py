@@ -130,6 +130,9 @@ class _Child:
                 solver.add(amplitudes, where)
                 solver.iterate(2)
                 solver.snapshot()
+                # The quality maps' kernels and FFT plans too: the first live snapshot
+                # would otherwise compile them.
+                quality_snapshot(solver, params, QualitySettings())
                 del solver
         with contextlib.suppress(Exception):
             xp.get_default_memory_pool().free_all_blocks()
