@@ -42,10 +42,6 @@ __all__ = [
     "window_corners",
 ]
 
-#: Pixels whose summed probe weight is below this fraction of the map's largest carry no
-#: error in :func:`error_map` (0 there): no position says anything about them.
-ERROR_MAP_WEIGHT_FLOOR = 1e-3
-
 
 class QualitySettings(BaseModel):
     """The live quality maps and convergence flag sent with every snapshot."""
@@ -68,7 +64,8 @@ class QualitySettings(BaseModel):
         gt=0.0,
         lt=1.0,
         description="A pixel is inside a position's probe footprint where the probe's "
-        "intensity sum_k |P_k|^2 is above this fraction of its maximum (a fraction, 0-1).",
+        "intensity sum_k |P_k|^2 is above this fraction of its maximum (a fraction, 0-1); "
+        "the error map leaves out (0) pixels lit by less than this in all.",
     )
     min_positions: int = Field(
         2,
@@ -259,13 +256,19 @@ def position_errors(
 
 
 def error_map(
-    positions_px: Any, errors: Any, probe_modes: Any, canvas_shape: tuple[int, int]
+    positions_px: Any,
+    errors: Any,
+    probe_modes: Any,
+    canvas_shape: tuple[int, int],
+    *,
+    min_weight: float = 0.1,
 ) -> Any:
     """The per-position ``errors`` spread over the canvas (H, W) float32: at each pixel the
     average of the errors of the positions that light it, weighted by each one's probe
-    intensity there, ``sum_j e_j w_j / sum_j w_j`` with ``w = sum_k |P_k|^2``. A bad frame
-    or a settling row shows where it is; pixels no position lights (summed weight below
-    :data:`ERROR_MAP_WEIGHT_FLOOR` of the largest) are 0."""
+    intensity there, ``sum_j e_j w_j / sum_j w_j`` with ``w = sum_k |P_k|^2 / max``. A bad
+    frame or a settling row shows where it is. Pixels lit by less than ``min_weight`` of
+    one probe's peak in all (only the probe's faint tails reach them, and their average
+    would be noise) are 0."""
     xp = array_namespace(probe_modes, errors)
     intensity = _intensity(probe_modes, xp)
     intensity = intensity / xp.maximum(xp.max(intensity), 1e-30)
@@ -276,7 +279,7 @@ def error_map(
     scatter_add_windows(weights, corners, intensity, xp)
     values = xp.asarray(errors, dtype=xp.float32)[:, None, None] * intensity[None]
     scatter_add_windows(weighted, corners, xp.ascontiguousarray(values), xp)
-    lit = weights > ERROR_MAP_WEIGHT_FLOOR * xp.max(weights) if weights.size else weights > 0
+    lit = weights >= min_weight
     return xp.where(lit, weighted / xp.maximum(weights, 1e-30), 0).astype(xp.float32)
 
 

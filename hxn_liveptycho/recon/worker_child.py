@@ -314,7 +314,10 @@ def quality_snapshot(
                 batch_size=params.batch_size,
             )
             out["position_errors"] = to_host(errors)
-            out["error_map"] = to_host(q.error_map(positions, errors, probes, shape))
+            emap = q.error_map(
+                positions, errors, probes, shape, min_weight=quality.footprint_fraction
+            )
+            out["error_map"] = to_host(emap)
     except Exception:
         logger.exception("solver: the quality maps failed; the snapshot goes without them")
     return out
