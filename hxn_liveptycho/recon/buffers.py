@@ -7,19 +7,24 @@ of its state count what it holds, check a growth before it happens, and make roo
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import memory
-from hxn_liveptycho.recon._batch import grow
+from hxn_liveptycho.recon._batch import WHOLE_PIXEL_TOL, grow
+from hxn_liveptycho.recon._modes import orthogonalize_modes
 from hxn_liveptycho.recon.backend import (
     is_cupy,
 )
 
 if TYPE_CHECKING:
     from hxn_liveptycho.recon.iterative import StreamingSolver
+
+#: The solver's own logger: a clipped position is the solver's news.
+log = logging.getLogger("hxn_liveptycho.recon.iterative")
 
 
 def object_modes_from(s: StreamingSolver, first: Any) -> Any:
@@ -102,3 +107,62 @@ def reserve(s: StreamingSolver, needed: int) -> None:
     s._shift = grow(s._shift, want, xp, exact=True)
     if s._dm_waves is not None:
         s._dm_waves = grow(s._dm_waves, want, xp, exact=True)
+
+
+def clip_positions(s: StreamingSolver, pos: np.ndarray) -> np.ndarray:
+    """``pos`` (k, 2) with every window inside the canvas (clipped in, counted and logged),
+    and whole pixels up to float noise made whole; notes whether the probe must now be
+    shifted per position (a sub-pixel part the data have, when the settings allow it)."""
+    (h, w), n, k = s._shape, s._n, pos.shape[0]
+    hi = np.array([h - n, w - n], dtype=np.float64)
+    clipped = np.clip(pos, 0.0, hi)
+    n_clip = int(np.any(np.abs(np.rint(clipped) - np.rint(pos)) > 0, axis=1).sum())
+    if n_clip:
+        s.clipped_positions += n_clip
+        log.warning(
+            "%d of %d positions put the window outside the %dx%d canvas; clipped in "
+            "(%d clipped so far)",
+            n_clip,
+            k,
+            h,
+            w,
+            s.clipped_positions,
+        )
+    # Whole pixels up to float noise are whole pixels (no probe shift needed for them).
+    whole = np.rint(clipped)
+    clipped = np.where(np.abs(clipped - whole) < WHOLE_PIXEL_TOL, whole, clipped)
+    if not s._subpixel and s.params.subpixel_positions and np.any(clipped != whole):
+        s._subpixel = True
+    return clipped
+
+
+def append_frames(s: StreamingSolver, amps: Any, clipped: np.ndarray) -> None:
+    """Store ``amps`` (k, n, n; zero frequency at the centre) and their ``clipped``
+    positions after the active ones, growing the buffers first (refused, keeping what was
+    there, when that would not fit). The first frames also fix the probe's power: the
+    mean measured total, ``sum_k |fft2 P_k|^2 = n^2 sum_k |P_k|^2``."""
+    xp, n, k = s._xp, s._n, clipped.shape[0]
+    start, stop = s._n_active, s._n_active + k
+    reserve(s, stop)
+    # Into the buffer directly (one temporary of the chunk's size); the input stays untouched.
+    stored = s._amps[start:stop]
+    stored[...] = xp.fft.ifftshift(amps, axes=(-2, -1))
+    xp.copyto(stored, 0, where=~xp.isfinite(stored))
+    xp.maximum(stored, 0, out=stored)
+    if s._valid is not None:
+        stored *= s._valid
+    dev = xp.asarray(clipped)
+    s._pos[start:stop] = dev
+    s._pos_host = np.concatenate([s._pos_host[:start], clipped])
+    s._meas[start:stop] = dev
+    s._shift[start:stop] = 0
+    power = xp.sum(stored**2)
+    s._amp_power = s._amp_power + power
+    s._n_active = stop
+    if s._probe_power is None:
+        target = power / (k * n * n)
+        current = xp.sum(s._probes.real**2 + s._probes.imag**2)
+        s._probes *= xp.sqrt(target / current).astype(xp.complex64)
+        s._probe_power = target.astype(xp.float32)
+        if s._probes.shape[0] > 1:
+            s._probes, _ = orthogonalize_modes(s._probes, xp)

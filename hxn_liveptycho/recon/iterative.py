@@ -30,11 +30,9 @@ import numpy as np
 
 from hxn_liveptycho.recon import _fft_lines as fft_lines
 from hxn_liveptycho.recon import buffers, forward, pass_end
-from hxn_liveptycho.recon._batch import (
-    WHOLE_PIXEL_TOL,
-)
-from hxn_liveptycho.recon._modes import initial_modes, orthogonalize_modes
+from hxn_liveptycho.recon._modes import initial_modes
 from hxn_liveptycho.recon._momentum import Momentum
+from hxn_liveptycho.recon._positions import position_model_entries
 from hxn_liveptycho.recon.backend import (
     array_namespace,
     is_cupy,
@@ -270,6 +268,9 @@ class StreamingSolver:
             snap["probe_modes"] = to_host(self._probes).copy()
         if self._objects.shape[0] > 1:
             snap["object_modes"] = to_host(self._objects).copy()
+        # The global position model's fit (recon.position_model), when one is used: in pixels;
+        # the pipeline adds the metres from the run's pixel size.
+        snap.update(position_model_entries(self))
         return snap
 
     # ------------------------------------------------------------------ memory
@@ -314,60 +315,9 @@ class StreamingSolver:
             return self._n_active
         if not np.all(np.isfinite(pos)):
             raise ValueError("positions contain NaN or inf")
-        h, w = self._shape
-        hi = np.array([h - n, w - n], dtype=np.float64)
-        clipped = np.clip(pos, 0.0, hi)
-        n_clip = int(np.any(np.abs(np.rint(clipped) - np.rint(pos)) > 0, axis=1).sum())
-        if n_clip:
-            self.clipped_positions += n_clip
-            log.warning(
-                "%d of %d positions put the window outside the %dx%d canvas; clipped in "
-                "(%d clipped so far)",
-                n_clip,
-                k,
-                h,
-                w,
-                self.clipped_positions,
-            )
-        # Whole pixels up to float noise are whole pixels (no probe shift needed for them).
-        whole = np.rint(clipped)
-        clipped = np.where(np.abs(clipped - whole) < WHOLE_PIXEL_TOL, whole, clipped)
-        if not self._subpixel and self.params.subpixel_positions and np.any(clipped != whole):
-            self._subpixel = True
-
-        start, stop = self._n_active, self._n_active + k
-        buffers.reserve(self, stop)
-        # Into the buffer directly (one temporary of the chunk's size); the input stays untouched.
-        stored = self._amps[start:stop]
-        stored[...] = xp.fft.ifftshift(amps, axes=(-2, -1))
-        xp.copyto(stored, 0, where=~xp.isfinite(stored))
-        xp.maximum(stored, 0, out=stored)
-        if self._valid is not None:
-            stored *= self._valid
-        dev = xp.asarray(clipped)
-        self._pos[start:stop] = dev
-        self._pos_host = np.concatenate([self._pos_host[:start], clipped])
-        self._meas[start:stop] = dev
-        self._shift[start:stop] = 0
-        power = xp.sum(stored**2)
-        self._amp_power = self._amp_power + power
-        self._n_active = stop
-
-        if self._probe_power is None:
-            # sum_k |fft2 P_k|^2 = n^2 sum_k |P_k|^2 should equal the mean measured total.
-            target = power / (k * n * n)
-            current = xp.sum(self._probes.real**2 + self._probes.imag**2)
-            self._probes *= xp.sqrt(target / current).astype(xp.complex64)
-            self._probe_power = target.astype(xp.float32)
-            if self._probes.shape[0] > 1:
-                self._probes, _ = orthogonalize_modes(self._probes, xp)
+        buffers.append_frames(self, amps, buffers.clip_positions(self, pos))
         return self._n_active
 
-    # ------------------------------------------------------------------ batches
-    # ------------------------------------------------------------------ positions
-    # ------------------------------------------------------------------ ePIE
-    # ------------------------------------------------------------------ LSQ-ML
-    # ------------------------------------------------------------------ DM
     # ------------------------------------------------------------------ driver
     def iterate(self, n: int = 1) -> float:
         """Run ``n`` passes over all active positions; return the last pass's running error.
