@@ -15,13 +15,16 @@ objects. The score is :func:`~hxn_liveptycho.recon.metrics.object_error`
 against the phantom on the well-lit region, after each pass; the time is
 the solver's own (the seed's making included, the metric's excluded). The
 network's time is reported apart: live, it runs beside the solver in its
-own process.
+own process. With ``--crop 256``: a 256² crop of the same beamline (same
+zone plate and beam, step 18 px of the halved pixel), of which the model
+sees the central 128² (the crop rule), its patches at twice the canvas
+pixel.
 
 All frames at once (``all``):
 
 - ``flat``: the solver's default start, transmission 1;
 - ``hard``: the scaled mosaic wherever it has any coverage, flat elsewhere;
-- ``blend``: :func:`~hxn_liveptycho.nn.seed.seed_object`, the scaled mosaic
+- ``blend``: :func:`~hxn_liveptycho.recon.object_seed.seed_object`, the scaled mosaic
   weighted by its coverage up to ``full_coverage`` 1 (one patch centre);
 - ``blend 3``: the same, full weight only at coverage 3;
 - ``blend unscaled``: the blend of the raw mosaic (no fitted scale).
@@ -41,8 +44,9 @@ the frame rate on its GPU):
   after the solver's first pass over it: flat at the start, then after
   each chunk's first pass the mosaic fills where the solver is still young,
   each position's light weighted by the passes it has had over ``M``
-  (:func:`~hxn_liveptycho.nn.seed.reseed_young_region`; ``late 1``: only where it has
-  had none, which after a pass is nowhere the chunk reached).
+  (:func:`~hxn_liveptycho.recon.object_seed.reseed_young_region`; ``late 1``:
+  only where it has had none, which after a pass is nowhere the chunk
+  reached).
 """
 
 from __future__ import annotations
@@ -62,37 +66,67 @@ from hxn_liveptycho.nn.backends import OnnxRuntimeBackend
 from hxn_liveptycho.nn.core import BranchCore
 from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule
-from hxn_liveptycho.nn.seed import reliability, reseed_young_region, seed_object
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
+from hxn_liveptycho.recon.object_seed import reliability, reseed_young_region, seed_object
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
+from hxn_liveptycho.sim.optics import make_probe
 
-WINDOW = 128
-FOOTPRINT = 0.28 * WINDOW  # the beam's footprint the run's config gives the probe guess
+MODEL_INPUT = 128  # the shipped model's crop
 
 
-def make_scan(photons: float, seed: int, points: int) -> SimulatedSample:
-    return SimulatedSample(
-        SimulatedBeamline(x_num=points, y_num=points, seed=seed, photons_per_frame=photons)
+def footprint(crop: int) -> float:
+    """The beam's footprint (canvas pixels) the run's config gives the probe guess."""
+    return 0.28 * crop
+
+
+def make_scan(photons: float, seed: int, points: int, crop: int) -> SimulatedSample:
+    """An HXN-like scan at ``crop``: at 256², the 128² beamline's zone plate and beam (HXN's
+    optics do not change with the crop), step 18 px of the halved pixel, so the same area
+    as at 128² (benchmarks/nn_resample_quality.py's ``256 same optics``)."""
+    if crop == MODEL_INPUT:
+        beamline = SimulatedBeamline(
+            x_num=points, y_num=points, seed=seed, photons_per_frame=photons
+        )
+        return SimulatedSample(beamline)
+    factor = crop // MODEL_INPUT
+    beamline = SimulatedBeamline.for_window(
+        crop,
+        x_num=points,
+        y_num=points,
+        step_px=9.0 * factor,
+        jitter_px=0.6 * factor,
+        seed=seed,
+        photons_per_frame=photons,
     )
+    sample = SimulatedSample(beamline)
+    sample.probe = make_probe(
+        crop,
+        pixel_size_m=beamline.pixel_size_m,
+        wavelength_m=beamline.wavelength_m,
+        outer_radius_px=0.22 * MODEL_INPUT,
+    )
+    return sample
 
 
 def nn_mosaics(
     sample: SimulatedSample, amplitudes: np.ndarray, chunk: int, threads: int
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """The branch's (mosaic, coverage) after each chunk of frames, and its seconds."""
+    """The branch's (mosaic, coverage) after each chunk of frames, and its seconds; a larger
+    crop than the model's is cropped to it (the rule ``auto`` takes for these optics)."""
     model = ModelRegistry(None).get(DEFAULT_MODEL)
     backend = OnnxRuntimeBackend(model.path, model.io(), threads=threads)
-    core = BranchCore(
-        backend, InputRule(WINDOW, WINDOW), canvas_shape=sample.object.shape, window=WINDOW
-    )
+    crop = amplitudes.shape[-1]
+    rule = InputRule(crop, MODEL_INPUT)
+    core = BranchCore(backend, rule, canvas_shape=sample.object.shape, window=crop)
     began = time.perf_counter()
-    core.probe = initial_probe(amplitudes[:chunk], footprint_px=FOOTPRINT)
+    core.probe = initial_probe(amplitudes[:chunk], footprint_px=footprint(crop))
     out = []
     for start in range(0, len(amplitudes), chunk):
-        core.process(amplitudes[start : start + chunk], sample.positions_px[start : start + chunk])
+        frames = rule.frames(amplitudes[start : start + chunk])
+        core.process(frames, sample.positions_px[start : start + chunk])
         snap = core.snapshot()
         assert snap is not None
         out.append((snap["object"], snap["coverage"]))
@@ -234,19 +268,20 @@ def main() -> None:
     parser.add_argument("--passes-per-chunk", type=int, default=2)
     parser.add_argument("--tail", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=MODEL_INPUT, choices=(128, 256))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cases = []
     for photons in (float(p) for p in args.photons.split(",")):
-        sample = make_scan(photons, args.seed, args.points)
+        sample = make_scan(photons, args.seed, args.points, args.crop)
         amplitudes = np.sqrt(sample.intensities)
-        probe = initial_probe(amplitudes, footprint_px=FOOTPRINT)
+        probe = initial_probe(amplitudes, footprint_px=footprint(args.crop))
         whole, nn_seconds = nn_mosaics(sample, amplitudes, len(amplitudes), args.threads)
         for variant in ("flat", "hard", "blend", "blend 3", "blend unscaled"):
             points = run_all(sample, amplitudes, probe, variant, whole[-1], args.iterations)
             cases.append({"photons": photons, "mode": "all", "variant": variant, "trace": points})
         mosaics, _ = nn_mosaics(sample, amplitudes, args.chunk, args.threads)
-        first_probe = initial_probe(amplitudes[: args.chunk], footprint_px=FOOTPRINT)
+        first_probe = initial_probe(amplitudes[: args.chunk], footprint_px=footprint(args.crop))
         for variant in ("flat", "start", "each chunk", "late 1", "late 4", "late 8"):
             points = run_stream(
                 sample,

@@ -10,15 +10,15 @@ from hxn_liveptycho.nn.backends import OnnxRuntimeBackend
 from hxn_liveptycho.nn.core import BranchCore
 from hxn_liveptycho.nn.registry import ModelRegistry
 from hxn_liveptycho.nn.resample import InputRule
-from hxn_liveptycho.nn.seed import (
+from hxn_liveptycho.recon.iterative import StreamingSolver
+from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
+from hxn_liveptycho.recon.object_seed import (
     illumination,
     maturity,
     reliability,
     reseed_young_region,
     seed_object,
 )
-from hxn_liveptycho.recon.iterative import StreamingSolver
-from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.recon.probe import initial_probe
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
 

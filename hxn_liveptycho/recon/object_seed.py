@@ -34,6 +34,11 @@ Three things make the mosaic a usable start:
   :func:`reseed_young_region`); counting only whether a position is lit
   would leave nothing to seed.
 
+It sits in ``recon``, not ``nn``, because a live run applies it in the
+solver's process (:mod:`~hxn_liveptycho.recon.worker_child`), on the
+solver's own object, and ``recon`` imports nothing of ``nn``: all it needs of
+the branch is the mosaic and coverage arrays of its snapshot.
+
 Pure and over ``xp``: NumPy or CuPy arrays in; the result is CuPy when any input is.
 """
 
