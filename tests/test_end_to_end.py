@@ -62,6 +62,12 @@ def test_live_scan_lands_in_embedded_tiled_and_matches_phantom(RE, hxn_detectors
         assert final["position_errors"].read().shape == (sample.num_points,)
         assert set(md["convergence"]) == {"rate", "converged", "window", "tolerance"}
         assert md["live_quality"]["maps"] and md["live_quality"]["error_map"]
+        # The error of the state written beside the last pass's running error: the same
+        # forward model, so close, and each the per-position errors' power-weighted mean.
+        errors = final["position_errors"].read()
+        assert 0 < md["state_error"] < 0.5
+        assert md["state_error"] == pytest.approx(final["error_history"].read()[-1], rel=0.5)
+        assert float(np.max(errors)) >= md["state_error"] * 0.5
         assert final["object"].read().dtype == np.complex64
         assert final["probe"].read().shape == (128, 128)
         positions = final["positions_m"].read()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from hxn_liveptycho.store.tiled import TiledSink
 
@@ -154,3 +155,22 @@ def test_arrays_made_ahead_follow_a_newer_live_layout(tiled_server, tmp_path):
     sink.close(timeout=30)
     assert sink.backup_path is None
     np.testing.assert_array_equal(node["final"]["positions_m"].read(), result["positions_m"])
+
+
+def test_the_metadata_of_a_snapshot_carries_its_quality_figures() -> None:
+    """convergence, the state's own error and the fitted stage model go to the container's
+    metadata as plain JSON values; a snapshot without them adds nothing."""
+    from hxn_liveptycho.store.container import quality_metadata
+
+    assert quality_metadata({"object": np.ones((2, 2), np.complex64)}) == {}
+    md = quality_metadata(
+        {
+            "convergence": {"rate": 0.01, "converged": False, "window": 10, "tolerance": 0.001},
+            "state_error": np.float32(0.0125),
+            "position_model_scale_y": 1.02,
+            "position_model_rotation_deg": np.float64(0.5),
+        }
+    )
+    assert md["convergence"]["converged"] is False
+    assert md["state_error"] == pytest.approx(0.0125) and type(md["state_error"]) is float
+    assert md["position_model"] == {"scale_y": 1.02, "rotation_deg": 0.5}

@@ -256,11 +256,12 @@ class _Child:
         self.send(("progress", run_id, run.solver.iteration, new, ends, run.solver.n_positions))
 
     @staticmethod
-    def _snapshot(run: _ChildRun) -> dict[str, Any]:
+    def _snapshot(run: _ChildRun, *, final: bool = False) -> dict[str, Any]:
         """The solver's state for the session, with its quality maps (:func:`quality_snapshot`):
-        computed here, at snapshot time only, so their forward pass never slows a pass."""
+        computed here, at snapshot time only, so their forward pass never slows a pass. The
+        final one also carries ``state_error``, the error of the state it holds."""
         solver = run.solver
-        snap = solver.snapshot() if solver.n_positions else {}
+        snap = solver.snapshot(state_error=final) if solver.n_positions else {}
         snap["positions_px"] = np.asarray(solver.positions_px)
         if solver.n_positions:
             snap.update(quality_snapshot(solver, run.params, run.quality))
@@ -268,7 +269,7 @@ class _Child:
 
     def _final(self, run_id: str, run: _ChildRun) -> None:
         self._progress(run_id, run, time.monotonic())
-        self.send(("final", run_id, self._snapshot(run)))
+        self.send(("final", run_id, self._snapshot(run, final=True)))
         self._drop(run_id)
 
 

@@ -56,11 +56,29 @@ def with_object_views(snapshot: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
+#: Prefix of the global position model's named fit in a snapshot (recon.position_model).
+POSITION_MODEL_PREFIX = "position_model_"
+
+
 def quality_metadata(snapshot: Mapping[str, Any]) -> dict[str, Any]:
-    """The container metadata a snapshot's quality carries: its ``convergence`` (rate,
-    flag, window, tolerance), or nothing when the solver sent none."""
-    convergence = snapshot.get("convergence")
-    return {} if convergence is None else {"convergence": dict(convergence)}
+    """The container metadata a snapshot's quality carries, each when the solver sent it:
+    ``convergence`` (rate, flag, window, tolerance); ``state_error``, the data error of the
+    object and probe written (the final snapshot's; ``error`` is the last pass's running
+    error, taken during the pass); ``position_model``, the fitted stage model (scale,
+    rotation, shear, offset, drift)."""
+    md: dict[str, Any] = {}
+    if snapshot.get("convergence") is not None:
+        md["convergence"] = dict(snapshot["convergence"])
+    if snapshot.get("state_error") is not None:
+        md["state_error"] = float(snapshot["state_error"])
+    model = {
+        key.removeprefix(POSITION_MODEL_PREFIX): float(value)
+        for key, value in snapshot.items()
+        if key.startswith(POSITION_MODEL_PREFIX)
+    }
+    if model:
+        md["position_model"] = model
+    return md
 
 
 def key_part(text: str) -> str:
