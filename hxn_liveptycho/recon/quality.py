@@ -93,6 +93,15 @@ class QualitySettings(BaseModel):
         "fraction per iteration over the last `convergence_window` iterations (a relative "
         "rate per iteration).",
     )
+    resolution: bool = Field(
+        False,
+        description="Estimate the resolution while the scan runs: two more solvers, each "
+        "fed one of two interleaved halves of the positions, make one pass each time the main "
+        "solver makes one, and every snapshot carries where their Fourier ring correlation "
+        "falls below the half-bit threshold (a half-period in nm, or in object pixels when "
+        "the pixel size is not known). Off by default: it costs about one more "
+        "reconstruction in time per pass and in memory.",
+    )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.recon.frame_ring import FrameRingReader
+from hxn_liveptycho.recon.live_resolution import LiveResolution
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement, Placement
 from hxn_liveptycho.recon.quality import QualitySettings
@@ -67,6 +68,8 @@ class _ChildRun:
     pass_ends: list[tuple[float, int]] = field(default_factory=list)
     params: IterativeParams = field(default_factory=IterativeParams)
     quality: QualitySettings = field(default_factory=QualitySettings)
+    #: The half-set resolution estimate, with ``quality.resolution`` on.
+    resolution: LiveResolution | None = None
 
 
 class _Child:
@@ -179,11 +182,23 @@ class _Child:
         except BaseException:
             ring.close()
             raise
+        quality = spec.get("quality") or QualitySettings()
+        resolution = None
+        if quality.resolution:
+            # The parent may not send the object pixel: the estimate is then in pixels.
+            resolution = LiveResolution(
+                probe=spec["probe"],
+                canvas_shape=spec["canvas_shape"],
+                params=spec["params"],
+                xp=self.xp,
+                pixel_size_m=spec.get("pixel_size_m"),
+            )
         self.runs[run_id] = _ChildRun(
             solver=solver,
             ring=ring,
             params=spec["params"],
-            quality=spec.get("quality") or QualitySettings(),
+            quality=quality,
+            resolution=resolution,
         )
         logger.info(
             "solver started on %s for run %s",
@@ -197,7 +212,10 @@ class _Child:
             self.send(("consumed", run_id, count, 0))
             return
         try:
-            run.solver.add(run.ring.view(start, count), positions)
+            frames = run.ring.view(start, count)
+            run.solver.add(frames, positions)
+            if run.resolution is not None:
+                run.resolution.add(frames, positions)  # before the ring's slots are freed
         finally:
             self.send(("consumed", run_id, count, run.solver.n_positions))
 
@@ -232,6 +250,8 @@ class _Child:
                 logger.exception("solver: iteration failed for run %s", run_id)
                 self._fail(run_id, f"{type(exc).__name__}: {exc}")
                 continue
+            if run.resolution is not None:
+                run.resolution.iterate()
             worked = True
             run.pass_ends.append((time.monotonic(), solver.n_positions))
             if run.finish_after is not None:
@@ -258,13 +278,18 @@ class _Child:
     @staticmethod
     def _snapshot(run: _ChildRun, *, final: bool = False) -> dict[str, Any]:
         """The solver's state for the session, with its quality maps (:func:`quality_snapshot`):
-        computed here, at snapshot time only, so their forward pass never slows a pass. The
-        final one also carries ``state_error``, the error of the state it holds."""
+        computed here, at snapshot time only, so their forward pass never slows a pass, and
+        the half-set ``resolution`` when the run keeps one. The final one also carries
+        ``state_error``, the error of the state it holds."""
         solver = run.solver
         snap = solver.snapshot(state_error=final) if solver.n_positions else {}
         snap["positions_px"] = np.asarray(solver.positions_px)
         if solver.n_positions:
             snap.update(quality_snapshot(solver, run.params, run.quality))
+        if run.resolution is not None:
+            estimate = run.resolution.snapshot()
+            if estimate is not None:
+                snap["resolution"] = estimate
         return snap
 
     def _final(self, run_id: str, run: _ChildRun) -> None:

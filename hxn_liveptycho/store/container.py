@@ -1,7 +1,8 @@
 """The processed container of one run: its key, its groups and the arrays each holds.
 
 Layout under ``<catalog_path>/<key>`` (metadata: ``raw_uid``, ``scan_id``,
-``status``, parameters, counters, ``convergence`` of the latest snapshot)::
+``status``, parameters, counters, ``convergence`` and ``resolution`` of the latest
+snapshot)::
 
     live/          object_amplitude, object_phase, probe, error_history (views to look at:
                    the complex object is in final/, and half the bytes reach Tiled sooner),
@@ -65,10 +66,15 @@ def quality_metadata(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     ``convergence`` (rate, flag, window, tolerance); ``state_error``, the data error of the
     object and probe written (the final snapshot's; ``error`` is the last pass's running
     error, taken during the pass); ``position_model``, the fitted stage model (scale,
-    rotation, shear, offset, drift)."""
+    rotation, shear, offset, drift); ``resolution``, the half-set FRC estimate with
+    ``live_quality.resolution`` on (``half_period_nm``, ``period_nm``,
+    ``resolved_to_nyquist``, ``iteration``, positions per half: see
+    :class:`~hxn_liveptycho.recon.live_resolution.LiveResolution`)."""
     md: dict[str, Any] = {}
     if snapshot.get("convergence") is not None:
         md["convergence"] = dict(snapshot["convergence"])
+    if snapshot.get("resolution") is not None:
+        md["resolution"] = dict(snapshot["resolution"])
     if snapshot.get("state_error") is not None:
         md["state_error"] = float(snapshot["state_error"])
     model = {
