@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
-from scans import fly
+from scans import fly, processed
 from serve_helpers import ServeProcess
 from waiting import wait_for
 
@@ -50,7 +50,8 @@ _PICTURE_STATE = """(() => {
     .filter((i) => i.naturalWidth > 0).map((i) => i.alt);
   return {progress, hash: hashOf('amplitude'), coverage: hashOf('coverage'),
           error_map: hashOf('error_map'), version: img.dataset.version, loaded,
-          convergence: document.getElementById('run-convergence').textContent};
+          convergence: document.getElementById('run-convergence').textContent,
+          resolution: document.getElementById('run-resolution').textContent};
 })()"""
 
 
@@ -61,7 +62,8 @@ _FINAL_STATE = """(() => {
   const link = document.querySelector('#runs tbody a');
   return {progress: document.getElementById('run-progress').textContent, loaded,
           link: link ? link.href : null,
-          convergence: document.getElementById('run-convergence').textContent};
+          convergence: document.getElementById('run-convergence').textContent,
+          resolution: document.getElementById('run-resolution').textContent};
 })()"""
 #: What the page shows once the run is complete.
 FINAL_PICTURES = {
@@ -159,9 +161,12 @@ class _PageWatcher(threading.Thread):
 
 
 def test_live_page_shows_pictures_that_change_during_the_scan(
-    browser, tmp_path, tiled_server, hxn_detectors, RE
+    browser, tmp_path, tiled_server, hxn_detectors, RE, monkeypatch
 ):
     eiger, panda = hxn_detectors
+    # The half-set resolution estimate on: its line must reach the page (serve reads the
+    # setting from the environment it inherits).
+    monkeypatch.setenv("LIVEPTYCHO_LIVE_QUALITY__RESOLUTION", "true")
     serve = ServeProcess(tmp_path, tiled_server.uri, eiger, panda, token="pagetoken", iterations=5)
     publisher = Publisher(serve.proxy_in)
     try:
@@ -191,6 +196,9 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
                 and set(state["loaded"]) >= FINAL_PICTURES
                 and "/api/v1/metadata/processed/liveptycho/scan" in (state["link"] or "")
                 and ("converged" in state["convergence"] or "improving" in state["convergence"])
+                and state["resolution"].startswith("resolution")
+                and state["resolution"].endswith("(half-set FRC, half-bit)")
+                and "not yet" not in state["resolution"]
             )
 
         wait_for(final_shown, timeout=30, interval=0.1, what=lambda: f"final page {seen[-1]}")
@@ -202,6 +210,13 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
             hashes = {s[kind] for s in watcher.samples if s[kind] and "running" in s["progress"]}
             assert len(hashes) >= 2, (kind, watcher.samples)
         assert any(s["convergence"] for s in running), watcher.samples
+        assert any("half-set FRC" in s["resolution"] for s in running), watcher.samples
+        # ... and the final estimate is in the run's container metadata in Tiled.
+        from tiled.client import from_uri
+
+        stored = processed(from_uri(tiled_server.uri), raw_uid).metadata["resolution"]
+        assert stored["estimated"] and stored["iteration"] >= 1
+        assert sum(stored["positions"]) == 100
 
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
         picture = tmp_path / "live-page.png"

@@ -119,6 +119,7 @@ def _run_view(service: ServeService, run: dict[str, Any]) -> dict[str, Any]:
         snap = session.latest_snapshot or {}
         view["has_quality"] = snap.get("coverage") is not None
         view["convergence"] = snap.get("convergence")
+        view["resolution"] = snap.get("resolution")
     return view
 
 

@@ -53,6 +53,24 @@ function describeConvergence(convergence) {
   return `(${verdict}: ${percent} % per iteration over ${window})`;
 }
 
+// The half-set resolution estimate of the latest snapshot (recon.live_resolution), when
+// live_quality.resolution is on: the half-period where the two halves' FRC falls below the
+// half-bit threshold, in nm when the pixel size is known, else in object pixels.
+function describeResolution(resolution) {
+  if (!resolution) return "";
+  const how = "(half-set FRC, half-bit)";
+  if (!resolution.estimated) return `resolution: not yet resolved ${how}`;
+  if (resolution.resolved_to_nyquist) {
+    const pixel = resolution.pixel_size_nm == null ? "" : ` (${Number(resolution.pixel_size_nm).toPrecision(3)} nm)`;
+    return `resolution: resolved to the pixel${pixel} ${how}`;
+  }
+  const value =
+    resolution.half_period_nm == null
+      ? `${Number(resolution.half_period_px).toPrecision(3)} pixels`
+      : `${Number(resolution.half_period_nm).toPrecision(3)} nm`;
+  return `resolution ≈ ${value} ${how}`;
+}
+
 function showRuns(runs) {
   const body = document.querySelector("#runs tbody");
   body.replaceChildren(
@@ -92,6 +110,7 @@ function update(state) {
   text("run-title", `Scan ${run.scan_id} (${run.uid.slice(0, 8)})`);
   text("run-progress", describe(run));
   text("run-convergence", describeConvergence(run.convergence));
+  text("run-resolution", describeResolution(run.resolution));
   showPictures(run);
 }
 
