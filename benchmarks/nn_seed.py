@@ -27,7 +27,10 @@ All frames at once (``all``):
 - ``blend``: :func:`~hxn_liveptycho.recon.object_seed.seed_object`, the scaled mosaic
   weighted by its coverage up to ``full_coverage`` 1 (one patch centre);
 - ``blend 3``: the same, full weight only at coverage 3;
-- ``blend unscaled``: the blend of the raw mosaic (no fitted scale).
+- ``blend unscaled``: the blend of the raw mosaic (no fitted scale);
+- ``unscaled x3``, ``unscaled 2 rad``: the same, of a mosaic 3 times too
+  bright or 2 rad off in phase (a network normalised otherwise); fitted,
+  either is ``blend`` exactly.
 
 Streamed (``stream``): the positions arrive in chunks of ``--chunk``
 frames, the solver runs ``--passes-per-chunk`` passes after each (the live
@@ -172,9 +175,12 @@ def start_object(
         return seed_object(mosaic, coverage, shape, full_coverage=1.0)
     if variant == "blend 3":
         return seed_object(mosaic, coverage, shape, full_coverage=3.0)
-    if variant == "blend unscaled":
+    # A network whose scale is off: the fitted blend is the same for any complex factor
+    # (seed_object undoes it), the raw one is not.
+    off = {"blend unscaled": 1.0, "unscaled x3": 3.0, "unscaled 2 rad": np.exp(2j)}
+    if variant in off:
         weight = reliability(coverage, 1.0)
-        return (1 - weight) + weight * mosaic
+        return (1 - weight) + weight * (off[variant] * mosaic)
     raise ValueError(variant)
 
 
@@ -277,7 +283,15 @@ def main() -> None:
         amplitudes = np.sqrt(sample.intensities)
         probe = initial_probe(amplitudes, footprint_px=footprint(args.crop))
         whole, nn_seconds = nn_mosaics(sample, amplitudes, len(amplitudes), args.threads)
-        for variant in ("flat", "hard", "blend", "blend 3", "blend unscaled"):
+        for variant in (
+            "flat",
+            "hard",
+            "blend",
+            "blend 3",
+            "blend unscaled",
+            "unscaled x3",
+            "unscaled 2 rad",
+        ):
             points = run_all(sample, amplitudes, probe, variant, whole[-1], args.iterations)
             cases.append({"photons": photons, "mode": "all", "variant": variant, "trace": points})
         mosaics, _ = nn_mosaics(sample, amplitudes, args.chunk, args.threads)
