@@ -216,6 +216,11 @@ def test_live_page_shows_pictures_that_change_during_the_scan(
 
         stored = processed(from_uri(tiled_server.uri), raw_uid).metadata["resolution"]
         assert stored["estimated"] and stored["iteration"] >= 1
+        # In nm from the run's pixel size, the same figure as in canvas pixels.
+        if not stored["resolved_to_nyquist"]:
+            assert stored["half_period_nm"] == pytest.approx(
+                stored["half_period_px"] * stored["pixel_size_nm"], rel=1e-6
+            )
         assert sum(stored["positions"]) == 100
 
         shot = browser.call("Page.captureScreenshot", format="png")["data"]

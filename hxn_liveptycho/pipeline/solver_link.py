@@ -113,6 +113,7 @@ class SolverLink:
                 expected_positions=config.num_points,
                 notify=self._notify,
                 quality=self.quality,
+                pixel_size_m=config.pixel_size_m,
             )
             backend = self.remote.backend
             self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))

@@ -147,9 +147,11 @@ class SolverWorker:
         expected_positions: int | None,
         notify: Callable[[], None] = lambda: None,
         quality: QualitySettings | None = None,
+        pixel_size_m: float | None = None,
     ) -> RemoteSolver:
         """Open ``run_id`` on the solver process; its snapshots carry the quality maps and
-        convergence flag of ``quality`` (the defaults when None)."""
+        convergence flag of ``quality`` (the defaults when None), and figures in metres
+        (the resolution estimate) where the canvas's ``pixel_size_m`` is given."""
         with self._lock:
             if self._closed:
                 raise LivePtychoError("the solver process is closed")
@@ -172,6 +174,7 @@ class SolverWorker:
             "params": params,
             "expected_positions": expected_positions,
             "quality": quality or QualitySettings(),
+            "pixel_size_m": pixel_size_m,
         }
         try:
             self._send(("open", run_id, spec))
