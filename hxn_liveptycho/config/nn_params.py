@@ -37,6 +37,20 @@ class NNParams(BaseModel):
         ge=1,
         description="Frames waiting for inference; beyond this new frames are dropped (counted).",
     )
+    seed_solver: bool = Field(
+        default=True,
+        description="In mode 'both', hand each newer mosaic to the iterative solver, which "
+        "takes it as its object where it has not yet worked long (the scan's start and each "
+        "newly arriving region) and keeps its own object elsewhere. Seeds stop once the scan's "
+        "frames are all in, so the final passes depend on the data alone.",
+    )
+    seed_mature_passes: int = Field(
+        default=4,
+        ge=1,
+        description="Solver passes over a scan position after which the solver's own object "
+        "there is kept over a newer mosaic; before that the mosaic replaces it in proportion "
+        "to the passes still missing.",
+    )
 
     @field_validator("model")
     @classmethod

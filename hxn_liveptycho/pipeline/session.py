@@ -393,7 +393,7 @@ class RunSession(SessionResults):
                 config,
                 self.settings,
                 self._geometry,
-                self._sink.nn,
+                self._publish_nn if self._seeds_solver() else self._sink.nn,
                 self.log,
                 device_id=self.placement.nn or 0,
                 pool=self._nn_pool,
@@ -408,6 +408,28 @@ class RunSession(SessionResults):
             config.pixel_size_m * 1e9,
             self._geometry.canvas_shape,
         )
+
+    def _seeds_solver(self) -> bool:
+        """Whether the NN mosaic seeds the iterative object: both branches run, and
+        ``nn.seed_solver`` is on."""
+        return self.config is not None and self.config.mode == "both" and self.config.nn.seed_solver
+
+    def _publish_nn(self, snapshot: Mapping[str, Any]) -> None:
+        """The NN branch's mosaic to the sink, then to the solver as a seed (on the branch's
+        thread: :meth:`SolverLink.seed` only posts a message, and only for a newer mosaic)."""
+        if self._sink is not None:
+            self._sink.nn(snapshot)
+        if self.config is not None and self._solver.seed(
+            snapshot, mature_passes=self.config.nn.seed_mature_passes
+        ):
+            self.counters.add("nn_seeds_sent")
+
+    def _count_seeds_applied(self) -> None:
+        """Bring ``nn_seeds_applied`` up to what the solver's latest state said."""
+        if self._seeds_solver():
+            applied = self._solver.seeds_applied - self.counters.get("nn_seeds_applied")
+            if applied > 0:
+                self.counters.add("nn_seeds_applied", applied)
 
     def _feed_solver(self) -> None:
         if self._assembler is None or self.config is None or self._geometry is None:
@@ -473,6 +495,7 @@ class RunSession(SessionResults):
             if self._sink is not None:
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
+        self._count_seeds_applied()
         self._solver.request_live(final_due=self._tell_final_due)
 
     def _ready_to_finish(self) -> bool:
@@ -490,4 +513,7 @@ class RunSession(SessionResults):
             self.timeline["data_complete"] = time.monotonic()
             self._solver.finish(self.config.recon.iterations)
             self._tell_final_due()
-        return self._solver.final_state_in(self.config.recon.iterations)
+        done = self._solver.final_state_in(self.config.recon.iterations)
+        if done:
+            self._count_seeds_applied()
+        return done

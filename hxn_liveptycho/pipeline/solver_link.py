@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,11 @@ class SolverLink:
         #: What :attr:`n_positions` and :attr:`pass_ends` say once the remote is dropped.
         self._dropped_positions = 0
         self._dropped_passes: list[tuple[float, int]] = []
+        self._dropped_seeds = 0
+        #: Mosaic frames behind the last seed sent (a mosaic no newer is not sent again).
+        self._seeded_frames = 0
+        #: Mosaics handed to the solver as its object where it is young (see :meth:`seed`).
+        self.seeds_sent = 0
 
     @property
     def quality(self) -> QualitySettings:
@@ -118,6 +123,30 @@ class SolverLink:
             backend = self.remote.backend
             self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))
         self.remote.add(amplitudes, positions_px)
+
+    def seed(self, mosaic: Mapping[str, Any], *, mature_passes: int) -> bool:
+        """Offer the NN branch's mosaic snapshot (``object``, ``coverage``, ``frames``, on the
+        solver's canvas) as the object where the solver is still young; True when sent.
+
+        Called on the NN branch's thread, so it only posts a message. Nothing is sent
+        before the solver's run is open, once the scan's end was sent (the final passes
+        depend on the data alone), or when the mosaic holds no frame more than the last
+        one sent."""
+        remote = self.remote
+        if remote is None or self.failure is not None or self.finish_sent_at is not None:
+            return False
+        frames = int(mosaic.get("frames") or 0)
+        if frames <= self._seeded_frames or mosaic.get("object") is None:
+            return False
+        remote.seed(mosaic["object"], mosaic["coverage"], mature_passes=mature_passes)
+        self._seeded_frames = frames
+        self.seeds_sent += 1
+        return True
+
+    @property
+    def seeds_applied(self) -> int:
+        """Seeds the solver took into its object, as its latest state said."""
+        return self._dropped_seeds if self.remote is None else self.remote.seeds_applied
 
     def check(self) -> None:
         """Note a solver process that failed: the run goes on without it."""
@@ -198,4 +227,5 @@ class SolverLink:
         if self.remote is not None:
             self._dropped_positions = self.remote.n_positions
             self._dropped_passes = list(self.remote.pass_ends)
+            self._dropped_seeds = self.remote.seeds_applied
         self.remote = None

@@ -288,6 +288,9 @@ class RemoteSolver:
         #: (time.monotonic() at the end of each pass, positions it covered): the clock is the
         #: host's, shared by both processes; for the live path's rate during and after the scan.
         self.pass_ends: list[tuple[float, int]] = []
+        #: NN mosaics the solver took as its object (see :meth:`seed`), as its last
+        #: snapshot or final state said.
+        self.seeds_applied = 0
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_requested = False
         self.final: dict[str, Any] | None = None
@@ -333,6 +336,20 @@ class RemoteSolver:
             snap, self._snapshot = self._snapshot, None
             return snap
 
+    def seed(self, mosaic: np.ndarray, coverage: np.ndarray, *, mature_passes: int) -> None:
+        """Offer the NN branch's mosaic (complex, the canvas) and its ``coverage`` as the
+        object where the solver is still young (:func:`~hxn_liveptycho.recon.object_seed.
+        reseed_young_region`, applied before its next pass; a newer seed replaces one not yet
+        applied). Only posts the message: safe from the NN branch's thread."""
+        if self.done.is_set():
+            return
+        seed = {
+            "object": np.asarray(mosaic, dtype=np.complex64),
+            "coverage": np.asarray(coverage, dtype=np.float32),
+            "mature_passes": int(mature_passes),
+        }
+        self._post(("seed", self.run_id, seed))
+
     def finish(self, iterations: int) -> None:
         """No more frames: run ``iterations`` more passes, then send the final state."""
         self._post(("finish", self.run_id, max(0, int(iterations))))
@@ -373,14 +390,20 @@ class RemoteSolver:
             with self._lock:
                 self._snapshot = payload[0]
                 self._snapshot_requested = False
+                self._count_seeds(payload[0])
         elif kind == "final":
             with self._lock:
                 self.final = payload[0]
+                self._count_seeds(payload[0])
             self.done.set()
         elif kind == "failed":
             self._fail(payload[0])
             return
         self._notify()
+
+    def _count_seeds(self, snap: dict[str, Any]) -> None:
+        """Take the seed count out of a state: a counter, not an array for the sink."""
+        self.seeds_applied = max(self.seeds_applied, int(snap.pop("seeds_applied", 0)))
 
     def _fail(self, reason: str) -> None:
         with self._lock:

@@ -70,6 +70,18 @@ class _ChildRun:
     quality: QualitySettings = field(default_factory=QualitySettings)
     #: The half-set resolution estimate, with ``quality.resolution`` on.
     resolution: LiveResolution | None = None
+    #: The solver's iteration when each of its positions arrived (for a seed's
+    #: :func:`~hxn_liveptycho.recon.object_seed.maturity`), in the solver's order.
+    arrived_at: list[int] = field(default_factory=list)
+    #: The newest NN mosaic not yet applied (``object``, ``coverage``, ``mature_passes``).
+    pending_seed: dict[str, Any] | None = None
+    #: Mosaics taken into the object so far (in every snapshot, ``seeds_applied``).
+    seeds_applied: int = 0
+
+    @property
+    def finishing(self) -> bool:
+        """Told to end: from here the object depends on the data alone (no more seeds)."""
+        return self.cancelled or self.finish_after is not None
 
 
 class _Child:
@@ -154,9 +166,14 @@ class _Child:
             elif kind == "snapshot":
                 if run_id in self.runs:
                     self.runs[run_id].snapshot_wanted = True
+            elif kind == "seed":
+                run = self.runs.get(run_id)
+                if run is not None and not run.finishing:
+                    run.pending_seed = message[2]  # the newest wins
             elif kind == "finish":
                 if run_id in self.runs:
                     self.runs[run_id].finish_after = int(message[2])
+                    self.runs[run_id].pending_seed = None
             elif kind == "cancel":
                 if run_id in self.runs:
                     self.runs[run_id].cancelled = True
@@ -213,7 +230,9 @@ class _Child:
             return
         try:
             frames = run.ring.view(start, count)
+            before = run.solver.n_positions
             run.solver.add(frames, positions)
+            run.arrived_at.extend([run.solver.iteration] * (run.solver.n_positions - before))
             if run.resolution is not None:
                 run.resolution.add(frames, positions)  # before the ring's slots are freed
         finally:
@@ -244,6 +263,8 @@ class _Child:
                 continue
             if solver.n_positions == 0:
                 continue
+            if run.pending_seed is not None:
+                self._apply_seed(run_id, run)
             try:
                 solver.iterate(1)
             except Exception as exc:
@@ -267,6 +288,35 @@ class _Child:
                 self._final(run_id, run)
         return worked
 
+    @staticmethod
+    def _apply_seed(run_id: str, run: _ChildRun) -> None:
+        """Take the pending NN mosaic into the solver's object where the solver is young
+        (:func:`~hxn_liveptycho.recon.object_seed.reseed_young_region`). A seed that cannot
+        be applied is logged and dropped: the solver goes on from its own object."""
+        from hxn_liveptycho.recon.object_seed import reseed_young_region
+
+        seed, run.pending_seed = run.pending_seed, None
+        if seed is None or run.finishing:
+            return
+        solver = run.solver
+        xp = solver.xp
+        try:
+            arrived = np.asarray(run.arrived_at[: solver.n_positions], dtype=np.int64)
+            seeded = reseed_young_region(
+                solver.object,
+                xp.asarray(seed["object"]),
+                xp.asarray(seed["coverage"]),
+                solver.positions_px,
+                solver.probe,
+                solver.iteration - arrived,
+                mature_passes=int(seed["mature_passes"]),
+            )
+            solver.object[...] = seeded
+        except Exception:
+            logger.exception("solver: the NN seed for run %s was not applied", run_id)
+            return
+        run.seeds_applied += 1
+
     def _progress(self, run_id: str, run: _ChildRun, now: float) -> None:
         history = run.solver.error_history
         new = list(history[run.errors_sent :])
@@ -284,6 +334,7 @@ class _Child:
         solver = run.solver
         snap = solver.snapshot(state_error=final) if solver.n_positions else {}
         snap["positions_px"] = np.asarray(solver.positions_px)
+        snap["seeds_applied"] = run.seeds_applied
         if solver.n_positions:
             snap.update(quality_snapshot(solver, run.params, run.quality))
         if run.resolution is not None:
