@@ -388,6 +388,9 @@ class RunSession(SessionResults):
         self._sink = self._sink_factory()
         self._sink.on_stored_later = self.stored_later
         self._sink.open(config, self._metadata(RunStatus.RUNNING))
+        if self._seeds_solver():
+            self.counters.add("nn_seeds_sent", 0)  # in the run's counters from its start
+            self.counters.add("nn_seeds_applied", 0)
         if config.mode != "iterative":
             self._nn = start_nn_branch(
                 config,
@@ -419,9 +422,14 @@ class RunSession(SessionResults):
         thread: :meth:`SolverLink.seed` only posts a message, and only for a newer mosaic)."""
         if self._sink is not None:
             self._sink.nn(snapshot)
-        if self.config is not None and self._solver.seed(
-            snapshot, mature_passes=self.config.nn.seed_mature_passes
-        ):
+        if self.config is None:
+            return
+        try:
+            sent = self._solver.seed(snapshot, mature_passes=self.config.nn.seed_mature_passes)
+        except Exception:  # a seed is a help, never the NN branch's failure
+            self.log.exception("the NN mosaic could not be sent to the solver as a seed")
+            return
+        if sent:
             self.counters.add("nn_seeds_sent")
 
     def _count_seeds_applied(self) -> None:
