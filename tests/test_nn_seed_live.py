@@ -10,6 +10,7 @@ from scans import SMALL, fly, make_live
 
 from hxn_liveptycho.recon.frame_ring import FrameRing
 from hxn_liveptycho.recon.params import IterativeParams
+from hxn_liveptycho.recon.worker import RemoteSolver
 from hxn_liveptycho.recon.worker_child import _Child
 from hxn_liveptycho.sim import SimulatedSample
 
@@ -155,6 +156,42 @@ def test_a_seed_that_came_before_the_finish_is_dropped_with_it() -> None:
     finally:
         child._drop("run")
         ring.close()
+
+
+def test_only_the_covered_box_travels_and_lands_where_the_whole_canvas_would() -> None:
+    truth, probe, amplitudes, positions = _scan()
+
+    class _Worker:
+        _process = None
+
+        def __init__(self) -> None:
+            self.sent: list[tuple[Any, ...]] = []
+
+        def _send(self, message: tuple[Any, ...]) -> None:
+            self.sent.append(message)
+
+    worker = _Worker()
+    remote = RemoteSolver(worker, "run", None, lambda: None, backend="numpy")  # type: ignore[arg-type]
+    coverage = np.zeros(CANVAS, np.float32)
+    assert not remote.seed(truth, coverage, mature_passes=4) and not worker.sent
+    coverage[12:40, 30:61] = np.linspace(0.2, 2.0, 31, dtype=np.float32)
+    assert remote.seed(np.where(coverage > 0, truth, 0), coverage, mature_passes=4)
+    boxed = worker.sent[-1][2]
+    assert boxed["object"].shape == (28, 31) and boxed["origin"] == (12, 30)
+    whole = {"object": truth, "coverage": coverage, "mature_passes": 4}
+    children = [_open_child(probe, amplitudes, positions) for _ in range(2)]
+    try:
+        for (child, _), seed in zip(children, (boxed, whole), strict=True):
+            child.step()
+            child.handle(("seed", "run", seed))
+            child._apply_seed("run", child.runs["run"])
+        objects = [np.array(child.runs["run"].solver.object) for child, _ in children]
+        np.testing.assert_array_equal(objects[0], objects[1])
+        assert all(child.runs["run"].seeds_applied == 1 for child, _ in children)
+    finally:
+        for child, ring in children:
+            child._drop("run")
+            ring.close()
 
 
 @pytest.mark.parametrize("seed_solver", [True, False])

@@ -72,8 +72,6 @@ class SolverLink:
         self._dropped_seeds = 0
         #: Mosaic frames behind the last seed sent (a mosaic no newer is not sent again).
         self._seeded_frames = 0
-        #: Mosaics handed to the solver as its object where it is young (see :meth:`seed`).
-        self.seeds_sent = 0
 
     @property
     def quality(self) -> QualitySettings:
@@ -138,9 +136,9 @@ class SolverLink:
         frames = int(mosaic.get("frames") or 0)
         if frames <= self._seeded_frames or mosaic.get("object") is None:
             return False
-        remote.seed(mosaic["object"], mosaic["coverage"], mature_passes=mature_passes)
+        if not remote.seed(mosaic["object"], mosaic["coverage"], mature_passes=mature_passes):
+            return False
         self._seeded_frames = frames
-        self.seeds_sent += 1
         return True
 
     @property

@@ -336,19 +336,30 @@ class RemoteSolver:
             snap, self._snapshot = self._snapshot, None
             return snap
 
-    def seed(self, mosaic: np.ndarray, coverage: np.ndarray, *, mature_passes: int) -> None:
+    def seed(self, mosaic: np.ndarray, coverage: np.ndarray, *, mature_passes: int) -> bool:
         """Offer the NN branch's mosaic (complex, the canvas) and its ``coverage`` as the
         object where the solver is still young (:func:`~hxn_liveptycho.recon.object_seed.
         reseed_young_region`, applied before its next pass; a newer seed replaces one not yet
-        applied). Only posts the message: safe from the NN branch's thread."""
+        applied); False when nothing is covered. Only posts the message: safe from the NN
+        branch's thread. Only the covered box travels (``origin``, its top-left): outside it
+        the coverage is zero and the mosaic counts for nothing, and early in a scan the box
+        is a small part of the canvas."""
         if self.done.is_set():
-            return
+            return False
+        coverage = np.asarray(coverage, dtype=np.float32)
+        rows = np.flatnonzero((coverage > 0).any(axis=1))
+        cols = np.flatnonzero((coverage > 0).any(axis=0))
+        if rows.size == 0:
+            return False
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         seed = {
-            "object": np.asarray(mosaic, dtype=np.complex64),
-            "coverage": np.asarray(coverage, dtype=np.float32),
+            "object": np.array(mosaic[box], dtype=np.complex64),
+            "coverage": np.array(coverage[box]),
+            "origin": (int(rows[0]), int(cols[0])),
             "mature_passes": int(mature_passes),
         }
         self._post(("seed", self.run_id, seed))
+        return True
 
     def finish(self, iterations: int) -> None:
         """No more frames: run ``iterations`` more passes, then send the final state."""

@@ -301,11 +301,12 @@ class _Child:
         solver = run.solver
         xp = solver.xp
         try:
+            mosaic, coverage = _on_canvas(seed, tuple(solver.object.shape))
             arrived = np.asarray(run.arrived_at[: solver.n_positions], dtype=np.int64)
             seeded = reseed_young_region(
                 solver.object,
-                xp.asarray(seed["object"]),
-                xp.asarray(seed["coverage"]),
+                xp.asarray(mosaic),
+                xp.asarray(coverage),
                 solver.positions_px,
                 solver.probe,
                 solver.iteration - arrived,
@@ -347,6 +348,26 @@ class _Child:
         self._progress(run_id, run, time.monotonic())
         self.send(("final", run_id, self._snapshot(run, final=True)))
         self._drop(run_id)
+
+
+def _on_canvas(seed: dict[str, Any], canvas_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """A seed's mosaic and coverage on the whole canvas: its box (top-left ``origin``,
+    the canvas's corner without one) placed in zeros, where nothing is covered."""
+    mosaic = np.asarray(seed["object"], dtype=np.complex64)
+    coverage = np.asarray(seed["coverage"], dtype=np.float32)
+    y, x = seed.get("origin", (0, 0))
+    h, w = coverage.shape
+    if mosaic.shape != (h, w) or y < 0 or x < 0:
+        raise ValueError(f"a seed of {mosaic.shape} and {coverage.shape} at {(y, x)}")
+    if (y, x) == (0, 0) and (h, w) == canvas_shape:
+        return mosaic, coverage
+    if y + h > canvas_shape[0] or x + w > canvas_shape[1]:
+        raise ValueError(f"a seed box {(h, w)} at {(y, x)} leaves the canvas {canvas_shape}")
+    full_mosaic = np.zeros(canvas_shape, np.complex64)
+    full_coverage = np.zeros(canvas_shape, np.float32)
+    full_mosaic[y : y + h, x : x + w] = mosaic
+    full_coverage[y : y + h, x : x + w] = coverage
+    return full_mosaic, full_coverage
 
 
 def quality_snapshot(
