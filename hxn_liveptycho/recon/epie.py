@@ -22,12 +22,16 @@ from hxn_liveptycho.recon._regularised import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from hxn_liveptycho.recon.iterative import StreamingSolver
 
 
 class Epie(forward.BatchPaths):
     """One ePIE batch on a :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`'s state:
     a parallel rPIE step on the batch's positions."""
+
+    def _fusable(self, s: StreamingSolver, refine: bool) -> bool:
+        """Not with OPR either: its per-position probes take the reference path."""
+        return not refine and s._opr is None
 
     def _reference_batch(self, job: forward.BatchJob) -> None:
         """:meth:`batch` as the reference xp expressions."""
@@ -45,6 +49,8 @@ class Epie(forward.BatchPaths):
             # Probe sums first: they need the object before this batch changes it.
             onum = forward.probe_numerator(s, obj, dpsi, ramp)
             oden = forward.object_power(s, obj)
+            if s._opr is not None:  # the variable probe, from the per-position updates
+                s._opr.update(s, batch, obj, dpsi, ramp)
         obj_num = forward.object_numerator(s, dpsi, probes)
         del dpsi
         illum = forward.probe_intensity(s, probes)

@@ -71,7 +71,10 @@ def batch_probes(s: StreamingSolver, batch: Batch, fused: bool) -> tuple[Any, An
     """``(probes, shift)`` for the positions of ``batch``: the modes shifted by each
     position's sub-pixel fraction (B, K, n, n) and the shift that did it (the ramps
     (B, n, n); with ``fused``, the separable ramp table (B, 2, n) of the fused
-    kernels); on whole-pixel data the shared modes (K, n, n) and None."""
+    kernels); on whole-pixel data the shared modes (K, n, n) and None. With OPR
+    (:mod:`~hxn_liveptycho.recon.opr`) each position's own probes, never fused."""
+    if s._opr is not None:
+        return s._opr.batch_probes(s, batch)
     if not s._subpixel:
         return s._probes, None
     xp = s._xp

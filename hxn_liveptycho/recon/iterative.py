@@ -41,6 +41,7 @@ from hxn_liveptycho.recon.backend import (
 from hxn_liveptycho.recon.dm import DifferenceMap
 from hxn_liveptycho.recon.epie import Epie
 from hxn_liveptycho.recon.lsqml import LsqMl
+from hxn_liveptycho.recon.opr import VariableProbe, opr_entries
 from hxn_liveptycho.recon.params import Algorithm, IterativeParams
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
@@ -114,6 +115,8 @@ class StreamingSolver:
             extra = initial_modes(probe[0], k - probe.shape[0] + 1, xp)[1:]
             probe = xp.concatenate([probe, extra])
         self._probes = xp.ascontiguousarray(probe[:k])
+        # OPR: the first mode's variable part, per position (recon.opr); None when off.
+        self._opr = VariableProbe(self.params.opr_modes) if self.params.opr_modes else None
         if np.isscalar(object_init):
             first = xp.full((h, w), complex(cast(complex, object_init)), dtype=xp.complex64)
         else:
@@ -254,7 +257,8 @@ class StreamingSolver:
         forward pass, so ask for it where the figure is reported, e.g. the final snapshot).
 
         With more than one probe mode, ``probe_modes`` (k, n, n) holds them all; with more
-        than one object mode, ``object_modes`` (m, H, W).
+        than one object mode, ``object_modes`` (m, H, W); with ``params.opr_modes``,
+        ``opr_weights`` (N, M) and ``opr_probes`` (M, n, n) (:mod:`~hxn_liveptycho.recon.opr`).
         """
         snap: dict[str, np.ndarray | int | float] = {
             "object": to_host(self._object).copy(),
@@ -271,6 +275,7 @@ class StreamingSolver:
         # The global position model's fit (recon.position_model), when one is used: in pixels;
         # the pipeline adds the metres from the run's pixel size.
         snap.update(position_model_entries(self))
+        snap.update(opr_entries(self))  # OPR's weights (N, M) and eigen-probes (M, n, n)
         return snap
 
     # ------------------------------------------------------------------ memory
@@ -358,6 +363,8 @@ class StreamingSolver:
                     step(self, batch, update_probe, refine, err)
                 if refine:
                     pass_end.apply_shifts(self)
+            if self._opr is not None and update_probe:
+                self._opr.end_pass(self)
             pass_end.end_pass(self, algorithm, update_probe)
             if (
                 update_probe

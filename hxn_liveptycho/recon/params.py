@@ -122,6 +122,21 @@ class IterativeParams(BaseModel):
         description="With probe_modes > 1, orthogonalise the modes (eigen-decomposition of "
         "their Gram matrix, sorted by power) every this many iterations.",
     )
+    opr_modes: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Variable probe for fly scans (orthogonal probe relaxation, Odstrčil "
+        "2016/2018, pty-chi's OPR): the number of eigen-probes, the dominant probe mode "
+        "included, whose per-position weights let the probe change along the scan, "
+        "P_j = P + sum_k w_jk U_k (0 = off, otherwise at least 2). The weights follow each "
+        "batch's per-position probe updates by least squares, the eigen-probes by a "
+        "power-iteration step per pass, kept orthogonal; the snapshot reports `opr_weights` "
+        "(positions x modes) and `opr_probes` (modes x n x n). Starts with the probe "
+        "update (`probe_update_start`). ePIE only, one object mode; other incoherent probe "
+        "modes stay shared. Runs the solver's reference path, on the GPU too (not as "
+        "fused kernels).",
+    )
     noise: Literal["gaussian", "poisson"] = Field(
         "gaussian",
         description="LSQ-ML noise model: 'gaussian' (on amplitudes; robust, the usual choice) "
@@ -278,6 +293,15 @@ class IterativeParams(BaseModel):
             raise ValueError("position_refinement needs subpixel_positions=True")
         if self.position_model != "free" and not self.position_refinement:
             raise ValueError(f"position_model {self.position_model!r} needs position_refinement")
+        if self.opr_modes == 1:
+            raise ValueError("opr_modes is 0 (off) or at least 2 (the main probe and more)")
+        if self.opr_modes and self.algorithms != {"epie"}:
+            raise ValueError(
+                "opr_modes (the variable probe) works with 'epie' only, not "
+                f"{sorted(self.algorithms - {'epie'})} (also not in a schedule)"
+            )
+        if self.opr_modes and self.object_modes > 1:
+            raise ValueError("opr_modes (the variable probe) needs object_modes=1")
         if self.schedule is None:
             return self
         if not self.schedule:
