@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from recon_helpers import N
+from recon_helpers import N, use_cupy_stand_in
 
 from hxn_liveptycho.recon._positions import fraction_ramps
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -126,3 +126,26 @@ def test_opr_refuses_what_it_does_not_support(params: dict) -> None:
     """Other algorithms, several object modes and a lone eigen-probe are refused."""
     with pytest.raises(ValueError, match="opr_modes"):
         IterativeParams(**params)
+
+
+def test_opr_takes_the_reference_path_on_a_fused_solver(
+    scan: DriftingProbeScan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a solver that fuses (a recording CuPy stand-in), OPR's batches launch none of
+    the fused update kernels: its per-position probes take the reference expressions."""
+    _, cp, launches = use_cupy_stand_in(monkeypatch)
+    solver = StreamingSolver(
+        probe=cp.asarray(scan.probe_guess),
+        canvas_shape=scan.canvas,
+        params=IterativeParams(opr_modes=2, probe_update_start=0),
+        xp=cp,
+    )
+    assert solver._fused
+    with np.errstate(all="ignore"):  # the stand-in's kernels are no-ops: garbage arrays
+        solver.add(cp.asarray(scan.amplitudes), scan.positions)
+        launches.clear()
+        solver.iterate(2)
+    names = {launch[0] for launch in launches}
+    fused_updates = {"tile_sums", "window_sums", "probe_sums", "regularised_step"}
+    assert not {f"liveptycho_{k}" for k in fused_updates} & names
+    assert not any("<" in name for name in names)  # nor the solver's own FFT
