@@ -149,3 +149,38 @@ def test_opr_takes_the_reference_path_on_a_fused_solver(
     fused_updates = {"tile_sums", "window_sums", "probe_sums", "regularised_step"}
     assert not {f"liveptycho_{k}" for k in fused_updates} & names
     assert not any("<" in name for name in names)  # nor the solver's own FFT
+
+
+def test_position_errors_judge_each_position_by_its_own_probe(scan: DriftingProbeScan) -> None:
+    """With OPR the live per-position errors use each position's own probe: weighted by
+    each frame's power they add up to the solver's state error, which the shared probe's
+    errors overstate on a drifting probe."""
+    from hxn_liveptycho.recon.opr import position_probes
+    from hxn_liveptycho.recon.quality import QualitySettings, position_errors
+    from hxn_liveptycho.recon.worker_child import quality_snapshot
+
+    solver = scan.solve(iterations=20, opr_modes=2)
+    params = solver.params
+    errors = quality_snapshot(solver, params, QualitySettings())["position_errors"]
+    power = (scan.amplitudes.astype(np.float64) ** 2).sum(axis=(1, 2))
+    state = solver.state_error()
+    assert float((errors * power).sum() / power.sum()) == pytest.approx(state, rel=1e-4)
+
+    own = position_probes(solver)
+    assert own is not None
+    whole = own(slice(0, len(scan.positions)))
+    assert whole.shape == (len(scan.positions), N, N)
+    as_array = position_errors(
+        solver.object_modes,
+        solver.probe_modes,
+        solver.positions_px,
+        scan.amplitudes,
+        batch_size=7,
+        position_probes=whole,
+    )
+    np.testing.assert_allclose(as_array, errors, rtol=1e-4)
+    shared = position_errors(
+        solver.object_modes, solver.probe_modes, solver.positions_px, scan.amplitudes
+    )
+    assert float((shared * power).sum() / power.sum()) > 1.2 * state
+    assert position_probes(scan.solve(iterations=1)) is None

@@ -40,6 +40,7 @@ OPR runs the solver's reference path, on the GPU too (not the fused kernels).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from hxn_liveptycho.recon.backend import fft2, ifft2, to_host
 if TYPE_CHECKING:
     from hxn_liveptycho.recon.iterative import StreamingSolver
 
-__all__ = ["VariableProbe", "opr_entries"]
+__all__ = ["VariableProbe", "opr_entries", "position_probes"]
 
 #: Tikhonov weight (per position of the pass) of the eigen-probes' least-squares step,
 #: in units of the squared weights (eigen-probes carry the main probe's norm).
@@ -106,9 +107,8 @@ class VariableProbe:
         gives them on the reference path, with the first mode each position's own
         ``U_0 + sum_k w_jk U_k``: always per position (B, K, n, n)."""
         xp = s._xp
-        w = self.weights(s)[batch.rows]
-        main = s._probes[0] + xp.tensordot(w, self.eigen_probes(s), axes=(1, 0))
-        b, (k, n, _) = w.shape[0], s._probes.shape
+        main = self.main_probes(s, batch.rows)
+        b, (k, n, _) = main.shape[0], s._probes.shape
         probes = xp.empty((b, k, n, n), dtype=xp.complex64)
         probes[:] = s._probes[None]
         probes[:, 0] = main
@@ -118,6 +118,12 @@ class VariableProbe:
         f = fft2(probes, xp=xp, overwrite_x=True)
         f *= ramp[:, None]
         return ifft2(f, xp=xp, overwrite_x=True), ramp
+
+    def main_probes(self, s: StreamingSolver, rows: Any) -> Any:
+        """Each position's own first probe mode ``U_0 + sum_k w_jk U_k`` (B, n, n) complex64
+        for the positions ``rows`` (an index array or a slice of the active ones)."""
+        w = self.weights(s)[rows]
+        return s._probes[0] + s._xp.tensordot(w, self.eigen_probes(s), axes=(1, 0))
 
     def update(self, s: StreamingSolver, batch: Batch, obj: Any, dpsi: Any, ramp: Any) -> None:
         """Move the batch's weights and the eigen-probes by the batch's per-position probe
@@ -238,3 +244,19 @@ def opr_entries(s: StreamingSolver) -> dict[str, np.ndarray]:
             to_host(xp.concatenate([s._probes[:1], opr.eigen_probes(s)]))
         ).copy(),
     }
+
+
+def position_probes(s: StreamingSolver) -> Callable[[slice], Any] | None:
+    """With OPR on, a function of a slice of the active positions that gives their own first
+    probe modes (B, n, n), unshifted (what
+    :func:`~hxn_liveptycho.recon.quality.position_errors` takes to judge each position by
+    the probe the solver uses there); None with OPR off. A function rather than the
+    (N, n, n) array so that a caller going batch by batch holds one batch's probes."""
+    opr = s._opr
+    if opr is None:
+        return None
+
+    def probes(rows: slice) -> Any:
+        return opr.main_probes(s, rows)
+
+    return probes

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hxn_liveptycho.recon._batch import WHOLE_PIXEL_TOL
 from hxn_liveptycho.recon._positions import fraction_ramps, shifted_probes
 from hxn_liveptycho.recon._windows import gather_windows, scatter_add_windows
-from hxn_liveptycho.recon.backend import array_namespace, fft2, to_host
+from hxn_liveptycho.recon.backend import array_namespace, fft2, ifft2, to_host
 
 __all__ = [
     "Convergence",
@@ -203,6 +203,7 @@ def position_errors(
     fft_order: bool = False,
     subpixel: bool = True,
     batch_size: int = 64,
+    position_probes: Callable[[slice], Any] | Any | None = None,
 ) -> Any:
     """Each position's normalised amplitude error (N,) float32 of the state as it is:
     ``sum (|Psi_j| - A_j)^2 / sum A_j^2`` over the valid pixels, ``|Psi_j|^2 = sum_{m,k}
@@ -218,6 +219,13 @@ def position_errors(
     fractions (``subpixel_positions`` or ``position_refinement``); else windows are cut
     at the nearest pixel, as the solver then does. A frame with no signal (``sum A^2``
     0) divides by a tiny floor, as the solver's error does: it shows as a bad frame.
+
+    ``position_probes``: each position's own first probe mode, unshifted, where the probe
+    varies from position to position (OPR, :func:`~hxn_liveptycho.recon.opr.position_probes`):
+    an (N, n, n) array, or a function of a slice of the positions that gives theirs
+    (B, n, n), so that only a batch's probes are made at a time. It replaces mode 0 of
+    ``probe_modes`` position by position; the other modes stay shared. Judged by the
+    shared mode instead, a position where the probe drifted would show the drift as error.
     """
     xp = array_namespace(object_modes, probe_modes, amplitudes)
     objects = xp.asarray(object_modes)
@@ -233,16 +241,23 @@ def position_errors(
     if valid is not None:
         mask = xp.asarray(valid).astype(bool)
         mask = mask if fft_order else xp.fft.ifftshift(mask)
-    probe_ft = fft2(probes, xp=xp) if shifted else None
+    probe_ft = fft2(probes, xp=xp) if shifted and position_probes is None else None
     out = []
     for start in range(0, len(pos), batch_size):
-        part = slice(start, start + batch_size)
+        part = slice(start, min(start + batch_size, len(pos)))
         amps = xp.asarray(amplitudes[part], dtype=xp.float32)
         amps = amps if fft_order else xp.fft.ifftshift(amps, axes=(-2, -1))
         amps = xp.maximum(xp.where(xp.isfinite(amps), amps, 0), 0)
         if mask is not None:
             amps = amps * mask
-        if probe_ft is not None:
+        if position_probes is not None:
+            batch_probes = _own_probes(probes, position_probes, part, xp)  # (B, K, n, n)
+            if shifted:
+                ramps = fraction_ramps(xp.asarray(fractions[part]), n, xp)
+                spectra = fft2(batch_probes, xp=xp, overwrite_x=True)
+                spectra *= ramps[:, None]
+                batch_probes = ifft2(spectra, xp=xp, overwrite_x=True)
+        elif probe_ft is not None:
             ramps = fraction_ramps(xp.asarray(fractions[part]), n, xp)
             batch_probes = shifted_probes(probe_ft, ramps, xp)  # (B, K, n, n)
         else:
@@ -262,6 +277,19 @@ def position_errors(
     if not out:
         return xp.zeros(0, dtype=xp.float32)
     return xp.concatenate(out)
+
+
+def _own_probes(
+    probes: Any, position_probes: Callable[[slice], Any] | Any, part: slice, xp: types.ModuleType
+) -> Any:
+    """The probe modes (B, K, n, n) of the positions ``part``: mode 0 each one's own
+    (:func:`position_errors`' ``position_probes``), the others the shared ``probes``."""
+    own = position_probes(part) if callable(position_probes) else position_probes[part]
+    own = xp.asarray(own, dtype=xp.complex64)
+    out = xp.empty((own.shape[0], *probes.shape), dtype=xp.complex64)
+    out[:] = probes[None]
+    out[:, 0] = own
+    return out
 
 
 def error_map(

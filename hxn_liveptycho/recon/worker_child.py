@@ -381,6 +381,7 @@ def quality_snapshot(
     them is better than no picture."""
     from hxn_liveptycho.recon import quality as q
     from hxn_liveptycho.recon.backend import to_host
+    from hxn_liveptycho.recon.opr import position_probes
 
     history = list(solver.error_history)
     out: dict[str, Any] = {
@@ -410,6 +411,7 @@ def quality_snapshot(
                 fft_order=True,
                 subpixel=params.subpixel_positions or params.position_refinement,
                 batch_size=params.batch_size,
+                position_probes=position_probes(solver),  # OPR: each position's own probe
             )
             out["position_errors"] = to_host(errors)
             emap = q.error_map(
