@@ -15,7 +15,7 @@ from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.sim import optics, phantom
 
 N = 64
-PERSISTENT = ("frames", "positions", "dm_exit_waves", "object", "probe", "momentum")
+PERSISTENT = ("frames", "positions", "dm_exit_waves", "object", "probe", "momentum", "opr")
 
 #: The traced scan: 100 positions of 32² in batches of 25 (whole batches, so DM's pass
 #: ends on a full one), small enough for every case to run in a fraction of a second.
@@ -92,7 +92,8 @@ def _array_bytes(solver: StreamingSolver) -> int:
 
 
 #: Every algorithm with 1 and 3 probe modes, 1 and 2 object modes, whole-pixel and
-#: sub-pixel positions; then position refinement, momentum and Poisson noise.
+#: sub-pixel positions; then position refinement, momentum, Poisson noise and the
+#: variable probe (OPR, ePIE only) on whole-pixel and sub-pixel positions.
 CASES = (
     [
         pytest.param(algorithm, k, m, subpixel, {}, id=f"{algorithm}-K{k}-M{m}-{kind}")
@@ -109,6 +110,10 @@ CASES = (
         for a, m in (("epie", 1), ("lsqml", 2))
     ]
     + [pytest.param("lsqml", 1, 1, False, {"noise": "poisson"}, id="lsqml-poisson")]
+    + [
+        pytest.param("epie", k, 1, subpixel, {"opr_modes": 2}, id=f"epie-K{k}-opr-{kind}")
+        for k, (subpixel, kind) in ((1, (False, "whole")), (2, (True, "subpixel")))
+    ]
 )
 
 
@@ -141,6 +146,7 @@ def test_estimate_bounds_the_traced_peak(traced, algorithm, k, m, subpixel, opti
         position_refinement=params.position_refinement,
         momentum=params.momentum_gain > 0,
         object_modes=m,
+        opr_modes=params.opr_modes,
     )
     estimate = sum(terms.values())
     held = _array_bytes(s)

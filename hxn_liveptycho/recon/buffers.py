@@ -48,6 +48,8 @@ def held_arrays(s: StreamingSolver) -> list[Any]:
     if s._xp is np:  # on CuPy the host copy of the positions is no device memory
         arrays.append(s._pos_host)
     arrays += [a for a in (s._valid, s._dm_waves, s._probe_power) if a is not None]
+    if s._opr is not None:
+        arrays += s._opr.held_arrays()
     return arrays + s._object_momentum.buffers + s._probe_momentum.buffers
 
 
@@ -66,6 +68,7 @@ def estimate_terms(s: StreamingSolver, rows: int, subpixel: bool | None = None) 
         position_refinement=s.params.position_refinement,
         momentum=s.params.momentum_gain > 0,
         object_modes=s.params.object_modes,
+        opr_modes=s.params.opr_modes,
     )
 
 

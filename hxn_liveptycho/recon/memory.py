@@ -21,6 +21,10 @@ the canvas):
 * ``momentum``: with ``IterativeParams.momentum_gain`` > 0 and ePIE or LSQ-ML
   among the algorithms, the previous object and probe and their velocities,
   ``2 x 8 (M H W + K n^2)``.
+* ``opr``: with ``IterativeParams.opr_modes`` (the variable probe,
+  :mod:`~hxn_liveptycho.recon.opr`), the weights, float32, ``4 N (opr_modes - 1)``
+  (they grow by doubling, so they may hold up to twice the rows: a few bytes per
+  position), and the variable eigen-probes, complex64, ``8 (opr_modes - 1) n^2``.
 * ``canvas_temporaries``: the canvas-sized arrays of an update (a batch's box
   is at most the canvas): ePIE and LSQ-ML sum a batch's object numerator
   (complex64) and illumination (float32) on its box, and with several object
@@ -39,7 +43,10 @@ the canvas):
   intensities). Every expression's result counts as a new array, as CuPy
   allocates them: NumPy elides some temporaries of chained arithmetic, so
   there the count is an upper bound. CuPy's fused kernels (one object mode)
-  allocate a subset of the reference path's arrays counted here.
+  allocate a subset of the reference path's arrays counted here. With OPR every
+  batch's probes are per position ``(B, K, n, n)``, shifted or not, its batches make
+  them and update the weights (two more phases), and two eigen-probe-sized arrays
+  (:data:`_OPR_PASS_ARRAYS`) join the probe-sized ones.
 * ``fft_work_area``: cuFFT's work area for a batched transform of
   ``(B, M K, n, n)`` complex64, about the size of the data it transforms
   (CuPy only; NumPy's pocketfft works in per-line buffers).
@@ -85,6 +92,12 @@ _GRADIENT_WINDOWS = 4
 #: Probe-sized (K, n, n) complex64 arrays beside a batch's peak: the probe update's
 #: numerator and weights, and the modes' spectra or the update's transient.
 _PROBE_ARRAYS = 3
+#: Eigen-probe-sized (K - 1, n, n) complex64 arrays of OPR beside a batch's peak: the
+#: pass's sum of the eigen-probes' step, and the pass end's copy of the eigen-probes.
+_OPR_PASS_ARRAYS = 2
+#: NumPy's ufunc buffers of a broadcast complex64 product (OPR's per-position probes and
+#: weighted eigen-probes): two operands of ``numpy.getbufsize()`` elements, its default.
+_BROADCAST_BUFFERS = 2 * 8 * 8192
 #: Bytes per canvas pixel and object mode of the amplitude clamp: ``|O|`` (float32), the
 #: mask ``|O| > max`` (bool), the floored ``|O|`` and the factor (float32 each).
 _CLAMP_BYTES = 13
@@ -101,6 +114,12 @@ class _Sizes:
     object_modes: int
     subpixel: bool
     refine: bool
+    opr: bool = False  # OPR: each position's own probes, unshifted too
+
+    @property
+    def per_position(self) -> bool:
+        """Whether the batch's probes are per position (B, K, n, n): shifted, or OPR's."""
+        return self.subpixel or self.opr
 
     @property
     def waves(self) -> int:
@@ -115,18 +134,19 @@ class _Sizes:
     @property
     def shifted(self) -> int:
         """The probe modes shifted per position (B, K, n, n) and their ramps (B, n, n);
-        none on whole-pixel data (the batch shares the modes)."""
-        return self.wave + self.window if self.subpixel else 0
+        none on whole-pixel data (the batch shares the modes) unless OPR gives each
+        position its own modes (no ramps then)."""
+        return (self.wave if self.per_position else 0) + (self.window if self.subpixel else 0)
 
     @property
     def illumination(self) -> int:
-        """``sum_k |P_k|^2``: a real window per position when the probes are shifted."""
-        return self.real if self.subpixel else 0
+        """``sum_k |P_k|^2``: a real window per position when the probes are per position."""
+        return self.real if self.per_position else 0
 
     @property
     def illumination_parts(self) -> int:
-        """``|P|^2`` of shifted probes: real and imaginary squares and their sum."""
-        return 3 * self.wave // 2 if self.subpixel else 0
+        """``|P|^2`` of per-position probes: real and imaginary squares and their sum."""
+        return 3 * self.wave // 2 if self.per_position else 0
 
     @property
     def far_field_parts(self) -> int:
@@ -137,7 +157,9 @@ class _Sizes:
     def object_numerator(self) -> int:
         """``sum_k conj(P_k) dpsi_k``: the sum, the conjugate of a shifted mode and the
         product added in (after the first mode)."""
-        extra = (self.window if self.subpixel else 0) + (self.window if self.probe_modes > 1 else 0)
+        extra = (self.window if self.per_position else 0) + (
+            self.window if self.probe_modes > 1 else 0
+        )
         return self.window + extra
 
     @property
@@ -156,6 +178,30 @@ class _Sizes:
             return 0
         return self.window + self.illumination + _GRADIENT_WINDOWS * self.window
 
+    @property
+    def opr_probes(self) -> int:
+        """OPR's per-position probes being made (``VariableProbe.batch_probes``): the
+        weighted eigen-probes and their sum with the main mode, then the modes (B, K, n, n)
+        beside the main ones and, shifted, the ramps (the transforms are in place)."""
+        if not self.opr:
+            return 0
+        made = self.wave + self.window + (self.window if self.subpixel else 0)
+        return max(2 * self.window, made) + _BROADCAST_BUFFERS
+
+    @property
+    def opr_update(self) -> int:
+        """OPR's update of its weights (``VariableProbe.update``), beside the batch's held
+        arrays: the per-position probe update (a window) with ``conj(O)`` or, shifted,
+        the ramps' conjugates (the transforms are in place); then ``|O|^2``'s parts (three
+        real windows); then the divisor and each eigen-probe's weighted product (a window,
+        broadcast)."""
+        if not self.opr:
+            return 0
+        first = 2 * self.window + _BROADCAST_BUFFERS
+        return max(
+            first, self.window + 3 * self.real, 2 * self.window + self.real + _BROADCAST_BUFFERS
+        )
+
 
 def _epie(z: _Sizes) -> dict[str, int]:
     """Phases of ``Epie.batch`` (one object mode) and ``Epie._object_modes_batch``."""
@@ -170,6 +216,8 @@ def _epie(z: _Sizes) -> dict[str, int]:
             "object numerator": held + z.object_numerator,
             "illumination": held + z.window + z.illumination_parts,
             "position shift": held + z.shift_estimate,
+            "variable probes": z.opr_probes,
+            "variable probe update": held + z.opr_update if z.opr else 0,
         }
     held = z.shifted + z.windows + z.waves  # every object mode's windows and waves
     return {
@@ -281,10 +329,12 @@ def batch_phases(
     subpixel: bool = True,
     position_refinement: bool = False,
     object_modes: int = 1,
+    opr: bool = False,
 ) -> dict[str, int]:
     """Bytes of the batch-sized arrays live in each phase of ``algorithm``'s step with
     ``batch`` positions (its largest is the ``batch_temporaries`` term): each phase's
-    count names its arrays in this module's source."""
+    count names its arrays in this module's source. ``opr``: the variable probe
+    (ePIE only), whose batches make each position's own probes and update its weights."""
     n, b = int(window), int(batch)
     refine = bool(position_refinement)
     sizes = _Sizes(
@@ -296,6 +346,7 @@ def batch_phases(
         # Refinement shifts the probes by the fractions it finds.
         subpixel=bool(subpixel) or refine,
         refine=refine,
+        opr=bool(opr),
     )
     return _PHASES[algorithm](sizes)
 
@@ -326,6 +377,7 @@ def estimate_terms(
     position_refinement: bool = False,
     momentum: bool = False,
     object_modes: int = 1,
+    opr_modes: int = 0,
 ) -> dict[str, int]:
     """The terms of :func:`estimate_bytes` by name (see the module docstring)."""
     names = _algorithms(algorithm)
@@ -342,9 +394,11 @@ def estimate_terms(
             subpixel=subpixel,
             position_refinement=position_refinement,
             object_modes=m,
+            opr=opr_modes > 0,
         )
         for a in sorted(names)
     ]
+    eigen = max(int(opr_modes) - 1, 0)  # OPR's variable eigen-probes
     return {
         "frames": 4 * n_pos * pix,
         "positions": 48 * n_pos,
@@ -352,8 +406,11 @@ def estimate_terms(
         "object": 8 * m * canvas,
         "probe": 8 * k * pix,
         "momentum": 2 * 8 * (m * canvas + k * pix) if momentum and names - {"dm"} else 0,
+        "opr": 4 * n_pos * eigen + 8 * eigen * pix,
         "canvas_temporaries": _canvas_temporaries(names, m, canvas),
-        "batch_temporaries": max(max(p.values()) for p in phases) + _PROBE_ARRAYS * 8 * k * pix,
+        "batch_temporaries": max(max(p.values()) for p in phases)
+        + _PROBE_ARRAYS * 8 * k * pix
+        + _OPR_PASS_ARRAYS * 8 * eigen * pix,
         "fft_work_area": 8 * b * k * m * pix if backend == "cupy" else 0,
     }
 
@@ -385,7 +442,8 @@ estimate_bytes = _summed(
     ``position_refinement`` adds the object gradients of the shift estimate (and
     implies sub-pixel shifts); ``momentum`` the history of
     :mod:`hxn_liveptycho.recon._momentum`; ``object_modes`` the object's incoherent
-    modes (``IterativeParams.object_modes``).
+    modes (``IterativeParams.object_modes``); ``opr_modes`` the variable probe's
+    eigen-probes, the main one included (``IterativeParams.opr_modes``, 0: off).
     """,
 )
 

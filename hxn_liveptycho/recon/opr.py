@@ -101,6 +101,11 @@ class VariableProbe:
             self._weights = xp.concatenate([self._weights, more])
         return self._weights
 
+    def held_arrays(self) -> list[Any]:
+        """The arrays held between passes (the eigen-probes and weights, once made), for
+        the solver's count of the memory it holds."""
+        return [a for a in (self._eigen, self._weights) if a is not None]
+
     # ------------------------------------------------------------------ batch
     def batch_probes(self, s: StreamingSolver, batch: Batch) -> tuple[Any, Any | None]:
         """``(probes, ramps)`` as :func:`~hxn_liveptycho.recon.forward.batch_probes`
