@@ -18,30 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gpu_helpers import GPU_MARKS, cp, rel_diff
 
-
-def _cupy() -> Any:
-    try:
-        import cupy
-
-        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:
-        return None
-
-
-cp = _cupy()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device (pytest -m gpu)"),
-]
+pytestmark = GPU_MARKS
 
 #: Relative difference a float32 kernel may have from its float32 reference.
 STEP_TOL = 2e-5
-
-
-def _rel(a: Any, b: Any) -> float:
-    a, b = (np.asarray(x.get() if hasattr(x, "get") else x) for x in (a, b))
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _complex(rng: np.random.Generator, *shape: int) -> Any:
@@ -64,9 +46,9 @@ def test_the_solver_s_own_fft_is_cufft(n, modes):
     rng = np.random.default_rng(n + modes)
     x = _complex(rng, 5, modes, n, n)
     want = cp.fft.fft2(x)
-    assert _rel(lines.fft2(x.copy()), want) < STEP_TOL
+    assert rel_diff(lines.fft2(x.copy()), want) < STEP_TOL
     back = cp.fft.ifft2(x) * (n * n)
-    assert _rel(lines.ifft2_unscaled(x.copy()), back) < STEP_TOL
+    assert rel_diff(lines.ifft2_unscaled(x.copy()), back) < STEP_TOL
 
 
 @pytest.mark.parametrize("per_position", [False, True])
@@ -85,10 +67,10 @@ def test_exit_waves_and_their_spectra_are_the_windows_times_the_probes(per_posit
     windows = cp.stack([canvas[y : y + n, x : x + n] for y, x in host])[:, None]
     want = windows * (probes if per_position else probes[None])
     assert not bool(cp.isnan(got).any())
-    assert _rel(got, want) < STEP_TOL
+    assert rel_diff(got, want) < STEP_TOL
     spectra = lines.exit_wave_spectra(canvas, corners, probes)
     assert not bool(cp.isnan(spectra).any())
-    assert _rel(spectra, cp.fft.fft2(want)) < STEP_TOL
+    assert rel_diff(spectra, cp.fft.fft2(want)) < STEP_TOL
 
 
 def test_sub_pixel_shifts_are_the_fourier_phase_ramps():
@@ -107,7 +89,7 @@ def test_sub_pixel_shifts_are_the_fourier_phase_ramps():
     ramp_x = np.exp(-2j * np.pi * fr[:, 1, None] * f[None])
     want = 0.5 * ft.get()[None] * ramp_y[:, None, :, None] * ramp_x[:, None, None, :]
     assert not bool(cp.isnan(got).any())
-    assert _rel(got, want) < 1e-4  # float32 phases against float64 ones
+    assert rel_diff(got, want) < 1e-4  # float32 phases against float64 ones
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -121,11 +103,11 @@ def test_the_mode_unitary_is_the_reference_s_and_mixing_applies_it(k):
     u = _pass_end_kernels.mode_unitary(modes)
     _, want = orthogonalize_modes(modes, cp)
     assert not bool(cp.isnan(u).any())
-    assert _rel(u, want) < 1e-4  # Jacobi rotations in double against the eigen-solver
+    assert rel_diff(u, want) < 1e-4  # Jacobi rotations in double against the eigen-solver
     waves = _complex(rng, 4, k, 16, 16)
     expected = cp.einsum("ab,nbij->naij", u, waves)
     _pass_end_kernels.mix_modes(waves, u)
-    assert _rel(waves, expected) < STEP_TOL
+    assert rel_diff(waves, expected) < STEP_TOL
 
 
 # ---- an update's sums -------------------------------------------------------------------
@@ -191,14 +173,14 @@ def test_object_sums_are_the_windows_sums(k, per_position):
     sums = ObjectSums(num, den, box[:2], slots)
     object_sums(dpsi, probes, canvas, corners, sums, box=box, weights=weights, overwrite=True)
     assert not bool(cp.isnan(num).any()) and not bool(cp.isnan(den).any())
-    assert _rel(num, want_num) < STEP_TOL and _rel(den, want_den) < STEP_TOL
+    assert rel_diff(num, want_num) < STEP_TOL and rel_diff(den, want_den) < STEP_TOL
     assert _tracked(slots, den)
     # Added into a canvas-wide pair (DM's overlap sums), no illumination: the ratio's numerator.
     whole = cp.ones(canvas.shape, cp.complex64)
     object_sums(dpsi, probes, canvas, corners, ObjectSums(whole))
     want = cp.ones(canvas.shape, cp.complex64)
     want[box[0] : box[2], box[1] : box[3]] += _reference_sums(dpsi, probes, canvas, corners, box)[0]
-    assert _rel(whole, want) < STEP_TOL
+    assert rel_diff(whole, want) < STEP_TOL
 
 
 @pytest.mark.parametrize("k", [_TILED, _ATOMIC])
@@ -224,8 +206,8 @@ def test_the_sums_of_a_whole_pixel_update_are_the_windows_sums(k):
         box=box,
         overwrite=True,
     )
-    assert _rel(num, want_num) < STEP_TOL and _rel(den, want_den) < STEP_TOL
-    assert _rel(into, terms.sum(axis=0)) < STEP_TOL and _rel(power, want_power) < STEP_TOL
+    assert rel_diff(num, want_num) < STEP_TOL and rel_diff(den, want_den) < STEP_TOL
+    assert rel_diff(into, terms.sum(axis=0)) < STEP_TOL and rel_diff(power, want_power) < STEP_TOL
     assert _tracked(den_max, den) and _tracked(power_max, power)
 
 
@@ -250,8 +232,8 @@ def test_the_sums_of_a_sub_pixel_update_are_the_windows_sums():
         overwrite=True,
     )
     assert not bool(cp.isnan(terms).any())
-    assert _rel(terms, want_terms) < STEP_TOL and _rel(power, want_power) < STEP_TOL
-    assert _rel(num, want_num) < STEP_TOL and _rel(den, want_den) < STEP_TOL
+    assert rel_diff(terms, want_terms) < STEP_TOL and rel_diff(power, want_power) < STEP_TOL
+    assert rel_diff(num, want_num) < STEP_TOL and rel_diff(den, want_den) < STEP_TOL
     assert _tracked(den_max, den) and _tracked(power_max, power)
 
 
@@ -266,13 +248,13 @@ def test_the_probe_terms_alone_are_the_windows_terms(k):
     into = cp.ones(probes.shape, cp.complex64)  # added into
     power, power_max = cp.zeros(want_power.shape, cp.float32), _slots()
     add_probe_terms(dpsi, canvas, corners, into=into, power=power, power_max=power_max)
-    assert _rel(into, 1 + want_terms.sum(axis=0)) < STEP_TOL
-    assert _rel(power, want_power) < STEP_TOL and _tracked(power_max, power)
+    assert rel_diff(into, 1 + want_terms.sum(axis=0)) < STEP_TOL
+    assert rel_diff(power, want_power) < STEP_TOL and _tracked(power_max, power)
     terms = probe_terms_with_power(dpsi, probes, canvas, corners)
     windows = cp.stack([canvas[y : y + 32, x : x + 32] for y, x in corners.get()])
     assert not bool(cp.isnan(terms).any()) and terms.shape[1] == k + 1
-    assert _rel(terms[:, :k], want_terms) < STEP_TOL
-    assert _rel(terms[:, k], cp.abs(windows) ** 2) < STEP_TOL
+    assert rel_diff(terms[:, :k], want_terms) < STEP_TOL
+    assert rel_diff(terms[:, k], cp.abs(windows) ** 2) < STEP_TOL
 
 
 @pytest.mark.parametrize("k", [_TILED, _ATOMIC])
@@ -289,7 +271,7 @@ def test_the_window_ratio_is_the_sums_over_the_regularised_illumination(k, reg):
     m = float(cp.max(den))
     want[box[0] : box[2], box[1] : box[3]] += num / cp.maximum((1 - reg) * (den + reg * m), 1e-30)
     add_window_ratio(canvas, dpsi, probes, corners, den, box=box, weights=weights, reg=reg)
-    assert _rel(canvas, want) < STEP_TOL
+    assert rel_diff(canvas, want) < STEP_TOL
 
 
 def test_the_regularised_steps_are_the_xp_expressions():
@@ -302,12 +284,12 @@ def test_the_regularised_steps_are_the_xp_expressions():
     want = target.copy()
     want[5:45, 7:57] += 0.5 * num[0] / regularised
     regularised_step(target[5:45, 7:57], num[0].copy(), den, 0.1, 0.5)
-    assert _rel(target, want) < STEP_TOL
+    assert rel_diff(target, want) < STEP_TOL
     x = num.copy()
     assert divide_regularised(x, den, 0.1) is x
-    assert _rel(x, num / regularised) < STEP_TOL
+    assert rel_diff(x, num / regularised) < STEP_TOL
     add_scaled(x, num, cp.asarray(2.0, cp.float32))
-    assert _rel(x, num / regularised + 2 * num) < STEP_TOL
+    assert rel_diff(x, num / regularised + 2 * num) < STEP_TOL
 
 
 def test_batch_sums_and_scaled_copies_are_the_xp_expressions():
@@ -321,12 +303,12 @@ def test_batch_sums_and_scaled_copies_are_the_xp_expressions():
     rng = np.random.default_rng(70)
     f = _complex(rng, 37, 3, 32, 32)
     _poison_pool()
-    assert _rel(batch_sum(f), f.sum(axis=0)) < STEP_TOL
-    assert _rel(scaled_copy(f, 0.25), 0.25 * f) < STEP_TOL
+    assert rel_diff(batch_sum(f), f.sum(axis=0)) < STEP_TOL
+    assert rel_diff(scaled_copy(f, 0.25), 0.25 * f) < STEP_TOL
     table = ramp_table(cp.asarray(rng.random((37, 2)).astype(np.float32)), 32)
     ramps = table[:, 0, :, None] * table[:, 1, None, :]
     want = 0.5 * (f * cp.conj(ramps)[:, None]).sum(axis=0)
-    assert _rel(unshift_sum_spectra(f, table, 0.5), want) < STEP_TOL
+    assert rel_diff(unshift_sum_spectra(f, table, 0.5), want) < STEP_TOL
 
 
 # ---- the whole solver --------------------------------------------------------------------
@@ -388,8 +370,8 @@ def test_the_fused_solver_matches_its_reference_on_the_gpu(algorithm, modes, sub
     fused.iterate(ITERATIONS)
     reference.iterate(ITERATIONS)
     tol = TOLERANCE[(algorithm, modes)]
-    assert _rel(fused.object, reference.object) < tol
-    assert _rel(fused.probe_modes, reference.probe_modes) < tol
+    assert rel_diff(fused.object, reference.object) < tol
+    assert rel_diff(fused.probe_modes, reference.probe_modes) < tol
     np.testing.assert_allclose(fused.error_history, reference.error_history, rtol=1e-3)
 
 
@@ -401,7 +383,7 @@ def test_the_fused_solver_matches_numpy(algorithm):
     numpy = _solver(sample, np, None, algorithm=algorithm)
     fused.iterate(ITERATIONS)
     numpy.iterate(ITERATIONS)
-    assert _rel(fused.object, numpy.object) < TOLERANCE[(algorithm, 1)]
+    assert rel_diff(fused.object, numpy.object) < TOLERANCE[(algorithm, 1)]
 
 
 @pytest.mark.parametrize("window", [64, 256])
@@ -413,4 +395,4 @@ def test_the_solver_s_own_fft_sizes_match_the_reference(window):
     assert fused._lines
     fused.iterate(ITERATIONS)
     reference.iterate(ITERATIONS)
-    assert _rel(fused.object, reference.object) < 1e-5
+    assert rel_diff(fused.object, reference.object) < 1e-5

@@ -8,42 +8,18 @@ Skipped, with the reason, where CuPy or a CUDA device is missing.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
+from gpu_helpers import GPU_MARKS, cp, host, rel_diff
 from recon_helpers import SimulatedScan
 
 from hxn_liveptycho.recon import quality, resolution
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 
-
-def _cupy() -> Any:
-    try:
-        import cupy
-
-        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:
-        return None
-
-
-cp = _cupy()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device (pytest -m gpu)"),
-]
+pytestmark = GPU_MARKS
 
 #: Relative difference allowed between float32 results of the two array modules.
 TOL = 1e-5
-
-
-def _host(x: Any) -> np.ndarray:
-    return np.asarray(x.get() if hasattr(x, "get") else x)
-
-
-def _rel(a: Any, b: Any) -> float:
-    a, b = (np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.complex128) for x in (a, b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +47,16 @@ def test_maps_and_position_errors_match_numpy(solved):
     scan, ref, _ = solved
     modes = ref.probe_modes
     cov = quality.coverage(scan.positions, modes, scan.canvas)
-    assert _rel(quality.coverage(scan.positions, cp.asarray(modes), scan.canvas), cov) < TOL
+    assert rel_diff(quality.coverage(scan.positions, cp.asarray(modes), scan.canvas), cov) < TOL
     amps = np.asarray(scan.amplitudes)
     errors = quality.position_errors(ref.object_modes, modes, ref.positions_px, amps)
     on_gpu = quality.position_errors(
         cp.asarray(ref.object_modes), cp.asarray(modes), ref.positions_px, cp.asarray(amps)
     )
-    assert _rel(on_gpu, errors) < 1e-4
+    assert rel_diff(on_gpu, errors) < 1e-4
     emap = quality.error_map(ref.positions_px, errors, modes, scan.canvas)
     gmap = quality.error_map(ref.positions_px, cp.asarray(errors), cp.asarray(modes), scan.canvas)
-    assert _rel(gmap, emap) < TOL
+    assert rel_diff(gmap, emap) < TOL
 
 
 def test_the_state_error_matches_numpy_on_the_same_state(solved):
@@ -100,6 +76,6 @@ def test_frc_matches_numpy(solved):
     mask[8:-8, 8:-8] = True
     on_cpu = resolution.frc(a, b, 1e-8, mask)
     on_gpu = resolution.frc(cp.asarray(a), cp.asarray(b), 1e-8, mask, xp=cp)
-    got = (_host(on_gpu.frequencies_per_m), _host(on_gpu.values))
+    got = (host(on_gpu.frequencies_per_m), host(on_gpu.values))
     np.testing.assert_allclose(got[0], on_cpu.frequencies_per_m, rtol=1e-6)
     np.testing.assert_allclose(got[1], on_cpu.values, atol=1e-4)
