@@ -39,6 +39,28 @@ def mix_modes_like_the_kernel(waves: np.ndarray, u: np.ndarray) -> None:
     waves[...] = np.matmul(u, waves.reshape(shape[0], shape[1], -1)).reshape(shape)
 
 
+def phase_object_scan(
+    n: int, side: int, step: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small noiseless raster over a random phase object (``side`` x ``side`` positions
+    ``step`` px apart, 2 px from the edge of a canvas ``n + step * side + 4`` square) in a
+    Gaussian probe of ``n``: the object, the probe, each frame's far-field amplitude
+    (float64, zero frequency at the centre) and the positions (y, x) in pixels. ``rng``
+    draws the object; a caller may go on drawing noise from it."""
+    canvas = n + step * side + 4
+    obj = np.exp(1j * rng.uniform(-0.5, 0.5, (canvas, canvas))).astype(np.complex64)
+    yy, xx = np.mgrid[:n, :n] - n / 2
+    probe = np.exp(-(yy**2 + xx**2) / (2 * (n / 6) ** 2)).astype(np.complex64)
+    positions = np.array([(y * step + 2, x * step + 2) for y in range(side) for x in range(side)])
+    amplitudes = np.stack(
+        [
+            np.abs(np.fft.fftshift(np.fft.fft2(probe * obj[y : y + n, x : x + n])))
+            for y, x in positions
+        ]
+    )
+    return obj, probe, amplitudes, positions.astype(np.float64)
+
+
 class SimulatedScan:
     """A 15 x 15 fly scan, ~75 % linear overlap, 1e5 photons/frame with Poisson noise.
 

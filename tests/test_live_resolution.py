@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from recon_helpers import phase_object_scan
 
 from hxn_liveptycho.recon.frame_ring import FrameRing
 from hxn_liveptycho.recon.iterative import IterativeParams
@@ -30,21 +31,13 @@ def _noisy_scan(side: int = 10, step: int = 4) -> tuple[np.ndarray, np.ndarray, 
     """A dense raster over a random phase object, with Poisson noise so that the halves
     disagree at fine frequencies: probe, amplitudes, positions (px), canvas side."""
     rng = np.random.default_rng(1)
+    _, probe, far_field, positions = phase_object_scan(N, side, step, rng)
     canvas = N + step * side + 4
-    obj = np.exp(1j * rng.uniform(-0.5, 0.5, (canvas, canvas))).astype(np.complex64)
-    yy, xx = np.mgrid[:N, :N] - N / 2
-    probe = np.exp(-(yy**2 + xx**2) / (2 * (N / 6) ** 2)).astype(np.complex64)
-    positions = np.array([(y * step + 2, x * step + 2) for y in range(side) for x in range(side)])
-    intensity = np.stack(
-        [
-            np.abs(np.fft.fftshift(np.fft.fft2(probe * obj[y : y + N, x : x + N]))) ** 2
-            for y, x in positions
-        ]
-    )
+    intensity = far_field**2
     photons_per_frame = 1e5
     scale = photons_per_frame / intensity.sum(axis=(1, 2)).mean()
     amplitudes = np.sqrt(rng.poisson(intensity * scale) / scale).astype(np.float32)
-    return probe, amplitudes, positions.astype(np.float64), canvas
+    return probe, amplitudes, positions, canvas
 
 
 def _final(worker: SolverWorker, run_id: str, quality: QualitySettings) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from recon_helpers import phase_object_scan
 from scans import SMALL, fly, make_live
 
 from hxn_liveptycho.recon.frame_ring import FrameRing
@@ -30,18 +31,8 @@ class _Outbox:
 
 def _scan() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A small noiseless scan of a random phase object: truth, probe, amplitudes, positions."""
-    rng = np.random.default_rng(1)
-    obj = np.exp(1j * rng.uniform(-0.5, 0.5, CANVAS)).astype(np.complex64)
-    yy, xx = np.mgrid[:N, :N] - N / 2
-    probe = np.exp(-(yy**2 + xx**2) / (2 * (N / 6) ** 2)).astype(np.complex64)
-    positions = np.array([(y * STEP + 2, x * STEP + 2) for y in range(SIDE) for x in range(SIDE)])
-    amplitudes = np.stack(
-        [
-            np.abs(np.fft.fftshift(np.fft.fft2(probe * obj[y : y + N, x : x + N])))
-            for y, x in positions
-        ]
-    ).astype(np.float32)
-    return obj, probe, amplitudes, positions.astype(np.float64)
+    obj, probe, amplitudes, positions = phase_object_scan(N, SIDE, STEP, np.random.default_rng(1))
+    return obj, probe, amplitudes.astype(np.float32), positions
 
 
 def _open_child(

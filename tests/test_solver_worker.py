@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from recon_helpers import phase_object_scan
 
 from hxn_liveptycho.recon import worker as worker_module
 from hxn_liveptycho.recon.frame_ring import FrameRing, FrameRingReader
@@ -29,19 +30,8 @@ def _running(pid: int) -> bool:
 
 def _scan(n: int = 32, side: int = 6, step: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A small noiseless scan of a random phase object: probe, amplitudes, positions."""
-    rng = np.random.default_rng(1)
-    canvas = n + step * side + 4
-    obj = np.exp(1j * rng.uniform(-0.5, 0.5, (canvas, canvas))).astype(np.complex64)
-    yy, xx = np.mgrid[:n, :n] - n / 2
-    probe = np.exp(-(yy**2 + xx**2) / (2 * (n / 6) ** 2)).astype(np.complex64)
-    positions = np.array([(y * step + 2, x * step + 2) for y in range(side) for x in range(side)])
-    amplitudes = np.stack(
-        [
-            np.abs(np.fft.fftshift(np.fft.fft2(probe * obj[y : y + n, x : x + n])))
-            for y, x in positions
-        ]
-    ).astype(np.float32)
-    return probe, amplitudes, positions.astype(np.float64)
+    _, probe, amplitudes, positions = phase_object_scan(n, side, step, np.random.default_rng(1))
+    return probe, amplitudes.astype(np.float32), positions
 
 
 def test_frame_ring_wraps_and_waits_for_the_reader() -> None:
