@@ -51,8 +51,12 @@ class SolverLink:
         settings: Settings,
         notify: Callable[[], None],
         log: logging.Logger | logging.LoggerAdapter[Any] = logger,
+        probe_seed: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
         self._worker = worker
+        #: A starting probe for an n-pixel window from elsewhere (the series' previous
+        #: projection), tried before the guess from the data; None: the guess.
+        self._probe_seed = probe_seed
         self._uid = uid
         self._settings = settings
         self._notify = notify
@@ -104,13 +108,16 @@ class SolverLink:
     ) -> None:
         """Hand frames to the solver; the first ones open the run (and guess the probe)."""
         if self.remote is None:
-            self.remote = self._worker.open_run(
-                self._uid,
-                probe=initial_probe(
+            probe = None if self._probe_seed is None else self._probe_seed(amplitudes.shape[-1])
+            if probe is None:
+                probe = initial_probe(
                     amplitudes,
                     footprint_px=config.probe_footprint_px,
                     defocus_sign=config.probe.defocus_sign,
-                ),
+                )
+            self.remote = self._worker.open_run(
+                self._uid,
+                probe=probe,
                 canvas_shape=canvas_shape,
                 params=config.recon,
                 expected_positions=config.num_points,
