@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,7 @@ class RunSession(SessionResults):
         sink_factory: SinkFactory,
         solver_worker: SolverWorker,
         nn_pool: WorkerPool | None = None,
+        probe_seed: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
         self.start_doc = dict(start)
         self.uid: str = start.get("uid", "")
@@ -144,6 +145,7 @@ class RunSession(SessionResults):
             settings=settings,
             notify=lambda: self._inbox.put(("solver", None)),
             log=self.log,
+            probe_seed=probe_seed,
         )
         self._told_final_due = False
         self.placement: Placement | None = None
