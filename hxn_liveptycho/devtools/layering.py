@@ -52,7 +52,7 @@ __all__ = [
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "entry points and outside drivers",
-        ("cli", "serve", "control", "replay", "demo", "sim", "devtools"),
+        ("cli", "serve", "control", "replay", "reprocess", "demo", "sim", "devtools"),
     ),
     ("callback", ("callback",)),
     ("engine", ("pipeline.engine",)),

@@ -1,0 +1,530 @@
+"""A CXI (or NeXus NXcxi_ptycho) ptychography file, read into what a run needs.
+
+Where things are (CXI 1.6; NXcxi_ptycho keeps the same names and adds
+``units`` attributes, which are honoured wherever present):
+
+- frames: ``entry_1/data_1/data``, else ``entry_1/instrument_1/detector_1/data``
+  (n, rows, columns), or (n_slow, n_fast, rows, columns);
+- translations: ``entry_1/data_1/translation``, ``entry_1/sample_1/geometry_1/translation``
+  (or ``geometry``), ``entry_1/instrument_1/detector_1/translation``: (n, 3), metres,
+  the sample's translation (x, y, z) in the lab frame: z along the beam, y up;
+- photon energy ``instrument_1/source_1/energy`` (joules), or its ``wavelength``
+  (metres), or NXcxi_ptycho's ``beam_1/incident_beam_energy`` (with units);
+- ``detector_1/distance``, ``x_pixel_size``, ``y_pixel_size``, ``basis_vectors``
+  (2, 3) or (n, 2, 3): the lab-frame step of one pixel along a frame's rows and
+  columns (default ``((0, -y_pixel, 0), (-x_pixel, 0, 0))``), ``corner_position``;
+- ``detector_1/mask``: 0 is a good pixel, and so is 0x1000 (CXI's "signal" bit);
+  any other bit marks a bad one;
+- a probe, when given: ``instrument_1/source_1/illumination`` (where ptychodus
+  keeps it) or ``entry_1/probe/data``.
+
+Detector orientation is handled by the positions, not the frames: each beam
+position is projected on the detector's row and column directions, so the
+object is reconstructed in the frames' own axes whatever way the detector
+was mounted, and frames are never flipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hxn_liveptycho.reprocess.conventions import (
+    ConventionError,
+    DataKind,
+    DcPosition,
+    FileConventions,
+    detect_data_kind,
+    detect_dc,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CxiScan", "FileError", "read_cxi", "stable_uid"]
+
+#: Joules per electronvolt; h c in J m (wavelength ↔ energy).
+EV_J = 1.602176634e-19
+HC_J_M = 1.98644586e-25
+#: Frames read to decide the data's kind and where its zero frequency is.
+DETECT_FRAMES = 64
+#: Translations spanning more than this (metres) are not metres: a unit was left out.
+MAX_SPAN_M = 0.01
+#: Bytes of the file read at once while hashing it.
+HASH_CHUNK = 8 << 20
+
+_LENGTH = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9}
+_LENGTH.update({"angstrom": 1e-10, "å": 1e-10, "a": 1e-10, "metre": 1.0, "meter": 1.0})
+_ENERGY_J = {"j": 1.0, "ev": EV_J, "kev": 1e3 * EV_J}
+_MASK_SIGNAL = 0x1000
+
+
+class FileError(ConventionError):
+    """A file lacks what a reconstruction needs (no frames, no energy, counts that differ)."""
+
+
+def stable_uid(path: Path, entry: str) -> str:
+    """A uid that is the same for the same file contents and entry, wherever the file lies.
+
+    A UUID (version 5) of the file's SHA-256 and the entry's name: reprocessing
+    the same file twice links both results to one ``raw_uid``.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_CHUNK):
+            digest.update(block)
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cxi:sha256:{digest.hexdigest()}#{entry}"))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _text(value[()])
+    return str(value)
+
+
+def _units(node: Any) -> str | None:
+    raw = node.attrs.get("units") if hasattr(node, "attrs") else None
+    return None if raw is None else _text(raw).strip()
+
+
+def _scale(units: str | None, table: dict[str, float], what: str, option: str) -> float | None:
+    if units is None:
+        return None
+    key = units.lower().replace("micrometre", "um").replace("micrometer", "um")
+    if key not in table:
+        raise ConventionError(f"{what} has units {units!r}, which are not understood: {option}")
+    return table[key]
+
+
+def _scalar(node: Any) -> float:
+    value = np.asarray(node[()], dtype=np.float64).ravel()
+    if value.size == 0 or not np.isfinite(value[0]):
+        raise FileError(f"{node.name} holds no finite number")
+    return float(value[0])
+
+
+def _first(group: Any, paths: tuple[str, ...]) -> Any:
+    for path in paths:
+        if path in group:
+            return group[path]
+    return None
+
+
+@dataclass
+class CxiScan:
+    """One entry of a file, with its conventions settled; frames are read in chunks."""
+
+    path: Path
+    entry: str
+    raw_uid: str
+    scan_id: int | None
+    frames: Any
+    data_kind: DataKind
+    dc: DcPosition
+    positions_um: np.ndarray
+    energy_kev: float
+    distance_m: float
+    pixel_size_m: float
+    mask: np.ndarray | None = None
+    probe: np.ndarray | None = None
+    beam_center: tuple[float, float] | None = None
+    #: What was read from the file and what was detected, one line each (report, metadata).
+    notes: list[str] = field(default_factory=list)
+    _file: Any = None
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.positions_um.shape[0])
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return (int(self.frames.shape[-2]), int(self.frames.shape[-1]))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start .. stop - 1`` as intensities with the zero frequency at the centre.
+
+        Photon counts stay unsigned integers and their masked pixels take the
+        type's largest value (the live path's bad-pixel mark, counted as
+        ``masked_pixels``); other frames are float32 with masked pixels at 0.
+        """
+        return self.prepare(_read_rows(self.frames, start, stop))
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        counts = raw.dtype.kind in "ui" and self.data_kind == "intensity"
+        if self.data_kind == "amplitude":
+            data = np.square(raw, dtype=np.float32)
+        elif counts:
+            data = np.clip(raw, 0, None).astype(np.uint32)
+        else:
+            data = np.asarray(raw, dtype=np.float32)
+        if self.dc == "corner":
+            data = np.fft.fftshift(data, axes=(-2, -1))
+        if self.mask is not None:
+            data[..., self.mask] = np.iinfo(np.uint32).max if counts else 0
+        return data
+
+    def conventions(self) -> dict[str, Any]:
+        """The conventions used, for the report and the processed container."""
+        return {
+            "file": str(self.path),
+            "entry": self.entry,
+            "data": self.data_kind,
+            "dc": self.dc,
+            "frames": self.num_frames,
+            "frame_shape": list(self.frame_shape),
+            "masked_pixels": 0 if self.mask is None else int(self.mask.sum()),
+            "probe_in_file": self.probe is not None,
+            "notes": list(self.notes),
+        }
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> CxiScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_rows(frames: Any, start: int, stop: int) -> np.ndarray:
+    if frames.ndim == 3:
+        return np.asarray(frames[start:stop])
+    fast = frames.shape[1]  # (n_slow, n_fast, rows, columns): row-major order
+    return np.stack([np.asarray(frames[k // fast, k % fast]) for k in range(start, stop)])
+
+
+def read_cxi(
+    path: str | Path,
+    conventions: FileConventions | None = None,
+    *,
+    entry: str | None = None,
+) -> CxiScan:
+    """Open ``path`` and settle every convention; raise one line for what is missing or unclear.
+
+    The file stays open for the frames: close the result (or use it as a
+    context manager). Raises :class:`FileNotFoundError` for a missing file,
+    :class:`FileError` / :class:`ConventionError` (both ``ConfigurationError``)
+    for a file that cannot be reconstructed as it stands.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    conv = conventions or FileConventions()
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise FileError(f"{path} is not an HDF5 file: {' '.join(str(exc).split())}") from None
+    try:
+        scan = _read(handle, path, conv, entry)
+    except BaseException:
+        handle.close()
+        raise
+    scan._file = handle
+    return scan
+
+
+def _pick_entry(handle: Any, entry: str | None) -> str:
+    if entry is not None:
+        if entry not in handle:
+            raise FileError(f"the file has no entry {entry!r} (it has {sorted(handle)})")
+        return entry
+    entries = sorted(k for k in handle if k.startswith("entry"))
+    if not entries:
+        raise FileError(f"the file has no entry_1 group (top level: {sorted(handle)})")
+    return "entry_1" if "entry_1" in entries else entries[0]
+
+
+def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None) -> CxiScan:
+    name = _pick_entry(handle, entry_name)
+    entry = handle[name]
+    notes: list[str] = []
+    frames = _first(entry, ("data_1/data", "instrument_1/detector_1/data"))
+    if frames is None or frames.ndim not in (3, 4):
+        raise FileError(f"{name} has no frames at data_1/data or instrument_1/detector_1/data")
+    n = int(np.prod(frames.shape[:-2]))
+    if n == 0:
+        raise FileError(f"{frames.name} holds no frames")
+    detector = entry.get("instrument_1/detector_1")
+    probe_sample = _read_rows(frames, 0, min(n, DETECT_FRAMES))
+    data_kind: DataKind
+    if conv.data == "auto":
+        data_kind = detect_data_kind(probe_sample, units=_units(frames))
+        notes.append(f"data: {data_kind} (detected)")
+    else:
+        data_kind = conv.data
+    mask = _read_mask(detector, (frames.shape[-2], frames.shape[-1]), notes)
+    if conv.dc == "auto":
+        spread = np.linspace(0, n - 1, min(n, DETECT_FRAMES)).astype(int)
+        sample = np.stack([_read_rows(frames, int(k), int(k) + 1)[0] for k in spread])
+        intensity = np.square(sample, dtype=np.float64) if data_kind == "amplitude" else sample
+        mean = np.asarray(np.mean(intensity, axis=0, dtype=np.float64))
+        if mask is not None:
+            mean[mask] = 0.0
+        dc: DcPosition = detect_dc(mean)
+        notes.append(f"zero frequency: {'index 0 (FFT order)' if dc == 'corner' else 'centre'}")
+    else:
+        dc = conv.dc
+    if dc == "corner" and mask is not None:
+        mask = np.fft.fftshift(mask)
+    basis, pixel = _basis(detector, conv, notes)
+    positions_um = _positions(entry, n, basis, conv, notes)
+    energy_kev = _energy_kev(entry, conv)
+    distance_m = _distance(detector, conv, basis)
+    raw_uid, scan_id = _identity(handle, entry, path, name)
+    return CxiScan(
+        path=path,
+        entry=name,
+        raw_uid=raw_uid,
+        scan_id=scan_id,
+        frames=frames,
+        data_kind=data_kind,
+        dc=dc,
+        positions_um=positions_um,
+        energy_kev=energy_kev,
+        distance_m=distance_m,
+        pixel_size_m=pixel,
+        mask=mask,
+        probe=_read_probe(entry),
+        beam_center=None if dc == "corner" else _beam_center(detector, basis),
+        notes=notes,
+    )
+
+
+def _read_mask(detector: Any, shape: tuple[int, int], notes: list[str]) -> np.ndarray | None:
+    node = None if detector is None else detector.get("mask")
+    if node is None:
+        return None
+    mask = np.asarray(node[()])
+    if mask.ndim == 3:
+        mask = mask[0]
+    if mask.shape != shape:
+        raise FileError(f"{node.name} is {mask.shape}, the frames are {shape}")
+    flags = mask.astype(np.uint64)
+    bad = (flags != 0) & (flags != _MASK_SIGNAL)
+    notes.append(f"mask: {int(bad.sum())} bad pixels")
+    return bad if bad.any() else None
+
+
+def _basis(detector: Any, conv: FileConventions, notes: list[str]) -> tuple[np.ndarray, float]:
+    """The (2, 3) pixel steps along rows and columns, and the pixel size they give."""
+    if conv.basis_vectors is not None:
+        basis = np.asarray(conv.basis_vectors, dtype=np.float64)
+    elif detector is not None and "basis_vectors" in detector:
+        node = detector["basis_vectors"]
+        basis = np.asarray(node[()], dtype=np.float64)
+        if basis.ndim == 3:
+            if not np.allclose(basis, basis[:1]):
+                raise ConventionError(
+                    f"{node.name} changes from frame to frame; a moving detector is not "
+                    "reconstructed: pass --basis-vectors"
+                )
+            basis = basis[0]
+        if basis.shape == (3, 2):
+            basis = basis.T
+        basis = basis * (_scale(_units(node), _LENGTH, node.name, "pass --basis-vectors") or 1.0)
+        notes.append("detector axes: from basis_vectors")
+    else:
+        x_pixel = _pixel(detector, "x_pixel_size", conv) or _pixel(detector, "y_pixel_size", conv)
+        y_pixel = _pixel(detector, "y_pixel_size", conv) or x_pixel
+        if x_pixel is None or y_pixel is None:
+            if conv.pixel_size_m is None:
+                raise FileError(
+                    "the file gives no detector pixel size (detector_1/x_pixel_size or "
+                    "basis_vectors): pass --pixel-size"
+                )
+            x_pixel = y_pixel = conv.pixel_size_m
+        basis = np.array([[0.0, -y_pixel, 0.0], [-x_pixel, 0.0, 0.0]])
+        notes.append("detector axes: CXI's default (no basis_vectors)")
+    if basis.shape != (2, 3) or not np.all(np.isfinite(basis)):
+        raise ConventionError(f"basis vectors of shape {basis.shape}: pass --basis-vectors")
+    steps = np.linalg.norm(basis, axis=1)
+    if conv.pixel_size_m is not None:
+        return basis, conv.pixel_size_m
+    if steps.min() <= 0 or abs(steps[0] - steps[1]) > 0.01 * steps.max():
+        raise ConventionError(
+            f"detector pixels of {steps[0]:.3g} x {steps[1]:.3g} m are not square: pass "
+            "--pixel-size"
+        )
+    return basis, float(steps.mean())
+
+
+def _pixel(detector: Any, key: str, conv: FileConventions) -> float | None:
+    if conv.pixel_size_m is not None:
+        return conv.pixel_size_m
+    if detector is None or key not in detector:
+        return None
+    node = detector[key]
+    return _scalar(node) * (_scale(_units(node), _LENGTH, node.name, "pass --pixel-size") or 1.0)
+
+
+def _positions(
+    entry: Any, n: int, basis: np.ndarray, conv: FileConventions, notes: list[str]
+) -> np.ndarray:
+    """Beam positions on the sample (µm) along the frames' rows and columns, (n, 2)."""
+    node = _first(
+        entry,
+        (
+            "data_1/translation",
+            "sample_1/geometry_1/translation",
+            "sample_1/geometry/translation",
+            "instrument_1/detector_1/translation",
+        ),
+    )
+    if node is None:
+        raise FileError(
+            "the file has no translations (data_1/translation or sample_1/geometry_1/translation)"
+        )
+    values = np.asarray(node[()], dtype=np.float64)
+    if values.ndim == 3:
+        values = values.reshape(-1, values.shape[-1])
+    if values.ndim == 2 and values.shape[0] in (2, 3) and values.shape[1] not in (2, 3):
+        values = values.T
+    if values.ndim != 2 or values.shape[1] not in (2, 3):
+        raise FileError(f"{node.name} has shape {values.shape}, not (n, 3)")
+    if values.shape[0] != n:
+        raise FileError(f"{node.name} has {values.shape[0]} translations for {n} frames")
+    if not np.all(np.isfinite(values)):
+        raise FileError(f"{node.name} holds translations that are not finite numbers")
+    xy = values[:, :2]
+    if conv.position_units != "auto":
+        scale = _LENGTH[conv.position_units]
+    else:
+        scale = _scale(_units(node), _LENGTH, node.name, "pass --position-units") or 1.0
+    xy = xy * scale
+    span = float(np.max(np.ptp(xy, axis=0)))
+    if span > MAX_SPAN_M:
+        raise ConventionError(
+            f"the translations span {span:.3g} m, too far for a ptychography scan: they are "
+            "not in metres (CXI's unit) and say no other: pass --position-units um (or nm, mm)"
+        )
+    if span == 0.0:
+        raise FileError(f"all {n} translations in {node.name} are the same point")
+    beam = -xy if conv.translation == "sample" else xy
+    transverse = basis[:, :2]
+    lengths = np.linalg.norm(transverse, axis=1)
+    if np.any(lengths < 0.5 * np.linalg.norm(basis, axis=1)):
+        raise ConventionError(
+            "the detector's axes lie along the beam, not across it: pass --basis-vectors"
+        )
+    unit = transverse / lengths[:, None]
+    if abs(float(unit[0] @ unit[1])) > 0.1:
+        raise ConventionError(
+            "the detector's row and column axes are not perpendicular across the beam: pass "
+            "--basis-vectors"
+        )
+    notes.append(f"translations: {conv.translation}'s, x {scale:g} m per unit")
+    return np.stack([beam @ unit[0], beam @ unit[1]], axis=1) * 1e6
+
+
+def _energy_kev(entry: Any, conv: FileConventions) -> float:
+    if conv.energy_kev is not None:
+        return conv.energy_kev
+    source = entry.get("instrument_1/source_1")
+    beam = entry.get("instrument_1/beam_1")
+    if source is not None and "wavelength" in source:
+        node = source["wavelength"]
+        metres = _scalar(node) * (
+            _scale(_units(node), _LENGTH, node.name, "pass --energy-kev") or 1.0
+        )
+        if metres <= 0:
+            raise ConventionError(
+                f"{node.name} gives a wavelength of {metres:.4g} m: pass --energy-kev"
+            )
+        kev = HC_J_M / metres / EV_J / 1e3
+        where = node.name
+    else:
+        node = None
+        for group, key in ((source, "energy"), (beam, "incident_beam_energy")):
+            if group is not None and key in group:
+                node = group[key]
+                break
+        if node is None:
+            raise FileError(
+                "the file gives no wavelength or photon energy (instrument_1/source_1/"
+                "wavelength or energy): pass --energy-kev"
+            )
+        joules = _scalar(node) * (
+            _scale(_units(node), _ENERGY_J, node.name, "pass --energy-kev") or 1.0
+        )
+        kev = joules / EV_J / 1e3
+        where = node.name
+    if not 0.5 < kev < 100.0:
+        raise ConventionError(
+            f"{where} gives {kev:.4g} keV, outside 0.5..100 keV (CXI stores joules and metres; "
+            "a units attribute says otherwise): pass --energy-kev"
+        )
+    return kev
+
+
+def _distance(detector: Any, conv: FileConventions, basis: np.ndarray) -> float:
+    if conv.distance_m is not None:
+        return conv.distance_m
+    if detector is not None and "distance" in detector:
+        node = detector["distance"]
+        value = _scalar(node) * (_scale(_units(node), _LENGTH, node.name, "pass --distance") or 1.0)
+    elif detector is not None and "corner_position" in detector:
+        corner = np.asarray(detector["corner_position"][()], dtype=np.float64).reshape(-1, 3)[0]
+        normal = np.cross(basis[0], basis[1])
+        value = abs(float(corner @ normal / np.linalg.norm(normal)))
+    else:
+        raise FileError(
+            "the file gives no detector distance (instrument_1/detector_1/distance): pass "
+            "--distance"
+        )
+    if not 0.0 < value < 1000.0 or not math.isfinite(value):
+        raise ConventionError(f"a detector distance of {value:.4g} m: pass --distance")
+    return value
+
+
+def _beam_center(detector: Any, basis: np.ndarray) -> tuple[float, float] | None:
+    """The pixel the undiffracted beam hits, from ``corner_position`` (None without it)."""
+    if detector is None or "corner_position" not in detector:
+        return None
+    corner = np.asarray(detector["corner_position"][()], dtype=np.float64).reshape(-1, 3)[0]
+    (row, col), *_ = np.linalg.lstsq(basis[:, :2].T, -corner[:2], rcond=None)
+    return float(row), float(col)
+
+
+def _read_probe(entry: Any) -> np.ndarray | None:
+    node = _first(entry, ("instrument_1/source_1/illumination", "probe/data"))
+    if node is None or node.dtype.kind not in "fc" or node.ndim not in (2, 3):
+        return None
+    probe = np.asarray(node[()], dtype=np.complex64)
+    if probe.ndim == 3:  # modes: the strongest one
+        probe = probe[int(np.argmax(np.sum(np.abs(probe) ** 2, axis=(1, 2))))]
+    return probe
+
+
+def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int | None]:
+    """The run's raw_uid (the file's own, else a hash of the file) and its scan id (an
+    integer, as in a start document; None when the file has none)."""
+    raw_uid: str | None = None
+    for holder in (entry, handle):
+        if "raw_uid" in holder and not hasattr(holder["raw_uid"], "keys"):
+            raw_uid = _text(holder["raw_uid"][()])
+            break
+        if "raw_uid" in holder.attrs:
+            raw_uid = _text(holder.attrs["raw_uid"])
+            break
+    if not raw_uid:
+        raw_uid = stable_uid(path, name)
+    scan_id: int | None = None
+    if "scan_id" in entry:
+        try:
+            scan_id = int(np.asarray(entry["scan_id"][()]).ravel()[0])
+        except (TypeError, ValueError, IndexError):
+            scan_id = None
+    return raw_uid, scan_id

@@ -1,0 +1,224 @@
+"""Reprocess from files (issue 26): a CXI file, written here from the format's definition,
+reconstructed by the live engine into Tiled like a live run; its conventions read, detected
+or refused with the option to pass."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from scans import processed
+
+from hxn_liveptycho.cli import main
+from hxn_liveptycho.config.settings import Settings
+from hxn_liveptycho.demo import aligned_pair
+from hxn_liveptycho.recon.metrics import object_error
+from hxn_liveptycho.reprocess import (
+    ConventionError,
+    FileConventions,
+    read_cxi,
+    reconstruct_file,
+)
+from hxn_liveptycho.reprocess.conventions import detect_dc
+from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
+
+#: The quality bar of a reconstructed file: the end-to-end test's metric (normalised complex
+#: object error over the well-lit region, hxn_liveptycho.recon.metrics.object_error), on a
+#: smaller scan with fewer iterations than the live end-to-end test's 0.15 after 60.
+MAX_OBJECT_ERROR = 0.2
+ITERATIONS = 40
+#: Joules per electronvolt (CXI stores the photon energy in joules).
+EV_J = 1.602176634e-19
+
+
+@functools.cache
+def _sample() -> SimulatedSample:
+    return SimulatedSample(SimulatedBeamline(x_num=8, y_num=8, photons_per_frame=2e5))
+
+
+def write_cxi(
+    path: Path,
+    sample: SimulatedSample,
+    *,
+    frames: np.ndarray | None = None,
+    energy: bool = True,
+    bad_pixels: tuple[tuple[int, int], ...] = ((3, 5), (100, 7)),
+) -> Path:
+    """A CXI 1.6 file as the format defines it (cxidb.org, CXI 1.6): frames in
+    instrument_1/detector_1/data linked from data_1/data, the sample's translations (x, y, z)
+    in metres in sample_1/geometry_1/translation, the photon energy in joules, the distance
+    and pixel size in metres, the detector's basis vectors (CXI's default orientation: rows
+    step along -y, columns along -x) and a mask (0 good, other bits bad)."""
+    bl = sample.beamline
+    data = sample.intensities if frames is None else frames
+    with h5py.File(path, "w") as f:
+        f["cxi_version"] = 160
+        entry = f.create_group("entry_1")
+        detector = entry.create_group("instrument_1/detector_1")
+        detector["data"] = data
+        entry["data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
+        detector["distance"] = bl.distance_m
+        detector["x_pixel_size"] = bl.detector_pixel_m
+        detector["y_pixel_size"] = bl.detector_pixel_m
+        p = bl.detector_pixel_m
+        detector["basis_vectors"] = np.array([[0.0, -p, 0.0], [-p, 0.0, 0.0]])
+        mask = np.zeros(data.shape[1:], dtype=np.uint32)
+        mask[data.shape[1] // 2 + 20, data.shape[2] // 2] = 0x1000  # "signal": a good pixel
+        for row, col in bad_pixels:
+            mask[row, col] = 1
+        detector["mask"] = mask
+        if energy:
+            entry["instrument_1/source_1/energy"] = bl.energy_kev * 1e3 * EV_J
+        # The beam's position on the sample is the negative of the sample's translation;
+        # with the default detector axes, that makes the translation's (x, y) the frames'
+        # (column, row) direction positions.
+        y_m, x_m = sample.positions_um[:, 0] * 1e-6, sample.positions_um[:, 1] * 1e-6
+        entry["sample_1/geometry_1/translation"] = np.stack([x_m, y_m, np.zeros_like(x_m)], 1)
+    return path
+
+
+def _settings(tmp_path: Path, tiled_server: Any) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        tiled_uri=tiled_server.uri,
+        array_backend="numpy",
+        live_interval_s=1.0,
+        tiled_retry_s=1.0,
+    )
+
+
+def _object_error(sample: SimulatedSample, node: Any) -> float:
+    recon = node["final"]["object"].read()
+    truth, estimate, mask = aligned_pair(sample, recon, node.metadata["canvas"]["origin_um"])
+    return object_error(truth, estimate, mask)
+
+
+def test_a_cxi_file_is_reconstructed_into_tiled_to_the_phantom(tmp_path, tiled_server):
+    """A CXI file of a simulated scan: complete, in Tiled like a live run, object within 0.2."""
+    sample = _sample()
+    path = write_cxi(tmp_path / "scan.cxi", sample)
+    seen: list[dict[str, Any]] = []
+    report = reconstruct_file(
+        path,
+        settings=_settings(tmp_path, tiled_server),
+        overrides={"recon": {"iterations": ITERATIONS}},
+        progress=seen.append,
+        progress_interval_s=0.5,
+    )
+    assert report.status == "complete", report.summary()
+    assert report.conventions["data"] == "intensity" and report.conventions["dc"] == "centre"
+    assert report.conventions["masked_pixels"] == 2  # the "signal" bit is a good pixel
+    assert seen and seen[-1]["reprocess"] == {"frames_fed": 64, "frames": 64}
+    from tiled.client import from_uri
+
+    node = processed(from_uri(tiled_server.uri), report.raw_uid)
+    md = node.metadata
+    assert md["status"] == "complete" and md["plan_name"] == "liveptycho_reconstruct_file"
+    assert md["energy_kev"] == pytest.approx(12.0, rel=1e-6)
+    assert md["distance_m"] == pytest.approx(2.05)
+    assert md["iteration"] >= ITERATIONS
+    assert md["source_file"]["file"] == str(path)
+    assert {"live", "final", "diffraction"} <= set(node)
+    np.testing.assert_allclose(
+        node["final"]["positions_m"].read()[:, :2] * 1e6,
+        sample.positions_um,
+        atol=0.05,
+    )
+    error = _object_error(sample, node)
+    assert error <= MAX_OBJECT_ERROR, f"object error {error:.3f}"
+    # raw_uid: stable for the file's contents, wherever it lies.
+    copy = tmp_path / "elsewhere.cxi"
+    copy.write_bytes(path.read_bytes())
+    with read_cxi(copy) as again:
+        assert again.raw_uid == report.raw_uid
+
+
+def test_a_file_with_the_zero_frequency_at_index_0_is_detected_and_reconstructed(
+    tmp_path, tiled_server
+):
+    """Frames in FFT order (zero frequency at index 0) are found from the mean pattern,
+    shifted back, and reconstruct to the same bound."""
+    sample = _sample()
+    fft_order = np.fft.ifftshift(sample.intensities, axes=(-2, -1))
+    path = write_cxi(tmp_path / "fft-order.cxi", sample, frames=fft_order)
+    with read_cxi(path) as scan:
+        assert scan.dc == "corner"
+        np.testing.assert_array_equal(scan.read(0, 3)[:, 64, 64], sample.intensities[:3, 64, 64])
+    report = reconstruct_file(
+        path,
+        settings=_settings(tmp_path, tiled_server),
+        overrides={"recon": {"iterations": ITERATIONS}},
+    )
+    assert report.status == "complete", report.summary()
+    from tiled.client import from_uri
+
+    node = processed(from_uri(tiled_server.uri), report.raw_uid)
+    error = _object_error(sample, node)
+    assert error <= MAX_OBJECT_ERROR, f"object error {error:.3f}"
+
+
+def test_a_zero_order_neither_centred_nor_at_index_0_is_refused_naming_the_option(tmp_path):
+    """Frames shifted along one axis only put the zero order at an edge's middle: refused
+    with one line that says to pass --dc; passing it reads the file."""
+    sample = _sample()
+    half = np.fft.ifftshift(sample.intensities, axes=-1)
+    path = write_cxi(tmp_path / "half.cxi", sample, frames=half)
+    with pytest.raises(ConventionError, match="pass --dc centre or --dc corner") as refused:
+        read_cxi(path)
+    assert "\n" not in str(refused.value)
+    with read_cxi(path, FileConventions(dc="centre")) as scan:
+        assert scan.dc == "centre"
+    flat = np.ones((64, 64))
+    with pytest.raises(ConventionError, match="no bright zero order"):
+        detect_dc(flat)
+
+
+def test_amplitudes_are_squared_and_unknown_floats_are_refused(tmp_path):
+    """Stored amplitudes are told apart only when said; said, they become the intensities."""
+    sample = _sample()
+    path = write_cxi(tmp_path / "amp.cxi", sample, frames=np.sqrt(sample.intensities))
+    with pytest.raises(ConventionError, match="pass --data intensity or --data amplitude"):
+        read_cxi(path)
+    with read_cxi(path, FileConventions(data="amplitude")) as scan:
+        np.testing.assert_allclose(
+            scan.read(0, 2)[:, 60:70, 60:70], sample.intensities[:2, 60:70, 60:70], rtol=1e-5
+        )
+        assert scan.read(0, 1)[0, 3, 5] == 0.0  # a masked pixel
+
+
+def test_positions_in_the_wrong_unit_are_refused_naming_the_option(tmp_path):
+    """Translations in micrometres without a units attribute span metres: refused; said, read."""
+    sample = _sample()
+    path = write_cxi(tmp_path / "um.cxi", sample)
+    with h5py.File(path, "r+") as f:
+        node = f["entry_1/sample_1/geometry_1/translation"]
+        node[...] = node[()] * 1e6 * 1e5  # far beyond a scan in metres
+    with pytest.raises(ConventionError, match="pass --position-units"):
+        read_cxi(path)
+    with h5py.File(path, "r+") as f:
+        node = f["entry_1/sample_1/geometry_1/translation"]
+        node[...] = node[()] / 1e5
+        node.attrs["units"] = "um"
+    with read_cxi(path) as scan:
+        np.testing.assert_allclose(scan.positions_um, sample.positions_um, atol=1e-6)
+
+
+def test_cli_a_file_without_wavelength_is_one_line_and_exit_2(tmp_path, capsys):
+    """No energy or wavelength: one line naming --energy-kev, exit status 2."""
+    path = write_cxi(tmp_path / "no-energy.cxi", _sample(), energy=False)
+    assert main(["reconstruct", str(path), "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "wavelength" in err and "--energy-kev" in err
+
+
+def test_cli_a_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
+    """A file that is not there: one line, exit status 1."""
+    missing = tmp_path / "nothing-here.cxi"
+    assert main(["reconstruct", str(missing)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
