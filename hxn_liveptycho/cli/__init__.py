@@ -18,6 +18,7 @@ from hxn_liveptycho import __version__
 from hxn_liveptycho.cli.demo_command import add_demo_command
 from hxn_liveptycho.cli.help_format import HelpFormatter, one_line_errors
 from hxn_liveptycho.cli.info_commands import add_info_commands
+from hxn_liveptycho.cli.reconstruct_command import add_reconstruct_command
 from hxn_liveptycho.cli.replay_command import add_replay_command
 from hxn_liveptycho.cli.serve_commands import add_serve_commands
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = add_info_commands(sub)
     add_serve_commands(sub)
     add_replay_command(sub)
+    add_reconstruct_command(sub)
     for command in (parser, *sub.choices.values(), *models_sub.choices.values()):
         one_line_errors(command)
     return parser
