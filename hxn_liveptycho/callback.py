@@ -26,6 +26,7 @@ from hxn_liveptycho.config.overrides import check_overrides, deep_merge, merge_o
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.pipeline.engine import Engine
 from hxn_liveptycho.pipeline.session import SinkFactory
+from hxn_liveptycho.store.series import TiledSeriesStore
 from hxn_liveptycho.store.server import TiledConnection
 from hxn_liveptycho.util.counters import Counters
 
@@ -64,16 +65,24 @@ class LivePtycho(DocumentRouter):
         self.enabled = True
         self.counters = Counters(["documents", "callback_errors", "ignored_while_disabled"])
         self.tiled: TiledConnection | None = None
+        series_store = None
         if sink_factory is None:
             self.tiled = TiledConnection(self.settings)
             self.tiled.connect_in_background()
             sink_factory = self.tiled.sink_factory
+            series_store = TiledSeriesStore(
+                self.tiled.client,
+                catalog_path=self.settings.catalog_path,
+                series_key=self.settings.series_key,
+                reachable=self.tiled.reachable,
+            )
         # The engine lays these over settings.overrides key by key; handing it the deep merge
         # of both makes that the same deep merge serve and queueserver use.
         self.engine = Engine(
             self.settings,
             sink_factory=sink_factory,
             overrides=lambda: deep_merge(self.settings.overrides, self._overrides),
+            series_store=series_store,
         )
         self._worst_call_s = 0.0
 

@@ -198,6 +198,21 @@ class Settings(BaseSettings):
     documents_prefix: str = Field(
         default="", description="bluesky Publisher prefix to accept (empty: every publisher)."
     )
+    series_key: str = Field(
+        default="tomo_series",
+        description="Start-document key naming a series (ptycho-tomography): runs with the "
+        "same value are stacked by angle under <catalog_path>/series/<value>; empty: off.",
+    )
+    series_angle_key: str | None = Field(
+        default=None,
+        description="Start-document key holding a series projection's angle in degrees; "
+        "None: the stage angle from the baseline (zpsth or dsth by the motors, as HXN reads it).",
+    )
+    series_seed_probe: bool = Field(
+        default=True,
+        description="Start each projection of a series from the newest probe of the one "
+        "before (its final probe, else its latest live one) instead of a guess from the data.",
+    )
 
     @field_validator("overrides")
     @classmethod

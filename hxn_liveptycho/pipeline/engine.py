@@ -42,6 +42,7 @@ from hxn_liveptycho.pipeline.inputs import (
     Stop,
     Stream,
 )
+from hxn_liveptycho.pipeline.series import SeriesBook, SeriesStore
 from hxn_liveptycho.pipeline.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
@@ -95,9 +96,12 @@ class Engine:
         *,
         sink_factory: SinkFactory,
         overrides: Callable[[], Mapping[str, Any]] = dict,
+        series_store: SeriesStore | None = None,
     ) -> None:
         self.settings = settings
         self._sink_factory = sink_factory
+        #: Runs that share a series key (ptycho-tomography): their stack and probes.
+        self.series = SeriesBook(settings, series_store)
         self._overrides = overrides
         self.counters = Counters(
             [
@@ -285,13 +289,17 @@ class Engine:
                 reason,
             )
             return
+        in_series = self.series.join(start, self._sink_factory)
         session = RunSession(
             start,
             settings=self.settings,
             overrides=deep_merge(self.settings.overrides, self._overrides()),
-            sink_factory=self._sink_factory,
+            sink_factory=self._sink_factory if in_series is None else in_series.sink_factory,
             solver_worker=self.solver_worker,
             nn_pool=self.nn_pool,
+            probe_seed=None
+            if in_series is None or not self.settings.series_seed_probe
+            else in_series.probe_seed,
         )
         with self._lock:
             self._sessions[session.uid] = session
@@ -400,6 +408,7 @@ class Engine:
             "receivers": receivers,
             "runs": [s.summary() for s in self.sessions()],
             "skipped": list(self._skipped),
+            "series": self.series.status(),
         }
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -413,7 +422,9 @@ class Engine:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not session.join(remaining):
                 return False
-        return True
+        return self.series.flush(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the receivers, let running sessions write what they have, stop the dispatcher."""
@@ -433,5 +444,6 @@ class Engine:
             session.join(max(0.0, deadline - time.monotonic()))
         self._queue.put(Stop())
         self._dispatcher.join(max(0.1, deadline - time.monotonic()))
+        self.series.close(max(1.0, deadline - time.monotonic()))
         self.solver_worker.close(max(1.0, deadline - time.monotonic()))
         self.nn_pool.shutdown()

@@ -1,0 +1,202 @@
+"""Series (ptycho-tomography): runs sharing a series key, stacked by angle in Tiled."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from scans import SMALL, make_live, processed
+
+from hxn_liveptycho.pipeline.series import series_of
+from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.sim import (
+    SimHXNFlyer,
+    SimulatedBeamline,
+    SimulatedSample,
+    baseline_motors,
+    fly2dpd,
+)
+from hxn_liveptycho.store.series import StackRow, TiledSeriesStore, fit_to, stack_views
+
+#: The data error (the solver's normalised amplitude mismatch) both starts must reach, and
+#: the passes the previous projection ran before its probe seeds the next.
+TARGET_ERROR = 0.01
+PREVIOUS_PASSES = 60
+#: The simulated projections' angles, in the order they are measured (not sorted, so the
+#: stack must put the second before the first).
+ANGLES = (30.0, -20.0, 10.0)
+
+
+def projection(angle_deg: float, beamline: SimulatedBeamline = SMALL) -> SimulatedSample:
+    """The simulated sample seen at ``angle_deg``: the phantom moved across the beam by
+    a few pixels per 10°, a cheap stand-in for a rotation (the sinogram's rows differ)."""
+    sample = SimulatedSample(beamline)
+    sample.object = np.roll(sample.object, round(angle_deg / 10.0 * 3), axis=1)
+    return sample
+
+
+def fly_projection(
+    RE: Any, eiger: Any, panda: Any, sample: SimulatedSample, angle_deg: float, md: dict
+) -> str:
+    """One fly scan at stage angle ``angle_deg`` (baseline ``zpsth``, as HXN's zone-plate
+    stage records it); returns its uid."""
+    motors = baseline_motors(sample.beamline.energy_kev)
+    zpsth = next(m for m in motors if m.name == "zpsth")
+    zpsth.set(angle_deg).wait()
+    flyer = SimHXNFlyer(eiger, panda, sample, dwell=0.005)
+    result = RE(fly2dpd(flyer, baseline=motors, md=md))
+    assert result.exit_status == "success"
+    return str(result.run_start_uids[0])
+
+
+def test_a_series_key_names_the_series_and_nothing_else_does():
+    """The start document's series value (text, a number, or a nested uid) names it."""
+    assert series_of({"tomo_series": "abc"}, "tomo_series") == "abc"
+    assert series_of({"tomo_series": 17}, "tomo_series") == "17"
+    assert series_of({"tomo_series": {"uid": "u1", "angle": 3}}, "tomo_series") == "u1"
+    assert series_of({"tomo_series": ""}, "tomo_series") is None
+    assert series_of({"tomo_series": True}, "tomo_series") is None
+    assert series_of({"other": "abc"}, "tomo_series") is None
+    assert series_of({"tomo_series": "abc"}, "") is None  # series off
+
+
+def test_three_projections_stack_by_angle_in_the_series_container(
+    RE, hxn_detectors, tmp_path, tiled_server
+):
+    """Three scans at different angles: three processed runs, and the series container
+    holds their final phases and amplitudes in angle order, the angles, the run uids and
+    each one's status; each projection after the first starts from the previous probe."""
+    from tiled.client import from_uri
+
+    eiger, panda = hxn_detectors
+    series_id = f"tomo-{uuid.uuid4().hex[:8]}"
+    live = make_live(
+        RE,
+        eiger,
+        panda,
+        tmp_path,
+        tiled_uri=tiled_server.uri,
+        # The simulated stage moves in the sample's own frame: no foreshortening of x.
+        overrides={"recon": {"iterations": 10}, "angle_correction": False},
+    )
+    uids: list[str] = []
+    try:
+        for angle in ANGLES:
+            uid = fly_projection(
+                RE, eiger, panda, projection(angle), angle, {"tomo_series": series_id}
+            )
+            uids.append(uid)
+            # One projection after the other, as a tomography plan measures them: each
+            # ends (its final probe kept) before the next starts.
+            assert live.wait(timeout=120)
+        status = live.status()["series"]
+    finally:
+        live.close()
+
+    client = from_uri(tiled_server.uri)
+    runs = {uid: processed(client, uid) for uid in uids}
+    for angle, uid in zip(ANGLES, uids, strict=True):
+        md = runs[uid].metadata
+        assert md["status"] == "complete"
+        assert md["series"]["id"] == series_id
+        assert md["series"]["angle_deg"] == pytest.approx(angle)
+    # The probe of each projection seeds the next, and the run's metadata says so.
+    seeds = [runs[uid].metadata["series"]["probe_seed_from"] for uid in uids]
+    assert seeds == [None, uids[0], uids[1]]
+
+    node = client["processed"]["liveptycho"]["series"][series_id]
+    md = node.metadata
+    by_angle = [uid for _, uid in sorted(zip(ANGLES, uids, strict=True))]
+    np.testing.assert_allclose(node["angles"].read(), sorted(ANGLES))
+    assert [row["raw_uid"] for row in md["stack"]] == by_angle
+    assert [p["raw_uid"] for p in md["projections"]] == by_angle
+    assert [p["status"] for p in md["projections"]] == ["complete"] * 3
+    assert [p["stack_index"] for p in md["projections"]] == [0, 1, 2]
+    assert md["series_key"] == "tomo_series" and md["count"] == 3
+    phase, amplitude = node["phase"].read(), node["amplitude"].read()
+    assert phase.shape == amplitude.shape == (3, *md["shape"])
+    for i, uid in enumerate(by_angle):
+        final = runs[uid]["final"]
+        assert md["projections"][i]["container_path"].endswith(runs[uid].item["id"])
+        want_phase, want_amplitude = stack_views(final["object"].read(), final["coverage"].read())
+        np.testing.assert_allclose(phase[i], fit_to(want_phase, md["shape"]), atol=1e-6)
+        np.testing.assert_allclose(amplitude[i], fit_to(want_amplitude, md["shape"]), atol=1e-6)
+    # The rows differ as the phantom moved: a sinogram, not three copies.
+    assert not np.allclose(phase[0], phase[2], atol=0.05)
+    # serve's status and the live page read the same series from the engine.
+    (shown,) = [s for s in status if s["series_id"] == series_id]
+    assert [p["raw_uid"] for p in shown["projections"]] == by_angle
+    assert shown["stacked"] == 3
+
+
+def test_projections_of_other_sizes_are_cut_or_padded_about_the_centre(tiled_server):
+    """The first stacked projection fixes the shape; a wider one is cut and a narrower one
+    padded with NaN, about the centre, each placed by its angle."""
+    from tiled.client import from_uri
+
+    store = TiledSeriesStore(
+        lambda: from_uri(tiled_server.uri),
+        catalog_path="processed/series-shapes",
+        series_key="tomo_series",
+    )
+    series_id = f"shapes-{uuid.uuid4().hex[:6]}"
+    first = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    wide = np.arange(6 * 12, dtype=np.float32).reshape(6, 12) + 100
+    small = np.ones((4, 4), dtype=np.float32)
+    rows = [("a", 10.0, first), ("b", 30.0, wide), ("c", -5.0, small), ("d", None, first)]
+    try:
+        for k, (uid, angle, image) in enumerate(rows):
+            entry = {"raw_uid": uid, "angle_deg": angle, "arrival": float(k), "status": "complete"}
+            store.update(series_id, [entry], StackRow(uid, angle, float(k), image, image))
+            assert store.flush(timeout=30)
+    finally:
+        store.close(timeout=30)
+    node = from_uri(tiled_server.uri)["processed"]["series-shapes"]["series"][series_id]
+    phase = node["phase"].read()
+    assert node.metadata["shape"] == [6, 8]
+    assert [r["raw_uid"] for r in node.metadata["stack"]] == ["c", "a", "b", "d"]  # no angle last
+    np.testing.assert_array_equal(node["angles"].read()[:3], [-5.0, 10.0, 30.0])
+    assert math.isnan(node["angles"].read()[3])
+    np.testing.assert_array_equal(phase[1], first)
+    np.testing.assert_array_equal(phase[2], wide[:, 2:10])  # cut about the centre
+    assert np.isnan(phase[0][0]).all() and np.isnan(phase[0][:, :2]).all()  # padded
+    np.testing.assert_array_equal(phase[0][1:5, 2:6], small)
+    assert node.metadata["projections"][3]["stack_index"] == 3
+
+
+def test_the_previous_probe_reaches_the_same_error_in_fewer_passes():
+    """Probe seeding, measured: a projection started from the previous projection's final
+    probe reaches the stated data error in fewer ePIE passes than one started from the
+    guess the live path makes from the data (footprint three scan steps, defocus +1)."""
+    beamline = SimulatedBeamline.for_window(64, step_px=5.0, x_num=8, y_num=8)
+    first, second = projection(-20.0, beamline), projection(10.0, beamline)
+    params = IterativeParams(algorithm="epie")
+    footprint = 3.0 * beamline.step_px
+
+    def solver(sample: SimulatedSample, probe: np.ndarray) -> StreamingSolver:
+        s = StreamingSolver(probe=probe, canvas_shape=sample.object.shape, params=params)
+        s.add(np.sqrt(sample.intensities), sample.positions_px)
+        return s
+
+    def guess(sample: SimulatedSample) -> np.ndarray:
+        return initial_probe(np.sqrt(sample.intensities), footprint_px=footprint)
+
+    previous = solver(first, guess(first))
+    previous.iterate(PREVIOUS_PASSES)
+    seed = np.asarray(previous.snapshot()["probe"])
+    assert seed.shape == (64, 64)
+
+    def passes_to_target(probe: np.ndarray, limit: int = 60) -> int:
+        s = solver(second, probe)
+        for k in range(1, limit + 1):
+            if s.iterate(1) <= TARGET_ERROR:
+                return k
+        return limit + 1
+
+    seeded, unseeded = passes_to_target(seed), passes_to_target(guess(second))
+    assert unseeded <= 60, "the unseeded run never reached the stated error"
+    assert seeded <= 0.6 * unseeded, (seeded, unseeded)
