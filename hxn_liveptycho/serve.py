@@ -8,6 +8,9 @@ and the live page (uvicorn in its own thread); the main thread waits for
 SIGTERM or SIGINT and then shuts down in order: stop taking documents, stop
 running sessions (each writes what it has, status 'aborted', reason
 'serve shutting down'), close the engine and Tiled, stop the API.
+
+At start, before taking documents, serve resumes the runs a process that died
+left checkpoints of (:func:`resume_runs`, docs/resume.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from hxn_liveptycho import __version__
 from hxn_liveptycho.config.settings import Settings
@@ -25,6 +30,7 @@ from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.control.transport import ZmqDocumentSource
 from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.store.checkpoint import Checkpoint, mark_left_behind
 
 # ServeService (the service the API fronts) lives in control/service.py; it is found here too.
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "add_log_file",
     "check_bind",
     "is_loopback",
+    "resume_runs",
     "run_serve",
 ]
 
@@ -82,6 +89,49 @@ def _drop_secrets_from_environment() -> None:
         os.environ.pop(name, None)
 
 
+#: Attempts (a second apart, then longer) at marking the containers a dead process left.
+_MARK_ATTEMPTS = 10
+
+
+def resume_runs(service: ServeService) -> list[Checkpoint]:
+    """Take up again every run that a dead process left a checkpoint of: each gets a
+    session that starts from the checkpoint and the data still arriving, or ends
+    ``incomplete`` with the checkpoint's state (docs/resume.md). The containers those
+    runs left ``running`` are marked ``incomplete`` in the background. Call it before
+    the service takes documents."""
+    checkpoints = service.live.engine.resume_checkpoints()
+    if not checkpoints:
+        return []
+    service.adopt_runs([checkpoint.uid for checkpoint in checkpoints])
+    logger.info("resuming %d run(s) from their checkpoints", len(checkpoints))
+    tiled = service.live.tiled
+    if tiled is not None and any(checkpoint.container_path for checkpoint in checkpoints):
+        threading.Thread(
+            target=_mark_left_behind,
+            args=(tiled, checkpoints),
+            name="liveptycho-resume-marks",
+            daemon=True,
+        ).start()
+    return checkpoints
+
+
+def _mark_left_behind(tiled: Any, checkpoints: list[Checkpoint]) -> None:
+    waiting = [checkpoint for checkpoint in checkpoints if checkpoint.container_path]
+    for attempt in range(_MARK_ATTEMPTS):
+        try:
+            root = tiled.client()
+            while waiting:
+                if mark_left_behind(root, waiting[0]):
+                    logger.info("container %s marked incomplete", waiting[0].container_path)
+                waiting.pop(0)
+            return
+        except Exception as exc:
+            if attempt == _MARK_ATTEMPTS - 1:
+                logger.warning("could not mark %d container(s) left running: %s", len(waiting), exc)
+                return
+            time.sleep(min(1.0 + attempt, 10.0))
+
+
 def run_serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; 0 after a clean shutdown."""
     import uvicorn
@@ -97,6 +147,7 @@ def run_serve(settings: Settings) -> int:
         proxy_in_address=settings.documents_proxy_in,
     )
     service = ServeService(settings, source)
+    resume_runs(service)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(service, token=token),

@@ -34,20 +34,31 @@ class ServeProcess:
         *,
         token: str | None = None,
         iterations: int = 10,
+        proxy_in: str | None = None,
+        documents: str | None = None,
+        data_dir: Path | None = None,
+        name: str = "serve",
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``proxy_in``/``documents``/``data_dir``: a second serve taking over from a first
+        (the same addresses and folder); ``name`` names its log files; ``env`` adds
+        settings."""
         self.port = free_port()
-        self.proxy_in = f"tcp://127.0.0.1:{free_port()}"
-        self.documents = f"tcp://127.0.0.1:{free_port()}"
+        self.proxy_in = proxy_in or f"tcp://127.0.0.1:{free_port()}"
+        self.documents = documents or f"tcp://127.0.0.1:{free_port()}"
+        self.data_dir = data_dir or tmp_path / "serve-data"
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = token
-        self.log_file = tmp_path / "serve.log"
-        self.output = tmp_path / "serve.out"
+        self.log_file = tmp_path / f"{name}.log"
+        self.output = tmp_path / f"{name}.out"
+        extra = env or {}
         env = {
             **os.environ,
             "LIVEPTYCHO_TILED_URI": tiled_uri,
             "LIVEPTYCHO_OVERRIDES": json.dumps({"recon": {"iterations": iterations}}),
             "LIVEPTYCHO_LIVE_INTERVAL_S": "0.3",
             "LIVEPTYCHO_EIGER_DECODE_THREADS": "0",
+            **extra,
         }
         if token:
             env["LIVEPTYCHO_API_TOKEN"] = token
@@ -67,7 +78,7 @@ class ServeProcess:
             "--panda",
             panda.endpoint,
             "--data-dir",
-            str(tmp_path / "serve-data"),
+            str(self.data_dir),
             "--log-file",
             str(self.log_file),
         ]

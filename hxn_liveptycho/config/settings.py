@@ -162,6 +162,19 @@ class Settings(BaseSettings):
         "or frame before it ends 'incomplete' with what it received; None: the scan's "
         "expected duration (points x dwell) plus 10 minutes.",
     )
+    checkpoint_interval_s: float | None = Field(
+        default=10.0,
+        ge=0.0,
+        description="Least time between a running run's solver checkpoints, written with its "
+        "live snapshots under <data_dir>/checkpoints so that a restarted serve can resume "
+        "it (see docs/resume.md); None: no checkpoints.",
+    )
+    resume_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="How long a run resumed from its checkpoint after a restart waits for "
+        "more of its data before it ends 'incomplete' with the checkpoint's object and probe.",
+    )
     tiled_write_timeout_s: float = Field(
         default=120.0, gt=0.0, description="How long a run's final write to Tiled may take."
     )

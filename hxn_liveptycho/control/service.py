@@ -53,6 +53,13 @@ class ServeService:
     def start(self) -> None:
         self.source.start(self.deliver)
 
+    def adopt_runs(self, uids: list[str]) -> None:
+        """Runs whose ``start`` came before this process did, taken up from their
+        checkpoints: their further documents are theirs, not an unknown run's (call it
+        before :meth:`start`)."""
+        for uid in uids:
+            _remember(self._runs_seen, uid, None)
+
     # ---- documents (the source's thread) -----------------------------------------------
     def deliver(self, name: str, doc: dict[str, Any]) -> None:
         """Hand a document to LivePtycho; note documents of runs whose start serve never saw."""

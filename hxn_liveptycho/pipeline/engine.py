@@ -36,6 +36,7 @@ from hxn_liveptycho.pipeline.inputs import (
     Frame,
     Input,
     Receiver,
+    Resume,
     Samples,
     SeriesEnd,
     SeriesStart,
@@ -46,6 +47,7 @@ from hxn_liveptycho.pipeline.series import SeriesBook, SeriesStore
 from hxn_liveptycho.pipeline.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
+from hxn_liveptycho.store.checkpoint import Checkpoint, CheckpointStore
 from hxn_liveptycho.streams import CurveKeys, EigerFrame, EigerReceiver, PandaReceiver
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
 from hxn_liveptycho.util.counters import Counters
@@ -109,6 +111,7 @@ class Engine:
                 "runs_started",
                 "runs_skipped",
                 "runs_superseded",
+                "runs_resumed",
                 "duplicate_starts",
                 "late_stops",
                 "frames_routed",
@@ -232,6 +235,8 @@ class Engine:
             try:
                 if isinstance(item, Document):
                     self._route_document(item.name, item.doc)
+                elif isinstance(item, Resume):
+                    self._resume_run(item.checkpoint)
                 else:
                     self._route_stream(item)
             except Exception:
@@ -306,6 +311,45 @@ class Engine:
             self._prune()
         self.counters.add("runs_started")
         logger.info("scan %s (%s): live reconstruction started", session.scan_id, session.uid[:8])
+        session.begin()
+
+    # ---- runs taken up again from their checkpoints (docs/resume.md) -------------------
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Take run ``checkpoint.uid`` up again from its checkpoint: after a restart, or
+        from another worker that died. Its session is made in order with every other input
+        (frames and documents that arrive after this call are its own)."""
+        self._queue.put(Resume(checkpoint))
+
+    def resume_checkpoints(self) -> list[Checkpoint]:
+        """Resume every run with a checkpoint under ``data_dir`` (runs a dead process never
+        ended); the checkpoints, oldest first. Unreadable ones are reported and set aside."""
+        checkpoints = CheckpointStore.in_data_dir(self.settings.data_dir).load_all()
+        for checkpoint in checkpoints:
+            self.resume(checkpoint)
+        return checkpoints
+
+    def _resume_run(self, checkpoint: Checkpoint) -> None:
+        uid = checkpoint.uid
+        if uid in self._sessions:
+            logger.warning("run %s is already here; its checkpoint is not resumed", uid[:8])
+            return
+        session = RunSession(
+            checkpoint.start,
+            settings=self.settings,
+            overrides=checkpoint.overrides,
+            sink_factory=self._sink_factory,
+            solver_worker=self.solver_worker,
+            nn_pool=self.nn_pool,
+            resume=checkpoint,
+        )
+        for name, doc in checkpoint.documents:
+            if name == "descriptor" and doc.get("uid"):
+                self._descriptor_runs[doc["uid"]] = uid
+        with self._lock:
+            self._sessions[uid] = session
+            self._prune()
+        self.counters.add("runs_resumed")
+        logger.info("scan %s (%s): resumed from its checkpoint", session.scan_id, uid[:8])
         session.begin()
 
     def _remember_skipped(self, start: Mapping[str, Any], reason: str) -> None:

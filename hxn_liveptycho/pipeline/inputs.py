@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from hxn_liveptycho.store.checkpoint import Checkpoint
 from hxn_liveptycho.streams import EigerFrame
 from hxn_liveptycho.util.counters import Counters
 
@@ -27,6 +28,7 @@ __all__ = [
     "Frame",
     "Input",
     "Receiver",
+    "Resume",
     "Samples",
     "SeriesEnd",
     "SeriesStart",
@@ -81,11 +83,18 @@ class Flush:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """A run to take up again from its checkpoint (after a restart, or from another worker)."""
+
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """The dispatcher's last message."""
 
 
-Input = Document | SeriesStart | Frame | Samples | SeriesEnd | Flush | Stop
+Input = Document | SeriesStart | Frame | Samples | SeriesEnd | Flush | Resume | Stop
 
 
 class Receiver(Protocol):

@@ -29,6 +29,9 @@ class RunInputs:
         self._overrides = overrides
         self._descriptors: dict[str, Mapping[str, Any]] = {}
         self.baseline: dict[str, Any] = {}
+        #: The documents that configure the run again (descriptors, the baseline page), in
+        #: arrival order: what a checkpoint saves beside the ``start`` and ``stop``.
+        self.kept_documents: list[tuple[str, Mapping[str, Any]]] = []
         self.stop_doc: Mapping[str, Any] | None = None
         self._stop_seen_at: float | None = None
         #: Whether each stream's series is open now, and whether one was ever armed.
@@ -46,10 +49,12 @@ class RunInputs:
         the ``stop``."""
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc
+            self.kept_documents.append((name, doc))
         elif name == "event_page":
             descriptor = self._descriptors.get(doc.get("descriptor", ""), {})
             if descriptor.get("name") == "baseline" and not self.baseline:
                 self.baseline = {k: v[0] for k, v in doc.get("data", {}).items() if v}
+                self.kept_documents.append((name, doc))
         elif name == "stop":
             self.stop_doc = doc
             self._stop_seen_at = time.monotonic()

@@ -39,6 +39,7 @@ from hxn_liveptycho.pipeline.frame_gate import FrameGate
 from hxn_liveptycho.pipeline.geometry import CanvasGeometry
 from hxn_liveptycho.pipeline.preprocess import beam_center, crop_window, to_amplitudes
 from hxn_liveptycho.pipeline.result_sink import ResultSink, SinkFactory
+from hxn_liveptycho.pipeline.resume import ResumedRun
 from hxn_liveptycho.pipeline.run_inputs import RunInputs
 from hxn_liveptycho.pipeline.run_status import (
     FINAL_STATUSES,
@@ -51,6 +52,13 @@ from hxn_liveptycho.pipeline.session_results import SessionResults
 from hxn_liveptycho.pipeline.solver_link import SolverLink
 from hxn_liveptycho.recon.placement import Placement
 from hxn_liveptycho.recon.worker import SolverWorker
+from hxn_liveptycho.store.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    CheckpointWriter,
+    config_hash,
+    light_header,
+)
 from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
@@ -92,7 +100,10 @@ class RunSession(SessionResults):
         solver_worker: SolverWorker,
         nn_pool: WorkerPool | None = None,
         probe_seed: Callable[[int], np.ndarray | None] | None = None,
+        resume: Checkpoint | None = None,
     ) -> None:
+        """``resume``: the checkpoint of a run taken up again after a restart (its saved
+        documents are taken again first; see :mod:`.resume`)."""
         self.start_doc = dict(start)
         self.uid: str = start.get("uid", "")
         self.scan_id = start.get("scan_id")
@@ -156,6 +167,18 @@ class RunSession(SessionResults):
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
+        #: Checkpoints of the solver's state, with the live snapshots (see store.checkpoint).
+        self._checkpoints = CheckpointWriter(
+            CheckpointStore.in_data_dir(settings.data_dir), self.uid
+        )
+        self._last_checkpoint = -float("inf")
+        self._resumed: ResumedRun | None = None
+        if resume is not None:
+            self._resumed = ResumedRun(resume, timeout_s=settings.resume_timeout_s)
+            self.iteration = resume.iteration
+            for name, doc in self._resumed.saved_documents():
+                self._inbox.put(("doc", (name, doc)))
+            self._inbox.put(("resumed", None))
         self._thread = threading.Thread(
             target=self._run, name=f"liveptycho-{self.scan_id}-{self.uid[:8]}", daemon=True
         )
@@ -223,6 +246,7 @@ class RunSession(SessionResults):
             if self.status not in FINAL_STATUSES:  # one terminal state, one final write
                 self._finish(RunStatus.FAILED, error, error=error)
         finally:
+            self._end_checkpoints()
             try:
                 self._release()
             except Exception:  # never leave wait() hanging over a cleanup problem
@@ -254,6 +278,10 @@ class RunSession(SessionResults):
 
     def _check_idle(self) -> None:
         """A run whose ``stop`` is lost would otherwise never end (nor free its memory)."""
+        resumed = None if self._resumed is None else self._resumed.given_up()
+        if resumed is not None and self._inputs.end_without_stop(resumed):
+            self._inputs.end_seen()
+            self.log.warning("resumed after a restart, but %s: ending it", resumed)
         given_up = self._inputs.give_up_if_idle(self.idle_bound_s())
         if given_up is not None:
             self.log.warning("%s: ending it with what was received", given_up)
@@ -263,8 +291,15 @@ class RunSession(SessionResults):
         if self._solver.failure is not None:
             return RunStatus.FAILED, self._solver.failure
         config = self.config
+        counters = self._all_counters()
+        if self._resumed is not None:
+            ended = self._resumed.verdict(counters.get("frames_used", 0), self._inputs.forced_end)
+            if ended is not None:
+                return ended
+            counters = self._resumed.counted_with_before(counters)
+            self.warnings.append(self._resumed.warning())
         missing, warnings = missing_data(
-            self._all_counters(),
+            counters,
             shape_change=self._gate.shape_change(self.counters.get("frames_received")),
             expected_points=None if config is None else config.num_points,
             detector_armed=self._inputs.streams_seen["eiger"],
@@ -292,6 +327,8 @@ class RunSession(SessionResults):
     def _handle(self, kind: str, payload: Any) -> None:
         if kind not in ("solver", "cancel", "end"):
             self._inputs.last_input = time.monotonic()
+        if self._resumed is not None:
+            self._resumed.took(kind)
         if kind == "doc":
             name, doc = payload
             self.counters.add("documents")
@@ -324,6 +361,9 @@ class RunSession(SessionResults):
         elif kind == "end":
             self._inputs.end_seen()
             self.log.warning("%s: ending it with what was received", payload)
+        elif kind == "resumed" and self._resumed is not None:
+            self._resumed.replayed()
+            self.log.info("resumed after a restart: %s", self._resumed.checkpoint.describe())
         # "solver": the solver process answered; _pump_solver reads what it sent
 
     def _keep(self, index: int, data: np.ndarray) -> None:
@@ -375,6 +415,8 @@ class RunSession(SessionResults):
             )
         self.config = config
         self._geometry = CanvasGeometry.from_scan(config)
+        if self._resumed is not None:
+            self._restore(config, self._geometry)
         self._assembler = Assembler(
             config.encoder, expected_frames=config.num_points, dwell_s=config.dwell_s, log=self.log
         )
@@ -390,6 +432,8 @@ class RunSession(SessionResults):
         self._sink = self._sink_factory()
         self._sink.on_stored_later = self.stored_later
         self._sink.open(config, self._metadata(RunStatus.RUNNING))
+        if self.latest_snapshot is not None:  # resumed: the checkpoint's picture at once
+            self._sink.live(self.latest_snapshot)
         if self._seeds_solver():
             self.counters.add("nn_seeds_sent", 0)  # in the run's counters from its start
             self.counters.add("nn_seeds_applied", 0)
@@ -505,6 +549,7 @@ class RunSession(SessionResults):
             if self._sink is not None:
                 self._sink.live(self.latest_snapshot)
             self.counters.add("snapshots")
+            self._checkpoint(answered)
         self._count_seeds_applied()
         self._solver.request_live(final_due=self._tell_final_due)
 
@@ -527,3 +572,87 @@ class RunSession(SessionResults):
         if done:
             self._count_seeds_applied()
         return done
+
+    # ---- checkpoints and resuming (see docs/resume.md) ----------------------------------
+    def _settings_hash(self) -> str:
+        assert self.config is not None
+        return config_hash(self.config.model_dump(mode="json"))
+
+    def _checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Hand the solver's state just answered to the checkpoint writer, at most every
+        ``checkpoint_interval_s``: the snapshot's host arrays, no further GPU work."""
+        interval = self.settings.checkpoint_interval_s
+        if interval is None or self.config is None or state.get("object") is None:
+            return
+        now = time.monotonic()
+        if now - self._last_checkpoint < interval:
+            return
+        self._last_checkpoint = now
+        probe = state.get("probe_modes")
+        if probe is None:
+            probe = np.asarray(state["probe"])[None]
+        documents = [("start", self.start_doc), *self._inputs.kept_documents]
+        if self._inputs.stop_doc is not None:
+            documents.append(("stop", self._inputs.stop_doc))
+        before = self._resumed.checkpoint if self._resumed is not None else None
+        remote = self._solver.remote
+        window = self._window
+        self._checkpoints.submit(
+            Checkpoint(
+                uid=self.uid,
+                documents=[(name, dict(doc)) for name, doc in documents],
+                overrides=self.overrides,
+                settings_hash=self._settings_hash(),
+                iteration=int(state.get("iteration", self.iteration)),
+                object=np.asarray(state["object"]),
+                probe=np.asarray(probe),
+                positions_px=np.asarray(state.get("positions_px", np.zeros((0, 2)))),
+                error_history=np.asarray([] if remote is None else remote.error_history),
+                frames_received=self.counters.get("frames_received")
+                + (0 if before is None else before.frames_received),
+                frames_used=self.counters.get("frames_used")
+                + (0 if before is None else before.frames_used),
+                series_header=light_header(self._series_header),
+                window=None
+                if window is None
+                else (window[0].start, window[0].stop, window[1].start, window[1].stop),
+                streams_open=dict(self._inputs.streams_open),
+                streams_seen=dict(self._inputs.streams_seen),
+                container_path=getattr(self._sink, "container_path", None),
+            )
+        )
+
+    def _restore(self, config: ScanConfig, geometry: CanvasGeometry) -> None:
+        """A resumed run, configured again: the detector window, the series header and the
+        open streams as the checkpoint had them, the solver to start from its state, and
+        that state as the run's picture until the solver sends a newer one."""
+        assert self._resumed is not None
+        checkpoint = self._resumed.checkpoint
+        for key, value in checkpoint.series_header.items():
+            self._series_header.setdefault(key, value)
+        if checkpoint.window is not None:
+            y0, y1, x0, x1 = checkpoint.window
+            self._window = (slice(y0, y1), slice(x0, x1))
+        for source, was_open in checkpoint.streams_open.items():
+            if was_open and not self._inputs.streams_seen.get(source):
+                self._inputs.series_started(source)
+        start = self._resumed.solver_start(
+            geometry.canvas_shape, geometry.window, self._settings_hash()
+        )
+        if start is None:
+            self.log.warning("the solver starts afresh: %s", self._resumed.refused)
+        self._solver.start_state = start
+        self.latest_snapshot = self._resumed.snapshot(geometry)
+
+    def _end_checkpoints(self) -> None:
+        """The run has ended: its checkpoint goes once its result is stored (in Tiled or
+        the local backup); a result held only in memory keeps it, for the next start."""
+        try:
+            if self._before_write_failure is None:
+                if self._checkpoints.discard():
+                    self.log.info("checkpoint removed: the result is stored")
+            else:
+                self.log.warning("the result is not stored: its checkpoint is kept")
+            self._checkpoints.close()
+        except Exception:
+            self.log.exception("ending the run's checkpoints failed")

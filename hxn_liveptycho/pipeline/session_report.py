@@ -16,6 +16,7 @@ from hxn_liveptycho.nn.process import NNProcessBranch
 from hxn_liveptycho.pipeline.assemble import Assembler
 from hxn_liveptycho.pipeline.geometry import CanvasGeometry
 from hxn_liveptycho.pipeline.result_sink import ResultSink
+from hxn_liveptycho.pipeline.resume import ResumedRun
 from hxn_liveptycho.pipeline.run_status import RunStatus
 from hxn_liveptycho.pipeline.solver_link import SolverLink
 from hxn_liveptycho.recon.placement import Placement
@@ -43,6 +44,8 @@ class SessionReport:
     _sink: ResultSink | None
     _nn: NNBranch | NNProcessBranch | None
     _geometry: CanvasGeometry | None
+    #: The checkpoint a run resumed after a restart goes on from (None for every other run).
+    _resumed: ResumedRun | None
     #: Light copies of the parts, kept once the heavy state is released.
     _released: dict[str, Any]
 
@@ -151,4 +154,6 @@ class SessionReport:
         if self.error:
             md["error"] = self.error
         md["iteration"] = self.iteration
+        if self._resumed is not None:
+            md["resumed"] = self._resumed.metadata()
         return md

@@ -66,8 +66,8 @@ class SessionResults(SessionReport):
     def _final_snapshot(self) -> dict[str, Any]:
         """The solver's final state; its last live snapshot when the solver failed."""
         solver = self._solver.remote
-        if solver is None:
-            return {}
+        if solver is None:  # a resumed run that took no frame: its checkpoint's state
+            return dict(self.latest_snapshot or {})
         if solver.final is not None and solver.final.get("object") is not None:
             self.timeline["final_state"] = time.monotonic()
             self.iteration = solver.iteration

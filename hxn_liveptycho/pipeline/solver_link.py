@@ -76,6 +76,9 @@ class SolverLink:
         self._dropped_seeds = 0
         #: Mosaic frames behind the last seed sent (a mosaic no newer is not sent again).
         self._seeded_frames = 0
+        #: A resumed run's state to start the solver from instead of a guess (``probe``,
+        #: ``object_init``, ``iteration``, ``error_history``: see pipeline.resume).
+        self.start_state: Mapping[str, Any] | None = None
 
     @property
     def quality(self) -> QualitySettings:
@@ -108,7 +111,10 @@ class SolverLink:
     ) -> None:
         """Hand frames to the solver; the first ones open the run (and guess the probe)."""
         if self.remote is None:
-            probe = None if self._probe_seed is None else self._probe_seed(amplitudes.shape[-1])
+            resumed = dict(self.start_state or {})
+            probe = resumed.pop("probe", None)
+            if probe is None and self._probe_seed is not None:
+                probe = self._probe_seed(amplitudes.shape[-1])
             if probe is None:
                 probe = initial_probe(
                     amplitudes,
@@ -124,6 +130,7 @@ class SolverLink:
                 notify=self._notify,
                 quality=self.quality,
                 pixel_size_m=config.pixel_size_m,
+                **resumed,
             )
             backend = self.remote.backend
             self.log.info("solver (%s) started with %d frames", backend, len(amplitudes))

@@ -31,7 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -148,10 +148,17 @@ class SolverWorker:
         notify: Callable[[], None] = lambda: None,
         quality: QualitySettings | None = None,
         pixel_size_m: float | None = None,
+        object_init: np.ndarray | None = None,
+        iteration: int = 0,
+        error_history: Sequence[float] = (),
     ) -> RemoteSolver:
         """Open ``run_id`` on the solver process; its snapshots carry the quality maps and
         convergence flag of ``quality`` (the defaults when None), and figures in metres
-        (the resolution estimate) where the canvas's ``pixel_size_m`` is given."""
+        (the resolution estimate) where the canvas's ``pixel_size_m`` is given.
+
+        A run resumed from a checkpoint (docs/resume.md) starts from its ``object_init``
+        (the canvas), ``probe`` modes, ``iteration`` and ``error_history`` instead of
+        a flat object at iteration 0."""
         with self._lock:
             if self._closed:
                 raise LivePtychoError("the solver process is closed")
@@ -163,6 +170,8 @@ class SolverWorker:
         slots = max(16, min(RING_BYTES // (n * n * 4), max(expected_positions or 0, 16)))
         ring = FrameRing(slots, n)
         remote = RemoteSolver(self, run_id, ring, notify, backend=info.backend)
+        remote.iteration = int(iteration)
+        remote.error_history = [float(e) for e in error_history]
         with self._lock:
             self._runs[run_id] = remote
         spec = {
@@ -175,6 +184,9 @@ class SolverWorker:
             "expected_positions": expected_positions,
             "quality": quality or QualitySettings(),
             "pixel_size_m": pixel_size_m,
+            "object_init": None if object_init is None else np.asarray(object_init),
+            "iteration": int(iteration),
+            "error_history": [float(e) for e in error_history],
         }
         try:
             self._send(("open", run_id, spec))

@@ -195,7 +195,9 @@ class _Child:
                 params=spec["params"],
                 xp=self.xp,
                 expected_positions=spec["expected_positions"],
+                object_init=1.0 if spec.get("object_init") is None else spec["object_init"],
             )
+            _resume_counts(solver, spec)
         except BaseException:
             ring.close()
             raise
@@ -216,6 +218,7 @@ class _Child:
             params=spec["params"],
             quality=quality,
             resolution=resolution,
+            errors_sent=len(solver.error_history),  # a resumed run's parent has them
         )
         logger.info(
             "solver started on %s for run %s",
@@ -348,6 +351,16 @@ class _Child:
         self._progress(run_id, run, time.monotonic())
         self.send(("final", run_id, self._snapshot(run, final=True)))
         self._drop(run_id)
+
+
+def _resume_counts(solver: Any, spec: dict[str, Any]) -> None:
+    """A run resumed from a checkpoint goes on counting from the checkpoint's iteration
+    (schedules, probe and position updates start where they were) with its error history
+    (the convergence flag reads it)."""
+    iteration = int(spec.get("iteration") or 0)
+    if iteration:
+        solver._iteration = iteration
+    solver.error_history.extend(float(e) for e in spec.get("error_history") or ())
 
 
 def _on_canvas(seed: dict[str, Any], canvas_shape: tuple[int, ...]) -> tuple[Any, Any]:

@@ -1,0 +1,329 @@
+"""Resume after a restart: `liveptycho serve` killed mid-scan (SIGKILL) and started again
+takes its run up from the checkpoint, or ends it `incomplete` with the checkpoint's state."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from bluesky.callbacks.zmq import Publisher
+from scans import fly
+from serve_helpers import ServeProcess
+
+from hxn_liveptycho.demo import final_object_error
+from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
+from hxn_liveptycho.store.checkpoint import Checkpoint, CheckpointStore
+
+BEAMLINE = SimulatedBeamline(x_num=12, y_num=12, photons_per_frame=2e5)
+HALF = BEAMLINE.x_num * BEAMLINE.y_num // 2
+#: Every live snapshot is checkpointed, so the kill finds one of the frames before the hold.
+FIRST_ENV = {"LIVEPTYCHO_CHECKPOINT_INTERVAL_S": "0"}
+#: The resumed run's object, half from the checkpoint and half from the frames after the
+#: restart, against the phantom (the metric of test_end_to_end).
+MAX_RESUMED_OBJECT_ERROR = 0.35
+
+
+def _checkpoint(store: CheckpointStore) -> Checkpoint:
+    rng = np.random.default_rng(1)
+    start = {"uid": str(uuid.uuid4()), "time": time.time(), "scan_id": 7, "plan_name": "fly2dpd"}
+    descriptor = {"uid": str(uuid.uuid4()), "run_start": start["uid"], "name": "primary"}
+    return Checkpoint(
+        uid=start["uid"],
+        documents=[("start", start), ("descriptor", descriptor)],
+        overrides={"recon": {"iterations": 5}},
+        settings_hash="abc",
+        iteration=12,
+        object=(rng.normal(size=(40, 50)) + 1j).astype(np.complex64),
+        probe=rng.normal(size=(2, 16, 16)).astype(np.complex64),
+        positions_px=rng.uniform(0, 20, (9, 2)),
+        error_history=np.linspace(1, 0.1, 12),
+        frames_used=9,
+        window=(10, 26, 12, 28),
+        streams_open={"eiger": True, "panda": False},
+        container_path="processed/liveptycho/scan7-x",
+    )
+
+
+def test_a_checkpoint_is_saved_loaded_listed_and_removed_by_run_uid(tmp_path):
+    """The store's API by run uid round-trips every field, atomically (no temporary left)."""
+    store = CheckpointStore.in_data_dir(tmp_path)
+    saved = _checkpoint(store)
+    path = store.save(saved)
+    assert path.parent == tmp_path / "checkpoints"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # the temporary is gone
+    assert store.uids() == [saved.uid]
+    loaded = store.load(saved.uid)
+    np.testing.assert_array_equal(loaded.object, saved.object)
+    np.testing.assert_array_equal(loaded.probe, saved.probe)
+    np.testing.assert_array_equal(loaded.positions_px, saved.positions_px)
+    np.testing.assert_allclose(loaded.error_history, saved.error_history)
+    assert loaded.documents == saved.documents and loaded.start["scan_id"] == 7
+    assert (loaded.iteration, loaded.frames_used, loaded.window) == (12, 9, (10, 26, 12, 28))
+    assert loaded.streams_open == {"eiger": True, "panda": False}
+    assert loaded.container_path == saved.container_path and loaded.stop is None
+    assert store.remove(saved.uid) and not store.remove(saved.uid)
+    assert store.uids() == []
+    with pytest.raises(FileNotFoundError):
+        store.load(saved.uid)
+
+
+def test_a_corrupt_checkpoint_is_reported_in_one_line_and_set_aside(tmp_path, caplog):
+    """A truncated file is one error line, moved to corrupt/; the good one still loads."""
+    store = CheckpointStore.in_data_dir(tmp_path)
+    good = _checkpoint(store)
+    path = store.save(good)
+    broken = path.with_name("broken-run.npz")
+    broken.write_bytes(path.read_bytes()[:200])
+    with caplog.at_level(logging.ERROR, logger="hxn_liveptycho.store.checkpoint"):
+        found = store.load_all()
+    assert [c.uid for c in found] == [good.uid]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "broken-run.npz" in lines[0] and "skipped" in lines[0]
+    assert not broken.exists() and (store.directory / "corrupt" / broken.name).exists()
+    caplog.clear()
+    assert [c.uid for c in store.load_all()] == [good.uid] and not caplog.records  # once only
+
+
+# ---- the real thing: a serve process killed and started again --------------------------
+@pytest.fixture
+def first(tmp_path: Path, tiled_server: Any, hxn_detectors: Any) -> Iterator[ServeProcess]:
+    eiger, panda = hxn_detectors
+    process = ServeProcess(
+        tmp_path, tiled_server.uri, eiger, panda, name="serve-first", env=FIRST_ENV
+    )
+    try:
+        process.wait_ready(eiger, panda)
+        yield process
+    finally:
+        process.close()
+
+
+@pytest.fixture
+def publisher(first: ServeProcess, RE: Any) -> Iterator[Publisher]:
+    pub = Publisher(first.proxy_in)
+    first.connect(pub)
+    RE.subscribe(pub)
+    yield pub
+    pub._socket.setsockopt(zmq.LINGER, 0)
+    pub.close()
+
+
+class _KillAndRestart(threading.Thread):
+    """Once the first serve holds a checkpoint of every frame before the detectors' hold,
+    SIGKILLs it, starts a second serve on the same addresses and folder, and lets the
+    detectors go on: at once (``release_at_once``) or only once the second serve has
+    ended the run. Always releases them in the end, so the scan never hangs."""
+
+    def __init__(
+        self,
+        first: ServeProcess,
+        publisher: Publisher,
+        detectors: tuple[Any, Any],
+        tmp_path: Path,
+        tiled_uri: str,
+        *,
+        release_at_once: bool,
+        env: dict[str, str],
+        before_restart: Any = None,
+    ) -> None:
+        super().__init__(name="liveptycho-test-kill-restart", daemon=True)
+        self.first, self.publisher, self.detectors = first, publisher, detectors
+        self.tmp_path, self.tiled_uri = tmp_path, tiled_uri
+        self.release_at_once, self.env, self.before_restart = release_at_once, env, before_restart
+        self.store = CheckpointStore.in_data_dir(first.data_dir)
+        self.second: ServeProcess | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.finished_run: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._kill_when_checkpointed()
+            self._start_second()
+            if not self.release_at_once:
+                assert self.second is not None and self.checkpoint is not None
+                self.finished_run = self.second.wait_finished(self.checkpoint.uid, timeout=60)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            for device in self.detectors:
+                device.release()
+
+    def _kill_when_checkpointed(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            running = [r for r in self.first.status()["runs"] if r["status"] == "running"]
+            if running and running[0]["counters"]["frames_used"] >= HALF:
+                uid = running[0]["uid"]
+                try:
+                    seen = self.store.load(uid)
+                except (FileNotFoundError, ValueError):
+                    seen = None  # not yet written (or being replaced)
+                if seen is not None and seen.frames_used >= HALF and seen.iteration >= 20:
+                    self.first.process.kill()
+                    self.first.process.wait(30)
+                    self.checkpoint = self.store.load(uid)  # the last one written
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"no checkpoint of the held scan:\n{self.first.log()}")
+
+    def _start_second(self) -> None:
+        if self.before_restart is not None:
+            self.before_restart(self.store)
+        eiger, panda = self.detectors
+        self.second = ServeProcess(
+            self.tmp_path,
+            self.tiled_uri,
+            eiger,
+            panda,
+            proxy_in=self.first.proxy_in,
+            documents=self.first.documents,
+            data_dir=self.first.data_dir,
+            name="serve-second",
+            env=self.env,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.second.process.poll() is None, self.second.log()
+            try:
+                if self.second.http.get("/api/health").status_code == 200:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        if not self.release_at_once:
+            return
+        # The RunEngine's Publisher reconnects to the new proxy by itself; a stray stop of
+        # no run (never a start: that would end the resumed run) shows when it has.
+        while time.monotonic() < deadline:
+            self.publisher("stop", {"uid": str(uuid.uuid4()), "run_start": "ping", "time": 0})
+            time.sleep(0.2)
+            if self.second.status()["documents"]["counters"]["documents"] > 0:
+                return
+        raise AssertionError(f"no document reached the second serve:\n{self.second.log()}")
+
+
+def _containers(uri: str, raw_uid: str) -> list[Any]:
+    from tiled.client import from_uri
+    from tiled.queries import Eq
+
+    found = from_uri(uri)["processed"]["liveptycho"].search(Eq("raw_uid", raw_uid))
+    return list(found.values())
+
+
+def _scan_through_a_restart(
+    first: ServeProcess,
+    publisher: Any,
+    RE: Any,
+    detectors: Any,
+    tmp_path: Path,
+    tiled: Any,
+    **kw: Any,
+) -> tuple[_KillAndRestart, Any]:
+    sample = SimulatedSample(BEAMLINE)
+    restart = _KillAndRestart(first, publisher, detectors, tmp_path, tiled.uri, **kw)
+    restart.start()
+    eiger, panda = detectors
+    try:
+        result = fly(RE, eiger, panda, sample, dwell=0.03, hold_before=HALF)
+    finally:
+        restart.join(90)
+    assert result.exit_status == "success"  # the RunEngine never noticed
+    if restart.error is not None:
+        raise restart.error
+    assert restart.second is not None and restart.checkpoint is not None
+    assert restart.checkpoint.uid == result.run_start_uids[0]
+    return restart, sample
+
+
+def test_serve_killed_mid_scan_resumes_the_run_from_its_checkpoint(
+    first, publisher, RE, hxn_detectors, tmp_path, tiled_server
+):
+    """SIGKILL after a checkpoint, restart: the run goes on from the checkpoint's state with
+    the frames still arriving and ends complete, its object close to the phantom; the
+    container the dead process left is marked incomplete; no checkpoint is left."""
+    restart, sample = _scan_through_a_restart(
+        first,
+        publisher,
+        RE,
+        hxn_detectors,
+        tmp_path,
+        tiled_server,
+        release_at_once=True,
+        env={"LIVEPTYCHO_RESUME_TIMEOUT_S": "30"},
+    )
+    second, checkpoint = restart.second, restart.checkpoint
+    assert second is not None and checkpoint is not None
+    try:
+        run = second.wait_finished(checkpoint.uid, timeout=60)
+        assert run["status"] == "complete", second.log()
+        assert run["counters"]["frames_used"] == BEAMLINE.x_num * BEAMLINE.y_num - HALF
+        assert any("resumed after a restart" in w for w in run["warnings"])
+        nodes = {n.metadata["status"]: n for n in _containers(tiled_server.uri, checkpoint.uid)}
+        deadline = time.monotonic() + 20  # the old container is marked in the background
+        while "running" in nodes and time.monotonic() < deadline:
+            time.sleep(0.3)
+            nodes = {n.metadata["status"]: n for n in _containers(tiled_server.uri, checkpoint.uid)}
+        assert set(nodes) == {"complete", "incomplete"}, second.log()
+        resumed = nodes["complete"].metadata["resumed"]
+        assert resumed["from_iteration"] == checkpoint.iteration and resumed["state_restored"]
+        assert resumed["frames_before_restart"] == checkpoint.frames_used >= HALF
+        assert resumed["previous_container"] == checkpoint.container_path
+        assert nodes["complete"].metadata["iteration"] > checkpoint.iteration
+        assert "resumed from its checkpoint" in nodes["incomplete"].metadata["reason"]
+        assert nodes["incomplete"].uri.endswith(checkpoint.container_path)
+        error, *_ = final_object_error(sample, nodes["complete"])
+        assert error <= MAX_RESUMED_OBJECT_ERROR, f"object error {error:.3f}"
+        assert CheckpointStore.in_data_dir(second.data_dir).uids() == []
+    finally:
+        second.close()
+
+
+def test_serve_restarted_after_its_run_stopped_taking_data_ends_it_incomplete(
+    first, publisher, RE, hxn_detectors, tmp_path, tiled_server
+):
+    """No more data within resume_timeout_s of the restart: the run ends incomplete with
+    the checkpoint's object and probe as its result, the checkpoint removed; a corrupt
+    checkpoint beside it is reported in one line and set aside."""
+
+    def corrupt(store: CheckpointStore) -> None:
+        (store.directory / "not-a-run.npz").write_bytes(b"PK\x03\x04 half a file")
+
+    restart, _ = _scan_through_a_restart(
+        first,
+        publisher,
+        RE,
+        hxn_detectors,
+        tmp_path,
+        tiled_server,
+        release_at_once=False,
+        env={"LIVEPTYCHO_RESUME_TIMEOUT_S": "2"},
+        before_restart=corrupt,
+    )
+    second, checkpoint, run = restart.second, restart.checkpoint, restart.finished_run
+    assert second is not None and checkpoint is not None and run is not None
+    try:
+        assert run["status"] == "incomplete", second.log()
+        assert "serve restarted mid-run" in run["reason"] and "within 2 s" in run["reason"]
+        node = next(
+            n for n in _containers(tiled_server.uri, checkpoint.uid) if "resumed" in n.metadata
+        )
+        assert node.metadata["status"] == "incomplete"
+        np.testing.assert_array_equal(node["final"]["object"].read(), checkpoint.object)
+        np.testing.assert_array_equal(node["final"]["probe"].read(), checkpoint.probe[0])
+        assert node["final"]["positions_m"].read().shape == checkpoint.positions_px.shape
+        store = CheckpointStore.in_data_dir(second.data_dir)
+        assert store.uids() == []
+        assert (store.directory / "corrupt" / "not-a-run.npz").exists()
+        skipped = [line for line in second.log().splitlines() if "checkpoint skipped" in line]
+        assert len(skipped) == 1 and "not-a-run.npz" in skipped[0]
+    finally:
+        second.close()
