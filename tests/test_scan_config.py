@@ -163,14 +163,15 @@ def test_generic_mesh_plan_args() -> None:
     assert config.detector_pixel_m == 75e-6
 
 
-def test_fermat_spiral_is_refused_with_a_reason() -> None:
-    """Spiral scans are named as not reconstructed live (rather than misread as a raster)."""
+def test_fermat_spiral_without_its_factor_names_what_is_missing() -> None:
+    """A spiral is no longer refused as such; one whose arguments cannot place its points
+    (here no factor) names the missing argument rather than being misread as a raster."""
     md = hxn_start_md(
         plan_name="rel_spiral_fermat",
         plan_args={"x_range": 2.0, "y_range": 2.0, "dr": 0.1},
         scan={"detector_distance": 1.2, "detectors": ["eiger2"]},
     )
-    with pytest.raises(NotPtychographyError, match="spiral"):
+    with pytest.raises(NotPtychographyError, match=r"plan_args\.factor of the Fermat spiral"):
         make_run(md, baseline={"dcm_th": 10.0}).config()
 
 

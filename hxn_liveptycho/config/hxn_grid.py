@@ -1,21 +1,35 @@
-"""The scan's 2-D raster from whichever place HXN's plan family writes it.
+"""Where a scan's points lie, from whichever place HXN's plan family writes it.
 
 ``scan.scan_input`` for PandA fly scans (``2D_FLY_PANDA``), ``plan_args`` for
 ``FlyPlan2D``, and ``plan_args.args`` (motor, start, stop, num, repeated) for
-mesh plans; 1-D, 3-D and spiral scans are refused as not reconstructed live.
-Each extent is checked by the document field it came from.
+mesh plans give a raster; a Fermat spiral (``rel_spiral_fermat``,
+``spiral_fermat``, HXN's ``fermat``, or any plan whose ``plan_pattern`` is
+``spiral_fermat``) gives its arguments, from which its points are worked out
+(:mod:`~hxn_liveptycho.config.scan_paths`); a scan that commands no pattern at
+all is reconstructed from its encoder positions when the start document says
+how many there are (``num_points``) and where they lie (bluesky's ``extents``).
+1-D and 3-D scans are refused as not reconstructed live. Each value is checked
+by the document field it came from.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
 from hxn_liveptycho.config.hxn_documents import Problems, read_number
+from hxn_liveptycho.config.scan_paths import FermatSpiral
 
 logger = logging.getLogger(__name__)
+
+#: Plan names of Fermat spiral scans (bluesky's absolute and relative plans, HXN's wrapper).
+SPIRAL_PLAN_NAMES = ("rel_spiral_fermat", "spiral_fermat", "fermat")
+#: Start-document keys a Fermat spiral's points cannot be placed without (x_start, y_start,
+#: dr_y and tilt default to 0, 0, dr and 0 as in the plans).
+_SPIRAL_REQUIRED = ("x_range", "y_range", "dr", "factor")
 
 
 def _count(value: Any, where: str, problems: Problems) -> int | None:
@@ -89,7 +103,8 @@ def _mesh_axes(args: Sequence[Any]) -> list[tuple[str, list[Any]]]:
 
 
 def read_grid(start: Mapping[str, Any], problems: Problems) -> dict[str, Any] | None:
-    """The commanded 2-D raster from whichever place the plan family writes it."""
+    """Where the scan's points lie (a ScanGrid's fields), from whichever place the plan
+    family writes it; None with the reason in ``problems`` when the documents do not say."""
     scan = start.get("scan") or {}
     scan = scan if isinstance(scan, Mapping) else {}
     plan_name = start.get("plan_name", "")
@@ -125,9 +140,8 @@ def read_grid(start: Mapping[str, Any], problems: Problems) -> dict[str, Any] | 
         return _axes(
             [plan_args[k] for k in keys], [f"plan_args.{k}" for k in keys], "flyplan2d", problems
         )
-    if plan_name in ("rel_spiral_fermat", "fermat"):
-        problems.not_ptychography(f"spiral scans ({plan_name}) are not reconstructed live yet")
-        return None
+    if plan_name in SPIRAL_PLAN_NAMES or start.get("plan_pattern") == "spiral_fermat":
+        return _spiral(start, plan_args, problems)
     args = plan_args.get("args")
     if isinstance(args, list | tuple):
         axes = _mesh_axes(args)
@@ -155,5 +169,133 @@ def read_grid(start: Mapping[str, Any], problems: Problems) -> dict[str, Any] | 
         if len(scanned) == 1:
             problems.not_ptychography(f"a 1-D scan of {scanned[0][0]} is not ptychography")
             return None
-    problems.missing.append("scan.scan_input (2D_FLY_PANDA) or plan_args (FlyPlan2D / mesh)")
+    if "num_points" in start or "extents" in start:
+        return _encoder_positions(start, problems)
+    problems.missing.append(
+        "scan.scan_input (2D_FLY_PANDA), plan_args (FlyPlan2D / mesh / Fermat spiral), or "
+        "num_points and extents (positions from the encoders only)"
+    )
     return None
+
+
+def _documented_count(start: Mapping[str, Any], computed: int, plan: str) -> int:
+    """The point count: the one the plan worked out, unless the start document's own
+    ``num_points`` (bluesky writes the length of what it scanned) says otherwise, which
+    wins with a warning: frames are judged complete against what the plan really did."""
+    recorded = start.get("num_points")
+    if isinstance(recorded, bool) or not isinstance(recorded, int | float):
+        return computed
+    if float(recorded).is_integer() and int(recorded) >= 1 and int(recorded) != computed:
+        logger.warning(
+            "%s: num_points = %s in the start document, %d worked out from its arguments; "
+            "expecting %s",
+            plan,
+            recorded,
+            computed,
+            recorded,
+        )
+        return int(recorded)
+    return computed
+
+
+def _spiral(
+    start: Mapping[str, Any], plan_args: Mapping[str, Any], problems: Problems
+) -> dict[str, Any] | None:
+    """A Fermat spiral: its points from the plan's arguments (``plan_args``, else bluesky's
+    ``plan_pattern_args``), the extents they span and their count."""
+    pattern = start.get("plan_pattern_args")
+    args: dict[str, Any] = dict(pattern) if isinstance(pattern, Mapping) else {}
+    args.update(plan_args)
+    absent = [f"plan_args.{k}" for k in _SPIRAL_REQUIRED if args.get(k) is None]
+    if absent:
+        plan = start.get("plan_name") or start.get("plan_pattern")
+        problems.missing.append(f"{', '.join(absent)} of the Fermat spiral ({plan})")
+        return None
+    found = Problems()
+
+    def number(key: str, default: float = 0.0) -> float:
+        """plan_args[key] as a float (its default when absent or None; NaN, with the
+        problem recorded, when it is no number)."""
+        given = args.get(key)
+        if given is None:
+            return default
+        value = read_number(given, f"plan_args.{key}", found)
+        return math.nan if value is None else value
+
+    x_range, y_range, dr, factor = (number(k) for k in _SPIRAL_REQUIRED)
+    x_start, y_start, tilt = number("x_start"), number("y_start"), number("tilt")
+    dr_y = None if args.get("dr_y") is None else number("dr_y")
+    if found.invalid:
+        problems.invalid.extend(found.invalid)
+        return None
+    try:
+        spiral = FermatSpiral(
+            x_range, y_range, dr, factor, x_start=x_start, y_start=y_start, dr_y=dr_y, tilt=tilt
+        )
+    except ValueError as exc:
+        problems.invalid.append(f"plan_args: {exc}")
+        return None
+    points = spiral.points()
+    if len(points) < 2:
+        problems.not_ptychography(
+            f"a Fermat spiral of {len(points)} point (x_range {spiral.x_range}, y_range "
+            f"{spiral.y_range}, dr {spiral.dr}, factor {spiral.factor}) has no overlap"
+        )
+        return None
+    (y_lo, x_lo), (y_hi, x_hi) = points.min(axis=0), points.max(axis=0)
+    return {
+        "kind": "fermat",
+        "x_start_um": float(x_lo),
+        "x_end_um": float(x_hi),
+        "y_start_um": float(y_lo),
+        "y_end_um": float(y_hi),
+        "points": _documented_count(start, len(points), "Fermat spiral"),
+    }
+
+
+def _encoder_positions(start: Mapping[str, Any], problems: Problems) -> dict[str, Any] | None:
+    """A scan that commands no pattern: its point count (``num_points``) and the extents its
+    positions span (bluesky's ``extents``: ``[[x_lo, x_hi], [y_lo, y_hi]]``, in the order
+    of ``motors``, x first as at HXN). The positions themselves come from the encoders.
+
+    What is missing is named, and what was found is still returned, so that an override
+    of the rest (``grid`` extents or ``points``) completes it.
+    """
+    grid: dict[str, Any] = {"kind": "positions"}
+    if "num_points" in start:
+        count = _count(start["num_points"], "num_points", problems)
+        if count is None:
+            return None
+        if count < 2:
+            problems.not_ptychography("a single-point scan has no overlap to reconstruct")
+            return None
+        grid["points"] = count
+    else:
+        problems.missing.append("num_points (the scan's point count; or override grid.points)")
+    extents = start.get("extents")
+    if extents is None:
+        problems.missing.append(
+            "extents (where the positions lie; or override grid x_start_um, x_end_um, "
+            "y_start_um, y_end_um)"
+        )
+        return grid
+    pairs = list(extents) if isinstance(extents, list | tuple) else []
+    if len(pairs) != 2 or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        problems.invalid.append(
+            f"extents = {extents!r} is not [[x_lo, x_hi], [y_lo, y_hi]] of a 2-D scan"
+        )
+        return None
+    found = Problems()
+    bounds = [
+        read_number(value, f"extents[{axis}][{end}]", found)
+        for axis, pair in enumerate(pairs)
+        for end, value in enumerate(pair)
+    ]
+    if found.invalid:
+        problems.invalid.extend(found.invalid)
+        return None
+    x0, x1, y0, y1 = (float(b) for b in bounds if b is not None)
+    grid.update(
+        x_start_um=min(x0, x1), x_end_um=max(x0, x1), y_start_um=min(y0, y1), y_end_um=max(y0, y1)
+    )
+    return grid

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from hxn_liveptycho.config.nn_params import NNParams
+from hxn_liveptycho.config.scan_paths import density_step
 from hxn_liveptycho.recon.iterative import IterativeParams
 
 #: Energies the model accepts (keV); a value outside is a unit or reading mistake.
@@ -43,60 +44,133 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: Plan families whose points form a raster (``x_num`` x ``y_num``).
+RASTER_KINDS = ("fly2d_panda", "flyplan2d", "mesh")
+
+
 class ScanGrid(_Frozen):
-    """Scan extents in micrometres as the plan commanded them, x on the sample.
+    """Where a scan's points lie, in micrometres, x on the sample: a raster or any path.
+
+    A raster (``fly2d_panda``, ``flyplan2d``, ``mesh``) has its commanded
+    extents and ``x_num`` x ``y_num`` points. Any other scan (``fermat``: a
+    Fermat spiral, its points worked out from the plan's arguments;
+    ``positions``: the positions come only from the encoders) has ``points``
+    and the extents its positions span, and no rows or columns: nothing
+    downstream assumes a grid (frames pair with positions by frame index, the
+    canvas is sized from the extents).
 
     Once a run is configured the x extents carry :attr:`ScanConfig.x_projection`
     like the positions do, so the canvas sized from them holds the positions
-    (HXN foreshortens its x range the same way). The step follows HXN:
+    (HXN foreshortens its x range the same way). A raster's step follows HXN:
     ``|end - start| / num`` (a fly scan's frames each integrate one step of
     motion, so ``num`` steps span the commanded range), not ``/(num - 1)``.
     """
 
-    kind: Literal["fly2d_panda", "flyplan2d", "fermat", "mesh"] = Field(
-        description="Which plan family the geometry was read from."
+    kind: Literal["fly2d_panda", "flyplan2d", "fermat", "mesh", "positions"] = Field(
+        description="Which plan family the geometry was read from: a raster (fly2d_panda, "
+        "flyplan2d, mesh), a Fermat spiral (fermat), or positions from the encoders only "
+        "(positions)."
     )
     x_start_um: float
     x_end_um: float
-    x_num: int = Field(ge=1, description="Points along the fast (x) axis.")
+    x_num: int | None = Field(
+        default=None, ge=1, description="Points along the fast (x) axis of a raster."
+    )
     y_start_um: float
     y_end_um: float
-    y_num: int = Field(ge=1, description="Points along the slow (y) axis.")
+    y_num: int | None = Field(
+        default=None, ge=1, description="Points along the slow (y) axis of a raster."
+    )
+    points: int | None = Field(
+        default=None,
+        ge=1,
+        description="Points of a scan that is no raster (a spiral, or positions from the "
+        "encoders only); a raster has x_num x y_num.",
+    )
     step_um: float | None = Field(
-        default=None, gt=0.0, description="Spiral radial step (Fermat scans)."
+        default=None,
+        gt=0.0,
+        description="Scan step that sizes the probe footprint; None: a raster's larger "
+        "range / points, else the step of a raster as dense (sqrt(extent area / points)).",
     )
 
     @model_validator(mode="after")
     def _steps_are_physical(self) -> ScanGrid:
-        """A non-finite extent, or several points on a zero range, is refused naming the axis:
-        every position would coincide and the canvas and probe guess would divide by zero."""
+        """A non-finite extent, several points on a zero range, or a scan with neither a
+        raster's shape nor a point count is refused naming the field: every position would
+        coincide, or the point count the run is judged by would be unknown."""
         for axis in ("x", "y"):
             start, end = getattr(self, f"{axis}_start_um"), getattr(self, f"{axis}_end_um")
             num = getattr(self, f"{axis}_num")
             if not (math.isfinite(start) and math.isfinite(end)):
                 raise ValueError(f"{axis} range {start} → {end} µm is not finite")
-            if num > 1 and start == end:
+            if num is not None and num > 1 and start == end:
                 raise ValueError(
                     f"{axis}: {num} points on a zero range ({start} → {end} µm): zero step"
                 )
+        if self.points is None and (self.x_num is None or self.y_num is None):
+            raise ValueError(
+                f"a {self.kind} scan needs x_num and y_num (a raster) or points (any path)"
+            )
+        if (
+            self.points is not None
+            and self.points > 1
+            and self.x_start_um == self.x_end_um
+            and self.y_start_um == self.y_end_um
+        ):
+            raise ValueError(
+                f"{self.points} points in a zero extent (x {self.x_start_um} µm, "
+                f"y {self.y_start_um} µm): every position coincides"
+            )
         return self
+
+    @property
+    def is_raster(self) -> bool:
+        """Whether the points form rows and columns (``points`` unset, ``x_num`` x ``y_num``)."""
+        return self.points is None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def num_points(self) -> int:
+        if self.points is not None:
+            return self.points
+        assert self.x_num is not None and self.y_num is not None  # the validator's rule
         return self.x_num * self.y_num
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def x_step_um(self) -> float:
-        """HXN's x step: range / points (0 for a single column)."""
-        return abs(self.x_end_um - self.x_start_um) / self.x_num if self.x_num > 1 else 0.0
+        """HXN's x step of a raster: range / points (0 for a single column, or no raster)."""
+        if self.x_num is None or self.x_num < 2:
+            return 0.0
+        return abs(self.x_end_um - self.x_start_um) / self.x_num
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def y_step_um(self) -> float:
-        """HXN's y step: range / points (0 for a single row)."""
-        return abs(self.y_end_um - self.y_start_um) / self.y_num if self.y_num > 1 else 0.0
+        """HXN's y step of a raster: range / points (0 for a single row, or no raster)."""
+        if self.y_num is None or self.y_num < 2:
+            return 0.0
+        return abs(self.y_end_um - self.y_start_um) / self.y_num
+
+    @property
+    def scan_step_um(self) -> float:
+        """The step that sizes the probe footprint: ``step_um`` when set, a raster's larger
+        axis step, else the step of a raster as dense as the path (x foreshortened like the
+        positions, since the extents are)."""
+        if self.step_um is not None:
+            return self.step_um
+        if self.is_raster:
+            return max(self.x_step_um, self.y_step_um)
+        return density_step(
+            self.y_end_um - self.y_start_um, self.x_end_um - self.x_start_um, self.num_points
+        )
+
+    def describe(self) -> str:
+        """One line for the log: ``14 x 14 raster (fly2d_panda)``, ``197-point fermat scan``."""
+        if self.is_raster:
+            return f"{self.x_num} x {self.y_num} raster ({self.kind})"
+        return f"{self.num_points}-point {self.kind} scan"
 
 
 class EncoderConfig(_Frozen):
@@ -146,8 +220,32 @@ class RoiConfig(_Frozen):
 
 
 class ProbeGuess(_Frozen):
-    """How the first probe is guessed from the data when no probe file is given."""
+    """Where the solver's first probe comes from: estimated from the data, guessed from the
+    footprint and defocus sign below, or read from a file."""
 
+    initial: Literal["estimate", "guess", "file"] = Field(
+        default="estimate",
+        description="'estimate': from the data alone, no scan grid needed: the mean "
+        "diffraction pattern's bright-field disc gives the probe's modulus, power and "
+        "convergence angle, and a short search over defocus size and sign, scored by how "
+        "well a few solver passes on the first `estimate_frames` frames predict frames "
+        "held out of them, gives its curvature (the run's solver starts once those "
+        "frames are in). 'guess': the disc with the defocus of `footprint_um` (or "
+        "`footprint_steps` scan steps) and `defocus_sign`. 'file': the probe in `file`.",
+    )
+    file: str | None = Field(
+        default=None,
+        description="Probe file for initial 'file': .npy (an (n, n) array, or (k, n, n) "
+        "modes), .npz (its 'probe' array, or its only one) or CXI/HDF5 "
+        "(/entry_1/instrument_1/source_1/illumination, or /entry_1/probe); in real space "
+        "on the reconstruction's pixel, n equal to roi.size.",
+    )
+    estimate_frames: int = Field(
+        default=64,
+        ge=4,
+        description="Frames the estimate searches on: a live run's first ones (fewer when "
+        "the scan has fewer).",
+    )
     footprint_um: float | None = Field(
         default=None, gt=0.0, description="Beam footprint on the sample; None: footprint_steps."
     )
@@ -157,6 +255,15 @@ class ProbeGuess(_Frozen):
     defocus_sign: Literal[1, -1] = Field(
         default=1, description="+1: sample downstream of the focus; -1: upstream."
     )
+
+    @model_validator(mode="after")
+    def _file_with_its_choice(self) -> ProbeGuess:
+        """A file is named exactly when it is used: one without the other is a mistake."""
+        if self.initial == "file" and not self.file:
+            raise ValueError("initial 'file' needs `file`, the path of the probe")
+        if self.file and self.initial != "file":
+            raise ValueError(f"`file` is given but initial is {self.initial!r}; set initial 'file'")
+        return self
 
 
 class ScanConfig(_Frozen):
@@ -247,10 +354,10 @@ class ScanConfig(_Frozen):
 
     @property
     def step_um(self) -> float:
-        """The scan step on the sample: the spiral's, else the larger axis step (HXN's
-        range / points; x already foreshortened like the positions)."""
-        g = self.grid
-        return g.step_um or max(g.x_step_um, g.y_step_um)
+        """The scan step on the sample (:attr:`ScanGrid.scan_step_um`): a raster's larger
+        axis step (HXN's range / points), else the step of a raster as dense as the path;
+        x already foreshortened like the positions."""
+        return self.grid.scan_step_um
 
     @property
     def probe_footprint_px(self) -> float:

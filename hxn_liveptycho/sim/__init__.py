@@ -18,6 +18,8 @@ _EXPORTS = {
     "fly2dpd": "plans",
     "SimulatedBeamline": "sample",
     "SimulatedSample": "sample",
+    "SpiralSample": "spiral",
+    "fermat_fly": "plans",
 }
 
 __all__ = sorted(_EXPORTS)

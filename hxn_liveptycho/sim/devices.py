@@ -27,6 +27,7 @@ from hxn_liveptycho.sim.publishers import (
     PublisherProcess,
 )
 from hxn_liveptycho.sim.sample import SimulatedSample, dcm_theta_deg
+from hxn_liveptycho.sim.spiral import FRAMES_PER_MESSAGE, SpiralSample
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ class SimHXNFlyer:
 
     One frame every ``dwell`` seconds (``1 / dwell`` frames/s), both detectors
     paced on the same monotonic clock from their own processes; the PandA sends
-    one message per scan row. :meth:`prepare` arms them ahead of the plan (the
-    Eiger's process simulates and encodes the frames then); otherwise kickoff
-    does, and its status finishes when the first exposure starts.
+    one message per scan row (per run of points on a spiral). :meth:`prepare`
+    arms them ahead of the plan (the Eiger's process simulates and encodes the
+    frames then); otherwise kickoff does, and its status finishes when the first
+    exposure starts.
     :attr:`counters` reads what each has published while the series runs,
     :attr:`report` what they published once it is complete.
     """
@@ -233,7 +235,7 @@ class SimHXNFlyer:
             self.panda.publisher.prepare(
                 {X_CHANNEL: x, Y_CHANNEL: y},
                 frame_time=self.dwell,
-                row_length=bl.x_num,
+                row_length=_frames_per_message(self.sample),
                 timestamps=TS_CHANNEL,
                 hold_before=self.hold_before,
             )
@@ -371,6 +373,13 @@ class SimHXNFlyer:
             f"{prefix}_frame_time": self.dwell,
             f"{prefix}_x_pixel_size": bl.detector_pixel_m,
         }
+
+
+def _frames_per_message(sample: SimulatedSample) -> int:
+    """Frames per PandA data message: a raster's row, or a fixed run of a spiral's points."""
+    if isinstance(sample, SpiralSample):
+        return FRAMES_PER_MESSAGE
+    return sample.beamline.x_num
 
 
 def baseline_motors(energy_kev: float) -> list[SynAxis]:
