@@ -14,7 +14,7 @@ readers of each field in :mod:`~hxn_liveptycho.config.hxn_documents` and
 Two kinds of refusal, each one line:
 
 * :class:`NotPtychographyError`: the run is not something to reconstruct (no
-  diffraction detector, no distance, a 3-D or spiral grid, one point); it names
+  diffraction detector, no distance, a 3-D or 1-D scan, one point); it names
   why first and then every missing key, so a run chosen by its plan name alone
   is skipped with that line.
 * :class:`ConfigurationError`: the run is ptychography but a value is

@@ -449,9 +449,8 @@ class RunSession(SessionResults):
             )
         self.status = RunStatus.RUNNING
         self.log.info(
-            "configured: %d x %d points, %.3f keV, z = %.3f m, pixel %.2f nm, canvas %s",
-            config.grid.x_num,
-            config.grid.y_num,
+            "configured: %s, %.3f keV, z = %.3f m, pixel %.2f nm, canvas %s",
+            config.grid.describe(),
             config.energy_kev,
             config.distance_m,
             config.pixel_size_m * 1e9,
