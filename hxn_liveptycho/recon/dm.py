@@ -136,6 +136,7 @@ class DifferenceMap:
             forward.scatter(s, batch, forward.probe_intensity(s, probes), oden, whole=True)
         if sums is not None:
             err = xp.sum(sums[:, 2])
+        s._ranks.sum(onum, oden)  # several ranks: the overlap sums of every position
         # O = (onum + d O_old) / (oden + d), in place (no canvas-sized temporaries).
         d = (p.object_reg * xp.max(oden) + 1e-30).astype(xp.float32)
         oden += d
@@ -162,6 +163,7 @@ class DifferenceMap:
                     else:  # DM's probe is a projection, not a step: its weights shift too
                         pden += unshift_sum(ointen[:, None], ramp, xp)[0].real
         if update_probe:
+            s._ranks.sum(pnum, pden)
             d = p.probe_reg * xp.max(pden) + 1e-30
             s._probes = ((pnum + d * s._probes) / (pden + d)).astype(xp.complex64)
         return err

@@ -43,6 +43,7 @@ from hxn_liveptycho.recon.epie import Epie
 from hxn_liveptycho.recon.lsqml import LsqMl
 from hxn_liveptycho.recon.opr import VariableProbe, opr_entries
 from hxn_liveptycho.recon.params import Algorithm, IterativeParams
+from hxn_liveptycho.recon.ranks import RankGroup, Ranks
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
 
@@ -85,11 +86,22 @@ class StreamingSolver:
         expected_positions: int | None = None,
         memory_limit_bytes: int | None = None,
         fused: bool | None = None,
+        ranks: Ranks | RankGroup | None = None,
     ) -> None:
         """``fused``: on CuPy, run the hot steps as the fused kernels (None: wherever they
         exist, one object mode); False runs the xp reference expressions on the GPU, for
-        parity tests and benchmarks. NumPy has only the reference."""
+        parity tests and benchmarks. NumPy has only the reference. ``ranks``: the
+        communicator when several ranks reconstruct one scan, each solver holding its
+        share of the frames (:mod:`~hxn_liveptycho.recon.ranks`), or a
+        :class:`~hxn_liveptycho.recon.ranks.RankGroup` that also says how often they merge;
+        None: one rank."""
         self.params = params if params is not None else IterativeParams()
+        if isinstance(ranks, RankGroup):
+            self._ranks = ranks
+        else:
+            self._ranks = RankGroup() if ranks is None else RankGroup(ranks)
+        if self._ranks.size > 1 and self.params.opr_modes:
+            raise ValueError("OPR (opr_modes) runs on one rank only")
         xp = array_namespace(probe) if xp is None else xp
         self._xp = xp
         if expected_positions is not None and expected_positions < 0:
@@ -244,11 +256,11 @@ class StreamingSolver:
         running error describes no state the solver returns. This costs one forward pass
         over all positions (no update, one host sync) and changes nothing: call it when
         the figure is reported, not every pass."""
-        if self._n_active == 0:
+        if self._n_active == 0 and self._ranks.size == 1:
             return float("nan")
         xp = self._xp
-        err = forward.state_error_sum(self) / xp.maximum(self._amp_power, 1e-30)
-        return float(to_host(err))
+        total, power = self._ranks.error_sums(self, forward.state_error_sum(self))
+        return float(to_host(total / xp.maximum(power, 1e-30)))
 
     def snapshot(self, *, state_error: bool = False) -> dict[str, np.ndarray | int | float]:
         """Host copies of object and dominant probe mode, with iteration count and the last
@@ -340,13 +352,14 @@ class StreamingSolver:
         mean position fixed). Errors stay on the device until the end of the
         call: one host sync per call, none per batch.
         """
-        if self._n_active == 0:
+        if self._n_active == 0 and self._ranks.size == 1:
             raise RuntimeError("iterate() called before any frame was added")
         if n < 0:
             raise ValueError(f"iterate() takes n >= 0 passes, got {n}")
         if n == 0:
             return self.error
         xp, p = self._xp, self.params
+        self._ranks.begin(self)  # several ranks: the probe's power from all their frames
         errors = []
         for _ in range(n):
             algorithm = p.algorithm_at(self._iteration)
@@ -358,11 +371,16 @@ class StreamingSolver:
                 self._dm_ready = 0  # stored DM waves go stale once another algorithm runs
                 step = self._epie.batch if algorithm == "epie" else self._lsqml.batch
                 err = xp.zeros((), dtype=xp.float32)
+                self._ranks.pass_start(self)  # several ranks: they merge their changes
                 order = self._rng.permutation(self._n_active)
-                for batch in forward.batches(self, order):
-                    step(self, batch, update_probe, refine, err)
+                batches = self._ranks.batches(self, forward.batches(self, order))
+                for i, batch in enumerate(batches):
+                    if batch is not None:  # None: another rank's batch (several ranks)
+                        step(self, batch, update_probe, refine, err)
+                    self._ranks.after_batch(self, batch, i, update_probe)
+                self._ranks.merge(self, update_probe, len(batches))
                 if refine:
-                    pass_end.apply_shifts(self)
+                    self._ranks.apply_shifts(self)
             if self._opr is not None and update_probe:
                 self._opr.end_pass(self)
             pass_end.end_pass(self, algorithm, update_probe)
@@ -376,6 +394,7 @@ class StreamingSolver:
             self._iteration += 1
         # One division for the call, not two launches a pass (the frames cannot change
         # within the call).
-        values = [float(e) for e in to_host(xp.stack(errors) / xp.maximum(self._amp_power, 1e-30))]
+        totals, power = self._ranks.error_sums(self, xp.stack(errors))
+        values = [float(e) for e in to_host(totals / xp.maximum(power, 1e-30))]
         self.error_history.extend(values)
         return values[-1]

@@ -1,0 +1,482 @@
+"""One scan over several ranks (data parallel): each rank reconstructs its share of the
+positions and the ranks combine their object and probe with collective operations.
+
+Every rank runs the ordinary :class:`~hxn_liveptycho.recon.iterative.StreamingSolver`
+on its own frames (a compact region of the scan: :func:`assign_ranks`) and holds the
+whole object canvas and the probe modes, identical on every rank between passes. The
+solver meets the other ranks at a few points of a pass, through the :class:`RankGroup`
+it holds; with one rank (:class:`OneRank`, the default) every one of them returns at
+once and the solver is the single-process one, bit for bit.
+
+What is combined, and when:
+
+* **DM** (a pass is one overlap projection over all positions): the object's numerator
+  and illumination, then the probe's numerator and object power, are summed over the
+  ranks before they are divided (:meth:`RankGroup.sum`). The result is the single-rank
+  pass up to the order of float32 sums.
+* **ePIE and LSQ-ML** (sequential mini-batch updates): each rank sweeps its own
+  positions batch by batch on its copy, as the single-rank solver does on all of them;
+  at the end of the pass (:meth:`RankGroup.merge`) the ranks' changes are combined, the
+  object's as the illumination-weighted mean of the ranks' changes (where one rank's
+  positions alone light a pixel, that rank's change; in the overlap of two regions, their
+  mean weighted by each one's ``sum |P|^2``), the probe's as the mean of the ranks'
+  changes weighted by their position counts. One reduction a pass, not one a batch.
+* **Errors**: each pass's squared error and the data's power are summed, so every rank
+  reports the error of the whole scan.
+* **Position refinement**: each rank estimates its positions' shifts; at the pass end the
+  measured, current and estimated positions of all ranks are gathered (small: six
+  numbers a position) and every rank applies the same global step (the zero-mean drift
+  and the global position model see every position, in acquisition order), then keeps
+  its own rows (:meth:`RankGroup.apply_shifts`).
+* **The probe's power**: fixed once from all ranks' frames (the first :meth:`iterate
+  <hxn_liveptycho.recon.iterative.StreamingSolver.iterate>` that has frames anywhere).
+
+The communicators: :class:`MpiRanks` (mpi4py, host buffers; the reference) and
+:class:`NcclRanks` (CuPy device buffers through ``cupy.cuda.nccl``, MPI for the small
+host exchanges and to hand out NCCL's id). Each packs the arrays of one call into one
+buffer, so a pass costs one reduction (DM: two) however many arrays it sums.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
+
+import numpy as np
+
+from hxn_liveptycho.recon import forward, pass_end
+from hxn_liveptycho.recon._batch import Batch
+from hxn_liveptycho.recon._modes import orthogonalize_modes
+from hxn_liveptycho.recon.backend import array_namespace, to_host
+
+if TYPE_CHECKING:
+    from hxn_liveptycho.recon.iterative import StreamingSolver
+
+__all__ = [
+    "MpiRanks",
+    "NcclRanks",
+    "OneRank",
+    "RankGroup",
+    "Ranks",
+    "add_share",
+    "assign_ranks",
+    "gather_positions",
+    "grid_shape",
+]
+
+
+@runtime_checkable
+class Ranks(Protocol):
+    """A communicator between the ranks that reconstruct one scan."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def sum(self, *arrays: Any) -> None:
+        """Sum each array (float32 or complex64, same shape on every rank) over the ranks,
+        in place; every rank gets the same sums."""
+
+    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Every rank's host array ``rows`` (small), in rank order, on every rank."""
+
+
+@dataclass
+class CommTime:
+    """What a communicator spent: seconds and bytes in its collectives, and calls."""
+
+    seconds: float = 0.0
+    bytes: int = 0
+    calls: int = 0
+
+
+class OneRank:
+    """The communicator of a single rank: nothing to combine."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self) -> None:
+        self.spent = CommTime()
+
+    def sum(self, *arrays: Any) -> None:
+        """Nothing to add: the arrays are the sums."""
+
+    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows]
+
+
+def _packed(arrays: tuple[Any, ...], xp: types.ModuleType) -> Any:
+    """The arrays (float32 or complex64) as one contiguous float32 buffer."""
+    parts = []
+    for a in arrays:
+        if a.dtype not in (xp.float32, xp.complex64):
+            raise TypeError(f"ranks sum float32 or complex64 arrays, not {a.dtype}")
+        parts.append(xp.ascontiguousarray(a).reshape(-1).view(xp.float32))
+    return parts[0].copy() if len(parts) == 1 else xp.concatenate(parts)
+
+
+def _unpack(buffer: Any, arrays: tuple[Any, ...]) -> None:
+    """Write the sums in ``buffer`` (as :func:`_packed` laid them out) back into the arrays."""
+    start = 0
+    for a in arrays:
+        width = a.size * (2 if a.dtype.kind == "c" else 1)
+        a[...] = buffer[start : start + width].view(a.dtype).reshape(a.shape)
+        start += width
+
+
+class MpiRanks:
+    """The ranks of an MPI communicator (mpi4py; default ``COMM_WORLD``). Device arrays
+    are summed through one host buffer a call; this is the reference communicator."""
+
+    def __init__(self, comm: Any | None = None) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.spent = CommTime()
+
+    @property
+    def rank(self) -> int:
+        return int(self.comm.Get_rank())
+
+    @property
+    def size(self) -> int:
+        return int(self.comm.Get_size())
+
+    def sum(self, *arrays: Any) -> None:
+        if not arrays:
+            return
+        xp = array_namespace(arrays[0])
+        began = time.perf_counter()
+        buffer = np.ascontiguousarray(to_host(_packed(arrays, xp)))
+        self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
+        _unpack(xp.asarray(buffer), arrays)
+        self._count(began, buffer.nbytes)
+
+    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
+        began = time.perf_counter()
+        parts = [np.asarray(p) for p in self.comm.allgather(np.asarray(rows))]
+        self._count(began, sum(p.nbytes for p in parts))
+        return parts
+
+    def _count(self, began: float, nbytes: int) -> None:
+        self.spent.seconds += time.perf_counter() - began
+        self.spent.bytes += nbytes
+        self.spent.calls += 1
+
+
+class NcclRanks(MpiRanks):
+    """The ranks of an MPI communicator with CuPy arrays summed on the devices by NCCL
+    (``cupy.cuda.nccl``); the small host exchanges, and handing out NCCL's id, go
+    through MPI. Each rank selects its device before it builds this."""
+
+    def __init__(self, comm: Any | None = None) -> None:
+        super().__init__(comm)
+        from cupy.cuda import nccl
+
+        self._nccl = nccl
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = self.comm.bcast(uid, root=0)
+        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    def sum(self, *arrays: Any) -> None:
+        if not arrays:
+            return
+        import cupy as cp
+
+        began = time.perf_counter()
+        buffer = _packed(arrays, cp)
+        stream = cp.cuda.get_current_stream()
+        nccl = self._nccl
+        self.nccl_comm.allReduce(
+            buffer.data.ptr,
+            buffer.data.ptr,
+            buffer.size,
+            nccl.NCCL_FLOAT32,
+            nccl.NCCL_SUM,
+            stream.ptr,
+        )
+        _unpack(buffer, arrays)
+        stream.synchronize()  # the time counted is the reduction's, not a queue's
+        self._count(began, buffer.nbytes)
+
+
+@dataclass
+class PassStart:
+    """The object and probe modes as the last merge left them (or the pass found them),
+    and the batches this rank has run since."""
+
+    objects: Any
+    probes: Any
+    batches: list[Batch] = field(default_factory=list)
+
+
+@dataclass
+class RankGroup:
+    """A solver's place among the ranks: the communicator, the global index of each of
+    its frames (acquisition order, for the position model), whether the probe's power is
+    the global one yet, and (ePIE, LSQ-ML) how often the ranks merge: at the end of each
+    pass (``merge_every`` 0), or every ``merge_every`` batches as well. Its methods are
+    the solver's meeting points; with one rank each returns at once."""
+
+    comm: Ranks = field(default_factory=OneRank)
+    merge_every: int = 0
+    indices: list[np.ndarray] = field(default_factory=list)
+    power_shared: bool = False
+    _start: PassStart | None = None
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    def sum(self, *arrays: Any) -> None:
+        """Sum the arrays over the ranks in place (DM's numerators and weights)."""
+        if self.comm.size > 1:
+            self.comm.sum(*arrays)
+
+    def begin(self, s: StreamingSolver) -> None:
+        """At the start of an ``iterate`` call: refuse when no rank has frames, and fix the
+        probe's power from all ranks' frames the first time any has some."""
+        if self.comm.size == 1 or self.power_shared:
+            return
+        xp, n = s._xp, s._n
+        local = np.array([float(to_host(s._amp_power)), s._n_active], dtype=np.float64)
+        power, count = np.sum(self.comm.gather_rows(local), axis=0)
+        if count == 0:
+            raise RuntimeError("iterate() called before any rank added a frame")
+        target = xp.asarray(np.float32(power / (count * n * n)))
+        s._probes *= xp.sqrt(target / xp.sum(s._probes.real**2 + s._probes.imag**2)).astype(
+            xp.complex64
+        )
+        if s._probes.shape[0] > 1 and s._probe_power is None:
+            s._probes, _ = orthogonalize_modes(s._probes, xp)
+        # Ranks that scaled from their own frames first hold a probe rounded a little
+        # differently: one mean makes them equal again.
+        self.comm.sum(s._probes)
+        s._probes /= np.float32(self.comm.size)
+        s._probe_power = target.astype(xp.float32)
+        self.power_shared = True
+
+    def pass_start(self, s: StreamingSolver) -> None:
+        """Before an ePIE / LSQ-ML pass: keep what the pass will change (several ranks)."""
+        if self.comm.size > 1:
+            self._start = PassStart(s._objects.copy(), s._probes.copy())
+
+    def batches(self, s: StreamingSolver, batches: list[Batch]) -> list[Batch | None]:
+        """This rank's batches of a pass; merging every few batches, padded with None to
+        the most any rank has, so that every rank meets the others as often."""
+        if self.comm.size == 1 or self.merge_every == 0:
+            return list(batches)
+        most = max(int(c[0]) for c in self.comm.gather_rows(np.array([len(batches)])))
+        return [*batches, *([None] * (most - len(batches)))]
+
+    def after_batch(
+        self, s: StreamingSolver, batch: Batch | None, index: int, update_probe: bool
+    ) -> None:
+        """After batch ``index`` of a pass (None: this rank had none left): merge every
+        ``merge_every`` batches."""
+        if self._start is None:
+            return
+        if batch is not None:
+            self._start.batches.append(batch)
+        if self.merge_every and (index + 1) % self.merge_every == 0:
+            self._merge(s, update_probe)
+            self._start = PassStart(s._objects.copy(), s._probes.copy())
+
+    def merge(self, s: StreamingSolver, update_probe: bool, batches: int) -> None:
+        """After an ePIE / LSQ-ML pass of ``batches`` batches (as :meth:`batches` listed
+        them): every rank's object and probe become the combination of all ranks'
+        changes since the last merge (module docstring)."""
+        if self._start is None:
+            return
+        if not (self.merge_every and batches % self.merge_every == 0):
+            self._merge(s, update_probe)
+        self._start = None
+
+    def _merge(self, s: StreamingSolver, update_probe: bool) -> None:
+        """One reduction: the object's illumination-weighted and the probe's
+        position-weighted mean change over the ranks."""
+        start = self._start
+        assert start is not None, "pass_start() keeps the state a merge starts from"
+        xp = s._xp
+        weight = xp.zeros(s._shape, dtype=xp.float32)
+        illumination = forward.probe_intensity(s)
+        for batch in start.batches:
+            forward.scatter(s, batch, illumination, weight, whole=True)
+        change = s._objects - start.objects
+        change *= weight
+        arrays = [change, weight]
+        if update_probe:
+            positions = sum(int(b.rows.shape[0]) for b in start.batches)
+            count = xp.full((1,), float(positions), dtype=xp.float32)
+            probe_change = s._probes - start.probes
+            probe_change *= count[0]
+            arrays += [probe_change, count]
+        self.comm.sum(*arrays)
+        change /= xp.maximum(weight, np.float32(1e-30))
+        change += start.objects
+        s._objects[...] = change
+        if update_probe:
+            probe_change /= xp.maximum(count[0], np.float32(1.0))
+            probe_change += start.probes
+            s._probes[...] = probe_change
+
+    def error_sums(self, s: StreamingSolver, errors: Any) -> tuple[Any, Any]:
+        """``(errors, data power)`` over all ranks: the passes' squared errors and the
+        frames' ``sum A^2`` (on one rank, the solver's own arrays)."""
+        if self.comm.size == 1:
+            return errors, s._amp_power
+        xp = s._xp
+        errors = xp.array(errors, dtype=xp.float32)
+        power = xp.array(s._amp_power, dtype=xp.float32).reshape(1)
+        self.comm.sum(errors, power)
+        return errors, power[0]
+
+    def apply_shifts(self, s: StreamingSolver) -> None:
+        """Apply the pass's position shifts of all ranks at once, as one rank holding every
+        position would (:func:`~hxn_liveptycho.recon.pass_end.apply_shifts`); keep this
+        rank's rows."""
+        if self.comm.size == 1:
+            pass_end.apply_shifts(s)
+            return
+        m = s._n_active
+        mine = np.concatenate(
+            [
+                np.asarray(to_host(a[:m]), dtype=np.float64).reshape(m, 2)
+                for a in (s._meas, s._pos, s._shift)
+            ]
+            + [self._global_indices(m)[:, None].astype(np.float64)],
+            axis=1,
+        )
+        parts = self.comm.gather_rows(mine)
+        rows = np.concatenate(parts)
+        order = np.argsort(rows[:, 6], kind="stable")
+        rows = rows[order]
+        everyone = types.SimpleNamespace(
+            _xp=np,
+            params=s.params,
+            _n_active=len(rows),
+            _shape=s._shape,
+            _n=s._n,
+            _meas=rows[:, 0:2].copy(),
+            _pos=rows[:, 2:4].copy(),
+            _shift=rows[:, 4:6].copy(),
+            _pos_host=None,
+        )
+        pass_end.apply_shifts(cast("StreamingSolver", everyone))
+        moved = np.empty((len(rows), 2))
+        moved[order] = everyone._pos
+        offset = sum(len(p) for p in parts[: self.comm.rank])
+        new = moved[offset : offset + m]
+        s._pos[:m] = s._xp.asarray(new)
+        s._pos_host = new.copy()
+        s._shift[:m] = 0
+
+    def _global_indices(self, m: int) -> np.ndarray:
+        """The global (acquisition) index of each of this rank's ``m`` frames, as
+        :func:`add_share` recorded them; without a record, this rank's order after the
+        lower ranks'. Collective on every path (the counts are gathered either way)."""
+        counts = [int(c[0]) for c in self.comm.gather_rows(np.array([m]))]
+        if self.indices:
+            recorded = np.concatenate(self.indices)
+            if len(recorded) == m:
+                return recorded
+        first = sum(counts[: self.comm.rank])
+        return np.arange(first, first + m)
+
+
+# ---------------------------------------------------------------------- the shares
+
+
+def grid_shape(size: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the most nearly square grid of ``size`` regions (rows >=
+    columns): 2 -> (2, 1), 4 -> (2, 2), 6 -> (3, 2)."""
+    if size < 1:
+        raise ValueError(f"a scan needs at least one rank, got {size}")
+    columns = max(c for c in range(1, math.isqrt(size) + 1) if size % c == 0)
+    return size // columns, columns
+
+
+def assign_ranks(
+    positions: np.ndarray, size: int, *, extent: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """The rank (int, (N,)) of each position (N, 2): compact regions, a grid of
+    :func:`grid_shape` blocks, the longer side of the scan cut into the more of them.
+
+    With ``extent`` ``(low, high)`` (y, x), the scan's bounding box known before its frames
+    (a live scan), the blocks are equal cuts of it, so a frame's rank follows from its own
+    position whenever it arrives. Without, the cuts are the positions' quantiles (equal
+    counts: the positions are all known)."""
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    rows, columns = grid_shape(size)
+    span = np.ptp(pos, axis=0) if extent is None else np.asarray(extent[1]) - np.asarray(extent[0])
+    long_axis = int(np.argmax(span)) if len(pos) or extent is not None else 0
+    short_axis = 1 - long_axis
+    labels = np.zeros(len(pos), dtype=np.int64)
+    if extent is None:
+        band = _cuts_by_count(pos[:, long_axis], rows)
+    else:
+        band = _cuts_by_width(pos[:, long_axis], rows, extent[0][long_axis], extent[1][long_axis])
+    for b in range(rows):
+        inside = band == b
+        if extent is None:
+            cell = _cuts_by_count(pos[inside, short_axis], columns)
+        else:
+            lo, hi = extent[0][short_axis], extent[1][short_axis]
+            cell = _cuts_by_width(pos[inside, short_axis], columns, lo, hi)
+        labels[inside] = b * columns + cell
+    return labels
+
+
+def _cuts_by_count(values: np.ndarray, parts: int) -> np.ndarray:
+    """Part (0 .. parts-1) of each value: equal counts in order of value."""
+    order = np.argsort(values, kind="stable")
+    part = np.empty(len(values), dtype=np.int64)
+    part[order] = (np.arange(len(values)) * parts) // max(len(values), 1)
+    return part
+
+
+def _cuts_by_width(values: np.ndarray, parts: int, low: float, high: float) -> np.ndarray:
+    """Part of each value: equal widths of ``[low, high]`` (values outside: the end parts)."""
+    width = max(float(high) - float(low), 1e-12)
+    return np.clip(((values - low) * parts / width).astype(np.int64), 0, parts - 1)
+
+
+def add_share(
+    s: StreamingSolver,
+    amplitudes: Any,
+    positions_px: np.ndarray,
+    indices: np.ndarray,
+    labels: np.ndarray,
+) -> int:
+    """Add this rank's frames of an arriving chunk (``labels`` from :func:`assign_ranks`;
+    ``indices``: the frames' global indices in acquisition order) to its solver; returns
+    how many it took. Every rank calls it for every chunk (it is not collective, but the
+    ``iterate`` that follows is)."""
+    group = s._ranks
+    take = np.flatnonzero(np.asarray(labels) == group.comm.rank)
+    if len(take) == 0:
+        return 0
+    s.add(amplitudes[take], np.asarray(positions_px)[take])
+    group.indices.append(np.asarray(indices)[take].astype(np.int64))
+    return len(take)
+
+
+def gather_positions(s: StreamingSolver) -> np.ndarray:
+    """All ranks' current positions (N, 2) in global index order, on every rank
+    (collective; with one rank, :attr:`~StreamingSolver.positions_px`)."""
+    group = s._ranks
+    if group.size == 1:
+        return s.positions_px
+    m = s._n_active
+    mine = np.concatenate(
+        [s.positions_px, group._global_indices(m)[:, None].astype(np.float64)], axis=1
+    )
+    rows = np.concatenate(group.comm.gather_rows(mine))
+    return rows[np.argsort(rows[:, 2], kind="stable"), :2]
