@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scans import SMALL, make_live, processed
+from scans import make_live, processed
 
 from hxn_liveptycho.pipeline.series import series_of
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -26,12 +26,14 @@ from hxn_liveptycho.store.series import StackRow, TiledSeriesStore, fit_to, stac
 #: the passes the previous projection ran before its probe seeds the next.
 TARGET_ERROR = 0.01
 PREVIOUS_PASSES = 60
+#: A small scan for the series through the live path: 6 x 6 positions, 64-pixel window.
+TINY = SimulatedBeamline.for_window(64, step_px=5.0, x_num=6, y_num=6, photons_per_frame=2e5)
 #: The simulated projections' angles, in the order they are measured (not sorted, so the
 #: stack must put the second before the first).
 ANGLES = (30.0, -20.0, 10.0)
 
 
-def projection(angle_deg: float, beamline: SimulatedBeamline = SMALL) -> SimulatedSample:
+def projection(angle_deg: float, beamline: SimulatedBeamline = TINY) -> SimulatedSample:
     """The simulated sample seen at ``angle_deg``: the phantom moved across the beam by
     a few pixels per 10°, a cheap stand-in for a rotation (the sinogram's rows differ)."""
     sample = SimulatedSample(beamline)
@@ -64,6 +66,7 @@ def test_a_series_key_names_the_series_and_nothing_else_does():
     assert series_of({"tomo_series": "abc"}, "") is None  # series off
 
 
+@pytest.mark.slow  # three scans through the live path, one after the other
 def test_three_projections_stack_by_angle_in_the_series_container(
     RE, hxn_detectors, tmp_path, tiled_server
 ):
@@ -81,7 +84,7 @@ def test_three_projections_stack_by_angle_in_the_series_container(
         tmp_path,
         tiled_uri=tiled_server.uri,
         # The simulated stage moves in the sample's own frame: no foreshortening of x.
-        overrides={"recon": {"iterations": 10}, "angle_correction": False},
+        overrides={"recon": {"iterations": 10}, "roi": {"size": 64}, "angle_correction": False},
     )
     uids: list[str] = []
     try:
