@@ -3,7 +3,10 @@
 The PandA sends ``upsample`` encoder samples per detector frame; frame *i*'s
 position is the mean of samples ``[i*N, (i+1)*N)``. A frame waits until its
 position exists and the reverse; nothing is invented, and what never pairs is
-reported at the end.
+reported at the end. Nothing here knows the scan's shape: frame *i* pairs with
+position *i* whatever path the stage took (a raster, a snake, a spiral, a path
+only the encoders know); the scan's point count only tells when a whole scan's
+samples are in.
 
 N decides where every frame lands: one wrong by a single sample drifts the
 positions by a frame per N frames, up to the whole scan width (HXN: a factor of
