@@ -263,6 +263,24 @@ def test_malformed_extents_are_refused_naming_them() -> None:
         make_run(encoder_only_md(extents=[[0.0, 1.0]]), baseline=BASELINE).config()
 
 
+def test_a_grid_with_neither_a_raster_shape_nor_a_count_is_refused() -> None:
+    """The model says what a scan needs: x_num and y_num, or points; and points that all
+    coincide (a zero extent) are refused, as a raster's zero step is."""
+    from pydantic import ValidationError
+
+    from hxn_liveptycho.config.scan_model import ScanGrid
+
+    extents = {"x_start_um": 0.0, "x_end_um": 1.0, "y_start_um": 0.0, "y_end_um": 1.0}
+    with pytest.raises(ValidationError, match="needs x_num and y_num"):
+        ScanGrid(kind="positions", **extents)
+    with pytest.raises(ValidationError, match="every position coincides"):
+        ScanGrid(kind="positions", points=5, **{**extents, "x_end_um": 0.0, "y_end_um": 0.0})
+    raster = ScanGrid(kind="mesh", x_num=4, y_num=2, **extents)
+    assert raster.is_raster and raster.num_points == 8
+    assert raster.scan_step_um == pytest.approx(0.5)
+    assert raster.describe() == "4 x 2 raster (mesh)"
+
+
 # --- the canvas ------------------------------------------------------------------------------
 
 
@@ -319,6 +337,15 @@ def test_simulated_spiral_visits_the_plans_points_in_order() -> None:
     y_ratio = -SPIRAL_BEAMLINE.z_scale_factor / 1e4
     assert float(np.mean(x)) * x_ratio * -1 == pytest.approx(sample.positions_um[5, 1], abs=0.005)
     assert float(np.mean(y)) * y_ratio * -1 == pytest.approx(sample.positions_um[5, 0], abs=0.005)
+
+
+def test_the_spiral_plan_refuses_a_raster_sample() -> None:
+    """fermat_fly needs a SpiralSample: a raster's sample is named, not flown as a spiral."""
+    from hxn_liveptycho.sim import SimulatedSample
+
+    flyer = SimHXNFlyer(None, None, SimulatedSample(SimulatedBeamline(x_num=4, y_num=4)))
+    with pytest.raises(TypeError, match="SpiralSample, not a SimulatedSample"):
+        next(fermat_fly(flyer))
 
 
 def fly_spiral(RE: Any, eiger: Any, panda: Any, sample: SpiralSample, **plan_kw: Any) -> Any:
