@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import os
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from scans import make_live, processed
+from test_live_page import DevTools
+from test_live_page import _chromium as chromium_path
 
 from hxn_liveptycho.pipeline.series import series_of
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
@@ -203,3 +209,90 @@ def test_the_previous_probe_reaches_the_same_error_in_fewer_passes():
     seeded, unseeded = passes_to_target(seed), passes_to_target(guess(second))
     assert unseeded <= 60, "the unseeded run never reached the stated error"
     assert seeded <= 0.6 * unseeded, (seeded, unseeded)
+
+
+@pytest.fixture
+def page_browser(tmp_path: Path) -> Any:
+    """A real headless Chromium, as the live-page test drives it."""
+    tools = DevTools(chromium_path(), tmp_path / "chromium-profile")
+    yield tools
+    tools.close()
+
+
+#: What the live page shows of the newest series: the sinogram's size in image pixels (a
+#: line per stacked projection), the progress line and the projections' table.
+_SERIES_STATE = """(() => {
+  const img = document.getElementById('sinogram');
+  const rows = [...document.querySelectorAll('#projections tbody tr')]
+    .map((tr) => [...tr.children].map((td) => td.textContent));
+  return {hidden: document.getElementById('series').hidden,
+          height: img.complete ? img.naturalHeight : 0, width: img.naturalWidth,
+          progress: document.getElementById('series-progress').textContent, rows};
+})()"""
+
+
+@pytest.mark.slow  # three scans through a serve process, the page watched after each
+def test_live_page_shows_the_series_stack_growing(
+    page_browser, tmp_path, tiled_server, hxn_detectors, RE
+):
+    """The live page's series section shows a sinogram (one row of the phase stack, a
+    line per projection in angle order) that grows as each projection ends, and the
+    projections by angle with their status and the probe each started from."""
+    import zmq
+    from bluesky.callbacks.zmq import Publisher
+    from serve_helpers import ServeProcess
+    from waiting import wait_for
+
+    eiger, panda = hxn_detectors
+    series_id = f"page-{uuid.uuid4().hex[:8]}"
+    serve = ServeProcess(tmp_path, tiled_server.uri, eiger, panda, iterations=5)
+    publisher = Publisher(serve.proxy_in)
+    try:
+        serve.wait_ready(eiger, panda)
+        serve.connect(publisher)
+        RE.subscribe(publisher)
+        page_browser.call("Page.navigate", url=serve.url)
+        uids: list[str] = []
+        seen: list[dict[str, Any]] = []
+        for count, angle in enumerate(ANGLES, start=1):
+            sample = projection(angle)
+            uids.append(fly_projection(RE, eiger, panda, sample, angle, {"tomo_series": series_id}))
+            serve.wait_finished(uids[-1])
+
+            def stack_shown(count: int = count) -> bool:
+                seen.append(page_browser.evaluate(_SERIES_STATE))
+                state = seen[-1]
+                return (
+                    not state["hidden"]
+                    and state["height"] == count
+                    and state["progress"].startswith(f"{count} of {count} projections stacked")
+                    and len(state["rows"]) == count
+                    and all(row[3] == "complete" for row in state["rows"])
+                )
+
+            wait_for(stack_shown, timeout=30, interval=0.2, what=lambda: f"page {seen[-1]}")
+        state = seen[-1]
+        assert [float(row[0]) for row in state["rows"]] == sorted(ANGLES)
+        by_angle = [uid[:8] for _, uid in sorted(zip(ANGLES, uids, strict=True))]
+        assert [row[2] for row in state["rows"]] == by_angle
+        # The first projection started from the guess, the next from the one before.
+        seeds = {row[2]: row[4] for row in state["rows"]}
+        assert seeds[uids[0][:8]] == "guess"
+        assert seeds[uids[1][:8]] == uids[0][:8] and seeds[uids[2][:8]] == uids[1][:8]
+        assert state["width"] > 16
+        # The API serves the same series, and another row of the stack on request.
+        listed = serve.http.get("/api/series").json()
+        assert listed[0]["series_id"] == series_id and listed[0]["stacked"] == 3
+        top = serve.http.get(f"/api/series/{series_id}/sinogram.png", params={"row": 0.3})
+        assert top.status_code == 200 and top.content.startswith(b"\x89PNG")
+        assert serve.http.get("/api/series/nothing/sinogram.png").status_code == 404
+
+        page_browser.evaluate("document.getElementById('series').scrollIntoView()")
+        shot = page_browser.call("Page.captureScreenshot", format="png")["data"]
+        kept = Path(os.environ.get("LIVEPTYCHO_TEST_ARTIFACTS", tempfile.gettempdir()))
+        kept.mkdir(parents=True, exist_ok=True)
+        (kept / "liveptycho-series-page.png").write_bytes(base64.b64decode(shot))
+    finally:
+        publisher._socket.setsockopt(zmq.LINGER, 0)  # see tests/test_serve.py
+        publisher.close()
+        serve.close()

@@ -240,6 +240,22 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
             raise HTTPException(404, f"no {KINDS[kind][1]} for this run yet")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
+    @app.get("/api/series", dependencies=auth)
+    def series() -> list[dict[str, Any]]:
+        """The series (ptycho-tomography) in memory, newest first: projections by angle."""
+        return json_safe(list(reversed(service.live.engine.series.status())))
+
+    @app.get("/api/series/{series_id}/sinogram.png", dependencies=auth)
+    def sinogram(series_id: str, row: float | None = None) -> Response:
+        """One row of the series' phase stack, a projection per line in angle order;
+        ``row`` is a fraction of the height (0 top, 1 bottom; default the middle)."""
+        found = service.live.engine.series.sinogram(series_id, row)
+        if found is None:
+            raise HTTPException(404, f"no projection of series {series_id!r} is stacked yet")
+        image, _, _ = found
+        png = render_png("phase", image)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
     @app.get("/api/events", dependencies=auth)
     async def events() -> StreamingResponse:
         """Server-sent events: the current run and the recent runs, every half second."""
@@ -271,9 +287,11 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
 def _live_state(service: ServeService) -> str:
     runs = [_run_view(service, run) for run in reversed(service.status()["runs"])]
     current = service.current_session()
+    series = service.live.engine.series.status()
     state = {
         "current": None if current is None else current.uid,
         "runs": runs[:20],
+        "series": series[-1] if series else None,
         "closing": service.closing.is_set(),
     }
     return json.dumps(state, default=str)

@@ -103,9 +103,65 @@ function showRuns(runs) {
   );
 }
 
+// The newest series (ptycho-tomography): its projections by angle and the sinogram of one
+// row of its phase stack, which grows by a line as each projection ends.
+let sinogramShown = "";
+
+function seriesVersion(series) {
+  return `${series.series_id}/${series.stacked}/${document.getElementById("sinogram-row").value}`;
+}
+
+function showSinogram(series) {
+  const wanted = seriesVersion(series);
+  if (!series.stacked || sinogramShown === wanted) return;
+  const row = document.getElementById("sinogram-row").value;
+  const next = new Image();
+  next.onload = () => {
+    const img = document.getElementById("sinogram");
+    img.src = next.src;
+    img.dataset.version = wanted;
+    sinogramShown = wanted;
+  };
+  const id = encodeURIComponent(series.series_id);
+  next.src = withToken(`api/series/${id}/sinogram.png?row=${row}&v=${series.stacked}`);
+}
+
+function showSeries(series) {
+  const section = document.getElementById("series");
+  section.hidden = !series;
+  if (!series) return;
+  const angles = series.projections.map((p) => p.angle_deg).filter((a) => a != null);
+  const range = angles.length ? `, ${Math.min(...angles)}° to ${Math.max(...angles)}°` : "";
+  text("series-title", `Series ${series.series_id}`);
+  text("series-progress", `${series.stacked} of ${series.projections.length} projections stacked${range}`);
+  const body = document.querySelector("#projections tbody");
+  body.replaceChildren(
+    ...series.projections.map((p) => {
+      const row = document.createElement("tr");
+      const seed = p.probe_seed_from ? p.probe_seed_from.slice(0, 8) : "guess";
+      for (const value of [p.angle_deg, p.scan_id, p.raw_uid.slice(0, 8), p.status, seed]) {
+        const cell = document.createElement("td");
+        cell.textContent = value ?? "";
+        row.append(cell);
+      }
+      row.classList.add(p.status);
+      return row;
+    }),
+  );
+  showSinogram(series);
+}
+
+let lastSeries = null;
+document.getElementById("sinogram-row").addEventListener("input", (event) => {
+  text("sinogram-row-value", `${Math.round(100 * event.target.value)} %`);
+  if (lastSeries) showSinogram(lastSeries);
+});
+
 function update(state) {
   const run = state.runs.find((r) => r.uid === state.current);
   showRuns(state.runs);
+  lastSeries = state.series;
+  showSeries(state.series);
   if (!run) return;
   text("run-title", `Scan ${run.scan_id} (${run.uid.slice(0, 8)})`);
   text("run-progress", describe(run));
