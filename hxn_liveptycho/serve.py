@@ -102,7 +102,12 @@ def resume_runs(service: ServeService) -> list[Checkpoint]:
     checkpoints = service.live.engine.resume_checkpoints()
     if not checkpoints:
         return []
-    service.adopt_runs([checkpoint.uid for checkpoint in checkpoints])
+    service.adopt_runs(
+        {
+            checkpoint.uid: [d["uid"] for name, d in checkpoint.documents if name == "descriptor"]
+            for checkpoint in checkpoints
+        }
+    )
     logger.info("resuming %d run(s) from their checkpoints", len(checkpoints))
     tiled = service.live.tiled
     if tiled is not None and any(checkpoint.container_path for checkpoint in checkpoints):

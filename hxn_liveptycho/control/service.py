@@ -53,12 +53,14 @@ class ServeService:
     def start(self) -> None:
         self.source.start(self.deliver)
 
-    def adopt_runs(self, uids: list[str]) -> None:
+    def adopt_runs(self, runs: Mapping[str, list[str]]) -> None:
         """Runs whose ``start`` came before this process did, taken up from their
-        checkpoints: their further documents are theirs, not an unknown run's (call it
-        before :meth:`start`)."""
-        for uid in uids:
+        checkpoints (run uid: its descriptors' uids): their further documents are theirs,
+        not an unknown run's (call it before :meth:`start`)."""
+        for uid, descriptors in runs.items():
             _remember(self._runs_seen, uid, None)
+            for descriptor in descriptors:
+                _remember(self._descriptor_runs, descriptor, uid)
 
     # ---- documents (the source's thread) -----------------------------------------------
     def deliver(self, name: str, doc: dict[str, Any]) -> None:
