@@ -16,6 +16,7 @@ import sys
 
 from hxn_liveptycho import __version__
 from hxn_liveptycho.cli.demo_command import add_demo_command
+from hxn_liveptycho.cli.export_command import add_export_command
 from hxn_liveptycho.cli.help_format import HelpFormatter, one_line_errors
 from hxn_liveptycho.cli.info_commands import add_info_commands
 from hxn_liveptycho.cli.reconstruct_command import add_reconstruct_command
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(sub)
     add_replay_command(sub)
     add_reconstruct_command(sub)
+    add_export_command(sub)
     for command in (parser, *sub.choices.values(), *models_sub.choices.values()):
         one_line_errors(command)
     return parser

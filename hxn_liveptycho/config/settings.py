@@ -185,6 +185,12 @@ class Settings(BaseSettings):
         "when Tiled refuses it, before the result goes to the local backup; uploaded from "
         "there when Tiled answers again.",
     )
+    cxi_export_dir: Path | None = Field(
+        default=None,
+        description="When set, each run's final result is also written here as a CXI "
+        "(NXcxi_ptycho) file, <container key>.cxi (see docs/cxi-export.md); a file that "
+        "cannot be written is a warning and a counter, never a lost result.",
+    )
     max_frames_in_flight: int = Field(
         default=4096, ge=16, description="Frames received but not yet taken by a session."
     )

@@ -24,6 +24,7 @@ from hxn_liveptycho.pipeline.result_sink import SinkFactory
 from hxn_liveptycho.pipeline.run_status import RunStatus
 from hxn_liveptycho.pipeline.session_report import SessionReport
 from hxn_liveptycho.store.container import quality_metadata
+from hxn_liveptycho.store.cxi_export import export_final
 
 
 class SessionResults(SessionReport):
@@ -104,7 +105,9 @@ class SessionResults(SessionReport):
                 self.log.warning("unpaired at the end: %s", unpaired)
             # The final state's convergence flag with the run's metadata, as each live
             # write put the latest one there.
-            self._sink.final(snapshot, {**self._metadata(status), **quality_metadata(snapshot)})
+            final_metadata = {**self._metadata(status), **quality_metadata(snapshot)}
+            self._sink.final(snapshot, final_metadata)
+            self._export_cxi(snapshot, final_metadata)
         except Exception as exc:
             self.log.exception("final write failed")
             self._fail_write(f"final write failed: {type(exc).__name__}: {exc}")
@@ -138,6 +141,22 @@ class SessionResults(SessionReport):
             self.iteration,
             self.last_error,
         )
+
+    def _export_cxi(self, snapshot: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+        """With ``cxi_export_dir`` set, the result also goes to a CXI file there (while the
+        sink writes it to Tiled); a file that cannot be written is a warning and the counter
+        ``cxi_export_failed``, and changes nothing else of the run."""
+        directory = self.settings.cxi_export_dir
+        if directory is None or snapshot.get("object") is None:
+            return
+        try:
+            path = export_final(snapshot, metadata, directory, key=getattr(self._sink, "key", None))
+        except Exception as exc:
+            self.counters.add("cxi_export_failed")
+            self.log.warning("the result's CXI file was not written in %s: %s", directory, exc)
+            return
+        self.counters.add("cxi_exported")
+        self.log.info("result also written to %s", path)
 
     def stored_later(self) -> None:
         """The result a failed write left in memory reached Tiled (retry-upload, or Tiled
