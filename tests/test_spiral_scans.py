@@ -184,6 +184,29 @@ def test_a_spiral_read_from_bluesky_pattern_args_alone() -> None:
     assert -2.5 <= grid.y_start_um < grid.y_end_um <= -1.5
 
 
+def test_a_spiral_without_dr_or_factor_uses_its_ranges_and_recorded_count() -> None:
+    """A record with x_range and y_range but no factor (nor dr) cannot place the points, but
+    its num_points and ranges are enough: the canvas spans the ranges, the positions come
+    from the encoders. Without num_points it is refused naming the factor."""
+    md = hxn_start_md(
+        plan_name="fermat",
+        plan_args={"x_range": 2.0, "y_range": 1.0, "dr": 0.05},
+        scan=HXN_SCAN,
+        num_points=321,
+    )
+    grid = make_run(md, baseline=BASELINE).config().grid
+    assert grid.kind == "fermat" and grid.num_points == 321
+    assert (grid.x_start_um, grid.x_end_um, grid.y_start_um, grid.y_end_um) == (
+        -1.0,
+        1.0,
+        -0.5,
+        0.5,
+    )
+    del md["num_points"]
+    with pytest.raises(NotPtychographyError, match=r"plan_args\.factor of the Fermat spiral"):
+        make_run(md, baseline=BASELINE).config()
+
+
 @pytest.mark.parametrize(
     ("plan_args", "needle"),
     [

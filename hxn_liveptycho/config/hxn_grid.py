@@ -202,13 +202,16 @@ def _spiral(
     start: Mapping[str, Any], plan_args: Mapping[str, Any], problems: Problems
 ) -> dict[str, Any] | None:
     """A Fermat spiral: its points from the plan's arguments (``plan_args``, else bluesky's
-    ``plan_pattern_args``), the extents they span and their count."""
+    ``plan_pattern_args``), the extents they span and their count; without ``dr`` or
+    ``factor`` but with a recorded ``num_points``, its ranges and that count."""
     pattern = start.get("plan_pattern_args")
     args: dict[str, Any] = dict(pattern) if isinstance(pattern, Mapping) else {}
     args.update(plan_args)
     absent = [f"plan_args.{k}" for k in _SPIRAL_REQUIRED if args.get(k) is None]
+    plan = start.get("plan_name") or start.get("plan_pattern")
+    if absent and _ranges_and_count_suffice(start, absent):
+        return _spiral_from_ranges(start, args, problems, f"{', '.join(absent)} absent")
     if absent:
-        plan = start.get("plan_name") or start.get("plan_pattern")
         problems.missing.append(f"{', '.join(absent)} of the Fermat spiral ({plan})")
         return None
     found = Problems()
@@ -250,6 +253,50 @@ def _spiral(
         "y_start_um": float(y_lo),
         "y_end_um": float(y_hi),
         "points": _documented_count(start, len(points), "Fermat spiral"),
+    }
+
+
+def _ranges_and_count_suffice(start: Mapping[str, Any], absent: list[str]) -> bool:
+    """Whether a spiral that cannot be placed point by point (no ``dr`` or ``factor``, as
+    some of HXN's records) can still be reconstructed: its ranges bound the points and the
+    start document recorded how many there are."""
+    ranges = ("plan_args.x_range", "plan_args.y_range")
+    return not any(r in absent for r in ranges) and start.get("num_points") is not None
+
+
+def _spiral_from_ranges(
+    start: Mapping[str, Any], args: Mapping[str, Any], problems: Problems, why: str
+) -> dict[str, Any] | None:
+    """A spiral's rectangle (its centre ± half its ranges) and the recorded ``num_points``:
+    enough for the canvas and the run's completeness; the positions come from the encoders."""
+    found = Problems()
+    values = [
+        read_number(args.get(key) or 0.0, f"plan_args.{key}", found)
+        for key in ("x_start", "y_start", "x_range", "y_range")
+    ]
+    count = _count(start["num_points"], "num_points", found)
+    if found.invalid or count is None:
+        problems.invalid.extend(found.invalid)
+        return None
+    centre_x, centre_y, x_range, y_range = (v or 0.0 for v in values)
+    if x_range <= 0 or y_range <= 0:
+        problems.invalid.append(
+            f"plan_args x_range = {x_range}, y_range = {y_range}: a spiral needs positive ranges"
+        )
+        return None
+    logger.info(
+        "Fermat spiral (%s): %s; canvas from its ranges, %d points from num_points",
+        start.get("plan_name"),
+        why,
+        count,
+    )
+    return {
+        "kind": "fermat",
+        "x_start_um": centre_x - x_range / 2.0,
+        "x_end_um": centre_x + x_range / 2.0,
+        "y_start_um": centre_y - y_range / 2.0,
+        "y_end_um": centre_y + y_range / 2.0,
+        "points": count,
     }
 
 
