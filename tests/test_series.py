@@ -296,3 +296,53 @@ def test_live_page_shows_the_series_stack_growing(
         publisher._socket.setsockopt(zmq.LINGER, 0)  # see tests/test_serve.py
         publisher.close()
         serve.close()
+
+
+def _as_projection(run: Any, angle_deg: float) -> Any:
+    """The archived run as another projection: its own uid, and its angle in the start
+    document under ``tomo_angle`` (a plan that records its angle there)."""
+    uid = str(uuid.uuid4())
+    documents = []
+    for name, doc in run.documents:
+        if name == "start":
+            doc = {**doc, "uid": uid, "tomo_angle": angle_deg}
+        elif "run_start" in doc:
+            doc = {**doc, "run_start": uid}
+        documents.append((name, doc))
+    run.documents = documents
+    return run
+
+
+@pytest.mark.slow  # three archived runs replayed and reconstructed one after the other
+def test_archived_runs_replay_as_one_series(tmp_path, tiled_server):
+    """Three archived runs replayed in order become one series: stamped with the series
+    id (recorded without one), angles from the start documents' ``tomo_angle``
+    (settings.series_angle_key), stacked by angle, each seeded from the one before."""
+    from tiled.client import from_uri
+
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.replay import load_archive, replay_series
+
+    archive = Path(__file__).resolve().parents[1] / "archives" / "clean-12x12"
+    runs = [_as_projection(load_archive(archive), angle) for angle in ANGLES]
+    settings = Settings(
+        tiled_uri=tiled_server.uri,
+        data_dir=tmp_path / "replayed",
+        catalog_path="processed/replayed-series",
+        live_interval_s=0.5,
+        series_angle_key="tomo_angle",
+        overrides={"recon": {"iterations": 5}},
+    )
+    series_id = f"replay-{uuid.uuid4().hex[:8]}"
+    report = replay_series(runs, series_id=series_id, settings=settings, pace="fast")
+    uids = [r.uid for r in report.runs]
+    assert report.result == {"status": "complete", "statuses": ["complete"] * 3}
+    assert report.series is not None and report.series["stacked"] == 3
+    by_angle = [uid for _, uid in sorted(zip(ANGLES, uids, strict=True))]
+    assert [p["raw_uid"] for p in report.series["projections"]] == by_angle
+    seeds = {p["raw_uid"]: p["probe_seed_from"] for p in report.series["projections"]}
+    assert [seeds[uid] for uid in uids] == [None, uids[0], uids[1]]
+    node = from_uri(tiled_server.uri)["processed"]["replayed-series"]["series"][series_id]
+    np.testing.assert_allclose(node["angles"].read(), sorted(ANGLES))
+    assert node["phase"].shape[0] == 3
+    assert "series " + series_id in report.summary()

@@ -9,6 +9,7 @@ from typing import Any
 
 from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.replay.runner import ReplayOptions, ReplayReport, replay_run
+from hxn_liveptycho.replay.series import SeriesReplayReport, replay_series
 from hxn_liveptycho.streams import ENCODINGS
 
 #: How long a fresh 0MQ Publisher is given to connect before the first document.
@@ -21,6 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         help="archive folder (e.g. archives/clean-12x12), run uid, or scan_id (newest wins)",
+    )
+    parser.add_argument(
+        "more",
+        nargs="*",
+        metavar="SOURCE",
+        help="further runs, replayed after the first in this order as one series "
+        "(ptycho-tomography): each is reconstructed before the next is sent",
+    )
+    parser.add_argument(
+        "--series",
+        metavar="ID",
+        help="the series id the runs are replayed in (default: the one they were recorded "
+        "in; runs recorded without one join it)",
     )
     parser.add_argument("--tiled-uri", help="Tiled to read the run from (default: settings)")
     parser.add_argument(
@@ -70,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and say what would go")
 
 
-def run(args: argparse.Namespace) -> ReplayReport:
+def run(args: argparse.Namespace) -> ReplayReport | SeriesReplayReport:
     """Replay as the arguments say; the report is the caller's to print."""
     fields: dict[str, Any] = {}
     if args.tiled_uri:
@@ -93,6 +107,9 @@ def run(args: argparse.Namespace) -> ReplayReport:
         documents=args.documents,
         subscriber_timeout_s=args.wait_subscribers,
     )
+    sources = [args.source, *(args.more or [])]
+    if len(sources) > 1 or args.series:
+        return _run_series(args, sources, settings, options)
     if args.publish and not args.dry_run:
         from bluesky.callbacks.zmq import Publisher
 
@@ -106,3 +123,27 @@ def run(args: argparse.Namespace) -> ReplayReport:
         finally:
             publisher.close()
     return replay_run(args.source, settings=settings, options=options, dry_run=args.dry_run)
+
+
+def _run_series(
+    args: argparse.Namespace, sources: list[str], settings: Settings, options: ReplayOptions
+) -> SeriesReplayReport:
+    """Several runs in order, as one series, into the same target."""
+    if args.publish and not args.dry_run:
+        from bluesky.callbacks.zmq import Publisher
+
+        publisher = Publisher(args.publish, prefix=args.prefix.encode())
+        time.sleep(PUBLISHER_JOIN_S)  # see run(): a fresh PUB socket drops what it sends first
+        try:
+            return replay_series(
+                sources,
+                series_id=args.series,
+                callback=publisher,
+                settings=settings,
+                options=options,
+            )
+        finally:
+            publisher.close()
+    return replay_series(
+        sources, series_id=args.series, settings=settings, options=options, dry_run=args.dry_run
+    )

@@ -212,7 +212,7 @@ def _send(
     live = None
     try:
         if callback is None:
-            live = _in_process_target(publishers, settings)
+            live = in_process_target(publishers, settings)
             callback = live
         if opts.socket_type == "pub" and not publishers.wait_for_subscribers(
             opts.subscriber_timeout_s
@@ -261,7 +261,8 @@ def _send(
             publishers.close()
 
 
-def _in_process_target(publishers: StreamPublishers, settings: Settings | None) -> Any:
+def in_process_target(publishers: StreamPublishers, settings: Settings | None) -> Any:
+    """A LivePtycho from ``settings`` whose receivers listen to ``publishers``' sockets."""
     from hxn_liveptycho.callback import LivePtycho
 
     base = settings or Settings()
