@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import os
 import tempfile
@@ -207,6 +208,9 @@ def test_the_previous_probe_reaches_the_same_error_in_fewer_passes():
         return limit + 1
 
     seeded, unseeded = passes_to_target(seed), passes_to_target(guess(second))
+    logging.getLogger(__name__).info(
+        "data error %s: seeded %d passes, from the guess %d", TARGET_ERROR, seeded, unseeded
+    )
     assert unseeded <= 60, "the unseeded run never reached the stated error"
     assert seeded <= 0.6 * unseeded, (seeded, unseeded)
 
