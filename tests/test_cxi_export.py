@@ -221,6 +221,8 @@ def test_the_file_carries_what_nxcxi_ptycho_and_cxi_name(runs, tmp_path, monkeyp
             assert detector[name][()] == pytest.approx(value)
             assert detector[name].attrs["units"] == "m"
         assert detector["data"].shape == (n, 128, 128)
+        p = detector["x_pixel_size"][()]
+        np.testing.assert_array_equal(detector["basis_vectors"][()], [[0, p, 0], [p, 0, 0]])
         assert detector["translation"].shape == (n, 3)
         # One translation, found where every reader looks (CXI, NXcxi_ptycho, ptychodus).
         for path in ("data_1/translation", "sample_1/geometry_1/translation"):

@@ -175,6 +175,11 @@ def _write(f: Any, r: CxiResult) -> None:
     _value(detector, "distance", r.distance_m, "m")
     _value(detector, "x_pixel_size", r.detector_pixel_m, "m")
     _value(detector, "y_pixel_size", r.detector_pixel_m, "m")
+    # A frame's row step runs along +y of the translations, its column step along +x: a
+    # reader that projects positions on the detector's axes (CXI's basis_vectors) then
+    # places them as the solver did. (CXI's default, for unknown detectors, is -y, -x.)
+    p = r.detector_pixel_m
+    _value(detector, "basis_vectors", np.array([[0.0, p, 0.0], [p, 0.0, 0.0]]), "m")
     y, x = r.positions_m[:, 0], r.positions_m[:, 1]
     translation = np.stack([x, y, np.zeros_like(x)], axis=1)
     t = _value(detector, "translation", translation, "m")
