@@ -350,3 +350,71 @@ def test_archived_runs_replay_as_one_series(tmp_path, tiled_server):
     np.testing.assert_allclose(node["angles"].read(), sorted(ANGLES))
     assert node["phase"].shape[0] == 3
     assert "series " + series_id in report.summary()
+
+
+class _KeptSink:
+    """A result sink that keeps what a run wrote (the ResultSink protocol, no Tiled)."""
+
+    def __init__(self) -> None:
+        self.on_stored_later = None
+        self.container_path = "processed/liveptycho/kept"
+        self.opened: dict[str, Any] = {}
+        self.finals: list[dict[str, Any]] = []
+
+    def open(self, config: Any, metadata: Any) -> None:
+        self.opened = dict(metadata)
+
+    def live(self, snapshot: Any) -> None:
+        pass
+
+    def diffraction(self, indices: Any, amplitudes: Any, positions_m: Any) -> None:
+        pass
+
+    def nn(self, snapshot: Any) -> None:
+        pass
+
+    def final(self, snapshot: Any, metadata: Any) -> None:
+        self.finals.append(dict(metadata))
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_probe_seeds_only_a_projection_of_the_same_window_and_pixel():
+    """The newest probe (a live one while the previous projection finishes) seeds the
+    next projection; not one whose detector crop or object pixel differs, and a run
+    that never opens its results (skipped) never joins the series."""
+    from scans import hxn_start_md, make_scan_run
+
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.series import SeriesBook
+
+    book = SeriesBook(Settings(series_angle_key="tomo_angle"))
+    baseline = {"dcm_th": 9.5, "zpsth": 0.0}
+
+    def run(angle: float, **overrides: Any) -> tuple[Any, Any, Any]:
+        scan = make_scan_run(hxn_start_md(tomo_series="s1", tomo_angle=angle), baseline=baseline)
+        in_series = book.join(scan.start, _KeptSink)
+        assert in_series is not None
+        return in_series, in_series.sink_factory(), scan.config(**overrides)
+
+    first, first_sink, config = run(0.0)
+    first_sink.open(config, {"raw_uid": first.uid})
+    assert first.probe_seed(128) is None  # nothing before it
+    probe = np.ones((128, 128), np.complex64)
+    first_sink.live({"probe": probe, "iteration": 3})  # still running: its live probe
+    second, second_sink, config = run(5.0)
+    second_sink.open(config, {"raw_uid": second.uid})
+    assert second.probe_seed(128) is probe
+    assert second.probe_seed(64) is None  # another window
+    third, third_sink, other = run(10.0, roi={"size": 256})
+    third_sink.open(other, {"raw_uid": third.uid})
+    assert third.probe_seed(128) is None  # same window, another object pixel
+    skipped = book.join(make_scan_run(hxn_start_md(tomo_series="s1")).start, _KeptSink)
+    assert skipped is not None  # it never opens a sink
+    second_sink.final({"probe": probe, "iteration": 9}, {"status": "complete"})
+    (series,) = book.status()
+    assert [p["angle_deg"] for p in series["projections"]] == [0.0, 5.0, 10.0]
+    assert [p["status"] for p in series["projections"]] == ["running", "complete", "running"]
+    assert second_sink.finals[0]["series"]["probe_seed_from"] == first.uid
+    assert second_sink.opened["series"] == {"key": "tomo_series", "id": "s1", "path": None}

@@ -100,6 +100,11 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _same_pixel(a: float | None, b: float | None) -> bool:
+    """Whether two object pixel sizes agree (within 0.1 %; unknown agrees)."""
+    return a is None or b is None or abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+
+
 def _preview(phase: np.ndarray) -> np.ndarray:
     """Every k-th pixel of ``phase`` so that its longer side is at most PREVIEW_SIDE."""
     step = max(1, math.ceil(max(phase.shape) / PREVIEW_SIDE))
@@ -121,6 +126,8 @@ class Projection:
     iteration: int | None = None
     state_error: float | None = None
     probe_seed_from: str | None = None
+    #: The object pixel of its reconstruction: a probe is a seed only at the same one.
+    pixel_size_m: float | None = None
     #: The final phase, referenced (store.series.stack_views), every k-th pixel.
     preview: np.ndarray | None = None
     preview_step: int = 1
@@ -146,8 +153,8 @@ class Projection:
 class _Series:
     series_id: str
     projections: OrderedDict[str, Projection] = field(default_factory=OrderedDict)
-    #: (probe, raw uid it came from, final or live) of the newest probe seen.
-    probe: tuple[np.ndarray, str] | None = None
+    #: (probe, raw uid it came from, its pixel size in m) of the newest probe seen.
+    probe: tuple[np.ndarray, str, float | None] | None = None
     #: The shape the first stacked projection fixed (as the container's).
     shape: tuple[int, int] | None = None
 
@@ -172,17 +179,6 @@ class SeriesBook:
         uid = str(start.get("uid") or "")
         if series_id is None or not uid:
             return None
-        projection = Projection(
-            raw_uid=uid, scan_id=start.get("scan_id"), arrival=float(start.get("time") or 0.0)
-        )
-        with self._lock:
-            series = self._series.get(series_id)
-            if series is None:
-                series = self._series[series_id] = _Series(series_id)
-            self._series.move_to_end(series_id)
-            series.projections[uid] = projection
-            while len(self._series) > MAX_SERIES:
-                self._series.popitem(last=False)
         logger.info(
             "scan %s (%s) is a projection of series %s", start.get("scan_id"), uid[:8], series_id
         )
@@ -203,14 +199,14 @@ class SeriesBook:
             if found is None or found[0].probe is None:
                 return None
             series, projection = found
-            probe, source = series.probe  # type: ignore[misc]
+            probe, source, pixel_size_m = series.probe  # type: ignore[misc]
+            why = None
             if probe.shape[-1] != n or probe.shape[-2] != n:
-                logger.info(
-                    "series %s: the newest probe is %s, this run's window %d: not seeded",
-                    series_id,
-                    probe.shape,
-                    n,
-                )
+                why = f"the newest probe is {probe.shape}, this run's window {n}"
+            elif not _same_pixel(pixel_size_m, projection.pixel_size_m):
+                why = f"its pixel is {pixel_size_m} m, this run's {projection.pixel_size_m} m"
+            if why is not None:
+                logger.info("series %s: %s starts from its data: %s", series_id, uid[:8], why)
                 return None
             projection.probe_seed_from = source
         logger.info(
@@ -218,14 +214,26 @@ class SeriesBook:
         )
         return probe
 
-    def opened(self, series_id: str, uid: str, config: ScanConfig | None, start: Mapping) -> None:
+    def opened(self, series_id: str, start: Mapping[str, Any], config: ScanConfig | None) -> None:
+        """A projection's results are about to be written (its sink opened): it joins the
+        series' list, with its angle. A run skipped before it has a sink never joins."""
+        uid = str(start.get("uid"))
+        projection = Projection(
+            raw_uid=uid,
+            scan_id=start.get("scan_id"),
+            arrival=float(start.get("time") or 0.0),
+            angle_deg=projection_angle(start, config, self.settings.series_angle_key),
+            status="running",
+            pixel_size_m=None if config is None else float(config.pixel_size_m),
+        )
         with self._lock:
-            found = self._projection(series_id, uid)
-            if found is None:
-                return
-            _, projection = found
-            projection.angle_deg = projection_angle(start, config, self.settings.series_angle_key)
-            projection.status = "running"
+            series = self._series.get(series_id)
+            if series is None:
+                series = self._series[series_id] = _Series(series_id)
+            self._series.move_to_end(series_id)
+            series.projections[uid] = projection
+            while len(self._series) > MAX_SERIES:
+                self._series.popitem(last=False)
             entries = [projection.entry()]
         if projection.angle_deg is None:
             logger.warning(
@@ -247,9 +255,10 @@ class SeriesBook:
         if probe is None:
             return
         with self._lock:
-            series = self._series.get(series_id)
-            if series is not None:
-                series.probe = (np.asarray(probe), uid)
+            found = self._projection(series_id, uid)
+            if found is not None:
+                series, projection = found
+                series.probe = (np.asarray(probe), uid, projection.pixel_size_m)
 
     def finished(
         self,
@@ -420,8 +429,7 @@ class SeriesTap:
         run = self._run
         self._inner.open(config, {**metadata, "series": run.metadata()})
         self._safely(
-            "noting the projection",
-            lambda: run.book.opened(run.series_id, run.uid, config, run.start),
+            "noting the projection", lambda: run.book.opened(run.series_id, run.start, config)
         )
 
     def live(self, snapshot: Mapping[str, Any]) -> None:
