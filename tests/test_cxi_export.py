@@ -266,6 +266,9 @@ def test_an_unknown_run_is_one_line_and_exit_status_1(runs, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0f0f0f0f-no-such-run" in err[0]
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert _export(monkeypatch, runs, runs.raw_uid, "--catalog-path", "nowhere/at-all") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere/at-all" in err[0]
 
 
 def test_an_unknown_format_is_exit_status_2(capsys):

@@ -152,7 +152,12 @@ def find_container(root: Any, source: str, catalog_path: str) -> tuple[Any, str]
     if "/" in source:
         return _walk(root, source.split("/"), source), source
     parts = [p for p in catalog_path.split("/") if p]
-    catalog = _walk(root, parts, "/".join(parts))
+    try:
+        catalog = _walk(root, parts, "/".join(parts))
+    except ExportError:
+        raise ExportError(
+            f"no processed result of run {source!r}: this Tiled has nothing under {'/'.join(parts)}"
+        ) from None
     if source in catalog:
         return catalog[source], "/".join([*parts, source])
     from tiled.queries import Eq
