@@ -22,7 +22,7 @@ from hxn_liveptycho.cli.help_format import add_command
 class ReconstructProgress:
     """A line every few seconds while the file is fed and reconstructed."""
 
-    def __init__(self, stream: Any = sys.stderr) -> None:
+    def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.began = time.monotonic()
 
@@ -40,8 +40,9 @@ class ReconstructProgress:
         else:
             parts.append("starting the engine")
         elapsed = time.monotonic() - self.began
-        self.stream.write(f"[{elapsed:5.1f} s] " + "; ".join(parts) + "\n")
-        self.stream.flush()
+        stream = self.stream or sys.stderr  # looked up now: a redirected stderr is honoured
+        stream.write(f"[{elapsed:5.1f} s] " + "; ".join(parts) + "\n")
+        stream.flush()
 
 
 def _assignment(text: str) -> tuple[list[str], Any]:
