@@ -154,7 +154,8 @@ def test_export_command_writes_the_run_with_its_frames_for_ptychodus(
     ptychodus, runs, tmp_path, monkeypatch
 ):
     """``liveptycho export <raw_uid>`` writes object, probe, positions and the measured
-    frames (intensities, the square of the amplitudes the solver fitted)."""
+    frames (photon counts: the square of the amplitudes the solver fitted), paired with
+    the positions row by row as ptychodus pairs them (by index)."""
     out = tmp_path / "run.cxi"
     assert _export(monkeypatch, runs, runs.raw_uid, "-o", str(out)) == 0
     node, md = _tiled_result(runs)
@@ -162,14 +163,17 @@ def test_export_command_writes_the_run_with_its_frames_for_ptychodus(
     meta = dataset.get_metadata()
     stored = node["diffraction"]["amplitude"].read().astype(np.float32)
     patterns = np.concatenate([array.get_patterns() for array in dataset])
-    np.testing.assert_allclose(patterns, stored**2, rtol=1e-6)
+    assert patterns.dtype == np.uint32
+    np.testing.assert_array_equal(patterns, np.rint(stored.astype(np.float64) ** 2))
     assert meta.num_patterns_per_array == [runs.sample.num_points]
     assert meta.detector_distance_m == pytest.approx(md["distance_m"])
     assert meta.detector_pixel_geometry.width_m == pytest.approx(75e-6)
     assert meta.photon_energy_eV == pytest.approx(12000.0, rel=1e-4)
     product = ptychodus.product(out)
-    indices = node["diffraction"]["indices"].read().tolist()
-    assert [p.index for p in product.probe_positions] == indices
+    assert [p.index for p in product.probe_positions] == list(range(runs.sample.num_points))
+    with h5py.File(out) as f:
+        scan_indices = f["entry_1/liveptycho/scan_indices"][()]
+    np.testing.assert_array_equal(scan_indices, node["diffraction"]["indices"].read())
     np.testing.assert_array_equal(product.object_.get_array()[0], node["final"]["object"].read())
 
 

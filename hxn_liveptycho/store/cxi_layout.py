@@ -38,9 +38,9 @@ PROGRAM = "hxn_liveptycho"
 class Frames:
     """The measured frames that pair row by row with a result's positions.
 
-    ``blocks()`` yields ``(first_row, amplitudes)``: float32 sqrt(counts), zero
-    frequency at the centre, as the solver fitted them; the file holds their
-    square (intensities). Read in blocks, so a long run is never held whole.
+    ``blocks()`` yields ``(first_row, amplitudes)``: sqrt(counts), zero frequency at
+    the centre, as the solver fitted them; the file holds the counts. Read in blocks,
+    so a long run is never held whole.
     """
 
     count: int
@@ -224,12 +224,14 @@ def _write(f: Any, r: CxiResult) -> None:
 
 
 def _write_frames(detector: Any, frames: Frames) -> None:
-    """The frames as intensities (the square of what the solver fitted), one chunk a frame."""
+    """The frames as photon counts, ``rint(a²)`` of the stored amplitudes ``a`` (float16
+    sqrt(counts): exact up to 512 counts a pixel, within ``a² / 1024`` above), one chunk a
+    frame."""
     rows, (h, w) = frames.count, frames.shape
     data = detector.create_dataset(
         "data",
         shape=(rows, h, w),
-        dtype=np.float32,
+        dtype=np.uint32,
         chunks=(1, h, w),
         compression="gzip",
         compression_opts=4,
@@ -237,8 +239,9 @@ def _write_frames(detector: Any, frames: Frames) -> None:
     )
     data.attrs.update(units="counts", axes="translation:y:x", is_fft_shifted=0)
     for first, amplitudes in frames.blocks():
-        block = np.asarray(amplitudes, dtype=np.float32)
-        data[first : first + len(block)] = block * block
+        block = np.asarray(amplitudes, dtype=np.float64)
+        counts = np.rint(block * block)
+        data[first : first + len(block)] = np.clip(counts, 0, np.iinfo(np.uint32).max)
     detector.attrs.update(signal="data", axes=_strings("translation", ".", "."))
 
 
@@ -259,7 +262,7 @@ def _write_image(
 
 def _write_ptychodus(entry: Any, r: CxiResult) -> None:
     """The fields ptychodus reads beside CXI's own (its ``/entry_1/ptychodus`` group): exact
-    pixel sizes, the object's centre, scan indices, angle, exposure and the error curve."""
+    pixel sizes, the object's centre, position indexes, angle, exposure and the error curve."""
     ext = _group(entry, "ptychodus", "NXcollection")
     dx = r.object_pixel_m
     cy, cx = r.object_center_m
@@ -272,8 +275,9 @@ def _write_ptychodus(entry: Any, r: CxiResult) -> None:
         ("object_center_y_m", cy),
     ):
         _value(ext, name, value, "m")
-    if r.indices is not None:
-        _value(ext, "probe_position_indexes", np.asarray(r.indices, dtype=np.int64))
+    # ptychodus pairs a position with the frame of the same index, and its CXI reader numbers
+    # the frames by row: the row number (scan indices are in entry_1/liveptycho).
+    _value(ext, "probe_position_indexes", np.arange(len(r.positions_m), dtype=np.int64))
     if r.angle_deg is not None:
         _value(ext, "tomography_angle_deg", float(r.angle_deg), "deg")
     if r.dwell_s is not None:
@@ -298,6 +302,8 @@ def _write_own(entry: Any, r: CxiResult) -> None:
     _value(own, "wavelength_m", r.wavelength_m, "m")
     _value(own, "canvas_origin_m", np.asarray(r.canvas_origin_m), "m")
     _value(own, "positions_m", np.asarray(r.positions_m, dtype=np.float64), "m")
+    if r.indices is not None:
+        _value(own, "scan_indices", np.asarray(r.indices, dtype=np.int64))
     _value(own, "metadata", json.dumps(r.metadata, default=str))
     if r.object_modes is not None:
         own.create_dataset("object_modes", data=np.asarray(r.object_modes, dtype=np.complex64))
