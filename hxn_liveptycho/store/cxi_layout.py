@@ -98,7 +98,7 @@ class CxiResult:
         return (oy + (height - window) / 2 * dx, ox + (width - window) / 2 * dx)
 
 
-def write_cxi(result: CxiResult, path: Path) -> Path:
+def write_cxi(result: CxiResult, path: str | Path) -> Path:
     """Write ``result`` to ``path`` whole or not at all (through a ``.partial`` file that
     replaces ``path`` once complete)."""
     import h5py
