@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import mpi_ranks_run as run
+import numpy as np
 import pytest
+
+from hxn_liveptycho.recon import ranks as rk
+from hxn_liveptycho.sim import phantom
 
 SCRIPT = Path(run.__file__)
 ALL = list(run.CASES)
@@ -134,3 +138,56 @@ def test_frames_streamed_across_ranks_reach_the_batch_error(
     check_ranks_agree(got, ranks)
     assert got["state_error"] <= 1.25 * single[case, True]["state_error"]
     assert got["state_error"] <= 1.30 * single[case, False]["state_error"]
+
+
+def test_ranks_get_compact_regions_of_equal_size() -> None:
+    """Four ranks of a 20 x 20 raster get a 2 x 2 grid of blocks of 100 positions, each
+    block's bounding box a quarter of the scan's; with the scan's extent given, the rank of
+    a position does not depend on which chunk it arrived in."""
+    positions = phantom.scan_positions(20, 20, 4.0, jitter_px=0.3, rng=5)
+    labels = rk.assign_ranks(positions, 4)
+    assert np.bincount(labels).tolist() == [100, 100, 100, 100]
+    scan_area = np.prod(np.ptp(positions, axis=0))
+    for r in range(4):
+        block = positions[labels == r]
+        assert np.prod(np.ptp(block, axis=0)) < 0.3 * scan_area
+    extent = (positions.min(axis=0), positions.max(axis=0))
+    whole = rk.assign_ranks(positions, 4, extent=extent)
+    chunked = np.concatenate(
+        [rk.assign_ranks(p, 4, extent=extent) for p in np.array_split(positions, 7)]
+    )
+    assert np.array_equal(whole, chunked)
+    assert np.bincount(whole).min() >= 80
+    assert rk.grid_shape(2) == (2, 1) and rk.grid_shape(6) == (3, 2)
+
+
+def test_one_rank_communicator_leaves_the_solver_bit_identical() -> None:
+    """The solver with an explicit one-rank communicator computes exactly what it computes
+    without one (every meeting point returns at once)."""
+    scan = run.Scan("lsqml-positions")
+    results = []
+    for comm in (None, rk.OneRank()):
+        s, positions = run.solve(scan, "lsqml-positions", comm, stream=True, passes=10)
+        results.append((s.object_modes.tobytes(), s.probe_modes.tobytes(), positions))
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+    assert np.array_equal(results[0][2], results[1][2])
+
+
+def test_packed_sums_keep_every_array_and_its_alignment() -> None:
+    """The buffer one reduction sends holds each array (odd sizes, complex after float) and
+    writes each back unchanged; every complex array starts 8-byte aligned."""
+    arrays = (
+        np.arange(3, dtype=np.float32),
+        (np.arange(5) + 1j * np.arange(5)).astype(np.complex64).reshape(5, 1),
+        np.float32(7.0) * np.ones((), dtype=np.float32),
+        np.ones((3, 3), dtype=np.complex64) * (2 - 1j),
+    )
+    buffer = rk._packed(arrays, np)
+    # 3 floats (+1 pad), 5 complex, 1 float (+1 pad), 9 complex: each complex at an even float.
+    assert buffer.dtype == np.float32 and buffer.size == 4 + 10 + 2 + 18
+    copies = tuple(np.zeros_like(a) for a in arrays)
+    rk._unpack(buffer, copies)
+    for a, c in zip(arrays, copies, strict=True):
+        assert c.dtype == a.dtype and c.shape == a.shape and np.array_equal(a, c)
+    with pytest.raises(TypeError, match="float64"):
+        rk._packed((np.zeros(2),), np)

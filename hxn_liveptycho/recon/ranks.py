@@ -20,7 +20,11 @@ What is combined, and when:
   object's as the illumination-weighted mean of the ranks' changes (where one rank's
   positions alone light a pixel, that rank's change; in the overlap of two regions, their
   mean weighted by each one's ``sum |P|^2``), the probe's as the mean of the ranks'
-  changes weighted by their position counts. One reduction a pass, not one a batch.
+  changes weighted by their position counts. One reduction a pass, not one a batch; or,
+  with ``RankGroup(comm, merge_every=k)``, one every k batches of each rank (merging after
+  every batch is one global batch: ``sum_r den_r (num_r / den_r) / sum_r den_r``). Per
+  pass, R ranks update a pixel as often as one rank with R times their batch: give each
+  rank ``batch_size / R`` to keep the single rank's convergence per pass.
 * **Errors**: each pass's squared error and the data's power are summed, so every rank
   reports the error of the whole scan.
 * **Position refinement**: each rank estimates its positions' shifts; at the pass end the
@@ -30,6 +34,11 @@ What is combined, and when:
   its own rows (:meth:`RankGroup.apply_shifts`).
 * **The probe's power**: fixed once from all ranks' frames (the first :meth:`iterate
   <hxn_liveptycho.recon.iterative.StreamingSolver.iterate>` that has frames anywhere).
+* Momentum, the gauge, the clamp and the modes' orthogonalisation run after the merge, on
+  identical arrays: every rank computes the same. OPR is refused with several ranks.
+
+Every rank calls ``iterate`` (and ``state_error``, :func:`gather_positions`) together, the
+same number of passes: they are collective. A rank may hold no frames yet.
 
 The communicators: :class:`MpiRanks` (mpi4py, host buffers; the reference) and
 :class:`NcclRanks` (CuPy device buffers through ``cupy.cuda.nccl``, MPI for the small
@@ -112,12 +121,15 @@ class OneRank:
 
 
 def _packed(arrays: tuple[Any, ...], xp: types.ModuleType) -> Any:
-    """The arrays (float32 or complex64) as one contiguous float32 buffer."""
+    """The arrays (float32 or complex64) as one contiguous float32 buffer, each starting
+    at an even float (a complex64 view of it stays 8-byte aligned on the device)."""
     parts = []
     for a in arrays:
         if a.dtype not in (xp.float32, xp.complex64):
             raise TypeError(f"ranks sum float32 or complex64 arrays, not {a.dtype}")
         parts.append(xp.ascontiguousarray(a).reshape(-1).view(xp.float32))
+        if parts[-1].size % 2:
+            parts.append(xp.zeros(1, dtype=xp.float32))
     return parts[0].copy() if len(parts) == 1 else xp.concatenate(parts)
 
 
@@ -127,7 +139,7 @@ def _unpack(buffer: Any, arrays: tuple[Any, ...]) -> None:
     for a in arrays:
         width = a.size * (2 if a.dtype.kind == "c" else 1)
         a[...] = buffer[start : start + width].view(a.dtype).reshape(a.shape)
-        start += width
+        start += width + width % 2
 
 
 class MpiRanks:
@@ -415,10 +427,12 @@ def assign_ranks(
     counts: the positions are all known)."""
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     rows, columns = grid_shape(size)
-    span = np.ptp(pos, axis=0) if extent is None else np.asarray(extent[1]) - np.asarray(extent[0])
-    long_axis = int(np.argmax(span)) if len(pos) or extent is not None else 0
-    short_axis = 1 - long_axis
     labels = np.zeros(len(pos), dtype=np.int64)
+    if len(pos) == 0:
+        return labels
+    span = np.ptp(pos, axis=0) if extent is None else np.asarray(extent[1]) - np.asarray(extent[0])
+    long_axis = int(np.argmax(span))
+    short_axis = 1 - long_axis
     if extent is None:
         band = _cuts_by_count(pos[:, long_axis], rows)
     else:
