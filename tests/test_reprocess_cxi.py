@@ -228,3 +228,22 @@ def test_cli_a_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["reconstruct", str(missing)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err
+
+
+def test_this_projects_exports_keep_their_run_and_their_beam_positions(tmp_path):
+    """A file with this project's 'liveptycho' group: its raw_uid and scan_id are the run's,
+    and its translations are read as the beam's positions (as the exporter writes them)."""
+    sample = _sample()
+    path = write_cxi(tmp_path / "export-like.cxi", sample)
+    with read_cxi(path) as plain:
+        sample_read = plain.positions_um.copy()
+    with h5py.File(path, "r+") as f:
+        own = f["entry_1"].create_group("liveptycho")
+        own["raw_uid"] = "3f1c0a52-0000-4000-8000-000000000001"
+        own["scan_id"] = "1234"
+    with read_cxi(path) as scan:
+        assert scan.raw_uid == "3f1c0a52-0000-4000-8000-000000000001"
+        assert scan.scan_id == 1234
+        np.testing.assert_allclose(scan.positions_um, -sample_read)
+    with read_cxi(path, FileConventions(translation="sample")) as scan:
+        np.testing.assert_allclose(scan.positions_um, sample_read)

@@ -154,9 +154,10 @@ def add_reconstruct_command(sub: Any) -> None:
     )
     command.add_argument(
         "--translation",
-        choices=["sample", "beam"],
-        default="sample",
-        help="the translations are the sample's (CXI) or the beam's position on the sample",
+        choices=["auto", "sample", "beam"],
+        default="auto",
+        help="the translations are the sample's (CXI) or the beam's position on the sample; "
+        "auto: the beam's in this project's exports, else the sample's",
     )
     command.add_argument(
         "--basis-vectors",

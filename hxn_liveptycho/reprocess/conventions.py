@@ -67,19 +67,22 @@ class FileConventions(BaseModel):
     dc: Literal["auto", "centre", "corner"] = Field(
         default="auto",
         description="Where the zero frequency (the bright undiffracted beam) sits: near the "
-        "frame's centre, as a detector records it, or at index 0 (FFT order). auto: where "
-        "the mean pattern's brightest spot is.",
+        "frame's centre, as a detector records it, or at index 0 (FFT order). auto: the "
+        "frames' is_fft_shifted attribute when they have one, else where the mean pattern's "
+        "brightest spot is.",
     )
     position_units: Literal["auto", "m", "mm", "um", "nm"] = Field(
         default="auto",
         description="Units of the translations. auto: the dataset's 'units' attribute, else "
         "metres (what CXI stores).",
     )
-    translation: Literal["sample", "beam"] = Field(
-        default="sample",
+    translation: Literal["auto", "sample", "beam"] = Field(
+        default="auto",
         description="What the translations are: the sample's translation (CXI's definition; "
         "the beam's position on the sample is its negative), or the beam's position on the "
-        "sample (what some programs write). Both reconstruct; the image is turned by 180°.",
+        "sample (what some programs write). auto: the beam's in this project's own exports "
+        "(they carry a 'liveptycho' group and say so), else the sample's. Either way the file "
+        "reconstructs; the wrong one turns the image by 180° and negates its phase.",
     )
     basis_vectors: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
         default=None,

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from hxn_liveptycho.reprocess.conventions import (
@@ -217,8 +218,6 @@ def read_cxi(
     :class:`FileError` / :class:`ConventionError` (both ``ConfigurationError``)
     for a file that cannot be reconstructed as it stands.
     """
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -266,21 +265,30 @@ def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None
     else:
         data_kind = conv.data
     mask = _read_mask(detector, (frames.shape[-2], frames.shape[-1]), notes)
-    if conv.dc == "auto":
+    shifted = frames.attrs.get("is_fft_shifted")
+    if conv.dc == "auto" and shifted is not None and int(np.asarray(shifted)) in (0, 1):
+        dc: DcPosition = "corner" if int(np.asarray(shifted)) else "centre"
+        notes.append(f"zero frequency: {dc} (the frames' is_fft_shifted attribute)")
+    elif conv.dc == "auto":
         spread = np.linspace(0, n - 1, min(n, DETECT_FRAMES)).astype(int)
         sample = np.stack([_read_rows(frames, int(k), int(k) + 1)[0] for k in spread])
         intensity = np.square(sample, dtype=np.float64) if data_kind == "amplitude" else sample
         mean = np.asarray(np.mean(intensity, axis=0, dtype=np.float64))
         if mask is not None:
             mean[mask] = 0.0
-        dc: DcPosition = detect_dc(mean)
+        dc = detect_dc(mean)
         notes.append(f"zero frequency: {'index 0 (FFT order)' if dc == 'corner' else 'centre'}")
     else:
         dc = conv.dc
     if dc == "corner" and mask is not None:
         mask = np.fft.fftshift(mask)
     basis, pixel = _basis(detector, conv, notes)
-    positions_um = _positions(entry, n, basis, conv, notes)
+    translation = conv.translation
+    if translation == "auto":
+        # This project's exports write the beam's position (docs/cxi-export.md); CXI's
+        # translation is the sample's.
+        translation = "beam" if isinstance(entry.get("liveptycho"), h5py.Group) else "sample"
+    positions_um = _positions(entry, n, basis, conv.position_units, translation, notes)
     energy_kev = _energy_kev(entry, conv)
     distance_m = _distance(detector, conv, basis)
     raw_uid, scan_id = _identity(handle, entry, path, name)
@@ -371,7 +379,12 @@ def _pixel(detector: Any, key: str, conv: FileConventions) -> float | None:
 
 
 def _positions(
-    entry: Any, n: int, basis: np.ndarray, conv: FileConventions, notes: list[str]
+    entry: Any,
+    n: int,
+    basis: np.ndarray,
+    units: str,
+    translation: str,
+    notes: list[str],
 ) -> np.ndarray:
     """Beam positions on the sample (µm) along the frames' rows and columns, (n, 2)."""
     node = _first(
@@ -399,8 +412,8 @@ def _positions(
     if not np.all(np.isfinite(values)):
         raise FileError(f"{node.name} holds translations that are not finite numbers")
     xy = values[:, :2]
-    if conv.position_units != "auto":
-        scale = _LENGTH[conv.position_units]
+    if units != "auto":
+        scale = _LENGTH[units]
     else:
         scale = _scale(_units(node), _LENGTH, node.name, "pass --position-units") or 1.0
     xy = xy * scale
@@ -412,7 +425,7 @@ def _positions(
         )
     if span == 0.0:
         raise FileError(f"all {n} translations in {node.name} are the same point")
-    beam = -xy if conv.translation == "sample" else xy
+    beam = -xy if translation == "sample" else xy
     transverse = basis[:, :2]
     lengths = np.linalg.norm(transverse, axis=1)
     if np.any(lengths < 0.5 * np.linalg.norm(basis, axis=1)):
@@ -425,7 +438,7 @@ def _positions(
             "the detector's row and column axes are not perpendicular across the beam: pass "
             "--basis-vectors"
         )
-    notes.append(f"translations: {conv.translation}'s, x {scale:g} m per unit")
+    notes.append(f"translations: the {translation}'s, {scale:g} m per unit")
     return np.stack([beam @ unit[0], beam @ unit[1]], axis=1) * 1e6
 
 
@@ -512,8 +525,10 @@ def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int 
     """The run's raw_uid (the file's own, else a hash of the file) and its scan id (an
     integer, as in a start document; None when the file has none)."""
     raw_uid: str | None = None
-    for holder in (entry, handle):
-        if "raw_uid" in holder and not hasattr(holder["raw_uid"], "keys"):
+    own = entry.get("liveptycho")  # this project's exports keep the run's identity here
+    holders = (entry, own, handle) if isinstance(own, h5py.Group) else (entry, handle)
+    for holder in holders:
+        if "raw_uid" in holder and not isinstance(holder["raw_uid"], h5py.Group):
             raw_uid = _text(holder["raw_uid"][()])
             break
         if "raw_uid" in holder.attrs:
@@ -522,9 +537,11 @@ def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int 
     if not raw_uid:
         raw_uid = stable_uid(path, name)
     scan_id: int | None = None
-    if "scan_id" in entry:
-        try:
-            scan_id = int(np.asarray(entry["scan_id"][()]).ravel()[0])
-        except (TypeError, ValueError, IndexError):
-            scan_id = None
+    for holder in holders:
+        if "scan_id" in holder and not isinstance(holder["scan_id"], h5py.Group):
+            try:
+                scan_id = int(_text(np.asarray(holder["scan_id"][()]).ravel()[0]))
+            except (TypeError, ValueError, IndexError):
+                scan_id = None
+            break
     return raw_uid, scan_id
