@@ -177,6 +177,27 @@ def test_projections_of_other_sizes_are_cut_or_padded_about_the_centre(tiled_ser
     np.testing.assert_array_equal(phase[0][1:5, 2:6], small)
     assert node.metadata["projections"][3]["stack_index"] == 3
 
+    # A writer started later (serve restarted mid-series) continues the same container.
+    again = TiledSeriesStore(
+        lambda: from_uri(tiled_server.uri),
+        catalog_path="processed/series-shapes",
+        series_key="tomo_series",
+    )
+    late = np.full((6, 8), 7.0, dtype=np.float32)
+    try:
+        entry = {"raw_uid": "e", "angle_deg": 0.0, "arrival": 9.0, "status": "complete"}
+        again.update(series_id, [entry], StackRow("e", 0.0, 9.0, late, late))
+        assert again.flush(timeout=30)
+    finally:
+        again.close(timeout=30)
+    node = from_uri(tiled_server.uri)["processed"]["series-shapes"]["series"][series_id]
+    assert [r["raw_uid"] for r in node.metadata["stack"]] == ["c", "e", "a", "b", "d"]
+    phase = node["phase"].read()
+    np.testing.assert_array_equal(phase[1], late)
+    np.testing.assert_array_equal(phase[2], first)  # the rows after it moved down
+    np.testing.assert_array_equal(node["angles"].read()[:4], [-5.0, 0.0, 10.0, 30.0])
+    assert [p["raw_uid"] for p in node.metadata["projections"]] == ["c", "e", "a", "b", "d"]
+
 
 def test_the_previous_probe_reaches_the_same_error_in_fewer_passes():
     """Probe seeding, measured: a projection started from the previous projection's final
@@ -274,7 +295,7 @@ def test_live_page_shows_the_series_stack_growing(
                     and all(row[3] == "complete" for row in state["rows"])
                 )
 
-            wait_for(stack_shown, timeout=30, interval=0.2, what=lambda: f"page {seen[-1]}")
+            wait_for(stack_shown, timeout=60, interval=0.2, what=lambda: f"page {seen[-1]}")
         state = seen[-1]
         assert [float(row[0]) for row in state["rows"]] == sorted(ANGLES)
         by_angle = [uid[:8] for _, uid in sorted(zip(ANGLES, uids, strict=True))]
