@@ -49,13 +49,15 @@ def write_cxi(
     *,
     frames: np.ndarray | None = None,
     energy: bool = True,
+    probe: np.ndarray | None = None,
     bad_pixels: tuple[tuple[int, int], ...] = ((3, 5), (40, 7)),
 ) -> Path:
     """A CXI 1.6 file as the format defines it (cxidb.org, CXI 1.6): frames in
     instrument_1/detector_1/data linked from data_1/data, the sample's translations (x, y, z)
     in metres in sample_1/geometry_1/translation, the photon energy in joules, the distance
     and pixel size in metres, the detector's basis vectors (CXI's default orientation: rows
-    step along -y, columns along -x) and a mask (0 good, other bits bad)."""
+    step along -y, columns along -x), a mask (0 good, other bits bad) and, if given, the
+    probe."""
     bl = sample.beamline
     data = sample.intensities if frames is None else frames
     with h5py.File(path, "w") as f:
@@ -76,6 +78,8 @@ def write_cxi(
         detector["mask"] = mask
         if energy:
             entry["instrument_1/source_1/energy"] = bl.energy_kev * 1e3 * EV_J
+        if probe is not None:  # where ptychodus keeps a CXI file's probe
+            entry["instrument_1/source_1/illumination"] = probe
         # The beam's position on the sample is the negative of the sample's translation;
         # with the default detector axes, that makes the translation's (x, y) the frames'
         # (column, row) direction positions.
@@ -101,9 +105,10 @@ def _object_error(sample: SimulatedSample, node: Any) -> float:
 
 
 def test_a_cxi_file_is_reconstructed_into_tiled_to_the_phantom(tmp_path, tiled_server):
-    """A CXI file of a simulated scan: complete, in Tiled like a live run, object within 0.15."""
+    """A CXI file of a simulated scan, with its probe: complete, in Tiled like a live run,
+    started from the file's probe, object within 0.15."""
     sample = _sample()
-    path = write_cxi(tmp_path / "scan.cxi", sample)
+    path = write_cxi(tmp_path / "scan.cxi", sample, probe=sample.probe)
     seen: list[dict[str, Any]] = []
     report = reconstruct_file(
         path,
@@ -125,6 +130,9 @@ def test_a_cxi_file_is_reconstructed_into_tiled_to_the_phantom(tmp_path, tiled_s
     assert md["distance_m"] == pytest.approx(2.05)
     assert md["iteration"] >= ITERATIONS
     assert md["source_file"]["file"] == str(path)
+    assert md["config"]["probe"]["initial"] == "file"
+    assert md["config"]["probe"]["file"] == str(path.resolve())
+    assert any(note.startswith("probe:") for note in md["source_file"]["notes"])
     assert {"live", "final", "diffraction"} <= set(node)
     np.testing.assert_allclose(
         node["final"]["positions_m"].read()[:, :2] * 1e6,

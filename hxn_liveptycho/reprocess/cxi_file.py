@@ -136,6 +136,8 @@ class CxiScan:
     pixel_size_m: float
     mask: np.ndarray | None = None
     probe: np.ndarray | None = None
+    #: Where the probe is in the file (its HDF5 path).
+    probe_path: str | None = None
     beam_center: tuple[float, float] | None = None
     #: What was read from the file and what was detected, one line each (report, metadata).
     notes: list[str] = field(default_factory=list)
@@ -292,6 +294,7 @@ def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None
     energy_kev = _energy_kev(entry, conv)
     distance_m = _distance(detector, conv, basis)
     raw_uid, scan_id = _identity(handle, entry, path, name)
+    probe, probe_path = _read_probe(entry)
     return CxiScan(
         path=path,
         entry=name,
@@ -305,7 +308,8 @@ def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None
         distance_m=distance_m,
         pixel_size_m=pixel,
         mask=mask,
-        probe=_read_probe(entry),
+        probe=probe,
+        probe_path=probe_path,
         beam_center=None if dc == "corner" else _beam_center(detector, basis),
         notes=notes,
     )
@@ -511,14 +515,15 @@ def _beam_center(detector: Any, basis: np.ndarray) -> tuple[float, float] | None
     return float(row), float(col)
 
 
-def _read_probe(entry: Any) -> np.ndarray | None:
+def _read_probe(entry: Any) -> tuple[np.ndarray, str] | tuple[None, None]:
+    """The file's probe (its strongest mode) and where it is; (None, None) without one."""
     node = _first(entry, ("instrument_1/source_1/illumination", "probe/data"))
     if node is None or node.dtype.kind not in "fc" or node.ndim not in (2, 3):
-        return None
+        return None, None
     probe = np.asarray(node[()], dtype=np.complex64)
     if probe.ndim == 3:  # modes: the strongest one
         probe = probe[int(np.argmax(np.sum(np.abs(probe) ** 2, axis=(1, 2))))]
-    return probe
+    return probe, str(node.name)
 
 
 def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int | None]:

@@ -151,8 +151,17 @@ def file_overrides(scan: CxiScan, roi_size: int | None = None) -> dict[str, Any]
     }
 
 
+#: Where the run's own probe reader (``probe.initial = "file"``) finds a CXI file's probe.
+FILE_PROBE_PATH = "/entry_1/instrument_1/source_1/illumination"
+
+
 def _probe_from_file(scan: CxiScan, config: ScanConfig) -> dict[str, Any] | None:
-    """The guess's footprint and sign that match the file's probe (None: no usable probe)."""
+    """The file's probe as the run's first probe (None: the file has no usable one).
+
+    ``probe.initial = "file"`` names the file, where the run's probe reader
+    finds it; the guess's footprint and defocus sign are also set to those that
+    match it best, for a solver that guesses instead of reading it.
+    """
     n = config.roi.size
     if scan.probe is None:
         return None
@@ -160,14 +169,19 @@ def _probe_from_file(scan: CxiScan, config: ScanConfig) -> dict[str, Any] | None
         scan.notes.append(f"probe in the file is {scan.probe.shape}, the window {n}x{n}: not used")
         return None
     frames = scan.read(0, min(scan.num_frames, 64)).astype(np.float32)
-    if frames.dtype.kind == "f":
-        frames[frames >= np.float32(np.iinfo(np.uint32).max)] = 0.0
+    frames[frames >= np.float32(np.iinfo(np.uint32).max)] = 0.0  # masked counts
     footprint_px, sign, match = probe_guess_from_file(scan.probe, np.sqrt(frames))
     scan.notes.append(
         f"probe: the guess nearest the file's probe (footprint {footprint_px:.1f} px, "
         f"defocus sign {sign:+d}, match {match:.2f})"
     )
-    return {"footprint_um": footprint_px * config.pixel_size_m * 1e6, "defocus_sign": sign}
+    hint: dict[str, Any] = {
+        "footprint_um": footprint_px * config.pixel_size_m * 1e6,
+        "defocus_sign": sign,
+    }
+    if scan.probe_path == FILE_PROBE_PATH and scan.entry == "entry_1":
+        hint.update(initial="file", file=str(scan.path.resolve()))
+    return hint
 
 
 def _documents(scan: CxiScan, settings: Settings) -> tuple[Any, Any]:
@@ -217,8 +231,8 @@ def reconstruct_file(
     began = time.monotonic()
     base = settings or Settings()
     with read_cxi(path, conventions, entry=entry) as scan:
-        geometry = file_overrides(scan, (overrides or {}).get("roi", {}).get("size"))
         user = deep_merge(base.overrides, dict(overrides or {}))
+        geometry = file_overrides(scan, (user.get("roi") or {}).get("size"))
         merged = deep_merge(geometry, user)
         run, descriptor = _documents(scan, base)
         config = scan_config_from_documents(
