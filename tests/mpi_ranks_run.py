@@ -3,6 +3,8 @@ tests/test_mpi_ranks.py runs, and how it builds the scan and the solver.
 
     mpiexec -n 2 python tests/mpi_ranks_run.py --case epie --out result.json
 
+(rank 0 also saves each case's object beside it, ``result.<case>.npy``.)
+
 Every rank builds the same small simulated scan (sim.optics probe, sim.phantom object
 and Poisson frames), takes its share of the positions (recon.ranks.assign_ranks) and
 reconstructs it with the others; rank 0 writes the result as JSON. ``--stream``: the
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.recon import ranks as rk
+from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
 from hxn_liveptycho.sim import optics, phantom
@@ -93,27 +96,31 @@ def solve(
     stream: bool,
     passes: int = PASSES,
     merge_every: int = 0,
+    xp: Any = np,
 ) -> tuple[StreamingSolver, np.ndarray]:
     """Reconstruct ``scan`` with the settings of ``case`` on this rank's share (all of it
     with ``comm`` None), the ranks merging ePIE / LSQ-ML every ``merge_every`` batches (0:
-    once a pass); returns the solver and the positions of every rank."""
+    once a pass), on ``xp`` (NumPy or CuPy); returns the solver and the positions of every
+    rank."""
     params = IterativeParams(seed=0, **CASES[case])
     group = None if comm is None else rk.RankGroup(comm, merge_every=merge_every)
     s = StreamingSolver(
-        probe=scan.probe_guess, canvas_shape=scan.canvas, params=params, ranks=group
+        probe=xp.asarray(scan.probe_guess), canvas_shape=scan.canvas, params=params, ranks=group
     )
+    amplitudes = xp.asarray(scan.amplitudes)
     size = 1 if comm is None else comm.size
     positions = scan.measured if params.position_refinement else scan.positions
     everything = np.arange(len(positions))
     if not stream:
         labels = rk.assign_ranks(positions, size)
-        rk.add_share(s, scan.amplitudes, positions, everything, labels)
+        rk.add_share(s, amplitudes, positions, everything, labels)
         s.iterate(passes)
         return s, rk.gather_positions(s)
     labels = rk.assign_ranks(positions, size, extent=scan.extent)
     chunks = np.array_split(everything, CHUNKS)
     for i, chunk in enumerate(chunks):
-        rk.add_share(s, scan.amplitudes[chunk], positions[chunk], chunk, labels[chunk])
+        part = amplitudes[xp.asarray(chunk)]
+        rk.add_share(s, part, positions[chunk], chunk, labels[chunk])
         early = passes // (2 * CHUNKS)  # between chunks; the rest after the last one
         s.iterate(early if i < CHUNKS - 1 else passes - (CHUNKS - 1) * early)
     return s, rk.gather_positions(s)
@@ -123,7 +130,8 @@ def outcome(scan: Scan, s: StreamingSolver, positions: np.ndarray) -> dict[str, 
     """What the tests compare: the state's data error (all ranks), the object's error
     against the phantom, the positions' error, and a digest of the object and probe."""
     digest = hashlib.sha256(
-        np.ascontiguousarray(s.object_modes).tobytes() + s.probe_modes.tobytes()
+        np.ascontiguousarray(to_host(s.object_modes)).tobytes()
+        + np.ascontiguousarray(to_host(s.probe_modes)).tobytes()
     ).hexdigest()
     return {
         "state_error": s.state_error(),
@@ -143,14 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", choices=sorted(CASES), nargs="+", required=True)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--merge-every", type=int, default=0, help="batches; 0: each pass")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser.add_argument("--comm", choices=["mpi", "nccl"], default="mpi")
+    parser.add_argument("--device-per-rank", action="store_true", help="CuPy: rank r on GPU r")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    comm = rk.MpiRanks()
+    xp: Any = np
+    if args.backend == "cupy":
+        import cupy
+        from mpi4py import MPI
+
+        cupy.cuda.Device(MPI.COMM_WORLD.Get_rank() if args.device_per_rank else 0).use()
+        xp = cupy
+    comm = rk.NcclRanks() if args.comm == "nccl" else rk.MpiRanks()
     results = {}
     for case in args.case:
         scan = Scan(case)
-        s, positions = solve(scan, case, comm, stream=args.stream, merge_every=args.merge_every)
+        s, positions = solve(
+            scan, case, comm, stream=args.stream, merge_every=args.merge_every, xp=xp
+        )
         result = outcome(scan, s, positions)
+        if comm.rank == 0:  # the object itself, for comparisons closer than its errors
+            np.save(args.out.with_suffix(f".{case}.npy"), to_host(s.object))
         result["ranks"] = comm.comm.gather(
             {"digest": result["digest"], "frames": result["frames"]}, root=0
         )

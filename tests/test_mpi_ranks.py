@@ -5,8 +5,11 @@ Each launch runs tests/mpi_ranks_run.py on a 10 x 10 simulated scan (32-pixel fr
 Poisson noise) for several solver settings; the single-rank references run here, in the
 test process, through the same code. Stated tolerances:
 
-* DM (the ranks sum the overlap projection's numerators and weights): the data error and
-  the object's error against the phantom within 1 % of the single rank's.
+* DM (the ranks sum the overlap projection's numerators and weights): the data error, the
+  object's error against the phantom and the object itself within 1 % of the single
+  rank's (measured: 0.2 %; the sums' float32 rounding differs, and DM's Fourier step
+  takes the phase of rounding noise where the model's far field is zero, so the first
+  passes differ more than the last).
 * ePIE and LSQ-ML (each rank sweeps its region; merged at the pass end): the data error
   within 25 % and the object's error within 1.5x of the single rank's. Per pass, R ranks
   update like one rank with R times the batch (docs/scaling.md).
@@ -40,8 +43,11 @@ ALL = list(run.CASES)
 STREAMED = ["epie", "lsqml", "dm"]
 
 
-def mpiexec(ranks: int, cases: list[str], out: Path, *, stream: bool = False) -> dict[str, Any]:
-    """Run the cases on ``ranks`` MPI ranks; rank 0's results by case."""
+def mpiexec(
+    ranks: int, cases: list[str], out: Path, *, stream: bool = False, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run the cases on ``ranks`` MPI ranks (``extra``: more arguments of the script); rank
+    0's results by case, each with its final object under ``"object"``."""
     launcher = shutil.which("mpiexec")
     assert launcher, "mpiexec (OpenMPI: Debian's openmpi-bin) is not installed"
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -49,9 +55,12 @@ def mpiexec(ranks: int, cases: list[str], out: Path, *, stream: bool = False) ->
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     command = [launcher, "-n", str(ranks), "--oversubscribe", sys.executable, str(SCRIPT)]
     command += ["--case", *cases, "--out", str(out)] + (["--stream"] if stream else [])
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    for case in cases:
+        results[case]["object"] = np.load(out.with_suffix(f".{case}.npy"))
+    return dict(results)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +74,7 @@ def single() -> dict[tuple[str, bool], dict[str, Any]]:
                 continue
             s, positions = run.solve(scan, case, None, stream=stream)
             results[case, stream] = run.outcome(scan, s, positions)
+            results[case, stream]["object"] = s.object.copy()
     return results
 
 
@@ -84,6 +94,11 @@ def streamed(ranks: int, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return mpiexec(ranks, STREAMED, out, stream=True)
 
 
+def relative_difference(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """``|a - b| / |b|`` over ``mask`` (``b`` the reference)."""
+    return float(np.linalg.norm((a - b)[mask]) / np.linalg.norm(b[mask]))
+
+
 def check_ranks_agree(result: dict[str, Any], ranks: int) -> None:
     assert len(result["ranks"]) == ranks
     assert len({r["digest"] for r in result["ranks"]}) == 1, "the ranks' objects differ"
@@ -95,11 +110,13 @@ def check_ranks_agree(result: dict[str, Any], ranks: int) -> None:
 def test_dm_over_ranks_is_the_single_rank_pass(
     case: str, ranks: int, batch: dict[str, Any], single: dict
 ) -> None:
-    """DM summed over the ranks gives the single rank's errors within 1 %."""
+    """DM summed over the ranks gives the single rank's errors within 1 % and its object
+    within 1 % (relative norm of the difference over the illuminated region)."""
     got, want = batch[case], single[case, False]
     check_ranks_agree(got, ranks)
     assert got["state_error"] == pytest.approx(want["state_error"], rel=0.01)
     assert got["object_error"] == pytest.approx(want["object_error"], rel=0.01)
+    assert relative_difference(got["object"], want["object"], run.Scan(case).mask) < 0.01
 
 
 @pytest.mark.parametrize("case", ["epie", "lsqml", "epie-modes2"])

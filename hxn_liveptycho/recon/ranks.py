@@ -477,7 +477,7 @@ def add_share(
     take = np.flatnonzero(np.asarray(labels) == group.comm.rank)
     if len(take) == 0:
         return 0
-    s.add(amplitudes[take], np.asarray(positions_px)[take])
+    s.add(amplitudes[array_namespace(amplitudes).asarray(take)], np.asarray(positions_px)[take])
     group.indices.append(np.asarray(indices)[take].astype(np.int64))
     return len(take)
 
