@@ -141,6 +141,15 @@ def test_a_cxi_file_is_reconstructed_into_tiled_to_the_phantom(tmp_path, tiled_s
     )
     error = _object_error(sample, node)
     assert error <= MAX_OBJECT_ERROR, f"object error {error:.3f}"
+    # This project's export of the result reads back as the same run, positions in place.
+    from hxn_liveptycho.store.cxi_export import read_container
+    from hxn_liveptycho.store.cxi_layout import write_cxi as export_cxi
+
+    result, _ = read_container(node, report.container_path)
+    with read_cxi(export_cxi(result, tmp_path / "exported.cxi")) as exported:
+        assert exported.raw_uid == report.raw_uid and exported.dc == "centre"
+        final_um = node["final"]["positions_m"].read()[:, :2] * 1e6
+        np.testing.assert_allclose(exported.positions_um, final_um, atol=1e-9)
     # raw_uid: stable for the file's contents, wherever it lies.
     copy = tmp_path / "elsewhere.cxi"
     copy.write_bytes(path.read_bytes())
@@ -255,3 +264,34 @@ def test_this_projects_exports_keep_their_run_and_their_beam_positions(tmp_path)
         np.testing.assert_allclose(scan.positions_um, -sample_read)
     with read_cxi(path, FileConventions(translation="sample")) as scan:
         np.testing.assert_allclose(scan.positions_um, sample_read)
+
+
+def test_an_nxcxi_ptycho_file_with_units_and_a_grid_of_frames_is_read(tmp_path):
+    """NXcxi_ptycho's fields with their units attributes (eV, nm, um, mm), and frames and
+    translations stored as an (8, 8) grid: read in SI, one frame per position, in order."""
+    sample = _sample()
+    bl = sample.beamline
+    counts = np.rint(sample.intensities).astype(np.uint32)
+    y_nm, x_nm = sample.positions_um[:, 0] * 1e3, sample.positions_um[:, 1] * 1e3
+    path = tmp_path / "nexus.nxs"
+    with h5py.File(path, "w") as f:
+        entry = f.create_group("entry_1")
+        entry["definition"] = "NXcxi_ptycho"
+        detector = entry.create_group("instrument_1/detector_1")
+        detector["data"] = counts.reshape(8, 8, 64, 64)
+        translation = np.stack([x_nm, y_nm, np.zeros_like(x_nm)], 1).reshape(8, 8, 3)
+        detector["translation"] = translation
+        detector["translation"].attrs["units"] = "nm"
+        detector["x_pixel_size"] = bl.detector_pixel_m * 1e6
+        detector["x_pixel_size"].attrs["units"] = "um"
+        detector["distance"] = bl.distance_m * 1e3
+        detector["distance"].attrs["units"] = "mm"
+        entry["instrument_1/beam_1/incident_beam_energy"] = bl.energy_kev * 1e3
+        entry["instrument_1/beam_1/incident_beam_energy"].attrs["units"] = "eV"
+    with read_cxi(path) as scan:
+        assert scan.energy_kev == pytest.approx(bl.energy_kev)
+        assert scan.distance_m == pytest.approx(bl.distance_m)
+        assert scan.pixel_size_m == pytest.approx(bl.detector_pixel_m)
+        np.testing.assert_allclose(scan.positions_um, sample.positions_um, atol=1e-9)
+        assert scan.num_frames == 64 and scan.data_kind == "intensity" and scan.dc == "centre"
+        np.testing.assert_array_equal(scan.read(9, 12), counts[9:12])
