@@ -208,3 +208,17 @@ def test_packed_sums_keep_every_array_and_its_alignment() -> None:
         assert c.dtype == a.dtype and c.shape == a.shape and np.array_equal(a, c)
     with pytest.raises(TypeError, match="float64"):
         rk._packed((np.zeros(2),), np)
+
+
+def test_merging_after_every_batch_reaches_the_single_rank_error(
+    single: dict, tmp_path: Path
+) -> None:
+    """2 ranks merging ePIE / LSQ-ML after every batch (one global batch of both ranks'
+    batches; these cases' batch of 16 gives each rank 4 a pass) keep the tolerances of the
+    pass-end merge, and refinement still moves the positions towards the truth."""
+    cases = ["lsqml-positions", "epie-positions-affine"]
+    got = mpiexec(2, cases, tmp_path / "every.json", extra=("--merge-every", "1"))
+    for case in cases:
+        check_ranks_agree(got[case], 2)
+        assert got[case]["state_error"] <= 1.25 * single[case, False]["state_error"]
+        assert got[case]["position_error_px"] < 0.8 * got[case]["measured_position_error_px"]
