@@ -57,8 +57,16 @@ HC_J_M = 1.98644586e-25
 DETECT_FRAMES = 64
 #: Translations spanning more than this (metres) are not metres: a unit was left out.
 MAX_SPAN_M = 0.01
-#: Bytes of the file read at once while hashing it.
-HASH_CHUNK = 8 << 20
+#: Frames, spread over the scan, that the uid of a file without one is made from.
+HASHED_FRAMES = 16
+
+#: Where the translations are looked for, in order.
+TRANSLATION_PATHS = (
+    "data_1/translation",
+    "sample_1/geometry_1/translation",
+    "sample_1/geometry/translation",
+    "instrument_1/detector_1/translation",
+)
 
 _LENGTH = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9}
 _LENGTH.update({"angstrom": 1e-10, "å": 1e-10, "a": 1e-10, "metre": 1.0, "meter": 1.0})
@@ -70,17 +78,23 @@ class FileError(ConventionError):
     """A file lacks what a reconstruction needs (no frames, no energy, counts that differ)."""
 
 
-def stable_uid(path: Path, entry: str) -> str:
-    """A uid that is the same for the same file contents and entry, wherever the file lies.
+def stable_uid(frames: Any, translations: np.ndarray, entry: str) -> str:
+    """A uid that is the same for the same measurement, wherever its file lies.
 
-    A UUID (version 5) of the file's SHA-256 and the entry's name: reprocessing
-    the same file twice links both results to one ``raw_uid``.
+    A UUID (version 5) of the SHA-256 of what identifies the measurement: the
+    entry's name, the frames' shape and type, :data:`HASHED_FRAMES` frames
+    spread over the scan, and the translations as stored. Reading them is
+    quick whatever the file's size, and a copy of the file (even recompressed
+    or rechunked) gives the same uid, so reprocessing one measurement twice
+    links both results to one ``raw_uid``.
     """
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_CHUNK):
-            digest.update(block)
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cxi:sha256:{digest.hexdigest()}#{entry}"))
+    digest.update(f"{entry}|{tuple(frames.shape)}|{np.dtype(frames.dtype).str}".encode())
+    n = int(np.prod(frames.shape[:-2]))
+    for k in np.unique(np.linspace(0, n - 1, min(n, HASHED_FRAMES)).astype(int)):
+        digest.update(np.ascontiguousarray(_read_rows(frames, int(k), int(k) + 1)).tobytes())
+    digest.update(np.ascontiguousarray(translations, dtype=np.float64).tobytes())
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cxi:sha256:{digest.hexdigest()}"))
 
 
 def _text(value: Any) -> str:
@@ -293,7 +307,7 @@ def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None
     positions_um = _positions(entry, n, basis, conv.position_units, translation, notes)
     energy_kev = _energy_kev(entry, conv)
     distance_m = _distance(detector, conv, basis)
-    raw_uid, scan_id = _identity(handle, entry, path, name)
+    raw_uid, scan_id = _identity(handle, entry, name, frames)
     probe, probe_path = _read_probe(entry)
     return CxiScan(
         path=path,
@@ -391,15 +405,7 @@ def _positions(
     notes: list[str],
 ) -> np.ndarray:
     """Beam positions on the sample (µm) along the frames' rows and columns, (n, 2)."""
-    node = _first(
-        entry,
-        (
-            "data_1/translation",
-            "sample_1/geometry_1/translation",
-            "sample_1/geometry/translation",
-            "instrument_1/detector_1/translation",
-        ),
-    )
+    node = _first(entry, TRANSLATION_PATHS)
     if node is None:
         raise FileError(
             "the file has no translations (data_1/translation or sample_1/geometry_1/translation)"
@@ -526,7 +532,7 @@ def _read_probe(entry: Any) -> tuple[np.ndarray, str] | tuple[None, None]:
     return probe, str(node.name)
 
 
-def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int | None]:
+def _identity(handle: Any, entry: Any, name: str, frames: Any) -> tuple[str, int | None]:
     """The run's raw_uid (the file's own, else a hash of the file) and its scan id (an
     integer, as in a start document; None when the file has none)."""
     raw_uid: str | None = None
@@ -540,7 +546,8 @@ def _identity(handle: Any, entry: Any, path: Path, name: str) -> tuple[str, int 
             raw_uid = _text(holder.attrs["raw_uid"])
             break
     if not raw_uid:
-        raw_uid = stable_uid(path, name)
+        node = _first(entry, TRANSLATION_PATHS)
+        raw_uid = stable_uid(frames, np.asarray(node[()]), name)
     scan_id: int | None = None
     for holder in holders:
         if "scan_id" in holder and not isinstance(holder["scan_id"], h5py.Group):
