@@ -439,3 +439,34 @@ def test_a_probe_seeds_only_a_projection_of_the_same_window_and_pixel():
     assert [p["status"] for p in series["projections"]] == ["running", "complete", "running"]
     assert second_sink.finals[0]["series"]["probe_seed_from"] == first.uid
     assert second_sink.opened["series"] == {"key": "tomo_series", "id": "s1", "path": None}
+
+
+def test_a_series_write_tiled_refused_is_tried_again(tiled_server):
+    """While Tiled is unreachable the series waits (flush says so at once); once Tiled
+    answers, the writer's next attempt stores the rows that waited."""
+    from tiled.client import from_uri
+
+    up = [False]
+    store = TiledSeriesStore(
+        lambda: from_uri(tiled_server.uri),
+        catalog_path="processed/series-retry",
+        series_key="tomo_series",
+        reachable=lambda: up[0],
+        retry_s=0.2,
+    )
+    series_id = f"retry-{uuid.uuid4().hex[:6]}"
+    image = np.ones((4, 5), dtype=np.float32)
+    try:
+        for k, angle in enumerate((20.0, 10.0)):
+            uid = f"r{k}"
+            entry = {"raw_uid": uid, "angle_deg": angle, "arrival": float(k), "status": "complete"}
+            store.update(series_id, [entry], StackRow(uid, angle, float(k), image * k, image))
+        assert not store.flush(timeout=10)  # refused: said at once, not after the timeout
+        assert store.counters.get("write_errors") >= 1
+        up[0] = True
+        assert store.flush(timeout=30)
+    finally:
+        store.close(timeout=30)
+    node = from_uri(tiled_server.uri)["processed"]["series-retry"]["series"][series_id]
+    assert [r["raw_uid"] for r in node.metadata["stack"]] == ["r1", "r0"]
+    np.testing.assert_array_equal(node["phase"].read()[1], image * 0)

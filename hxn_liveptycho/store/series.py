@@ -127,6 +127,8 @@ class _Series:
     pending: list[StackRow] = field(default_factory=list)
     #: Metadata of every projection, by raw_uid (those Tiled held before included).
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Arrays a row was written to by an attempt that failed before the row was complete.
+    partial: dict[str, set[str]] = field(default_factory=dict)
     #: Updates Tiled lacks; being written.
     dirty: bool = False
     writing: bool = False
@@ -294,7 +296,8 @@ class TiledSeriesStore:
     def _open(self, state: _Series) -> Any:
         """The series' container, made if new; one Tiled already holds (a restarted serve,
         another process) is continued from its metadata."""
-        parent = catalog_node(self._client_factory(), [*self.catalog_path.split("/"), SERIES_GROUP])
+        parts = [p for p in self.catalog_path.split("/") if p]
+        parent = catalog_node(self._client_factory(), [*parts, SERIES_GROUP])
         key = key_part(state.series_id)
         try:
             node = parent[key]
@@ -336,19 +339,29 @@ class TiledSeriesStore:
             _replace(node, "angles", angle)
         else:
             assert state.shape is not None
-            tail = k < len(state.rows)
-            for name, value in (("phase", row.phase), ("amplitude", row.amplitude)):
-                block = fit_to(value, state.shape)[None]
+            held = len(state.rows)
+            # An attempt of this row that failed half way left some arrays one row longer:
+            # those are done already (rewriting them would shift their rows twice).
+            retry = row.raw_uid in state.partial
+            done = state.partial.setdefault(row.raw_uid, set())
+            arrays = (
+                ("phase", fit_to(row.phase, state.shape)[None]),
+                ("amplitude", fit_to(row.amplitude, state.shape)[None]),
+                ("angles", angle),
+            )
+            for name, block in arrays:
                 client = node[name]
-                if tail:  # rows after it move down by one
-                    block = np.concatenate([block, np.asarray(client[k:], dtype=np.float32)])
-                client.patch(np.ascontiguousarray(block), offset=(k, 0, 0), extend=True)
-            angles = node["angles"]
-            if tail:
-                angle = np.concatenate([angle, np.asarray(angles[k:], dtype=np.float64)])
-            angles.patch(angle, offset=(k,), extend=True)
-            if tail:
-                self.counters.add("rows_rewritten", len(state.rows) - k)
+                if name in done or (retry and int(client.shape[0]) > held):
+                    done.add(name)
+                    continue
+                if k < held:  # the rows after it move down by one
+                    block = np.concatenate([block, np.asarray(client[k:held], dtype=block.dtype)])
+                offset = (k,) + (0,) * (block.ndim - 1)
+                client.patch(np.ascontiguousarray(block), offset=offset, extend=True)
+                done.add(name)
+            if k < held:
+                self.counters.add("rows_rewritten", held - k)
+        state.partial.pop(row.raw_uid, None)
         state.rows.insert(k, (row.raw_uid, row.angle_deg, row.arrival))
         self.counters.add("rows_written")
 
