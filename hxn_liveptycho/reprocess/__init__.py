@@ -7,8 +7,8 @@ report = reconstruct_file("scan.cxi", overrides={"recon": {"iterations": 200}})
 (docs/reprocess.md says which conventions are read, detected or asked for).
 """
 
-from hxn_liveptycho.reprocess.conventions import ConventionError, FileConventions
-from hxn_liveptycho.reprocess.cxi_file import CxiScan, FileError, read_cxi
+from hxn_liveptycho.reprocess.conventions import ConventionError, FileConventions, FileError
+from hxn_liveptycho.reprocess.cxi_file import CxiScan, read_cxi
 from hxn_liveptycho.reprocess.run import ReprocessReport, reconstruct_file
 
 __all__ = [

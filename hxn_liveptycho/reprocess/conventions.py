@@ -26,6 +26,7 @@ __all__ = [
     "CORNER_RADIUS",
     "ConventionError",
     "FileConventions",
+    "FileError",
     "detect_data_kind",
     "detect_dc",
 ]
@@ -47,6 +48,10 @@ WHOLE_TOLERANCE = 1e-3
 
 class ConventionError(ConfigurationError):
     """A file's conventions cannot be determined; the message names the setting to pass."""
+
+
+class FileError(ConventionError):
+    """A file lacks what a reconstruction needs (no frames, no energy, counts that differ)."""
 
 
 class FileConventions(BaseModel):
