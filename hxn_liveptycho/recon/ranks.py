@@ -239,9 +239,15 @@ class RankGroup:
 
     comm: Ranks = field(default_factory=OneRank)
     merge_every: int = 0
-    indices: list[np.ndarray] = field(default_factory=list)
-    power_shared: bool = False
-    _start: PassStart | None = None
+    indices: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    power_shared: bool = field(default=False, init=False)
+    _start: PassStart | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.merge_every < 0:
+            raise ValueError(
+                f"merge_every takes 0 (each pass) or k >= 1 batches, got {self.merge_every}"
+            )
 
     @property
     def size(self) -> int:
