@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.control.transport import ZmqDocumentSource
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.store.checkpoint import Checkpoint, mark_left_behind
+from hxn_liveptycho.store.checkpoint import Checkpoint, mark_left_behind, stored_frames
+from hxn_liveptycho.store.diffraction import Diffraction
 
 # ServeService (the service the API fronts) lives in control/service.py; it is found here too.
 __all__ = [
@@ -99,7 +101,14 @@ def resume_runs(service: ServeService) -> list[Checkpoint]:
     ``incomplete`` with the checkpoint's state (docs/resume.md). The containers those
     runs left ``running`` are marked ``incomplete`` in the background. Call it before
     the service takes documents."""
-    checkpoints = service.live.engine.resume_checkpoints()
+    tiled = service.live.tiled
+
+    def stored(checkpoint: Checkpoint) -> Callable[[], Diffraction | None] | None:
+        if tiled is None or not checkpoint.container_path:
+            return None
+        return lambda: stored_frames(tiled.client(), checkpoint.container_path)
+
+    checkpoints = service.live.engine.resume_checkpoints(stored)
     if not checkpoints:
         return []
     service.adopt_runs(
@@ -109,7 +118,6 @@ def resume_runs(service: ServeService) -> list[Checkpoint]:
         }
     )
     logger.info("resuming %d run(s) from their checkpoints", len(checkpoints))
-    tiled = service.live.tiled
     if tiled is not None and any(checkpoint.container_path for checkpoint in checkpoints):
         threading.Thread(
             target=_mark_left_behind,

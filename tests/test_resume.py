@@ -3,6 +3,7 @@ takes its run up from the checkpoint, or ends it `incomplete` with the checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,9 @@ FIRST_ENV = {"LIVEPTYCHO_CHECKPOINT_INTERVAL_S": "0"}
 #: The resumed run's object, half from the checkpoint and half from the frames after the
 #: restart, against the phantom (the metric of test_end_to_end).
 MAX_RESUMED_OBJECT_ERROR = 0.25
+#: With the frames stored before the restart read back, every point is in the final passes
+#: (from a checkpoint taken early, with the disc guess for a probe).
+MAX_READ_BACK_OBJECT_ERROR = 0.22
 
 
 def _checkpoint(store: CheckpointStore) -> Checkpoint:
@@ -323,6 +327,7 @@ def test_serve_restarted_after_its_run_stopped_taking_data_ends_it_incomplete(
     assert second is not None and checkpoint is not None and run is not None
     try:
         assert run["status"] == "incomplete", second.log()
+        assert run["counters"].get("frames_read_back", 0) == 0  # no whole chunk was stored
         assert "serve restarted mid-run" in run["reason"] and "within 2 s" in run["reason"]
         node = next(
             n for n in _containers(tiled_server.uri, checkpoint.uid) if "resumed" in n.metadata
@@ -338,3 +343,153 @@ def test_serve_restarted_after_its_run_stopped_taking_data_ends_it_incomplete(
         assert len(skipped) == 1 and "not-a-run.npz" in skipped[0]
     finally:
         second.close()
+
+
+def test_the_frames_a_dead_run_stored_are_read_back_from_its_container(tmp_path, tiled_server):
+    """stored_frames reads the diffraction/ rows a run's sink appended before it stopped."""
+    from tiled.client import from_uri
+
+    from hxn_liveptycho.store.checkpoint import stored_frames
+    from hxn_liveptycho.store.tiled import TiledSink
+
+    client = from_uri(tiled_server.uri)
+    sink = TiledSink(
+        lambda: client,
+        catalog_path="processed/liveptycho",
+        backup_dir=tmp_path / "backup",
+        diffraction_chunk_frames=4,
+    )
+    raw_uid = str(uuid.uuid4())
+    sink.open(None, {"raw_uid": raw_uid, "scan_id": 9, "status": "running"})
+    rng = np.random.default_rng(3)
+    amplitudes = rng.uniform(0, 30, (10, 16, 16)).astype(np.float32)
+    positions = rng.uniform(0, 1e-6, (10, 2))
+    try:
+        for i in range(10):
+            sink.diffraction(np.array([i]), amplitudes[i : i + 1], positions[i : i + 1])
+        deadline = time.monotonic() + 20
+        while sink.diffraction_rows_stored < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.container_path is not None
+        read = stored_frames(client, sink.container_path)
+        assert read is not None and len(read.indices) == 8  # two whole chunks; 2 in memory
+        np.testing.assert_array_equal(read.indices, np.arange(8))
+        np.testing.assert_allclose(read.amplitude, amplitudes[:8], rtol=1e-3, atol=0.02)
+        np.testing.assert_allclose(read.positions_m, positions[:8])
+        assert stored_frames(client, "processed/liveptycho/no-such-run") is None
+        assert stored_frames(client, None) is None
+    finally:
+        sink.close(timeout=30)
+
+
+@pytest.mark.slow  # two LivePtycho engines and a CPU reconstruction of the whole scan
+def test_a_resumed_run_iterates_again_on_the_frames_stored_before_the_restart(
+    RE, hxn_detectors, tmp_path, tiled_server
+):
+    """A run taken up again reads its stored frames back: with the frames after the restart
+    every point of the scan is in its final passes, positions and diffraction/."""
+    from tiled.client import from_uri
+
+    from hxn_liveptycho.callback import LivePtycho
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.store.checkpoint import stored_frames
+    from hxn_liveptycho.store.tiled import TiledSink
+
+    eiger, panda = hxn_detectors
+    client = from_uri(tiled_server.uri)
+
+    def sink() -> TiledSink:  # small chunks: the frames before the restart are in Tiled
+        return TiledSink(
+            lambda: client,
+            catalog_path="processed/liveptycho",
+            backup_dir=tmp_path / "backup",
+            diffraction_chunk_frames=8,
+        )
+
+    settings = Settings(
+        eiger_endpoint=eiger.endpoint,
+        panda_endpoint=panda.endpoint,
+        data_dir=tmp_path / "data",
+        live_interval_s=0.3,
+        checkpoint_interval_s=0,
+        # The disc guess opens the solver with the first frames (an estimate may wait for
+        # more than the held scan's half): this test is about what comes after.
+        overrides={"recon": {"iterations": 10}, "probe": {"initial": "guess"}},
+    )
+    store = CheckpointStore.in_data_dir(settings.data_dir)
+    first = LivePtycho(settings, sink_factory=sink)
+    token = RE.subscribe(first)
+    second: list[LivePtycho] = []
+    saved: dict[str, Any] = {}
+
+    def take_over() -> None:
+        """Once the first engine has a checkpoint of every frame before the hold: keep it,
+        close that engine, put the checkpoint back and let a second engine resume it."""
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                runs = [s for s in first.engine.sessions() if not s.finished]
+                uids = store.uids()
+                if runs and uids:
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        seen = store.load(uids[0])
+                        if seen.frames_used >= HALF and seen.iteration >= 3:
+                            saved["bytes"] = store.path(seen.uid).read_bytes()
+                            saved["checkpoint"] = seen
+                            break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"no checkpoint of the held scan: {first.status()['runs']}")
+            RE.unsubscribe(token)
+            first.close()
+            store.path(saved["checkpoint"].uid).write_bytes(saved["bytes"])
+            live = LivePtycho(settings, sink_factory=sink)
+            second.append(live)
+            RE.subscribe(live)
+            live.engine.resume_checkpoints(
+                lambda cp: lambda: stored_frames(client, cp.container_path)
+            )
+            # The new receivers subscribe (0MQ's slow joiner; the held publishers answer no
+            # question about their subscribers until they go on).
+            time.sleep(1.0)
+        except BaseException as exc:
+            saved["error"] = exc
+        finally:
+            eiger.release()
+            panda.release()
+
+    assert eiger.publisher.wait_for_subscribers(1, timeout=10)
+    assert panda.publisher.wait_for_subscribers(1, timeout=10)
+    controller = threading.Thread(target=take_over, name="liveptycho-test-take-over")
+    controller.start()
+    sample = SimulatedSample(BEAMLINE)
+    try:
+        try:
+            result = fly(RE, eiger, panda, sample, dwell=0.03, hold_before=HALF)
+        finally:
+            controller.join(90)
+            if "error" in saved:
+                raise saved["error"]
+        assert second and second[0].wait(timeout=120)
+        run = second[0].status()["runs"][-1]
+        checkpoint = saved["checkpoint"]
+        assert run["uid"] == result.run_start_uids[0] == checkpoint.uid
+        assert run["status"] == "complete", run
+        assert run["counters"]["frames_read_back"] == HALF
+        assert run["counters"]["frames_used"] == BEAMLINE.x_num * BEAMLINE.y_num
+        node = next(
+            n for n in _containers(tiled_server.uri, checkpoint.uid) if "resumed" in n.metadata
+        )
+        assert node.metadata["resumed"]["frames_read_back"] == HALF
+        positions = node["final"]["positions_m"].read()
+        assert positions.shape == (BEAMLINE.x_num * BEAMLINE.y_num, 2)
+        stored = node["diffraction"]["indices"].read()
+        assert sorted(stored) == list(range(BEAMLINE.x_num * BEAMLINE.y_num))
+        error, *_ = final_object_error(sample, node)
+        assert error <= MAX_READ_BACK_OBJECT_ERROR, f"object error {error:.3f}"
+        assert store.uids() == []
+    finally:
+        controller.join(30)
+        first.close()
+        for live in second:
+            live.close()

@@ -48,6 +48,7 @@ from hxn_liveptycho.pipeline.session import SUPERSEDED, RunSession, SinkFactory
 from hxn_liveptycho.recon.iterative import IterativeParams
 from hxn_liveptycho.recon.worker import SolverWorker, WarmUp
 from hxn_liveptycho.store.checkpoint import Checkpoint, CheckpointStore
+from hxn_liveptycho.store.diffraction import Diffraction
 from hxn_liveptycho.streams import CurveKeys, EigerFrame, EigerReceiver, PandaReceiver
 from hxn_liveptycho.streams.eiger_processes import EigerProcessReceiver
 from hxn_liveptycho.util.counters import Counters
@@ -236,7 +237,7 @@ class Engine:
                 if isinstance(item, Document):
                     self._route_document(item.name, item.doc)
                 elif isinstance(item, Resume):
-                    self._resume_run(item.checkpoint)
+                    self._resume_run(item.checkpoint, item.stored_frames)
                 else:
                     self._route_stream(item)
             except Exception:
@@ -314,21 +315,37 @@ class Engine:
         session.begin()
 
     # ---- runs taken up again from their checkpoints (docs/resume.md) -------------------
-    def resume(self, checkpoint: Checkpoint) -> None:
+    def resume(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        stored_frames: Callable[[], Diffraction | None] | None = None,
+    ) -> None:
         """Take run ``checkpoint.uid`` up again from its checkpoint: after a restart, or
         from another worker that died. Its session is made in order with every other input
-        (frames and documents that arrive after this call are its own)."""
-        self._queue.put(Resume(checkpoint))
+        (frames and documents that arrive after this call are its own); ``stored_frames``
+        reads back the frames the dead process stored, which the solver takes first."""
+        self._queue.put(Resume(checkpoint, stored_frames))
 
-    def resume_checkpoints(self) -> list[Checkpoint]:
+    def resume_checkpoints(
+        self,
+        stored_frames: Callable[[Checkpoint], Callable[[], Diffraction | None] | None]
+        | None = None,
+    ) -> list[Checkpoint]:
         """Resume every run with a checkpoint under ``data_dir`` (runs a dead process never
-        ended); the checkpoints, oldest first. Unreadable ones are reported and set aside."""
+        ended); the checkpoints, oldest first. Unreadable ones are reported and set aside.
+        ``stored_frames(checkpoint)``: what reads back that run's stored frames."""
         checkpoints = CheckpointStore.in_data_dir(self.settings.data_dir).load_all()
         for checkpoint in checkpoints:
-            self.resume(checkpoint)
+            reader = None if stored_frames is None else stored_frames(checkpoint)
+            self.resume(checkpoint, stored_frames=reader)
         return checkpoints
 
-    def _resume_run(self, checkpoint: Checkpoint) -> None:
+    def _resume_run(
+        self,
+        checkpoint: Checkpoint,
+        stored_frames: Callable[[], Diffraction | None] | None = None,
+    ) -> None:
         uid = checkpoint.uid
         if uid in self._sessions:
             logger.warning("run %s is already here; its checkpoint is not resumed", uid[:8])
@@ -341,6 +358,7 @@ class Engine:
             solver_worker=self.solver_worker,
             nn_pool=self.nn_pool,
             resume=checkpoint,
+            stored_frames=stored_frames,
         )
         for name, doc in checkpoint.documents:
             if name == "descriptor" and doc.get("uid"):

@@ -9,13 +9,14 @@ once, and a type checker sees every producer and the one consumer.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from hxn_liveptycho.store.checkpoint import Checkpoint
+from hxn_liveptycho.store.diffraction import Diffraction
 from hxn_liveptycho.streams import EigerFrame
 from hxn_liveptycho.util.counters import Counters
 
@@ -84,9 +85,11 @@ class Flush:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """A run to take up again from its checkpoint (after a restart, or from another worker)."""
+    """A run to take up again from its checkpoint (after a restart, or from another worker),
+    and what reads back the frames the dead process stored (None: nothing to read)."""
 
     checkpoint: Checkpoint
+    stored_frames: Callable[[], Diffraction | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ from hxn_liveptycho.store.checkpoint import (
     config_hash,
     light_header,
 )
+from hxn_liveptycho.store.diffraction import Diffraction
 from hxn_liveptycho.util.counters import Counters
 
 logger = logging.getLogger(__name__)
@@ -101,9 +102,11 @@ class RunSession(SessionResults):
         nn_pool: WorkerPool | None = None,
         probe_seed: Callable[[int], np.ndarray | None] | None = None,
         resume: Checkpoint | None = None,
+        stored_frames: Callable[[], Diffraction | None] | None = None,
     ) -> None:
         """``resume``: the checkpoint of a run taken up again after a restart (its saved
-        documents are taken again first; see :mod:`.resume`)."""
+        documents are taken again first; see :mod:`.resume`), and ``stored_frames`` what
+        reads back the frames the dead process stored."""
         self.start_doc = dict(start)
         self.uid: str = start.get("uid", "")
         self.scan_id = start.get("scan_id")
@@ -173,8 +176,12 @@ class RunSession(SessionResults):
         )
         self._last_checkpoint = -float("inf")
         self._resumed: ResumedRun | None = None
+        #: Frames read back for a resumed run, fed to the solver before any new one.
+        self._read_back: Diffraction | None = None
         if resume is not None:
-            self._resumed = ResumedRun(resume, timeout_s=settings.resume_timeout_s)
+            self._resumed = ResumedRun(
+                resume, timeout_s=settings.resume_timeout_s, stored_frames=stored_frames
+            )
             self.iteration = resume.iteration
             for name, doc in self._resumed.saved_documents():
                 self._inbox.put(("doc", (name, doc)))
@@ -487,6 +494,8 @@ class RunSession(SessionResults):
     def _feed_solver(self) -> None:
         if self._assembler is None or self.config is None or self._geometry is None:
             return
+        if self._read_back is not None:
+            self._feed_read_back(self.config, self._geometry)
         self._pending_frames.extend(self._assembler.pop_ready())
         if not self._pending_frames:
             return
@@ -642,6 +651,25 @@ class RunSession(SessionResults):
             self.log.warning("the solver starts afresh: %s", self._resumed.refused)
         self._solver.start_state = start
         self.latest_snapshot = self._resumed.snapshot(geometry)
+        self._read_back = self._resumed.read_stored_frames(geometry.window, self.log)
+
+    def _feed_read_back(self, config: ScanConfig, geometry: CanvasGeometry) -> None:
+        """The frames read back from the dead process's container go to the solver (and
+        the new container) as they were stored: cropped amplitudes, positions in metres."""
+        frames, self._read_back = self._read_back, None
+        assert frames is not None
+        amplitudes = np.ascontiguousarray(frames.amplitude, dtype=np.float32)
+        positions_px = geometry.to_pixels(frames.positions_m * 1e6)
+        if self._nn is not None:
+            self._nn.submit(amplitudes, positions_px)
+        if config.mode != "nn" and self._solver.failure is None:
+            self._solver.add(
+                amplitudes, positions_px, config=config, canvas_shape=geometry.canvas_shape
+            )
+        if self._sink is not None:
+            self._sink.diffraction(frames.indices, amplitudes, frames.positions_m)
+        self.counters.add("frames_used", len(frames.indices))
+        self.counters.add("frames_read_back", len(frames.indices))
 
     def _end_checkpoints(self) -> None:
         """The run has ended: its checkpoint goes once its result is stored (in Tiled or

@@ -39,6 +39,7 @@ import numpy as np
 
 from hxn_liveptycho.errors import LivePtychoError
 from hxn_liveptycho.store.container import key_part
+from hxn_liveptycho.store.diffraction import Diffraction, read_diffraction
 from hxn_liveptycho.util.jsonsafe import json_safe
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "config_hash",
     "light_header",
     "mark_left_behind",
+    "stored_frames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -404,3 +406,30 @@ def mark_left_behind(root: Any, checkpoint: Checkpoint) -> bool:
     )
     node.update_metadata(metadata=metadata)
     return True
+
+
+def stored_frames(root: Any, container_path: str | None) -> Diffraction | None:
+    """The measured frames a run's container holds in ``diffraction/`` (appended in chunks
+    while the run went on), in the order they were stored; None when it holds none. What a
+    resumed run reads back of the frames the dead process had received: all but those
+    still waiting in its memory for a whole chunk."""
+    if not container_path:
+        return None
+    node = root
+    try:
+        for part in (p for p in container_path.split("/") if p):
+            node = node[part]
+        if "diffraction" not in node or "amplitude" not in node["diffraction"]:
+            return None
+        read = read_diffraction(node, order="stored")
+    except KeyError:
+        return None
+    rows = min(len(read.indices), len(read.amplitude), len(read.positions_m))
+    if rows == 0:
+        return None
+    return Diffraction(
+        indices=read.indices[:rows],
+        amplitude=read.amplitude[:rows],
+        positions_m=read.positions_m[:rows],
+        order=read.order,
+    )
