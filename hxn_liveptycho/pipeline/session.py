@@ -602,7 +602,10 @@ class RunSession(SessionResults):
         documents = [("start", self.start_doc), *self._inputs.kept_documents]
         if self._inputs.stop_doc is not None:
             documents.append(("stop", self._inputs.stop_doc))
-        before = self._resumed.checkpoint if self._resumed is not None else None
+        # A resumed run counts the frames only its checkpoint's state holds too.
+        counted = self.counters.snapshot()
+        if self._resumed is not None:
+            counted = self._resumed.counted_with_before(counted)
         remote = self._solver.remote
         window = self._window
         self._checkpoints.submit(
@@ -616,10 +619,8 @@ class RunSession(SessionResults):
                 probe=np.asarray(probe),
                 positions_px=np.asarray(state.get("positions_px", np.zeros((0, 2)))),
                 error_history=np.asarray([] if remote is None else remote.error_history),
-                frames_received=self.counters.get("frames_received")
-                + (0 if before is None else before.frames_received),
-                frames_used=self.counters.get("frames_used")
-                + (0 if before is None else before.frames_used),
+                frames_received=counted.get("frames_received", 0),
+                frames_used=counted.get("frames_used", 0),
                 series_header=light_header(self._series_header),
                 window=None
                 if window is None
