@@ -295,3 +295,35 @@ def test_an_nxcxi_ptycho_file_with_units_and_a_grid_of_frames_is_read(tmp_path):
         np.testing.assert_allclose(scan.positions_um, sample.positions_um, atol=1e-9)
         assert scan.num_frames == 64 and scan.data_kind == "intensity" and scan.dc == "centre"
         np.testing.assert_array_equal(scan.read(9, 12), counts[9:12])
+
+
+def test_a_detector_mounted_transposed_is_read_through_its_basis_vectors(tmp_path, tiled_server):
+    """Frames stored transposed, with basis vectors saying rows step along -x and columns
+    along -y: the frames are left as stored and the positions are projected on those axes,
+    so the object comes out transposed, to the same bound (nothing is flipped)."""
+    sample = _sample()
+    p = sample.beamline.detector_pixel_m
+    transposed = np.ascontiguousarray(sample.intensities.transpose(0, 2, 1))
+    path = write_cxi(tmp_path / "transposed.cxi", sample, frames=transposed)
+    with h5py.File(path, "r+") as f:
+        f["entry_1/instrument_1/detector_1/basis_vectors"][...] = [[-p, 0, 0], [0, -p, 0]]
+    with read_cxi(path) as scan:
+        np.testing.assert_allclose(scan.positions_um, sample.positions_um[:, ::-1], atol=1e-9)
+        np.testing.assert_array_equal(scan.read(0, 2), transposed[:2])
+    report = reconstruct_file(
+        path,
+        settings=_settings(tmp_path, tiled_server),
+        overrides={"recon": {"iterations": ITERATIONS}},
+    )
+    assert report.status == "complete", report.summary()
+    from tiled.client import from_uri
+
+    node = processed(from_uri(tiled_server.uri), report.raw_uid)
+    recon = node["final"]["object"].read().T  # back in the phantom's (y, x) axes
+    origin = node.metadata["canvas"]["origin_um"][::-1]
+    error = object_error(*aligned_pair(sample, recon, origin))
+    assert error <= MAX_OBJECT_ERROR, f"object error {error:.3f}"
+    with h5py.File(path, "r+") as f:  # rows along the beam: no way to place the positions
+        f["entry_1/instrument_1/detector_1/basis_vectors"][...] = [[0, 0, p], [0, -p, 0]]
+    with pytest.raises(ConventionError, match="pass --basis-vectors"):
+        read_cxi(path)
