@@ -493,3 +493,128 @@ def test_a_resumed_run_iterates_again_on_the_frames_stored_before_the_restart(
         first.close()
         for live in second:
             live.close()
+
+
+class _KeepingSink:
+    """A result sink that keeps what a run wrote (the ResultSink protocol, no Tiled)."""
+
+    def __init__(self) -> None:
+        self.on_stored_later = None
+        self.container_path = f"processed/liveptycho/kept-{uuid.uuid4().hex[:6]}"
+        self.opened: dict[str, Any] = {}
+        self.live_snapshots: list[dict[str, Any]] = []
+        self.finals: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def open(self, config: Any, metadata: Any) -> None:
+        self.opened = dict(metadata)
+
+    def live(self, snapshot: Any) -> None:
+        self.live_snapshots.append(dict(snapshot))
+
+    def diffraction(self, indices: Any, amplitudes: Any, positions_m: Any) -> None:
+        pass
+
+    def nn(self, snapshot: Any) -> None:
+        pass
+
+    def final(self, snapshot: Any, metadata: Any) -> None:
+        self.finals.append((dict(snapshot), dict(metadata)))
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+def _hxn_run_checkpoint(settings_hash: str | None) -> Checkpoint:
+    """A checkpoint of an HXN fly scan's documents (event-model's compose_run), its state
+    on the canvas those documents configure; ``settings_hash`` None: the run's own."""
+    from event_model import compose_run
+    from scans import THETA_12KEV_DEG, hxn_start_md
+
+    from hxn_liveptycho.config.scan import scan_config_from_documents
+    from hxn_liveptycho.pipeline.geometry import CanvasGeometry
+    from hxn_liveptycho.store.checkpoint import config_hash
+
+    number = {"dtype": "number", "shape": []}
+    bundle = compose_run(metadata=hxn_start_md())
+    keys = ("eiger2_image", "inenc2_val", "inenc3_val")
+    primary = bundle.compose_descriptor(
+        name="primary", data_keys={k: {"source": f"SIM:{k}", **number} for k in keys}
+    ).descriptor_doc
+    base = bundle.compose_descriptor(
+        name="baseline", data_keys={"dcm_th": {"source": "SIM:dcm_th", **number}}
+    )
+    page = base.compose_event_page(
+        data={"dcm_th": [THETA_12KEV_DEG]}, timestamps={"dcm_th": [0.0]}, seq_num=[1]
+    )
+    config = scan_config_from_documents(
+        bundle.start_doc,
+        descriptors=[primary, base.descriptor_doc],
+        baseline={"dcm_th": THETA_12KEV_DEG},
+        overrides={},
+    )
+    geometry = CanvasGeometry.from_scan(config)
+    rng = np.random.default_rng(5)
+    shape, n = geometry.canvas_shape, geometry.window
+    return Checkpoint(
+        uid=bundle.start_doc["uid"],
+        documents=[
+            ("start", dict(bundle.start_doc)),
+            ("descriptor", dict(primary)),
+            ("descriptor", dict(base.descriptor_doc)),
+            ("event_page", dict(page)),
+        ],
+        overrides={},
+        settings_hash=settings_hash or config_hash(config.model_dump(mode="json")),
+        iteration=17,
+        object=np.exp(1j * rng.uniform(-1, 1, shape)).astype(np.complex64),
+        probe=(rng.normal(size=(1, n, n)) + 1j).astype(np.complex64),
+        positions_px=rng.uniform(0, 30, (12, 2)),
+        error_history=np.linspace(0.5, 0.05, 17),
+        frames_used=12,
+        frames_received=12,
+        streams_open={"eiger": True, "panda": True},
+        container_path="processed/liveptycho/left-behind",
+    )
+
+
+def test_an_engine_resumes_checkpoints_and_ends_them_incomplete_without_more_data(tmp_path):
+    """In one process, no Tiled: the engine takes up every checkpoint under data_dir; no data
+    come, so each run ends incomplete with its checkpoint's object and probe, its solver
+    state restored only when the run is configured as it was; the files are removed."""
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.engine import Engine
+
+    settings = Settings(data_dir=tmp_path, resume_timeout_s=0.5, array_backend="numpy")
+    store = CheckpointStore.in_data_dir(tmp_path)
+    same, changed = _hxn_run_checkpoint(None), _hxn_run_checkpoint("another-configuration")
+    store.save(same)
+    store.save(changed)
+    sinks: list[_KeepingSink] = []
+
+    def sink() -> _KeepingSink:
+        sinks.append(_KeepingSink())
+        return sinks[-1]
+
+    engine = Engine(settings, sink_factory=sink)
+    try:
+        resumed = engine.resume_checkpoints()
+        assert {c.uid for c in resumed} == {same.uid, changed.uid}
+        assert engine.wait_idle(60)
+        assert engine.status()["engine"]["runs_resumed"] == 2
+        for checkpoint, restored in ((same, True), (changed, False)):
+            session = engine.session(checkpoint.uid)
+            assert session is not None and session.status == "incomplete"
+            assert session.reason is not None and "within 0.5 s" in session.reason
+            (kept,) = [s for s in sinks if s.opened.get("raw_uid") == checkpoint.uid]
+            assert kept.live_snapshots, "the checkpoint's picture is written at once"
+            ((snapshot, metadata),) = kept.finals
+            np.testing.assert_array_equal(snapshot["object"], checkpoint.object)
+            np.testing.assert_array_equal(snapshot["probe"], checkpoint.probe[0])
+            assert snapshot["positions_m"].shape == (12, 2)
+            assert metadata["status"] == "incomplete" and metadata["iteration"] == 17
+            assert metadata["resumed"]["from_iteration"] == 17
+            assert metadata["resumed"]["state_restored"] is restored
+            assert metadata["resumed"]["previous_container"] == "processed/liveptycho/left-behind"
+        assert store.uids() == []
+    finally:
+        engine.close()
