@@ -96,10 +96,12 @@ class ReprocessReport(BaseModel):
 
 def _median_spacing_um(positions_um: np.ndarray) -> float:
     """The median distance from each position to its nearest neighbour (the scan's step)."""
-    points = positions_um[:: max(1, len(positions_um) // 2000)]
-    gaps = np.hypot(*(points[:, None, :] - points[None, :, :]).transpose(2, 0, 1))
-    np.fill_diagonal(gaps, np.inf)
-    nearest = gaps.min(axis=1)
+    from scipy.spatial import cKDTree
+
+    if len(positions_um) < 2:
+        return 1.0
+    gaps, _ = cKDTree(positions_um).query(positions_um, k=2)
+    nearest = gaps[:, 1]
     nearest = nearest[np.isfinite(nearest) & (nearest > 0)]
     return float(np.median(nearest)) if nearest.size else 1.0
 
