@@ -128,14 +128,17 @@ def solve(
 
 def outcome(scan: Scan, s: StreamingSolver, positions: np.ndarray) -> dict[str, Any]:
     """What the tests compare: the state's data error (all ranks), the object's error
-    against the phantom, the positions' error, and a digest of the object and probe."""
+    against the phantom, the positions' error, the global position model's scales (1
+    without one), and a digest of the object and probe."""
     digest = hashlib.sha256(
         np.ascontiguousarray(to_host(s.object_modes)).tobytes()
         + np.ascontiguousarray(to_host(s.probe_modes)).tobytes()
     ).hexdigest()
+    snap = rk.snapshot(s, state_error=True)  # collective: every rank calls it
     return {
-        "state_error": s.state_error(),
-        "object_error": object_error(scan.obj, s.snapshot()["object"], scan.mask),
+        "state_error": snap["state_error"],
+        "object_error": object_error(scan.obj, snap["object"], scan.mask),
+        "model_scale": [snap.get(f"position_model_scale_{a}", 1.0) for a in "yx"],
         "position_error_px": float(np.sqrt(np.mean((positions - scan.positions) ** 2))),
         "measured_position_error_px": float(
             np.sqrt(np.mean((scan.measured - scan.positions) ** 2))

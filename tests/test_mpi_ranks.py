@@ -144,12 +144,17 @@ def test_position_refinement_across_ranks_moves_positions_towards_the_truth(
     case: str, ranks: int, refined: dict[str, Any], single: dict
 ) -> None:
     """Refinement gathered over the ranks (free, and the global affine+drift model) lowers
-    the position error below 80 % of the measured one; data error within 25 %."""
+    the position error below 80 % of the measured one; data error within 25 %; the
+    snapshot's global model, fitted to all ranks' positions, shrinks the encoders' scale."""
     got, want = refined[case], single[case, False]
     check_ranks_agree(got, ranks)
     assert got["position_error_px"] < 0.8 * got["measured_position_error_px"]
     assert want["position_error_px"] < 0.8 * want["measured_position_error_px"]
     assert got["state_error"] <= 1.25 * want["state_error"]
+    if case.endswith("affine"):  # the snapshot's model is fitted to every rank's positions
+        # (the encoders' scale is 1.03: the fit moves from 1 towards 1 / 1.03)
+        assert all(1 / 1.03 - 0.01 < scale < 0.999 for scale in got["model_scale"])
+        assert all(1 / 1.03 - 0.01 < scale < 0.999 for scale in want["model_scale"])
 
 
 @pytest.mark.parametrize("case", STREAMED)

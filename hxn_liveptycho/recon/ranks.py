@@ -59,6 +59,7 @@ import numpy as np
 from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import Batch
 from hxn_liveptycho.recon._modes import orthogonalize_modes
+from hxn_liveptycho.recon._positions import position_model_entries
 from hxn_liveptycho.recon.backend import array_namespace, to_host
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ __all__ = [
     "assign_ranks",
     "gather_positions",
     "grid_shape",
+    "snapshot",
 ]
 
 
@@ -488,15 +490,41 @@ def add_share(
     return len(take)
 
 
+def _all_rows(s: StreamingSolver) -> np.ndarray:
+    """Every rank's (measured y, x, current y, x, global index) rows in scan order, on every
+    rank (collective)."""
+    group, m = s._ranks, s._n_active
+    mine = np.concatenate(
+        [
+            np.asarray(to_host(s._meas[:m]), dtype=np.float64).reshape(m, 2),
+            np.asarray(to_host(s._pos[:m]), dtype=np.float64).reshape(m, 2),
+            group._global_indices(m)[:, None].astype(np.float64),
+        ],
+        axis=1,
+    )
+    rows = np.concatenate(group.comm.gather_rows(mine))
+    return rows[np.argsort(rows[:, 4], kind="stable")]
+
+
 def gather_positions(s: StreamingSolver) -> np.ndarray:
     """All ranks' current positions (N, 2) in global index order, on every rank
     (collective; with one rank, :attr:`~StreamingSolver.positions_px`)."""
-    group = s._ranks
-    if group.size == 1:
+    if s._ranks.size == 1:
         return s.positions_px
-    m = s._n_active
-    mine = np.concatenate(
-        [s.positions_px, group._global_indices(m)[:, None].astype(np.float64)], axis=1
+    return _all_rows(s)[:, 2:4].copy()
+
+
+def snapshot(s: StreamingSolver, *, state_error: bool = False) -> dict[str, Any]:
+    """:meth:`StreamingSolver.snapshot` of the whole scan, on every rank (collective): the
+    object and probe (the same on every rank), the error of all ranks' frames, and the
+    global position model fitted to every rank's positions, not this rank's alone."""
+    snap: dict[str, Any] = dict(s.snapshot(state_error=state_error))
+    if s._ranks.size == 1:
+        return snap
+    rows = _all_rows(s)
+    everyone = types.SimpleNamespace(
+        params=s.params, _n_active=len(rows), _meas=rows[:, 0:2], _pos=rows[:, 2:4]
     )
-    rows = np.concatenate(group.comm.gather_rows(mine))
-    return rows[np.argsort(rows[:, 2], kind="stable"), :2]
+    snap = {k: v for k, v in snap.items() if not k.startswith("position_model_")}
+    snap.update(position_model_entries(cast("StreamingSolver", everyone)))
+    return snap
