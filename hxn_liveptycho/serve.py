@@ -31,8 +31,9 @@ from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.control.transport import ZmqDocumentSource
 from hxn_liveptycho.errors import ConfigurationError
-from hxn_liveptycho.store.checkpoint import Checkpoint, mark_left_behind, stored_frames
+from hxn_liveptycho.store.checkpoint import Checkpoint
 from hxn_liveptycho.store.diffraction import Diffraction
+from hxn_liveptycho.store.left_behind import mark_left_behind, stored_frames
 
 # ServeService (the service the API fronts) lives in control/service.py; it is found here too.
 __all__ = [

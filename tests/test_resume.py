@@ -349,7 +349,7 @@ def test_the_frames_a_dead_run_stored_are_read_back_from_its_container(tmp_path,
     """stored_frames reads the diffraction/ rows a run's sink appended before it stopped."""
     from tiled.client import from_uri
 
-    from hxn_liveptycho.store.checkpoint import stored_frames
+    from hxn_liveptycho.store.left_behind import stored_frames
     from hxn_liveptycho.store.tiled import TiledSink
 
     client = from_uri(tiled_server.uri)
@@ -392,7 +392,7 @@ def test_a_resumed_run_iterates_again_on_the_frames_stored_before_the_restart(
 
     from hxn_liveptycho.callback import LivePtycho
     from hxn_liveptycho.config.settings import Settings
-    from hxn_liveptycho.store.checkpoint import stored_frames
+    from hxn_liveptycho.store.left_behind import stored_frames
     from hxn_liveptycho.store.tiled import TiledSink
 
     eiger, panda = hxn_detectors

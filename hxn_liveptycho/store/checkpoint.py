@@ -31,7 +31,6 @@ import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ import numpy as np
 
 from hxn_liveptycho.errors import LivePtychoError
 from hxn_liveptycho.store.container import key_part
-from hxn_liveptycho.store.diffraction import Diffraction, read_diffraction
 from hxn_liveptycho.util.jsonsafe import json_safe
 
 __all__ = [
@@ -50,8 +48,6 @@ __all__ = [
     "CheckpointWriter",
     "config_hash",
     "light_header",
-    "mark_left_behind",
-    "stored_frames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -376,60 +372,3 @@ def light_header(header: Mapping[str, Any]) -> dict[str, Any]:
     needs of it (beam centre, frame time)."""
     keep = (str, int, float, bool, type(None))
     return {str(k): v for k, v in header.items() if isinstance(v, keep)}
-
-
-def mark_left_behind(root: Any, checkpoint: Checkpoint) -> bool:
-    """The container a dead process left ``running`` (``checkpoint.container_path``) is
-    marked ``incomplete``, its reason naming the restart: the resumed run writes its
-    result to a container of its own (same ``raw_uid``; its metadata ``resumed`` names
-    this one). False when there is nothing to mark (no container, or one already ended)."""
-    path = checkpoint.container_path
-    if not path:
-        return False
-    node = root
-    try:
-        for part in (p for p in path.split("/") if p):
-            node = node[part]
-    except KeyError:
-        return False
-    metadata = dict(node.metadata)
-    if metadata.get("status") != "running":
-        return False
-    metadata.update(
-        status="incomplete",
-        reason=(
-            "the process writing this run stopped mid-run; it was resumed from its checkpoint "
-            f"at iteration {checkpoint.iteration}, and its result is in a newer container "
-            "with the same raw_uid (metadata 'resumed')"
-        ),
-        left_behind_at=datetime.now(UTC).isoformat(),
-    )
-    node.update_metadata(metadata=metadata)
-    return True
-
-
-def stored_frames(root: Any, container_path: str | None) -> Diffraction | None:
-    """The measured frames a run's container holds in ``diffraction/`` (appended in chunks
-    while the run went on), in the order they were stored; None when it holds none. What a
-    resumed run reads back of the frames the dead process had received: all but those
-    still waiting in its memory for a whole chunk."""
-    if not container_path:
-        return None
-    node = root
-    try:
-        for part in (p for p in container_path.split("/") if p):
-            node = node[part]
-        if "diffraction" not in node or "amplitude" not in node["diffraction"]:
-            return None
-        read = read_diffraction(node, order="stored")
-    except KeyError:
-        return None
-    rows = min(len(read.indices), len(read.amplitude), len(read.positions_m))
-    if rows == 0:
-        return None
-    return Diffraction(
-        indices=read.indices[:rows],
-        amplitude=read.amplitude[:rows],
-        positions_m=read.positions_m[:rows],
-        order=read.order,
-    )
