@@ -302,7 +302,7 @@ def test_live_page_shows_the_series_stack_growing(
         assert [row[2] for row in state["rows"]] == by_angle
         # The first projection started from the guess, the next from the one before.
         seeds = {row[2]: row[4] for row in state["rows"]}
-        assert seeds[uids[0][:8]] == "guess"
+        assert seeds[uids[0][:8]] == "its data"
         assert seeds[uids[1][:8]] == uids[0][:8] and seeds[uids[2][:8]] == uids[1][:8]
         assert state["width"] > 16
         # The API serves the same series, and another row of the stack on request.

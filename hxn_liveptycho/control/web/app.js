@@ -138,7 +138,7 @@ function showSeries(series) {
   body.replaceChildren(
     ...series.projections.map((p) => {
       const row = document.createElement("tr");
-      const seed = p.probe_seed_from ? p.probe_seed_from.slice(0, 8) : "guess";
+      const seed = p.probe_seed_from ? p.probe_seed_from.slice(0, 8) : "its data";
       for (const value of [p.angle_deg, p.scan_id, p.raw_uid.slice(0, 8), p.status, seed]) {
         const cell = document.createElement("td");
         cell.textContent = value ?? "";
