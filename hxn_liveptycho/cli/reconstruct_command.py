@@ -37,6 +37,8 @@ class ReconstructProgress:
                 f"{run['status']}: {run['positions']} positions, iteration {run['iteration']}"
                 + (f", data mismatch {err:.4f}" if err is not None else "")
             )
+            if run["status"] not in ("waiting", "running") and not run.get("finished", True):
+                parts.append("writing the result to Tiled")
         else:
             parts.append("starting the engine")
         elapsed = time.monotonic() - self.began
