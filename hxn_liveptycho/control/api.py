@@ -251,7 +251,9 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
         ``row`` is a fraction of the height (0 top, 1 bottom; default the middle)."""
         found = service.live.engine.series.sinogram(series_id, row)
         if found is None:
-            raise HTTPException(404, f"no projection of series {series_id!r} is stacked yet")
+            raise HTTPException(
+                404, f"no sinogram of series {series_id!r}: none stacked yet, or not a recent one"
+            )
         image, _, _ = found
         png = render_png("phase", image)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 #: Series kept in memory for status and the live page (the newest).
 MAX_SERIES = 8
+#: Series whose phase copies are kept for the sinogram (the newest; older ones list only).
+SINOGRAM_SERIES = 2
 #: Longest side of the copy of each projection's phase kept for the live page.
-PREVIEW_SIDE = 256
+PREVIEW_SIDE = 128
 
 ProbeSeed = Callable[[int], "np.ndarray | None"]
 
@@ -128,7 +130,10 @@ class Projection:
     probe_seed_from: str | None = None
     #: The object pixel of its reconstruction: a probe is a seed only at the same one.
     pixel_size_m: float | None = None
-    #: The final phase, referenced (store.series.stack_views), every k-th pixel.
+    #: Whether its final images went to the stack.
+    stacked: bool = False
+    #: The final phase, referenced (store.series.stack_views), every k-th pixel; kept for
+    #: the newest series only.
     preview: np.ndarray | None = None
     preview_step: int = 1
 
@@ -234,6 +239,9 @@ class SeriesBook:
             series.projections[uid] = projection
             while len(self._series) > MAX_SERIES:
                 self._series.popitem(last=False)
+            for older in list(self._series.values())[:-SINOGRAM_SERIES]:
+                for p in older.projections.values():
+                    p.preview = None
             entries = [projection.entry()]
         if projection.angle_deg is None:
             logger.warning(
@@ -290,10 +298,11 @@ class SeriesBook:
                     series.shape = (int(phase.shape[0]), int(phase.shape[1]))
                 common = fit_to(phase, series.shape)
                 projection.preview = _preview(common)
+                projection.stacked = True
                 projection.preview_step = max(1, math.ceil(max(common.shape) / PREVIEW_SIDE))
                 row = StackRow(uid, projection.angle_deg, projection.arrival, phase, amplitude)
             entries = [projection.entry()]
-            stacked = sum(1 for p in series.projections.values() if p.preview is not None)
+            stacked = sum(1 for p in series.projections.values() if p.stacked)
         logger.info(
             "series %s: scan %s %s at %s°, %d projections stacked",
             series_id,
@@ -325,7 +334,7 @@ class SeriesBook:
                         "series_key": self.settings.series_key,
                         "path": None if self.store is None else self.store.path(s.series_id),
                         "projections": [p.entry() for p in ordered],
-                        "stacked": sum(1 for p in ordered if p.preview is not None),
+                        "stacked": sum(1 for p in ordered if p.stacked),
                         "shape": list(s.shape) if s.shape else None,
                     }
                 )
