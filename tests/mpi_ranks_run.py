@@ -97,12 +97,14 @@ def solve(
     passes: int = PASSES,
     merge_every: int = 0,
     xp: Any = np,
+    batch_size: int | None = None,
 ) -> tuple[StreamingSolver, np.ndarray]:
     """Reconstruct ``scan`` with the settings of ``case`` on this rank's share (all of it
     with ``comm`` None), the ranks merging ePIE / LSQ-ML every ``merge_every`` batches (0:
-    once a pass), on ``xp`` (NumPy or CuPy); returns the solver and the positions of every
-    rank."""
-    params = IterativeParams(seed=0, **CASES[case])
+    once a pass), on ``xp`` (NumPy or CuPy), with ``batch_size`` in place of the case's;
+    returns the solver and the positions of every rank."""
+    settings = dict(CASES[case], **({} if batch_size is None else {"batch_size": batch_size}))
+    params = IterativeParams(seed=0, **settings)
     group = None if comm is None else rk.RankGroup(comm, merge_every=merge_every)
     s = StreamingSolver(
         probe=xp.asarray(scan.probe_guess), canvas_shape=scan.canvas, params=params, ranks=group
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", choices=sorted(CASES), nargs="+", required=True)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--merge-every", type=int, default=0, help="batches; 0: each pass")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every case")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     parser.add_argument("--comm", choices=["mpi", "nccl"], default="mpi")
     parser.add_argument("--device-per-rank", action="store_true", help="CuPy: rank r on GPU r")
@@ -171,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.case:
         scan = Scan(case)
         s, positions = solve(
-            scan, case, comm, stream=args.stream, merge_every=args.merge_every, xp=xp
+            scan,
+            case,
+            comm,
+            stream=args.stream,
+            merge_every=args.merge_every,
+            xp=xp,
+            batch_size=args.batch,
         )
         result = outcome(scan, s, positions)
         if comm.rank == 0:  # the object itself, for comparisons closer than its errors
