@@ -230,8 +230,9 @@ class ProbeGuess(_Frozen):
         "convergence angle, and a short search over defocus size and sign, scored by how "
         "well a few solver passes on the first `estimate_frames` frames predict frames "
         "held out of them, gives its curvature (the run's solver starts once those "
-        "frames are in). 'guess': the disc with the defocus of `footprint_um` (or "
-        "`footprint_steps` scan steps) and `defocus_sign`. 'file': the probe in `file`.",
+        "frames are in, or the scan pauses). 'guess': the disc with the defocus of "
+        "`footprint_um` (or `footprint_steps` scan steps) and `defocus_sign`. 'file': the "
+        "probe in `file`.",
     )
     file: str | None = Field(
         default=None,
@@ -241,7 +242,7 @@ class ProbeGuess(_Frozen):
         "on the reconstruction's pixel, n equal to roi.size.",
     )
     estimate_frames: int = Field(
-        default=64,
+        default=32,
         ge=4,
         description="Frames the estimate searches on: a live run's first ones (fewer when "
         "the scan has fewer).",

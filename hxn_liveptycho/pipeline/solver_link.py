@@ -18,7 +18,7 @@ import numpy as np
 
 from hxn_liveptycho.config.scan import ScanConfig
 from hxn_liveptycho.config.settings import Settings
-from hxn_liveptycho.recon.probe import initial_probe
+from hxn_liveptycho.pipeline.probe_start import ProbeStart
 from hxn_liveptycho.recon.quality import QualitySettings
 from hxn_liveptycho.recon.worker import RemoteSolver, SolverWorker
 
@@ -76,6 +76,10 @@ class SolverLink:
         self._dropped_seeds = 0
         #: Mosaic frames behind the last seed sent (a mosaic no newer is not sent again).
         self._seeded_frames = 0
+        #: Frames held until the starting probe can be chosen (an estimate waits for its
+        #: frames), and what the run opens with once it can: (config, canvas, n) or None.
+        self._start = ProbeStart(log=log)
+        self._waiting: tuple[ScanConfig, tuple[int, int], int] | None = None
         #: A resumed run's state to start the solver from instead of a guess (``probe``,
         #: ``object_init``, ``iteration``, ``error_history``: see pipeline.resume).
         self.start_state: Mapping[str, Any] | None = None
@@ -89,7 +93,8 @@ class SolverLink:
     @property
     def fed(self) -> bool:
         """Whether the solver holds frames and is usable, so its final state is worth a wait."""
-        return self.remote is not None and self.remote.added > 0 and self.failure is None
+        opened = self.remote is not None and self.remote.added > 0
+        return (opened or self._start.held > 0) and self.failure is None
 
     @property
     def n_positions(self) -> int:
@@ -108,19 +113,22 @@ class SolverLink:
         *,
         config: ScanConfig,
         canvas_shape: tuple[int, int],
+        final: bool = False,
     ) -> None:
-        """Hand frames to the solver; the first ones open the run (and guess the probe)."""
+        """Hand frames to the solver; the first ones open the run with its starting probe
+        (:mod:`~hxn_liveptycho.pipeline.probe_start`: an estimate holds the frames until it
+        has enough, or ``final`` says no more come)."""
         if self.remote is None:
             resumed = dict(self.start_state or {})
             probe = resumed.pop("probe", None)
             if probe is None and self._probe_seed is not None:
                 probe = self._probe_seed(amplitudes.shape[-1])
-            if probe is None:
-                probe = initial_probe(
-                    amplitudes,
-                    footprint_px=config.probe_footprint_px,
-                    defocus_sign=config.probe.defocus_sign,
-                )
+            started = self._start.take(amplitudes, positions_px, config, probe, final=final)
+            if started is None:
+                self._waiting = (config, canvas_shape, int(amplitudes.shape[-1]))
+                return
+            probe, amplitudes, positions_px = started
+            self._waiting = None
             self.remote = self._worker.open_run(
                 self._uid,
                 probe=probe,
@@ -160,8 +168,18 @@ class SolverLink:
         """Seeds the solver took into its object, as its latest state said."""
         return self._dropped_seeds if self.remote is None else self.remote.seeds_applied
 
+    def _open_waiting(self, *, final: bool) -> None:
+        """Open the run on the frames held for its probe once the probe is known (with
+        ``final``, now: no more frames come)."""
+        if self.remote is None and self._waiting is not None and self.failure is None:
+            config, canvas, n = self._waiting
+            none = np.empty((0, n, n), np.float32), np.empty((0, 2))
+            self.add(*none, config=config, canvas_shape=canvas, final=final)
+
     def check(self) -> None:
-        """Note a solver process that failed: the run goes on without it."""
+        """Open the run once its probe estimate ended between frames; note a solver process
+        that failed: the run goes on without it."""
+        self._open_waiting(final=False)
         if self.remote is not None and self.remote.failure and self.failure is None:
             # The run goes on without a solver: its frames are still kept, and it ends
             # failed, with the reason, when the data are complete.
@@ -192,6 +210,7 @@ class SolverLink:
 
     def finish(self, iterations: int) -> None:
         """The scan's frames are all in: ``iterations`` post-scan passes, then the final state."""
+        self._open_waiting(final=True)  # the scan ended before the probe's frames were in
         assert self.remote is not None
         self.finish_sent_at = time.monotonic()
         self._final_iteration = self.remote.iteration + iterations
