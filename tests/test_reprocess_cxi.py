@@ -327,3 +327,34 @@ def test_a_detector_mounted_transposed_is_read_through_its_basis_vectors(tmp_pat
         f["entry_1/instrument_1/detector_1/basis_vectors"][...] = [[0, 0, p], [0, -p, 0]]
     with pytest.raises(ConventionError, match="pass --basis-vectors"):
         read_cxi(path)
+
+
+class _PluggedError(Exception):
+    """Raised by a progress callback to stop a reconstruction while the file is read."""
+
+
+def test_a_read_that_fails_midway_ends_the_run_aborted_with_its_reason(tmp_path, tiled_server):
+    """A failure while the frames are read (here: the progress callback's) ends the run like
+    a scan that failed: 'aborted', its reason in the container, and the error raised."""
+    sample = _sample()
+    path = write_cxi(tmp_path / "cut.cxi", sample, frames=sample.intensities + 1.0)
+
+    def stop_at_the_second_chunk(status: dict[str, Any]) -> None:
+        if status["reprocess"]["frames_fed"] >= 16:
+            raise _PluggedError("the operator pulled the plug")
+
+    with pytest.raises(_PluggedError):
+        reconstruct_file(
+            path,
+            settings=_settings(tmp_path, tiled_server),
+            progress=stop_at_the_second_chunk,
+            progress_interval_s=0.0,
+            chunk_frames=8,
+        )
+    with read_cxi(path) as scan:
+        raw_uid = scan.raw_uid
+    from tiled.client import from_uri
+
+    md = processed(from_uri(tiled_server.uri), raw_uid).metadata
+    assert md["status"] == "aborted"
+    assert "the operator pulled the plug" in md["reason"]

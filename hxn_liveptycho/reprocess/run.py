@@ -47,6 +47,8 @@ __all__ = ["PLAN_NAME", "ReprocessReport", "file_overrides", "reconstruct_file"]
 PLAN_NAME = "liveptycho_reconstruct_file"
 #: How many frames may wait for the solver before the next chunk is read from the file.
 MAX_AHEAD_CHUNKS = 4
+#: How long a run whose reading failed is given to end on its stop document and write.
+ENDING_WAIT_S = 60.0
 #: The probe footprint, in position spacings, when the file brings no probe (the live
 #: path's footprint_steps default).
 FOOTPRINT_SPACINGS = 3.0
@@ -248,7 +250,15 @@ def reconstruct_file(
         fields.update(eiger_endpoint=None, panda_endpoint=None, overrides=merged)
         live = LivePtycho(Settings(**fields))
         try:
-            fed = _feed(live, scan, run, descriptor, chunk_frames, progress, progress_interval_s)
+            try:
+                fed = _feed(
+                    live, scan, run, descriptor, chunk_frames, progress, progress_interval_s
+                )
+            except BaseException:
+                # The stop document went out with why: let the run end on it and write
+                # what it has, as a scan that failed does (a second Ctrl-C cuts it short).
+                live.wait(timeout=ENDING_WAIT_S)
+                raise
             _wait(live, scan, fed, progress, progress_interval_s, wait_s)
             session = live.engine.session(scan.raw_uid)
             result = session.summary() if session is not None else None
@@ -336,7 +346,8 @@ def _feed(
         exit_status, reason = "abort", "interrupted while the file was read"
         raise
     except Exception as exc:
-        exit_status, reason = "fail", f"reading the file failed: {' '.join(str(exc).split())}"
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        exit_status, reason = "fail", f"stopped while the file was read: {why}"
         logger.error("%s", reason)
         raise
     finally:
