@@ -89,23 +89,22 @@ def rank_main(args: argparse.Namespace) -> None:
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    xp: Any = np
-    if args.backend == "cupy":
-        import cupy
-
-        cupy.cuda.Device(rank if args.device_per_rank else args.device).use()
-        xp = cupy
+    gpus: list[int] = []
+    if args.backend == "cupy":  # ranks share --device, or one GPU each
+        gpus = list(range(size)) if args.device_per_rank else [args.device] * size
+    settings = rk.RankSettings(gpus=gpus, comm=args.comm)
     scan = build_scan(args.side, args.n)
     labels = rk.assign_ranks(scan["positions"], size)
     out: dict[str, Any] = {}
     for algorithm in ALGORITHMS:
-        comm: rk.Ranks = rk.NcclRanks(world) if args.comm == "nccl" else rk.MpiRanks(world)
+        group, xp = rk.join(settings, world)  # a fresh communicator: its counters start at 0
+        comm = group.comm
         params = IterativeParams(algorithm=algorithm, seed=0, batch_size=args.batch)
         s = StreamingSolver(
             probe=xp.asarray(scan["guess"]),
             canvas_shape=scan["canvas"],
             params=params,
-            ranks=comm if size > 1 else None,
+            ranks=group if size > 1 else None,
         )
         everything = np.arange(len(labels))
         amplitudes = xp.asarray(scan["amplitudes"])
@@ -268,7 +267,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     parser.add_argument("--collective-repeats", type=int, default=7)
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    parser.add_argument("--comm", choices=["mpi", "nccl"], default="mpi")
+    parser.add_argument("--comm", choices=["auto", "mpi", "nccl"], default="mpi")
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--device-per-rank", action="store_true")
     parser.add_argument(

@@ -158,18 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-every", type=int, default=0, help="batches; 0: each pass")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every case")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    parser.add_argument("--comm", choices=["mpi", "nccl"], default="mpi")
+    parser.add_argument("--comm", choices=["auto", "mpi", "nccl"], default="mpi")
     parser.add_argument("--device-per-rank", action="store_true", help="CuPy: rank r on GPU r")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    xp: Any = np
-    if args.backend == "cupy":
-        import cupy
+    gpus = []
+    if args.backend == "cupy":  # ranks share GPU 0, or one each
         from mpi4py import MPI
 
-        cupy.cuda.Device(MPI.COMM_WORLD.Get_rank() if args.device_per_rank else 0).use()
-        xp = cupy
-    comm = rk.NcclRanks() if args.comm == "nccl" else rk.MpiRanks()
+        size = MPI.COMM_WORLD.Get_size()
+        gpus = list(range(size)) if args.device_per_rank else [0] * size
+    settings = rk.RankSettings(gpus=gpus, comm=args.comm, merge_every=args.merge_every)
+    group, xp = rk.join(settings)
+    comm = group.comm
     results = {}
     for case in args.case:
         scan = Scan(case)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             case,
             comm,
             stream=args.stream,
-            merge_every=args.merge_every,
+            merge_every=group.merge_every,
             xp=xp,
             batch_size=args.batch,
         )

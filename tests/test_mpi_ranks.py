@@ -233,3 +233,36 @@ def test_merging_after_every_batch_reaches_the_single_rank_error(
         check_ranks_agree(got[case], 2)
         assert got[case]["state_error"] <= 1.25 * single[case, False]["state_error"]
         assert got[case]["position_error_px"] < 0.8 * got[case]["measured_position_error_px"]
+
+
+JOIN_CHECK = """
+from hxn_liveptycho.errors import ConfigurationError
+from hxn_liveptycho.recon import ranks as rk
+for settings in (rk.RankSettings(gpus=[0, 1]), rk.RankSettings(comm="nccl")):
+    try:
+        rk.join(settings)
+    except ConfigurationError as exc:
+        print("refused:", exc)
+group, xp = rk.join(rk.RankSettings(merge_every=2))
+print("joined:", group.size, group.merge_every, xp.__name__, type(group.comm).__name__)
+"""
+
+
+def test_rank_settings_refuse_gpus_that_do_not_match_the_ranks() -> None:
+    """Joining one MPI rank (a singleton, in its own process) with two GPUs named, or with
+    NCCL and no GPU, is refused with the reason; on the CPU it joins through MPI."""
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    done = subprocess.run(
+        [sys.executable, "-c", JOIN_CHECK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines == [
+        "refused: 2 GPU(s) named for 1 rank(s): name one per rank",
+        "refused: NCCL needs a GPU of its own for every rank",
+        "joined: 1 2 numpy MpiRanks",
+    ]
+    with pytest.raises(ValueError, match="merge_every"):
+        rk.RankSettings(merge_every=-1)

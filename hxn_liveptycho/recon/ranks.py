@@ -52,10 +52,12 @@ import math
 import time
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
+from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import Batch
 from hxn_liveptycho.recon._modes import orthogonalize_modes
@@ -70,11 +72,13 @@ __all__ = [
     "NcclRanks",
     "OneRank",
     "RankGroup",
+    "RankSettings",
     "Ranks",
     "add_share",
     "assign_ranks",
     "gather_positions",
     "grid_shape",
+    "join",
     "snapshot",
 ]
 
@@ -409,6 +413,59 @@ class RankGroup:
                 return recorded
         first = sum(counts[: self.comm.rank])
         return np.arange(first, first + m)
+
+
+# ---------------------------------------------------------------------- settings
+
+
+class RankSettings(BaseModel):
+    """How the ranks of one scan are set up: their GPUs, their communicator, how often
+    ePIE / LSQ-ML merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: list[NonNegativeInt] = Field(
+        default_factory=list,
+        description="The CUDA device of each rank, in rank order (as many as there are "
+        "ranks); empty: the ranks compute on the CPU (NumPy).",
+    )
+    comm: Literal["auto", "mpi", "nccl"] = Field(
+        default="auto",
+        description="How the ranks sum: NCCL on the GPUs, or MPI through host memory; auto: "
+        "NCCL when every rank has a GPU of its own (NCCL refuses two ranks on one device), "
+        "else MPI.",
+    )
+    merge_every: NonNegativeInt = Field(
+        default=0,
+        description="ePIE / LSQ-ML: merge the ranks' changes every this many batches as well "
+        "as at each pass end; 0: at the pass end only.",
+    )
+
+
+def join(settings: RankSettings, comm: Any | None = None) -> tuple[RankGroup, types.ModuleType]:
+    """This process's place among the ranks of MPI communicator ``comm`` (default
+    ``COMM_WORLD``): selects its GPU (CuPy) when ``settings.gpus`` names one per rank,
+    picks the communicator, and returns the :class:`RankGroup` for its solver and the array
+    module to build the solver's arrays with. ConfigurationError when the GPUs do not
+    match the ranks or NCCL is asked for without a GPU a rank."""
+    ranks = MpiRanks(comm)
+    xp: types.ModuleType = np
+    gpus = settings.gpus
+    if gpus and len(gpus) != ranks.size:
+        raise ConfigurationError(
+            f"{len(gpus)} GPU(s) named for {ranks.size} rank(s): name one per rank"
+        )
+    own_gpus = bool(gpus) and len(set(gpus)) == len(gpus)
+    if settings.comm == "nccl" and not own_gpus:
+        raise ConfigurationError("NCCL needs a GPU of its own for every rank")
+    if gpus:
+        import cupy
+
+        cupy.cuda.Device(gpus[ranks.rank]).use()
+        xp = cupy
+    nccl = settings.comm == "nccl" or (settings.comm == "auto" and own_gpus and ranks.size > 1)
+    chosen: Ranks = NcclRanks(ranks.comm) if nccl else ranks
+    return RankGroup(chosen, merge_every=settings.merge_every), xp
 
 
 # ---------------------------------------------------------------------- the shares
