@@ -7,6 +7,9 @@ phase chosen so the geometric footprint is ``footprint_px`` restores it: the
 solver then starts from a beam of the right size and structure. A guess
 with flat phase (the focal spot) stalls far from the answer on defocused
 data, which is how HXN measures.
+
+This guess needs the footprint and the sign; :mod:`~hxn_liveptycho.recon.probe_estimate`
+finds both from the data (``probe.initial = "estimate"``, a run's default).
 """
 
 from __future__ import annotations
