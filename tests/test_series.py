@@ -470,3 +470,35 @@ def test_a_series_write_tiled_refused_is_tried_again(tiled_server):
     node = from_uri(tiled_server.uri)["processed"]["series-retry"]["series"][series_id]
     assert [r["raw_uid"] for r in node.metadata["stack"]] == ["r1", "r0"]
     np.testing.assert_array_equal(node["phase"].read()[1], image * 0)
+
+
+def test_a_run_resumed_after_a_restart_goes_on_in_its_series(tmp_path):
+    """A projection taken up again from its checkpoint (serve restarted mid-scan) is
+    still a projection of its series: its result is tapped into the series' list."""
+    from test_resume import _hxn_run_checkpoint
+
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.pipeline.engine import Engine
+
+    checkpoint = _hxn_run_checkpoint(None)
+    start = {**checkpoint.documents[0][1], "tomo_series": "after-restart"}
+    checkpoint.documents[0] = ("start", start)
+    sinks: list[_KeptSink] = []
+
+    def sink() -> _KeptSink:
+        sinks.append(_KeptSink())
+        return sinks[-1]
+
+    settings = Settings(data_dir=tmp_path, resume_timeout_s=0.5, array_backend="numpy")
+    engine = Engine(settings, sink_factory=sink)
+    try:
+        engine.resume(checkpoint)
+        assert engine.wait_idle(60)
+        (series,) = engine.status()["series"]
+    finally:
+        engine.close()
+    assert series["series_id"] == "after-restart"
+    (projection,) = series["projections"]
+    assert projection["raw_uid"] == checkpoint.uid
+    assert projection["status"] == "incomplete"  # no more data came after the restart
+    assert sinks[0].opened["series"]["id"] == "after-restart"

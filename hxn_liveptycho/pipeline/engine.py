@@ -350,11 +350,12 @@ class Engine:
         if uid in self._sessions:
             logger.warning("run %s is already here; its checkpoint is not resumed", uid[:8])
             return
+        in_series = self.series.join(checkpoint.start, self._sink_factory)  # its stack too
         session = RunSession(
             checkpoint.start,
             settings=self.settings,
             overrides=checkpoint.overrides,
-            sink_factory=self._sink_factory,
+            sink_factory=self._sink_factory if in_series is None else in_series.sink_factory,
             solver_worker=self.solver_worker,
             nn_pool=self.nn_pool,
             resume=checkpoint,
