@@ -227,10 +227,10 @@ def _read(handle: Any, path: Path, conv: FileConventions, entry_name: str | None
     if n == 0:
         raise FileError(f"{frames.name} holds no frames")
     detector = entry.get("instrument_1/detector_1")
-    probe_sample = _read_rows(frames, 0, min(n, DETECT_FRAMES))
+    first_frames = _read_rows(frames, 0, min(n, DETECT_FRAMES))
     data_kind: DataKind
     if conv.data == "auto":
-        data_kind = detect_data_kind(probe_sample, units=units_of(frames))
+        data_kind = detect_data_kind(first_frames, units=units_of(frames))
         notes.append(f"data: {data_kind} (detected)")
     else:
         data_kind = conv.data
