@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 
 from hxn_liveptycho.recon import ranks as rk
+from hxn_liveptycho.recon._rank_comms import _packed, _unpack
 from hxn_liveptycho.sim import phantom
 
 SCRIPT = Path(run.__file__)
@@ -211,15 +212,15 @@ def test_packed_sums_keep_every_array_and_its_alignment() -> None:
         np.float32(7.0) * np.ones((), dtype=np.float32),
         np.ones((3, 3), dtype=np.complex64) * (2 - 1j),
     )
-    buffer = rk._packed(arrays, np)
+    buffer = _packed(arrays, np)
     # 3 floats (+1 pad), 5 complex, 1 float (+1 pad), 9 complex: each complex at an even float.
     assert buffer.dtype == np.float32 and buffer.size == 4 + 10 + 2 + 18
     copies = tuple(np.zeros_like(a) for a in arrays)
-    rk._unpack(buffer, copies)
+    _unpack(buffer, copies)
     for a, c in zip(arrays, copies, strict=True):
         assert c.dtype == a.dtype and c.shape == a.shape and np.array_equal(a, c)
     with pytest.raises(TypeError, match="float64"):
-        rk._packed((np.zeros(2),), np)
+        _packed((np.zeros(2),), np)
 
 
 def test_merging_after_every_batch_reaches_the_single_rank_error(
@@ -238,6 +239,7 @@ def test_merging_after_every_batch_reaches_the_single_rank_error(
 JOIN_CHECK = """
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon import ranks as rk
+from hxn_liveptycho.recon._rank_comms import _packed, _unpack
 for settings in (rk.RankSettings(gpus=[0, 1]), rk.RankSettings(comm="nccl")):
     try:
         rk.join(settings)

@@ -40,19 +40,19 @@ What is combined, and when:
 Every rank calls ``iterate`` (and ``state_error``, :func:`gather_positions`) together, the
 same number of passes: they are collective. A rank may hold no frames yet.
 
-The communicators: :class:`MpiRanks` (mpi4py, host buffers; the reference) and
-:class:`NcclRanks` (CuPy device buffers through ``cupy.cuda.nccl``, MPI for the small
-host exchanges and to hand out NCCL's id). Each packs the arrays of one call into one
-buffer, so a pass costs one reduction (DM: two) however many arrays it sums.
+The communicators (:mod:`~hxn_liveptycho.recon._rank_comms`): :class:`MpiRanks` (mpi4py,
+host buffers; the reference) and :class:`NcclRanks` (CuPy device buffers through
+``cupy.cuda.nccl``); a pass costs one reduction (DM: two) however many arrays it sums.
+Which rank takes which position: :func:`assign_ranks`
+(:mod:`~hxn_liveptycho.recon._rank_shares`). How a deployment sets the ranks up:
+:class:`RankSettings` and :func:`join`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
@@ -62,12 +62,15 @@ from hxn_liveptycho.recon import forward, pass_end
 from hxn_liveptycho.recon._batch import Batch
 from hxn_liveptycho.recon._modes import orthogonalize_modes
 from hxn_liveptycho.recon._positions import position_model_entries
+from hxn_liveptycho.recon._rank_comms import CommTime, MpiRanks, NcclRanks, OneRank, Ranks
+from hxn_liveptycho.recon._rank_shares import assign_ranks, grid_shape
 from hxn_liveptycho.recon.backend import array_namespace, to_host
 
 if TYPE_CHECKING:
     from hxn_liveptycho.recon.iterative import StreamingSolver
 
 __all__ = [
+    "CommTime",
     "MpiRanks",
     "NcclRanks",
     "OneRank",
@@ -81,148 +84,6 @@ __all__ = [
     "join",
     "snapshot",
 ]
-
-
-@runtime_checkable
-class Ranks(Protocol):
-    """A communicator between the ranks that reconstruct one scan."""
-
-    @property
-    def rank(self) -> int: ...
-
-    @property
-    def size(self) -> int: ...
-
-    def sum(self, *arrays: Any) -> None:
-        """Sum each array (float32 or complex64, same shape on every rank) over the ranks,
-        in place; every rank gets the same sums."""
-
-    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        """Every rank's host array ``rows`` (small), in rank order, on every rank."""
-
-
-@dataclass
-class CommTime:
-    """What a communicator spent: seconds and bytes in its collectives, and calls."""
-
-    seconds: float = 0.0
-    bytes: int = 0
-    calls: int = 0
-
-
-class OneRank:
-    """The communicator of a single rank: nothing to combine."""
-
-    rank = 0
-    size = 1
-
-    def __init__(self) -> None:
-        self.spent = CommTime()
-
-    def sum(self, *arrays: Any) -> None:
-        """Nothing to add: the arrays are the sums."""
-
-    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [rows]
-
-
-def _packed(arrays: tuple[Any, ...], xp: types.ModuleType) -> Any:
-    """The arrays (float32 or complex64) as one contiguous float32 buffer, each starting
-    at an even float (a complex64 view of it stays 8-byte aligned on the device)."""
-    parts = []
-    for a in arrays:
-        if a.dtype not in (xp.float32, xp.complex64):
-            raise TypeError(f"ranks sum float32 or complex64 arrays, not {a.dtype}")
-        parts.append(xp.ascontiguousarray(a).reshape(-1).view(xp.float32))
-        if parts[-1].size % 2:
-            parts.append(xp.zeros(1, dtype=xp.float32))
-    return parts[0].copy() if len(parts) == 1 else xp.concatenate(parts)
-
-
-def _unpack(buffer: Any, arrays: tuple[Any, ...]) -> None:
-    """Write the sums in ``buffer`` (as :func:`_packed` laid them out) back into the arrays."""
-    start = 0
-    for a in arrays:
-        width = a.size * (2 if a.dtype.kind == "c" else 1)
-        a[...] = buffer[start : start + width].view(a.dtype).reshape(a.shape)
-        start += width + width % 2
-
-
-class MpiRanks:
-    """The ranks of an MPI communicator (mpi4py; default ``COMM_WORLD``). Device arrays
-    are summed through one host buffer a call; this is the reference communicator."""
-
-    def __init__(self, comm: Any | None = None) -> None:
-        from mpi4py import MPI
-
-        self._mpi = MPI
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.spent = CommTime()
-
-    @property
-    def rank(self) -> int:
-        return int(self.comm.Get_rank())
-
-    @property
-    def size(self) -> int:
-        return int(self.comm.Get_size())
-
-    def sum(self, *arrays: Any) -> None:
-        if not arrays:
-            return
-        xp = array_namespace(arrays[0])
-        began = time.perf_counter()
-        buffer = np.ascontiguousarray(to_host(_packed(arrays, xp)))
-        self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
-        _unpack(xp.asarray(buffer), arrays)
-        self._count(began, buffer.nbytes)
-
-    def gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        began = time.perf_counter()
-        parts = [np.asarray(p) for p in self.comm.allgather(np.asarray(rows))]
-        self._count(began, sum(p.nbytes for p in parts))
-        return parts
-
-    def _count(self, began: float, nbytes: int) -> None:
-        self.spent.seconds += time.perf_counter() - began
-        self.spent.bytes += nbytes
-        self.spent.calls += 1
-
-
-class NcclRanks(MpiRanks):
-    """The ranks of an MPI communicator with CuPy arrays summed on the devices by NCCL
-    (``cupy.cuda.nccl``); the small host exchanges, and handing out NCCL's id, go
-    through MPI. Each rank selects its device before it builds this."""
-
-    def __init__(self, comm: Any | None = None) -> None:
-        super().__init__(comm)
-        from cupy.cuda import nccl
-
-        self._nccl = nccl
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = self.comm.bcast(uid, root=0)
-        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
-
-    def sum(self, *arrays: Any) -> None:
-        if not arrays:
-            return
-        import cupy as cp
-
-        began = time.perf_counter()
-        buffer = _packed(arrays, cp)
-        stream = cp.cuda.get_current_stream()
-        nccl = self._nccl
-        self.nccl_comm.allReduce(
-            buffer.data.ptr,
-            buffer.data.ptr,
-            buffer.size,
-            nccl.NCCL_FLOAT32,
-            nccl.NCCL_SUM,
-            stream.ptr,
-        )
-        _unpack(buffer, arrays)
-        stream.synchronize()  # the time counted is the reduction's, not a queue's
-        self._count(began, buffer.nbytes)
 
 
 @dataclass
@@ -468,63 +329,7 @@ def join(settings: RankSettings, comm: Any | None = None) -> tuple[RankGroup, ty
     return RankGroup(chosen, merge_every=settings.merge_every), xp
 
 
-# ---------------------------------------------------------------------- the shares
-
-
-def grid_shape(size: int) -> tuple[int, int]:
-    """``(rows, columns)`` of the most nearly square grid of ``size`` regions (rows >=
-    columns): 2 -> (2, 1), 4 -> (2, 2), 6 -> (3, 2)."""
-    if size < 1:
-        raise ValueError(f"a scan needs at least one rank, got {size}")
-    columns = max(c for c in range(1, math.isqrt(size) + 1) if size % c == 0)
-    return size // columns, columns
-
-
-def assign_ranks(
-    positions: np.ndarray, size: int, *, extent: tuple[np.ndarray, np.ndarray] | None = None
-) -> np.ndarray:
-    """The rank (int, (N,)) of each position (N, 2): compact regions, a grid of
-    :func:`grid_shape` blocks, the longer side of the scan cut into the more of them.
-
-    With ``extent`` ``(low, high)`` (y, x), the scan's bounding box known before its frames
-    (a live scan), the blocks are equal cuts of it, so a frame's rank follows from its own
-    position whenever it arrives. Without, the cuts are the positions' quantiles (equal
-    counts: the positions are all known)."""
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    rows, columns = grid_shape(size)
-    labels = np.zeros(len(pos), dtype=np.int64)
-    if len(pos) == 0:
-        return labels
-    span = np.ptp(pos, axis=0) if extent is None else np.asarray(extent[1]) - np.asarray(extent[0])
-    long_axis = int(np.argmax(span))
-    short_axis = 1 - long_axis
-    if extent is None:
-        band = _cuts_by_count(pos[:, long_axis], rows)
-    else:
-        band = _cuts_by_width(pos[:, long_axis], rows, extent[0][long_axis], extent[1][long_axis])
-    for b in range(rows):
-        inside = band == b
-        if extent is None:
-            cell = _cuts_by_count(pos[inside, short_axis], columns)
-        else:
-            lo, hi = extent[0][short_axis], extent[1][short_axis]
-            cell = _cuts_by_width(pos[inside, short_axis], columns, lo, hi)
-        labels[inside] = b * columns + cell
-    return labels
-
-
-def _cuts_by_count(values: np.ndarray, parts: int) -> np.ndarray:
-    """Part (0 .. parts-1) of each value: equal counts in order of value."""
-    order = np.argsort(values, kind="stable")
-    part = np.empty(len(values), dtype=np.int64)
-    part[order] = (np.arange(len(values)) * parts) // max(len(values), 1)
-    return part
-
-
-def _cuts_by_width(values: np.ndarray, parts: int, low: float, high: float) -> np.ndarray:
-    """Part of each value: equal widths of ``[low, high]`` (values outside: the end parts)."""
-    width = max(float(high) - float(low), 1e-12)
-    return np.clip(((values - low) * parts / width).astype(np.int64), 0, parts - 1)
+# ---------------------------------------------------------------------- a rank's frames
 
 
 def add_share(
