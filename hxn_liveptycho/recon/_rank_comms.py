@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.backend import array_namespace, to_host
 
 __all__ = ["CommTime", "MpiRanks", "NcclRanks", "OneRank", "Ranks"]
@@ -89,8 +90,13 @@ class MpiRanks:
     are summed through one host buffer a call; this is the reference communicator."""
 
     def __init__(self, comm: Any | None = None) -> None:
-        from mpi4py import MPI
-
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ConfigurationError(
+                "several ranks need mpi4py and an MPI library (pip install mpi4py; Debian: "
+                f"apt-get install openmpi-bin): {exc}"
+            ) from exc
         self._mpi = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.spent = CommTime()
