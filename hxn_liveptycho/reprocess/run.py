@@ -34,7 +34,6 @@ from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.pipeline.inputs import Frame, Samples, SeriesEnd, SeriesStart
 from hxn_liveptycho.reprocess.conventions import FileConventions
 from hxn_liveptycho.reprocess.cxi_file import CxiScan, read_cxi
-from hxn_liveptycho.reprocess.probe_hint import probe_guess_from_file
 from hxn_liveptycho.streams import EigerFrame
 from hxn_liveptycho.util.jsonsafe import json_safe
 from hxn_liveptycho.util.validation import deep_merge
@@ -113,8 +112,8 @@ def file_overrides(scan: CxiScan, roi_size: int | None = None) -> dict[str, Any]
 
     Positions travel as micrometres (ratio 1, one sample per frame), the
     canvas spans them, the ROI is the whole frame (a square crop of its
-    centre when the frames are not square) and the first probe's footprint is
-    the file probe's, else three position spacings.
+    centre when the frames are not square) and the probe guess's footprint
+    (should the run guess its first probe) is three position spacings.
     """
     y, x = scan.positions_um[:, 0], scan.positions_um[:, 1]
     size = roi_size or min(scan.frame_shape)
@@ -155,37 +154,21 @@ def file_overrides(scan: CxiScan, roi_size: int | None = None) -> dict[str, Any]
     }
 
 
-#: Where the run's own probe reader (``probe.initial = "file"``) finds a CXI file's probe.
-FILE_PROBE_PATH = "/entry_1/instrument_1/source_1/illumination"
-
-
 def _probe_from_file(scan: CxiScan, config: ScanConfig) -> dict[str, Any] | None:
-    """The file's probe as the run's first probe (None: the file has no usable one).
-
-    ``probe.initial = "file"`` names the file, where the run's probe reader
-    finds it; the guess's footprint and defocus sign are also set to those that
-    match it best, for a solver that guesses instead of reading it.
-    """
+    """The file's probe as the run's first probe (``probe.initial = "file"``, read by the
+    run's own probe reader, :mod:`hxn_liveptycho.pipeline.probe_start`); None when the
+    file has none, or one the run cannot use (another size, another entry)."""
     n = config.roi.size
     if scan.probe is None:
         return None
-    if scan.probe.shape != (n, n) or scan.frame_shape != (n, n):
-        scan.notes.append(f"probe in the file is {scan.probe.shape}, the window {n}x{n}: not used")
+    if scan.probe.shape != (n, n) or scan.entry != "entry_1":
+        scan.notes.append(
+            f"probe in the file ({scan.probe_path}, {scan.probe.shape}) not used: the run's "
+            f"window is {n}x{n} in entry_1"
+        )
         return None
-    frames = scan.read(0, min(scan.num_frames, 64)).astype(np.float32)
-    frames[frames >= np.float32(np.iinfo(np.uint32).max)] = 0.0  # masked counts
-    footprint_px, sign, match = probe_guess_from_file(scan.probe, np.sqrt(frames))
-    scan.notes.append(
-        f"probe: the guess nearest the file's probe (footprint {footprint_px:.1f} px, "
-        f"defocus sign {sign:+d}, match {match:.2f})"
-    )
-    hint: dict[str, Any] = {
-        "footprint_um": footprint_px * config.pixel_size_m * 1e6,
-        "defocus_sign": sign,
-    }
-    if scan.probe_path == FILE_PROBE_PATH and scan.entry == "entry_1":
-        hint.update(initial="file", file=str(scan.path.resolve()))
-    return hint
+    scan.notes.append(f"probe: the file's ({scan.probe_path}) starts the run")
+    return {"initial": "file", "file": str(scan.path.resolve())}
 
 
 def _documents(scan: CxiScan, settings: Settings) -> tuple[Any, Any]:
