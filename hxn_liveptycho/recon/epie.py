@@ -58,11 +58,11 @@ class Epie(forward.BatchPaths):
         forward.scatter(s, batch, obj_num, num)
         forward.scatter(s, batch, illum, den)
         num /= regularised(den, p.object_reg, xp)
-        num *= p.alpha
+        num *= s.object_step
         s._object[batch.box_slices] += num
         if update_probe:
             onum /= regularised(oden, p.probe_reg, xp)
-            onum *= p.beta
+            onum *= s.probe_step
             s._probes += onum
 
     def _object_modes_batch(self, job: forward.BatchJob) -> None:
@@ -86,7 +86,7 @@ class Epie(forward.BatchPaths):
         illum = forward.probe_intensity(s, probes)
         den = forward.box_zeros(s, batch, xp.float32)
         forward.scatter(s, batch, illum, den)
-        step = p.alpha / regularised(den, p.object_reg, xp)
+        step = s.object_step / regularised(den, p.object_reg, xp)
         for m, (o, d) in enumerate(zip(objs, parts, strict=True)):
             obj_num = forward.object_numerator(s, d, probes)
             if m == 0:
@@ -97,7 +97,7 @@ class Epie(forward.BatchPaths):
             s._objects[m][batch.box_slices] += num
         if update_probe:
             onum /= regularised(oden, p.probe_reg, xp)
-            onum *= p.beta
+            onum *= s.probe_step
             s._probes += onum
 
     def _fused_batch(self, job: forward.BatchJob) -> None:
@@ -109,7 +109,7 @@ class Epie(forward.BatchPaths):
         dpsi, acc = forward.fused_sums(s, batch, probes, update_probe, floor, err)
         del dpsi  # only its sums are needed: free it before the updates
         obj = s._object[batch.box_slices]
-        regularised_step(obj, acc.num, acc.den, p.object_reg, p.alpha, acc.den_max)
+        regularised_step(obj, acc.num, acc.den, p.object_reg, s.object_step, acc.den_max)
         if update_probe:
             onum = forward.probe_update_terms(s, acc, table)
-            regularised_step(s._probes, onum, acc.oden, p.probe_reg, p.beta, acc.oden_max)
+            regularised_step(s._probes, onum, acc.oden, p.probe_reg, s.probe_step, acc.oden_max)

@@ -44,6 +44,7 @@ from hxn_liveptycho.recon.lsqml import LsqMl
 from hxn_liveptycho.recon.opr import VariableProbe, opr_entries
 from hxn_liveptycho.recon.params import Algorithm, IterativeParams
 from hxn_liveptycho.recon.ranks import RankGroup, Ranks
+from hxn_liveptycho.recon.step_decay import StepDecay
 
 __all__ = ["Algorithm", "IterativeParams", "StreamingSolver"]
 
@@ -187,6 +188,10 @@ class StreamingSolver:
         self._object_momentum = Momentum(p.momentum_friction, p.momentum_gain, xp)
         self._probe_momentum = Momentum(p.momentum_friction, p.momentum_gain, xp)
         self._iteration = 0
+        # The probe update's onset moves the error on its own: no stall is judged before.
+        self._step_decay = StepDecay(
+            p.step_decay, p.step_decay_tolerance, p.step_decay_floor, p.probe_update_start + 2
+        )
         self.clipped_positions = 0
         #: Each pass's running error (see :meth:`iterate`): during the pass, before its updates.
         self.error_history: list[float] = []
@@ -335,6 +340,29 @@ class StreamingSolver:
         buffers.append_frames(self, amps, buffers.clip_positions(self, pos))
         return self._n_active
 
+    @property
+    def object_step(self) -> float:
+        """The object step of the next pass: ``params.alpha`` times :attr:`step_scale`."""
+        return self.params.alpha * self._step_decay.scale
+
+    @property
+    def probe_step(self) -> float:
+        """The probe step of the next pass: ``params.beta`` times :attr:`step_scale`."""
+        return self.params.beta * self._step_decay.scale
+
+    @property
+    def step_scale(self) -> float:
+        """The multiplier ``params.step_decay`` has left on the ePIE and LSQ-ML steps (1: full
+        length; :mod:`~hxn_liveptycho.recon.step_decay`)."""
+        return self._step_decay.scale
+
+    def _decide_steps(self, algorithm: str, err: Any) -> None:
+        """Shrink or restore the steps from this pass's running error (one host read)."""
+        total, power = self._ranks.error_sums(self, self._xp.reshape(err, (1,)))
+        self._step_decay.observe(
+            self._iteration, algorithm, float(to_host(total)[0]), float(to_host(power))
+        )
+
     # ------------------------------------------------------------------ driver
     def iterate(self, n: int = 1) -> float:
         """Run ``n`` passes over all active positions; return the last pass's running error.
@@ -391,6 +419,8 @@ class StreamingSolver:
             ):
                 pass_end.orthogonalize(self)
             errors.append(err)
+            if self._step_decay.enabled and algorithm != "dm":
+                self._decide_steps(algorithm, err)
             self._iteration += 1
         # One division for the call, not two launches a pass (the frames cannot change
         # within the call).

@@ -81,12 +81,12 @@ class LsqMl(forward.BatchPaths):
         alpha_o, alpha_p = optimal_steps(u, v, chi, LSQ_STEP_REG, xp)
         del u, v, chi
         num[...] = 0
-        pnum *= (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
+        pnum *= (s.object_step * alpha_o).astype(xp.float32)[:, None, None]
         forward.scatter(s, batch, pnum, num)
         num /= den
         s._object[batch.box_slices] += num
         if update_probe:
-            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            d_probe *= (s.probe_step * xp.mean(alpha_p)).astype(xp.float32)
             s._probes += d_probe
 
     def _chi(self, s: StreamingSolver, psi: Any, amps: Any, err: Any) -> Any:
@@ -142,7 +142,7 @@ class LsqMl(forward.BatchPaths):
             v = xp.concatenate([o[:, None] * seen for o in objs], axis=1)
         alpha_o, alpha_p = optimal_steps(xp.concatenate(u, axis=1), v, chi, LSQ_STEP_REG, xp)
         del u, v, chi, parts
-        weights = (p.alpha * alpha_o).astype(xp.float32)[:, None, None]
+        weights = (s.object_step * alpha_o).astype(xp.float32)[:, None, None]
         for m, pnum in enumerate(pnums):
             num = forward.box_zeros(s, batch, xp.complex64)
             pnum *= weights
@@ -150,7 +150,7 @@ class LsqMl(forward.BatchPaths):
             num /= den
             s._objects[m][batch.box_slices] += num
         if update_probe:
-            d_probe *= (p.beta * xp.mean(alpha_p)).astype(xp.float32)
+            d_probe *= (s.probe_step * xp.mean(alpha_p)).astype(xp.float32)
             s._probes += d_probe
 
     def _fused_batch(self, job: forward.BatchJob) -> None:
@@ -188,7 +188,9 @@ class LsqMl(forward.BatchPaths):
             box=batch.box,
         )
         del seen
-        weights, probe_scale = lsqml_steps(sums, LSQ_STEP_REG, p.alpha, p.beta, update_probe)
+        weights, probe_scale = lsqml_steps(
+            sums, LSQ_STEP_REG, s.object_step, s.probe_step, update_probe
+        )
         add_window_ratio(
             s._object,
             chi,

@@ -156,7 +156,7 @@ class VariableProbe:
         for k in range(eigen.shape[0]):
             u = eigen[k]
             c = _project(resid, u, xp)
-            w[:, k] += p.beta * c
+            w[:, k] += s.probe_step * c
             resid -= c[:, None, None].astype(xp.complex64) * u
             wk = w[:, k]
             step[k] += xp.tensordot(wk.astype(xp.complex64), resid, axes=(0, 0))
@@ -173,7 +173,7 @@ class VariableProbe:
         eigen = self.eigen_probes(s)
         if self._pass_sums is not None and self._seen:
             step, power = self._pass_sums
-            step *= (s.params.beta / (power + EIGEN_PROBE_REG * self._seen))[:, None, None]
+            step *= (s.probe_step / (power + EIGEN_PROBE_REG * self._seen))[:, None, None]
             eigen += step
         self._pass_sums = None
         self._seen = 0

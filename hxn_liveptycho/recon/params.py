@@ -172,6 +172,33 @@ class IterativeParams(BaseModel):
         lt=1.0,
         description="How much of the momentum's velocity a pass keeps (with `momentum_gain` > 0).",
     )
+    step_decay: float = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="ePIE and LSQ-ML: when a pass's running error is not below the best of "
+        "the passes since the frames last changed (by `step_decay_tolerance`, relative), both "
+        "steps (`alpha`, `beta`) are multiplied by this, down to `step_decay_floor`; they "
+        "return to full length whenever frames are added or the algorithm changes. "
+        "Mini-batch steps at full length keep the state moving with the batch-to-batch "
+        "noise near the optimum, so the fit levels off early; shorter steps once progress "
+        "stalls let it settle deeper without slowing the first passes. 1 turns it off. "
+        "Costs one host read of the running error per pass (the live path's one-pass "
+        "calls read it anyway).",
+    )
+    step_decay_tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Least relative drop below the best running error so far that counts "
+        "as progress (0: any new best does; otherwise the steps shrink by `step_decay`).",
+    )
+    step_decay_floor: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="Smallest multiplier `step_decay` takes the steps to.",
+    )
     modulus_floor: float = Field(
         0.01,
         ge=0.0,
