@@ -127,10 +127,16 @@ def ours_to_error(
 
 
 def ptychi_task(
-    sample: SimulatedSample, probe: np.ndarray, algorithm: str, epochs: int, batch: int
+    sample: SimulatedSample,
+    probe: np.ndarray,
+    algorithm: str,
+    epochs: int,
+    batch: int,
+    device: str = "cuda",
 ) -> Any:
     """A pty-chi ``PtychographyTask`` over ``sample`` from ``probe`` (K, n, n) and a flat
-    object, positions fixed, data on the device, at most ``epochs`` epochs."""
+    object, positions fixed, data on the device, at most ``epochs`` epochs; ``device``
+    "cpu" runs it on torch's CPU build (for comparisons on a machine without a GPU)."""
     import ptychi.api as api
     import torch
     from ptychi.api.task import PtychographyTask
@@ -139,7 +145,9 @@ def ptychi_task(
     n = sample.beamline.window
     shape = sample.object.shape
     options.data_options.data = sample.intensities
-    options.data_options.save_data_on_device = True
+    options.data_options.save_data_on_device = device != "cpu"
+    if device == "cpu":
+        options.reconstructor_options.default_device = api.enums.Devices.CPU
     options.object_options.initial_guess = torch.ones((1, *shape), dtype=torch.complex64)
     options.object_options.pixel_size_m = sample.beamline.pixel_size_m
     options.probe_options.initial_guess = torch.as_tensor(probe)[None]  # (1 OPR, K, n, n)
