@@ -10,7 +10,9 @@ running sessions (each writes what it has, status 'aborted', reason
 'serve shutting down'), close the engine and Tiled, stop the API.
 
 At start, before taking documents, serve resumes the runs a process that died
-left checkpoints of (:func:`resume_runs`, docs/resume.md).
+left checkpoints of (:func:`resume_runs`, docs/resume.md). With ``redis_url`` set it
+is one of several workers on the same stream: each run is claimed in Redis and a dead
+worker's runs are taken over (:mod:`hxn_liveptycho.control.workers`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.api import create_app
 from hxn_liveptycho.control.service import ServeService
 from hxn_liveptycho.control.transport import ZmqDocumentSource
+from hxn_liveptycho.control.workers import WorkerCoordinator
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.store.checkpoint import Checkpoint
 from hxn_liveptycho.store.diffraction import Diffraction
@@ -84,6 +87,7 @@ SECRET_ENVIRONMENT = (
     "LIVEPTYCHO_CURVE_SECRET_KEY",
     "TILED_API_KEY",
     "TILED_SINGLE_USER_API_KEY",
+    "LIVEPTYCHO_REDIS_URL",  # may hold the Redis password
 )
 
 
@@ -161,7 +165,13 @@ def run_serve(settings: Settings) -> int:
         proxy_in_address=settings.documents_proxy_in,
     )
     service = ServeService(settings, source)
-    resume_runs(service)
+    if settings.redis_url:
+        # One of several workers: runs are claimed in Redis, and a dead worker's runs
+        # (a restarted one's own included) are taken over from the shared checkpoints.
+        service.workers = WorkerCoordinator(settings, service)
+        service.workers.start()
+    else:
+        resume_runs(service)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(service, token=token),
@@ -204,6 +214,8 @@ def run_serve(settings: Settings) -> int:
         return 0
     finally:
         service.close()
+        if service.workers is not None:
+            service.workers.close()
         server.should_exit = True
         api.join(10)
         for sig, handler in previous.items():

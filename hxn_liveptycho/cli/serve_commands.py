@@ -97,8 +97,38 @@ def _print_status(status: dict[str, Any]) -> None:
         )
 
 
+def _print_workers(view: dict[str, Any]) -> None:
+    workers = view.get("workers") or []
+    if view.get("redis") is None:
+        print("serve runs alone (no redis_url): one worker")
+    else:
+        print(f"{len(workers)} serve worker(s) in Redis {view['redis']}")
+    for worker in workers:
+        state = "alive" if worker.get("alive") else "DEAD"
+        if not worker.get("alive") and worker.get("state") == "stopped":
+            state = "stopped"
+        this = (
+            " (this one)" if worker.get("name") and worker.get("name") == view.get("this") else ""
+        )
+        print(
+            f"worker {worker.get('name') or 'serve'}{this} {state}, heartbeat "
+            f"{worker.get('heartbeat_age_s')} s ago, {worker.get('url') or ''}".rstrip(", ")
+        )
+        for run in worker.get("runs") or []:
+            print(
+                f"  scan {run.get('scan_id')} {str(run.get('uid'))[:8]} {run.get('status')}, "
+                f"iteration {run.get('iteration')}"
+            )
+
+
 def _status(args: argparse.Namespace) -> int:
     def call(client: Any) -> Any:
+        if args.all:
+            view = client.workers()
+            if args.json:
+                return view
+            _print_workers(view)
+            return None
         status = client.status()
         if args.json:
             return status
@@ -206,7 +236,8 @@ def add_serve_commands(sub: Any) -> None:
         (
             "status",
             "status of a running serve",
-            "Print one line per recent run of a running serve (--json: everything).",
+            "Print one line per recent run of a running serve (--json: everything; --all: "
+            "every serve worker sharing its Redis, and their runs).",
             _status,
         ),
         (
@@ -240,6 +271,11 @@ def add_serve_commands(sub: Any) -> None:
         command.set_defaults(func=func)
         if name == "status":
             command.add_argument("--json", action="store_true", help="the full status as JSON")
+            command.add_argument(
+                "--all",
+                action="store_true",
+                help="every serve worker sharing this one's Redis, and their runs",
+            )
         elif name == "stop":
             command.add_argument("uid", nargs="?", help="run uid or its first 8+ characters")
         elif name == "retry-upload":

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from hxn_liveptycho.errors import ConfigurationError
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.recon.quality import QualitySettings
+from hxn_liveptycho.recon.rank_hub import LiveRanks
 from hxn_liveptycho.streams.crop import DetectorCrop
 from hxn_liveptycho.util.validation import validation_problems
 
@@ -152,6 +153,12 @@ class Settings(BaseSettings):
         description="Quality maps and convergence flag sent with every snapshot "
         "(LIVEPTYCHO_LIVE_QUALITY__<FIELD>).",
     )
+    ranks: LiveRanks = Field(
+        default_factory=LiveRanks,
+        description="Ranks that reconstruct each scan together (docs/scaling.md): the solver "
+        "process is rank 0 and starts the others itself through MPI; one rank by default "
+        "(LIVEPTYCHO_RANKS__COUNT=2, LIVEPTYCHO_RANKS__GPUS='[0,1]').",
+    )
     stream_timeout_s: float = Field(
         default=15.0, gt=0.0, description="How long after 'stop' to wait for late frames."
     )
@@ -231,6 +238,34 @@ class Settings(BaseSettings):
         default=True,
         description="Start each projection of a series from the newest probe of the one "
         "before (its final probe, else its latest live one) instead of a guess from the data.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis that several `liveptycho serve` workers share to take each run "
+        "exactly once (claims with expiry, heartbeats, take-over of a dead worker's runs; see "
+        "docs/serve.md), e.g. redis://host:6379/0; None: this serve takes every run itself.",
+    )
+    worker_name: str | None = Field(
+        default=None,
+        description="This serve worker's name in Redis and in `liveptycho status --all`; "
+        "None: host:pid.",
+    )
+    claim_ttl_s: float = Field(
+        default=15.0,
+        gt=0.0,
+        description="How long a worker's claim on a run (and its registration) lives without "
+        "a heartbeat: a worker silent this long is taken as dead and its runs are taken over.",
+    )
+    heartbeat_s: float = Field(
+        default=3.0,
+        gt=0.0,
+        description="Time between a worker's heartbeats (claims refreshed, registration "
+        "updated, dead workers' runs looked for); keep it well under claim_ttl_s.",
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Folder of the runs' checkpoints; None: <data_dir>/checkpoints. Serve "
+        "workers that take over each other's runs point it at one folder they all read.",
     )
 
     @field_validator("overrides")

@@ -146,6 +146,15 @@ def create_app(service: ServeService, *, token: str | None) -> FastAPI:
         info["runs"] = [_run_view(service, run) for run in info["runs"]]
         return info
 
+    @app.get("/api/workers", dependencies=auth)
+    def workers() -> dict[str, Any]:
+        """Every serve worker sharing this one's Redis, alive or lately dead, with its runs
+        (serve alone: this one); the Redis URL without its password."""
+        try:
+            return json_safe(service.workers_view())
+        except Exception as exc:  # Redis unreachable: say so, not a bare 500
+            raise HTTPException(503, f"the workers' Redis did not answer: {exc}") from exc
+
     @app.get("/api/runs", dependencies=auth)
     def runs() -> list[dict[str, Any]]:
         return [_run_view(service, run) for run in reversed(service.status()["runs"])]

@@ -47,6 +47,9 @@ class ServeClient:
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/status")
 
+    def workers(self) -> dict[str, Any]:
+        return self._call("GET", "/api/workers")
+
     def run(self, uid: str) -> dict[str, Any]:
         return self._call("GET", f"/api/runs/{uid}")
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hxn_liveptycho import __version__
 from hxn_liveptycho.callback import LivePtycho
@@ -21,6 +21,9 @@ from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.control.transport import DocumentSource
 from hxn_liveptycho.pipeline.session import RunSession
 from hxn_liveptycho.util.counters import Counters
+
+if TYPE_CHECKING:
+    from hxn_liveptycho.control.workers import WorkerCoordinator
 
 __all__ = ["SHUTDOWN_REASON", "ServeService"]
 
@@ -49,6 +52,8 @@ class ServeService:
         self._runs_seen: OrderedDict[str, None] = OrderedDict()
         self._descriptor_runs: OrderedDict[str, str] = OrderedDict()
         self._reported_unknown: set[str] = set()
+        #: This worker's part among several sharing the stream (None: serve alone).
+        self.workers: WorkerCoordinator | None = None
 
     def start(self) -> None:
         self.source.start(self.deliver)
@@ -124,7 +129,35 @@ class ServeService:
             **self.counters.snapshot(),
         }
         info["documents"] = self.source.describe()
+        if self.workers is not None:
+            info["worker"] = self.workers.describe()
         return info
+
+    def workers_view(self) -> dict[str, Any]:
+        """Every serve worker sharing this one's Redis and their runs; alone: this one."""
+        if self.workers is None:
+            runs = [
+                {k: run.get(k) for k in ("uid", "scan_id", "status", "iteration")}
+                for run in self.live.status()["runs"]
+            ]
+            return {
+                "redis": None,
+                "this": None,
+                "workers": [
+                    {
+                        "name": None,
+                        "url": None,
+                        "alive": not self.closing.is_set(),
+                        "heartbeat_age_s": 0.0,
+                        "runs": runs,
+                    }
+                ],
+            }
+        return {
+            "redis": self.workers.redis_url,
+            "this": self.workers.name,
+            "workers": self.workers.workers(),
+        }
 
     def config(self) -> dict[str, Any]:
         return {

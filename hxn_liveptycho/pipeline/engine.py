@@ -135,10 +135,15 @@ class Engine:
         )
         self._receivers: list[Receiver] = []
         self._closed = False
+        #: Asked about each run the settings choose, after its start document: why this
+        #: engine leaves it to another (None: it is reconstructed here). Serve workers
+        #: sharing one document stream set it to their claim in Redis (control/workers.py).
+        self.admit: Callable[[Mapping[str, Any]], str | None] | None = None
         self.solver_worker = SolverWorker(
             backend=settings.array_backend,
             placement=settings.gpu_placement,
             warm=warm_up_for(settings),
+            ranks=settings.ranks,
         )
         #: NN workers kept warm between runs (one is started with the engine when the
         #: overrides ask for the NN branch, so the first run's network is loaded already).
@@ -285,6 +290,8 @@ class Engine:
             return
         self._end_open_runs()
         reason = run_selection(start, self.settings)
+        if reason is None and self.admit is not None:
+            reason = self.admit(start)
         if reason is not None:
             self.counters.add("runs_skipped")
             self._remember_skipped(start, reason)
@@ -332,10 +339,12 @@ class Engine:
         stored_frames: Callable[[Checkpoint], Callable[[], Diffraction | None] | None]
         | None = None,
     ) -> list[Checkpoint]:
-        """Resume every run with a checkpoint under ``data_dir`` (runs a dead process never
-        ended); the checkpoints, oldest first. Unreadable ones are reported and set aside.
-        ``stored_frames(checkpoint)``: what reads back that run's stored frames."""
-        checkpoints = CheckpointStore.in_data_dir(self.settings.data_dir).load_all()
+        """Resume every run with a checkpoint in ``checkpoint_dir`` (else under ``data_dir``;
+        runs a dead process never ended); the checkpoints, oldest first. Unreadable ones are
+        reported and set aside. ``stored_frames(checkpoint)``: what reads back that run's
+        stored frames."""
+        store = CheckpointStore.at(self.settings.checkpoint_dir, self.settings.data_dir)
+        checkpoints = store.load_all()
         for checkpoint in checkpoints:
             reader = None if stored_frames is None else stored_frames(checkpoint)
             self.resume(checkpoint, stored_frames=reader)

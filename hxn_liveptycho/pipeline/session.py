@@ -172,7 +172,7 @@ class RunSession(SessionResults):
         self._pending_frames: list[PairedFrame] = []
         #: Checkpoints of the solver's state, with the live snapshots (see store.checkpoint).
         self._checkpoints = CheckpointWriter(
-            CheckpointStore.in_data_dir(settings.data_dir), self.uid
+            CheckpointStore.at(settings.checkpoint_dir, settings.data_dir), self.uid
         )
         self._last_checkpoint = -float("inf")
         self._resumed: ResumedRun | None = None

@@ -238,6 +238,14 @@ class CheckpointStore:
         """The checkpoints of an engine whose ``data_dir`` is given: ``<data_dir>/checkpoints``."""
         return cls(Path(data_dir) / CHECKPOINT_FOLDER)
 
+    @classmethod
+    def at(cls, checkpoint_dir: Path | None, data_dir: Path) -> CheckpointStore:
+        """``checkpoint_dir`` when set (one folder the serve workers that take over each
+        other's runs all read), else ``<data_dir>/checkpoints``."""
+        if checkpoint_dir is not None:
+            return cls(Path(checkpoint_dir))
+        return cls.in_data_dir(data_dir)
+
     def path(self, uid: str) -> Path:
         return self.directory / f"{key_part(uid)}{_SUFFIX}"
 

@@ -181,4 +181,45 @@ function connect() {
   source.onerror = () => text("connection", "reconnecting…"); // EventSource retries by itself
 }
 
+// Serve workers sharing one Redis (several `liveptycho serve` on one stream): who is alive
+// and which runs each holds. Shown only when there are several (or Redis is configured).
+const WORKERS_POLL_MS = 3000;
+
+function showWorkers(view) {
+  const section = document.getElementById("workers");
+  section.hidden = !view.redis;
+  if (section.hidden) return;
+  text("workers-redis", `Runs claimed in Redis ${view.redis}; this page is worker ${view.this}.`);
+  section.querySelector("tbody").replaceChildren(
+    ...view.workers.map((worker) => {
+      const row = document.createElement("tr");
+      const runs = (worker.runs || []).map((r) => `${r.scan_id} ${r.status}`).join(", ");
+      const cells = [
+        worker.name + (worker.name === view.this ? " (this)" : ""),
+        worker.alive ? "alive" : worker.state === "stopped" ? "stopped" : "dead",
+        `${worker.heartbeat_age_s} s ago`,
+        runs,
+      ];
+      for (const value of cells) {
+        const cell = document.createElement("td");
+        cell.textContent = value ?? "";
+        row.append(cell);
+      }
+      if (!worker.alive) row.classList.add("failed");
+      return row;
+    }),
+  );
+}
+
+async function pollWorkers() {
+  try {
+    const reply = await fetch(withToken("api/workers"));
+    if (reply.ok) showWorkers(await reply.json());
+  } catch (error) {
+    // the page's connection badge already says when serve is away
+  }
+  setTimeout(pollWorkers, WORKERS_POLL_MS);
+}
+
 connect();
+pollWorkers();
