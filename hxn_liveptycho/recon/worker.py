@@ -30,7 +30,11 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import shutil
+import signal
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -42,16 +46,19 @@ from hxn_liveptycho.recon.frame_ring import FrameRing
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.recon.quality import QualitySettings
+from hxn_liveptycho.recon.rank_hub import LiveRanks, failed_ranks
 from hxn_liveptycho.recon.worker_child import WarmUp, WorkerInfo, child_main
 from hxn_liveptycho.util.children import start_spawned
 from hxn_liveptycho.util.counters import Counters
 
-__all__ = ["RemoteSolver", "SolverWorker", "WarmUp", "WorkerInfo"]
+__all__ = ["LiveRanks", "RemoteSolver", "SolverWorker", "WarmUp", "WorkerInfo"]
 
 logger = logging.getLogger(__name__)
 
 #: Bytes of frames a run's ring holds before the session waits for the solver to take them.
 RING_BYTES = 256 * 2**20
+#: Seconds between the checks that every rank of a scan is alive (several ranks).
+RANK_CHECK_S = 0.25
 
 
 class SolverWorker:
@@ -60,6 +67,12 @@ class SolverWorker:
     Started at once (in the background: the constructor only spawns); the first
     run waits for the child's ``ready`` (backend resolved, kernels warm) in
     :meth:`info`. A child that died is replaced by the next :meth:`open_run`.
+
+    With ``ranks`` of more than one rank the child is rank 0 of them and starts the others
+    itself (:mod:`~hxn_liveptycho.recon.rank_hub`). MPI would leave the ranks waiting for
+    a dead one for ever, so a thread here watches them: a rank that wrote why it failed,
+    that exited, or ranks that did not start within ``ranks.start_timeout_s`` end the child,
+    and its runs fail with that reason.
     """
 
     def __init__(
@@ -69,8 +82,10 @@ class SolverWorker:
         placement: GpuPlacement | None = None,
         warm: WarmUp | None = None,
         start_timeout_s: float = 300.0,
+        ranks: LiveRanks | None = None,
     ) -> None:
         self._backend = backend
+        self._ranks = ranks if ranks is not None and ranks.size > 1 else None
         self._placement = placement or GpuPlacement()
         self._warm = warm
         self._start_timeout_s = start_timeout_s
@@ -90,6 +105,11 @@ class SolverWorker:
         self._ready = threading.Event()
         self._info: WorkerInfo | None = None
         self._start_error: str | None = None
+        #: Why the ranks' watch ended the child (several ranks); None otherwise.
+        self._rank_failure: str | None = None
+        ranks = None
+        if self._ranks is not None:
+            ranks = (self._ranks, tempfile.mkdtemp(prefix="liveptycho-ranks-"))
         self._process = spawn.Process(
             target=child_main,
             args=(
@@ -100,6 +120,7 @@ class SolverWorker:
                 self._placement,
                 self._warm,
                 logging.getLogger("hxn_liveptycho").getEffectiveLevel(),
+                *(() if ranks is None else (ranks,)),
             ),
             name="liveptycho-solver",
             daemon=True,
@@ -115,6 +136,43 @@ class SolverWorker:
             daemon=True,
         )
         self._reader.start()
+        if ranks is not None:
+            threading.Thread(
+                target=self._watch_ranks,
+                args=(self._process, self._ready, ranks[1]),
+                name="liveptycho-solver-ranks",
+                daemon=True,
+            ).start()
+
+    def _watch_ranks(self, process: Any, ready: threading.Event, reason_dir: str) -> None:
+        """End the child when one of its ranks failed, exited, or they did not start in time
+        (several ranks; on a thread of its own); once the child is gone, end any rank left
+        and remove ``reason_dir``."""
+        assert self._ranks is not None
+        deadline = time.monotonic() + self._ranks.start_timeout_s
+        while process.is_alive():
+            reason = failed_ranks(reason_dir)
+            info = self._info if ready.is_set() else None
+            if reason is None and info is None and time.monotonic() > deadline:
+                reason = f"the ranks did not start within {self._ranks.start_timeout_s:g} s"
+            if reason is None and info is not None:
+                for rank, pid in enumerate(info.rank_pids[1:], start=1):
+                    if not _running(pid):
+                        reason = failed_ranks(reason_dir) or f"rank {rank} (pid {pid}) exited"
+                        break
+            if reason is not None and not self._closed:  # closing: the ranks leave first
+                self._rank_failure = f"a rank of the solver failed: {reason}"
+                logger.error("%s; ending the solver process", self._rank_failure)
+                process.kill()
+                break
+            time.sleep(RANK_CHECK_S)
+        process.join()
+        info = self._info
+        for pid in () if info is None else info.rank_pids[1:]:
+            if _running(pid):  # MPI's daemon ends them with rank 0; this is the safety net
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(reason_dir, ignore_errors=True)
 
     @property
     def pid(self) -> int | None:
@@ -208,7 +266,9 @@ class SolverWorker:
             pass
         process.join(5)
         code = process.exitcode
+        exited = self._rank_failure or f"the solver process exited (code {code})"
         if not ready.is_set():
+            self._start_error = self._rank_failure or self._start_error
             self._start_error = self._start_error or f"it exited with code {code}"
             ready.set()
         with self._lock:
@@ -217,7 +277,7 @@ class SolverWorker:
             self.counters.add("deaths")
             logger.error("the solver process exited (code %s)", code)
         for remote in orphans:
-            remote._fail(f"the solver process exited (code {code})")
+            remote._fail(exited)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -266,6 +326,15 @@ class SolverWorker:
                 self._reader.join()  # SIGKILL cannot be refused: its pipe ends, it is reaped
         with contextlib.suppress(Exception):
             self._to_child.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class RemoteSolver:

@@ -25,6 +25,7 @@ from hxn_liveptycho.recon.live_resolution import LiveResolution
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement, Placement
 from hxn_liveptycho.recon.quality import QualitySettings
+from hxn_liveptycho.recon.rank_hub import LiveRanks, RankedSolver, RankHub
 from hxn_liveptycho.util.children import LogToParent
 
 __all__ = ["WarmUp", "WorkerInfo", "child_main"]
@@ -52,6 +53,8 @@ class WorkerInfo:
     placement: Placement
     device_name: str
     warm_s: float
+    #: The process ids of the scan's ranks, rank 0 (this process) first; empty: one rank.
+    rank_pids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -93,17 +96,34 @@ class _Child:
         self.runs: dict[str, _ChildRun] = {}
         self.xp: Any = np
         self.device: int | None = None
+        #: Several ranks: this process is rank 0 and drives the others (recon.rank_hub).
+        self.hub: RankHub | None = None
+        #: Why the ranks can no longer go on (a failure on rank 0 inside a step they share
+        #: leaves them out of step): the process then leaves.
+        self.broken: str | None = None
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.outbox.send(message)
 
-    def start(self, backend: str, wanted: GpuPlacement, warm: WarmUp | None) -> None:
+    def start(
+        self,
+        backend: str,
+        wanted: GpuPlacement,
+        warm: WarmUp | None,
+        ranks: tuple[LiveRanks, str] | None = None,
+    ) -> None:
         from hxn_liveptycho.recon.backend import get_array_module
         from hxn_liveptycho.recon.placement import resolve_placement, visible_gpus
+        from hxn_liveptycho.recon.rank_hub import start_ranks
 
         self.xp = get_array_module(backend)  # type: ignore[arg-type]
         placement = resolve_placement(wanted, visible_gpus(self.xp))
         self.device = placement.iterative
+        if ranks is not None:  # rank 0 of several: the ranks' settings choose the devices
+            settings, reason_dir = ranks
+            self.hub = start_ranks(settings, reason_dir)
+            self.xp = self.hub.xp
+            self.device = settings.gpus[0] if settings.gpus else None
         name = "CPU (NumPy)"
         if self.device is not None:
             self.xp.cuda.Device(self.device).use()
@@ -115,8 +135,9 @@ class _Child:
         info = WorkerInfo(
             backend=self.xp.__name__,
             placement=placement,
-            device_name=name,
+            device_name=name if self.hub is None else f"{name}, rank 0 of {self.hub.size}",
             warm_s=time.perf_counter() - began,
+            rank_pids=() if self.hub is None else self.hub.pids,
         )
         self.send(("ready", info))
 
@@ -188,6 +209,9 @@ class _Child:
         from hxn_liveptycho.recon.iterative import StreamingSolver
 
         ring = FrameRingReader(spec["ring"], spec["slots"], spec["n"])
+        if self.hub is not None:
+            self._open_ranked(run_id, spec, ring)
+            return
         try:
             solver = StreamingSolver(
                 probe=spec["probe"],
@@ -226,6 +250,35 @@ class _Child:
             run_id[:8],
         )
 
+    def _open_ranked(self, run_id: str, spec: dict[str, Any], ring: FrameRingReader) -> None:
+        """Open the run on every rank (:class:`~hxn_liveptycho.recon.rank_hub.RankedSolver`).
+        Its frames are spread over the ranks, so the maps that need every frame on this rank
+        (the error map, the half-set resolution) are left out, and NN seeds are not taken."""
+        try:
+            solver = RankedSolver(self.hub, run_id, spec)  # type: ignore[arg-type]
+        except BaseException:
+            ring.close()
+            raise
+        quality = spec.get("quality") or QualitySettings()
+        if quality.error_map or quality.resolution:
+            logger.info(
+                "run %s over %d ranks: no error map or resolution", run_id[:8], solver._hub.size
+            )
+            quality = quality.model_copy(update={"error_map": False, "resolution": False})
+        self.runs[run_id] = _ChildRun(
+            solver=solver,
+            ring=ring,
+            params=spec["params"],
+            quality=quality,
+            errors_sent=len(solver.error_history),
+        )
+        logger.info(
+            "solver started over %d ranks (%s) for run %s",
+            solver._hub.size,
+            "CPU" if self.device is None else "GPUs",
+            run_id[:8],
+        )
+
     def _add(self, run_id: str, start: int, count: int, positions: np.ndarray) -> None:
         run = self.runs.get(run_id)
         if run is None:
@@ -242,7 +295,14 @@ class _Child:
             self.send(("consumed", run_id, count, run.solver.n_positions))
 
     def _fail(self, run_id: str, reason: str) -> None:
-        self._drop(run_id)
+        run = self.runs.get(run_id)
+        if run is not None and isinstance(run.solver, RankedSolver):
+            # The other ranks may wait in a step this one left: none of them can go on.
+            self.runs.pop(run_id, None)
+            run.ring.close()
+            self.broken = reason
+        else:
+            self._drop(run_id)
         self.send(("failed", run_id, reason))
 
     def _drop(self, run_id: str) -> None:
@@ -250,6 +310,8 @@ class _Child:
         if run is None:
             return
         run.ring.close()
+        if isinstance(run.solver, RankedSolver):
+            run.solver.close()
         del run
         if self.xp is not np:
             with contextlib.suppress(Exception):
@@ -300,6 +362,9 @@ class _Child:
 
         seed, run.pending_seed = run.pending_seed, None
         if seed is None or run.finishing:
+            return
+        if isinstance(run.solver, RankedSolver):
+            logger.debug("solver: run %s is over several ranks; the NN seed is not taken", run_id)
             return
         solver = run.solver
         xp = solver.xp
@@ -444,6 +509,7 @@ def child_main(
     placement: GpuPlacement,
     warm: WarmUp | None,
     log_level: int,
+    ranks: tuple[LiveRanks, str] | None = None,
 ) -> None:
     from hxn_liveptycho.util.children import exit_with_parent
 
@@ -453,13 +519,17 @@ def child_main(
     root.handlers[:] = [LogToParent(child.send)]
     root.setLevel(log_level)
     try:
-        child.start(backend, placement, warm)
+        child.start(backend, placement, warm, ranks)
     except Exception as exc:
         child.send(("start_failed", f"{type(exc).__name__}: {exc}"))
+        if ranks is not None:  # MPI may be up: leave without its teardown (it could wait)
+            os._exit(1)
         return
     try:
         _serve(child, inbox)
     finally:
+        if child.hub is not None:
+            child.hub.close()
         # Leave without Python's teardown: freeing a CUDA context and cuFFT plans at exit can
         # take longer than the owner waits, and the driver releases them with the process.
         with contextlib.suppress(Exception):
@@ -481,5 +551,8 @@ def _serve(child: _Child, inbox: Connection) -> None:
                     if not inbox.poll(0):
                         break
             child.step()
+            if child.broken is not None:
+                logger.error("solver: the ranks cannot go on (%s); leaving", child.broken)
+                return
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone
