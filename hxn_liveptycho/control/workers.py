@@ -7,7 +7,8 @@ when one dies. The choice is made in Redis, the coordination service the project
 already runs for bluesky-queueserver, never by a protocol of our own:
 
 - **Claims.** When the engine admits a run (its start document, after the settings
-  chose it), the worker tries ``SET <prefix>:claim:<uid> <worker> NX PX <ttl>``.
+  chose it), the worker tries ``SET <prefix>:claim:<uid> <worker> NX PX <ttl>``
+  (a worker still finishing a run waits a moment first, so a free one wins).
   The one that sets it reconstructs the run; the others leave it (the engine counts
   it ``runs_skipped`` with the reason ``taken by serve worker ...``, one log line) and
   its frames reach no session of theirs (``orphan_frames``).
@@ -62,6 +63,10 @@ _REGISTRATION_TTLS = 20
 _RUNS_LISTED = 10
 #: How long (in claim TTLs) a claimed run may wait for its session before it is released.
 _PENDING_TTLS = 4
+
+#: How long a worker still finishing a run waits before it claims the next one, so that
+#: a free worker takes it when there is one.
+_BUSY_DEFER_S = 0.25
 
 #: Refresh a key's expiry only while it holds this worker's name.
 _REFRESH = """
@@ -196,8 +201,13 @@ class WorkerCoordinator:
         return f"{self.prefix}:worker:{name or self.name}"
 
     def _check_name(self) -> None:
+        """Refuse a name another live worker has; a dead process of this host (a restart
+        with a fixed ``worker_name``) leaves it free."""
         entry = self.client.hgetall(self._worker_key())
         beat = float(entry.get("heartbeat", 0.0)) if entry else 0.0
+        here = bool(entry) and entry.get("host") == socket.gethostname()
+        if here and not _process_alive(int(entry.get("pid", 0))):
+            return
         if entry and entry.get("state") == "serving" and time.time() - beat <= self._ttl_ms / 1e3:
             raise ConfigurationError(
                 f"another serve worker named {self.name!r} is alive in Redis (pid "
@@ -209,6 +219,12 @@ class WorkerCoordinator:
         """Claim the runs the engine admits from now on; take over the dead workers' runs."""
         self.service.live.engine.admit = self.admit
         self._register("serving")
+        if not self.settings.tiled_uri:
+            logger.warning(
+                "serve worker %s has no tiled_uri: its results go to its own embedded Tiled, "
+                "not to one the workers share",
+                self.name,
+            )
         logger.info(
             "serve worker %s: runs claimed in Redis at %s (claims live %g s, heartbeat %g s), "
             "checkpoints in %s",
@@ -246,6 +262,9 @@ class WorkerCoordinator:
     def admit(self, start: Mapping[str, Any]) -> str | None:
         """Claim run ``start['uid']``: None when this worker takes it, else why not."""
         uid = str(start["uid"])
+        if any(not session.finished for session in self.service.sessions()):
+            # Still finishing a run: a free worker, if there is one, claims this one first.
+            time.sleep(_BUSY_DEFER_S)
         try:
             won = self.client.set(self._claim_key(uid), self.name, nx=True, px=self._ttl_ms)
             if won:
@@ -292,7 +311,7 @@ class WorkerCoordinator:
                 self._refresh(keys=[self._claim_key(uid)], args=[self.name, self._ttl_ms])
             elif session is None or session.finished:
                 self._end(uid, session.summary() if session is not None else None)
-            elif not self._refresh(keys=[self._claim_key(uid)], args=[self.name, self._ttl_ms]):
+            elif not self._hold(uid):
                 self._lost(uid, session)
             else:
                 summary = session.summary()
@@ -310,6 +329,14 @@ class WorkerCoordinator:
                     continue
                 if self.client.set(self._claim_key(uid), self.name, nx=True, px=self._ttl_ms):
                     self._take_over(uid)
+
+    def _hold(self, uid: str) -> bool:
+        """Refresh run ``uid``'s claim; claim it again when it expired with nobody taking it
+        (Redis was away for a while). False when another worker holds it now."""
+        key = self._claim_key(uid)
+        if self._refresh(keys=[key], args=[self.name, self._ttl_ms]):
+            return True
+        return bool(self.client.set(key, self.name, nx=True, px=self._ttl_ms))
 
     def _end(self, uid: str, summary: Mapping[str, Any] | None) -> None:
         """The run ended here (its final write done): its record says how; claim released."""
@@ -484,6 +511,18 @@ class WorkerCoordinator:
     def workers(self) -> list[dict[str, Any]]:
         """Every worker registered in Redis (see :func:`list_workers`)."""
         return list_workers(self.client, self.settings.claim_ttl_s, self.prefix)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return pid == os.getpid()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def mark_running_incomplete(root: Any, settings: Settings, raw_uid: str, reason: str) -> bool:
