@@ -17,6 +17,7 @@ from hxn_liveptycho.config.settings import Settings
 from hxn_liveptycho.recon.params import IterativeParams
 from hxn_liveptycho.recon.placement import GpuPlacement
 from hxn_liveptycho.recon.quality import QualitySettings
+from hxn_liveptycho.recon.rank_hub import LiveRanks
 from hxn_liveptycho.streams.crop import DetectorCrop
 
 _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
@@ -35,6 +36,11 @@ _SECTIONS: list[tuple[str, type[BaseModel], str]] = [
         "Settings.eiger_crop (DetectorCrop)",
         DetectorCrop,
         "Fixed detector window cut in the receivers; `LIVEPTYCHO_EIGER_CROP` as JSON.",
+    ),
+    (
+        "Settings.ranks (LiveRanks)",
+        LiveRanks,
+        "Ranks that reconstruct each scan together; `LIVEPTYCHO_RANKS__<FIELD>`.",
     ),
     ("ScanConfig", ScanConfig, "Per run, derived from the documents; any field can be overridden."),
     ("ScanConfig.grid (ScanGrid)", ScanGrid, "Commanded scan extents."),
