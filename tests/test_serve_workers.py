@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
@@ -26,7 +27,7 @@ from serve_helpers import ServeProcess, free_port
 from hxn_liveptycho import cli
 from hxn_liveptycho.control.transport import ProxyProcess
 from hxn_liveptycho.sim import SimulatedBeamline, SimulatedSample
-from hxn_liveptycho.store.checkpoint import CheckpointStore
+from hxn_liveptycho.store.checkpoint import Checkpoint, CheckpointStore
 
 #: The Redis password: it must never show in a status, a config or a log.
 PASSWORD = "redis-s3cret-pw"
@@ -206,6 +207,22 @@ def _holder(workers: list[WorkerProcess], raw_uid: str) -> WorkerProcess:
     return holders[0]
 
 
+def _old_checkpoint(uid: str, container_path: str) -> Checkpoint:
+    """A checkpoint of a run that began an hour ago."""
+    start = {"uid": uid, "time": time.time() - 3600, "scan_id": 99, "plan_name": "fly2dpd"}
+    return Checkpoint(
+        uid=uid,
+        documents=[("start", start)],
+        overrides={},
+        settings_hash="0",
+        iteration=3,
+        object=np.ones((24, 24), np.complex64),
+        probe=np.ones((1, 8, 8), np.complex64),
+        positions_px=np.zeros((4, 2)),
+        container_path=container_path,
+    )
+
+
 @contextlib.contextmanager
 def _redis(url: str) -> Iterator[Any]:
     import redis
@@ -257,30 +274,41 @@ def test_three_workers_reconstruct_each_run_exactly_once(
         # A worker that died holding a run before any checkpoint of it: its run is still
         # listed open, its claim gone, its container left 'running'. A live worker takes it
         # over and, with no checkpoint to go on from, ends it incomplete.
-        ghost_uid = str(uuid.uuid4())
+        # A second one did checkpoint its run, but the run began before the two scans: its
+        # scan is over, so it is not resumed (it would take a newer run's frames) but ended
+        # incomplete too, its checkpoint removed.
+        ghost_uid, old_uid = str(uuid.uuid4()), str(uuid.uuid4())
         catalog = from_uri(tiled_server.uri)["processed"]["liveptycho"]
-        catalog.create_container(
-            key=f"ghost-{ghost_uid[:8]}",
-            metadata={"raw_uid": ghost_uid, "scan_id": 99, "status": "running"},
-        )
+        for uid in (ghost_uid, old_uid):
+            catalog.create_container(
+                key=f"ghost-{uid[:8]}",
+                metadata={"raw_uid": uid, "scan_id": 99, "status": "running"},
+            )
+        store = CheckpointStore(ws[0].checkpoints)
+        store.save(_old_checkpoint(old_uid, f"processed/liveptycho/ghost-{old_uid[:8]}"))
         with _redis(redis_url) as client:
-            client.hset(f"liveptycho:run:{ghost_uid}", mapping={"worker": "ghost", "scan_id": 99})
-            client.sadd("liveptycho:runs:open", ghost_uid)
+            for uid in (ghost_uid, old_uid):
+                client.hset(f"liveptycho:run:{uid}", mapping={"worker": "ghost", "scan_id": 99})
+                client.sadd("liveptycho:runs:open", uid)
             deadline = time.monotonic() + 20
-            while client.sismember("liveptycho:runs:open", ghost_uid):
-                assert time.monotonic() < deadline, "the dead worker's run was not taken over"
+            while client.smembers("liveptycho:runs:open"):
+                assert time.monotonic() < deadline, "the dead worker's runs were not taken over"
                 time.sleep(0.2)
-            record = client.hgetall(f"liveptycho:run:{ghost_uid}")
-        assert record["status"] == "incomplete" and record["taken_over_from"] == "ghost"
-        deadline = time.monotonic() + 20  # marked in the background
-        while time.monotonic() < deadline:
-            (ghost,) = _containers(tiled_server.uri, ghost_uid)
-            if ghost.metadata["status"] != "running":
-                break
-            time.sleep(0.2)
-        assert ghost.metadata["status"] == "incomplete"
-        assert "serve worker ghost stopped mid-run" in ghost.metadata["reason"]
-        assert sum(w.status()["worker"]["runs_marked_incomplete"] for w in ws) == 1
+            records = [client.hgetall(f"liveptycho:run:{uid}") for uid in (ghost_uid, old_uid)]
+        for record in records:
+            assert record["status"] == "incomplete" and record["taken_over_from"] == "ghost"
+        assert store.uids() == []
+        for uid, why in ((ghost_uid, "left no checkpoint"), (old_uid, "the scan had ended")):
+            deadline = time.monotonic() + 20  # marked in the background
+            while time.monotonic() < deadline:
+                (ghost,) = _containers(tiled_server.uri, uid)
+                if ghost.metadata["status"] != "running":
+                    break
+                time.sleep(0.2)
+            assert ghost.metadata["status"] == "incomplete"
+            assert f"serve worker ghost stopped mid-run and {why}" in ghost.metadata["reason"]
+            assert all(w.run(uid) is None for w in ws)  # never resumed
+        assert sum(w.status()["worker"]["runs_marked_incomplete"] for w in ws) == 2
 
         # Claims are released once the runs are stored (the next heartbeat).
         deadline = time.monotonic() + 10
@@ -420,3 +448,22 @@ def test_a_run_whose_worker_is_killed_mid_scan_is_taken_over_by_another(
             assert not client.exists(f"liveptycho:claim:{uid}")
         text = _status_all(heir.url)
         assert f"worker {dead.name} DEAD" in text and f"worker {heir.name} (this one) alive" in text
+
+
+def test_a_worker_refuses_to_start_without_its_redis_in_one_line_without_the_password(tmp_path):
+    """Redis unreachable, or heartbeats no shorter than the claims: ConfigurationError (serve's
+    one line, exit status 2) naming the Redis with its password masked."""
+    from hxn_liveptycho.config.settings import Settings
+    from hxn_liveptycho.control.workers import WorkerCoordinator
+    from hxn_liveptycho.errors import ConfigurationError
+
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    settings = Settings(redis_url=url, data_dir=tmp_path)
+    with pytest.raises(ConfigurationError) as refused:
+        WorkerCoordinator(settings, service=None)  # type: ignore[arg-type]
+    assert "cannot use Redis at redis://:***@127.0.0.1:" in str(refused.value)
+    assert PASSWORD not in str(refused.value)
+    assert PASSWORD not in json.dumps(settings.public_view())
+    slow = Settings(redis_url=url, data_dir=tmp_path, claim_ttl_s=2, heartbeat_s=2)
+    with pytest.raises(ConfigurationError, match=r"heartbeat_s .* shorter than claim_ttl_s"):
+        WorkerCoordinator(slow, service=None)  # type: ignore[arg-type]

@@ -52,6 +52,9 @@ class ServeService:
         self._runs_seen: OrderedDict[str, None] = OrderedDict()
         self._descriptor_runs: OrderedDict[str, str] = OrderedDict()
         self._reported_unknown: set[str] = set()
+        #: The newest start document on the stream: (uid, its time); a run begun before
+        #: it has ended (a RunEngine runs one at a time).
+        self.latest_start: tuple[str, float] | None = None
         #: This worker's part among several sharing the stream (None: serve alone).
         self.workers: WorkerCoordinator | None = None
 
@@ -80,6 +83,8 @@ class ServeService:
     def _track(self, name: str, doc: Mapping[str, Any]) -> None:
         if name == "start":
             _remember(self._runs_seen, str(doc.get("uid")), None)
+            with self._lock:
+                self.latest_start = (str(doc.get("uid")), float(doc.get("time") or 0.0))
             return
         run_uid = doc.get("run_start")
         if name == "descriptor" and run_uid:

@@ -31,6 +31,7 @@ for want of Redis; other workers may then reconstruct it too), logged and counte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -282,6 +283,10 @@ class WorkerCoordinator:
                     },
                 )
                 pipe.sadd(f"{self.prefix}:runs:open", uid)
+                pipe.set(
+                    f"{self.prefix}:runs:latest",
+                    json.dumps([uid, float(start.get("time") or 0.0)]),
+                )
                 pipe.execute()
                 self.counters.add("runs_claimed")
                 logger.info("scan %s (%s) claimed by this worker", start.get("scan_id"), uid[:8])
@@ -384,27 +389,48 @@ class WorkerCoordinator:
                 "taken_over_at": time.time(),
             },
         )
-        if checkpoint is not None:
+        newer = None if checkpoint is None else self._newer_run(checkpoint)
+        if checkpoint is not None and newer is None:
             with self._lock:
                 self._mine[uid] = time.monotonic()
             self._resume(checkpoint, previous)
             return
-        # No checkpoint: nothing to go on from. The run ends here, incomplete.
+        # Nothing to go on from, or nowhere to go: the run ends here, incomplete.
+        if newer is None:
+            why = "left no checkpoint"
+        else:
+            # Resumed now, it would take the newer run's frames (the newest open run does).
+            why = f"the scan had ended before the take-over (run {newer[:8]} began since)"
+            self.store.remove(uid)
         self._end(uid, {"status": "incomplete", "container_path": record.get("container_path")})
         self.counters.add("runs_marked_incomplete")
         logger.warning(
-            "run %s (scan %s): worker %s died holding it and left no checkpoint; its container "
-            "is marked incomplete",
+            "run %s (scan %s): worker %s died holding it and %s; its container is marked "
+            "incomplete",
             uid[:8],
             record.get("scan_id"),
             previous,
+            why,
         )
         threading.Thread(
             target=self._mark_incomplete,
-            args=(uid, previous),
+            args=(uid, previous, why),
             name=f"liveptycho-workers-mark-{uid[:8]}",
             daemon=True,
         ).start()
+
+    def _newer_run(self, checkpoint: Checkpoint) -> str | None:
+        """A run that began after ``checkpoint``'s (its scan is then over), seen here or
+        claimed by any worker; None when there is none."""
+        began = float(checkpoint.start.get("time") or 0.0)
+        latest = [self.service.latest_start]
+        with contextlib.suppress(ValueError, TypeError):
+            uid, at = json.loads(self.client.get(f"{self.prefix}:runs:latest") or "null")
+            latest.append((str(uid), float(at)))
+        for found in latest:
+            if found is not None and found[0] != checkpoint.uid and found[1] > began:
+                return found[0]
+        return None
 
     def _resume(self, checkpoint: Checkpoint, previous: str) -> None:
         tiled = self.service.live.tiled
@@ -426,13 +452,13 @@ class WorkerCoordinator:
                 daemon=True,
             ).start()
 
-    def _mark_incomplete(self, uid: str, previous: str) -> None:
+    def _mark_incomplete(self, uid: str, previous: str, why: str) -> None:
         tiled = self.service.live.tiled
         if tiled is None:
             return
         reason = (
-            f"serve worker {previous} stopped mid-run and left no checkpoint; worker "
-            f"{self.name} took the run over and ended it incomplete with what was stored"
+            f"serve worker {previous} stopped mid-run and {why}; worker {self.name} took "
+            "the run over and ended it incomplete with what was stored"
         )
         self._retry(
             lambda: mark_running_incomplete(tiled.client(), self.settings, uid, reason), uid
