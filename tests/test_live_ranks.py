@@ -6,6 +6,8 @@ each chunk as frames arrive, and gathers the object for each snapshot.
   engine, embedded Tiled): two ranks reach the end-to-end error bound that one rank
   reaches on the same scan, and the final data error within 25 % of one rank's (the bound
   tests/test_mpi_ranks.py states for streamed ePIE over ranks).
+* The solver process on its own (fast): the scan of tests/mpi_ranks_run.py fed in chunks
+  to two ranks reaches the one-rank data error within 25 %, the object's within 1.5x.
 * A rank that fails ends its runs with a one-line reason, at once, and ranks that do not
   start in time end the start with the reason: never a hang.
 """
@@ -104,6 +106,45 @@ def _small_run(worker: SolverWorker) -> Any:
     )
     remote.add(amplitudes.astype(np.float32), positions)
     return remote
+
+
+def _chunked(size: int) -> tuple[float, float]:
+    """The 10 x 10 scan of tests/mpi_ranks_run.py fed to a solver process of ``size`` ranks
+    in 5 chunks, then 30 passes: the final data error and the object's error."""
+    import mpi_ranks_run as run
+
+    from hxn_liveptycho.recon.metrics import object_error
+
+    scan = run.Scan("epie")
+    worker = SolverWorker(backend="numpy", ranks=LiveRanks(count=size))
+    try:
+        remote = worker.open_run(
+            "run-1",
+            probe=scan.probe_guess,
+            canvas_shape=scan.canvas,
+            params=IterativeParams(seed=0, algorithm="epie"),
+            expected_positions=len(scan.positions),
+        )
+        for chunk in np.array_split(np.arange(len(scan.positions)), run.CHUNKS):
+            remote.add(scan.amplitudes[chunk], scan.positions[chunk])
+            time.sleep(0.1)
+        remote.finish(run.PASSES)
+        assert remote.done.wait(60) and remote.failure is None
+        final = remote.final
+        assert final is not None and final["positions_px"].shape == (len(scan.positions), 2)
+        return final["state_error"], object_error(scan.obj, final["object"], scan.mask)
+    finally:
+        worker.close()
+
+
+def test_frames_fed_in_chunks_to_two_ranks_reach_the_one_rank_error() -> None:
+    """The solver process alone against the same process as rank 0 of two: each chunk split
+    by position as it arrives, both ranks iterating between chunks (the bounds of
+    tests/test_mpi_ranks.py for streamed ePIE)."""
+    one_error, one_object = _chunked(1)
+    two_error, two_object = _chunked(2)
+    assert two_error <= 1.25 * one_error
+    assert two_object <= 1.5 * one_object
 
 
 def test_a_rank_that_dies_ends_the_run_with_the_reason() -> None:
