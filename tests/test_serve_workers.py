@@ -234,10 +234,10 @@ def _redis(url: str) -> Iterator[Any]:
         client.close()
 
 
-def _status_all(url: str) -> str:
+def _status_all(url: str | None) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert cli.main(["status", "--all", "--url", url]) == 0
+        assert cli.main(["status", "--all", *(["--url", url] if url else [])]) == 0
     return out.getvalue()
 
 
@@ -399,12 +399,13 @@ class _KillHolder(threading.Thread):
 
 
 def test_a_run_whose_worker_is_killed_mid_scan_is_taken_over_by_another(
-    tmp_path, tiled_server, hxn_detectors, document_proxy, redis_url, RE
+    tmp_path, tiled_server, hxn_detectors, document_proxy, redis_url, RE, monkeypatch
 ):
     """SIGKILL of the worker holding a run: its claim expires, the other worker takes the
     run over from the shared checkpoint and ends it complete with the frames still coming;
     the dead worker's container is marked incomplete; no duplicate, no checkpoint left;
-    `status --all` shows the dead worker dead and the run with its new holder."""
+    `status --all` (through serve, or from Redis alone) shows the dead worker dead and the
+    run with its new holder."""
     eiger, panda = hxn_detectors
     with (
         _workers(2, tmp_path, tiled_server.uri, document_proxy, redis_url, hxn_detectors) as ws,
@@ -448,6 +449,12 @@ def test_a_run_whose_worker_is_killed_mid_scan_is_taken_over_by_another(
             assert not client.exists(f"liveptycho:claim:{uid}")
         text = _status_all(heir.url)
         assert f"worker {dead.name} DEAD" in text and f"worker {heir.name} (this one) alive" in text
+        # Straight from Redis (LIVEPTYCHO_REDIS_URL, no --url): no serve needs to answer.
+        monkeypatch.setenv("LIVEPTYCHO_REDIS_URL", redis_url)
+        heir.terminate()
+        text = _status_all(None)
+        assert f"worker {dead.name} DEAD" in text and f"worker {heir.name} stopped" in text
+        assert uid[:8] in text and PASSWORD not in text
 
 
 def test_a_worker_refuses_to_start_without_its_redis_in_one_line_without_the_password(tmp_path):

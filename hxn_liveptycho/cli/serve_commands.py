@@ -121,7 +121,35 @@ def _print_workers(view: dict[str, Any]) -> None:
             )
 
 
+def _workers_from_redis(redis_url: str, args: argparse.Namespace) -> int:
+    """``status --all`` read from the workers' Redis itself: no serve needs to answer."""
+    from hxn_liveptycho.config.settings import Settings, redact_uri
+    from hxn_liveptycho.control.workers import list_workers, redis_client
+
+    client = redis_client(redis_url)
+    try:
+        workers = list_workers(client, Settings().claim_ttl_s)
+    except Exception as exc:  # redis' errors: one line, exit status 1
+        print(f"liveptycho status: Redis {redact_uri(redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    view = {"redis": redact_uri(redis_url), "this": None, "workers": workers}
+    if args.json:
+        print(json.dumps(view, indent=2, default=str))
+    else:
+        _print_workers(view)
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
+    if args.all and args.url is None:
+        from hxn_liveptycho.config.settings import Settings
+
+        redis_url = Settings().redis_url
+        if redis_url:
+            return _workers_from_redis(redis_url, args)
+
     def call(client: Any) -> Any:
         if args.all:
             view = client.workers()
@@ -274,7 +302,8 @@ def add_serve_commands(sub: Any) -> None:
             command.add_argument(
                 "--all",
                 action="store_true",
-                help="every serve worker sharing this one's Redis, and their runs",
+                help="every serve worker sharing this one's Redis, and their runs (read from "
+                "LIVEPTYCHO_REDIS_URL when it is set and --url is not given)",
             )
         elif name == "stop":
             command.add_argument("uid", nargs="?", help="run uid or its first 8+ characters")

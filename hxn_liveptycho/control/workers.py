@@ -96,7 +96,8 @@ def redis_client(url: str) -> Any:
         import redis
     except ImportError:  # pragma: no cover - redis comes with the workers extra
         raise ConfigurationError(
-            "redis_url is set but the 'redis' package is missing: pip install redis"
+            "redis_url is set but the 'redis' package is missing: "
+            "pip install 'hxn_liveptycho[workers]' (or redis)"
         ) from None
     return redis.Redis.from_url(
         url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
@@ -112,7 +113,8 @@ def _keys(prefix: str) -> dict[str, str]:
 
 def list_workers(client: Any, ttl_s: float, prefix: str = KEY_PREFIX) -> list[dict[str, Any]]:
     """Every registered worker (alive or recently dead), by name: its URL, heartbeat age,
-    whether it is alive (a heartbeat within ``ttl_s``) and its recent runs."""
+    whether it is alive (a heartbeat within its own claim TTL, else ``ttl_s``) and its
+    recent runs."""
     now = time.time()
     found = []
     for name in sorted(client.smembers(_keys(prefix)["workers"])):
@@ -130,7 +132,8 @@ def list_workers(client: Any, ttl_s: float, prefix: str = KEY_PREFIX) -> list[di
                 "pid": int(entry.get("pid", 0)),
                 "started_at": float(entry.get("started_at", 0.0)),
                 "heartbeat_age_s": round(age, 1),
-                "alive": entry.get("state") == "serving" and age <= ttl_s,
+                "alive": entry.get("state") == "serving"
+                and age <= float(entry.get("claim_ttl_s", ttl_s)),
                 "state": entry.get("state"),
                 "runs": json.loads(entry.get("runs") or "[]"),
             }
@@ -513,6 +516,7 @@ class WorkerCoordinator:
                 "url": self._url(),
                 "started_at": self._started_at,
                 "heartbeat": time.time(),
+                "claim_ttl_s": self.settings.claim_ttl_s,
                 "runs": json.dumps(self._recent_runs(), default=str),
             },
         )
