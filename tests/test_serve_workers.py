@@ -23,6 +23,8 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from scans import SMALL, fly
 from serve_helpers import ServeProcess, free_port
+from test_live_page import DevTools, _chromium
+from waiting import wait_for
 
 from hxn_liveptycho import cli
 from hxn_liveptycho.control.transport import ProxyProcess
@@ -96,6 +98,15 @@ def document_proxy() -> Iterator[ProxyProcess]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+#: The live page's workers table, one list of cell texts per row (null until shown).
+_WORKER_ROWS = """(() => {
+  const section = document.getElementById('workers');
+  if (section.hidden) return null;
+  const rows = [...section.querySelectorAll('tbody tr')];
+  return rows.length ? rows.map((r) => [...r.cells].map((c) => c.textContent)) : null;
+})()"""
 
 
 class WorkerProcess(ServeProcess):
@@ -247,7 +258,8 @@ def test_three_workers_reconstruct_each_run_exactly_once(
     """Two scans published once to three workers: each run is reconstructed by exactly one
     of them (one complete container per raw_uid in Tiled), the others leave it with the
     winner's name; a dead worker's run without a checkpoint is ended incomplete by a live
-    one; `status --all` and /api/workers list the three, never the password."""
+    one; `status --all`, /api/workers and the live page list the three, never the
+    password."""
     from tiled.client import from_uri
 
     eiger, panda = hxn_detectors
@@ -340,6 +352,26 @@ def test_three_workers_reconstruct_each_run_exactly_once(
         ):
             assert PASSWORD not in seen
         assert view["redis"].startswith("redis://:***@127.0.0.1:")
+
+        # The live page's workers table, in a real headless Chromium.
+        browser = DevTools(_chromium(), tmp_path / "chromium-profile")
+        try:
+            browser.call("Page.navigate", url=f"{ws[2].url}/")
+            rows = wait_for(
+                lambda: browser.evaluate(_WORKER_ROWS),
+                timeout=20,
+                interval=0.2,
+                what="the live page's workers table",
+            )
+            redis_line = browser.evaluate("document.getElementById('workers-redis').textContent")
+        finally:
+            browser.close()
+        assert [row[:2] for row in rows] == [
+            ["worker-0", "alive"],
+            ["worker-1", "alive"],
+            ["worker-2 (this)", "alive"],
+        ]
+        assert "redis://:***@" in redis_line and PASSWORD not in redis_line
 
 
 class _KillHolder(threading.Thread):
