@@ -168,7 +168,11 @@ def run_serve(settings: Settings) -> int:
     if settings.redis_url:
         # One of several workers: runs are claimed in Redis, and a dead worker's runs
         # (a restarted one's own included) are taken over from the shared checkpoints.
-        service.workers = WorkerCoordinator(settings, service)
+        try:
+            service.workers = WorkerCoordinator(settings, service)
+        except BaseException:  # no Redis, a name taken: the engine must not outlive this
+            service.close(timeout=5.0)
+            raise
         service.workers.start()
     else:
         resume_runs(service)
