@@ -188,6 +188,26 @@ def test_live_run_holds_its_first_frames_for_the_estimate():
     assert taken is not None and taken[0] is given
 
 
+def test_a_paused_scan_starts_the_estimate_on_what_came(monkeypatch):
+    """A scan held mid-way (no new frame for PAUSE_S) starts the estimate on the frames it
+    has, at least PAUSE_MIN_FRAMES, rather than hold the solver until the scan goes on."""
+    from hxn_liveptycho.pipeline import probe_start
+
+    monkeypatch.setattr(probe_start, "PAUSE_S", 0.0)
+    scan = spiral(1)
+    config = run_config(estimate_frames=40)
+    start = ProbeStart()
+    assert start.take(scan.amplitudes[:4], scan.positions[:4], config) is None
+    time.sleep(0.01)
+    assert start.take(None, None, config) is None  # too few for an estimate yet
+    assert start.take(scan.amplitudes[4:12], scan.positions[4:12], config) is None
+    time.sleep(0.01)
+    deadline = time.monotonic() + 60
+    while (taken := start.take(None, None, config)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert taken is not None and len(taken[1]) == 12 and taken[0].shape == (N, N)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".npz", ".cxi"])
 def test_probe_file_is_read_from_the_formats_users_have(tmp_path, suffix):
     """A probe saved as .npy, .npz or CXI (at the illumination path ptychodus reads) comes
