@@ -40,9 +40,11 @@ from hxn_liveptycho.nn.core import (
     trained_pixel_m,
 )
 from hxn_liveptycho.nn.interface import InferenceBackend
-from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool
+from hxn_liveptycho.nn.mosaic import beam_modulus, probe_weight
+from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool, probe_fits
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import Fit, InputRule
+from hxn_liveptycho.pipeline.probe_start import read_probe_file
 from hxn_liveptycho.recon.probe import initial_probe
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ class NNBranch(BranchBase):
         interval_s: float,
         footprint_px: float | None = None,
         defocus_sign: int = 1,
+        probe: np.ndarray | None = None,
         rule: InputRule | None = None,
         fit: Fit | None = None,
         name: str = "liveptycho-nn",
@@ -95,6 +98,10 @@ class NNBranch(BranchBase):
         self._queued = 0
         self._closing = False
         self._last_publish = 0.0
+        #: The run's probe's modulus, known and not yet taken by the branch's thread.
+        self._new_probe: np.ndarray | None = None
+        if probe is not None and probe_fits(probe, window, log):
+            self._new_probe = beam_modulus(probe)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -103,6 +110,14 @@ class NNBranch(BranchBase):
         return self.backend.name
 
     # ---- session side ------------------------------------------------------------------
+    def use_probe(self, probe: np.ndarray) -> None:
+        """The run's starting probe (n, n) or modes (k, n, n), once known: the patches from
+        the next batch on are blended with its footprint instead of the guess's."""
+        if probe_fits(probe, self.window, self.log):
+            modulus = beam_modulus(probe)
+            with self._cond:
+                self._new_probe = modulus
+
     def submit(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
         """Queue frames (k, n, n) with their window corners (k, 2); never blocks."""
         k = len(amplitudes)
@@ -159,17 +174,10 @@ class NNBranch(BranchBase):
     def _infer(self, taken: list[tuple[np.ndarray, np.ndarray, float]]) -> None:
         amplitudes = np.concatenate([t[0] for t in taken])
         positions = np.concatenate([t[1] for t in taken])
-        if self._core.probe is None:
-            mean_pattern = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
-            if self.fit is not None:
-                self.rule = self._core.rule = settle_rule(
-                    self.rule, self.fit, np.asarray(mean_pattern), self.model, self.log
-                )
-            self._core.probe = initial_probe(
-                np.sqrt(mean_pattern)[None],  # one frame whose intensity is the mean
-                footprint_px=self.footprint_px,
-                defocus_sign=self.defocus_sign,
-            )
+        if self._core.probe is None:  # the first batch
+            self._first_batch(amplitudes)
+        else:
+            self._take_probe()
         outside = self._core.process(self.rule.frames(amplitudes), positions)
         self.infer_seconds = self._core.infer_seconds
         self.counters.add("nn_frames_outside", outside)
@@ -181,6 +189,49 @@ class NNBranch(BranchBase):
             self._last_publish = now
             self._publish(self.snapshot() or {})
             self.counters.add("nn_snapshots")
+
+    def _first_batch(self, amplitudes: np.ndarray) -> None:
+        """The rule settled on the first frames, and the probe the mosaic is made with: the
+        run's when it is known, else the guess from these frames (as the solver's guess)."""
+        mean_pattern = np.mean(np.square(amplitudes), axis=0, dtype=np.float64)
+        if self.fit is not None:
+            self.rule = self._core.rule = settle_rule(
+                self.rule, self.fit, np.asarray(mean_pattern), self.model, self.log
+            )
+        self._take_probe()
+        if self._core.probe is None:
+            self._core.probe = initial_probe(
+                np.sqrt(mean_pattern)[None],  # one frame whose intensity is the mean
+                footprint_px=self.footprint_px,
+                defocus_sign=self.defocus_sign,
+            )
+
+    def _take_probe(self) -> None:
+        """A run probe given since the last batch: the first mosaic is made with it, or the
+        mosaic's weights follow it from now on."""
+        with self._cond:
+            modulus, self._new_probe = self._new_probe, None
+        if modulus is None:
+            return
+        mosaic = self._core.mosaic
+        if mosaic is None:
+            self._core.probe = modulus
+        else:
+            mosaic.set_weight(probe_weight(modulus, mosaic.patch, mosaic.scale))
+
+
+def _file_probe(
+    config: ScanConfig, log: logging.Logger | logging.LoggerAdapter
+) -> np.ndarray | None:
+    """The probe of ``probe.initial="file"``, for the weights; None (the guess) otherwise or
+    when the file cannot be used (the solver's own reading says why)."""
+    if config.probe.initial != "file" or not config.probe.file:
+        return None
+    try:
+        return read_probe_file(config.probe.file, config.roi.size)
+    except (OSError, ValueError) as exc:
+        log.warning("NN branch: blending with the guessed probe's footprint (%s)", exc)
+        return None
 
 
 def worker_key(settings: Settings, device_id: int) -> WorkerKey:
@@ -203,11 +254,18 @@ def start_nn_branch(
     device_id: int = 0,
     where: Literal["process", "thread"] = "process",
     pool: WorkerPool | None = None,
+    probe: np.ndarray | None = None,
 ) -> NNBranch | NNProcessBranch:
     """The run's branch: its model on the configured runtime and GPU ``device_id`` (ignored
     by a CPU runtime), in a child process unless ``where="thread"``: a worker of ``pool``
     (an engine's, kept warm between runs) or, without one, a worker of its own that ends
     with the run.
+
+    The mosaic's blending weights are the footprint of the run's starting probe when it is
+    known before the first frames: ``probe`` (a series' seed, a resumed run's), or the file
+    of ``probe.initial="file"``; otherwise of the guess from the first frames, and a probe
+    known later (an estimate) is handed over with ``use_probe``. The branch never waits
+    for it.
 
     The crop is checked against the model here, so a run whose crop no rule
     fits fails at its start; in a process, the model loads in the child while
@@ -230,6 +288,8 @@ def start_nn_branch(
         )
     if not rule.identity:
         log.info("NN branch input: %s", rule.describe())
+    if probe is None:
+        probe = _file_probe(config, log)
     common: dict[str, Any] = {
         "canvas_shape": geometry.canvas_shape,
         "window": geometry.window,
@@ -239,6 +299,7 @@ def start_nn_branch(
         "interval_s": settings.live_interval_s,
         "footprint_px": config.probe_footprint_px,
         "defocus_sign": config.probe.defocus_sign,
+        "probe": probe,
         "rule": rule,
         "fit": config.nn.fit,
         "name": f"liveptycho-nn-{config.scan_id}",

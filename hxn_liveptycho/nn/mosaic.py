@@ -47,13 +47,25 @@ class Mosaic:
         #: Patch offset inside the probe window (canvas pixels): the network predicts the
         #: window's centre.
         self.inset = (self.window - self.patch * self.scale) // 2
-        self.weight = weight / max(float(weight.max()), 1e-12)
+        self.weight = self._normalised(weight)
         s = self.scale
         self._grid = (-(-self.canvas_shape[0] // s), -(-self.canvas_shape[1] // s))
         self._num = np.zeros(self._grid, np.complex64)
         self._den = np.zeros(self._grid, np.float32)
         self.placed = 0
         self.outside = 0
+
+    @staticmethod
+    def _normalised(weight: np.ndarray) -> np.ndarray:
+        return weight / max(float(weight.max()), 1e-12)
+
+    def set_weight(self, weight: np.ndarray) -> None:
+        """Blend the patches added from now on with ``weight`` (same shape as before): the
+        run's probe became known after the first patches, which keep the weight they had."""
+        weight = np.asarray(weight, dtype=np.float32)
+        if weight.shape != self.weight.shape:
+            raise ValueError(f"weight must be {self.weight.shape}, got {weight.shape}")
+        self.weight = self._normalised(weight)
 
     def add(self, amplitude: np.ndarray, phase: np.ndarray, top_left_px: np.ndarray) -> None:
         """Blend patches (k, m, m) whose probe windows start at ``top_left_px`` (k, 2) (y, x)
@@ -131,6 +143,21 @@ def _upsample_axis(z: np.ndarray, s: int, axis: int) -> np.ndarray:
         out[..., r : (n - 1) * s : s] = z[..., :-1] + np.asarray(r / s, z.real.dtype) * step
         out[..., (n - 1) * s + r] = z[..., -1]
     return np.moveaxis(out, -1, axis)
+
+
+def beam_modulus(probe: np.ndarray) -> np.ndarray:
+    """The beam's modulus (n, n) float32: of ``probe`` (n, n), or of its modes (k, n, n)
+    together (their intensities summed). Its footprint is the probe's."""
+    intensity = np.abs(np.asarray(probe)) ** 2
+    if intensity.ndim == 3:
+        intensity = intensity.sum(axis=0)
+    return np.sqrt(intensity).astype(np.float32)
+
+
+def probe_weight(probe: np.ndarray, patch: int, scale: int = 1) -> np.ndarray:
+    """Blending weight (patch, patch) at the network's pixel, ``scale`` canvas pixels: the
+    footprint of ``probe`` (n, n) or its modes (k, n, n) on the window's centre."""
+    return footprint_weight(beam_modulus(probe), patch * scale)[::scale, ::scale]
 
 
 def footprint_weight(probe: np.ndarray, patch: int, blur_px: float = 2.0) -> np.ndarray:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.nn.core import BranchBase, Publish, settle_rule
+from hxn_liveptycho.nn.mosaic import beam_modulus
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule
 from hxn_liveptycho.nn.run_memory import Header, RunMemory, ring_slots
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 # WorkerKey lives with the worker's body, which opens the runtime it names; callers
 # import it from here, with the branch and the pool.
-__all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool"]
+__all__ = ["NNProcessBranch", "WorkerKey", "WorkerPool", "probe_fits"]
 
 
 class NNWorker:
@@ -222,6 +223,20 @@ class WorkerPool:
 _run_ids = itertools.count(1)
 
 
+def probe_fits(
+    probe: np.ndarray, window: int, log: logging.Logger | logging.LoggerAdapter = logger
+) -> bool:
+    """Whether ``probe`` (n, n) or (k, n, n) is one of the run's ``window``; a line says why not."""
+    if np.ndim(probe) in (2, 3) and np.shape(probe)[-2:] == (window, window):
+        return True
+    log.warning(
+        "NN branch: a probe of shape %s does not fit the %d-pixel window; its weights stay",
+        np.shape(probe),
+        window,
+    )
+    return False
+
+
 class NNProcessBranch(BranchBase):
     """Runs one model over one run's frames in an NN worker process (see the module)."""
 
@@ -240,6 +255,7 @@ class NNProcessBranch(BranchBase):
         fit: Fit | None = None,
         footprint_px: float | None = None,
         defocus_sign: int = 1,
+        probe: np.ndarray | None = None,
         name: str = "liveptycho-nn",
         log: logging.Logger | logging.LoggerAdapter = logger,
         pool: WorkerPool | None = None,
@@ -264,6 +280,9 @@ class NNProcessBranch(BranchBase):
         self._done = threading.Event()
         self._backend_name = "starting"
         self._mem: RunMemory | None = RunMemory(slots, m, self.canvas_shape, window)
+        if probe is not None and probe_fits(probe, window, log):  # not mapped by the worker yet
+            self._mem.probe[:] = beam_modulus(probe)
+            self._mem.header[Header.PROBE_SEQ] = 1
         self._last: dict[str, Any] | None = None
         self._worker = NNWorker(key) if pool is None else pool.acquire(key)
         self._worker.bind(self)
@@ -299,6 +318,22 @@ class NNProcessBranch(BranchBase):
         return self._worker.process.pid
 
     # ---- session side ------------------------------------------------------------------
+    def use_probe(self, probe: np.ndarray) -> None:
+        """The run's starting probe (n, n) or modes (k, n, n), once known: the worker blends
+        the patches from its next batch with its footprint instead of the guess's."""
+        if not probe_fits(probe, self.window, self.log):
+            return
+        modulus = beam_modulus(probe)
+        with self._lock:
+            mem = self._mem
+            if mem is None or not self._worker.lock.acquire(timeout=10.0):
+                return
+            try:
+                mem.probe[:] = modulus
+                mem.header[Header.PROBE_SEQ] += 1
+            finally:
+                self._worker.lock.release()
+
     def submit(self, amplitudes: np.ndarray, positions_px: np.ndarray) -> None:
         """Queue frames (k, n, n) with their window corners (k, 2); never blocks."""
         k = len(amplitudes)

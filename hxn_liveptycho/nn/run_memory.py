@@ -32,14 +32,16 @@ class Header(IntEnum):
     MAILBOX_FRAMES = 3  # frames placed in the posted mosaic
     PATTERN_SET = 4  # the mean pattern is in place
     RULE_BIN = 5  # the input rule's binning, settled on the first frames
+    PROBE_SEQ = 6  # run probes written to the probe slot (0: none yet, the worker guesses)
 
 
 class RunMemory:
     """One run's segment: header, frame ring (slots, m, m) float32, positions (slots, 2),
     hand-over times (slots,), the mailbox (object complex64 and coverage float32), and the
     first frames' mean pattern at the run's crop (window, window) float32, from which the
-    worker estimates the probe (too large for a pipe that must not block, and only the
-    parent sees the frames before they are cut to the model's input)."""
+    worker guesses the probe (too large for a pipe that must not block, and only the
+    parent sees the frames before they are cut to the model's input), and the run's
+    probe's modulus (window, window) float32 once the parent knows it (the same size)."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class RunMemory:
             h * w * 8,
             h * w * 4,
             window * window * 4,
+            window * window * 4,
         ]
         offsets = list(itertools.accumulate([0, *sizes]))
         self.owner = name is None
@@ -79,6 +82,7 @@ class RunMemory:
         self.object = np.ndarray((h, w), np.complex64, buf, offsets[4])
         self.coverage = np.ndarray((h, w), np.float32, buf, offsets[5])
         self.pattern = np.ndarray((window, window), np.float32, buf, offsets[6])
+        self.probe = np.ndarray((window, window), np.float32, buf, offsets[7])
         if self.owner:
             self.header[:] = 0
 
@@ -87,7 +91,16 @@ class RunMemory:
         return self.shm.name
 
     def close(self) -> None:
-        for attr in ("header", "frames", "positions", "stamps", "object", "coverage", "pattern"):
+        for attr in (
+            "header",
+            "frames",
+            "positions",
+            "stamps",
+            "object",
+            "coverage",
+            "pattern",
+            "probe",
+        ):
             self.__dict__.pop(attr, None)
         with contextlib.suppress(Exception):
             self.shm.close()

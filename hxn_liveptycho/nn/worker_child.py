@@ -20,6 +20,7 @@ import numpy as np
 
 from hxn_liveptycho.nn.core import BranchCore
 from hxn_liveptycho.nn.interface import GraphIO
+from hxn_liveptycho.nn.mosaic import probe_weight
 from hxn_liveptycho.nn.resample import InputRule
 from hxn_liveptycho.nn.run_memory import Header, RunMemory
 from hxn_liveptycho.recon.probe import initial_probe
@@ -48,6 +49,8 @@ class _ChildRun:
     footprint_px: float | None
     defocus_sign: int
     consumed: int = 0
+    #: The last of the parent's run probes taken (Header.PROBE_SEQ); 0: none, the guess.
+    probe_seq: int = 0
     finishing: bool = False
     failed: bool = False
     last_publish: float = 0.0
@@ -156,6 +159,25 @@ class _Child:
             self.lock.release()
         return True
 
+    def take_probe(self, run: _ChildRun) -> None:
+        """The run's probe, when the parent wrote a new one: the mosaic's blending weights
+        follow its footprint from the next patch (or from the first, made with it)."""
+        mem, core = run.mem, run.core
+        if core is None or int(mem.header[Header.PROBE_SEQ]) == run.probe_seq:
+            return
+        if not self.lock.acquire(timeout=10.0):
+            return  # taken at the next batch
+        try:
+            run.probe_seq = int(mem.header[Header.PROBE_SEQ])
+            modulus = mem.probe.copy()
+        finally:
+            self.lock.release()
+        if core.mosaic is None:
+            core.probe = modulus
+        else:
+            mosaic = core.mosaic
+            mosaic.set_weight(probe_weight(modulus, mosaic.patch, mosaic.scale))
+
     def step(self) -> bool:
         """One batch of the current run, or its end; False when there was nothing to do."""
         run = self.run
@@ -175,17 +197,21 @@ class _Child:
             positions = mem.positions[start : start + count].copy()
             handed = float(mem.stamps[start : start + count].min())
             try:
-                if run.core.probe is None:  # the parent writes it before the first frames
+                if run.core.probe is None:  # the parent writes these before the first frames
                     if not mem.header[Header.PATTERN_SET]:
                         raise RuntimeError("no mean pattern arrived before the first frames")
                     rule = run.core.rule  # the parent settled it on the same frames
                     settled_bin = int(mem.header[Header.RULE_BIN])
                     run.core.rule = InputRule(rule.crop, rule.model, settled_bin)
-                    run.core.probe = initial_probe(
-                        np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
-                        footprint_px=run.footprint_px,
-                        defocus_sign=run.defocus_sign,
-                    )
+                    self.take_probe(run)
+                    if run.core.probe is None:  # no run probe yet: the guess, as the solver's
+                        run.core.probe = initial_probe(
+                            np.sqrt(mem.pattern)[None],  # one frame whose intensity is the mean
+                            footprint_px=run.footprint_px,
+                            defocus_sign=run.defocus_sign,
+                        )
+                else:
+                    self.take_probe(run)
                 outside = run.core.process(frames, positions)
             except Exception as exc:
                 self.fail(run, exc, "NN inference failed")
