@@ -249,3 +249,78 @@ def test_live_layout_makes_the_maps_the_solver_will_send_ahead() -> None:
     off = live_layout({"canvas": canvas, "live_quality": QualitySettings(maps=False).model_dump()})
     assert set(off) == {"object_amplitude", "object_phase", "probe"}
     assert set(live_layout({"canvas": canvas})) == set(off)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"subpixel_positions": True},
+        {"probe_modes": 3},
+        {"object_modes": 2},
+        {"opr_modes": 2, "probe_update_start": 0},
+    ],
+    ids=["epie-subpixel", "probe-modes", "object-modes", "opr"],
+)
+def test_final_snapshot_state_error_comes_from_the_error_map_pass(
+    settings: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error map's pass gives the solver's own state error (misfits over its data power,
+    valid pixels, sub-pixel shifts, every mode, OPR's own probes), so the final snapshot
+    makes one forward pass over the positions, not two, and carries the same figure."""
+    from hxn_liveptycho.recon import forward
+    from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
+    from hxn_liveptycho.recon.opr import position_probes
+    from hxn_liveptycho.recon.quality import position_fit
+    from hxn_liveptycho.recon.worker_child import _Child, _ChildRun
+
+    probe = _probe()
+    positions = _grid(4, 4, 4) + np.array([0.35, 0.6])
+    shape = (3 * 4 + N + 2, 3 * 4 + N + 2)
+    amps = _amplitudes(_object(shape, seed=6), probe, np.floor(positions))
+    amps[3, 0, :] = np.nan  # cleaned as the solver cleans it
+    valid = np.ones((N, N), dtype=bool)
+    valid[N // 2, : N // 4] = False
+    params = IterativeParams(batch_size=5, **settings)  # type: ignore[arg-type]
+    solver = StreamingSolver(
+        probe=probe, canvas_shape=shape, params=params, xp=np, valid_mask=valid
+    )
+    solver.add(amps, positions)
+    solver.iterate(4)
+    expected = solver.state_error()
+    assert np.isfinite(expected) and expected > 1e-4
+
+    fit = position_fit(
+        solver.object_modes,
+        solver.probe_modes,
+        solver.positions_px,
+        solver._amps[: solver.n_positions],
+        valid=solver._valid,
+        fft_order=True,
+        subpixel=params.subpixel_positions or params.position_refinement,
+        batch_size=params.batch_size,
+        position_probes=position_probes(solver),
+    )
+    assert fit.state_error(solver._amp_power) == pytest.approx(expected, rel=1e-5)
+    assert fit.state_error() == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(fit.errors, fit.misfit / fit.power, rtol=1e-6)
+
+    before = solver.snapshot(state_error=True)["state_error"]
+    passes: list[int] = []
+    solver_pass = forward.state_error_sum
+
+    def counted(s: StreamingSolver) -> object:
+        passes.append(1)
+        return solver_pass(s)
+
+    monkeypatch.setattr(forward, "state_error_sum", counted)
+    run = _ChildRun(solver=solver, ring=None, params=params)  # type: ignore[arg-type]
+    final = _Child._snapshot(run, final=True)
+    assert not passes  # the error map's pass gave it
+    assert final["state_error"] == pytest.approx(before, rel=1e-5)
+    assert "error_map" in final and final["position_errors"].shape == (len(positions),)
+    assert "state_error" not in _Child._snapshot(run)  # live snapshots: no figure
+
+    off = _ChildRun(solver=solver, ring=None, params=params)  # type: ignore[arg-type]
+    off.quality = QualitySettings(error_map=False)
+    assert _Child._snapshot(off, final=True)["state_error"] == before  # the solver's pass
+    assert len(passes) == 1

@@ -32,6 +32,7 @@ from hxn_liveptycho.recon.backend import array_namespace, fft2, ifft2, to_host
 
 __all__ = [
     "Convergence",
+    "PositionFit",
     "QualitySettings",
     "constrained_mask",
     "convergence",
@@ -39,6 +40,7 @@ __all__ = [
     "error_map",
     "position_count",
     "position_errors",
+    "position_fit",
     "window_corners",
 ]
 
@@ -193,6 +195,32 @@ def constrained_mask(counts: Any, illumination: Any, settings: QualitySettings) 
     return (counts >= settings.min_positions) & lit
 
 
+@dataclass(frozen=True)
+class PositionFit:
+    """Each position's error and the sums it is made of (:func:`position_fit`), arrays
+    (N,) float32 on the inputs' array module."""
+
+    #: ``misfit / power``: each position's normalised amplitude error.
+    errors: Any
+    #: ``sum (|Psi_j| - A_j)^2`` over the valid pixels.
+    misfit: Any
+    #: ``sum A_j^2`` of the cleaned, masked amplitudes.
+    power: Any
+
+    def state_error(self, power: Any | None = None) -> float:
+        """The error of the whole state, ``sum_j misfit_j / sum_j power_j``: the solver's
+        :meth:`~hxn_liveptycho.recon.iterative.StreamingSolver.state_error` from this
+        pass. ``power``: the data power to divide by instead of the positions' sum (the
+        solver's own running ``sum A^2``, so that the figure is the solver's to the
+        rounding of the misfits). NaN with no positions, as the solver's."""
+        if int(self.misfit.shape[0]) == 0:
+            return float("nan")
+        total = float(np.sum(_host(self.misfit), dtype=np.float64))
+        if power is None:
+            power = np.sum(_host(self.power), dtype=np.float64)
+        return total / max(float(_host(power)), 1e-30)
+
+
 def position_errors(
     object_modes: Any,
     probe_modes: Any,
@@ -205,6 +233,34 @@ def position_errors(
     batch_size: int = 64,
     position_probes: Callable[[slice], Any] | Any | None = None,
 ) -> Any:
+    """Each position's normalised amplitude error (N,) float32 of the state as it is:
+    :func:`position_fit`'s ``errors`` (the arguments are its own). Where the whole
+    state's error is wanted as well, :func:`position_fit` gives both from one pass."""
+    return position_fit(
+        object_modes,
+        probe_modes,
+        positions_px,
+        amplitudes,
+        valid=valid,
+        fft_order=fft_order,
+        subpixel=subpixel,
+        batch_size=batch_size,
+        position_probes=position_probes,
+    ).errors
+
+
+def position_fit(
+    object_modes: Any,
+    probe_modes: Any,
+    positions_px: Any,
+    amplitudes: Any,
+    *,
+    valid: Any | None = None,
+    fft_order: bool = False,
+    subpixel: bool = True,
+    batch_size: int = 64,
+    position_probes: Callable[[slice], Any] | Any | None = None,
+) -> PositionFit:
     """Each position's normalised amplitude error (N,) float32 of the state as it is:
     ``sum (|Psi_j| - A_j)^2 / sum A_j^2`` over the valid pixels, ``|Psi_j|^2 = sum_{m,k}
     |fft2(P_k O_m[window_j])|^2`` (unnormalised FFT: the solver's scale). One forward
@@ -226,6 +282,10 @@ def position_errors(
     (B, n, n), so that only a batch's probes are made at a time. It replaces mode 0 of
     ``probe_modes`` position by position; the other modes stay shared. Judged by the
     shared mode instead, a position where the probe drifted would show the drift as error.
+
+    Returns the errors with the sums they are made of (:class:`PositionFit`), from which
+    the solver's error of the whole state follows without a second forward pass
+    (:meth:`PositionFit.state_error`); :func:`position_errors` gives the errors alone.
     """
     xp = array_namespace(object_modes, probe_modes, amplitudes)
     objects = xp.asarray(object_modes)
@@ -242,7 +302,7 @@ def position_errors(
         mask = xp.asarray(valid).astype(bool)
         mask = mask if fft_order else xp.fft.ifftshift(mask)
     probe_ft = fft2(probes, xp=xp) if shifted and position_probes is None else None
-    out = []
+    misfits, powers = [], []
     for start in range(0, len(pos), batch_size):
         part = slice(start, min(start + batch_size, len(pos)))
         amps = xp.asarray(amplitudes[part], dtype=xp.float32)
@@ -273,10 +333,14 @@ def position_errors(
             diff *= mask
         err = xp.sum(diff**2, axis=(-2, -1))
         power = xp.sum(amps**2, axis=(-2, -1))
-        out.append((err / xp.maximum(power, 1e-30)).astype(xp.float32))
-    if not out:
-        return xp.zeros(0, dtype=xp.float32)
-    return xp.concatenate(out)
+        misfits.append(err.astype(xp.float32))
+        powers.append(power.astype(xp.float32))
+    if not misfits:
+        empty = xp.zeros(0, dtype=xp.float32)
+        return PositionFit(empty, empty, empty)
+    misfit, power = xp.concatenate(misfits), xp.concatenate(powers)
+    errors = (misfit / xp.maximum(power, 1e-30)).astype(xp.float32)
+    return PositionFit(errors, misfit, power)
 
 
 def _own_probes(

@@ -399,13 +399,19 @@ class _Child:
         """The solver's state for the session, with its quality maps (:func:`quality_snapshot`):
         computed here, at snapshot time only, so their forward pass never slows a pass, and
         the half-set ``resolution`` when the run keeps one. The final one also carries
-        ``state_error``, the error of the state it holds."""
+        ``state_error``, the error of the state it holds: with the error map on (one rank),
+        from the error map's forward pass, so that the final result waits for one pass
+        over the positions, not two; else the solver's own pass."""
         solver = run.solver
-        snap = solver.snapshot(state_error=final) if solver.n_positions else {}
+        derive = final and _errors_on_this_rank(run)
+        asked = final and not derive
+        snap = solver.snapshot(state_error=asked) if solver.n_positions else {}
         snap["positions_px"] = np.asarray(solver.positions_px)
         snap["seeds_applied"] = run.seeds_applied
         if solver.n_positions:
-            snap.update(quality_snapshot(solver, run.params, run.quality))
+            snap.update(quality_snapshot(solver, run.params, run.quality, state_error=derive))
+            if derive and "state_error" not in snap:  # the maps failed: the solver's pass
+                snap["state_error"] = solver.state_error()
         if run.resolution is not None:
             estimate = run.resolution.snapshot()
             if estimate is not None:
@@ -448,15 +454,29 @@ def _on_canvas(seed: dict[str, Any], canvas_shape: tuple[int, ...]) -> tuple[Any
     return full_mosaic, full_coverage
 
 
+def _errors_on_this_rank(run: _ChildRun) -> bool:
+    """Whether the run's snapshots make the per-position error pass over every frame:
+    the error map on and one rank (over several, this process holds rank 0's frames
+    alone, and the solver's own pass sums every rank's)."""
+    quality = run.quality
+    return quality.maps and quality.error_map and not isinstance(run.solver, RankedSolver)
+
+
 def quality_snapshot(
-    solver: Any, params: IterativeParams, quality: QualitySettings
+    solver: Any, params: IterativeParams, quality: QualitySettings, *, state_error: bool = False
 ) -> dict[str, Any]:
     """The live quality of ``solver``'s state as host arrays for the snapshot: ``coverage``
     (illumination), ``position_count``, ``constrained`` (uint8 mask), with
     ``quality.error_map`` also ``position_errors`` and ``error_map``, and ``convergence``
     (a dict, :meth:`~hxn_liveptycho.recon.quality.Convergence.as_dict`). Empty with
     ``quality.maps`` off. A failure is logged and leaves the maps out: a picture without
-    them is better than no picture."""
+    them is better than no picture.
+
+    ``state_error`` (``solver`` a one-rank ``StreamingSolver``): with the error map on,
+    also ``state_error``, the solver's
+    :meth:`~hxn_liveptycho.recon.iterative.StreamingSolver.state_error` derived from the
+    error map's pass (every position's misfit over the solver's data power), so that it
+    costs no second forward pass."""
     from hxn_liveptycho.recon import quality as q
     from hxn_liveptycho.recon.backend import to_host
     from hxn_liveptycho.recon.opr import position_probes
@@ -480,7 +500,7 @@ def quality_snapshot(
         if quality.error_map:
             # The frames as the solver holds them (FFT order, cleaned, masked): no public
             # view of them, and a copy of every frame for this would double their memory.
-            errors = q.position_errors(
+            fit = q.position_fit(
                 solver.object_modes,
                 probes,
                 positions,
@@ -491,9 +511,12 @@ def quality_snapshot(
                 batch_size=params.batch_size,
                 position_probes=position_probes(solver),  # OPR: each position's own probe
             )
-            out["position_errors"] = to_host(errors)
+            out["position_errors"] = to_host(fit.errors)
+            if state_error:
+                # Over the power the solver divides by: its figure, from this pass.
+                out["state_error"] = fit.state_error(solver._amp_power)
             emap = q.error_map(
-                positions, errors, probes, shape, min_weight=quality.footprint_fraction
+                positions, fit.errors, probes, shape, min_weight=quality.footprint_fraction
             )
             out["error_map"] = to_host(emap)
     except Exception:
