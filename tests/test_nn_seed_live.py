@@ -213,6 +213,8 @@ def test_a_mode_both_run_seeds_its_solver_only_with_the_setting_on(
         counters = session.counters.snapshot()
     finally:
         live.close()
+    # The NN branch blends with the probe the solver opened with, once.
+    assert counters["nn_probe_from_solver"] == 1
     if seed_solver:
         assert counters["nn_seeds_sent"] > 0
         assert 0 < counters["nn_seeds_applied"] <= counters["nn_seeds_sent"]

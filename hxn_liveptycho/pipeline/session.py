@@ -167,6 +167,7 @@ class RunSession(SessionResults):
         #: complete, final state, final write), for status pages and the live-path benchmark.
         self.timeline: dict[str, float] = {}
         self._nn: NNBranch | NNProcessBranch | None = None
+        self._nn_has_probe = False  # the NN branch was given the solver's starting probe
         self._geometry: CanvasGeometry | None = None
         self._window: tuple[slice, slice] | None = None
         self._pending_frames: list[PairedFrame] = []
@@ -278,10 +279,22 @@ class RunSession(SessionResults):
             self._feed_solver()
             self._pump_solver()
             self._solver.check()
+            self._share_probe()
             if self._inputs.complete(self.settings.stream_timeout_s) and self._ready_to_finish():
                 status, reason = self._verdict()
                 self._finish(status, reason, error=self._solver.failure)
                 return
+
+    def _share_probe(self) -> None:
+        """Once the solver's run opens with its starting probe (the estimate, a file's, a
+        series seed or a checkpoint's), the NN branch blends its next patches with it; until
+        then it uses its own guess, so its first mosaic never waits for the estimate."""
+        probe = self._solver.starting_probe
+        if self._nn is None or probe is None or self._nn_has_probe:
+            return
+        self._nn_has_probe = True
+        self._nn.use_probe(probe)
+        self.counters.add("nn_probe_from_solver", 1)
 
     def _check_idle(self) -> None:
         """A run whose ``stop`` is lost would otherwise never end (nor free its memory)."""

@@ -83,6 +83,9 @@ class SolverLink:
         #: A resumed run's state to start the solver from instead of a guess (``probe``,
         #: ``object_init``, ``iteration``, ``error_history``: see pipeline.resume).
         self.start_state: Mapping[str, Any] | None = None
+        #: The probe the solver's run opened with (None until it opens): the NN branch
+        #: blends its patches with it.
+        self.starting_probe: np.ndarray | None = None
 
     @property
     def quality(self) -> QualitySettings:
@@ -129,6 +132,7 @@ class SolverLink:
                 return
             probe, amplitudes, positions_px = started
             self._waiting = None
+            self.starting_probe = np.asarray(probe)
             self.remote = self._worker.open_run(
                 self._uid,
                 probe=probe,
