@@ -194,7 +194,7 @@ class IterativeParams(BaseModel):
         "as progress (0: any new best does; otherwise the steps shrink by `step_decay`).",
     )
     step_decay_floor: float = Field(
-        0.1,
+        0.5,
         gt=0.0,
         le=1.0,
         description="Smallest multiplier `step_decay` takes the steps to.",
