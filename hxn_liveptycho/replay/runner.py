@@ -202,13 +202,7 @@ def _send(
 ) -> ReplayReport:
     own_publishers = publishers is None
     if publishers is None:
-        publishers = StreamPublishers(
-            eiger_endpoint=opts.eiger_endpoint,
-            panda_endpoint=opts.panda_endpoint,
-            flavour=opts.flavour,
-            encoding=opts.encoding,
-            socket_type=opts.socket_type,
-        )
+        publishers = publishers_for(opts)
     live = None
     try:
         if callback is None:
@@ -259,6 +253,17 @@ def _send(
             live.close()
         if own_publishers:
             publishers.close()
+
+
+def publishers_for(opts: ReplayOptions) -> StreamPublishers:
+    """The Eiger and PandA publishers a replay opens when the caller gave none."""
+    return StreamPublishers(
+        eiger_endpoint=opts.eiger_endpoint,
+        panda_endpoint=opts.panda_endpoint,
+        flavour=opts.flavour,
+        encoding=opts.encoding,
+        socket_type=opts.socket_type,
+    )
 
 
 def in_process_target(publishers: StreamPublishers, settings: Settings | None) -> Any:

@@ -29,6 +29,7 @@ from hxn_liveptycho.replay.runner import (
     ReplayReport,
     in_process_target,
     load_run,
+    publishers_for,
     replay_run,
 )
 
@@ -130,13 +131,7 @@ def replay_series(
 
     own_publishers = publishers is None
     if publishers is None:
-        publishers = StreamPublishers(
-            eiger_endpoint=opts.eiger_endpoint,
-            panda_endpoint=opts.panda_endpoint,
-            flavour=opts.flavour,
-            encoding=opts.encoding,
-            socket_type=opts.socket_type,
-        )
+        publishers = publishers_for(opts)
     live = None
     try:
         if callback is None:
