@@ -340,7 +340,7 @@ def ours_data_error(
     return {
         "modes": modes,
         "iterations": iterations,
-        "ours_schedule": f"lsqml:{batch}",
+        "ours_schedule": f"lsqml:{batch}, step_decay {params.step_decay:g}",
         "ours_state_error": solver.state_error(),
         "ours_running_error": solver.error,
         "ours_data_error": data_error(
@@ -585,7 +585,10 @@ def main() -> None:
                 label=label,
             )
             case = {
-                "schedule": f"{schedule}, batch {batch}, momentum_gain {params.momentum_gain:g}",
+                "schedule": (
+                    f"{schedule}, batch {batch}, momentum_gain {params.momentum_gain:g}, "
+                    f"step_decay {params.step_decay:g} (floor {params.step_decay_floor:g})"
+                ),
                 "algorithm": schedule,
                 "batch": batch,
                 "modes": args.modes,
