@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.recon import ranks as rk
+from hxn_liveptycho.recon._positions import fraction_ramps
 from hxn_liveptycho.recon.backend import to_host
 from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
 from hxn_liveptycho.recon.metrics import illuminated_mask, object_error
@@ -51,6 +52,7 @@ CASES: dict[str, dict[str, Any]] = {
         position_model="affine+drift",
         batch_size=16,
     ),
+    "epie-opr": dict(algorithm="epie", opr_modes=2),
 }
 
 
@@ -67,9 +69,18 @@ class Scan:
         top = self.positions.max(axis=0)
         self.canvas = (int(top[0]) + N + 4, int(top[1]) + N + 4)
         self.obj = phantom.make_object(self.canvas)
-        frames = phantom.simulate_diffraction(
-            self.obj, self.probe, self.positions, photons_per_frame=1e5, rng=3
-        )
+        # The variable probe's case: the probe drifts in scan order from one probe to
+        # another of a smaller footprint (OPR's weights should follow ``drift``).
+        self.drift = np.linspace(0.0, 1.0, len(self.positions)) if case.endswith("opr") else None
+        if self.drift is None:
+            frames = phantom.simulate_diffraction(
+                self.obj, self.probe, self.positions, photons_per_frame=1e5, rng=3
+            )
+        else:
+            last = optics.make_probe(N, pixel_size_m=dx, wavelength_m=lam, rng=7, footprint_px=8)
+            last *= np.sqrt(np.sum(np.abs(self.probe) ** 2) / np.sum(np.abs(last) ** 2))
+            t = self.drift[:, None, None]
+            frames = _drifting_frames(self.obj, (1 - t) * self.probe + t * last, self.positions)
         self.amplitudes = np.sqrt(frames).astype(np.float32)
         self.mask = illuminated_mask(self.positions, self.probe, self.canvas)
         # Positions as the encoders reported them (the refinement cases start from them):
@@ -86,6 +97,18 @@ class Scan:
     def extent(self) -> tuple[np.ndarray, np.ndarray]:
         """The scan's bounding box as the plan knows it before the frames."""
         return self.positions.min(axis=0), self.positions.max(axis=0)
+
+
+def _drifting_frames(obj: np.ndarray, probes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Poisson frames (1e5 photons a frame on average) of each position's own probe,
+    sub-pixel positions by a Fourier shift of the probe, as sim.phantom makes them."""
+    corners = np.floor(positions).astype(int)
+    ramps = fraction_ramps(positions - corners, N, np)
+    shifted = np.fft.ifft2(np.fft.fft2(probes) * ramps)
+    windows = np.stack([obj[y : y + N, x : x + N] for y, x in corners])
+    expected = np.abs(np.fft.fftshift(np.fft.fft2(shifted * windows), axes=(-2, -1))) ** 2
+    expected *= 1e5 / expected.sum(axis=(1, 2)).mean()
+    return np.random.default_rng(3).poisson(expected).astype(np.float32)
 
 
 def solve(
@@ -137,7 +160,13 @@ def outcome(scan: Scan, s: StreamingSolver, positions: np.ndarray) -> dict[str, 
         + np.ascontiguousarray(to_host(s.probe_modes)).tobytes()
     ).hexdigest()
     snap = rk.snapshot(s, state_error=True)  # collective: every rank calls it
+    extra = {}
+    if "opr_weights" in snap and scan.drift is not None:  # every rank's, in scan order
+        weights = snap["opr_weights"]
+        extra["opr_rows"] = int(weights.shape[0])
+        extra["opr_drift_correlation"] = float(abs(np.corrcoef(weights[:, 1], scan.drift)[0, 1]))
     return {
+        **extra,
         "state_error": snap["state_error"],
         "object_error": object_error(scan.obj, snap["object"], scan.mask),
         "model_scale": [snap.get(f"position_model_scale_{a}", 1.0) for a in "yx"],
@@ -157,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--merge-every", type=int, default=0, help="batches; 0: each pass")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every case")
+    parser.add_argument("--passes", type=int, default=PASSES)
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     parser.add_argument("--comm", choices=["auto", "mpi", "nccl"], default="mpi")
     parser.add_argument("--device-per-rank", action="store_true", help="CuPy: rank r on GPU r")
@@ -179,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             case,
             comm,
             stream=args.stream,
+            passes=args.passes,
             merge_every=group.merge_every,
             xp=xp,
             batch_size=args.batch,

@@ -40,7 +40,9 @@ from hxn_liveptycho.recon._rank_comms import _packed, _unpack
 from hxn_liveptycho.sim import phantom
 
 SCRIPT = Path(run.__file__)
-ALL = list(run.CASES)
+OPR = "epie-opr"  # the variable probe: its own scan (a drifting probe) and passes
+OPR_PASSES = 60
+ALL = [c for c in run.CASES if c != OPR]
 REFINED = ["lsqml-positions", "epie-positions-affine"]
 STREAMED = ["epie", "lsqml", "dm"]
 
@@ -168,6 +170,28 @@ def test_frames_streamed_across_ranks_reach_the_batch_error(
     check_ranks_agree(got, ranks)
     assert got["state_error"] <= 1.25 * single[case, True]["state_error"]
     assert got["state_error"] <= 1.30 * single[case, False]["state_error"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "streamed"])
+def test_variable_probe_over_ranks_reaches_the_single_rank_fit(
+    stream: bool, ranks: int, tmp_path: Path
+) -> None:
+    """OPR over the ranks, on a scan whose probe drifts in scan order: the ranks agree,
+    the data error is within 10 % of the single rank's OPR and below the single rank's
+    fixed probe (the variable probe still pays), and the snapshot's weights cover every
+    position in scan order and follow the drift as the single rank's do."""
+    scan = run.Scan(OPR)
+    one, positions = run.solve(scan, OPR, None, stream=stream, passes=OPR_PASSES)
+    want = run.outcome(scan, one, positions)
+    fixed, positions = run.solve(scan, "epie", None, stream=stream, passes=OPR_PASSES)
+    fixed_error = run.outcome(scan, fixed, positions)["state_error"]
+    extra = ("--passes", str(OPR_PASSES))
+    got = mpiexec(ranks, [OPR], tmp_path / "opr.json", stream=stream, extra=extra)[OPR]
+    check_ranks_agree(got, ranks)
+    assert got["state_error"] <= 1.1 * want["state_error"]
+    assert got["state_error"] < fixed_error
+    assert got["opr_rows"] == run.SIDE * run.SIDE
+    assert got["opr_drift_correlation"] > 0.7 and want["opr_drift_correlation"] > 0.7
 
 
 def test_ranks_get_compact_regions_of_equal_size() -> None:

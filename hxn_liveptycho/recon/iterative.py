@@ -101,8 +101,6 @@ class StreamingSolver:
             self._ranks = ranks
         else:
             self._ranks = RankGroup() if ranks is None else RankGroup(ranks)
-        if self._ranks.size > 1 and self.params.opr_modes:
-            raise ValueError("OPR (opr_modes) runs on one rank only")
         xp = array_namespace(probe) if xp is None else xp
         self._xp = xp
         if expected_positions is not None and expected_positions < 0:

@@ -36,6 +36,12 @@ keeps a batch's few weights from amplifying its noise.
 
 ``U_0`` itself moves by the ordinary ePIE probe update (the sum over positions).
 OPR runs the solver's reference path, on the GPU too (not the fused kernels).
+
+Over several ranks (:mod:`~hxn_liveptycho.recon.ranks`) each rank keeps its own positions'
+weights; the eigen-probes are made alike on every rank when the ranks first meet, and a
+pass's end sums the eigen-probes' step, its weights' power and the weights' mean over the
+ranks (one reduction, the eigen-probes' size), then sums the weights' power again to sort
+them alike (a few numbers).
 """
 
 from __future__ import annotations
@@ -171,13 +177,16 @@ class VariableProbe:
         xp = s._xp
         active = self.weights(s)[: s._n_active]
         eigen = self.eigen_probes(s)
+        if s._ranks.size > 1:
+            mean = self._sum_over_ranks(s, active, eigen)
+        else:
+            mean = xp.mean(active, axis=0)
         if self._pass_sums is not None and self._seen:
             step, power = self._pass_sums
             step *= (s.probe_step / (power + EIGEN_PROBE_REG * self._seen))[:, None, None]
             eigen += step
         self._pass_sums = None
         self._seen = 0
-        mean = xp.mean(active, axis=0)
         s._probes[0] += xp.tensordot(mean.astype(xp.complex64), eigen, axes=(0, 0))
         active -= mean[None]
         old = eigen.copy()
@@ -185,12 +194,30 @@ class VariableProbe:
         # Keep the variable part: w'_jl = sum_k w_jk Re<U'_l, U_k> / <U'_l, U'_l>.
         gram = _gram(eigen, old, xp)
         active[:] = active @ gram.T
-        power = to_host(xp.sum(active * active, axis=0))
+        power = xp.sum(active * active, axis=0)
+        s._ranks.sum(power)  # several ranks: every rank sorts alike
+        power = to_host(power)
         order = np.argsort(-np.asarray(power), kind="stable")
         if np.any(order != np.arange(order.size)):
             idx = xp.asarray(order)
             self._eigen = xp.ascontiguousarray(eigen[idx])
             active[:] = active[:, idx]
+
+    def _sum_over_ranks(self, s: StreamingSolver, active: Any, eigen: Any) -> Any:
+        """Several ranks (one reduction): the pass's eigen-probe sums and the count of
+        positions they saw become all ranks' (so every rank takes the same step from the
+        same eigen-probes, made alike when the ranks first met), and the weights' mean is
+        over every rank's positions. Returns that mean (modes - 1,)."""
+        xp = s._xp
+        if self._pass_sums is None:
+            self._pass_sums = (xp.zeros_like(eigen), xp.zeros(eigen.shape[0], xp.float32))
+        step, power = self._pass_sums
+        counts = xp.asarray([self._seen, active.shape[0]], dtype=xp.float32)
+        totals = xp.sum(active, axis=0).astype(xp.float32)
+        s._ranks.sum(step, power, totals, counts)
+        seen, positions = (int(c) for c in to_host(counts))
+        self._seen = seen
+        return totals / np.float32(max(positions, 1))
 
 
 def _orthonormalise(eigen: Any, main: Any, xp: Any) -> None:

@@ -35,7 +35,10 @@ What is combined, and when:
 * **The probe's power**: fixed once from all ranks' frames (the first :meth:`iterate
   <hxn_liveptycho.recon.iterative.StreamingSolver.iterate>` that has frames anywhere).
 * Momentum, the gauge, the clamp and the modes' orthogonalisation run after the merge, on
-  identical arrays: every rank computes the same. OPR is refused with several ranks.
+  identical arrays: every rank computes the same.
+* **OPR** (the variable probe): each rank keeps its positions' weights; the eigen-probes'
+  pass step and the weights' mean are summed over the ranks at the pass end
+  (:mod:`~hxn_liveptycho.recon.opr`), and the snapshot gathers the weights in scan order.
 
 Every rank calls ``iterate`` (and ``state_error``, :func:`gather_positions`) together, the
 same number of passes: they are collective. A rank may hold no frames yet.
@@ -147,6 +150,8 @@ class RankGroup:
         s._probes /= np.float32(self.comm.size)
         s._probe_power = target.astype(xp.float32)
         self.power_shared = True
+        if s._opr is not None:  # OPR's eigen-probes, made from the same probe everywhere
+            s._opr.eigen_probes(s)
 
     def pass_start(self, s: StreamingSolver) -> None:
         """Before an ePIE / LSQ-ML pass: keep what the pass will change (several ranks)."""
@@ -389,4 +394,10 @@ def snapshot(s: StreamingSolver, *, state_error: bool = False) -> dict[str, Any]
     )
     snap = {k: v for k, v in snap.items() if not k.startswith("position_model_")}
     snap.update(position_model_entries(cast("StreamingSolver", everyone)))
+    if "opr_weights" in snap:  # this rank's rows: every rank's, in scan order
+        weights = np.asarray(snap["opr_weights"], dtype=np.float64)
+        mine = np.concatenate([weights, s._ranks._global_indices(len(weights))[:, None]], axis=1)
+        rows = np.concatenate(s._ranks.comm.gather_rows(mine))
+        rows = rows[np.argsort(rows[:, -1], kind="stable")]
+        snap["opr_weights"] = rows[:, :-1].astype(np.float32)
     return snap
