@@ -343,14 +343,16 @@ def _solver(sample: Any, xp: Any, fused: bool | None, **params: Any) -> Any:
 
 #: (algorithm, probe modes) -> tolerance after ITERATIONS: ePIE and LSQ-ML agree to
 #: float32 rounding; DM with one mode amplifies rounding on its own (NumPy alone moves
-#: its object by ~4e-4 under a 1e-7 change of the data). ePIE with three modes adds its
-#: whole-pixel probe sums with atomics in no fixed order, so runs differ by more than
-#: one mode's rounding.
+#: its object by ~4e-4 under a 1e-7 change of the data). With three modes ePIE and LSQ-ML
+#: add their probe sums with atomics in no fixed order, and the modes' orthogonalisation
+#: (a rotation among modes of close power) magnifies that rounding in the probe, so runs
+#: of the same settings differ by more than one mode's rounding; the objects still agree
+#: to one mode's.
 TOLERANCE = {
     ("epie", 1): 1e-5,
     ("epie", 3): 5e-5,
     ("lsqml", 1): 1e-5,
-    ("lsqml", 3): 1e-5,
+    ("lsqml", 3): 5e-5,
     ("dm", 1): 2e-3,
     ("dm", 3): 1e-4,
 }
