@@ -75,6 +75,8 @@ def dm_fourier_step(
     beta: float,
     scale: float,
     sums: Any | None = None,
+    *,
+    floor: float = 1e-24,
 ) -> Any | None:
     """DM's relaxed Fourier step on a batch, in place; returns the error of ``phi`` (0-d).
     Given ``sums``, a zeroed (B, 3) float32 buffer (the batch's rows of one for the
@@ -85,7 +87,7 @@ def dm_fourier_step(
     stored far-field exit waves of the same positions. ``waves`` becomes ``psi + beta
     (P_F(2 phi - psi) - phi)`` and ``phi`` that times ``scale`` (ready for an unscaled
     inverse FFT). ``P_F`` is the projection relaxed by ``relax`` (see
-    ``recon.dm.DifferenceMap._fourier_factor``).
+    ``recon.dm.DifferenceMap._fourier_factor``), the model intensity floored at ``floor``.
     """
     import cupy as cp
 
@@ -98,7 +100,10 @@ def dm_fourier_step(
     mask, has = _mask(valid)
     i32 = np.int32
     launch_per_position(
-        "liveptycho_dm_sums", b, nn, (phi, waves, amps, rows, mask, has, i32(k), i32(nn), sums)
+        "liveptycho_dm_sums",
+        b,
+        nn,
+        (phi, waves, amps, rows, mask, has, i32(k), i32(nn), cp.float32(floor), sums),
     )
     args = (
         phi,
@@ -113,6 +118,7 @@ def dm_fourier_step(
         cp.float32(relax * relax),
         cp.float32(beta),
         cp.float32(scale),
+        cp.float32(floor),
     )
     launch_per_position("liveptycho_dm_update", b, nn, args)
     return None if given else cp.sum(sums[:, 2])

@@ -74,7 +74,7 @@ class DifferenceMap:
         projection): ``|R| -> A + (|R| - A) sqrt(bound / mismatch)``.
         """
         xp, relax = s._xp, s.params.dm_fourier_relax
-        mag = xp.sqrt(xp.maximum(inten, 1e-24))
+        mag = xp.sqrt(xp.maximum(inten, max(s.params.modulus_floor, 1e-24)))
         dev = mag - amps
         if s._valid is not None:
             dev *= s._valid
@@ -193,6 +193,7 @@ class DifferenceMap:
             p.dm_beta,
             s._n**-2,
             sums,
+            floor=max(p.modulus_floor, 1e-24),
         )
         psi = forward.ifft_unscaled(s, phi)
         object_sums(psi, probes, s._object, batch.corners, ObjectSums(onum, oden), box=batch.box)

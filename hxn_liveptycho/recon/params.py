@@ -202,8 +202,8 @@ class IterativeParams(BaseModel):
     modulus_floor: float = Field(
         0.01,
         ge=0.0,
-        description="ePIE and Gaussian LSQ-ML: floor of the model intensity (counts per pixel) "
-        "in the modulus step A / sqrt(I). Where the model is near zero but photons were "
+        description="ePIE, Gaussian LSQ-ML and DM: floor of the model intensity (counts per "
+        "pixel) in the modulus step A / sqrt(I). Where the model is near zero but photons were "
         "counted, the far field's phase there is float32 rounding, and the full step would "
         "carry it into the object (a floor of a hundredth of a count keeps it out at the "
         "same object error; docs/benchmarks.md). Set it in the data's units if frames are "

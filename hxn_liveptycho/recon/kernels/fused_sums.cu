@@ -129,10 +129,11 @@ extern "C" __global__ void liveptycho_lsqml_steps(
 }
 
 // DM, pass 1 per position: mis = sum (v (|2 phi - psi| - A))^2, sum A^2, and the error of
-// phi, sum (v (|phi| - A))^2, into out (B, 3); |.| over modes.
+// phi, sum (v (|phi| - A))^2, into out (B, 3); |.| over modes, |2 phi - psi|^2 floored at
+// floor (the modulus floor: below it the wave's phase is rounding).
 extern "C" __global__ void liveptycho_dm_sums(
     const cf* phi, const cf* old, const float* amps, const long long* rows, const float* valid,
-    int has_valid, int k_modes, int nn, float* out) {
+    int has_valid, int k_modes, int nn, float floor, float* out) {
     const long long b = blockIdx.y;
     const float* a_row = amps + rows[b] * (long long)nn;
     float acc[3] = {0.f, 0.f, 0.f};
@@ -147,7 +148,7 @@ extern "C" __global__ void liveptycho_dm_sums(
             ip += p.real() * p.real() + p.imag() * p.imag();
         }
         const float v = has_valid ? valid[r] : 1.f;
-        const float dev = (sqrtf(fmaxf(ri, 1e-24f)) - a) * v;
+        const float dev = (sqrtf(fmaxf(ri, floor)) - a) * v;
         const float e = (sqrtf(ip) - a) * v;
         acc[0] += dev * dev;
         acc[1] += a * a;
@@ -161,7 +162,7 @@ extern "C" __global__ void liveptycho_dm_sums(
 extern "C" __global__ void liveptycho_dm_update(
     cf* phi, cf* old, const float* amps, const long long* rows, const float* valid,
     int has_valid, const float* sums, int k_modes, int nn, float relax2, float beta,
-    float scale) {
+    float scale, float floor) {
     const long long b = blockIdx.y;
     const float* a_row = amps + rows[b] * (long long)nn;
     const float mis = sums[3 * b], amp2 = sums[3 * b + 1];
@@ -175,7 +176,7 @@ extern "C" __global__ void liveptycho_dm_update(
             ri += refl.real() * refl.real() + refl.imag() * refl.imag();
         }
         const float v = has_valid ? valid[r] : 1.f;
-        const float mag = sqrtf(fmaxf(ri, 1e-24f));
+        const float mag = sqrtf(fmaxf(ri, floor));
         const float dev = (mag - a) * v * (1.f - keep);
         const float g = (mag - dev) / mag;
         for (int k = 0; k < k_modes; ++k) {
