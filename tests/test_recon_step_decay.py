@@ -40,6 +40,16 @@ def test_new_frames_or_another_algorithm_restore_full_steps():
     assert decay.scale == 1.0
 
 
+def test_patience_lets_a_passing_stall_go_by_at_full_steps():
+    decay = StepDecay(factor=0.5, tolerance=0.0, floor=0.1, patience=2)
+    for i, e in enumerate([1.0, 0.5, 0.6, 0.4, 0.45]):  # one miss, a new best, one miss
+        decay.observe(i, "lsqml", e, power=7.0)
+    assert decay.scale == 1.0
+    for i, e in enumerate([0.41, 0.42, 0.43], start=5):  # misses 2, 3 and 4 in a row
+        decay.observe(i, "lsqml", e, power=7.0)
+    assert decay.scale == 0.125
+
+
 def test_no_shortening_before_the_start_iteration():
     decay = StepDecay(factor=0.5, tolerance=0.0, floor=0.1, start=5)
     for i, e in enumerate([1.0, 0.5, 0.6, 0.7]):

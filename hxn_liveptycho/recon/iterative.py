@@ -188,7 +188,11 @@ class StreamingSolver:
         self._iteration = 0
         # The probe update's onset moves the error on its own: no stall is judged before.
         self._step_decay = StepDecay(
-            p.step_decay, p.step_decay_tolerance, p.step_decay_floor, p.probe_update_start + 2
+            p.step_decay,
+            p.step_decay_tolerance,
+            p.step_decay_floor,
+            p.probe_update_start + 2,
+            patience=p.step_decay_patience,
         )
         self.clipped_positions = 0
         #: Each pass's running error (see :meth:`iterate`): during the pass, before its updates.

@@ -199,6 +199,13 @@ class IterativeParams(BaseModel):
         le=1.0,
         description="Smallest multiplier `step_decay` takes the steps to.",
     )
+    step_decay_patience: int = Field(
+        1,
+        ge=1,
+        description="Passes in a row without a new best running error before `step_decay` "
+        "shortens the steps, and each further one (1: at the first such pass). More lets a "
+        "passing stall in the early passes go by at full steps.",
+    )
     modulus_floor: float = Field(
         0.01,
         ge=0.0,
