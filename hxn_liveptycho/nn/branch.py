@@ -40,7 +40,7 @@ from hxn_liveptycho.nn.core import (
     trained_pixel_m,
 )
 from hxn_liveptycho.nn.interface import InferenceBackend
-from hxn_liveptycho.nn.mosaic import beam_modulus, probe_weight
+from hxn_liveptycho.nn.mosaic import beam_modulus
 from hxn_liveptycho.nn.process import NNProcessBranch, WorkerKey, WorkerPool, probe_fits
 from hxn_liveptycho.nn.registry import ModelInfo, ModelRegistry
 from hxn_liveptycho.nn.resample import Fit, InputRule
@@ -211,13 +211,8 @@ class NNBranch(BranchBase):
         mosaic's weights follow it from now on."""
         with self._cond:
             modulus, self._new_probe = self._new_probe, None
-        if modulus is None:
-            return
-        mosaic = self._core.mosaic
-        if mosaic is None:
-            self._core.probe = modulus
-        else:
-            mosaic.set_weight(probe_weight(modulus, mosaic.patch, mosaic.scale))
+        if modulus is not None:
+            self._core.use_probe(modulus)
 
 
 def _file_probe(

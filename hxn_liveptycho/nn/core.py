@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hxn_liveptycho.nn.interface import InferenceBackend
-from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, to_complex
+from hxn_liveptycho.nn.mosaic import Mosaic, footprint_weight, probe_weight, to_complex
 from hxn_liveptycho.nn.registry import ModelInfo
 from hxn_liveptycho.nn.resample import Fit, InputRule, choose_rule
 from hxn_liveptycho.recon.probe import pupil_radius_px
@@ -150,6 +150,15 @@ class BranchCore:
         self.probe: np.ndarray | None = None
         self.mosaic: Mosaic | None = None
         self.infer_seconds = 0.0
+
+    def use_probe(self, modulus: np.ndarray) -> None:
+        """The run's probe (its modulus, (n, n)) once known: the first mosaic is made with
+        it, or the mosaic's blending weights follow its footprint from the next patch."""
+        if self.mosaic is None:
+            self.probe = modulus
+        else:
+            mosaic = self.mosaic
+            mosaic.set_weight(probe_weight(modulus, mosaic.patch, mosaic.scale))
 
     def process(self, frames: np.ndarray, positions_px: np.ndarray) -> int:
         """Infer ``frames`` (already at the model's input size), blend them; frames off

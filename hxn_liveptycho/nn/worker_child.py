@@ -20,7 +20,6 @@ import numpy as np
 
 from hxn_liveptycho.nn.core import BranchCore
 from hxn_liveptycho.nn.interface import GraphIO
-from hxn_liveptycho.nn.mosaic import probe_weight
 from hxn_liveptycho.nn.resample import InputRule
 from hxn_liveptycho.nn.run_memory import Header, RunMemory
 from hxn_liveptycho.recon.probe import initial_probe
@@ -172,11 +171,7 @@ class _Child:
             modulus = mem.probe.copy()
         finally:
             self.lock.release()
-        if core.mosaic is None:
-            core.probe = modulus
-        else:
-            mosaic = core.mosaic
-            mosaic.set_weight(probe_weight(modulus, mosaic.patch, mosaic.scale))
+        core.use_probe(modulus)
 
     def step(self) -> bool:
         """One batch of the current run, or its end; False when there was nothing to do."""
