@@ -49,10 +49,10 @@ def test_maps_and_position_errors_match_numpy(solved):
     cov = quality.coverage(scan.positions, modes, scan.canvas)
     assert rel_diff(quality.coverage(scan.positions, cp.asarray(modes), scan.canvas), cov) < TOL
     amps = np.asarray(scan.amplitudes)
-    errors = quality.position_errors(ref.object_modes, modes, ref.positions_px, amps)
-    on_gpu = quality.position_errors(
+    errors = quality.position_fit(ref.object_modes, modes, ref.positions_px, amps).errors
+    on_gpu = quality.position_fit(
         cp.asarray(ref.object_modes), cp.asarray(modes), ref.positions_px, cp.asarray(amps)
-    )
+    ).errors
     assert rel_diff(on_gpu, errors) < 1e-4
     emap = quality.error_map(ref.positions_px, errors, modes, scan.canvas)
     gmap = quality.error_map(ref.positions_px, cp.asarray(errors), cp.asarray(modes), scan.canvas)

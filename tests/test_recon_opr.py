@@ -156,7 +156,7 @@ def test_position_errors_judge_each_position_by_its_own_probe(scan: DriftingProb
     each frame's power they add up to the solver's state error, which the shared probe's
     errors overstate on a drifting probe."""
     from hxn_liveptycho.recon.opr import position_probes
-    from hxn_liveptycho.recon.quality import QualitySettings, position_errors
+    from hxn_liveptycho.recon.quality import QualitySettings, position_fit
     from hxn_liveptycho.recon.worker_child import quality_snapshot
 
     solver = scan.solve(iterations=20, opr_modes=2)
@@ -170,17 +170,17 @@ def test_position_errors_judge_each_position_by_its_own_probe(scan: DriftingProb
     assert own is not None
     whole = own(slice(0, len(scan.positions)))
     assert whole.shape == (len(scan.positions), N, N)
-    as_array = position_errors(
+    as_array = position_fit(
         solver.object_modes,
         solver.probe_modes,
         solver.positions_px,
         scan.amplitudes,
         batch_size=7,
         position_probes=whole,
-    )
+    ).errors
     np.testing.assert_allclose(as_array, errors, rtol=1e-4)
-    shared = position_errors(
+    shared = position_fit(
         solver.object_modes, solver.probe_modes, solver.positions_px, scan.amplitudes
-    )
+    ).errors
     assert float((shared * power).sum() / power.sum()) > 1.2 * state
     assert position_probes(scan.solve(iterations=1)) is None

@@ -12,7 +12,7 @@ from hxn_liveptycho.recon.quality import (
     coverage,
     error_map,
     position_count,
-    position_errors,
+    position_fit,
 )
 
 N = 16
@@ -76,14 +76,14 @@ def test_position_errors_zero_for_the_truth_and_flag_a_corrupted_frame() -> None
     positions = _grid(5, 5, 4)
     obj = _object((4 * 4 + N, 4 * 4 + N))
     amps = _amplitudes(obj, probe, positions)
-    errors = position_errors(obj, probe, positions, amps, batch_size=7)
+    errors = position_fit(obj, probe, positions, amps, batch_size=7).errors
     assert errors.shape == (len(positions),) and errors.dtype == np.float32
     assert float(errors.max()) < 1e-9
 
     bad = 12
     corrupted = amps.copy()
     corrupted[bad] = np.random.default_rng(1).permutation(corrupted[bad].ravel()).reshape(N, N)
-    errors = position_errors(obj, probe, positions, corrupted)
+    errors = position_fit(obj, probe, positions, corrupted).errors
     assert int(np.argmax(errors)) == bad
     assert errors[bad] > 0.1
     assert np.delete(errors, bad).max() < 1e-9
@@ -97,8 +97,8 @@ def test_position_errors_zero_for_the_truth_and_flag_a_corrupted_frame() -> None
     cleaned[0, 0, 0] = 0.0
     cleaned[1, 0, 1] = 0.0
     np.testing.assert_allclose(
-        position_errors(obj, probe, positions, dirty, fft_order=True),
-        position_errors(obj, probe, positions, cleaned, fft_order=True),
+        position_fit(obj, probe, positions, dirty, fft_order=True).errors,
+        position_fit(obj, probe, positions, cleaned, fft_order=True).errors,
     )
 
 
@@ -120,15 +120,15 @@ def test_position_errors_with_modes_valid_mask_and_subpixel_shifts() -> None:
         )
         frames.append(np.fft.fftshift(np.sqrt(power)))
     amps = np.asarray(frames, dtype=np.float32)
-    assert float(position_errors(obj, modes, positions, amps).max()) < 1e-9
+    assert float(position_fit(obj, modes, positions, amps).errors.max()) < 1e-9
     # The dominant mode alone misses the second mode's power.
-    assert float(position_errors(obj, modes[:1], positions, amps).min()) > 1e-4
+    assert float(position_fit(obj, modes[:1], positions, amps).errors.min()) > 1e-4
 
     valid = np.ones((N, N), dtype=bool)
     valid[N // 2, :] = False  # a dead row through the centre
     spoiled = amps.copy()
     spoiled[:, N // 2, :] = 50.0
-    masked = position_errors(obj, modes, positions, spoiled, valid=valid)
+    masked = position_fit(obj, modes, positions, spoiled, valid=valid).errors
     assert float(masked.max()) < 1e-9
 
 
@@ -141,7 +141,7 @@ def test_error_map_peaks_at_the_corrupted_frame() -> None:
     amps = _amplitudes(obj, probe, positions)
     bad = 14
     amps[bad] *= 2.0
-    errors = position_errors(obj, probe, positions, amps)
+    errors = position_fit(obj, probe, positions, amps).errors
     emap = error_map(positions, errors, probe, shape)
     assert emap.shape == shape and emap.dtype == np.float32
     peak = np.unravel_index(int(np.argmax(emap)), shape)
@@ -190,13 +190,13 @@ def test_snapshot_quality_of_a_running_solver(subpixel: bool) -> None:
     settings = QualitySettings(convergence_window=2)
     snap = quality_snapshot(solver, params, settings)
 
-    expected = position_errors(
+    expected = position_fit(
         solver.object_modes,
         solver.probe_modes,
         solver.positions_px,
         amps,
         subpixel=subpixel,
-    )
+    ).errors
     np.testing.assert_allclose(snap["position_errors"], expected, rtol=1e-5)
     assert snap["position_errors"].shape == (len(positions),)
     np.testing.assert_allclose(
@@ -227,7 +227,7 @@ def test_position_errors_add_up_to_the_solvers_state_error(whole_pixels: bool) -
     solver = StreamingSolver(probe=probe, canvas_shape=shape, params=params, xp=np)
     solver.add(amps, positions)
     solver.iterate(3)
-    errors = position_errors(solver.object_modes, solver.probe_modes, solver.positions_px, amps)
+    errors = position_fit(solver.object_modes, solver.probe_modes, solver.positions_px, amps).errors
     power = (amps.astype(np.float64) ** 2).sum(axis=(1, 2))
     assert float((errors * power).sum() / power.sum()) == pytest.approx(
         solver.state_error(), rel=1e-4
@@ -270,7 +270,6 @@ def test_final_snapshot_state_error_comes_from_the_error_map_pass(
     from hxn_liveptycho.recon import forward
     from hxn_liveptycho.recon.iterative import IterativeParams, StreamingSolver
     from hxn_liveptycho.recon.opr import position_probes
-    from hxn_liveptycho.recon.quality import position_fit
     from hxn_liveptycho.recon.worker_child import _Child, _ChildRun
 
     probe = _probe()

@@ -281,7 +281,7 @@ def opr_entries(s: StreamingSolver) -> dict[str, np.ndarray]:
 def position_probes(s: StreamingSolver) -> Callable[[slice], Any] | None:
     """With OPR on, a function of a slice of the active positions that gives their own first
     probe modes (B, n, n), unshifted (what
-    :func:`~hxn_liveptycho.recon.quality.position_errors` takes to judge each position by
+    :func:`~hxn_liveptycho.recon.quality.position_fit` takes to judge each position by
     the probe the solver uses there); None with OPR off. A function rather than the
     (N, n, n) array so that a caller going batch by batch holds one batch's probes."""
     opr = s._opr

@@ -5,7 +5,7 @@ Pure functions of arrays over ``xp`` (NumPy or CuPy, inferred from the inputs), 
 solver internals: the solver process calls them on its state when it builds a snapshot
 (:mod:`~hxn_liveptycho.recon.worker_child`), so the scientist sees with every live picture
 how far to trust it. They cost one scatter of the probe per position (the maps) and one
-forward pass over the positions (:func:`position_errors`), which is why they run at
+forward pass over the positions (:func:`position_fit`), which is why they run at
 snapshot time only, never every pass, and can be turned off (:class:`QualitySettings`).
 
 The forward model is the solver's (:mod:`~hxn_liveptycho.recon.forward`): exit waves
@@ -39,7 +39,6 @@ __all__ = [
     "coverage",
     "error_map",
     "position_count",
-    "position_errors",
     "position_fit",
     "window_corners",
 ]
@@ -221,34 +220,6 @@ class PositionFit:
         return total / max(float(_host(power)), 1e-30)
 
 
-def position_errors(
-    object_modes: Any,
-    probe_modes: Any,
-    positions_px: Any,
-    amplitudes: Any,
-    *,
-    valid: Any | None = None,
-    fft_order: bool = False,
-    subpixel: bool = True,
-    batch_size: int = 64,
-    position_probes: Callable[[slice], Any] | Any | None = None,
-) -> Any:
-    """Each position's normalised amplitude error (N,) float32 of the state as it is:
-    :func:`position_fit`'s ``errors`` (the arguments are its own). Where the whole
-    state's error is wanted as well, :func:`position_fit` gives both from one pass."""
-    return position_fit(
-        object_modes,
-        probe_modes,
-        positions_px,
-        amplitudes,
-        valid=valid,
-        fft_order=fft_order,
-        subpixel=subpixel,
-        batch_size=batch_size,
-        position_probes=position_probes,
-    ).errors
-
-
 def position_fit(
     object_modes: Any,
     probe_modes: Any,
@@ -285,7 +256,7 @@ def position_fit(
 
     Returns the errors with the sums they are made of (:class:`PositionFit`), from which
     the solver's error of the whole state follows without a second forward pass
-    (:meth:`PositionFit.state_error`); :func:`position_errors` gives the errors alone.
+    (:meth:`PositionFit.state_error`).
     """
     xp = array_namespace(object_modes, probe_modes, amplitudes)
     objects = xp.asarray(object_modes)
@@ -347,7 +318,7 @@ def _own_probes(
     probes: Any, position_probes: Callable[[slice], Any] | Any, part: slice, xp: types.ModuleType
 ) -> Any:
     """The probe modes (B, K, n, n) of the positions ``part``: mode 0 each one's own
-    (:func:`position_errors`' ``position_probes``), the others the shared ``probes``."""
+    (:func:`position_fit`'s ``position_probes``), the others the shared ``probes``."""
     own = position_probes(part) if callable(position_probes) else position_probes[part]
     own = xp.asarray(own, dtype=xp.complex64)
     out = xp.empty((own.shape[0], *probes.shape), dtype=xp.complex64)
